@@ -1,0 +1,37 @@
+//! wasi-nn backends: what turns a bundle's model file into a graph the guest can run.
+//!
+//! Each backend implements wasmtime-wasi-nn's `BackendInner` (load a graph), `BackendGraph`
+//! (make an execution context) and `BackendExecutionContext` (run it), one file per backend. The
+//! default is [`tract`], pure Rust, so a node needs no native library. ONNX Runtime and OpenVINO
+//! plug in beside it behind the same traits (a later issue) and are picked by
+//! [`GraphEncoding`] and by what the machine has.
+//!
+//! Tensor types: wasi-nn has fewer types than the V2 protocol, so the guest SDK sends the missing
+//! ones in a carrier of the same element width (see `sophon_guest::nn`); backends reinterpret a
+//! carrier as the model's declared type. Anything else is a clear error, never a panic.
+
+pub mod tract;
+
+use wasmtime_wasi_nn::Graph;
+use wasmtime_wasi_nn::wit::GraphEncoding;
+
+/// Errors from loading a model file into a backend.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// No backend on this node handles this encoding.
+    #[error("no backend on this node loads `{0}` graphs (available: onnx via tract)")]
+    UnsupportedEncoding(String),
+    /// The backend refused the model file.
+    #[error("{0}")]
+    Backend(String),
+}
+
+/// Load one model file as a graph, with the backend for its encoding.
+pub fn load_graph(encoding: &str, bytes: &[u8]) -> Result<Graph, LoadError> {
+    match encoding.parse::<GraphEncoding>() {
+        Ok(GraphEncoding::Onnx) => tract::TractGraph::from_onnx(bytes)
+            .map(|g| Graph::from(Box::new(g) as Box<dyn wasmtime_wasi_nn::backend::BackendGraph>))
+            .map_err(|e| LoadError::Backend(format!("{e:#}"))),
+        _ => Err(LoadError::UnsupportedEncoding(encoding.to_string())),
+    }
+}

@@ -1,0 +1,324 @@
+//! The tract backend: ONNX models run by tract, in pure Rust.
+//!
+//! Loading optimises the model once into a runnable plan shared by every instance. Execution
+//! states (tract's `SimpleState`, which holds scratch buffers and costs ~100 µs to create) are
+//! pooled per graph: a context takes one from the pool and gives it back when dropped, so a fresh
+//! Wasm instance per request does not pay for a fresh execution state. Many contexts of one graph
+//! run in parallel; nothing here holds a graph-wide lock while computing.
+
+use parking_lot::Mutex;
+use std::sync::Arc;
+use tract_onnx::prelude::*;
+use wasmtime_wasi_nn::backend::{
+    BackendError, BackendExecutionContext, BackendFromDir, BackendGraph, BackendInner, Id,
+    NamedTensor,
+};
+use wasmtime_wasi_nn::wit::{ExecutionTarget, GraphEncoding, TensorType};
+use wasmtime_wasi_nn::{ExecutionContext, Graph};
+
+/// Most idle execution states kept per graph.
+const POOL_CAPACITY: usize = 64;
+
+/// The tract backend, for `wasi:nn/graph.load` with the `onnx` encoding.
+#[derive(Default)]
+pub struct TractBackend;
+
+impl BackendInner for TractBackend {
+    fn encoding(&self) -> GraphEncoding {
+        GraphEncoding::Onnx
+    }
+
+    fn load(
+        &mut self,
+        builders: &[&[u8]],
+        _target: ExecutionTarget,
+    ) -> Result<Graph, BackendError> {
+        let [bytes] = builders else {
+            return Err(BackendError::InvalidNumberOfBuilders(1, builders.len()));
+        };
+        let graph = TractGraph::from_onnx(bytes).map_err(backend_error)?;
+        Ok(Graph::from(Box::new(graph) as Box<dyn BackendGraph>))
+    }
+
+    fn as_dir_loadable(&mut self) -> Option<&mut dyn BackendFromDir> {
+        None
+    }
+}
+
+struct Shared {
+    plan: Arc<TypedRunnableModel>,
+    input_names: Vec<String>,
+    input_types: Vec<DatumType>,
+    output_names: Vec<String>,
+    pool: Mutex<Vec<TypedSimpleState>>,
+}
+
+/// A loaded ONNX graph: one optimised plan and a pool of execution states.
+#[derive(Clone)]
+pub struct TractGraph(Arc<Shared>);
+
+impl TractGraph {
+    /// Parse and optimise an ONNX model.
+    pub fn from_onnx(bytes: &[u8]) -> TractResult<TractGraph> {
+        let model = tract_onnx::onnx()
+            .model_for_read(&mut &bytes[..])?
+            .into_optimized()?;
+        let mut input_names = Vec::new();
+        let mut input_types = Vec::new();
+        for (ix, outlet) in model.input_outlets()?.iter().enumerate() {
+            input_names.push(model.node(outlet.node).name.clone());
+            input_types.push(model.input_fact(ix)?.datum_type);
+        }
+        let output_names = model
+            .output_outlets()?
+            .iter()
+            .map(|o| {
+                model
+                    .outlet_label(*o)
+                    .map(str::to_string)
+                    .unwrap_or_else(|| model.node(o.node).name.clone())
+            })
+            .collect();
+        let plan = model.into_runnable()?;
+        Ok(TractGraph(Arc::new(Shared {
+            plan,
+            input_names,
+            input_types,
+            output_names,
+            pool: Mutex::new(Vec::new()),
+        })))
+    }
+
+    /// A context with a pooled (or new) execution state.
+    pub fn context(&self) -> TractResult<TractContext> {
+        let pooled = self.0.pool.lock().pop();
+        let state = match pooled {
+            Some(state) => state,
+            None => TypedSimpleState::new(&self.0.plan)?,
+        };
+        let inputs = vec![None; self.0.input_names.len()];
+        Ok(TractContext {
+            shared: self.0.clone(),
+            state: Some(Mutex::new(state)),
+            staged: inputs,
+            outputs: Vec::new(),
+        })
+    }
+
+    /// Run once natively (no Wasm): the baseline the benchmarks compare against.
+    pub fn run_native(&self, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let ctx = self.context()?;
+        let state = ctx
+            .state
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("no state"))?;
+        state.lock().run(inputs)
+    }
+}
+
+impl BackendGraph for TractGraph {
+    fn init_execution_context(&self) -> Result<ExecutionContext, BackendError> {
+        let ctx = self.context().map_err(backend_error)?;
+        Ok(ExecutionContext::from(
+            Box::new(ctx) as Box<dyn BackendExecutionContext>
+        ))
+    }
+}
+
+/// One execution context; its state goes back to the graph's pool on drop.
+pub struct TractContext {
+    shared: Arc<Shared>,
+    state: Option<Mutex<TypedSimpleState>>,
+    staged: Vec<Option<TValue>>,
+    outputs: Vec<(String, TValue)>,
+}
+
+impl Drop for TractContext {
+    fn drop(&mut self) {
+        if let Some(state) = self.state.take() {
+            let mut pool = self.shared.pool.lock();
+            if pool.len() < POOL_CAPACITY {
+                pool.push(state.into_inner());
+            }
+        }
+    }
+}
+
+impl TractContext {
+    fn input_index(&self, id: &Id) -> Result<usize, BackendError> {
+        match id {
+            Id::Index(i) if (*i as usize) < self.shared.input_names.len() => Ok(*i as usize),
+            Id::Name(n) => self
+                .shared
+                .input_names
+                .iter()
+                .position(|x| x == n)
+                .ok_or_else(|| {
+                    invalid(format!(
+                        "the graph has no input `{n}`; its inputs are {:?}",
+                        self.shared.input_names
+                    ))
+                }),
+            Id::Index(i) => Err(invalid(format!("the graph has no input #{i}"))),
+        }
+    }
+
+    fn run(&mut self) -> Result<(), BackendError> {
+        let mut inputs = TVec::new();
+        for (ix, slot) in self.staged.iter_mut().enumerate() {
+            let value = slot.take().ok_or_else(|| {
+                invalid(format!(
+                    "input `{}` was not given",
+                    self.shared.input_names[ix]
+                ))
+            })?;
+            inputs.push(value);
+        }
+        let state = self
+            .state
+            .as_ref()
+            .ok_or_else(|| invalid("the execution context was already released".to_string()))?;
+        let outputs = state.lock().run(inputs).map_err(backend_error)?;
+        self.outputs = self
+            .shared
+            .output_names
+            .iter()
+            .cloned()
+            .zip(outputs)
+            .collect();
+        Ok(())
+    }
+}
+
+impl BackendExecutionContext for TractContext {
+    fn set_input(&mut self, id: Id, tensor: &wasmtime_wasi_nn::Tensor) -> Result<(), BackendError> {
+        let ix = self.input_index(&id)?;
+        let value = to_tract(
+            &self.shared.input_names[ix],
+            self.shared.input_types[ix],
+            tensor,
+        )?;
+        self.staged[ix] = Some(value);
+        Ok(())
+    }
+
+    fn get_output(&mut self, id: Id) -> Result<wasmtime_wasi_nn::Tensor, BackendError> {
+        let found = match &id {
+            Id::Index(i) => self.outputs.get(*i as usize),
+            Id::Name(n) => self.outputs.iter().find(|(name, _)| name == n),
+        };
+        let (name, value) = found.ok_or_else(|| invalid(format!("no output {id:?}")))?;
+        from_tract(name, value)
+    }
+
+    fn compute(
+        &mut self,
+        inputs: Option<Vec<NamedTensor>>,
+    ) -> Result<Option<Vec<NamedTensor>>, BackendError> {
+        let named = inputs.is_some();
+        for input in inputs.into_iter().flatten() {
+            self.set_input(Id::Name(input.name), &input.tensor)?;
+        }
+        self.run()?;
+        if !named {
+            return Ok(None);
+        }
+        let outputs = std::mem::take(&mut self.outputs);
+        outputs
+            .iter()
+            .map(|(name, value)| {
+                Ok(NamedTensor {
+                    name: name.clone(),
+                    tensor: from_tract(name, value)?,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
+    }
+}
+
+fn backend_error(e: impl std::fmt::Display) -> BackendError {
+    BackendError::BackendAccess(wasmtime::format_err!("tract: {e:#}"))
+}
+
+fn invalid(message: String) -> BackendError {
+    BackendError::BackendAccess(wasmtime::format_err!("{message}"))
+}
+
+/// The wasi-nn type that carries a tract type of the same element width.
+fn carrier_of(dt: DatumType) -> Option<TensorType> {
+    Some(match dt {
+        DatumType::F16 | DatumType::I16 | DatumType::U16 => TensorType::Fp16,
+        DatumType::F32 => TensorType::Fp32,
+        DatumType::F64 => TensorType::Fp64,
+        DatumType::U8 | DatumType::I8 | DatumType::Bool => TensorType::U8,
+        DatumType::I32 | DatumType::U32 => TensorType::I32,
+        DatumType::I64 | DatumType::U64 => TensorType::I64,
+        _ => return None,
+    })
+}
+
+/// A wasi-nn tensor as a tract value of the model's input type `dt`.
+pub fn to_tract(
+    name: &str,
+    dt: DatumType,
+    tensor: &wasmtime_wasi_nn::Tensor,
+) -> Result<TValue, BackendError> {
+    let Some(carrier) = carrier_of(dt) else {
+        return Err(BackendError::UnsupportedTensorType(format!(
+            "input `{name}` of the graph is {dt:?}, which wasi-nn cannot carry"
+        )));
+    };
+    if tensor.ty != carrier {
+        return Err(invalid(format!(
+            "input `{name}` is {:?} but the graph expects {dt:?}",
+            tensor.ty
+        )));
+    }
+    let shape: Vec<usize> = tensor.dimensions.iter().map(|d| *d as usize).collect();
+    let count = shape
+        .iter()
+        .try_fold(1usize, |acc, d| acc.checked_mul(*d))
+        .ok_or_else(|| invalid(format!("input `{name}` has too many elements")))?;
+    if count.checked_mul(dt.size_of()) != Some(tensor.data.len()) {
+        return Err(invalid(format!(
+            "input `{name}` has {} bytes; shape {shape:?} of {dt:?} needs {}",
+            tensor.data.len(),
+            count.saturating_mul(dt.size_of())
+        )));
+    }
+    if dt == DatumType::Bool && tensor.data.iter().any(|b| *b > 1) {
+        return Err(invalid(format!(
+            "input `{name}` is BOOL but holds a byte other than 0 or 1"
+        )));
+    }
+    let mut value = Tensor::zero_dt(dt, &shape).map_err(backend_error)?;
+    value.as_bytes_mut().copy_from_slice(&tensor.data);
+    Ok(value.into_tvalue())
+}
+
+/// A tract output as a wasi-nn tensor (in the carrier of its element width).
+pub fn from_tract(name: &str, value: &Tensor) -> Result<wasmtime_wasi_nn::Tensor, BackendError> {
+    let value = if value.datum_type() == DatumType::TDim {
+        value.cast_to_dt(DatumType::I64).map_err(backend_error)?
+    } else {
+        std::borrow::Cow::Borrowed(value)
+    };
+    let dt = value.datum_type();
+    let ty = carrier_of(dt).ok_or_else(|| {
+        BackendError::UnsupportedTensorType(format!(
+            "output `{name}` is {dt:?}, which wasi-nn cannot carry"
+        ))
+    })?;
+    let dimensions = value
+        .shape()
+        .iter()
+        .map(|d| u32::try_from(*d))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| invalid(format!("output `{name}` has a dimension over u32")))?;
+    Ok(wasmtime_wasi_nn::Tensor::new(
+        dimensions,
+        ty,
+        value.as_bytes().to_vec(),
+    ))
+}

@@ -1,0 +1,518 @@
+//! The KServe V2 / Open Inference Protocol HTTP API, with Triton's binary tensor data, model
+//! configuration, statistics and model repository extensions, and Prometheus `/metrics`.
+//!
+//! Every error is `{"error": "..."}`: 400 for a bad request, 404 for an unknown model or version,
+//! 413 for a body over the cap, 429 when a model's queue is full, 503 when not ready, 504 when a
+//! model runs past its deadline, 500 only for a failure inside the model or the node.
+
+use crate::convert;
+use crate::repository::{LoadedModel, RepoError, Repository};
+use crate::runtime::InvokeError;
+use crate::v2::{self, V2Error};
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+/// Settings of the HTTP API.
+#[derive(Clone, Debug)]
+pub struct HttpConfig {
+    /// Largest request body accepted.
+    pub max_body_bytes: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            max_body_bytes: 64 << 20,
+        }
+    }
+}
+
+/// What every handler shares.
+pub struct ApiState {
+    pub repo: Arc<Repository>,
+    pub config: HttpConfig,
+    /// False before start-up finished and once shutdown began.
+    pub ready: AtomicBool,
+}
+
+/// An API error: a status and a message, sent as `{"error": message}`.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(json!({"error": self.message}))).into_response()
+    }
+}
+
+impl From<RepoError> for ApiError {
+    fn from(e: RepoError) -> ApiError {
+        let status = match &e {
+            RepoError::UnknownModel { .. } | RepoError::UnknownVersion { .. } => {
+                StatusCode::NOT_FOUND
+            }
+            RepoError::NotReady { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            RepoError::Bundle(_) | RepoError::Load { .. } => StatusCode::BAD_REQUEST,
+        };
+        ApiError::new(status, e.to_string())
+    }
+}
+
+impl From<V2Error> for ApiError {
+    fn from(e: V2Error) -> ApiError {
+        let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        ApiError::new(status, e.to_string())
+    }
+}
+
+impl From<&InvokeError> for ApiError {
+    fn from(e: &InvokeError) -> ApiError {
+        let status = match e {
+            InvokeError::InvalidInput { .. } => StatusCode::BAD_REQUEST,
+            InvokeError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(status, e.to_string())
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+type Shared = State<Arc<ApiState>>;
+
+/// The node's HTTP routes.
+pub fn router(state: Arc<ApiState>) -> Router {
+    Router::new()
+        .route("/v2", get(server_metadata))
+        .route("/v2/health/live", get(live))
+        .route("/v2/health/ready", get(ready))
+        .route("/v2/models/stats", get(all_stats))
+        .route("/v2/models/{model}", get(model_metadata))
+        .route("/v2/models/{model}/versions/{version}", get(model_metadata))
+        .route("/v2/models/{model}/ready", get(model_ready))
+        .route(
+            "/v2/models/{model}/versions/{version}/ready",
+            get(model_ready),
+        )
+        .route("/v2/models/{model}/config", get(model_config))
+        .route(
+            "/v2/models/{model}/versions/{version}/config",
+            get(model_config),
+        )
+        .route("/v2/models/{model}/stats", get(model_stats))
+        .route(
+            "/v2/models/{model}/versions/{version}/stats",
+            get(model_stats),
+        )
+        .route("/v2/models/{model}/infer", post(infer))
+        .route("/v2/models/{model}/versions/{version}/infer", post(infer))
+        .route("/v2/repository/index", post(repository_index))
+        .route("/v2/repository/models/{model}/load", post(repository_load))
+        .route(
+            "/v2/repository/models/{model}/unload",
+            post(repository_unload),
+        )
+        .route("/metrics", get(metrics))
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "no such endpoint; see GET /v2 and /v2/models/{model}",
+            )
+        })
+        .with_state(state)
+}
+
+fn lookup(state: &ApiState, p: &HashMap<String, String>) -> ApiResult<Arc<LoadedModel>> {
+    let name = p.get("model").map(String::as_str).unwrap_or_default();
+    Ok(state
+        .repo
+        .lookup(name, p.get("version").map(String::as_str))?)
+}
+
+async fn server_metadata() -> Json<Value> {
+    Json(json!({
+        "name": "sophon",
+        "version": env!("CARGO_PKG_VERSION"),
+        "extensions": ["binary_tensor_data", "model_configuration", "statistics", "model_repository"],
+    }))
+}
+
+async fn live() -> Json<Value> {
+    Json(json!({"live": true}))
+}
+
+async fn ready(State(state): Shared) -> Response {
+    if state.ready.load(Ordering::Acquire) {
+        Json(json!({"ready": true})).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"ready": false})),
+        )
+            .into_response()
+    }
+}
+
+fn spec_json(specs: &[sophon_sdk::TensorSpec]) -> Vec<Value> {
+    specs
+        .iter()
+        .map(|s| json!({"name": s.name, "datatype": s.datatype.as_str(), "shape": s.shape}))
+        .collect()
+}
+
+async fn model_metadata(
+    State(state): Shared,
+    Path(p): Path<HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
+    let m = lookup(&state, &p)?;
+    Ok(Json(json!({
+        "name": m.name,
+        "versions": state.repo.versions(&m.name),
+        "platform": "sophon_wasm",
+        "inputs": spec_json(m.inputs()),
+        "outputs": spec_json(m.outputs()),
+    })))
+}
+
+async fn model_ready(
+    State(state): Shared,
+    Path(p): Path<HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
+    let m = lookup(&state, &p)?;
+    Ok(Json(json!({"name": m.name, "ready": true})))
+}
+
+async fn model_config(
+    State(state): Shared,
+    Path(p): Path<HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
+    let m = lookup(&state, &p)?;
+    let batch = m.manifest.resources.max_batch_size;
+    let tensors = |specs: &[sophon_sdk::TensorSpec]| -> Vec<Value> {
+        specs
+            .iter()
+            .map(|s| {
+                let dims = if batch > 0 && !s.shape.is_empty() {
+                    &s.shape[1..]
+                } else {
+                    &s.shape[..]
+                };
+                json!({"name": s.name, "data_type": s.datatype.triton_config_name(), "dims": dims})
+            })
+            .collect()
+    };
+    Ok(Json(json!({
+        "name": m.name,
+        "platform": "sophon_wasm",
+        "backend": "wasm",
+        "version_policy": {"latest": {"num_versions": 1}},
+        "max_batch_size": batch,
+        "input": tensors(m.inputs()),
+        "output": tensors(m.outputs()),
+        "instance_group": [{"name": m.name, "kind": "KIND_CPU", "count": m.concurrency}],
+        "parameters": {"sophon_digest": {"string_value": m.digest}},
+    })))
+}
+
+async fn model_stats(
+    State(state): Shared,
+    Path(p): Path<HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
+    let name = p.get("model").map(String::as_str).unwrap_or_default();
+    let models: Vec<Arc<LoadedModel>> = match p.get("version") {
+        Some(_) => vec![lookup(&state, &p)?],
+        None => {
+            let versions: Vec<_> = state
+                .repo
+                .loaded()
+                .into_iter()
+                .filter(|m| m.name == name)
+                .collect();
+            if versions.is_empty() {
+                // Unknown (404) or not loaded (503).
+                state.repo.lookup(name, None)?;
+            }
+            versions
+        }
+    };
+    Ok(Json(
+        json!({"model_stats": models.iter().map(|m| m.stats.json(&m.name, &m.version)).collect::<Vec<_>>()}),
+    ))
+}
+
+async fn all_stats(State(state): Shared) -> Json<Value> {
+    let stats: Vec<Value> = state
+        .repo
+        .loaded()
+        .iter()
+        .map(|m| m.stats.json(&m.name, &m.version))
+        .collect();
+    Json(json!({"model_stats": stats}))
+}
+
+async fn repository_index(State(state): Shared, body: axum::body::Bytes) -> ApiResult<Json<Value>> {
+    let ready_only = if body.is_empty() {
+        false
+    } else {
+        let v: Value = serde_json::from_slice(&body)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("malformed body: {e}")))?;
+        v.get("ready").and_then(Value::as_bool).unwrap_or(false)
+    };
+    let entries: Vec<_> = state
+        .repo
+        .index()
+        .into_iter()
+        .filter(|e| !ready_only || e.state == "READY")
+        .collect();
+    Ok(Json(json!(entries)))
+}
+
+async fn repository_load(State(state): Shared, Path(model): Path<String>) -> ApiResult<Response> {
+    let repo = state.repo.clone();
+    tokio::task::spawn_blocking(move || repo.load(&model))
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("load task failed: {e}"),
+            )
+        })??;
+    Ok(StatusCode::OK.into_response())
+}
+
+async fn repository_unload(State(state): Shared, Path(model): Path<String>) -> ApiResult<Response> {
+    state.repo.unload(&model)?;
+    Ok(StatusCode::OK.into_response())
+}
+
+async fn metrics(State(state): Shared) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.repo.metrics().render(),
+    )
+        .into_response()
+}
+
+/// Decrements the in-flight gauges when a request ends, however it ends.
+struct InFlight<'a>(&'a LoadedModel, &'a prometheus::IntGauge);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.metrics.inflight.dec();
+        self.1.dec();
+    }
+}
+
+async fn infer(
+    State(state): Shared,
+    Path(p): Path<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let model = lookup(&state, &p)?;
+    let result = run_infer(&state, &model, &headers, body, started).await;
+    let outcome = match &result {
+        Ok(_) => "success",
+        Err((_, outcome)) => outcome,
+    };
+    model.metrics.outcome(outcome);
+    let elapsed = started.elapsed();
+    model.metrics.total.observe(elapsed.as_secs_f64());
+    match result {
+        Ok(response) => {
+            model.stats.success.record(elapsed);
+            Ok(response)
+        }
+        Err((e, _)) => {
+            model.stats.fail.record(elapsed);
+            Err(e)
+        }
+    }
+}
+
+type Outcome = (ApiError, &'static str);
+
+fn bad(e: impl Into<ApiError>) -> Outcome {
+    (e.into(), "bad_request")
+}
+
+async fn run_infer(
+    state: &ApiState,
+    model: &LoadedModel,
+    headers: &HeaderMap,
+    body: Body,
+    _started: Instant,
+) -> Result<Response, Outcome> {
+    let header_len = match headers.get(v2::HEADER_CONTENT_LENGTH) {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<usize>().ok())
+                .ok_or_else(|| {
+                    bad(ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        format!("{} must be a byte count", v2::HEADER_CONTENT_LENGTH),
+                    ))
+                })?,
+        ),
+    };
+    let bytes = axum::body::to_bytes(body, state.config.max_body_bytes)
+        .await
+        .map_err(|_| {
+            (
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!(
+                        "request body is over the limit of {} bytes, or could not be read",
+                        state.config.max_body_bytes
+                    ),
+                ),
+                "bad_request",
+            )
+        })?;
+    let request = v2::decode_request(&bytes, header_len).map_err(bad)?;
+    drop(bytes);
+    v2::validate_inputs(&request.inputs, model.inputs()).map_err(bad)?;
+    v2::select_outputs(&request.outputs, model.outputs()).map_err(bad)?;
+
+    let all_inflight = &state.repo.metrics().inflight;
+    model.metrics.inflight.inc();
+    all_inflight.inc();
+    let _inflight = InFlight(model, all_inflight);
+    let queued_at = Instant::now();
+    let _permit = model.admission.enter().await.map_err(|o| {
+        (
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "model `{}` is overloaded: {} requests are already queued; retry later",
+                    model.name, o.queued
+                ),
+            ),
+            "overloaded",
+        )
+    })?;
+    let queue = queued_at.elapsed();
+    model.stats.queue.record(queue);
+    model.metrics.queue.observe(queue.as_secs_f64());
+
+    let batch = if model.manifest.resources.max_batch_size > 0 {
+        request
+            .inputs
+            .first()
+            .and_then(|t| t.shape.first().copied())
+            .unwrap_or(1)
+    } else {
+        1
+    };
+    let id = request.id.clone();
+    let wants: Vec<(String, bool)> = model
+        .outputs()
+        .iter()
+        .map(|o| (o.name.clone(), request.wants_binary(&o.name)))
+        .collect();
+    let selected = request
+        .outputs
+        .iter()
+        .map(|o| o.name.clone())
+        .collect::<Vec<_>>();
+    let binary_default = request.binary_data_output;
+    let inputs: Vec<_> = request.inputs.into_iter().map(convert::to_guest).collect();
+
+    let result = tokio::task::block_in_place(|| model.model.predict(&inputs));
+    drop(inputs);
+    let (outputs, times) = result.map_err(|e| {
+        let outcome = match e {
+            InvokeError::InvalidInput { .. } => "bad_request",
+            InvokeError::Timeout { .. } => "timeout",
+            InvokeError::MemoryExceeded { .. } => "memory",
+            InvokeError::Trap { .. } => "trap",
+            _ => "error",
+        };
+        tracing::warn!(model = %model.name, "inference failed: {e}");
+        (ApiError::from(&e), outcome)
+    })?;
+    model.stats.compute_input.record(times.instantiate);
+    model.stats.compute_infer.record(times.call);
+    model
+        .metrics
+        .compute
+        .observe((times.instantiate + times.call).as_secs_f64());
+    model.stats.executed(batch);
+
+    let output_started = Instant::now();
+    let mut response_outputs = Vec::with_capacity(outputs.len());
+    for t in outputs {
+        let mut t = convert::from_guest(t);
+        if !selected.is_empty() && !selected.contains(&t.name) {
+            continue;
+        }
+        t.datatype = model
+            .declared_output_type(&t.name, t.datatype)
+            .map_err(|m| (ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, m), "error"))?;
+        response_outputs.push(t);
+    }
+    let binary = |name: &str| {
+        wants
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or(binary_default, |(_, b)| *b)
+    };
+    let encoded = v2::encode_response(
+        &model.name,
+        Some(&model.version),
+        id.as_ref(),
+        &response_outputs,
+        binary,
+    )
+    .map_err(|e| {
+        let outcome = if e.status() == 400 {
+            "bad_request"
+        } else {
+            "error"
+        };
+        (ApiError::from(e), outcome)
+    })?;
+    model.stats.compute_output.record(output_started.elapsed());
+
+    let mut response = Response::new(Body::from(encoded.body));
+    let headers = response.headers_mut();
+    match encoded.header_len {
+        Some(n) => {
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
+            headers.insert(v2::HEADER_CONTENT_LENGTH, HeaderValue::from(n));
+        }
+        None => {
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+        }
+    }
+    Ok(response)
+}

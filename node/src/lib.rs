@@ -1,0 +1,76 @@
+//! The Sophon node: it serves signed model bundles as sandboxed Wasm components behind the
+//! KServe V2 / Open Inference Protocol.
+//!
+//! The request path, edge to core: [`http`] (axum: parse, validate against the manifest, bounded
+//! queue) → [`repository`] (which model and version, its limits and statistics) → [`runtime`]
+//! (a fresh instance of the pre-linked component, with epoch deadline and memory cap) → the guest
+//! calls wasi-nn → [`backend`] (tract by default) → back out, encoded by [`v2`].
+//!
+//! Nothing here trusts a request or a guest: every input is checked before it enters the sandbox,
+//! every guest failure becomes a clear error for that request only, and the node never panics on
+//! what a client or a component does.
+
+pub mod backend;
+pub mod convert;
+pub mod http;
+pub mod repository;
+pub mod runtime;
+pub mod stats;
+pub mod v2;
+
+pub use repository::{Repository, ServingLimits};
+pub use runtime::{Runtime, RuntimeConfig};
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+/// A running node's HTTP server: `run` serves until `shutdown` resolves, then stops accepting,
+/// reports not-ready, and lets in-flight requests finish.
+pub struct NodeServer {
+    state: Arc<http::ApiState>,
+    listener: tokio::net::TcpListener,
+}
+
+impl NodeServer {
+    /// Bind the HTTP listener.
+    pub async fn bind(
+        addr: SocketAddr,
+        repo: Arc<Repository>,
+        config: http::HttpConfig,
+    ) -> anyhow::Result<NodeServer> {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+        let state = Arc::new(http::ApiState {
+            repo,
+            config,
+            ready: std::sync::atomic::AtomicBool::new(false),
+        });
+        Ok(NodeServer { state, listener })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> anyhow::Result<SocketAddr> {
+        Ok(self.listener.local_addr()?)
+    }
+
+    /// Serve until `shutdown` resolves; in-flight requests finish before this returns.
+    pub async fn run(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let state = self.state.clone();
+        state.ready.store(true, Ordering::Release);
+        let app = http::router(self.state.clone());
+        let ready = self.state.clone();
+        axum::serve(self.listener, app)
+            .with_graceful_shutdown(async move {
+                shutdown.await;
+                ready.ready.store(false, Ordering::Release);
+                tracing::info!("shutting down: finishing requests in flight");
+            })
+            .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,450 @@
+//! The model repository of one node: which bundles it knows, which model versions are loaded and
+//! serving, and everything a request needs about one of them ([`LoadedModel`]).
+//!
+//! Loading a bundle verifies it (digests, signature, a trusted publisher), preloads its model
+//! files as wasi-nn graphs, compiles or fetches the component from the AOT cache, and checks the
+//! component's own metadata against the manifest. The bundle stays known after an unload, so
+//! Triton's repository `load` brings it back.
+
+use crate::backend;
+use crate::runtime::{GuestMetadata, Model, ModelLimits, Runtime};
+use crate::stats::{Metrics, ModelMetrics, ModelStats};
+use parking_lot::RwLock;
+use sophon_sdk::VerifyingKey;
+use sophon_sdk::bundle::Bundle;
+use sophon_sdk::manifest::Manifest;
+use sophon_sdk::{Datatype, TensorSpec};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+use tokio::sync::{Semaphore, SemaphorePermit};
+
+/// Errors of the repository.
+#[derive(Debug, thiserror::Error)]
+pub enum RepoError {
+    /// No model of that name.
+    #[error("unknown model `{name}`: see POST /v2/repository/index for the models this node has")]
+    UnknownModel { name: String },
+    /// The model exists but not that version.
+    #[error("model `{name}` has no version `{version}`; it has {available:?}")]
+    UnknownVersion {
+        name: String,
+        version: String,
+        available: Vec<String>,
+    },
+    /// The model is known but not loaded.
+    #[error("model `{name}` is not loaded; load it with POST /v2/repository/models/{name}/load")]
+    NotReady { name: String },
+    /// The bundle could not be read or verified.
+    #[error("bundle refused: {0}")]
+    Bundle(#[from] sophon_sdk::Error),
+    /// The bundle is valid but cannot be served here.
+    #[error("model `{name}` version `{version}` cannot be loaded: {reason}")]
+    Load {
+        name: String,
+        version: String,
+        reason: String,
+    },
+}
+
+/// Node-wide limits applied to every model.
+#[derive(Clone, Debug)]
+pub struct ServingLimits {
+    /// Requests of one model running at once when its manifest does not say.
+    pub default_concurrency: usize,
+    /// Requests of one model allowed to wait for a slot before new ones get 429.
+    pub max_queue: usize,
+    /// Most output bytes one request may return.
+    pub max_output_bytes: usize,
+}
+
+impl Default for ServingLimits {
+    fn default() -> Self {
+        ServingLimits {
+            default_concurrency: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            max_queue: 256,
+            max_output_bytes: 64 << 20,
+        }
+    }
+}
+
+/// A bounded queue in front of a model's concurrency limit.
+pub struct Admission {
+    slots: Semaphore,
+    waiting: AtomicUsize,
+    max_queue: usize,
+}
+
+/// The queue was full.
+#[derive(Debug)]
+pub struct Overloaded {
+    pub queued: usize,
+}
+
+impl Admission {
+    fn new(concurrency: usize, max_queue: usize) -> Admission {
+        Admission {
+            slots: Semaphore::new(concurrency.max(1)),
+            waiting: AtomicUsize::new(0),
+            max_queue,
+        }
+    }
+
+    /// Wait for a slot, or fail at once when too many are already waiting.
+    pub async fn enter(&self) -> Result<SemaphorePermit<'_>, Overloaded> {
+        if let Ok(permit) = self.slots.try_acquire() {
+            return Ok(permit);
+        }
+        let queued = self.waiting.fetch_add(1, Ordering::AcqRel);
+        if queued >= self.max_queue {
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            return Err(Overloaded { queued });
+        }
+        let permit = self.slots.acquire().await;
+        self.waiting.fetch_sub(1, Ordering::AcqRel);
+        permit.map_err(|_| Overloaded { queued })
+    }
+}
+
+/// A model version loaded and serving.
+pub struct LoadedModel {
+    pub name: String,
+    pub version: String,
+    pub digest: String,
+    pub manifest: Manifest,
+    pub model: Model,
+    pub stats: ModelStats,
+    pub metrics: ModelMetrics,
+    pub admission: Admission,
+    /// Requests of this model that may run at once.
+    pub concurrency: usize,
+    /// Manifest outputs by name, to relabel carrier datatypes coming back from wasi-nn.
+    outputs_by_name: HashMap<String, Datatype>,
+}
+
+impl LoadedModel {
+    /// Inputs as the manifest declares them.
+    pub fn inputs(&self) -> &[TensorSpec] {
+        &self.manifest.inputs
+    }
+
+    /// Outputs as the manifest declares them.
+    pub fn outputs(&self) -> &[TensorSpec] {
+        &self.manifest.outputs
+    }
+
+    /// The datatype the manifest declares for an output, when the guest's has the same width.
+    ///
+    /// wasi-nn lacks some V2 types, so a passthrough guest returns e.g. BOOL as UINT8; the manifest
+    /// (read from the ONNX graph at pack time) says what it really is.
+    pub fn declared_output_type(&self, name: &str, returned: Datatype) -> Result<Datatype, String> {
+        match self.outputs_by_name.get(name) {
+            None => Ok(returned),
+            Some(&declared) if declared == returned => Ok(declared),
+            Some(&declared)
+                if declared.element_size().is_some()
+                    && declared.element_size() == returned.element_size() =>
+            {
+                Ok(declared)
+            }
+            Some(&declared) => Err(format!(
+                "the component returned output `{name}` as {returned}, but the manifest declares {declared}"
+            )),
+        }
+    }
+}
+
+struct Slot {
+    bundles: BTreeMap<String, Arc<Bundle>>,
+    loaded: BTreeMap<String, Arc<LoadedModel>>,
+    reason: Option<String>,
+}
+
+/// An entry of Triton's repository index.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct IndexEntry {
+    pub name: String,
+    pub version: String,
+    pub state: &'static str,
+    pub reason: String,
+}
+
+/// The models of this node.
+pub struct Repository {
+    runtime: Runtime,
+    trusted: Vec<VerifyingKey>,
+    limits: ServingLimits,
+    metrics: Arc<Metrics>,
+    models: RwLock<BTreeMap<String, Slot>>,
+}
+
+impl Repository {
+    /// An empty repository that accepts bundles signed by one of `trusted`.
+    pub fn new(
+        runtime: Runtime,
+        trusted: Vec<VerifyingKey>,
+        limits: ServingLimits,
+        metrics: Arc<Metrics>,
+    ) -> Repository {
+        Repository {
+            runtime,
+            trusted,
+            limits,
+            metrics,
+            models: RwLock::new(BTreeMap::new()),
+        }
+    }
+
+    /// The metrics registry the repository reports to.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Verify and load a bundle; on success the model version serves at once.
+    pub fn add_bundle(&self, bytes: &[u8]) -> Result<Arc<LoadedModel>, RepoError> {
+        let bundle = Arc::new(Bundle::read(bytes)?);
+        bundle.verify_publisher(&self.trusted)?;
+        let loaded = Arc::new(self.instantiate(&bundle)?);
+        let mut models = self.models.write();
+        let slot = models.entry(loaded.name.clone()).or_insert_with(|| Slot {
+            bundles: BTreeMap::new(),
+            loaded: BTreeMap::new(),
+            reason: None,
+        });
+        slot.bundles.insert(loaded.version.clone(), bundle);
+        if slot
+            .loaded
+            .insert(loaded.version.clone(), loaded.clone())
+            .is_none()
+        {
+            self.metrics.models_loaded.inc();
+        }
+        slot.reason = None;
+        Ok(loaded)
+    }
+
+    fn instantiate(&self, bundle: &Bundle) -> Result<LoadedModel, RepoError> {
+        let manifest = &bundle.manifest;
+        let (name, version) = (manifest.model.name.clone(), manifest.model.version.clone());
+        let fail = |reason: String| RepoError::Load {
+            name: name.clone(),
+            version: version.clone(),
+            reason,
+        };
+        let mut graphs = HashMap::new();
+        for graph in &manifest.graphs {
+            let bytes = bundle.graph_bytes(graph)?;
+            let encoding = serde_json::to_value(graph.encoding)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default();
+            let loaded = backend::load_graph(&encoding, bytes)
+                .map_err(|e| fail(format!("graph `{}`: {e}", graph.name)))?;
+            graphs.insert(graph.name.clone(), loaded);
+        }
+        let resources = &manifest.resources;
+        let limits = ModelLimits {
+            memory_bytes: (resources.memory_mb as usize) << 20,
+            timeout: Duration::from_millis(resources.timeout_ms),
+            max_output_bytes: self.limits.max_output_bytes,
+        };
+        let env = manifest
+            .capabilities
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let model = Model::new(&self.runtime, &name, &bundle.component, graphs, env, limits)
+            .map_err(|e| fail(format!("{e:#}")))?;
+        let metadata = model.metadata().map_err(|e| fail(e.to_string()))?;
+        check_metadata(manifest, &metadata).map_err(fail)?;
+        let concurrency = match resources.max_concurrency {
+            0 => self.limits.default_concurrency,
+            n => n as usize,
+        };
+        tracing::info!(
+            model = %name, version = %version, digest = %bundle.digest_hex(),
+            aot = ?model.origin(), "model loaded"
+        );
+        Ok(LoadedModel {
+            metrics: self.metrics.for_model(&name, &version),
+            outputs_by_name: manifest
+                .outputs
+                .iter()
+                .map(|o| (o.name.clone(), o.datatype))
+                .collect(),
+            name,
+            version,
+            digest: bundle.digest_hex(),
+            manifest: manifest.clone(),
+            model,
+            stats: ModelStats::default(),
+            admission: Admission::new(concurrency, self.limits.max_queue),
+            concurrency,
+        })
+    }
+
+    /// The version to serve: the one asked for, or the newest loaded.
+    pub fn lookup(&self, name: &str, version: Option<&str>) -> Result<Arc<LoadedModel>, RepoError> {
+        let models = self.models.read();
+        let slot = models.get(name).ok_or_else(|| RepoError::UnknownModel {
+            name: name.to_string(),
+        })?;
+        match version {
+            Some(v) => {
+                if let Some(m) = slot.loaded.get(v) {
+                    return Ok(m.clone());
+                }
+                if slot.bundles.contains_key(v) {
+                    return Err(RepoError::NotReady {
+                        name: name.to_string(),
+                    });
+                }
+                Err(RepoError::UnknownVersion {
+                    name: name.to_string(),
+                    version: v.to_string(),
+                    available: slot.bundles.keys().cloned().collect(),
+                })
+            }
+            None => newest(&slot.loaded)
+                .cloned()
+                .ok_or_else(|| RepoError::NotReady {
+                    name: name.to_string(),
+                }),
+        }
+    }
+
+    /// Every version of a model that is loaded, oldest first.
+    pub fn versions(&self, name: &str) -> Vec<String> {
+        self.models
+            .read()
+            .get(name)
+            .map(|s| s.loaded.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Every loaded model version.
+    pub fn loaded(&self) -> Vec<Arc<LoadedModel>> {
+        self.models
+            .read()
+            .values()
+            .flat_map(|s| s.loaded.values().cloned())
+            .collect()
+    }
+
+    /// Triton's repository index.
+    pub fn index(&self) -> Vec<IndexEntry> {
+        let models = self.models.read();
+        let mut out = Vec::new();
+        for (name, slot) in models.iter() {
+            for version in slot.bundles.keys() {
+                let ready = slot.loaded.contains_key(version);
+                out.push(IndexEntry {
+                    name: name.clone(),
+                    version: version.clone(),
+                    state: if ready { "READY" } else { "UNAVAILABLE" },
+                    reason: if ready {
+                        String::new()
+                    } else {
+                        slot.reason.clone().unwrap_or_else(|| "unloaded".into())
+                    },
+                });
+            }
+        }
+        out
+    }
+
+    /// Stop serving every version of a model (requests in flight finish).
+    pub fn unload(&self, name: &str) -> Result<(), RepoError> {
+        let mut models = self.models.write();
+        let slot = models
+            .get_mut(name)
+            .ok_or_else(|| RepoError::UnknownModel {
+                name: name.to_string(),
+            })?;
+        let dropped = slot.loaded.len();
+        slot.loaded.clear();
+        slot.reason = Some("unloaded".into());
+        self.metrics.models_loaded.sub(dropped as i64);
+        Ok(())
+    }
+
+    /// Load every known version of a model again.
+    pub fn load(&self, name: &str) -> Result<(), RepoError> {
+        let bundles: Vec<Arc<Bundle>> = {
+            let models = self.models.read();
+            let slot = models.get(name).ok_or_else(|| RepoError::UnknownModel {
+                name: name.to_string(),
+            })?;
+            slot.bundles
+                .iter()
+                .filter(|(v, _)| !slot.loaded.contains_key(*v))
+                .map(|(_, b)| b.clone())
+                .collect()
+        };
+        for bundle in bundles {
+            let loaded = Arc::new(self.instantiate(&bundle)?);
+            let mut models = self.models.write();
+            if let Some(slot) = models.get_mut(name) {
+                slot.loaded.insert(loaded.version.clone(), loaded);
+                slot.reason = None;
+                self.metrics.models_loaded.inc();
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Versions compare as numbers when both are numbers, else as text.
+fn newest(loaded: &BTreeMap<String, Arc<LoadedModel>>) -> Option<&Arc<LoadedModel>> {
+    loaded
+        .iter()
+        .max_by(
+            |(a, _), (b, _)| match (a.parse::<u64>(), b.parse::<u64>()) {
+                (Ok(x), Ok(y)) => x.cmp(&y),
+                _ => a.cmp(b),
+            },
+        )
+        .map(|(_, m)| m)
+}
+
+fn check_metadata(manifest: &Manifest, metadata: &GuestMetadata) -> Result<(), String> {
+    let pairs = [
+        ("input", &manifest.inputs, &metadata.inputs),
+        ("output", &manifest.outputs, &metadata.outputs),
+    ];
+    for (role, declared, guest) in pairs {
+        if guest.is_empty() {
+            continue;
+        }
+        for spec in guest {
+            let datatype = crate::convert::from_guest_datatype(spec.datatype);
+            match declared.iter().find(|d| d.name == spec.name) {
+                None => {
+                    return Err(format!(
+                        "the component declares {role} `{}` but the manifest does not",
+                        spec.name
+                    ));
+                }
+                Some(d) if d.datatype != datatype => {
+                    return Err(format!(
+                        "the component declares {role} `{}` as {datatype} but the manifest says {}",
+                        spec.name, d.datatype
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        if let Some(missing) = declared
+            .iter()
+            .find(|d| !guest.iter().any(|g| g.name == d.name))
+        {
+            return Err(format!(
+                "the manifest declares {role} `{}` but the component does not",
+                missing.name
+            ));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,150 @@
+//! The Wasm runtime: one wasmtime engine per node, one pre-linked component per model, and a
+//! fresh sandboxed instance for every request.
+//!
+//! - The engine uses the pooling allocator (instances are carved from pre-reserved slots with
+//!   copy-on-write memory images, so instantiation costs microseconds) and epoch interruption
+//!   (a ticker thread advances the epoch; every call gets a deadline in ticks).
+//! - Components are AOT-compiled once and cached on disk by digest ([`cache`]).
+//! - [`Model`] holds the `InstancePre` and the model's preloaded wasi-nn graphs (weights live once
+//!   in the host, shared by all instances); [`Model::predict`] instantiates, calls, and drops.
+//! - A sandbox has no file system, network or inherited environment: only the environment
+//!   variables the manifest grants, clocks and random. Guest stdout/stderr go to the node's log,
+//!   tagged with the model.
+
+pub mod cache;
+mod sandbox;
+
+pub use sandbox::{
+    CallTimes, GuestDatatype, GuestMetadata, GuestTensor, GuestTensorSpec, InvokeError, Model,
+    ModelLimits, PredictError,
+};
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+/// Turns wasmtime's own error type into `anyhow`, keeping the whole chain in the message.
+pub(crate) trait WasmtimeExt<T> {
+    fn wt(self) -> anyhow::Result<T>;
+}
+
+impl<T> WasmtimeExt<T> for wasmtime::Result<T> {
+    fn wt(self) -> anyhow::Result<T> {
+        self.map_err(|e| anyhow::anyhow!("{e:#}"))
+    }
+}
+
+/// Settings of the Wasm runtime.
+#[derive(Clone, Debug)]
+pub struct RuntimeConfig {
+    /// Where compiled components are cached; `None` disables the cache.
+    pub cache_dir: Option<PathBuf>,
+    /// How often the epoch advances; deadlines are counted in these ticks.
+    pub epoch_tick: Duration,
+    /// Instances that may be alive at once across all models (pool slots).
+    pub max_instances: u32,
+    /// The largest linear memory any instance may have (a manifest may ask for less).
+    pub max_memory_bytes: u64,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            cache_dir: default_cache_dir(),
+            epoch_tick: Duration::from_millis(5),
+            max_instances: 1000,
+            max_memory_bytes: 4 << 30,
+        }
+    }
+}
+
+impl RuntimeConfig {
+    /// Check the settings make sense.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            !self.epoch_tick.is_zero(),
+            "the epoch tick must be positive"
+        );
+        anyhow::ensure!(self.max_instances > 0, "max_instances must be at least 1");
+        anyhow::ensure!(
+            self.max_memory_bytes >= 1 << 20,
+            "max_memory_bytes must be at least 1 MiB"
+        );
+        Ok(())
+    }
+}
+
+/// `$SOPHON_HOME/cache/components`, or `~/.cache/sophon/components`.
+pub fn default_cache_dir() -> Option<PathBuf> {
+    if let Some(home) = std::env::var_os("SOPHON_HOME") {
+        return Some(PathBuf::from(home).join("cache").join("components"));
+    }
+    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/sophon/components"))
+}
+
+/// The node's engine and its epoch ticker.
+#[derive(Clone)]
+pub struct Runtime {
+    pub(crate) engine: Engine,
+    pub(crate) config: RuntimeConfig,
+    pub(crate) linker: Arc<wasmtime::component::Linker<sandbox::Sandbox>>,
+    /// Compiled components by SHA-256, so models sharing a component share its code in memory.
+    pub(crate) components: Arc<cache::Loaded>,
+    ticker_stop: Arc<AtomicBool>,
+}
+
+impl Runtime {
+    /// Build the engine, the shared linker (WASI p2 + wasi-nn) and start the epoch ticker.
+    pub fn new(config: RuntimeConfig) -> anyhow::Result<Runtime> {
+        config.validate()?;
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_component_instances(config.max_instances)
+            .total_core_instances(config.max_instances.saturating_mul(4))
+            .total_memories(config.max_instances)
+            .total_tables(config.max_instances.saturating_mul(2))
+            .max_memory_size(config.max_memory_bytes as usize)
+            .linear_memory_keep_resident(1 << 20)
+            .table_keep_resident(64 << 10);
+        let mut wasm = Config::new();
+        wasm.wasm_component_model(true)
+            .epoch_interruption(true)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
+            .cranelift_opt_level(wasmtime::OptLevel::Speed);
+        let engine = Engine::new(&wasm).wt()?;
+        let linker = sandbox::linker(&engine)?;
+
+        let ticker_stop = Arc::new(AtomicBool::new(false));
+        let (tick_engine, stop, tick) = (engine.clone(), ticker_stop.clone(), config.epoch_tick);
+        std::thread::Builder::new()
+            .name("sophon-epoch".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(tick);
+                    tick_engine.increment_epoch();
+                }
+            })?;
+        Ok(Runtime {
+            engine,
+            config,
+            linker: Arc::new(linker),
+            components: Arc::default(),
+            ticker_stop,
+        })
+    }
+
+    /// The engine (for compiling and benchmarks).
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        // The last clone stops the ticker.
+        if Arc::strong_count(&self.ticker_stop) == 1 {
+            self.ticker_stop.store(true, Ordering::Relaxed);
+        }
+    }
+}

@@ -1,0 +1,340 @@
+//! One model's pre-linked component, and the sandbox every request runs in.
+
+use super::cache::{self, Origin};
+use super::{Runtime, WasmtimeExt};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use wasmtime::component::{Linker, ResourceTable};
+use wasmtime::{Engine, Store};
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use wasmtime_wasi_nn::wit::{WasiNnCtx, WasiNnView};
+use wasmtime_wasi_nn::{Graph, GraphRegistry};
+
+pub(crate) mod bindings {
+    wasmtime::component::bindgen!({
+        path: "../wit/wit",
+        world: "sophon:model/serving",
+    });
+}
+
+pub use bindings::sophon::model::types::{
+    Datatype as GuestDatatype, ModelMetadata as GuestMetadata, PredictError, Tensor as GuestTensor,
+    TensorSpec as GuestTensorSpec,
+};
+
+/// Most bytes of guest stdout and of stderr kept per request for the log.
+const LOG_CAPACITY: usize = 64 << 10;
+
+/// What a request's store holds.
+pub(crate) struct Sandbox {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    nn: WasiNnCtx,
+    limiter: Limiter,
+}
+
+impl WasiView for Sandbox {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+/// Caps linear memory and tables; remembers whether the cap was hit, to name the failure.
+struct Limiter {
+    memory_max: usize,
+    exceeded: bool,
+}
+
+impl wasmtime::ResourceLimiter for Limiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.memory_max {
+            self.exceeded = true;
+            wasmtime::bail!("memory limit of {} MiB exceeded", self.memory_max >> 20);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 1 << 20)
+    }
+}
+
+/// The model's graphs, shared by every instance (wasi-nn `load-by-name`).
+struct SharedGraphs(Arc<HashMap<String, Graph>>);
+
+impl GraphRegistry for SharedGraphs {
+    fn get(&self, name: &str) -> Option<&Graph> {
+        self.0.get(name)
+    }
+    fn get_mut(&mut self, _name: &str) -> Option<&mut Graph> {
+        None
+    }
+}
+
+/// The linker every model shares: WASI p2 (no preopens, no network) and wasi-nn.
+pub(crate) fn linker(engine: &Engine) -> anyhow::Result<Linker<Sandbox>> {
+    let mut linker = Linker::new(engine);
+    wasmtime_wasi::p2::add_to_linker_sync(&mut linker).wt()?;
+    wasmtime_wasi_nn::wit::add_to_linker(&mut linker, |s: &mut Sandbox| {
+        WasiNnView::new(&mut s.table, &mut s.nn)
+    })
+    .wt()?;
+    Ok(linker)
+}
+
+/// Per-model sandbox limits.
+#[derive(Clone, Debug)]
+pub struct ModelLimits {
+    /// Most linear memory an instance may grow to.
+    pub memory_bytes: usize,
+    /// Deadline of one call.
+    pub timeout: Duration,
+    /// Most bytes of output data one call may return.
+    pub max_output_bytes: usize,
+}
+
+/// Why a call into a model failed.
+#[derive(Debug, thiserror::Error)]
+pub enum InvokeError {
+    /// The call ran past its deadline.
+    #[error("model `{model}` ran past its deadline of {limit_ms} ms and was stopped")]
+    Timeout { model: String, limit_ms: u128 },
+    /// The instance tried to grow its memory past the limit.
+    #[error("model `{model}` exceeded its memory limit of {limit_mib} MiB and was stopped")]
+    MemoryExceeded { model: String, limit_mib: usize },
+    /// The guest trapped (a panic, `unreachable`, an out-of-bounds access...).
+    #[error("model `{model}` crashed: {message}")]
+    Trap { model: String, message: String },
+    /// The guest returned more output than allowed.
+    #[error("model `{model}` returned {bytes} bytes of output, over the limit of {limit} bytes")]
+    OutputTooLarge {
+        model: String,
+        bytes: usize,
+        limit: usize,
+    },
+    /// The guest refused the inputs.
+    #[error("model `{model}` rejected the input: {message}")]
+    InvalidInput { model: String, message: String },
+    /// The guest reported a failure of its own or of the backend.
+    #[error("model `{model}` failed: {message}")]
+    Failed { model: String, message: String },
+}
+
+/// Time spent in each phase of one call.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CallTimes {
+    /// Creating the store and instantiating the component.
+    pub instantiate: Duration,
+    /// The `predict` call itself (inputs lowered, guest code, wasi-nn, outputs lifted).
+    pub call: Duration,
+}
+
+/// A model ready to serve: its component pre-linked, its graphs loaded.
+pub struct Model {
+    name: String,
+    engine: Engine,
+    pre: bindings::ServingPre<Sandbox>,
+    graphs: Arc<HashMap<String, Graph>>,
+    env: Arc<[(String, String)]>,
+    limits: ModelLimits,
+    deadline_ticks: u64,
+    origin: Origin,
+}
+
+impl Model {
+    /// Compile (or load from cache) and pre-link a component with its graphs and granted
+    /// environment.
+    pub fn new(
+        runtime: &Runtime,
+        name: &str,
+        component: &[u8],
+        graphs: HashMap<String, Graph>,
+        env: Vec<(String, String)>,
+        limits: ModelLimits,
+    ) -> anyhow::Result<Model> {
+        let (component, origin) = cache::load_component(
+            &runtime.engine,
+            &runtime.components,
+            runtime.config.cache_dir.as_deref(),
+            component,
+        )?;
+        let instance_pre = runtime.linker.instantiate_pre(&component).map_err(|e| {
+            anyhow::anyhow!("the component's imports cannot be satisfied by this node: {e:#}")
+        })?;
+        let pre = bindings::ServingPre::new(instance_pre).map_err(|e| {
+            anyhow::anyhow!("the component does not export sophon:model/predictor: {e:#}")
+        })?;
+        let tick = runtime.config.epoch_tick.as_nanos().max(1);
+        let deadline_ticks = (limits.timeout.as_nanos().div_ceil(tick) as u64).saturating_add(1);
+        Ok(Model {
+            name: name.to_string(),
+            engine: runtime.engine.clone(),
+            pre,
+            graphs: Arc::new(graphs),
+            env: env.into(),
+            limits,
+            deadline_ticks,
+            origin,
+        })
+    }
+
+    /// Whether the component came from the AOT cache.
+    pub fn origin(&self) -> Origin {
+        self.origin
+    }
+
+    /// The component's own metadata.
+    pub fn metadata(&self) -> Result<GuestMetadata, InvokeError> {
+        let (mut store, logs) = self.store();
+        let serving = self
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| self.classify(e, &store, &logs))?;
+        let result = serving.sophon_model_predictor().call_metadata(&mut store);
+        self.flush_logs(&logs);
+        result.map_err(|e| self.classify(e, &store, &logs))
+    }
+
+    /// Run one request in a fresh instance.
+    pub fn predict(
+        &self,
+        inputs: &[GuestTensor],
+    ) -> Result<(Vec<GuestTensor>, CallTimes), InvokeError> {
+        let started = Instant::now();
+        let (mut store, logs) = self.store();
+        let serving = self
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| self.classify(e, &store, &logs))?;
+        let instantiated = Instant::now();
+        let result = serving
+            .sophon_model_predictor()
+            .call_predict(&mut store, inputs);
+        let times = CallTimes {
+            instantiate: instantiated - started,
+            call: instantiated.elapsed(),
+        };
+        self.flush_logs(&logs);
+        let outputs = match result {
+            Err(e) => return Err(self.classify(e, &store, &logs)),
+            Ok(Err(PredictError::InvalidInput(message))) => {
+                return Err(InvokeError::InvalidInput {
+                    model: self.name.clone(),
+                    message,
+                });
+            }
+            Ok(Err(PredictError::Inference(message) | PredictError::Internal(message))) => {
+                return Err(InvokeError::Failed {
+                    model: self.name.clone(),
+                    message,
+                });
+            }
+            Ok(Ok(outputs)) => outputs,
+        };
+        let bytes: usize = outputs.iter().map(|t| t.data.len()).sum();
+        if bytes > self.limits.max_output_bytes {
+            return Err(InvokeError::OutputTooLarge {
+                model: self.name.clone(),
+                bytes,
+                limit: self.limits.max_output_bytes,
+            });
+        }
+        Ok((outputs, times))
+    }
+
+    fn store(&self) -> (Store<Sandbox>, [MemoryOutputPipe; 2]) {
+        let stdout = MemoryOutputPipe::new(LOG_CAPACITY);
+        let stderr = MemoryOutputPipe::new(LOG_CAPACITY);
+        let mut wasi = WasiCtxBuilder::new();
+        wasi.stdout(stdout.clone())
+            .stderr(stderr.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false);
+        for (k, v) in self.env.iter() {
+            wasi.env(k, v);
+        }
+        let sandbox = Sandbox {
+            wasi: wasi.build(),
+            table: ResourceTable::new(),
+            nn: WasiNnCtx::new([], SharedGraphs(self.graphs.clone()).into()),
+            limiter: Limiter {
+                memory_max: self.limits.memory_bytes,
+                exceeded: false,
+            },
+        };
+        let mut store = Store::new(&self.engine, sandbox);
+        store.limiter(|s| &mut s.limiter);
+        store.set_epoch_deadline(self.deadline_ticks);
+        store.epoch_deadline_trap();
+        (store, [stdout, stderr])
+    }
+
+    fn flush_logs(&self, logs: &[MemoryOutputPipe; 2]) {
+        for (stream, pipe) in ["stdout", "stderr"].into_iter().zip(logs) {
+            let bytes = pipe.contents();
+            if bytes.is_empty() {
+                continue;
+            }
+            for line in String::from_utf8_lossy(&bytes).lines() {
+                tracing::info!(target: "sophon::guest", model = %self.name, stream, "{line}");
+            }
+        }
+    }
+
+    fn classify(
+        &self,
+        error: wasmtime::Error,
+        store: &Store<Sandbox>,
+        logs: &[MemoryOutputPipe; 2],
+    ) -> InvokeError {
+        let model = self.name.clone();
+        if matches!(
+            error.downcast_ref::<wasmtime::Trap>(),
+            Some(wasmtime::Trap::Interrupt)
+        ) {
+            return InvokeError::Timeout {
+                model,
+                limit_ms: self.limits.timeout.as_millis(),
+            };
+        }
+        if store.data().limiter.exceeded {
+            return InvokeError::MemoryExceeded {
+                model,
+                limit_mib: self.limits.memory_bytes >> 20,
+            };
+        }
+        let mut message = match error.downcast_ref::<wasmtime::Trap>() {
+            Some(trap) => trap.to_string(),
+            None => format!("{error:#}"),
+        };
+        // A Rust guest prints its panic (location, then message) to stderr just before it traps.
+        let stderr = logs[1].contents();
+        let text = String::from_utf8_lossy(&stderr);
+        let said: Vec<&str> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with("note: run with `RUST_BACKTRACE"))
+            .collect();
+        if !said.is_empty() {
+            let tail = &said[said.len().saturating_sub(2)..];
+            message.push_str(&format!(" (guest stderr: {})", tail.join(" ")));
+        }
+        InvokeError::Trap { model, message }
+    }
+}

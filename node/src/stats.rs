@@ -1,0 +1,221 @@
+//! Per-model statistics: Triton's statistics extension (`{count, ns}` per phase) and the
+//! Prometheus metrics, both fed by the same measurements of each request.
+
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
+};
+use serde_json::{Value, json};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// A Triton `{count, ns}` pair.
+#[derive(Default, Debug)]
+pub struct Phase {
+    count: AtomicU64,
+    ns: AtomicU64,
+}
+
+impl Phase {
+    /// Add one occurrence that took `d`.
+    pub fn record(&self, d: Duration) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.ns
+            .fetch_add(d.as_nanos().min(u64::MAX as u128) as u64, Ordering::Relaxed);
+    }
+
+    /// How many occurrences so far.
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    fn json(&self) -> Value {
+        json!({"count": self.count.load(Ordering::Relaxed), "ns": self.ns.load(Ordering::Relaxed)})
+    }
+}
+
+/// Triton's statistics for one model version.
+#[derive(Default, Debug)]
+pub struct ModelStats {
+    pub success: Phase,
+    pub fail: Phase,
+    pub queue: Phase,
+    pub compute_input: Phase,
+    pub compute_infer: Phase,
+    pub compute_output: Phase,
+    pub inference_count: AtomicU64,
+    pub execution_count: AtomicU64,
+    pub last_inference_ms: AtomicU64,
+}
+
+impl ModelStats {
+    /// Mark an inference of `batch` items as done now.
+    pub fn executed(&self, batch: u64) {
+        self.inference_count.fetch_add(batch, Ordering::Relaxed);
+        self.execution_count.fetch_add(1, Ordering::Relaxed);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        self.last_inference_ms.store(now, Ordering::Relaxed);
+    }
+
+    /// The `model_stats` entry for this version, in Triton's shape.
+    pub fn json(&self, name: &str, version: &str) -> Value {
+        json!({
+            "name": name,
+            "version": version,
+            "last_inference": self.last_inference_ms.load(Ordering::Relaxed),
+            "inference_count": self.inference_count.load(Ordering::Relaxed),
+            "execution_count": self.execution_count.load(Ordering::Relaxed),
+            "inference_stats": {
+                "success": self.success.json(),
+                "fail": self.fail.json(),
+                "queue": self.queue.json(),
+                "compute_input": self.compute_input.json(),
+                "compute_infer": self.compute_infer.json(),
+                "compute_output": self.compute_output.json(),
+                "cache_hit": {"count": 0, "ns": 0},
+                "cache_miss": {"count": 0, "ns": 0},
+            },
+            "batch_stats": [],
+            "memory_usage": [],
+        })
+    }
+}
+
+/// Latency buckets from 10 µs to 10 s.
+const BUCKETS: [f64; 19] = [
+    10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 0.1,
+    0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// The node's Prometheus registry and metric families.
+pub struct Metrics {
+    pub registry: Registry,
+    requests: IntCounterVec,
+    queue: HistogramVec,
+    compute: HistogramVec,
+    total: HistogramVec,
+    inflight_model: IntGaugeVec,
+    /// Requests being served right now, all models.
+    pub inflight: IntGauge,
+    /// Models loaded and serving.
+    pub models_loaded: IntGauge,
+}
+
+impl Metrics {
+    /// Create and register every family (and the process collector).
+    pub fn new() -> anyhow::Result<Metrics> {
+        let registry = Registry::new();
+        let labels = &["model", "version"];
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "sophon_inference_requests_total",
+                "Inference requests by model, version and outcome",
+            ),
+            &["model", "version", "outcome"],
+        )?;
+        let hist = |name: &str, help: &str| {
+            HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(BUCKETS.to_vec()),
+                labels,
+            )
+        };
+        let queue = hist(
+            "sophon_inference_queue_seconds",
+            "Time a request waited for a free slot of its model",
+        )?;
+        let compute = hist(
+            "sophon_inference_compute_seconds",
+            "Time in the sandbox: instantiation plus the predict call",
+        )?;
+        let total = hist(
+            "sophon_inference_request_seconds",
+            "Whole request time, from the first byte read to the response built",
+        )?;
+        let inflight_model = IntGaugeVec::new(
+            Opts::new("sophon_inference_inflight", "Requests in flight per model"),
+            &["model"],
+        )?;
+        let inflight = IntGauge::new("sophon_inflight_requests", "Requests in flight, all models")?;
+        let models_loaded = IntGauge::new("sophon_models_loaded", "Model versions serving")?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(queue.clone()))?;
+        registry.register(Box::new(compute.clone()))?;
+        registry.register(Box::new(total.clone()))?;
+        registry.register(Box::new(inflight_model.clone()))?;
+        registry.register(Box::new(inflight.clone()))?;
+        registry.register(Box::new(models_loaded.clone()))?;
+        #[cfg(target_os = "linux")]
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
+        Ok(Metrics {
+            registry,
+            requests,
+            queue,
+            compute,
+            total,
+            inflight_model,
+            inflight,
+            models_loaded,
+        })
+    }
+
+    /// Pre-resolved handles for one model version, so the hot path does no label lookups.
+    pub fn for_model(&self, model: &str, version: &str) -> ModelMetrics {
+        ModelMetrics {
+            model: model.to_string(),
+            version: version.to_string(),
+            requests: self.requests.clone(),
+            success: self
+                .requests
+                .with_label_values(&[model, version, "success"]),
+            queue: self.queue.with_label_values(&[model, version]),
+            compute: self.compute.with_label_values(&[model, version]),
+            total: self.total.with_label_values(&[model, version]),
+            inflight: self.inflight_model.with_label_values(&[model]),
+        }
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) =
+            prometheus::TextEncoder::new().encode_utf8(&self.registry.gather(), &mut out)
+        {
+            tracing::warn!("encoding metrics: {e}");
+        }
+        out
+    }
+}
+
+/// One model version's metric handles.
+pub struct ModelMetrics {
+    model: String,
+    version: String,
+    requests: IntCounterVec,
+    success: IntCounter,
+    /// Queue wait.
+    pub queue: Histogram,
+    /// Sandbox time.
+    pub compute: Histogram,
+    /// Whole request.
+    pub total: Histogram,
+    /// In flight for this model.
+    pub inflight: IntGauge,
+}
+
+impl ModelMetrics {
+    /// Count a request by its outcome (`success`, `bad_request`, `overloaded`, `timeout`, ...).
+    pub fn outcome(&self, outcome: &str) {
+        if outcome == "success" {
+            self.success.inc();
+        } else {
+            self.requests
+                .with_label_values(&[&self.model, &self.version, outcome])
+                .inc();
+        }
+    }
+}

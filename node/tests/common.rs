@@ -1,0 +1,111 @@
+//! Shared set-up of the node's tests: a repository with real bundles and the router.
+#![allow(dead_code)]
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::Value;
+use sophon_node::http::{ApiState, HttpConfig, router};
+use sophon_node::stats::Metrics;
+use sophon_node::{Repository, Runtime, RuntimeConfig, ServingLimits};
+use sophon_sdk::{SigningKey, keys};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use tower::ServiceExt;
+
+pub struct Node {
+    pub repo: Arc<Repository>,
+    pub app: axum::Router,
+    pub key: SigningKey,
+}
+
+pub fn node_with(limits: ServingLimits, http: HttpConfig) -> Node {
+    let key = keys::generate();
+    let runtime = Runtime::new(RuntimeConfig {
+        cache_dir: None,
+        ..RuntimeConfig::default()
+    })
+    .expect("runtime");
+    let repo = Arc::new(Repository::new(
+        runtime,
+        vec![key.verifying_key()],
+        limits,
+        Arc::new(Metrics::new().expect("metrics")),
+    ));
+    let state = Arc::new(ApiState {
+        repo: repo.clone(),
+        config: http,
+        ready: AtomicBool::new(true),
+    });
+    Node {
+        app: router(state),
+        repo,
+        key,
+    }
+}
+
+pub fn node() -> Node {
+    node_with(ServingLimits::default(), HttpConfig::default())
+}
+
+pub async fn call(
+    app: &axum::Router,
+    req: Request<Body>,
+) -> (StatusCode, Vec<u8>, axum::http::HeaderMap) {
+    let res = app.clone().oneshot(req).await.expect("router answers");
+    let status = res.status();
+    let headers = res.headers().clone();
+    let body = res
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes()
+        .to_vec();
+    (status, body, headers)
+}
+
+pub async fn post_json(app: &axum::Router, path: &str, body: &Value) -> (StatusCode, Value) {
+    let req = Request::post(path)
+        .header("content-type", "application/json")
+        .body(Body::from(serde_json::to_vec(body).expect("json")))
+        .expect("request");
+    let (status, body, _) = call(app, req).await;
+    (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+}
+
+pub async fn get_json(app: &axum::Router, path: &str) -> (StatusCode, Value) {
+    let req = Request::get(path).body(Body::empty()).expect("request");
+    let (status, body, _) = call(app, req).await;
+    (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+}
+
+pub fn f32s(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_f64().expect("number") as f32)
+        .collect()
+}
+
+pub fn mlp_input(batch: usize) -> Vec<f32> {
+    (0..batch * 784)
+        .map(|i| ((i * 13) % 101) as f32 / 101.0)
+        .collect()
+}
+
+pub fn mlp_request(batch: usize) -> Value {
+    serde_json::json!({"id": "req-1", "inputs": [{"name": "input", "datatype": "FP32", "shape": [batch, 784], "data": mlp_input(batch)}]})
+}
+
+/// Post an MLP request and check the answer against the plain-Rust forward pass.
+pub async fn assert_mlp_answers(app: &axum::Router) {
+    let (status, body) = post_json(app, "/v2/models/mlp/infer", &mlp_request(2)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let got = f32s(&body["outputs"][0]["data"]);
+    let want = sophon_sdk::ready::mlp().forward(&mlp_input(2));
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(&want) {
+        assert!((g - w).abs() < 1e-5, "mlp output {g} != reference {w}");
+    }
+}

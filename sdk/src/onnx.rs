@@ -1,0 +1,413 @@
+//! The packer: from a plain ONNX file, or from a manifest directory, to a signed bundle.
+//!
+//! [`onnx_io`] reads a model's declared inputs and outputs straight from its protobuf (it does not
+//! load or optimise the model), so the manifest of a packed ONNX file is written for the user.
+//! [`pack_onnx`] and [`pack_dir`] read their files and hand the parts to
+//! [`crate::bundle::pack_parts`]; this is the only module besides `keys` that touches the disk.
+
+use crate::bundle::pack_parts;
+use crate::error::{Error, Result};
+use crate::manifest::{GraphEncoding, GraphSpec, Manifest, ModelInfo};
+use crate::types::{Datatype, TensorSpec};
+use ed25519_dalek::SigningKey;
+use prost::Message;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use tract_onnx::pb;
+use tract_onnx::pb::tensor_proto::DataType as OnnxType;
+
+/// The manifest file a pack directory holds.
+pub const MANIFEST_FILE: &str = "sophon.toml";
+/// Graph name [`pack_onnx`] gives the model; the component loads it by this name.
+pub const ONNX_GRAPH_NAME: &str = "model";
+/// File name [`pack_onnx`] stores the model under.
+pub const ONNX_GRAPH_FILE: &str = "model.onnx";
+
+/// The graph inputs (leaving out initializers) and outputs of an ONNX model.
+pub fn onnx_io(onnx_bytes: &[u8]) -> Result<(Vec<TensorSpec>, Vec<TensorSpec>)> {
+    let model = pb::ModelProto::decode(onnx_bytes)
+        .map_err(|e| Error::Onnx(format!("not a valid ONNX protobuf ({e}): check the file")))?;
+    let graph = model
+        .graph
+        .ok_or_else(|| Error::Onnx("the model has no graph: export it again".into()))?;
+    let initializers: BTreeSet<&str> = graph
+        .initializer
+        .iter()
+        .map(|t| t.name.as_str())
+        .chain(
+            graph
+                .sparse_initializer
+                .iter()
+                .filter_map(|s| s.values.as_ref().map(|v| v.name.as_str())),
+        )
+        .collect();
+    let inputs = graph
+        .input
+        .iter()
+        .filter(|v| !initializers.contains(v.name.as_str()))
+        .map(|v| tensor_spec("input", v))
+        .collect::<Result<Vec<_>>>()?;
+    let outputs = graph
+        .output
+        .iter()
+        .map(|v| tensor_spec("output", v))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((inputs, outputs))
+}
+
+fn tensor_spec(kind: &str, value: &pb::ValueInfoProto) -> Result<TensorSpec> {
+    let name = &value.name;
+    let tensor = match value.r#type.as_ref().and_then(|t| t.value.as_ref()) {
+        Some(pb::type_proto::Value::TensorType(tensor)) => tensor,
+        None => {
+            return Err(Error::Onnx(format!(
+                "{kind} `{name}` is not a tensor (sequence, map and optional values are not \
+                 supported): export the model with plain tensor {kind}s"
+            )));
+        }
+    };
+    let datatype = datatype(tensor.elem_type).ok_or_else(|| {
+        let type_name = OnnxType::try_from(tensor.elem_type)
+            .map(|t| t.as_str_name().to_string())
+            .unwrap_or_else(|_| format!("#{}", tensor.elem_type));
+        Error::Onnx(format!(
+            "{kind} `{name}` has element type {type_name}, which has no V2 datatype: \
+             convert the model to a supported type"
+        ))
+    })?;
+    let shape = tensor
+        .shape
+        .as_ref()
+        .ok_or_else(|| {
+            Error::Onnx(format!(
+                "{kind} `{name}` has no shape (unknown rank): give it one in the model, \
+                 or write a sophon.toml by hand"
+            ))
+        })?
+        .dim
+        .iter()
+        .map(|d| match d.value {
+            Some(pb::tensor_shape_proto::dimension::Value::DimValue(n)) if n >= 0 => n,
+            _ => -1,
+        })
+        .collect();
+    Ok(TensorSpec {
+        name: name.clone(),
+        datatype,
+        shape,
+    })
+}
+
+/// The V2 datatype of an ONNX element type, if it has one.
+pub fn datatype(elem_type: i32) -> Option<Datatype> {
+    Some(match OnnxType::try_from(elem_type).ok()? {
+        OnnxType::Float => Datatype::Fp32,
+        OnnxType::Uint8 => Datatype::Uint8,
+        OnnxType::Int8 => Datatype::Int8,
+        OnnxType::Uint16 => Datatype::Uint16,
+        OnnxType::Int16 => Datatype::Int16,
+        OnnxType::Int32 => Datatype::Int32,
+        OnnxType::Int64 => Datatype::Int64,
+        OnnxType::String => Datatype::Bytes,
+        OnnxType::Bool => Datatype::Bool,
+        OnnxType::Float16 => Datatype::Fp16,
+        OnnxType::Double => Datatype::Fp64,
+        OnnxType::Uint32 => Datatype::Uint32,
+        OnnxType::Uint64 => Datatype::Uint64,
+        OnnxType::Bfloat16 => Datatype::Bf16,
+        _ => return None,
+    })
+}
+
+/// The manifest [`pack_onnx`] writes for a model: its inputs and outputs, one ONNX graph named
+/// `model` in `model.onnx`, and default resources.
+pub fn onnx_manifest(onnx_bytes: &[u8], name: &str, version: &str) -> Result<Manifest> {
+    let (inputs, outputs) = onnx_io(onnx_bytes)?;
+    let manifest = Manifest {
+        model: ModelInfo {
+            name: name.to_string(),
+            version: version.to_string(),
+            description: None,
+        },
+        inputs,
+        outputs,
+        graphs: vec![GraphSpec {
+            name: ONNX_GRAPH_NAME.to_string(),
+            file: ONNX_GRAPH_FILE.to_string(),
+            encoding: GraphEncoding::Onnx,
+        }],
+        ..Manifest::default()
+    };
+    manifest.validate()?;
+    Ok(manifest)
+}
+
+/// Packs a plain ONNX model with a passthrough component (one that feeds its inputs to the graph
+/// `model` and returns the graph's outputs) into a signed bundle.
+pub fn pack_onnx(
+    onnx_bytes: &[u8],
+    name: &str,
+    version: &str,
+    passthrough_component: &[u8],
+    key: &SigningKey,
+) -> Result<Vec<u8>> {
+    let manifest = onnx_manifest(onnx_bytes, name, version)?;
+    let files = [(ONNX_GRAPH_FILE.to_string(), onnx_bytes.to_vec())];
+    pack_parts(&manifest, passthrough_component, &files, key)
+}
+
+/// Packs a directory holding `sophon.toml`, the component and the graph files it names.
+pub fn pack_dir(dir: &Path, key: &SigningKey) -> Result<Vec<u8>> {
+    let manifest_path = dir.join(MANIFEST_FILE);
+    let text = std::fs::read_to_string(&manifest_path).map_err(|e| Error::io(&manifest_path, e))?;
+    let manifest = Manifest::from_toml(&text).map_err(|e| match e {
+        Error::Manifest(message) => {
+            Error::Manifest(format!("{}: {message}", manifest_path.display()))
+        }
+        other => other,
+    })?;
+    let read = |file: &str| {
+        let path = dir.join(file);
+        std::fs::read(&path).map_err(|e| Error::io(path, e))
+    };
+    let component = read(&manifest.component.file)?;
+    let mut files = BTreeMap::new();
+    for graph in &manifest.graphs {
+        if !files.contains_key(&graph.file) {
+            files.insert(graph.file.clone(), read(&graph.file)?);
+        }
+    }
+    let files: Vec<(String, Vec<u8>)> = files.into_iter().collect();
+    pack_parts(&manifest, &component, &files, key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bundle::Bundle;
+    use crate::examples::mlp_onnx;
+
+    fn key() -> SigningKey {
+        SigningKey::from_bytes(&[3; 32])
+    }
+
+    fn value(name: &str, r#type: Option<pb::type_proto::Value>) -> pb::ValueInfoProto {
+        pb::ValueInfoProto {
+            name: name.into(),
+            r#type: Some(pb::TypeProto {
+                value: r#type,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn tensor(
+        elem: OnnxType,
+        dims: Option<Vec<pb::tensor_shape_proto::Dimension>>,
+    ) -> pb::type_proto::Value {
+        pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+            elem_type: elem as i32,
+            shape: dims.map(|dim| pb::TensorShapeProto { dim }),
+        })
+    }
+
+    fn model(inputs: Vec<pb::ValueInfoProto>, outputs: Vec<pb::ValueInfoProto>) -> Vec<u8> {
+        pb::ModelProto {
+            graph: Some(pb::GraphProto {
+                input: inputs,
+                output: outputs,
+                initializer: vec![pb::TensorProto {
+                    name: "weights".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+        .encode_to_vec()
+    }
+
+    fn dim(
+        value: Option<pb::tensor_shape_proto::dimension::Value>,
+    ) -> pb::tensor_shape_proto::Dimension {
+        pb::tensor_shape_proto::Dimension {
+            value,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn reads_the_generated_mlp() {
+        let (inputs, outputs) = onnx_io(&mlp_onnx(784, 32, 10, 1)).expect("io");
+        assert_eq!(
+            inputs,
+            vec![TensorSpec {
+                name: "input".into(),
+                datatype: Datatype::Fp32,
+                shape: vec![-1, 784],
+            }]
+        );
+        assert_eq!(
+            outputs,
+            vec![TensorSpec {
+                name: "output".into(),
+                datatype: Datatype::Fp32,
+                shape: vec![-1, 10],
+            }]
+        );
+    }
+
+    #[test]
+    fn initializers_are_not_inputs_and_dims_map() {
+        use pb::tensor_shape_proto::dimension::Value;
+        let bytes = model(
+            vec![
+                value(
+                    "ids",
+                    Some(tensor(
+                        OnnxType::Int64,
+                        Some(vec![
+                            dim(Some(Value::DimParam("n".into()))),
+                            dim(None),
+                            dim(Some(Value::DimValue(3))),
+                        ]),
+                    )),
+                ),
+                value("weights", Some(tensor(OnnxType::Float, Some(vec![])))),
+            ],
+            vec![value(
+                "text",
+                Some(tensor(
+                    OnnxType::String,
+                    Some(vec![dim(Some(Value::DimValue(-5)))]),
+                )),
+            )],
+        );
+        let (inputs, outputs) = onnx_io(&bytes).expect("io");
+        assert_eq!(inputs.len(), 1);
+        assert_eq!(inputs[0].datatype, Datatype::Int64);
+        assert_eq!(inputs[0].shape, vec![-1, -1, 3]);
+        assert_eq!(outputs[0].datatype, Datatype::Bytes);
+        assert_eq!(outputs[0].shape, vec![-1]);
+    }
+
+    #[test]
+    fn every_supported_elem_type_maps() {
+        let pairs = [
+            (OnnxType::Float, Datatype::Fp32),
+            (OnnxType::Uint8, Datatype::Uint8),
+            (OnnxType::Int8, Datatype::Int8),
+            (OnnxType::Uint16, Datatype::Uint16),
+            (OnnxType::Int16, Datatype::Int16),
+            (OnnxType::Int32, Datatype::Int32),
+            (OnnxType::Int64, Datatype::Int64),
+            (OnnxType::String, Datatype::Bytes),
+            (OnnxType::Bool, Datatype::Bool),
+            (OnnxType::Float16, Datatype::Fp16),
+            (OnnxType::Double, Datatype::Fp64),
+            (OnnxType::Uint32, Datatype::Uint32),
+            (OnnxType::Uint64, Datatype::Uint64),
+            (OnnxType::Bfloat16, Datatype::Bf16),
+        ];
+        for (onnx, v2) in pairs {
+            assert_eq!(datatype(onnx as i32), Some(v2), "{onnx:?}");
+        }
+        assert_eq!(datatype(OnnxType::Complex64 as i32), None);
+        assert_eq!(datatype(9999), None);
+    }
+
+    #[test]
+    fn unsupported_values_are_named() {
+        let f = || Some(tensor(OnnxType::Float, Some(vec![])));
+        let e =
+            onnx_io(&model(vec![value("x", f())], vec![value("scores", None)])).expect_err("map");
+        assert!(
+            e.to_string().contains("output `scores` is not a tensor"),
+            "{e}"
+        );
+        let e = onnx_io(&model(
+            vec![value("z", Some(tensor(OnnxType::Complex64, Some(vec![]))))],
+            vec![value("y", f())],
+        ))
+        .expect_err("complex");
+        assert!(e.to_string().contains("input `z`"), "{e}");
+        assert!(e.to_string().contains("COMPLEX64"), "{e}");
+        let e = onnx_io(&model(
+            vec![value("r", Some(tensor(OnnxType::Float, None)))],
+            vec![],
+        ))
+        .expect_err("rank");
+        assert!(e.to_string().contains("input `r` has no shape"), "{e}");
+        let e = onnx_io(b"\xff\xff\xff").expect_err("garbage");
+        assert!(e.to_string().contains("not a valid ONNX"), "{e}");
+        let e = onnx_io(&pb::ModelProto::default().encode_to_vec()).expect_err("no graph");
+        assert!(e.to_string().contains("no graph"), "{e}");
+    }
+
+    #[test]
+    fn pack_onnx_writes_a_readable_bundle() {
+        let onnx = mlp_onnx(4, 8, 2, 5);
+        let bytes = pack_onnx(&onnx, "mlp", "2", b"passthrough", &key()).expect("pack");
+        let bundle = Bundle::read(&bytes).expect("read");
+        assert_eq!(bundle.manifest.model.name, "mlp");
+        assert_eq!(bundle.manifest.model.version, "2");
+        assert_eq!(bundle.manifest.inputs[0].shape, vec![-1, 4]);
+        assert_eq!(bundle.manifest.resources.max_batch_size, 0);
+        assert_eq!(bundle.component, b"passthrough");
+        let graph = &bundle.manifest.graphs[0];
+        assert_eq!(
+            (graph.name.as_str(), graph.file.as_str()),
+            ("model", "model.onnx")
+        );
+        assert_eq!(bundle.graph_bytes(graph).expect("graph"), &onnx[..]);
+        let e = pack_onnx(&onnx, "bad name", "1", b"", &key()).expect_err("name");
+        assert!(e.to_string().contains("model name"), "{e}");
+    }
+
+    #[test]
+    fn pack_dir_reads_the_manifest_and_its_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let manifest = r#"
+[model]
+name = "mnist"
+version = "1"
+[component]
+file = "build/app.wasm"
+[[inputs]]
+name = "input"
+datatype = "FP32"
+shape = [-1, 784]
+[[outputs]]
+name = "output"
+datatype = "FP32"
+shape = [-1, 10]
+[[graphs]]
+name = "model"
+file = "model.onnx"
+encoding = "onnx"
+[capabilities]
+env = { LABELS = "a,b,c" }
+"#;
+        std::fs::write(dir.path().join(MANIFEST_FILE), manifest).expect("write");
+        std::fs::create_dir(dir.path().join("build")).expect("mkdir");
+        std::fs::write(dir.path().join("build/app.wasm"), b"wasm").expect("write");
+        let e = pack_dir(dir.path(), &key()).expect_err("model missing");
+        assert!(e.to_string().contains("model.onnx"), "{e}");
+        std::fs::write(dir.path().join("model.onnx"), b"onnx").expect("write");
+        let bundle = Bundle::read(&pack_dir(dir.path(), &key()).expect("pack")).expect("read");
+        assert_eq!(bundle.component, b"wasm");
+        assert_eq!(bundle.files["model.onnx"], b"onnx");
+        assert_eq!(bundle.manifest.capabilities.env["LABELS"], "a,b,c");
+
+        std::fs::write(
+            dir.path().join(MANIFEST_FILE),
+            manifest.replace("model.onnx", "../x"),
+        )
+        .expect("write");
+        let e = pack_dir(dir.path(), &key()).expect_err("escape");
+        assert!(e.to_string().contains("sophon.toml"), "{e}");
+        let e = pack_dir(&dir.path().join("nope"), &key()).expect_err("no dir");
+        assert!(e.to_string().contains("sophon.toml"), "{e}");
+    }
+}

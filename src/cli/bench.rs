@@ -1,0 +1,483 @@
+//! `sophon bench`: measurements of the serving path, each against a baseline taken in the same
+//! run (these machines are noisy, so ratios matter more than absolute figures).
+//!
+//! - `sandbox`: predict through the Wasm path (a fresh instance per request) vs native tract on
+//!   the same MLP, batch 1 and 32.
+//! - `http`: the V2 HTTP round trip (JSON and binary, concurrency 1 and 8) vs the Wasm path.
+//! - `coldstart`: process start to first successful prediction, warm AOT cache and cold (JIT).
+//! - `memory`: RSS with 1 MLP bundle, then with 100 copies under different names.
+
+use anyhow::{Context, bail};
+use sophon_node::runtime::{GuestDatatype, GuestTensor};
+use sophon_node::stats::Metrics;
+use sophon_node::{Repository, Runtime, RuntimeConfig, ServingLimits};
+use sophon_sdk::{keys, ready};
+use std::hint::black_box;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tract_onnx::prelude::{Tensor, tvec};
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// What to measure.
+    #[arg(value_enum, default_value = "all")]
+    what: Which,
+    /// Iterations per measurement (sandbox) or requests per connection (http).
+    #[arg(long, default_value_t = 3000)]
+    iters: usize,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Which {
+    All,
+    Sandbox,
+    Http,
+    Coldstart,
+    Memory,
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let all = args.what == Which::All;
+    if all || args.what == Which::Sandbox {
+        sandbox(args.iters)?;
+    }
+    if all || args.what == Which::Http {
+        http(args.iters)?;
+    }
+    if all || args.what == Which::Coldstart {
+        coldstart()?;
+    }
+    if all || args.what == Which::Memory {
+        memory()?;
+    }
+    Ok(())
+}
+
+/// p50 and p99 of a set of samples.
+fn percentiles(samples: &mut [Duration]) -> (Duration, Duration) {
+    samples.sort_unstable();
+    let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
+    (at(0.50), at(0.99))
+}
+
+fn us(d: Duration) -> String {
+    format!("{:.1} µs", d.as_secs_f64() * 1e6)
+}
+
+fn input_data(batch: usize) -> Vec<f32> {
+    (0..batch * 784)
+        .map(|i| ((i * 31) % 97) as f32 / 97.0)
+        .collect()
+}
+
+fn le_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+fn mlp_repository() -> anyhow::Result<(Arc<Repository>, sophon_sdk::SigningKey)> {
+    let key = keys::generate();
+    let runtime = Runtime::new(RuntimeConfig::default())?;
+    let repo = Arc::new(Repository::new(
+        runtime,
+        vec![key.verifying_key()],
+        ServingLimits::default(),
+        Arc::new(Metrics::new()?),
+    ));
+    repo.add_bundle(&ready::mlp_bundle("mlp", &key)?)?;
+    Ok((repo, key))
+}
+
+fn sandbox(iters: usize) -> anyhow::Result<()> {
+    let onnx = ready::mlp().to_onnx();
+    let native = sophon_node::backend::tract::TractGraph::from_onnx(&onnx)?;
+    let (repo, _key) = mlp_repository()?;
+    let model = repo.lookup("mlp", None)?;
+    println!("## sandbox cost: MLP 784→128→10, {iters} iterations, fresh instance per request");
+    println!(
+        "| batch | native p50 | native p99 | wasm p50 | wasm p99 | ratio p50 | ratio p99 | instantiate p50 |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for batch in [1usize, 32] {
+        let data = input_data(batch);
+        let bytes = le_bytes(&data);
+        let inputs = vec![GuestTensor {
+            name: "input".into(),
+            datatype: GuestDatatype::Fp32,
+            shape: vec![batch as u64, 784],
+            data: bytes.clone(),
+        }];
+        let run_native = || -> anyhow::Result<()> {
+            let input = Tensor::from_shape(&[batch, 784], &data)?;
+            let out = native.run_native(tvec!(input.into()))?;
+            black_box(out[0].as_bytes().to_vec());
+            Ok(())
+        };
+        for _ in 0..200 {
+            run_native()?;
+            model.model.predict(&inputs)?;
+        }
+        let (mut n, mut w, mut inst) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..iters {
+            let t = Instant::now();
+            run_native()?;
+            n.push(t.elapsed());
+            let t = Instant::now();
+            let (out, times) = model.model.predict(&inputs)?;
+            w.push(t.elapsed());
+            inst.push(times.instantiate);
+            black_box(out);
+        }
+        let (n50, n99) = percentiles(&mut n);
+        let (w50, w99) = percentiles(&mut w);
+        let (i50, _) = percentiles(&mut inst);
+        println!(
+            "| {batch} | {} | {} | {} | {} | {:.2}× | {:.2}× | {} |",
+            us(n50),
+            us(n99),
+            us(w50),
+            us(w99),
+            w50.as_secs_f64() / n50.as_secs_f64(),
+            w99.as_secs_f64() / n99.as_secs_f64(),
+            us(i50)
+        );
+    }
+    Ok(())
+}
+
+/// One keep-alive HTTP/1.1 connection sending the same request again and again.
+struct Client {
+    reader: BufReader<TcpStream>,
+    request: Vec<u8>,
+}
+
+impl Client {
+    fn connect(
+        addr: SocketAddr,
+        path: &str,
+        body: &[u8],
+        header_len: Option<usize>,
+    ) -> anyhow::Result<Client> {
+        let stream = TcpStream::connect(addr)?;
+        stream.set_nodelay(true)?;
+        let mut request = format!(
+            "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\n",
+            body.len()
+        );
+        match header_len {
+            Some(n) => request.push_str(&format!(
+                "Content-Type: application/octet-stream\r\nInference-Header-Content-Length: {n}\r\n"
+            )),
+            None => request.push_str("Content-Type: application/json\r\n"),
+        }
+        request.push_str("\r\n");
+        let mut request = request.into_bytes();
+        request.extend_from_slice(body);
+        Ok(Client {
+            reader: BufReader::new(stream),
+            request,
+        })
+    }
+
+    fn call(&mut self) -> anyhow::Result<Vec<u8>> {
+        self.reader.get_mut().write_all(&self.request)?;
+        let mut line = String::new();
+        self.reader.read_line(&mut line)?;
+        let status = line.split_whitespace().nth(1).unwrap_or("").to_string();
+        let mut length = 0usize;
+        loop {
+            line.clear();
+            self.reader.read_line(&mut line)?;
+            let l = line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = l.split_once(':')
+                && k.eq_ignore_ascii_case("content-length")
+            {
+                length = v.trim().parse()?;
+            }
+        }
+        let mut body = vec![0; length];
+        self.reader.read_exact(&mut body)?;
+        if status != "200" {
+            bail!("HTTP {status}: {}", String::from_utf8_lossy(&body));
+        }
+        Ok(body)
+    }
+}
+
+fn http_bodies(batch: usize) -> [(&'static str, Vec<u8>, Option<usize>); 2] {
+    let data = input_data(batch);
+    let json = serde_json::json!({"inputs": [{"name": "input", "datatype": "FP32", "shape": [batch, 784], "data": data}]});
+    let json = serde_json::to_vec(&json).unwrap_or_default();
+    let raw = le_bytes(&data);
+    let header = serde_json::json!({
+        "inputs": [{"name": "input", "datatype": "FP32", "shape": [batch, 784], "parameters": {"binary_data_size": raw.len()}}],
+        "outputs": [{"name": "output", "parameters": {"binary_data": true}}],
+    });
+    let mut binary = serde_json::to_vec(&header).unwrap_or_default();
+    let header_len = binary.len();
+    binary.extend_from_slice(&raw);
+    [("json", json, None), ("binary", binary, Some(header_len))]
+}
+
+fn http(iters: usize) -> anyhow::Result<()> {
+    let (repo, _key) = mlp_repository()?;
+    let model = repo.lookup("mlp", None)?;
+    let inputs = vec![GuestTensor {
+        name: "input".into(),
+        datatype: GuestDatatype::Fp32,
+        shape: vec![1, 784],
+        data: le_bytes(&input_data(1)),
+    }];
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let server = rt.block_on(sophon_node::NodeServer::bind(
+        "127.0.0.1:0".parse()?,
+        repo.clone(),
+        sophon_node::http::HttpConfig::default(),
+    ))?;
+    let addr = server.local_addr()?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let serving = rt.spawn(server.run(async {
+        let _ = stop_rx.await;
+    }));
+
+    println!("\n## HTTP: MLP batch 1 over V2 on 127.0.0.1 (client threads in the same process)");
+    println!("| body | concurrency | requests/s | p50 | p99 | wasm path p50 | HTTP adds (p50) |");
+    println!("|---|---|---|---|---|---|---|");
+    for (kind, body, header_len) in http_bodies(1) {
+        for concurrency in [1usize, 8] {
+            // The Wasm path alone, measured right before, as the baseline.
+            let mut direct = Vec::with_capacity(iters);
+            for _ in 0..iters.min(2000) {
+                let t = Instant::now();
+                black_box(model.model.predict(&inputs)?);
+                direct.push(t.elapsed());
+            }
+            let (d50, _) = percentiles(&mut direct);
+            let per_conn = (iters / concurrency).max(200);
+            let started = Instant::now();
+            let handles: Vec<_> = (0..concurrency)
+                .map(|_| {
+                    let body = body.clone();
+                    std::thread::spawn(move || -> anyhow::Result<Vec<Duration>> {
+                        let mut c =
+                            Client::connect(addr, "/v2/models/mlp/infer", &body, header_len)?;
+                        for _ in 0..50 {
+                            c.call()?;
+                        }
+                        let mut lat = Vec::with_capacity(per_conn);
+                        for _ in 0..per_conn {
+                            let t = Instant::now();
+                            black_box(c.call()?);
+                            lat.push(t.elapsed());
+                        }
+                        Ok(lat)
+                    })
+                })
+                .collect();
+            let mut all = Vec::new();
+            for h in handles {
+                all.extend(
+                    h.join()
+                        .map_err(|_| anyhow::anyhow!("client thread panicked"))??,
+                );
+            }
+            let wall = started.elapsed();
+            let rps = all.len() as f64 / wall.as_secs_f64();
+            let (p50, p99) = percentiles(&mut all);
+            let adds = if concurrency == 1 {
+                us(p50.saturating_sub(d50))
+            } else {
+                "n/a".to_string()
+            };
+            println!(
+                "| {kind} | {concurrency} | {rps:.0} | {} | {} | {} | {adds} |",
+                us(p50),
+                us(p99),
+                us(d50)
+            );
+        }
+    }
+    let _ = stop_tx.send(());
+    rt.block_on(serving)??;
+    Ok(())
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_dev(args: &[&str], port: u16) -> anyhow::Result<Server> {
+    let exe = std::env::current_exe()?;
+    let child = Command::new(exe)
+        .arg("dev")
+        .arg("--http")
+        .arg(format!("127.0.0.1:{port}"))
+        .args(args)
+        .env("SOPHON_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    Ok(Server(child))
+}
+
+/// Start a dev node and time until the first prediction succeeds.
+fn time_to_first_prediction(args: &[&str]) -> anyhow::Result<Duration> {
+    let port = free_port()?;
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let [(_, body, _), _] = http_bodies(1);
+    let started = Instant::now();
+    let _server = spawn_dev(args, port)?;
+    loop {
+        if let Ok(mut c) = Client::connect(addr, "/v2/models/mlp/infer", &body, None)
+            && c.call().is_ok()
+        {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            bail!("the dev node did not answer within 120 s");
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn coldstart() -> anyhow::Result<()> {
+    let cache = tempfile::tempdir()?;
+    let cache_dir = cache.path().to_str().context("temp path is not UTF-8")?;
+    println!(
+        "\n## cold start: process start → first successful prediction (`sophon dev`, 2 models)"
+    );
+    println!("| AOT cache | runs | median | min | max |");
+    println!("|---|---|---|---|---|");
+    // First run fills the cache.
+    time_to_first_prediction(&["--cache-dir", cache_dir])?;
+    for (label, args) in [
+        ("warm", vec!["--cache-dir", cache_dir]),
+        ("none (JIT compile)", vec!["--no-cache"]),
+    ] {
+        let mut runs = Vec::new();
+        for _ in 0..5 {
+            runs.push(time_to_first_prediction(&args)?);
+        }
+        runs.sort_unstable();
+        println!(
+            "| {label} | 5 | {:.1} ms | {:.1} ms | {:.1} ms |",
+            runs[2].as_secs_f64() * 1e3,
+            runs[0].as_secs_f64() * 1e3,
+            runs[4].as_secs_f64() * 1e3
+        );
+    }
+    Ok(())
+}
+
+fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .context("no VmRSS in /proc/PID/status")?;
+    let kb: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .context("malformed VmRSS")?
+        .parse()?;
+    Ok(kb * 1024)
+}
+
+fn wait_ready(port: u16) -> anyhow::Result<()> {
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(300) {
+        if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
+            let _ = s.write_all(
+                b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            );
+            let mut answer = String::new();
+            let _ = s.read_to_string(&mut answer);
+            if answer.starts_with("HTTP/1.1 200") {
+                return Ok(());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bail!("the dev node did not become ready")
+}
+
+fn rss_with(
+    dir: &Path,
+    count: usize,
+    key: &sophon_sdk::SigningKey,
+    trust: &str,
+    cache: &str,
+) -> anyhow::Result<u64> {
+    let mut args: Vec<String> = vec![
+        "--no-examples".into(),
+        "--trust".into(),
+        trust.into(),
+        "--cache-dir".into(),
+        cache.into(),
+    ];
+    for i in 0..count {
+        let path = dir.join(format!("mlp-{i:03}.sbundle"));
+        if !path.exists() {
+            std::fs::write(&path, ready::mlp_bundle(&format!("mlp-{i:03}"), key)?)?;
+        }
+        args.push("--bundle".into());
+        args.push(path.to_string_lossy().into_owned());
+    }
+    let port = free_port()?;
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let server = spawn_dev(&refs, port)?;
+    wait_ready(port)?;
+    std::thread::sleep(Duration::from_millis(300));
+    rss_bytes(server.0.id())
+}
+
+fn memory() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let key = keys::generate();
+    let trust = dir.path().join("bench.pub");
+    keys::write_public_key(&trust, &key.verifying_key())?;
+    let trust = trust.to_string_lossy().into_owned();
+    let cache = dir.path().join("cache").to_string_lossy().into_owned();
+    let weights = {
+        let m = ready::mlp();
+        (m.w1.len() + m.b1.len() + m.w2.len() + m.b2.len()) * 4
+    };
+    rss_with(dir.path(), 1, &key, &trust, &cache)?; // fills the AOT cache
+    let one = rss_with(dir.path(), 1, &key, &trust, &cache)?;
+    let hundred = rss_with(dir.path(), 100, &key, &trust, &cache)?;
+    let per_model = (hundred.saturating_sub(one)) as f64 / 99.0;
+    let mib = |b: f64| b / (1 << 20) as f64;
+    println!("\n## memory: RSS of `sophon dev --no-examples` after ready");
+    println!(
+        "| models | RSS | per extra model | weights per model | per extra model beyond weights |"
+    );
+    println!("|---|---|---|---|---|");
+    println!("| 1 | {:.1} MiB | | | |", mib(one as f64));
+    println!(
+        "| 100 | {:.1} MiB | {:.2} MiB | {:.2} MiB | {:.2} MiB |",
+        mib(hundred as f64),
+        mib(per_model),
+        mib(weights as f64),
+        mib(per_model - weights as f64)
+    );
+    Ok(())
+}

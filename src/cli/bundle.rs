@@ -1,0 +1,168 @@
+//! `sophon keygen`, `sophon pack` and `sophon inspect`.
+
+use anyhow::{Context, bail};
+use sophon_sdk::{Bundle, components, keys};
+use std::path::PathBuf;
+
+#[derive(clap::Args, Debug)]
+pub struct KeygenArgs {
+    /// Where to write the signing key (the public key goes beside it, with `.pub`).
+    #[arg(short, long)]
+    out: Option<PathBuf>,
+    /// Overwrite an existing key.
+    #[arg(long)]
+    force: bool,
+}
+
+pub fn keygen(args: KeygenArgs) -> anyhow::Result<()> {
+    let path = args.out.unwrap_or_else(super::default_key_path);
+    if path.exists() && !args.force {
+        bail!(
+            "{} already exists; pass --force to replace it",
+            path.display()
+        );
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let key = keys::generate();
+    keys::write_signing_key(&path, &key)?;
+    let public = path.with_extension("pub");
+    keys::write_public_key(&public, &key.verifying_key())?;
+    println!("signing key: {}", path.display());
+    println!(
+        "public key:  {} ({})",
+        public.display(),
+        keys::public_key_hex(&key.verifying_key())
+    );
+    Ok(())
+}
+
+#[derive(clap::Args, Debug)]
+pub struct PackArgs {
+    /// A directory holding `sophon.toml`, the component and the model files.
+    dir: Option<PathBuf>,
+    /// Pack this plain ONNX file with the generic passthrough component instead.
+    #[arg(long, conflicts_with = "dir")]
+    onnx: Option<PathBuf>,
+    /// Model name (with --onnx).
+    #[arg(long, requires = "onnx")]
+    name: Option<String>,
+    /// Model version (with --onnx).
+    #[arg(long, default_value = "1")]
+    version: String,
+    /// Output bundle file.
+    #[arg(short, long)]
+    out: Option<PathBuf>,
+    /// Signing key (default: the one `sophon keygen` wrote).
+    #[arg(long)]
+    key: Option<PathBuf>,
+}
+
+pub fn pack(args: PackArgs) -> anyhow::Result<()> {
+    let key_path = args.key.unwrap_or_else(super::default_key_path);
+    let key = keys::read_signing_key(&key_path).with_context(|| {
+        format!(
+            "reading the signing key {} (make one with `sophon keygen`)",
+            key_path.display()
+        )
+    })?;
+    let (bytes, default_out) = match (&args.onnx, &args.dir) {
+        (Some(onnx), _) => {
+            let name = args.name.as_deref().context("--onnx needs --name NAME")?;
+            let model =
+                std::fs::read(onnx).with_context(|| format!("reading {}", onnx.display()))?;
+            let bytes =
+                sophon_sdk::pack_onnx(&model, name, &args.version, components::PASSTHROUGH, &key)?;
+            (
+                bytes,
+                PathBuf::from(format!("{name}-{}.sbundle", args.version)),
+            )
+        }
+        (None, Some(dir)) => {
+            let bytes = sophon_sdk::pack_dir(dir, &key)?;
+            let bundle = Bundle::read(&bytes)?;
+            let m = &bundle.manifest.model;
+            (
+                bytes,
+                PathBuf::from(format!("{}-{}.sbundle", m.name, m.version)),
+            )
+        }
+        (None, None) => bail!("give a manifest directory, or --onnx FILE --name NAME"),
+    };
+    let out = args.out.unwrap_or(default_out);
+    std::fs::write(&out, &bytes).with_context(|| format!("writing {}", out.display()))?;
+    let bundle = Bundle::read(&bytes)?;
+    println!(
+        "{} ({} bytes, digest {})",
+        out.display(),
+        bytes.len(),
+        bundle.digest_hex()
+    );
+    Ok(())
+}
+
+#[derive(clap::Args, Debug)]
+pub struct InspectArgs {
+    /// The bundle file.
+    bundle: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
+    let bytes = std::fs::read(&args.bundle)
+        .with_context(|| format!("reading {}", args.bundle.display()))?;
+    let bundle = Bundle::read(&bytes)
+        .with_context(|| format!("{} is not a valid bundle", args.bundle.display()))?;
+    let m = &bundle.manifest;
+    if args.json {
+        let files: serde_json::Map<String, serde_json::Value> = bundle
+            .files
+            .iter()
+            .map(|(k, v)| (k.clone(), v.len().into()))
+            .collect();
+        let out = serde_json::json!({
+            "digest": bundle.digest_hex(),
+            "publisher": bundle.publisher_hex(),
+            "size": bytes.len(),
+            "component_size": bundle.component.len(),
+            "files": files,
+            "manifest": m,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!("bundle     {}", args.bundle.display());
+    println!("model      {} version {}", m.model.name, m.model.version);
+    if let Some(d) = &m.model.description {
+        println!("about      {d}");
+    }
+    println!("digest     {}", bundle.digest_hex());
+    println!("publisher  {}", bundle.publisher_hex());
+    println!("signature  valid");
+    println!("component  {} bytes", bundle.component.len());
+    for g in &m.graphs {
+        let size = bundle.files.get(&g.file).map_or(0, Vec::len);
+        println!(
+            "graph      {} ({:?}, {}, {} bytes)",
+            g.name, g.encoding, g.file, size
+        );
+    }
+    for (role, specs) in [("input", &m.inputs), ("output", &m.outputs)] {
+        for s in specs {
+            println!("{role:<10} {} {} {:?}", s.name, s.datatype, s.shape);
+        }
+    }
+    let r = &m.resources;
+    println!(
+        "limits     memory {} MiB, timeout {} ms",
+        r.memory_mb, r.timeout_ms
+    );
+    if !m.capabilities.env.is_empty() {
+        let names: Vec<&String> = m.capabilities.env.keys().collect();
+        println!("grants     env {names:?}");
+    }
+    Ok(())
+}
