@@ -12,6 +12,8 @@
 
 pub mod tract;
 
+use std::cell::RefCell;
+
 use wasmtime_wasi_nn::Graph;
 use wasmtime_wasi_nn::wit::GraphEncoding;
 
@@ -34,4 +36,22 @@ pub fn load_graph(encoding: &str, bytes: &[u8]) -> Result<Graph, LoadError> {
             .map_err(|e| LoadError::Backend(format!("{e:#}"))),
         _ => Err(LoadError::UnsupportedEncoding(encoding.to_string())),
     }
+}
+
+thread_local! {
+    static LAST_ERROR: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+/// Note the detail of a backend failure on this thread.
+///
+/// wasmtime-wasi-nn hands the guest only the top-level message of a `BackendError`
+/// ("Failed while accessing backend"); the node adds this detail to the error the client sees.
+/// Guest calls run synchronously on one thread, so the detail belongs to the call in progress.
+pub(crate) fn remember_error(message: &str) {
+    LAST_ERROR.with(|e| *e.borrow_mut() = Some(message.to_string()));
+}
+
+/// Take the detail of the last backend failure on this thread, if any.
+pub fn take_last_error() -> Option<String> {
+    LAST_ERROR.with(|e| e.borrow_mut().take())
 }

@@ -238,10 +238,11 @@ impl BackendExecutionContext for TractContext {
 }
 
 fn backend_error(e: impl std::fmt::Display) -> BackendError {
-    BackendError::BackendAccess(wasmtime::format_err!("tract: {e:#}"))
+    invalid(format!("tract: {e:#}"))
 }
 
 fn invalid(message: String) -> BackendError {
+    super::remember_error(&message);
     BackendError::BackendAccess(wasmtime::format_err!("{message}"))
 }
 
@@ -321,4 +322,125 @@ pub fn from_tract(name: &str, value: &Tensor) -> Result<wasmtime_wasi_nn::Tensor
         ty,
         value.as_bytes().to_vec(),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wasmtime_wasi_nn::Tensor as NnTensor;
+
+    fn nn(ty: TensorType, dims: &[u32], data: Vec<u8>) -> NnTensor {
+        NnTensor::new(dims.to_vec(), ty, data)
+    }
+
+    #[test]
+    fn every_tract_type_round_trips_through_its_carrier() {
+        let types = [
+            (DatumType::Bool, TensorType::U8),
+            (DatumType::U8, TensorType::U8),
+            (DatumType::I8, TensorType::U8),
+            (DatumType::U16, TensorType::Fp16),
+            (DatumType::I16, TensorType::Fp16),
+            (DatumType::F16, TensorType::Fp16),
+            (DatumType::U32, TensorType::I32),
+            (DatumType::I32, TensorType::I32),
+            (DatumType::F32, TensorType::Fp32),
+            (DatumType::U64, TensorType::I64),
+            (DatumType::I64, TensorType::I64),
+            (DatumType::F64, TensorType::Fp64),
+        ];
+        for (dt, carrier) in types {
+            let width = dt.size_of();
+            let data: Vec<u8> = (0..6 * width)
+                .map(|i| {
+                    if dt == DatumType::Bool {
+                        (i % 2) as u8
+                    } else {
+                        (i * 7 % 251) as u8
+                    }
+                })
+                .collect();
+            let value = to_tract("x", dt, &nn(carrier, &[2, 3], data.clone()))
+                .unwrap_or_else(|e| panic!("{dt:?}: {e}"));
+            assert_eq!(value.datum_type(), dt);
+            assert_eq!(value.shape(), &[2, 3]);
+            let back = from_tract("y", &value).unwrap_or_else(|e| panic!("{dt:?}: {e}"));
+            assert_eq!(back.ty, carrier, "{dt:?}");
+            assert_eq!(back.dimensions, vec![2, 3]);
+            assert_eq!(back.data, data, "{dt:?}");
+        }
+    }
+
+    #[test]
+    fn wrong_carriers_sizes_and_values_are_clear_errors() {
+        let err = to_tract("x", DatumType::I32, &nn(TensorType::Fp32, &[1], vec![0; 4]))
+            .err()
+            .map(|e| format!("{e:?}"))
+            .unwrap_or_default();
+        assert!(err.contains("expects"), "{err}");
+        let err = to_tract("x", DatumType::F32, &nn(TensorType::Fp32, &[2], vec![0; 4]))
+            .err()
+            .map(|e| format!("{e:?}"))
+            .unwrap_or_default();
+        assert!(err.contains("bytes"), "{err}");
+        let err = to_tract("x", DatumType::Bool, &nn(TensorType::U8, &[1], vec![7]))
+            .err()
+            .map(|e| format!("{e:?}"))
+            .unwrap_or_default();
+        assert!(err.contains("BOOL"), "{err}");
+        let err = to_tract("x", DatumType::String, &nn(TensorType::U8, &[1], vec![0]))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("cannot carry"), "{err}");
+        let strings = tract_ndarray::arr1(&["a".to_string()]).into_tensor();
+        let err = from_tract("s", &strings)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("cannot carry"), "{err}");
+        let huge = nn(TensorType::U8, &[u32::MAX, u32::MAX, u32::MAX], vec![]);
+        assert!(to_tract("x", DatumType::U8, &huge).is_err());
+    }
+
+    #[test]
+    fn contexts_compute_named_tensors_and_reuse_pooled_states() {
+        let mlp = sophon_sdk::examples::Mlp::new(4, 3, 2, 1);
+        let graph = TractGraph::from_onnx(&mlp.to_onnx()).expect("load");
+        let input: Vec<f32> = vec![0.5, -1.0, 2.0, 0.25, 1.0, 1.0, 1.0, 1.0];
+        let bytes: Vec<u8> = input.iter().flat_map(|v| v.to_le_bytes()).collect();
+        for batch in [2u32, 1, 2] {
+            let mut ctx = graph.context().expect("context");
+            let n = batch as usize * 4 * 4;
+            let outputs = ctx
+                .compute(Some(vec![NamedTensor {
+                    name: "input".into(),
+                    tensor: nn(TensorType::Fp32, &[batch, 4], bytes[..n].to_vec()),
+                }]))
+                .expect("compute")
+                .expect("outputs");
+            assert_eq!(outputs[0].name, "output");
+            let got: Vec<f32> = outputs[0]
+                .tensor
+                .data
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            let want = mlp.forward(&input[..batch as usize * 4]);
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() < 1e-5);
+            }
+        }
+        assert_eq!(graph.0.pool.lock().len(), 1, "one state, reused");
+        let mut ctx = graph.context().expect("context");
+        let err = ctx
+            .compute(Some(vec![NamedTensor {
+                name: "nope".into(),
+                tensor: nn(TensorType::Fp32, &[1, 4], vec![0; 16]),
+            }]))
+            .err()
+            .map(|e| format!("{e:?}"))
+            .unwrap_or_default();
+        assert!(err.contains("no input `nope`"), "{err}");
+    }
 }

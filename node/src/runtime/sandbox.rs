@@ -216,6 +216,7 @@ impl Model {
         inputs: &[GuestTensor],
     ) -> Result<(Vec<GuestTensor>, CallTimes), InvokeError> {
         let started = Instant::now();
+        crate::backend::take_last_error();
         let (mut store, logs) = self.store();
         let serving = self
             .pre
@@ -239,6 +240,10 @@ impl Model {
                 });
             }
             Ok(Err(PredictError::Inference(message) | PredictError::Internal(message))) => {
+                let message = match crate::backend::take_last_error() {
+                    Some(detail) => format!("{message} ({detail})"),
+                    None => message,
+                };
                 return Err(InvokeError::Failed {
                     model: self.name.clone(),
                     message,

@@ -48,21 +48,20 @@ pub trait Model {
 
 /// Export a [`Model`] implementation as this component's `sophon:model/predictor`.
 #[macro_export]
+#[rustfmt::skip]
 macro_rules! export_model {
     ($model:ty) => {
         const _: () = {
             struct SophonExport;
+            type Outputs = ::std::vec::Vec<$crate::Tensor>;
             impl $crate::bindings::exports::sophon::model::predictor::Guest for SophonExport {
                 fn metadata() -> $crate::ModelMetadata {
                     <$model as $crate::Model>::metadata()
                 }
-                fn predict(
-                    inputs: ::std::vec::Vec<$crate::Tensor>,
-                ) -> ::std::result::Result<::std::vec::Vec<$crate::Tensor>, $crate::PredictError>
-                {
+                fn predict(inputs: Outputs) -> ::std::result::Result<Outputs, $crate::PredictError> {
                     <$model as $crate::Model>::predict(inputs)
                 }
-    }
+            }
             $crate::bindings::__export_model_world!(SophonExport with_types_in $crate::bindings);
         };
     };
