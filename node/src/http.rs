@@ -13,7 +13,7 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, get, post};
 use axum::{Json, Router};
 use serde_json::{Value, json};
 use std::collections::HashMap;
@@ -102,30 +102,28 @@ type Shared = State<Arc<ApiState>>;
 
 /// The node's HTTP routes.
 pub fn router(state: Arc<ApiState>) -> Router {
-    Router::new()
+    // Every model endpoint exists with and without `/versions/{version}`.
+    let per_model: [(&str, MethodRouter<Arc<ApiState>>); 5] = [
+        ("", get(model_metadata)),
+        ("/ready", get(model_ready)),
+        ("/config", get(model_config)),
+        ("/stats", get(model_stats)),
+        ("/infer", post(infer)),
+    ];
+    let mut routes = Router::new()
         .route("/v2", get(server_metadata))
         .route("/v2/health/live", get(live))
         .route("/v2/health/ready", get(ready))
-        .route("/v2/models/stats", get(all_stats))
-        .route("/v2/models/{model}", get(model_metadata))
-        .route("/v2/models/{model}/versions/{version}", get(model_metadata))
-        .route("/v2/models/{model}/ready", get(model_ready))
-        .route(
-            "/v2/models/{model}/versions/{version}/ready",
-            get(model_ready),
-        )
-        .route("/v2/models/{model}/config", get(model_config))
-        .route(
-            "/v2/models/{model}/versions/{version}/config",
-            get(model_config),
-        )
-        .route("/v2/models/{model}/stats", get(model_stats))
-        .route(
-            "/v2/models/{model}/versions/{version}/stats",
-            get(model_stats),
-        )
-        .route("/v2/models/{model}/infer", post(infer))
-        .route("/v2/models/{model}/versions/{version}/infer", post(infer))
+        .route("/v2/models/stats", get(all_stats));
+    for (suffix, handler) in per_model {
+        routes = routes
+            .route(&format!("/v2/models/{{model}}{suffix}"), handler.clone())
+            .route(
+                &format!("/v2/models/{{model}}/versions/{{version}}{suffix}"),
+                handler,
+            );
+    }
+    routes
         .route("/v2/repository/index", post(repository_index))
         .route("/v2/repository/models/{model}/load", post(repository_load))
         .route(

@@ -18,9 +18,13 @@ async fn in_flight_requests_finish_on_shutdown() {
     n.repo
         .add_bundle(&ready::hostile_bundle("spin", &wasm, 64, 700, &n.key).expect("pack"))
         .expect("load");
-    let server = NodeServer::bind("127.0.0.1:0".parse().expect("addr"), n.repo.clone(), HttpConfig::default())
-        .await
-        .expect("bind");
+    let server = NodeServer::bind(
+        "127.0.0.1:0".parse().expect("addr"),
+        n.repo.clone(),
+        HttpConfig::default(),
+    )
+    .await
+    .expect("bind");
     let addr = server.local_addr().expect("addr");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let serving = tokio::spawn(server.run(async {
@@ -43,10 +47,15 @@ async fn in_flight_requests_finish_on_shutdown() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let asked = Instant::now();
     stop.send(()).expect("signal");
-    let answer = tokio::task::spawn_blocking(move || client.join().expect("client")).await.expect("join");
+    let answer = tokio::task::spawn_blocking(move || client.join().expect("client"))
+        .await
+        .expect("join");
     assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
     assert!(answer.contains("deadline of 700 ms"), "{answer}");
     serving.await.expect("task").expect("server stops cleanly");
     assert!(asked.elapsed() < Duration::from_secs(5));
-    assert!(std::net::TcpStream::connect(addr).is_err(), "no longer listening");
+    assert!(
+        std::net::TcpStream::connect(addr).is_err(),
+        "no longer listening"
+    );
 }

@@ -25,9 +25,16 @@ pub fn keygen(args: KeygenArgs) -> anyhow::Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
+    let public = path.with_extension("pub");
+    if args.force {
+        for old in [&path, &public] {
+            if old.exists() {
+                std::fs::remove_file(old).with_context(|| format!("removing {}", old.display()))?;
+            }
+        }
+    }
     let key = keys::generate();
     keys::write_signing_key(&path, &key)?;
-    let public = path.with_extension("pub");
     keys::write_public_key(&public, &key.verifying_key())?;
     println!("signing key: {}", path.display());
     println!(

@@ -1,0 +1,335 @@
+//! What goes into the replicated log: an [`Entry`] is one [`Command`], who issued it ([`Actor`])
+//! and the leader's clock when it was proposed.
+//!
+//! Every replica applies the same entries in the same order with
+//! [`State::apply`](crate::State::apply), so nothing here may depend on the applying machine:
+//! time comes from [`Entry::now_ms`], identities from [`Actor`].
+//!
+//! Roles are ordered, `viewer < publisher < approver < operator < admin`; a command needs the
+//! role [`Command::required_role`] names or a higher one. A few commands add a rule of their
+//! own (the approver role an environment's policy names, submitter-only withdrawal, holders
+//! revoking their own token); those are checked where the command is applied.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::scheduler::Device;
+use crate::state::members::{Inventory, NodeLoad};
+use crate::state::shelf::ManifestSummary;
+
+/// What a token lets its holder do. Ordered: each role may do everything the lower ones may.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Reads only.
+    Viewer,
+    /// Registers model versions, curates the shelf, asks for approval.
+    Publisher,
+    /// Decides approval requests (where the environment's policy names this role).
+    Approver,
+    /// Runs the fleet: nodes, deployments.
+    Operator,
+    /// Everything, including policies, tokens and coordinators.
+    Admin,
+}
+
+impl Role {
+    /// All roles, lowest first.
+    pub const ALL: [Role; 5] = [
+        Role::Viewer,
+        Role::Publisher,
+        Role::Approver,
+        Role::Operator,
+        Role::Admin,
+    ];
+
+    /// Whether this role may do what `needed` may.
+    pub fn allows(self, needed: Role) -> bool {
+        self >= needed
+    }
+
+    /// The lowercase name used in messages and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Publisher => "publisher",
+            Role::Approver => "approver",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Who issued a command.
+///
+/// A person or program acting through the admin API carries the id of the token it presented
+/// ([`State::authenticate`](crate::State::authenticate) builds this), and `apply` checks again
+/// that the token exists, is not revoked and still names this actor and role, so a token revoked
+/// while the entry was in flight is refused on every replica.
+///
+/// An actor without a token is a trusted internal principal: the leader itself (marking a silent
+/// node down), a node agent authenticated by its mTLS certificate (join, heartbeat), or the
+/// bootstrap that creates the first admin token. The edges must never build one from user input.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Actor {
+    /// The principal's name; approvals count distinct names, and the submitter is found by name.
+    pub name: String,
+    /// The role the command runs with.
+    pub role: Role,
+    /// The token presented, if any.
+    pub token_id: Option<String>,
+}
+
+impl Actor {
+    /// A trusted internal principal (no token); see the type's page.
+    pub fn system(name: impl Into<String>, role: Role) -> Actor {
+        Actor {
+            name: name.into(),
+            role,
+            token_id: None,
+        }
+    }
+}
+
+/// One committed log entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub actor: Actor,
+    /// The leader's wall clock when it proposed the entry, in ms since the Unix epoch. The state
+    /// never lets its own clock go backwards (a new leader's clock may be behind the old one's).
+    pub now_ms: u64,
+    pub command: Command,
+}
+
+/// Which replica of which deployment: `replica` counts from 0 to the deployment's replicas − 1.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+pub struct ReplicaKey {
+    pub deployment: u64,
+    pub replica: u32,
+}
+
+/// What a node says about itself when it joins.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeSpec {
+    pub id: String,
+    /// Where other members reach it (`host:port`).
+    pub address: String,
+    pub inventory: Inventory,
+    pub labels: BTreeMap<String, String>,
+    pub zone: String,
+}
+
+/// A change to the replicated state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Command {
+    // --- members ---
+    /// A node joins, or joins again with a new address or inventory (a restart). A node that
+    /// was draining stays draining.
+    JoinNode { node: NodeSpec },
+    /// A node is alive; `ready` lists the replicas placed on it that it serves now.
+    Heartbeat {
+        node: String,
+        load: NodeLoad,
+        ready: Vec<ReplicaKey>,
+    },
+    /// Stop placing replicas on a node and move its replicas elsewhere.
+    DrainNode { node: String },
+    /// Undo a drain.
+    ResumeNode { node: String },
+    /// A node leaves the cluster for good; its replicas move elsewhere.
+    LeaveNode { node: String },
+    /// The leader saw no heartbeat within the grace period; the node's replicas move elsewhere
+    /// until it heartbeats again.
+    MarkNodeDown { node: String },
+    /// How long a node may stay silent before it may be marked down.
+    SetHeartbeatGrace { grace_ms: u64 },
+    /// Record a coordinator (the Raft membership change itself is the driver's business).
+    AddCoordinator { id: u64, address: String },
+    RemoveCoordinator { id: u64 },
+
+    // --- shelf ---
+    /// A new version of a model (the model is created with its first version), as a draft that
+    /// is on the shelf.
+    RegisterModelVersion {
+        model: String,
+        version: String,
+        /// The bundle digest, 64 lowercase hex digits.
+        digest: String,
+        manifest: ManifestSummary,
+        /// The ed25519 key that signed the bundle, 64 lowercase hex digits.
+        publisher_key: String,
+    },
+    /// Make a version available again (new versions start on the shelf).
+    PutOnShelf { model: String, version: String },
+    /// Withdraw a version from use: it can be neither deployed nor submitted for approval.
+    /// Running deployments are left alone.
+    TakeOffShelf { model: String, version: String },
+    /// Mark a version deprecated: no new deployments or approval requests.
+    Deprecate { model: String, version: String },
+    /// Point a tag (like `stable`) at a version; a tag names one version per model, so it
+    /// moves from any other version.
+    Tag {
+        model: String,
+        version: String,
+        tag: String,
+    },
+    Untag { model: String, tag: String },
+
+    // --- approvals ---
+    /// How many approvals an environment needs, and from which role. 0 means the environment
+    /// needs none.
+    SetPolicy {
+        environment: String,
+        required_approvals: u32,
+        approver_role: Role,
+    },
+    RequestApproval {
+        model: String,
+        version: String,
+        environment: String,
+    },
+    Decide {
+        request: u64,
+        approve: bool,
+        comment: String,
+    },
+    /// The submitter takes back an open request; the version returns to draft there.
+    Withdraw { request: u64 },
+
+    // --- deployments ---
+    /// Run `replicas` replicas of a version in an environment; `hardware` is the wish, best
+    /// device first (the manifest's preference when `None`).
+    CreateDeployment {
+        model: String,
+        version: String,
+        environment: String,
+        replicas: u32,
+        hardware: Option<Vec<Device>>,
+    },
+    ScaleDeployment { deployment: u64, replicas: u32 },
+    DeleteDeployment { deployment: u64 },
+
+    // --- tokens ---
+    /// Store a token; the secret itself never enters the log, only its SHA-256
+    /// ([`hash_secret`](crate::hash_secret)).
+    CreateToken {
+        id: String,
+        name: String,
+        role: Role,
+        secret_hash: String,
+    },
+    /// Revoke a token: admins any token, holders their own.
+    RevokeToken { id: String },
+}
+
+impl Command {
+    /// The lowest role that may issue this command (further rules: see the module page).
+    pub fn required_role(&self) -> Role {
+        use Command::*;
+        match self {
+            RevokeToken { .. } => Role::Viewer,
+            RegisterModelVersion { .. }
+            | PutOnShelf { .. }
+            | TakeOffShelf { .. }
+            | Deprecate { .. }
+            | Tag { .. }
+            | Untag { .. }
+            | RequestApproval { .. }
+            | Withdraw { .. } => Role::Publisher,
+            Decide { .. } => Role::Approver,
+            JoinNode { .. }
+            | Heartbeat { .. }
+            | DrainNode { .. }
+            | ResumeNode { .. }
+            | LeaveNode { .. }
+            | MarkNodeDown { .. }
+            | CreateDeployment { .. }
+            | ScaleDeployment { .. }
+            | DeleteDeployment { .. } => Role::Operator,
+            SetHeartbeatGrace { .. }
+            | AddCoordinator { .. }
+            | RemoveCoordinator { .. }
+            | SetPolicy { .. }
+            | CreateToken { .. } => Role::Admin,
+        }
+    }
+
+    /// The command's name in the audit log.
+    pub fn action(&self) -> &'static str {
+        use Command::*;
+        match self {
+            JoinNode { .. } => "join-node",
+            Heartbeat { .. } => "heartbeat",
+            DrainNode { .. } => "drain-node",
+            ResumeNode { .. } => "resume-node",
+            LeaveNode { .. } => "leave-node",
+            MarkNodeDown { .. } => "mark-node-down",
+            SetHeartbeatGrace { .. } => "set-heartbeat-grace",
+            AddCoordinator { .. } => "add-coordinator",
+            RemoveCoordinator { .. } => "remove-coordinator",
+            RegisterModelVersion { .. } => "register-model-version",
+            PutOnShelf { .. } => "put-on-shelf",
+            TakeOffShelf { .. } => "take-off-shelf",
+            Deprecate { .. } => "deprecate",
+            Tag { .. } => "tag",
+            Untag { .. } => "untag",
+            SetPolicy { .. } => "set-policy",
+            RequestApproval { .. } => "request-approval",
+            Decide { .. } => "decide",
+            Withdraw { .. } => "withdraw",
+            CreateDeployment { .. } => "create-deployment",
+            ScaleDeployment { .. } => "scale-deployment",
+            DeleteDeployment { .. } => "delete-deployment",
+            CreateToken { .. } => "create-token",
+            RevokeToken { .. } => "revoke-token",
+        }
+    }
+
+    /// Whether applying this command may change placements (the scheduler runs after it).
+    pub fn affects_placement(&self) -> bool {
+        use Command::*;
+        matches!(
+            self,
+            JoinNode { .. }
+                | Heartbeat { .. }
+                | DrainNode { .. }
+                | ResumeNode { .. }
+                | LeaveNode { .. }
+                | MarkNodeDown { .. }
+                | CreateDeployment { .. }
+                | ScaleDeployment { .. }
+                | DeleteDeployment { .. }
+        )
+    }
+}
+
+/// What a successful apply did, for the caller that proposed the entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Outcome {
+    /// The audit record written (`None` only for a heartbeat that changed nothing but the node's
+    /// liveness and load; see [`State::apply`](crate::State::apply)).
+    pub audit_seq: Option<u64>,
+    /// An id the command created.
+    pub created: Option<Created>,
+    /// Whether placements changed (the driver then pushes assignments to the nodes).
+    pub placements_changed: bool,
+}
+
+/// An id a command created.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Created {
+    ApprovalRequest(u64),
+    Deployment(u64),
+}

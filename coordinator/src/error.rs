@@ -1,0 +1,162 @@
+//! The one error type of the coordinator's state machine.
+//!
+//! Every variant names the ids involved and says what to do next. An error from
+//! [`State::apply`](crate::State::apply) always means the state was left exactly as it was.
+
+use crate::command::Role;
+
+/// The crate's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Why a command was refused (or a snapshot could not be read).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    // --- who is asking ---
+    #[error("unknown token {id}: authenticate with a token an admin created")]
+    UnknownToken { id: String },
+    #[error("token {id} is revoked: ask an admin for a new token")]
+    TokenRevoked { id: String },
+    #[error(
+        "the actor {name} ({role}) does not match token {id}: authenticate again with that token"
+    )]
+    ActorMismatch { id: String, name: String, role: Role },
+    #[error("role {role} may not {action}: it needs the {needed} role or higher")]
+    Forbidden {
+        action: &'static str,
+        role: Role,
+        needed: Role,
+    },
+
+    // --- input ---
+    #[error("invalid {what} {value:?}: {hint}")]
+    Invalid {
+        what: &'static str,
+        value: String,
+        hint: String,
+    },
+
+    // --- members ---
+    #[error("unknown node {id}: the node must join first")]
+    UnknownNode { id: String },
+    #[error("node {id} is already {state}: nothing to change")]
+    NodeAlreadyInState { id: String, state: &'static str },
+    #[error(
+        "node {id} was heard from {silent_ms} ms ago, within the {grace_ms} ms grace period: \
+         wait until it is overdue before marking it down"
+    )]
+    NodeNotOverdue {
+        id: String,
+        silent_ms: u64,
+        grace_ms: u64,
+    },
+    #[error("unknown replica {replica} of deployment {deployment} on node {node}: report only replicas placed on this node")]
+    NotPlacedHere {
+        node: String,
+        deployment: u64,
+        replica: u32,
+    },
+    #[error("coordinator {id} is already a member: remove it first to change its address")]
+    CoordinatorExists { id: u64 },
+    #[error("unknown coordinator {id}: list the coordinators and use one of their ids")]
+    UnknownCoordinator { id: u64 },
+    #[error("coordinator {id} is the last one: add another before removing it")]
+    LastCoordinator { id: u64 },
+
+    // --- shelf ---
+    #[error("unknown model {model}: register a version of it first")]
+    UnknownModel { model: String },
+    #[error("unknown version {version} of model {model}: register it first")]
+    UnknownVersion { model: String, version: String },
+    #[error("version {version} of model {model} already exists: versions are immutable, register a new version")]
+    VersionExists { model: String, version: String },
+    #[error("bundle digest {digest} is already on the shelf as {model}@{version}: a bundle is registered once")]
+    DuplicateDigest {
+        digest: String,
+        model: String,
+        version: String,
+    },
+    #[error("{model}@{version} is off the shelf: put it on the shelf first")]
+    OffShelf { model: String, version: String },
+    #[error("{model}@{version} is deprecated: use a newer version")]
+    Deprecated { model: String, version: String },
+    #[error("{model}@{version} is already {what}: nothing to change")]
+    VersionAlreadyInState {
+        model: String,
+        version: String,
+        what: &'static str,
+    },
+    #[error("model {model} has no tag {tag}: tag a version with it first")]
+    UnknownTag { model: String, tag: String },
+
+    // --- approvals ---
+    #[error("no policy for environment {environment}: an admin must set one first")]
+    UnknownEnvironment { environment: String },
+    #[error("environment {environment} needs no approval: deploy directly")]
+    NoApprovalNeeded { environment: String },
+    #[error("{model}@{version} already has open request {request} for {environment}: decide or withdraw it")]
+    AlreadyPending {
+        model: String,
+        version: String,
+        environment: String,
+        request: u64,
+    },
+    #[error("{model}@{version} is already approved for {environment}: deploy it")]
+    AlreadyApproved {
+        model: String,
+        version: String,
+        environment: String,
+    },
+    #[error("unknown approval request {id}: list the open requests and use one of their ids")]
+    UnknownRequest { id: u64 },
+    #[error("approval request {id} is already {status}: open a new request instead")]
+    RequestClosed { id: u64, status: &'static str },
+    #[error("{name} submitted or published what request {id} is about and may not decide it: ask another approver")]
+    SelfApproval { id: u64, name: String },
+    #[error("role {role} may not decide request {id}: environment {environment} needs the {needed} role or higher")]
+    WrongRole {
+        id: u64,
+        environment: String,
+        role: Role,
+        needed: Role,
+    },
+    #[error("{name} has already decided request {id}: each approver decides once")]
+    AlreadyDecided { id: u64, name: String },
+    #[error("only {submitter}, who submitted request {id}, or an admin may withdraw it")]
+    NotSubmitter { id: u64, submitter: String },
+
+    // --- deployments ---
+    #[error("{model}@{version} is not approved for {environment}: request approval and wait for it")]
+    NotApproved {
+        model: String,
+        version: String,
+        environment: String,
+    },
+    #[error("{model}@{version} is already deployed to {environment} as deployment {id}: scale it instead")]
+    DeploymentExists {
+        id: u64,
+        model: String,
+        version: String,
+        environment: String,
+    },
+    #[error("unknown deployment {id}: list the deployments and use one of their ids")]
+    UnknownDeployment { id: u64 },
+
+    // --- tokens ---
+    #[error("token {id} already exists: choose another id")]
+    TokenExists { id: String },
+    #[error("another token already has this secret: generate a fresh secret")]
+    DuplicateSecret,
+
+    // --- snapshots ---
+    #[error("cannot read the state snapshot: {reason}; install a snapshot from a healthy coordinator")]
+    Snapshot { reason: String },
+}
+
+/// Shorthand for [`Error::Invalid`].
+pub(crate) fn invalid(what: &'static str, value: impl Into<String>, hint: impl Into<String>) -> Error {
+    Error::Invalid {
+        what,
+        value: value.into(),
+        hint: hint.into(),
+    }
+}
