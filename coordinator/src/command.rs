@@ -110,9 +110,7 @@ pub struct Entry {
 }
 
 /// Which replica of which deployment: `replica` counts from 0 to the deployment's replicas − 1.
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
-)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ReplicaKey {
     pub deployment: u64,
     pub replica: u32,
@@ -136,7 +134,9 @@ pub enum Command {
     // --- members ---
     /// A node joins, or joins again with a new address or inventory (a restart). A node that
     /// was draining stays draining.
-    JoinNode { node: NodeSpec },
+    JoinNode {
+        node: NodeSpec,
+    },
     /// A node is alive; `ready` lists the replicas placed on it that it serves now.
     Heartbeat {
         node: String,
@@ -144,19 +144,34 @@ pub enum Command {
         ready: Vec<ReplicaKey>,
     },
     /// Stop placing replicas on a node and move its replicas elsewhere.
-    DrainNode { node: String },
+    DrainNode {
+        node: String,
+    },
     /// Undo a drain.
-    ResumeNode { node: String },
+    ResumeNode {
+        node: String,
+    },
     /// A node leaves the cluster for good; its replicas move elsewhere.
-    LeaveNode { node: String },
+    LeaveNode {
+        node: String,
+    },
     /// The leader saw no heartbeat within the grace period; the node's replicas move elsewhere
     /// until it heartbeats again.
-    MarkNodeDown { node: String },
+    MarkNodeDown {
+        node: String,
+    },
     /// How long a node may stay silent before it may be marked down.
-    SetHeartbeatGrace { grace_ms: u64 },
+    SetHeartbeatGrace {
+        grace_ms: u64,
+    },
     /// Record a coordinator (the Raft membership change itself is the driver's business).
-    AddCoordinator { id: u64, address: String },
-    RemoveCoordinator { id: u64 },
+    AddCoordinator {
+        id: u64,
+        address: String,
+    },
+    RemoveCoordinator {
+        id: u64,
+    },
 
     // --- shelf ---
     /// A new version of a model (the model is created with its first version), as a draft that
@@ -171,12 +186,21 @@ pub enum Command {
         publisher_key: String,
     },
     /// Make a version available again (new versions start on the shelf).
-    PutOnShelf { model: String, version: String },
+    PutOnShelf {
+        model: String,
+        version: String,
+    },
     /// Withdraw a version from use: it can be neither deployed nor submitted for approval.
     /// Running deployments are left alone.
-    TakeOffShelf { model: String, version: String },
+    TakeOffShelf {
+        model: String,
+        version: String,
+    },
     /// Mark a version deprecated: no new deployments or approval requests.
-    Deprecate { model: String, version: String },
+    Deprecate {
+        model: String,
+        version: String,
+    },
     /// Point a tag (like `stable`) at a version; a tag names one version per model, so it
     /// moves from any other version.
     Tag {
@@ -184,7 +208,10 @@ pub enum Command {
         version: String,
         tag: String,
     },
-    Untag { model: String, tag: String },
+    Untag {
+        model: String,
+        tag: String,
+    },
 
     // --- approvals ---
     /// How many approvals an environment needs, and from which role. 0 means the environment
@@ -205,7 +232,9 @@ pub enum Command {
         comment: String,
     },
     /// The submitter takes back an open request; the version returns to draft there.
-    Withdraw { request: u64 },
+    Withdraw {
+        request: u64,
+    },
 
     // --- deployments ---
     /// Run `replicas` replicas of a version in an environment; `hardware` is the wish, best
@@ -217,8 +246,13 @@ pub enum Command {
         replicas: u32,
         hardware: Option<Vec<Device>>,
     },
-    ScaleDeployment { deployment: u64, replicas: u32 },
-    DeleteDeployment { deployment: u64 },
+    ScaleDeployment {
+        deployment: u64,
+        replicas: u32,
+    },
+    DeleteDeployment {
+        deployment: u64,
+    },
 
     // --- tokens ---
     /// Store a token; the secret itself never enters the log, only its SHA-256
@@ -230,7 +264,9 @@ pub enum Command {
         secret_hash: String,
     },
     /// Revoke a token: admins any token, holders their own.
-    RevokeToken { id: String },
+    RevokeToken {
+        id: String,
+    },
 }
 
 impl Command {
@@ -294,23 +330,6 @@ impl Command {
             CreateToken { .. } => "create-token",
             RevokeToken { .. } => "revoke-token",
         }
-    }
-
-    /// Whether applying this command may change placements (the scheduler runs after it).
-    pub fn affects_placement(&self) -> bool {
-        use Command::*;
-        matches!(
-            self,
-            JoinNode { .. }
-                | Heartbeat { .. }
-                | DrainNode { .. }
-                | ResumeNode { .. }
-                | LeaveNode { .. }
-                | MarkNodeDown { .. }
-                | CreateDeployment { .. }
-                | ScaleDeployment { .. }
-                | DeleteDeployment { .. }
-        )
     }
 }
 

@@ -19,7 +19,11 @@ pub enum Error {
     #[error(
         "the actor {name} ({role}) does not match token {id}: authenticate again with that token"
     )]
-    ActorMismatch { id: String, name: String, role: Role },
+    ActorMismatch {
+        id: String,
+        name: String,
+        role: Role,
+    },
     #[error("role {role} may not {action}: it needs the {needed} role or higher")]
     Forbidden {
         action: &'static str,
@@ -49,12 +53,6 @@ pub enum Error {
         silent_ms: u64,
         grace_ms: u64,
     },
-    #[error("unknown replica {replica} of deployment {deployment} on node {node}: report only replicas placed on this node")]
-    NotPlacedHere {
-        node: String,
-        deployment: u64,
-        replica: u32,
-    },
     #[error("coordinator {id} is already a member: remove it first to change its address")]
     CoordinatorExists { id: u64 },
     #[error("unknown coordinator {id}: list the coordinators and use one of their ids")]
@@ -67,9 +65,13 @@ pub enum Error {
     UnknownModel { model: String },
     #[error("unknown version {version} of model {model}: register it first")]
     UnknownVersion { model: String, version: String },
-    #[error("version {version} of model {model} already exists: versions are immutable, register a new version")]
+    #[error(
+        "version {version} of model {model} already exists: versions are immutable, register a new version"
+    )]
     VersionExists { model: String, version: String },
-    #[error("bundle digest {digest} is already on the shelf as {model}@{version}: a bundle is registered once")]
+    #[error(
+        "bundle digest {digest} is already on the shelf as {model}@{version}: a bundle is registered once"
+    )]
     DuplicateDigest {
         digest: String,
         model: String,
@@ -93,7 +95,9 @@ pub enum Error {
     UnknownEnvironment { environment: String },
     #[error("environment {environment} needs no approval: deploy directly")]
     NoApprovalNeeded { environment: String },
-    #[error("{model}@{version} already has open request {request} for {environment}: decide or withdraw it")]
+    #[error(
+        "{model}@{version} already has open request {request} for {environment}: decide or withdraw it"
+    )]
     AlreadyPending {
         model: String,
         version: String,
@@ -110,9 +114,13 @@ pub enum Error {
     UnknownRequest { id: u64 },
     #[error("approval request {id} is already {status}: open a new request instead")]
     RequestClosed { id: u64, status: &'static str },
-    #[error("{name} submitted or published what request {id} is about and may not decide it: ask another approver")]
+    #[error(
+        "{name} submitted or published what request {id} is about and may not decide it: ask another approver"
+    )]
     SelfApproval { id: u64, name: String },
-    #[error("role {role} may not decide request {id}: environment {environment} needs the {needed} role or higher")]
+    #[error(
+        "role {role} may not decide request {id}: environment {environment} needs the {needed} role or higher"
+    )]
     WrongRole {
         id: u64,
         environment: String,
@@ -125,13 +133,17 @@ pub enum Error {
     NotSubmitter { id: u64, submitter: String },
 
     // --- deployments ---
-    #[error("{model}@{version} is not approved for {environment}: request approval and wait for it")]
+    #[error(
+        "{model}@{version} is not approved for {environment}: request approval and wait for it"
+    )]
     NotApproved {
         model: String,
         version: String,
         environment: String,
     },
-    #[error("{model}@{version} is already deployed to {environment} as deployment {id}: scale it instead")]
+    #[error(
+        "{model}@{version} is already deployed to {environment} as deployment {id}: scale it instead"
+    )]
     DeploymentExists {
         id: u64,
         model: String,
@@ -148,12 +160,18 @@ pub enum Error {
     DuplicateSecret,
 
     // --- snapshots ---
-    #[error("cannot read the state snapshot: {reason}; install a snapshot from a healthy coordinator")]
+    #[error(
+        "cannot read the state snapshot: {reason}; install a snapshot from a healthy coordinator"
+    )]
     Snapshot { reason: String },
 }
 
 /// Shorthand for [`Error::Invalid`].
-pub(crate) fn invalid(what: &'static str, value: impl Into<String>, hint: impl Into<String>) -> Error {
+pub(crate) fn invalid(
+    what: &'static str,
+    value: impl Into<String>,
+    hint: impl Into<String>,
+) -> Error {
     Error::Invalid {
         what,
         value: value.into(),

@@ -64,7 +64,14 @@ impl NodeServer {
         state.ready.store(true, Ordering::Release);
         let app = http::router(self.state.clone());
         let ready = self.state.clone();
-        axum::serve(self.listener, app)
+        use axum::serve::ListenerExt;
+        // Responses go out as soon as they are written: no Nagle delay on small answers.
+        let listener = self.listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!("could not set TCP_NODELAY: {e}");
+            }
+        });
+        axum::serve(listener, app)
             .with_graceful_shutdown(async move {
                 shutdown.await;
                 ready.ready.store(false, Ordering::Release);

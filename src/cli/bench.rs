@@ -98,9 +98,9 @@ fn sandbox(iters: usize) -> anyhow::Result<()> {
     let model = repo.lookup("mlp", None)?;
     println!("## sandbox cost: MLP 784→128→10, {iters} iterations, fresh instance per request");
     println!(
-        "| batch | native p50 | native p99 | wasm p50 | wasm p99 | ratio p50 | ratio p99 | instantiate p50 |"
+        "| batch | native p50 | native p99 | wasm p50 | wasm p99 | ratio p50 | ratio p99 | instantiate p50 | call p50 | teardown p50 |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for batch in [1usize, 32] {
         let data = input_data(batch);
         let bytes = le_bytes(&data);
@@ -120,7 +120,8 @@ fn sandbox(iters: usize) -> anyhow::Result<()> {
             run_native()?;
             model.model.predict(&inputs)?;
         }
-        let (mut n, mut w, mut inst) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut n, mut w) = (Vec::new(), Vec::new());
+        let (mut inst, mut call, mut down) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..iters {
             let t = Instant::now();
             run_native()?;
@@ -129,20 +130,26 @@ fn sandbox(iters: usize) -> anyhow::Result<()> {
             let (out, times) = model.model.predict(&inputs)?;
             w.push(t.elapsed());
             inst.push(times.instantiate);
+            call.push(times.call);
+            down.push(times.teardown);
             black_box(out);
         }
         let (n50, n99) = percentiles(&mut n);
         let (w50, w99) = percentiles(&mut w);
         let (i50, _) = percentiles(&mut inst);
+        let (c50, _) = percentiles(&mut call);
+        let (t50, _) = percentiles(&mut down);
         println!(
-            "| {batch} | {} | {} | {} | {} | {:.2}× | {:.2}× | {} |",
+            "| {batch} | {} | {} | {} | {} | {:.2}× | {:.2}× | {} | {} | {} |",
             us(n50),
             us(n99),
             us(w50),
             us(w99),
             w50.as_secs_f64() / n50.as_secs_f64(),
             w99.as_secs_f64() / n99.as_secs_f64(),
-            us(i50)
+            us(i50),
+            us(c50),
+            us(t50)
         );
     }
     Ok(())
@@ -248,7 +255,24 @@ fn http(iters: usize) -> anyhow::Result<()> {
         let _ = stop_rx.await;
     }));
 
+    // The transport floor: a keep-alive round trip that does no model work at all.
+    let mut floor = Vec::with_capacity(2000);
+    let mut c = Client::connect(addr, "/v2/health/live", b"", None)?;
+    c.request = format!("GET /v2/health/live HTTP/1.1\r\nHost: {addr}\r\n\r\n").into_bytes();
+    for i in 0..2200 {
+        let t = Instant::now();
+        black_box(c.call()?);
+        if i >= 200 {
+            floor.push(t.elapsed());
+        }
+    }
+    let (f50, f99) = percentiles(&mut floor);
     println!("\n## HTTP: MLP batch 1 over V2 on 127.0.0.1 (client threads in the same process)");
+    println!(
+        "Transport floor (GET /v2/health/live, keep-alive, concurrency 1): p50 {}, p99 {}\n",
+        us(f50),
+        us(f99)
+    );
     println!("| body | concurrency | requests/s | p50 | p99 | wasm path p50 | HTTP adds (p50) |");
     println!("|---|---|---|---|---|---|---|");
     for (kind, body, header_len) in http_bodies(1) {

@@ -293,9 +293,17 @@ pub fn to_tract(
             "input `{name}` is BOOL but holds a byte other than 0 or 1"
         )));
     }
-    let mut value = Tensor::zero_dt(dt, &shape).map_err(backend_error)?;
-    value.as_bytes_mut().copy_from_slice(&tensor.data);
-    Ok(value.into_tvalue())
+    Ok(tensor_from_bytes(dt, &shape, &tensor.data)?.into_tvalue())
+}
+
+/// One copy of the bytes into an aligned tract tensor, without zeroing it first.
+#[allow(unsafe_code)]
+fn tensor_from_bytes(dt: DatumType, shape: &[usize], data: &[u8]) -> Result<Tensor, BackendError> {
+    debug_assert!(carrier_of(dt).is_some());
+    // SAFETY: `from_raw_dt` needs `data` to hold valid values of `dt` for `shape`. The caller
+    // checked the length is exactly count × size_of(dt); `dt` is a plain numeric type (every bit
+    // pattern valid) or BOOL, whose bytes the caller checked are 0 or 1. No String/TDim/Blob.
+    unsafe { Tensor::from_raw_dt(dt, shape, data) }.map_err(backend_error)
 }
 
 /// A tract output as a wasi-nn tensor (in the carrier of its element width).

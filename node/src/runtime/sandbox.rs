@@ -142,6 +142,8 @@ pub struct CallTimes {
     pub instantiate: Duration,
     /// The `predict` call itself (inputs lowered, guest code, wasi-nn, outputs lifted).
     pub call: Duration,
+    /// Dropping the store: the instance's slot goes back to the pool, its dirty pages reset.
+    pub teardown: Duration,
 }
 
 /// A model ready to serve: its component pre-linked, its graphs loaded.
@@ -226,9 +228,11 @@ impl Model {
         let result = serving
             .sophon_model_predictor()
             .call_predict(&mut store, inputs);
-        let times = CallTimes {
+        let called = Instant::now();
+        let mut times = CallTimes {
             instantiate: instantiated - started,
-            call: instantiated.elapsed(),
+            call: called - instantiated,
+            teardown: Duration::ZERO,
         };
         self.flush_logs(&logs);
         let outputs = match result {
@@ -251,6 +255,8 @@ impl Model {
             }
             Ok(Ok(outputs)) => outputs,
         };
+        drop(store);
+        times.teardown = called.elapsed();
         let bytes: usize = outputs.iter().map(|t| t.data.len()).sum();
         if bytes > self.limits.max_output_bytes {
             return Err(InvokeError::OutputTooLarge {

@@ -1,0 +1,156 @@
+//! What must hold of every [`State`] reachable through `apply`, checked from scratch. The
+//! proptests run it after every command; [`State::restore`] runs it on every snapshot.
+
+use std::collections::BTreeMap;
+
+use super::State;
+use super::approvals::RequestStatus;
+use super::shelf::Stage;
+use crate::command::ReplicaKey;
+use crate::scheduler::Plan;
+use crate::scheduler::check_plan;
+
+impl State {
+    /// Checks the state's invariants; returns the first violation found.
+    ///
+    /// - placements satisfy [`check_plan`] (existing schedulable nodes, hardware, memory within
+    ///   every pool, one replica of a deployment per node, every replica placed or reported,
+    ///   nothing left unplaced that fits), and each node's `assigned` list matches them;
+    /// - an approved (version, environment) has an approved request with enough distinct
+    ///   approvals from the policy's role, none by the submitter or the version's publisher;
+    ///   a pending one has an open request, and every open request is pending on its version;
+    /// - deployments name existing versions, their rollout status matches the placements;
+    /// - ids to come are above every id given; the audit log is numbered 0.. and never goes back
+    ///   in time or past the clock.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let plan = Plan {
+            placements: self.placements.clone(),
+            unplaced: self.unplaced.clone(),
+        };
+        check_plan(&self.node_views(), &self.deployment_views(), &plan)?;
+        let mut assigned: BTreeMap<&str, Vec<ReplicaKey>> = BTreeMap::new();
+        for w in self.placements.windows(2) {
+            if (w[0].deployment, w[0].replica) >= (w[1].deployment, w[1].replica) {
+                return Err("placements are not sorted".into());
+            }
+        }
+        for p in &self.placements {
+            assigned.entry(&p.node).or_default().push(ReplicaKey {
+                deployment: p.deployment,
+                replica: p.replica,
+            });
+        }
+        for (id, node) in &self.nodes {
+            let want = assigned.remove(id.as_str()).unwrap_or_default();
+            if node.assigned != want || node.id != *id {
+                return Err(format!("node {id}'s assigned replicas are out of date"));
+            }
+        }
+
+        for (name, model) in &self.models {
+            for (v, version) in &model.versions {
+                for (env, stage) in &version.stages {
+                    let (Stage::Pending { request }
+                    | Stage::Approved { request }
+                    | Stage::Rejected { request }) = *stage;
+                    let r = self.requests.get(&request).ok_or_else(|| {
+                        format!("{name}@{v} in {env} names missing request {request}")
+                    })?;
+                    if (&r.model, &r.version, &r.environment) != (name, v, env) {
+                        return Err(format!(
+                            "request {request} is not about {name}@{v} in {env}"
+                        ));
+                    }
+                    let status = match stage {
+                        Stage::Pending { .. } => RequestStatus::Open,
+                        Stage::Approved { .. } => RequestStatus::Approved,
+                        Stage::Rejected { .. } => RequestStatus::Rejected,
+                    };
+                    if r.status != status {
+                        return Err(format!(
+                            "request {request} is {:?}, stage {stage:?}",
+                            r.status
+                        ));
+                    }
+                    if let Stage::Approved { .. } = stage {
+                        let needed = r.required_approvals.max(1) as usize;
+                        if r.counted_approvals() < needed {
+                            return Err(format!(
+                                "request {request} approved without enough approvals"
+                            ));
+                        }
+                        if r.decisions
+                            .iter()
+                            .any(|d| d.approver == r.submitter || d.approver == version.created_by)
+                        {
+                            return Err(format!(
+                                "request {request} was decided by its submitter or publisher"
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        for (id, r) in &self.requests {
+            if *id >= self.next_request || r.id != *id {
+                return Err(format!("request id {id} is out of sequence"));
+            }
+            if r.status == RequestStatus::Open {
+                let stage = self
+                    .version(&r.model, &r.version)
+                    .map_err(|e| e.to_string())?
+                    .stage(&r.environment);
+                if stage != Some(Stage::Pending { request: *id }) {
+                    return Err(format!("open request {id} is not pending on its version"));
+                }
+            }
+        }
+
+        let mut counts: BTreeMap<u64, (u32, u32)> = BTreeMap::new();
+        for p in &self.placements {
+            let c = counts.entry(p.deployment).or_default();
+            c.0 += 1;
+            c.1 += u32::from(p.ready);
+        }
+        let unplaced: BTreeMap<u64, u32> = self
+            .unplaced
+            .iter()
+            .map(|u| (u.deployment, u.replicas.len() as u32))
+            .collect();
+        for (id, d) in &self.deployments {
+            if *id >= self.next_deployment || d.id != *id {
+                return Err(format!("deployment id {id} is out of sequence"));
+            }
+            let v = self
+                .version(&d.model, &d.version)
+                .map_err(|e| e.to_string())?;
+            if v.manifest.memory_mb != d.memory_mb {
+                return Err(format!(
+                    "deployment {id}'s memory differs from its manifest"
+                ));
+            }
+            let (placed, ready) = counts.get(id).copied().unwrap_or_default();
+            let want = super::deployments::RolloutStatus::new(
+                d.replicas,
+                placed,
+                ready,
+                unplaced.get(id).copied().unwrap_or(0),
+            );
+            if d.rollout != want {
+                return Err(format!(
+                    "deployment {id}'s rollout {:?} should be {want:?}",
+                    d.rollout
+                ));
+            }
+        }
+
+        let mut last = 0;
+        for (i, a) in self.audit.iter().enumerate() {
+            if a.seq != i as u64 || a.at_ms < last || a.at_ms > self.clock_ms {
+                return Err(format!("audit record {i} is out of order"));
+            }
+            last = a.at_ms;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,396 @@
+//! Members: the nodes (hardware, labels, zone, liveness, what runs on them) and the coordinators.
+//!
+//! A node is `up` or `down`, and separately may be `draining` (an operator's intent that
+//! survives the node going down and coming back). Only up, non-draining nodes receive replicas.
+//! The leader marks a node down once it has been silent for the grace period
+//! ([`State::overdue_nodes`] lists the candidates); the check is repeated when the entry is
+//! applied, so a heartbeat that was committed first wins.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::validate::{self, MAX_TEXT_LEN};
+use super::{Change, Ctx, Replan, State};
+use crate::command::{NodeSpec, ReplicaKey};
+use crate::error::{Error, Result, invalid};
+use crate::scheduler::{DeviceMemory, NodeView};
+
+/// At most this many GPUs or NPUs per node, labels per node.
+pub const MAX_DEVICES: usize = 64;
+pub const MAX_LABELS: usize = 64;
+
+/// Liveness as the coordinators see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeHealth {
+    Up,
+    Down,
+}
+
+/// One accelerator.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Accelerator {
+    /// Like `NVIDIA H100 80GB HBM3` or `Intel NPU`.
+    pub model: String,
+    pub memory_mb: u64,
+}
+
+/// What a node has.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inventory {
+    pub cpu_cores: u32,
+    /// Host memory available to replicas.
+    pub memory_mb: u64,
+    pub gpus: Vec<Accelerator>,
+    pub npus: Vec<Accelerator>,
+}
+
+impl Inventory {
+    /// The memory pools the scheduler fills: host memory, all GPUs' memory, all NPUs' memory.
+    pub fn pools(&self) -> DeviceMemory {
+        let sum = |devices: &[Accelerator]| {
+            devices
+                .iter()
+                .fold(0u64, |acc, d| acc.saturating_add(d.memory_mb))
+        };
+        DeviceMemory {
+            cpu_mb: self.memory_mb,
+            gpu_mb: sum(&self.gpus),
+            npu_mb: sum(&self.npus),
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.cpu_cores == 0 {
+            return Err(invalid("cpu cores", "0", "a node has at least one core"));
+        }
+        for (what, devices) in [("gpus", &self.gpus), ("npus", &self.npus)] {
+            if devices.len() > MAX_DEVICES {
+                return Err(invalid(
+                    what,
+                    devices.len().to_string(),
+                    format!("report at most {MAX_DEVICES}"),
+                ));
+            }
+            for d in devices {
+                validate::text("accelerator model", &d.model, MAX_TEXT_LEN, true)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a node reports in its heartbeat (shown to operators; the scheduler balances by the
+/// memory it has placed, not by these, so that placements do not flap with the traffic).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeLoad {
+    /// Across all cores, 0 to 100.
+    pub cpu_percent: u32,
+    pub memory_used_mb: u64,
+    /// Requests being served.
+    pub inflight: u32,
+}
+
+/// A mesh node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    pub id: String,
+    pub address: String,
+    pub inventory: Inventory,
+    pub labels: BTreeMap<String, String>,
+    pub zone: String,
+    pub health: NodeHealth,
+    pub draining: bool,
+    pub joined_at_ms: u64,
+    pub last_heartbeat_ms: u64,
+    pub load: NodeLoad,
+    /// The replicas placed here, sorted: what the driver pushes to the node.
+    pub assigned: Vec<ReplicaKey>,
+}
+
+impl Node {
+    /// Up and not draining.
+    pub fn schedulable(&self) -> bool {
+        self.health == NodeHealth::Up && !self.draining
+    }
+
+    pub(crate) fn view(&self) -> NodeView {
+        NodeView {
+            id: self.id.clone(),
+            zone: self.zone.clone(),
+            schedulable: self.schedulable(),
+            capacity: self.inventory.pools(),
+        }
+    }
+}
+
+/// A coordinator as recorded in the state (its Raft id and address).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Coordinator {
+    pub id: u64,
+    pub address: String,
+    pub added_at_ms: u64,
+}
+
+/// Whether a node's scheduling view only gained: same zone, no pool smaller, and schedulable
+/// if it was before. Then every current placement stays valid.
+fn grows(before: &NodeView, after: &NodeView) -> bool {
+    let pools_grow = crate::scheduler::Device::ALL
+        .iter()
+        .all(|d| after.capacity.get(*d) >= before.capacity.get(*d));
+    before.zone == after.zone && pools_grow && (after.schedulable || !before.schedulable)
+}
+
+fn validate_spec(spec: &NodeSpec) -> Result<()> {
+    validate::id("node id", &spec.id)?;
+    validate::address("node address", &spec.address)?;
+    validate::id("zone", &spec.zone)?;
+    spec.inventory.validate()?;
+    if spec.labels.len() > MAX_LABELS {
+        return Err(invalid(
+            "labels",
+            spec.labels.len().to_string(),
+            format!("give at most {MAX_LABELS}"),
+        ));
+    }
+    for (k, v) in &spec.labels {
+        validate::id("label key", k)?;
+        validate::text("label value", v, MAX_TEXT_LEN, false)?;
+    }
+    Ok(())
+}
+
+impl State {
+    /// Nodes that are up but have been silent for at least the grace period at `now_ms`: the
+    /// leader proposes [`MarkNodeDown`](crate::Command::MarkNodeDown) for each.
+    pub fn overdue_nodes(&self, now_ms: u64) -> Vec<String> {
+        self.nodes
+            .values()
+            .filter(|n| {
+                n.health == NodeHealth::Up
+                    && now_ms.saturating_sub(n.last_heartbeat_ms) >= self.heartbeat_grace_ms
+            })
+            .map(|n| n.id.clone())
+            .collect()
+    }
+
+    fn node_mut(&mut self, id: &str) -> Result<&mut Node> {
+        self.nodes
+            .get_mut(id)
+            .ok_or_else(|| Error::UnknownNode { id: id.to_string() })
+    }
+
+    pub(crate) fn join_node(&mut self, ctx: Ctx<'_>, spec: &NodeSpec) -> Result<Change> {
+        validate_spec(spec)?;
+        let target = format!("node {}", spec.id);
+        let detail = format!(
+            "zone {}, {} cores, {} MiB, {} gpus, {} npus, at {}",
+            spec.zone,
+            spec.inventory.cpu_cores,
+            spec.inventory.memory_mb,
+            spec.inventory.gpus.len(),
+            spec.inventory.npus.len(),
+            spec.address
+        );
+        let before = self.nodes.get(&spec.id).map(Node::view);
+        let node = self.nodes.entry(spec.id.clone()).or_insert_with(|| Node {
+            id: spec.id.clone(),
+            address: String::new(),
+            inventory: Inventory::default(),
+            labels: BTreeMap::new(),
+            zone: String::new(),
+            health: NodeHealth::Up,
+            draining: false,
+            joined_at_ms: ctx.now,
+            last_heartbeat_ms: ctx.now,
+            load: NodeLoad::default(),
+            assigned: Vec::new(),
+        });
+        node.address = spec.address.clone();
+        node.inventory = spec.inventory.clone();
+        node.labels = spec.labels.clone();
+        node.zone = spec.zone.clone();
+        node.health = NodeHealth::Up;
+        node.last_heartbeat_ms = ctx.now;
+        let after = node.view();
+        let mut change = Change::new(target, String::new());
+        change.replan = match &before {
+            Some(before) if *before == after => Replan::No,
+            Some(before) if !grows(before, &after) => Replan::Always,
+            _ => Replan::IfUnplaced,
+        };
+        let verb = if before.is_some() {
+            "rejoined"
+        } else {
+            "joined"
+        };
+        change.detail = format!("{verb}: {detail}");
+        Ok(change)
+    }
+
+    pub(crate) fn heartbeat(
+        &mut self,
+        ctx: Ctx<'_>,
+        id: &str,
+        load: &NodeLoad,
+        ready: &[ReplicaKey],
+    ) -> Result<Change> {
+        let node = self
+            .nodes
+            .get(id)
+            .ok_or_else(|| Error::UnknownNode { id: id.to_string() })?;
+        // Readiness of the replicas placed here; a replica the node lists that is no longer
+        // placed here (a replan it has not seen yet) is ignored.
+        let ready: std::collections::BTreeSet<&ReplicaKey> = ready.iter().collect();
+        let mut flips = Vec::new();
+        for key in &node.assigned {
+            let Ok(i) = self.placements.binary_search_by_key(key, |p| ReplicaKey {
+                deployment: p.deployment,
+                replica: p.replica,
+            }) else {
+                continue;
+            };
+            let now_ready = ready.contains(key);
+            if self.placements[i].ready != now_ready {
+                flips.push((i, now_ready));
+            }
+        }
+        let came_back = node.health == NodeHealth::Down;
+        // Validated; now change.
+        let node = self.node_mut(id)?;
+        node.health = NodeHealth::Up;
+        node.last_heartbeat_ms = ctx.now;
+        node.load = load.clone();
+        let ready_now = flips.iter().filter(|(_, r)| *r).count();
+        let unready_now = flips.len() - ready_now;
+        for (i, r) in &flips {
+            self.placements[*i].ready = *r;
+        }
+        let mut change = Change::new(format!("node {id}"), String::new());
+        if came_back {
+            change.detail = "back up".into();
+            change.replan = Replan::IfUnplaced;
+        }
+        if !flips.is_empty() {
+            if !change.detail.is_empty() {
+                change.detail.push_str("; ");
+            }
+            change.detail.push_str(&format!(
+                "{ready_now} replicas ready, {unready_now} not ready"
+            ));
+            change.rollout = true;
+        }
+        change.quiet = !came_back && flips.is_empty();
+        Ok(change)
+    }
+
+    pub(crate) fn drain_node(&mut self, id: &str) -> Result<Change> {
+        let node = self.node_mut(id)?;
+        if node.draining {
+            return Err(Error::NodeAlreadyInState {
+                id: id.to_string(),
+                state: "draining",
+            });
+        }
+        node.draining = true;
+        Ok(Change::new(format!("node {id}"), "draining").replan())
+    }
+
+    pub(crate) fn resume_node(&mut self, id: &str) -> Result<Change> {
+        let node = self.node_mut(id)?;
+        if !node.draining {
+            return Err(Error::NodeAlreadyInState {
+                id: id.to_string(),
+                state: "not draining",
+            });
+        }
+        node.draining = false;
+        let mut change = Change::new(format!("node {id}"), "resumed");
+        change.replan = Replan::IfUnplaced;
+        Ok(change)
+    }
+
+    pub(crate) fn leave_node(&mut self, id: &str) -> Result<Change> {
+        self.nodes
+            .remove(id)
+            .ok_or_else(|| Error::UnknownNode { id: id.to_string() })?;
+        Ok(Change::new(format!("node {id}"), "left").replan())
+    }
+
+    pub(crate) fn mark_node_down(&mut self, ctx: Ctx<'_>, id: &str) -> Result<Change> {
+        let grace_ms = self.heartbeat_grace_ms;
+        let node = self.node_mut(id)?;
+        if node.health == NodeHealth::Down {
+            return Err(Error::NodeAlreadyInState {
+                id: id.to_string(),
+                state: "down",
+            });
+        }
+        let silent_ms = ctx.now.saturating_sub(node.last_heartbeat_ms);
+        if silent_ms < grace_ms {
+            return Err(Error::NodeNotOverdue {
+                id: id.to_string(),
+                silent_ms,
+                grace_ms,
+            });
+        }
+        node.health = NodeHealth::Down;
+        Ok(Change::new(
+            format!("node {id}"),
+            format!("down after {silent_ms} ms of silence"),
+        )
+        .replan())
+    }
+
+    pub(crate) fn set_heartbeat_grace(&mut self, grace_ms: u64) -> Result<Change> {
+        const DAY_MS: u64 = 24 * 3600 * 1000;
+        if !(1000..=DAY_MS).contains(&grace_ms) {
+            return Err(invalid(
+                "heartbeat grace",
+                format!("{grace_ms} ms"),
+                "choose between 1 second and 1 day",
+            ));
+        }
+        let old = std::mem::replace(&mut self.heartbeat_grace_ms, grace_ms);
+        Ok(Change::new(
+            "heartbeat grace",
+            format!("{old} ms -> {grace_ms} ms"),
+        ))
+    }
+
+    pub(crate) fn add_coordinator(
+        &mut self,
+        ctx: Ctx<'_>,
+        id: u64,
+        address: &str,
+    ) -> Result<Change> {
+        validate::address("coordinator address", address)?;
+        if self.coordinators.contains_key(&id) {
+            return Err(Error::CoordinatorExists { id });
+        }
+        self.coordinators.insert(
+            id,
+            Coordinator {
+                id,
+                address: address.to_string(),
+                added_at_ms: ctx.now,
+            },
+        );
+        Ok(Change::new(
+            format!("coordinator {id}"),
+            format!("added at {address}"),
+        ))
+    }
+
+    pub(crate) fn remove_coordinator(&mut self, id: u64) -> Result<Change> {
+        if !self.coordinators.contains_key(&id) {
+            return Err(Error::UnknownCoordinator { id });
+        }
+        if self.coordinators.len() == 1 {
+            return Err(Error::LastCoordinator { id });
+        }
+        self.coordinators.remove(&id);
+        Ok(Change::new(format!("coordinator {id}"), "removed"))
+    }
+}

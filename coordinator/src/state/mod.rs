@@ -1,0 +1,430 @@
+//! The replicated state machine: everything the coordinators agree on, changed only by
+//! [`State::apply`] with one committed [`Entry`] at a time.
+//!
+//! # How an entry is applied
+//! 1. **Who.** A token-bearing actor's token must exist, be unrevoked and name the same actor and
+//!    role; the role must be at least the command's [`required_role`](Command::required_role).
+//! 2. **Validate, then change.** Each handler checks everything (ids exist, input is well formed,
+//!    the approval rules hold) before it touches the state, so an error leaves the state exactly
+//!    as it was, byte for byte.
+//! 3. **Place.** A change that can move replicas (nodes joining, going down, draining, leaving,
+//!    coming back; deployments created, scaled, deleted) runs the [`scheduler`](crate::scheduler)
+//!    over the whole state and stores its plan, so placements are replicated state too. A change
+//!    that only adds capacity (a node joins, resumes or comes back) keeps every placement valid,
+//!    so it runs the scheduler only when some replicas are waiting for a node.
+//! 4. **Record.** Every successful command appends an [`AuditRecord`]: who, when, what. The one
+//!    exception is a heartbeat that changes nothing but the node's liveness and load; recording
+//!    those would fill the log with thousands of lines a minute. A heartbeat that brings a node
+//!    back or changes which replicas are ready is recorded.
+//!
+//! Time is the entry's `now_ms`, never allowed to go backwards ([`State::clock_ms`]). Every map is
+//! a `BTreeMap`, so iteration order, the scheduler's input and the serialized snapshot are the
+//! same on every replica.
+
+pub mod approvals;
+pub mod audit;
+pub mod deployments;
+mod invariants;
+pub mod members;
+pub mod shelf;
+pub mod tokens;
+pub(crate) mod validate;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::command::{Actor, Command, Created, Entry, Outcome};
+use crate::error::{Error, Result};
+use crate::scheduler::{self, DeploymentView, NodeView, Placement, Unplaced};
+use approvals::{ApprovalRequest, Policy};
+use audit::AuditRecord;
+use deployments::Deployment;
+use members::{Coordinator, Node};
+use shelf::Model;
+use tokens::Token;
+
+/// The default for [`State::heartbeat_grace_ms`].
+pub const DEFAULT_HEARTBEAT_GRACE_MS: u64 = 15_000;
+
+/// Everything the coordinators replicate. Serialize it to take a snapshot ([`State::snapshot`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    clock_ms: u64,
+    heartbeat_grace_ms: u64,
+    nodes: BTreeMap<String, Node>,
+    coordinators: BTreeMap<u64, Coordinator>,
+    models: BTreeMap<String, Model>,
+    policies: BTreeMap<String, Policy>,
+    requests: BTreeMap<u64, ApprovalRequest>,
+    next_request: u64,
+    deployments: BTreeMap<u64, Deployment>,
+    next_deployment: u64,
+    /// Sorted by (deployment, replica).
+    placements: Vec<Placement>,
+    unplaced: Vec<Unplaced>,
+    tokens: BTreeMap<String, Token>,
+    audit: Vec<AuditRecord>,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        State {
+            clock_ms: 0,
+            heartbeat_grace_ms: DEFAULT_HEARTBEAT_GRACE_MS,
+            nodes: BTreeMap::new(),
+            coordinators: BTreeMap::new(),
+            models: BTreeMap::new(),
+            policies: BTreeMap::new(),
+            requests: BTreeMap::new(),
+            next_request: 1,
+            deployments: BTreeMap::new(),
+            next_deployment: 1,
+            placements: Vec::new(),
+            unplaced: Vec::new(),
+            tokens: BTreeMap::new(),
+            audit: Vec::new(),
+        }
+    }
+}
+
+/// Who and when, for the handlers.
+#[derive(Clone, Copy)]
+pub(crate) struct Ctx<'a> {
+    pub actor: &'a Actor,
+    pub now: u64,
+}
+
+/// What a handler did, for the audit record and the follow-up steps.
+pub(crate) struct Change {
+    /// What was changed, like `node n1` or `model fraud@1.2`.
+    pub target: String,
+    pub detail: String,
+    /// Whether to run the scheduler afterwards.
+    pub replan: Replan,
+    /// Recompute the deployments' rollout status (readiness changed).
+    pub rollout: bool,
+    /// Leave it out of the audit log (a heartbeat that changed only liveness and load).
+    pub quiet: bool,
+    pub created: Option<Created>,
+}
+
+impl Change {
+    pub fn new(target: impl Into<String>, detail: impl Into<String>) -> Change {
+        Change {
+            target: target.into(),
+            detail: detail.into(),
+            replan: Replan::No,
+            rollout: false,
+            quiet: false,
+            created: None,
+        }
+    }
+
+    /// Run the scheduler afterwards.
+    pub fn replan(mut self) -> Change {
+        self.replan = Replan::Always;
+        self
+    }
+}
+
+/// Whether a change needs the scheduler.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Replan {
+    No,
+    /// The change only added capacity (a node joined, resumed or came back): current placements
+    /// all stay valid, so the plan can change only if some replicas are waiting for a node.
+    IfUnplaced,
+    Always,
+}
+
+impl State {
+    /// An empty state (no nodes, no policies, no tokens).
+    pub fn new() -> State {
+        State::default()
+    }
+
+    /// Applies one committed entry; see the module page. On error nothing has changed.
+    pub fn apply(&mut self, entry: &Entry) -> Result<Outcome> {
+        self.authorize(entry)?;
+        let ctx = Ctx {
+            actor: &entry.actor,
+            now: self.clock_ms.max(entry.now_ms),
+        };
+        let change = self.dispatch(ctx, &entry.command)?;
+        // Nothing below can fail: the command is accepted.
+        self.clock_ms = ctx.now;
+        let mut detail = change.detail;
+        let mut placements_changed = false;
+        let replan = match change.replan {
+            Replan::No => false,
+            Replan::IfUnplaced => !self.unplaced.is_empty(),
+            Replan::Always => true,
+        };
+        if replan {
+            placements_changed = self.replan(&mut detail);
+        }
+        if replan || change.rollout {
+            self.refresh_rollouts();
+        }
+        let audit_seq = (!change.quiet)
+            .then(|| self.record(ctx, entry.command.action(), change.target, detail));
+        Ok(Outcome {
+            audit_seq,
+            created: change.created,
+            placements_changed,
+        })
+    }
+
+    fn authorize(&self, entry: &Entry) -> Result<()> {
+        let actor = &entry.actor;
+        if let Some(id) = &actor.token_id {
+            let token = self
+                .tokens
+                .get(id)
+                .ok_or_else(|| Error::UnknownToken { id: id.clone() })?;
+            if token.revoked_at_ms.is_some() {
+                return Err(Error::TokenRevoked { id: id.clone() });
+            }
+            if token.name != actor.name || token.role != actor.role {
+                return Err(Error::ActorMismatch {
+                    id: id.clone(),
+                    name: actor.name.clone(),
+                    role: actor.role,
+                });
+            }
+        }
+        let needed = entry.command.required_role();
+        if !actor.role.allows(needed) {
+            return Err(Error::Forbidden {
+                action: entry.command.action(),
+                role: actor.role,
+                needed,
+            });
+        }
+        Ok(())
+    }
+
+    fn dispatch(&mut self, ctx: Ctx<'_>, command: &Command) -> Result<Change> {
+        use Command::*;
+        match command {
+            JoinNode { node } => self.join_node(ctx, node),
+            Heartbeat { node, load, ready } => self.heartbeat(ctx, node, load, ready),
+            DrainNode { node } => self.drain_node(node),
+            ResumeNode { node } => self.resume_node(node),
+            LeaveNode { node } => self.leave_node(node),
+            MarkNodeDown { node } => self.mark_node_down(ctx, node),
+            SetHeartbeatGrace { grace_ms } => self.set_heartbeat_grace(*grace_ms),
+            AddCoordinator { id, address } => self.add_coordinator(ctx, *id, address),
+            RemoveCoordinator { id } => self.remove_coordinator(*id),
+            RegisterModelVersion {
+                model,
+                version,
+                digest,
+                manifest,
+                publisher_key,
+            } => self.register_version(ctx, model, version, digest, manifest, publisher_key),
+            PutOnShelf { model, version } => self.set_on_shelf(model, version, true),
+            TakeOffShelf { model, version } => self.set_on_shelf(model, version, false),
+            Deprecate { model, version } => self.deprecate(model, version),
+            Tag {
+                model,
+                version,
+                tag,
+            } => self.tag(model, version, tag),
+            Untag { model, tag } => self.untag(model, tag),
+            SetPolicy {
+                environment,
+                required_approvals,
+                approver_role,
+            } => self.set_policy(ctx, environment, *required_approvals, *approver_role),
+            RequestApproval {
+                model,
+                version,
+                environment,
+            } => self.request_approval(ctx, model, version, environment),
+            Decide {
+                request,
+                approve,
+                comment,
+            } => self.decide(ctx, *request, *approve, comment),
+            Withdraw { request } => self.withdraw(ctx, *request),
+            CreateDeployment {
+                model,
+                version,
+                environment,
+                replicas,
+                hardware,
+            } => self.create_deployment(
+                ctx,
+                model,
+                version,
+                environment,
+                *replicas,
+                hardware.as_deref(),
+            ),
+            ScaleDeployment {
+                deployment,
+                replicas,
+            } => self.scale_deployment(ctx, *deployment, *replicas),
+            DeleteDeployment { deployment } => self.delete_deployment(*deployment),
+            CreateToken {
+                id,
+                name,
+                role,
+                secret_hash,
+            } => self.create_token(ctx, id, name, *role, secret_hash),
+            RevokeToken { id } => self.revoke_token(ctx, id),
+        }
+    }
+
+    /// The scheduler's view of the nodes, in id order.
+    pub fn node_views(&self) -> Vec<NodeView> {
+        self.nodes.values().map(Node::view).collect()
+    }
+
+    /// The scheduler's view of the deployments, in id order.
+    pub fn deployment_views(&self) -> Vec<DeploymentView> {
+        self.deployments.values().map(Deployment::view).collect()
+    }
+
+    /// Runs the scheduler and stores its plan; says in `detail` what moved. Returns whether any
+    /// placement changed.
+    fn replan(&mut self, detail: &mut String) -> bool {
+        let plan = scheduler::place(
+            &self.node_views(),
+            &self.deployment_views(),
+            &self.placements,
+        );
+        // Both lists are sorted by (deployment, replica): walk them together.
+        let key = |p: &Placement| (p.deployment, p.replica);
+        let (mut added, mut moved, mut removed) = (0, 0, 0);
+        let (mut old, mut new) = (
+            self.placements.iter().peekable(),
+            plan.placements.iter().peekable(),
+        );
+        loop {
+            match (old.peek(), new.peek()) {
+                (None, None) => break,
+                (Some(_), None) => (removed, _) = (removed + 1, old.next()),
+                (None, Some(_)) => (added, _) = (added + 1, new.next()),
+                (Some(o), Some(n)) => match key(o).cmp(&key(n)) {
+                    std::cmp::Ordering::Less => (removed, _) = (removed + 1, old.next()),
+                    std::cmp::Ordering::Greater => (added, _) = (added + 1, new.next()),
+                    std::cmp::Ordering::Equal => {
+                        moved += usize::from(o.node != n.node);
+                        old.next();
+                        new.next();
+                    }
+                },
+            }
+        }
+        let unplaced: usize = plan.unplaced.iter().map(|u| u.replicas.len()).sum();
+        let changed = plan.placements != self.placements || plan.unplaced != self.unplaced;
+        if added + moved + removed > 0 || unplaced > 0 {
+            detail.push_str(&format!(
+                "; placements: {added} added, {moved} moved, {removed} removed, {unplaced} unplaced"
+            ));
+        }
+        if !changed {
+            return false;
+        }
+        self.placements = plan.placements;
+        self.unplaced = plan.unplaced;
+        let mut assigned: BTreeMap<&str, Vec<crate::command::ReplicaKey>> = BTreeMap::new();
+        for p in &self.placements {
+            assigned
+                .entry(&p.node)
+                .or_default()
+                .push(crate::command::ReplicaKey {
+                    deployment: p.deployment,
+                    replica: p.replica,
+                });
+        }
+        for (id, node) in &mut self.nodes {
+            node.assigned = assigned.remove(id.as_str()).unwrap_or_default();
+        }
+        changed
+    }
+
+    fn refresh_rollouts(&mut self) {
+        let mut counts: BTreeMap<u64, (u32, u32, u32)> = BTreeMap::new();
+        for p in &self.placements {
+            let c = counts.entry(p.deployment).or_default();
+            c.0 += 1;
+            c.1 += u32::from(p.ready);
+        }
+        for u in &self.unplaced {
+            counts.entry(u.deployment).or_default().2 += u.replicas.len() as u32;
+        }
+        for (id, d) in &mut self.deployments {
+            let (placed, ready, unplaced) = counts.get(id).copied().unwrap_or_default();
+            d.rollout = deployments::RolloutStatus::new(d.replicas, placed, ready, unplaced);
+        }
+    }
+
+    /// Serializes the state for a Raft snapshot.
+    pub fn snapshot(&self) -> Result<Vec<u8>> {
+        serde_json::to_vec(self).map_err(|e| Error::Snapshot {
+            reason: e.to_string(),
+        })
+    }
+
+    /// Reads a snapshot back, checking its invariants.
+    pub fn restore(bytes: &[u8]) -> Result<State> {
+        let state: State = serde_json::from_slice(bytes).map_err(|e| Error::Snapshot {
+            reason: e.to_string(),
+        })?;
+        state
+            .check_invariants()
+            .map_err(|reason| Error::Snapshot { reason })?;
+        Ok(state)
+    }
+
+    // --- reads ---
+
+    /// The latest time applied (entries' `now_ms`, never going backwards).
+    pub fn clock_ms(&self) -> u64 {
+        self.clock_ms
+    }
+    /// How long a node may stay silent before it may be marked down.
+    pub fn heartbeat_grace_ms(&self) -> u64 {
+        self.heartbeat_grace_ms
+    }
+    pub fn nodes(&self) -> &BTreeMap<String, Node> {
+        &self.nodes
+    }
+    pub fn coordinators(&self) -> &BTreeMap<u64, Coordinator> {
+        &self.coordinators
+    }
+    pub fn models(&self) -> &BTreeMap<String, Model> {
+        &self.models
+    }
+    pub fn policies(&self) -> &BTreeMap<String, Policy> {
+        &self.policies
+    }
+    pub fn requests(&self) -> &BTreeMap<u64, ApprovalRequest> {
+        &self.requests
+    }
+    pub fn deployments(&self) -> &BTreeMap<u64, Deployment> {
+        &self.deployments
+    }
+    /// Every placed replica, sorted by (deployment, replica).
+    pub fn placements(&self) -> &[Placement] {
+        &self.placements
+    }
+    /// Replicas the scheduler could not place, and why.
+    pub fn unplaced(&self) -> &[Unplaced] {
+        &self.unplaced
+    }
+    pub fn tokens(&self) -> &BTreeMap<String, Token> {
+        &self.tokens
+    }
+    /// The audit log, oldest first; `audit()[i].seq == i`.
+    pub fn audit(&self) -> &[AuditRecord] {
+        &self.audit
+    }
+}

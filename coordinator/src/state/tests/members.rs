@@ -1,0 +1,270 @@
+//! Nodes coming and going, and the placements following them.
+
+use super::*;
+use crate::command::ReplicaKey;
+use crate::state::deployments::RolloutState;
+use crate::state::members::{NodeHealth, NodeLoad};
+
+fn operator() -> Actor {
+    actor("olga", Role::Operator)
+}
+fn leader() -> Actor {
+    actor("coordinator-1", Role::Operator)
+}
+
+fn join(w: &mut World, id: &str, zone: &str) {
+    w.ok(
+        operator(),
+        Command::JoinNode {
+            node: node_spec(id, zone, 8000, 0),
+        },
+    );
+}
+
+fn heartbeat(node: &str, ready: Vec<ReplicaKey>) -> Command {
+    Command::Heartbeat {
+        node: node.into(),
+        load: NodeLoad {
+            cpu_percent: 12,
+            memory_used_mb: 900,
+            inflight: 3,
+        },
+        ready,
+    }
+}
+
+fn nodes_of(w: &World, deployment: u64) -> Vec<String> {
+    w.state
+        .placements()
+        .iter()
+        .filter(|p| p.deployment == deployment)
+        .map(|p| p.node.clone())
+        .collect()
+}
+
+/// Three nodes in three zones, `fraud@1` on two replicas in staging (deployment 1).
+fn deployed() -> World {
+    let mut w = World::with_shelf();
+    for (id, zone) in [("n1", "a"), ("n2", "b"), ("n3", "c")] {
+        join(&mut w, id, zone);
+    }
+    let out = w.ok(operator(), deploy("fraud", "1", "staging", 2));
+    assert!(out.placements_changed);
+    w
+}
+
+#[test]
+fn deployments_are_placed_and_become_available() {
+    let mut w = deployed();
+    let hosts = nodes_of(&w, 1);
+    assert_eq!(hosts, ["n1", "n2"]);
+    assert_eq!(
+        w.state.nodes()["n1"].assigned,
+        [ReplicaKey {
+            deployment: 1,
+            replica: 0
+        }]
+    );
+    assert_eq!(
+        w.state.deployments()[&1].rollout.state,
+        RolloutState::Progressing
+    );
+    // Readiness comes with heartbeats; a quiet heartbeat is not audited.
+    let audited = w.state.audit().len();
+    let out = w.ok(leader(), heartbeat("n3", vec![]));
+    assert_eq!(out.audit_seq, None);
+    assert_eq!(w.state.audit().len(), audited);
+    assert_eq!(w.state.nodes()["n3"].load.inflight, 3);
+    // A replica listed by the wrong node is ignored.
+    w.ok(
+        leader(),
+        heartbeat(
+            "n3",
+            vec![ReplicaKey {
+                deployment: 1,
+                replica: 0,
+            }],
+        ),
+    );
+    assert_eq!(w.state.deployments()[&1].rollout.ready, 0);
+    let out = w.ok(
+        leader(),
+        heartbeat(
+            "n1",
+            vec![ReplicaKey {
+                deployment: 1,
+                replica: 0,
+            }],
+        ),
+    );
+    assert!(out.audit_seq.is_some());
+    w.ok(
+        leader(),
+        heartbeat(
+            "n2",
+            vec![ReplicaKey {
+                deployment: 1,
+                replica: 1,
+            }],
+        ),
+    );
+    assert_eq!(
+        w.state.deployments()[&1].rollout.state,
+        RolloutState::Available
+    );
+    // Scaling beyond the nodes leaves the rest unplaced and says so.
+    w.ok(
+        operator(),
+        Command::ScaleDeployment {
+            deployment: 1,
+            replicas: 4,
+        },
+    );
+    let d = &w.state.deployments()[&1];
+    assert_eq!(
+        (d.rollout.state, d.rollout.placed, d.rollout.unplaced),
+        (RolloutState::Degraded, 3, 1)
+    );
+    assert!(
+        w.state
+            .audit()
+            .last()
+            .is_some_and(|a| a.detail.contains("1 added") && a.detail.contains("1 unplaced"))
+    );
+    w.ok(operator(), Command::DeleteDeployment { deployment: 1 });
+    assert!(w.state.placements().is_empty() && w.state.unplaced().is_empty());
+    assert!(w.state.nodes().values().all(|n| n.assigned.is_empty()));
+}
+
+#[test]
+fn a_silent_node_is_marked_down_after_the_grace_period_and_its_replicas_move() {
+    let mut w = deployed();
+    // Within the grace period the leader's mark is refused.
+    let e = w.refused(leader(), Command::MarkNodeDown { node: "n1".into() });
+    assert!(matches!(e, Error::NodeNotOverdue { .. }), "{e}");
+    assert!(w.state.overdue_nodes(w.now).is_empty());
+    w.now += crate::state::DEFAULT_HEARTBEAT_GRACE_MS;
+    w.ok(leader(), heartbeat("n2", vec![]));
+    w.ok(leader(), heartbeat("n3", vec![]));
+    assert_eq!(w.state.overdue_nodes(w.now), ["n1"]);
+    let out = w.ok(leader(), Command::MarkNodeDown { node: "n1".into() });
+    assert!(out.placements_changed);
+    assert_eq!(w.state.nodes()["n1"].health, NodeHealth::Down);
+    assert_eq!(
+        nodes_of(&w, 1),
+        ["n3", "n2"],
+        "replica 0 moved, replica 1 stayed"
+    );
+    let e = w.refused(leader(), Command::MarkNodeDown { node: "n1".into() });
+    assert!(matches!(e, Error::NodeAlreadyInState { .. }), "{e}");
+    // It comes back: recorded, but nothing moves back (stability).
+    let out = w.ok(leader(), heartbeat("n1", vec![]));
+    assert!(out.audit_seq.is_some());
+    assert_eq!(w.state.nodes()["n1"].health, NodeHealth::Up);
+    assert_eq!(nodes_of(&w, 1), ["n3", "n2"]);
+}
+
+#[test]
+fn draining_and_leaving_move_replicas() {
+    let mut w = deployed();
+    w.ok(operator(), Command::DrainNode { node: "n2".into() });
+    assert_eq!(nodes_of(&w, 1), ["n1", "n3"]);
+    let e = w.refused(operator(), Command::DrainNode { node: "n2".into() });
+    assert!(matches!(e, Error::NodeAlreadyInState { .. }), "{e}");
+    // Draining survives a restart (the node joins again).
+    join(&mut w, "n2", "b");
+    assert!(w.state.nodes()["n2"].draining);
+    w.ok(operator(), Command::ResumeNode { node: "n2".into() });
+    let e = w.refused(operator(), Command::ResumeNode { node: "n2".into() });
+    assert!(matches!(e, Error::NodeAlreadyInState { .. }), "{e}");
+    w.ok(operator(), Command::LeaveNode { node: "n3".into() });
+    assert_eq!(nodes_of(&w, 1), ["n1", "n2"]);
+    assert!(!w.state.nodes().contains_key("n3"));
+    for command in [
+        Command::LeaveNode { node: "n3".into() },
+        Command::DrainNode { node: "zz".into() },
+        heartbeat("zz", vec![]),
+    ] {
+        let e = w.refused(operator(), command);
+        assert!(matches!(e, Error::UnknownNode { .. }), "{e}");
+    }
+}
+
+#[test]
+fn joins_are_validated() {
+    let mut w = World::new();
+    let mut bad = vec![];
+    let mut spec = node_spec("n 1", "a", 1000, 0);
+    bad.push(spec.clone());
+    spec.id = "n1".into();
+    spec.address = "nowhere".into();
+    bad.push(spec.clone());
+    spec.address = "n1:1".into();
+    spec.inventory.cpu_cores = 0;
+    bad.push(spec.clone());
+    spec.inventory.cpu_cores = 1;
+    spec.labels.insert("bad key".into(), "v".into());
+    bad.push(spec.clone());
+    for spec in bad {
+        let e = w.refused(operator(), Command::JoinNode { node: spec });
+        assert!(matches!(e, Error::Invalid { .. }), "{e}");
+    }
+    spec.labels.clear();
+    w.ok(operator(), Command::JoinNode { node: spec });
+    let e = w.refused(
+        actor("pat", Role::Publisher),
+        Command::JoinNode {
+            node: node_spec("n2", "a", 1, 0),
+        },
+    );
+    assert!(matches!(e, Error::Forbidden { .. }), "{e}");
+}
+
+#[test]
+fn coordinators_and_grace() {
+    let mut w = World::new();
+    let add = |id| Command::AddCoordinator {
+        id,
+        address: format!("c{id}:7000"),
+    };
+    w.ok(admin(), add(1));
+    w.ok(admin(), add(2));
+    let e = w.refused(admin(), add(2));
+    assert!(matches!(e, Error::CoordinatorExists { id: 2 }), "{e}");
+    let e = w.refused(operator(), add(3));
+    assert!(
+        matches!(
+            e,
+            Error::Forbidden {
+                needed: Role::Admin,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    w.ok(admin(), Command::RemoveCoordinator { id: 1 });
+    let e = w.refused(admin(), Command::RemoveCoordinator { id: 2 });
+    assert!(matches!(e, Error::LastCoordinator { id: 2 }), "{e}");
+    let e = w.refused(admin(), Command::RemoveCoordinator { id: 9 });
+    assert!(matches!(e, Error::UnknownCoordinator { id: 9 }), "{e}");
+    let e = w.refused(admin(), Command::SetHeartbeatGrace { grace_ms: 5 });
+    assert!(matches!(e, Error::Invalid { .. }), "{e}");
+    w.ok(admin(), Command::SetHeartbeatGrace { grace_ms: 30_000 });
+    assert_eq!(w.state.heartbeat_grace_ms(), 30_000);
+}
+
+#[test]
+fn the_clock_never_goes_back() {
+    let mut w = World::new();
+    w.ok(admin(), policy("staging", 0, Role::Approver));
+    let late = w.state.clock_ms();
+    // A new leader whose clock is behind.
+    let entry = Entry {
+        actor: admin(),
+        now_ms: late - 500_000,
+        command: policy("production", 2, Role::Approver),
+    };
+    w.state.apply(&entry).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(w.state.clock_ms(), late);
+    assert_eq!(w.state.audit()[1].at_ms, late);
+}
