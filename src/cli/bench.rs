@@ -6,6 +6,8 @@
 //! - `http`: the V2 HTTP round trip (JSON and binary, concurrency 1 and 8) vs the Wasm path.
 //! - `coldstart`: process start to first successful prediction, warm AOT cache and cold (JIT).
 //! - `memory`: RSS with 1 MLP bundle, then with 100 copies under different names.
+//! - `scheduler`: the coordinators' placement of 100,000 replicas over 10,000 nodes, from scratch
+//!   and again after 1% of the nodes went down.
 
 use anyhow::{Context, bail};
 use sophon_node::runtime::{GuestDatatype, GuestTensor};
@@ -38,6 +40,7 @@ enum Which {
     Http,
     Coldstart,
     Memory,
+    Scheduler,
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -53,6 +56,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if all || args.what == Which::Memory {
         memory()?;
+    }
+    if all || args.what == Which::Scheduler {
+        scheduler()?;
     }
     Ok(())
 }
@@ -503,5 +509,49 @@ fn memory() -> anyhow::Result<()> {
         mib(weights as f64),
         mib(per_model - weights as f64)
     );
+    Ok(())
+}
+
+fn scheduler() -> anyhow::Result<()> {
+    use sophon_coordinator::scheduler::{check_plan, place, synthetic::synthetic_cluster};
+    let cluster = synthetic_cluster(10_000, 100_000, 42);
+    println!("\n## scheduler: 100,000 replicas over 10,000 simulated nodes (5 runs each)");
+    println!("| case | median | min | max | placed | unplaced |");
+    println!("|---|---|---|---|---|---|");
+    let mut runs = Vec::new();
+    let mut plan = place(&cluster.nodes, &cluster.deployments, &[]);
+    for _ in 0..5 {
+        let t = Instant::now();
+        plan = black_box(place(&cluster.nodes, &cluster.deployments, &[]));
+        runs.push(t.elapsed());
+    }
+    if let Err(e) = check_plan(&cluster.nodes, &cluster.deployments, &plan) {
+        bail!("the scheduler broke an invariant: {e}");
+    }
+    let row = |case: &str, runs: &mut Vec<Duration>, plan: &sophon_coordinator::scheduler::Plan| {
+        runs.sort_unstable();
+        let unplaced: usize = plan.unplaced.iter().map(|u| u.replicas.len()).sum();
+        println!(
+            "| {case} | {:.1} ms | {:.1} ms | {:.1} ms | {} | {unplaced} |",
+            runs[2].as_secs_f64() * 1e3,
+            runs[0].as_secs_f64() * 1e3,
+            runs[4].as_secs_f64() * 1e3,
+            plan.placements.len()
+        );
+    };
+    row("from scratch", &mut runs, &plan);
+    let mut nodes = cluster.nodes.clone();
+    for node in nodes.iter_mut().step_by(100) {
+        node.schedulable = false;
+    }
+    let current = plan.placements.clone();
+    let mut runs = Vec::new();
+    let mut replanned = plan;
+    for _ in 0..5 {
+        let t = Instant::now();
+        replanned = black_box(place(&nodes, &cluster.deployments, &current));
+        runs.push(t.elapsed());
+    }
+    row("replan after 100 nodes went down", &mut runs, &replanned);
     Ok(())
 }
