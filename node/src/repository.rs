@@ -92,18 +92,35 @@ impl Admission {
     }
 
     /// Wait for a slot, or fail at once when too many are already waiting.
+    ///
+    /// Cancel-safe: a request dropped while it waits (the client went away) leaves the queue.
     pub async fn enter(&self) -> Result<SemaphorePermit<'_>, Overloaded> {
         if let Ok(permit) = self.slots.try_acquire() {
             return Ok(permit);
         }
         let queued = self.waiting.fetch_add(1, Ordering::AcqRel);
+        let _waiting = Waiting(&self.waiting);
         if queued >= self.max_queue {
-            self.waiting.fetch_sub(1, Ordering::AcqRel);
             return Err(Overloaded { queued });
         }
-        let permit = self.slots.acquire().await;
-        self.waiting.fetch_sub(1, Ordering::AcqRel);
-        permit.map_err(|_| Overloaded { queued })
+        self.slots
+            .acquire()
+            .await
+            .map_err(|_| Overloaded { queued })
+    }
+
+    /// Requests waiting for a slot right now.
+    pub fn queued(&self) -> usize {
+        self.waiting.load(Ordering::Acquire)
+    }
+}
+
+/// One request counted in the queue, for as long as it exists.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -447,4 +464,48 @@ fn check_metadata(manifest: &Manifest, metadata: &GuestMetadata) -> Result<(), S
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_request_abandoned_in_the_queue_leaves_it() {
+        let admission = Admission::new(1, 1);
+        let held = admission.enter().await.expect("first slot");
+        {
+            let waiting = admission.enter();
+            tokio::pin!(waiting);
+            // Poll once so it queues, then drop it as a disconnecting client would.
+            let polled = futures_poll_once(waiting.as_mut()).await;
+            assert!(polled.is_none());
+            assert_eq!(admission.queued(), 1);
+        }
+        assert_eq!(
+            admission.queued(),
+            0,
+            "the abandoned request left the queue"
+        );
+        // The queue still admits a waiter, and a second one is refused.
+        let admission = &admission;
+        let waiter = async move { admission.enter().await.map(|_| ()) };
+        tokio::pin!(waiter);
+        assert!(futures_poll_once(waiter.as_mut()).await.is_none());
+        assert!(admission.enter().await.is_err(), "queue of 1 is full");
+        drop(held);
+        assert!(waiter.await.is_ok());
+    }
+
+    /// Poll a future once; `Some` if it finished.
+    async fn futures_poll_once<F: std::future::Future + Unpin>(f: F) -> Option<F::Output> {
+        let mut f = f;
+        std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(match std::pin::Pin::new(&mut f).poll(cx) {
+                std::task::Poll::Ready(v) => Some(v),
+                std::task::Poll::Pending => None,
+            })
+        })
+        .await
+    }
 }
