@@ -43,6 +43,13 @@ fn main() {
             "--target-dir",
         ])
         .arg(&target_dir);
+    // Components start with 4 MiB of linear memory. With copy-on-write images the untouched pages
+    // cost nothing, and a typical request then never calls `memory.grow` (a host call plus an
+    // `mprotect`, which on a multi-threaded host means a TLB shootdown on every core).
+    cmd.env(
+        "CARGO_TARGET_WASM32_WASIP2_RUSTFLAGS",
+        "-C link-arg=--initial-memory=4194304",
+    );
     for var in [
         "RUSTFLAGS",
         "CARGO_ENCODED_RUSTFLAGS",
