@@ -164,6 +164,20 @@ pub enum Error {
         "cannot read the state snapshot: {reason}; install a snapshot from a healthy coordinator"
     )]
     Snapshot { reason: String },
+
+    // --- raft ---
+    #[error(
+        "replica {id} is not the leader, leader is {leader} (0: none known yet): send the \
+         proposal to the leader or retry once one is elected"
+    )]
+    NotLeader { id: u64, leader: u64 },
+    #[error("raft on replica {id} refused the request: {reason}; retry, or check the cluster")]
+    Raft { id: u64, reason: String },
+    #[error(
+        "log entry {index} is not a valid entry: {reason}; the log was written by an \
+         incompatible version"
+    )]
+    LogEntry { index: u64, reason: String },
 }
 
 /// Shorthand for [`Error::Invalid`].

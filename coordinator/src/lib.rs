@@ -7,6 +7,9 @@
 //! - [`Command`] and [`Entry`]: the only way to change a [`State`], one committed Raft entry at a
 //!   time through [`State::apply`]; [`Role`]s decide who may issue what.
 //! - [`scheduler::place`]: replicas onto nodes by hardware, memory, load and spread.
+//! - [`raft::ReplicaNode`]: one coordinator's Raft replica (raft-rs `RawNode` + [`State`]) and
+//!   its ready loop, sans IO, over a swappable [`raft::LogStore`]; tested on a simulated
+//!   network and clock.
 //!
 //! # How data flows
 //! The admin API authenticates a bearer secret ([`State::authenticate`]) into an [`Actor`],
@@ -21,6 +24,7 @@
 
 pub mod command;
 pub mod error;
+pub mod raft;
 pub mod scheduler;
 pub mod state;
 

@@ -1,0 +1,358 @@
+//! [`ReplicaNode`]: one coordinator's Raft replica, sans IO. It owns raft-rs's `RawNode`, the
+//! replicated [`State`] and the ready loop ([`ReplicaNode::handle_ready`]), which follows the
+//! order raft-rs's `five_mem_node` example documents.
+
+use protobuf::Message as _;
+use raft::eraftpb::{
+    ConfChange, ConfChangeType, ConfChangeV2, ConfState, Entry as LogEntry, EntryType, Message,
+};
+use raft::{RawNode, ReadState, SnapshotStatus, StateRole};
+
+use super::store::LogStore;
+use crate::{Entry, Error, Outcome, Result, State};
+
+/// How a replica runs.
+#[derive(Debug, Clone)]
+pub struct ReplicaConfig {
+    /// This replica's Raft id (non-zero).
+    pub id: u64,
+    /// Ticks without a heartbeat before a follower campaigns.
+    pub election_tick: usize,
+    /// Ticks between a leader's heartbeats.
+    pub heartbeat_tick: usize,
+    /// Applied entries between two snapshots (the log is compacted at each snapshot).
+    pub snapshot_every: u64,
+}
+
+impl Default for ReplicaConfig {
+    fn default() -> ReplicaConfig {
+        ReplicaConfig {
+            id: 1,
+            election_tick: 10,
+            heartbeat_tick: 3,
+            snapshot_every: 1000,
+        }
+    }
+}
+
+/// What one turn of the ready loop produced.
+#[derive(Debug, Default)]
+pub struct ReadyOutput {
+    /// Messages to deliver to peers, in order.
+    pub messages: Vec<Message>,
+    /// Normal entries applied this turn: log index and what [`State::apply`] returned.
+    pub applied: Vec<(u64, Result<Outcome>)>,
+    /// ReadIndex requests that are now safe to serve once `index` is applied.
+    pub read_states: Vec<ReadState>,
+}
+
+/// One Raft replica of the coordinator state.
+pub struct ReplicaNode<S: LogStore> {
+    raw: RawNode<S>,
+    state: State,
+    conf_state: ConfState,
+    snapshot_every: u64,
+    applied_index: u64,
+    last_snapshot_index: u64,
+}
+
+fn raft_err(id: u64, e: impl std::fmt::Display) -> Error {
+    Error::Raft {
+        id,
+        reason: e.to_string(),
+    }
+}
+
+impl<S: LogStore> ReplicaNode<S> {
+    /// Starts a replica on `store`, logging through `logger`
+    /// ([`tracing_logger`](super::tracing_logger) in production).
+    pub fn new(config: &ReplicaConfig, store: S, logger: &slog::Logger) -> Result<ReplicaNode<S>> {
+        let id = config.id;
+        let raft_config = raft::Config {
+            id,
+            election_tick: config.election_tick,
+            heartbeat_tick: config.heartbeat_tick,
+            check_quorum: true,
+            pre_vote: true,
+            ..Default::default()
+        };
+        raft_config.validate().map_err(|e| raft_err(id, e))?;
+        let initial = store.initial_state().map_err(|e| raft_err(id, e))?;
+        let raw = RawNode::new(&raft_config, store, logger).map_err(|e| raft_err(id, e))?;
+        Ok(ReplicaNode {
+            raw,
+            state: State::new(),
+            conf_state: initial.conf_state,
+            snapshot_every: config.snapshot_every.max(1),
+            applied_index: 0,
+            last_snapshot_index: 0,
+        })
+    }
+
+    /// This replica's id.
+    pub fn id(&self) -> u64 {
+        self.raw.raft.id
+    }
+
+    /// The replicated state as of the last applied entry.
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    /// Whether this replica is the leader.
+    pub fn is_leader(&self) -> bool {
+        self.raw.raft.state == StateRole::Leader
+    }
+
+    /// The leader this replica knows of (0: none).
+    pub fn leader_id(&self) -> u64 {
+        self.raw.raft.leader_id
+    }
+
+    /// The current term.
+    pub fn term(&self) -> u64 {
+        self.raw.raft.term
+    }
+
+    /// The index of the last applied entry.
+    pub fn applied_index(&self) -> u64 {
+        self.applied_index
+    }
+
+    /// The voters as of the last applied conf change.
+    pub fn voters(&self) -> Vec<u64> {
+        self.conf_state.voters.clone()
+    }
+
+    /// The log store (to inspect in tests, or to flush in a driver).
+    pub fn store(&self) -> &S {
+        self.raw.store()
+    }
+
+    fn ensure_leader(&self) -> Result<()> {
+        if self.is_leader() {
+            Ok(())
+        } else {
+            Err(Error::NotLeader {
+                id: self.id(),
+                leader: self.leader_id(),
+            })
+        }
+    }
+
+    /// Proposes an entry; it is applied once committed (see [`ReadyOutput::applied`]).
+    pub fn propose(&mut self, entry: &Entry) -> Result<()> {
+        self.ensure_leader()?;
+        let data = serde_json::to_vec(entry).map_err(|e| raft_err(self.id(), e))?;
+        let id = self.id();
+        self.raw.propose(vec![], data).map_err(|e| raft_err(id, e))
+    }
+
+    fn propose_change(&mut self, node: u64, change_type: ConfChangeType) -> Result<()> {
+        self.ensure_leader()?;
+        let mut cc = ConfChange {
+            node_id: node,
+            ..Default::default()
+        };
+        cc.set_change_type(change_type);
+        let id = self.id();
+        self.raw
+            .propose_conf_change(vec![], cc)
+            .map_err(|e| raft_err(id, e))
+    }
+
+    /// Proposes adding `node` as a voter.
+    pub fn propose_add_node(&mut self, node: u64) -> Result<()> {
+        self.propose_change(node, ConfChangeType::AddNode)
+    }
+
+    /// Proposes removing `node`.
+    pub fn propose_remove_node(&mut self, node: u64) -> Result<()> {
+        self.propose_change(node, ConfChangeType::RemoveNode)
+    }
+
+    /// Asks the leader to hand leadership to `to` (ignored on a follower).
+    pub fn transfer_leader(&mut self, to: u64) -> Result<()> {
+        self.ensure_leader()?;
+        self.raw.transfer_leader(to);
+        Ok(())
+    }
+
+    /// Starts a linearizable read; it is safe once a [`ReadState`] with the same `ctx` comes
+    /// back in [`ReadyOutput::read_states`] and its index is applied.
+    pub fn read_index(&mut self, ctx: Vec<u8>) {
+        self.raw.read_index(ctx);
+    }
+
+    /// Tells raft whether a snapshot sent to `to` arrived; until a lost snapshot is reported,
+    /// the leader sends that peer nothing else.
+    pub fn report_snapshot(&mut self, to: u64, delivered: bool) {
+        let status = if delivered {
+            SnapshotStatus::Finish
+        } else {
+            SnapshotStatus::Failure
+        };
+        self.raw.report_snapshot(to, status);
+    }
+
+    /// Tells raft that a message to `to` could not be sent (the leader then probes it again).
+    pub fn report_unreachable(&mut self, to: u64) {
+        self.raw.report_unreachable(to);
+    }
+
+    /// Advances the logical clock by one tick.
+    pub fn tick(&mut self) {
+        self.raw.tick();
+    }
+
+    /// Feeds a message from a peer.
+    pub fn step(&mut self, msg: Message) -> Result<()> {
+        let id = self.id();
+        self.raw.step(msg).map_err(|e| raft_err(id, e))
+    }
+
+    /// Runs one turn of the ready loop: the only place that persists, applies and emits.
+    pub fn handle_ready(&mut self) -> Result<ReadyOutput> {
+        let mut out = ReadyOutput::default();
+        if !self.raw.has_ready() {
+            return Ok(out);
+        }
+        let id = self.id();
+        let mut ready = self.raw.ready();
+
+        // 1. Send messages: a leader may send before it persists (the followers persist too).
+        out.messages.extend(ready.take_messages());
+
+        // 2. Apply the snapshot the leader sent, to the store and to the state.
+        if !ready.snapshot().is_empty() {
+            let snapshot = ready.snapshot().clone();
+            self.state = State::restore(snapshot.get_data())?;
+            let meta = snapshot.get_metadata();
+            self.conf_state = meta.get_conf_state().clone();
+            self.applied_index = meta.index;
+            self.last_snapshot_index = meta.index;
+            self.raw
+                .mut_store()
+                .apply_snapshot(snapshot)
+                .map_err(|e| raft_err(id, e))?;
+        }
+
+        // ReadIndex answers ride on the full ready only.
+        out.read_states.extend(ready.take_read_states());
+
+        // 3. Apply committed entries.
+        let committed = ready.take_committed_entries();
+        self.apply_entries(committed, &mut out)?;
+
+        // 4. Persist new log entries, then the hard state.
+        self.raw
+            .mut_store()
+            .append(ready.entries())
+            .map_err(|e| raft_err(id, e))?;
+        if let Some(hs) = ready.hs() {
+            self.raw
+                .mut_store()
+                .set_hardstate(hs.clone())
+                .map_err(|e| raft_err(id, e))?;
+        }
+
+        // 5. Send the messages that had to wait until the entries were persisted.
+        out.messages.extend(ready.take_persisted_messages());
+
+        // 6. Advance: tell raft this ready was handled, and handle the light ready it returns
+        //    (a new commit index, more messages, more committed entries).
+        let mut light = self.raw.advance(ready);
+        if let Some(commit) = light.commit_index() {
+            self.raw
+                .mut_store()
+                .set_commit(commit)
+                .map_err(|e| raft_err(id, e))?;
+        }
+        out.messages.extend(light.take_messages());
+        let committed = light.take_committed_entries();
+        self.apply_entries(committed, &mut out)?;
+        self.raw.advance_apply();
+
+        // 7. Snapshot and compact once enough entries were applied since the last snapshot.
+        self.maybe_snapshot()?;
+        Ok(out)
+    }
+
+    fn apply_entries(&mut self, entries: Vec<LogEntry>, out: &mut ReadyOutput) -> Result<()> {
+        let id = self.id();
+        for log_entry in entries {
+            let index = log_entry.index;
+            self.applied_index = index;
+            if log_entry.data.is_empty() {
+                // The empty entry a new leader appends (or an empty conf change): nothing to do.
+                continue;
+            }
+            match log_entry.get_entry_type() {
+                EntryType::EntryNormal => {
+                    let result = serde_json::from_slice::<Entry>(&log_entry.data)
+                        .map_err(|e| Error::LogEntry {
+                            index,
+                            reason: e.to_string(),
+                        })
+                        .and_then(|entry| self.state.apply(&entry));
+                    out.applied.push((index, result));
+                }
+                EntryType::EntryConfChange => {
+                    let cc = ConfChange::parse_from_bytes(&log_entry.data).map_err(|e| {
+                        Error::LogEntry {
+                            index,
+                            reason: e.to_string(),
+                        }
+                    })?;
+                    let cs = self
+                        .raw
+                        .apply_conf_change(&cc)
+                        .map_err(|e| raft_err(id, e))?;
+                    self.store_conf_state(cs)?;
+                }
+                EntryType::EntryConfChangeV2 => {
+                    let cc = ConfChangeV2::parse_from_bytes(&log_entry.data).map_err(|e| {
+                        Error::LogEntry {
+                            index,
+                            reason: e.to_string(),
+                        }
+                    })?;
+                    let cs = self
+                        .raw
+                        .apply_conf_change(&cc)
+                        .map_err(|e| raft_err(id, e))?;
+                    self.store_conf_state(cs)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Persists and remembers the membership a conf change produced.
+    fn store_conf_state(&mut self, cs: ConfState) -> Result<()> {
+        let id = self.id();
+        self.raw
+            .mut_store()
+            .set_conf_state(cs.clone())
+            .map_err(|e| raft_err(id, e))?;
+        self.conf_state = cs;
+        Ok(())
+    }
+
+    fn maybe_snapshot(&mut self) -> Result<()> {
+        if self.applied_index < self.last_snapshot_index + self.snapshot_every {
+            return Ok(());
+        }
+        let id = self.id();
+        let index = self.applied_index;
+        let data = self.state.snapshot()?;
+        let store = self.raw.mut_store();
+        store
+            .create_snapshot(index, self.conf_state.clone(), data)
+            .map_err(|e| raft_err(id, e))?;
+        store.compact(index).map_err(|e| raft_err(id, e))?;
+        self.last_snapshot_index = index;
+        tracing::debug!(replica = id, index, "snapshot taken and log compacted");
+        Ok(())
+    }
+}

@@ -1,0 +1,388 @@
+//! Cluster tests on the simulated network ([`super::sim`]): elections, leader changes under
+//! load, minority partitions, snapshot catch-up, membership changes, leader transfer and
+//! ReadIndex.
+
+use std::collections::BTreeSet;
+
+use super::sim::Cluster;
+use crate::{Command, Role};
+
+fn policy(n: u64) -> Command {
+    Command::SetPolicy {
+        environment: format!("env-{n}"),
+        required_approvals: 1,
+        approver_role: Role::Approver,
+    }
+}
+
+fn env(n: u64) -> String {
+    format!("env-{n}")
+}
+
+fn ids(c: &Cluster) -> BTreeSet<u64> {
+    c.nodes.keys().copied().collect()
+}
+
+/// Whether every replica in `ids` applied the same index and holds byte-identical state.
+fn converged(c: &Cluster, ids: &BTreeSet<u64>) -> bool {
+    let snaps = c.snapshots(ids);
+    c.all_applied(ids) && snaps.windows(2).all(|w| w[0] == w[1])
+}
+
+fn has_policy(c: &Cluster, id: u64, n: u64) -> bool {
+    c.nodes[&id].state().policies().contains_key(&env(n))
+}
+
+fn partition(c: &mut Cluster, side: &[u64]) {
+    let all = ids(c);
+    for &a in side {
+        for &b in all.iter().filter(|b| !side.contains(b)) {
+            c.cut(a, b);
+        }
+    }
+}
+
+#[test]
+fn three_replicas_elect_one_leader_and_a_new_one_after_isolation() {
+    let mut c = Cluster::new(3, 1, 1000);
+    let first = c.elect();
+    let term = c.nodes[&first].term();
+    let leaders = c.nodes.values().filter(|n| n.is_leader()).count();
+    assert_eq!(leaders, 1, "exactly one leader");
+    assert!(
+        c.run_until(30, |c| c.nodes.values().all(|n| n.leader_id() == first)),
+        "followers learn the leader"
+    );
+
+    c.isolate(first);
+    assert!(
+        c.run_until(300, |c| c
+            .nodes
+            .values()
+            .any(|n| n.id() != first && n.is_leader())),
+        "the majority elects a new leader"
+    );
+    let second = c
+        .nodes
+        .values()
+        .find(|n| n.id() != first && n.is_leader())
+        .map(|n| n.id())
+        .expect("new leader");
+    assert!(
+        c.nodes[&second].term() > term,
+        "the new leader has a higher term"
+    );
+
+    c.recover();
+    assert!(
+        c.run_until(300, |c| {
+            let old = &c.nodes[&first];
+            !old.is_leader() && c.leader().is_some() && old.leader_id() == c.leader().unwrap_or(0)
+        }),
+        "the old leader rejoins as a follower"
+    );
+    assert_eq!(c.nodes.values().filter(|n| n.is_leader()).count(), 1);
+}
+
+#[test]
+fn leader_change_under_load_keeps_every_committed_entry() {
+    let mut c = Cluster::new(3, 7, 1000);
+    let first = c.elect();
+    let first_term = c.nodes[&first].term();
+    let mut committed: BTreeSet<String> = BTreeSet::new();
+    let mut accepted_by_new = 0;
+    let mut n = 0;
+    // One proposal per tick to whoever leads: 20 to the first leader, then it is cut off
+    // mid-stream and the stream goes on until a new leader accepted 30 more (raft-rs
+    // randomises election timeouts, so how long that takes varies), then the link heals and
+    // 20 more follow.
+    for step in 0..600 {
+        if step == 20 {
+            c.isolate(first);
+        }
+        if accepted_by_new == 30 {
+            c.recover();
+        }
+        if accepted_by_new >= 50 {
+            break;
+        }
+        if let Some(leader) = c.leader()
+            && c.propose(leader, policy(n)).is_ok()
+            && leader != first
+        {
+            accepted_by_new += 1;
+        }
+        n += 1;
+        c.tick();
+        // What the current leader has applied is what a client was told is committed.
+        if let Some(leader) = c.leader() {
+            committed.extend(c.nodes[&leader].state().policies().keys().cloned());
+        }
+    }
+    let all = ids(&c);
+    assert!(
+        c.run_until(500, |c| converged(c, &all)),
+        "replicas converge"
+    );
+    let leader = c.leader().expect("a leader at the end");
+    assert!(c.nodes[&leader].term() > first_term, "leadership changed");
+    assert!(
+        accepted_by_new >= 50,
+        "new leaders accepted ({accepted_by_new})"
+    );
+    let before = (0..20).filter(|&n| committed.contains(&env(n))).count();
+    let after = (20..n).filter(|&n| committed.contains(&env(n))).count();
+    assert!(before >= 15, "the first leader committed ({before})");
+    assert!(after >= 40, "later leaders committed ({after})");
+    for id in &all {
+        let policies = c.nodes[id].state().policies();
+        for name in &committed {
+            assert!(policies.contains_key(name), "replica {id} lost {name}");
+        }
+    }
+}
+
+#[test]
+fn proposals_on_a_minority_leader_never_commit() {
+    let mut c = Cluster::new(5, 3, 1000);
+    let old = c.elect();
+    let buddy = ids(&c).into_iter().find(|&id| id != old).expect("follower");
+    partition(&mut c, &[old, buddy]);
+    for n in 0..5 {
+        c.propose(old, policy(n))
+            .expect("still leader right after the cut");
+    }
+    assert!(
+        c.run_until(300, |c| c
+            .nodes
+            .values()
+            .any(|n| n.id() != old && n.id() != buddy && n.is_leader())),
+        "the majority elects its own leader"
+    );
+    let new = c.leader().expect("majority leader");
+    c.propose(new, policy(100))
+        .expect("majority leader accepts");
+    assert!(c.run_until(50, |c| has_policy(c, new, 100)));
+    for _ in 0..50 {
+        c.tick();
+    }
+    for id in ids(&c) {
+        for n in 0..5 {
+            assert!(
+                !has_policy(&c, id, n),
+                "minority entry {n} committed on {id}"
+            );
+        }
+    }
+    assert!(
+        !c.nodes[&old].is_leader(),
+        "the minority leader stepped down"
+    );
+
+    c.recover();
+    let all = ids(&c);
+    assert!(c.run_until(300, |c| converged(c, &all)));
+    for id in all {
+        assert!(has_policy(&c, id, 100));
+        assert!((0..5).all(|n| !has_policy(&c, id, n)));
+    }
+}
+
+#[test]
+fn lagging_follower_catches_up_through_a_snapshot() {
+    let mut c = Cluster::new(3, 11, 10);
+    let leader = c.elect();
+    let lagging = ids(&c)
+        .into_iter()
+        .find(|&id| id != leader)
+        .expect("follower");
+    c.isolate(lagging);
+    let behind = c.nodes[&lagging].applied_index();
+    for n in 0..40 {
+        c.propose(leader, policy(n)).expect("leader accepts");
+        c.tick();
+    }
+    let store = c.nodes[&leader].store();
+    assert!(
+        store.snapshot_index() > behind + 1,
+        "the leader compacted its log"
+    );
+    assert!(
+        raft::Storage::first_index(store).expect("first index") > behind + 1,
+        "the entries the follower needs are gone"
+    );
+
+    c.recover();
+    let all = ids(&c);
+    assert!(
+        c.run_until(300, |c| converged(c, &all)),
+        "follower catches up"
+    );
+    assert!((0..40).all(|n| has_policy(&c, lagging, n)));
+    let replayed = c.applied[&lagging].len();
+    assert!(
+        replayed < c.applied[&leader].len(),
+        "the follower skipped entries through the snapshot ({replayed} replayed)"
+    );
+}
+
+#[test]
+fn membership_change_adds_then_removes_a_replica() {
+    let mut c = Cluster::new(3, 5, 20);
+    let leader = c.elect();
+    for n in 0..5 {
+        c.propose(leader, policy(n)).expect("leader accepts");
+    }
+    c.add_replica(4);
+    c.nodes
+        .get_mut(&leader)
+        .expect("leader")
+        .propose_add_node(4)
+        .expect("add node");
+    assert!(
+        c.run_until(200, |c| c.nodes.values().all(|n| n.voters().contains(&4))),
+        "every replica, the new one included, sees 4 as a voter"
+    );
+    for n in 5..10 {
+        c.propose(leader, policy(n)).expect("leader accepts");
+    }
+    let all = ids(&c);
+    assert!(
+        c.run_until(200, |c| converged(c, &all)),
+        "the new replica caught up"
+    );
+    assert!((0..10).all(|n| has_policy(&c, 4, n)));
+
+    let removed = all
+        .iter()
+        .copied()
+        .find(|&id| id != leader && id != 4)
+        .expect("a follower to remove");
+    c.nodes
+        .get_mut(&leader)
+        .expect("leader")
+        .propose_remove_node(removed)
+        .expect("remove node");
+    let rest: BTreeSet<u64> = all.iter().copied().filter(|&id| id != removed).collect();
+    assert!(
+        c.run_until(200, |c| rest
+            .iter()
+            .all(|id| !c.nodes[id].voters().contains(&removed))),
+        "the removal is applied"
+    );
+    c.isolate(removed);
+    for n in 10..15 {
+        c.propose(leader, policy(n)).expect("leader accepts");
+    }
+    assert!(
+        c.run_until(200, |c| converged(c, &rest)),
+        "the cluster keeps committing"
+    );
+    for id in &rest {
+        assert!((0..15).all(|n| has_policy(&c, *id, n)));
+    }
+}
+
+#[test]
+fn leader_transfer_and_read_index() {
+    let mut c = Cluster::new(3, 9, 1000);
+    let leader = c.elect();
+    let follower = ids(&c)
+        .into_iter()
+        .find(|&id| id != leader)
+        .expect("follower");
+    assert!(
+        c.nodes
+            .get_mut(&follower)
+            .expect("node")
+            .transfer_leader(leader)
+            .is_err()
+    );
+    c.nodes
+        .get_mut(&leader)
+        .expect("leader")
+        .transfer_leader(follower)
+        .expect("transfer");
+    assert!(
+        c.run_until(100, |c| c.leader() == Some(follower)),
+        "leadership moves to the transferee"
+    );
+
+    c.propose(follower, policy(1)).expect("new leader accepts");
+    c.nodes
+        .get_mut(&follower)
+        .expect("leader")
+        .read_index(b"read-1".to_vec());
+    assert!(c.run_until(50, |c| {
+        c.read_states[&follower]
+            .iter()
+            .any(|r| r.request_ctx == b"read-1")
+    }));
+    let read = c.read_states[&follower]
+        .iter()
+        .find(|r| r.request_ctx == b"read-1")
+        .map(|r| r.index)
+        .expect("read state");
+    assert!(c.run_until(50, |c| c.nodes[&follower].applied_index() >= read));
+    assert!(
+        has_policy(&c, follower, 1),
+        "the read sees the earlier write"
+    );
+}
+
+#[test]
+fn a_follower_refuses_proposals_and_names_the_leader() {
+    let mut c = Cluster::new(3, 2, 1000);
+    let leader = c.elect();
+    assert!(c.run_until(30, |c| c.nodes.values().all(|n| n.leader_id() == leader)));
+    let follower = ids(&c)
+        .into_iter()
+        .find(|&id| id != leader)
+        .expect("follower");
+    match c.propose(follower, policy(1)) {
+        Err(crate::Error::NotLeader { id, leader: named }) => {
+            assert_eq!((id, named), (follower, leader));
+        }
+        other => panic!("expected NotLeader, got {other:?}"),
+    }
+}
+
+#[test]
+fn lossy_and_slow_links_still_converge() {
+    let mut c = Cluster::new(3, 13, 15);
+    let all = ids(&c);
+    for &a in &all {
+        for &b in all.iter().filter(|&&b| b != a) {
+            c.drop(a, b, 0.2);
+        }
+    }
+    c.delay(1, 2, 3);
+    c.delay(3, 1, 2);
+    let mut n = 0;
+    for _ in 0..400 {
+        if let Some(leader) = c.leader()
+            && n < 30
+            && c.propose(leader, policy(n)).is_ok()
+        {
+            n += 1;
+        }
+        c.tick();
+    }
+    c.recover();
+    let ok = c.run_until(300, |c| converged(c, &all));
+    let view: Vec<_> = c
+        .nodes
+        .values()
+        .map(|n| (n.id(), n.term(), n.is_leader(), n.applied_index()))
+        .collect();
+    assert!(
+        ok,
+        "replicas converge: (id, term, leader, applied) {view:?}"
+    );
+    let leader = c.leader().expect("leader");
+    let committed = c.nodes[&leader].state().policies().len();
+    assert!(
+        committed > 10,
+        "entries commit over a lossy network ({committed})"
+    );
+}
