@@ -329,7 +329,7 @@ async fn infer(
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     let model = lookup(&state, &p)?;
-    let result = run_infer(&state, &model, &headers, body, started).await;
+    let result = run_infer(&state, &model, &headers, body).await;
     let outcome = match &result {
         Ok(_) => "success",
         Err((_, outcome)) => outcome,
@@ -360,7 +360,6 @@ async fn run_infer(
     model: &LoadedModel,
     headers: &HeaderMap,
     body: Body,
-    _started: Instant,
 ) -> Result<Response, Outcome> {
     let header_len = match headers.get(v2::HEADER_CONTENT_LENGTH) {
         None => None,
