@@ -174,6 +174,11 @@ pub enum Error {
     #[error("raft on replica {id} refused the request: {reason}; retry, or check the cluster")]
     Raft { id: u64, reason: String },
     #[error(
+        "the raft log store at {path} could not be opened: {reason}; check the directory's \
+         permissions and free space, or restore it from a peer"
+    )]
+    LogStore { path: String, reason: String },
+    #[error(
         "log entry {index} is not a valid entry: {reason}; the log was written by an \
          incompatible version"
     )]

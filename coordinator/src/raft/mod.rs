@@ -4,14 +4,16 @@
 //! # How data flows
 //! The driver (a tokio task in production, the `sim` harness in tests) feeds the node ticks, peer messages
 //! and proposals, then calls `handle_ready` and delivers the returned messages; committed entries
-//! come back as `(index, Result<Outcome>)`. The log lives behind [`LogStore`], so the in-memory
-//! [`MemLogStore`] can be swapped for a durable one.
+//! come back as `(index, Result<Outcome>)`. The log lives behind [`LogStore`]: the in-memory
+//! [`MemLogStore`] for tests, or the durable [`RedbLogStore`], from which a crashed replica
+//! comes back with [`ReplicaNode::restart`].
 //!
 //! # What it must never do
 //! No sockets, clocks, threads or files: time is `tick()`, the network is the caller's.
 
 pub mod logger;
 pub mod node;
+pub mod redb_store;
 #[cfg(test)]
 mod sim;
 pub mod store;
@@ -20,4 +22,5 @@ mod tests;
 
 pub use logger::tracing_logger;
 pub use node::{ReadyOutput, ReplicaConfig, ReplicaNode};
+pub use redb_store::RedbLogStore;
 pub use store::{LogStore, MemLogStore};

@@ -67,6 +67,39 @@ impl<S: LogStore> ReplicaNode<S> {
     /// Starts a replica on `store`, logging through `logger`
     /// ([`tracing_logger`](super::tracing_logger) in production).
     pub fn new(config: &ReplicaConfig, store: S, logger: &slog::Logger) -> Result<ReplicaNode<S>> {
+        ReplicaNode::start(config, store, State::new(), 0, logger)
+    }
+
+    /// Restarts a replica from a store that outlived it (a durable one reopened after a crash):
+    /// the state is restored from the stored snapshot, and raft hands the committed entries
+    /// after the snapshot to the ready loop again, which re-applies them.
+    pub fn restart(
+        config: &ReplicaConfig,
+        store: S,
+        logger: &slog::Logger,
+    ) -> Result<ReplicaNode<S>> {
+        let id = config.id;
+        match store.snapshot(0, id) {
+            Ok(snapshot) => {
+                let state = State::restore(snapshot.get_data())?;
+                let index = snapshot.get_metadata().index;
+                ReplicaNode::start(config, store, state, index, logger)
+            }
+            // No snapshot yet: the log is complete, and everything committed is applied anew.
+            Err(raft::Error::Store(raft::StorageError::SnapshotTemporarilyUnavailable)) => {
+                ReplicaNode::start(config, store, State::new(), 0, logger)
+            }
+            Err(e) => Err(raft_err(id, e)),
+        }
+    }
+
+    fn start(
+        config: &ReplicaConfig,
+        store: S,
+        state: State,
+        applied: u64,
+        logger: &slog::Logger,
+    ) -> Result<ReplicaNode<S>> {
         let id = config.id;
         let raft_config = raft::Config {
             id,
@@ -74,6 +107,7 @@ impl<S: LogStore> ReplicaNode<S> {
             heartbeat_tick: config.heartbeat_tick,
             check_quorum: true,
             pre_vote: true,
+            applied,
             ..Default::default()
         };
         raft_config.validate().map_err(|e| raft_err(id, e))?;
@@ -81,11 +115,11 @@ impl<S: LogStore> ReplicaNode<S> {
         let raw = RawNode::new(&raft_config, store, logger).map_err(|e| raft_err(id, e))?;
         Ok(ReplicaNode {
             raw,
-            state: State::new(),
+            state,
             conf_state: initial.conf_state,
             snapshot_every: config.snapshot_every.max(1),
-            applied_index: 0,
-            last_snapshot_index: 0,
+            applied_index: applied,
+            last_snapshot_index: applied,
         })
     }
 

@@ -16,15 +16,16 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::node::{ReplicaConfig, ReplicaNode};
-use super::store::MemLogStore;
+use super::redb_store::RedbLogStore;
+use super::store::{LogStore, MemLogStore};
 use crate::{Actor, Command, Entry, Outcome, Result, Role};
 
 /// Milliseconds the simulated clock moves per tick.
 pub const TICK_MS: u64 = 100;
 
 /// A simulated cluster of coordinator replicas.
-pub struct Cluster {
-    pub nodes: BTreeMap<u64, ReplicaNode<MemLogStore>>,
+pub struct Cluster<S: LogStore = MemLogStore> {
+    pub nodes: BTreeMap<u64, ReplicaNode<S>>,
     /// Every normal entry each replica applied, in order: (index, result).
     pub applied: BTreeMap<u64, Vec<(u64, Result<Outcome>)>>,
     /// Every ReadIndex answer each replica got.
@@ -44,15 +45,68 @@ pub struct Cluster {
     pub now_ms: u64,
 }
 
-impl Cluster {
+impl Cluster<MemLogStore> {
     /// `n` replicas (ids 1..=n) that bootstrap together; drops draw from a RNG seeded `seed`.
     pub fn new(n: u64, seed: u64, snapshot_every: u64) -> Cluster {
         let voters: Vec<u64> = (1..=n).collect();
+        let mut cluster = Cluster::empty(seed, snapshot_every);
+        for id in 1..=n {
+            cluster.start(id, MemLogStore::with_voters(&voters));
+        }
+        cluster
+    }
+
+    /// Starts a new, empty replica `id` that will join once a leader adds it.
+    pub fn add_replica(&mut self, id: u64) {
+        self.start(id, MemLogStore::new());
+    }
+}
+
+impl Cluster<RedbLogStore> {
+    /// `n` replicas that bootstrap together, each with a durable store in `dir/replica-<id>.redb`.
+    pub fn durable(n: u64, seed: u64, snapshot_every: u64, dir: &std::path::Path) -> Self {
+        let voters: Vec<u64> = (1..=n).collect();
+        let mut cluster = Cluster::empty(seed, snapshot_every);
+        for id in 1..=n {
+            let store = RedbLogStore::bootstrap(Self::store_path(dir, id), &voters)
+                .expect("open the replica's store");
+            cluster.start(id, store);
+        }
+        cluster
+    }
+
+    fn store_path(dir: &std::path::Path, id: u64) -> std::path::PathBuf {
+        dir.join(format!("replica-{id}.redb"))
+    }
+
+    /// Crashes replica `id`: drops it without any shutdown, as `kill -9` would. Its messages
+    /// in flight stay in the network; it returns the path of its store.
+    pub fn crash(&mut self, id: u64) -> std::path::PathBuf {
+        let node = self.nodes.remove(&id).expect("a running replica");
+        let path = node.store().path().to_path_buf();
+        drop(node);
+        path
+    }
+
+    /// Restarts replica `id` from the store it left at `path`.
+    pub fn restart(&mut self, id: u64, path: &std::path::Path) {
+        let store = RedbLogStore::open(path).expect("reopen the replica's store");
+        let config = ReplicaConfig {
+            id,
+            ..self.config.clone()
+        };
+        let node = ReplicaNode::restart(&config, store, &self.logger).expect("restart the replica");
+        self.nodes.insert(id, node);
+    }
+}
+
+impl<S: LogStore> Cluster<S> {
+    fn empty(seed: u64, snapshot_every: u64) -> Cluster<S> {
         let config = ReplicaConfig {
             snapshot_every,
             ..ReplicaConfig::default()
         };
-        let mut cluster = Cluster {
+        Cluster {
             nodes: BTreeMap::new(),
             applied: BTreeMap::new(),
             read_states: BTreeMap::new(),
@@ -64,14 +118,10 @@ impl Cluster {
             logger: slog::Logger::root(slog::Discard, slog::o!()),
             ticks: 0,
             now_ms: 1_700_000_000_000,
-        };
-        for id in 1..=n {
-            cluster.start(id, MemLogStore::with_voters(&voters));
         }
-        cluster
     }
 
-    fn start(&mut self, id: u64, store: MemLogStore) {
+    fn start(&mut self, id: u64, store: S) {
         let config = ReplicaConfig {
             id,
             ..self.config.clone()
@@ -80,11 +130,6 @@ impl Cluster {
         self.nodes.insert(id, node);
         self.applied.entry(id).or_default();
         self.read_states.entry(id).or_default();
-    }
-
-    /// Starts a new, empty replica `id` that will join once a leader adds it.
-    pub fn add_replica(&mut self, id: u64) {
-        self.start(id, MemLogStore::new());
     }
 
     /// Drops messages from `from` to `to` with probability `ratio` (1.0: all).
@@ -191,7 +236,7 @@ impl Cluster {
     }
 
     /// Ticks until `done` holds (checked before each tick); false if `max_ticks` ran out.
-    pub fn run_until(&mut self, max_ticks: u64, mut done: impl FnMut(&Cluster) -> bool) -> bool {
+    pub fn run_until(&mut self, max_ticks: u64, mut done: impl FnMut(&Cluster<S>) -> bool) -> bool {
         self.process();
         for _ in 0..max_ticks {
             if done(self) {

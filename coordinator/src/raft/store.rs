@@ -51,6 +51,11 @@ impl MemLogStore {
     pub fn snapshot_index(&self) -> u64 {
         self.snapshot.get_metadata().index
     }
+
+    /// The last stored snapshot, with its data (empty metadata: none yet).
+    pub fn last_snapshot(&self) -> &Snapshot {
+        &self.snapshot
+    }
 }
 
 impl raft::Storage for MemLogStore {
