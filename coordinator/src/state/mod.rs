@@ -8,7 +8,7 @@
 //!    the approval rules hold) before it touches the state, so an error leaves the state exactly
 //!    as it was, byte for byte.
 //! 3. **Place.** A change that can move replicas (nodes joining, going down, draining, leaving,
-//!    coming back; deployments created, scaled, deleted) runs the [`scheduler`](crate::scheduler)
+//!    coming back; deployments created, scaled, deleted) runs the [`crate::scheduler`]
 //!    over the whole state and stores its plan, so placements are replicated state too. A change
 //!    that only adds capacity (a node joins, resumes or comes back) keeps every placement valid,
 //!    so it runs the scheduler only when some replicas are waiting for a node.
