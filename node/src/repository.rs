@@ -252,11 +252,7 @@ impl Repository {
         let mut graphs = HashMap::new();
         for graph in &manifest.graphs {
             let bytes = bundle.graph_bytes(graph)?;
-            let encoding = serde_json::to_value(graph.encoding)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_default();
-            let loaded = backend::load_graph(&encoding, bytes)
+            let loaded = backend::load_graph(graph.encoding, bytes)
                 .map_err(|e| fail(format!("graph `{}`: {e}", graph.name)))?;
             graphs.insert(graph.name.clone(), loaded);
         }

@@ -164,16 +164,8 @@ impl State {
             });
         }
         let (required_approvals, approver_role) = (policy.required_approvals, policy.approver_role);
-        let v = self.version(model, version)?;
+        let v = self.offerable_version(model, version)?;
         let named = || (model.to_string(), version.to_string());
-        if !v.on_shelf {
-            let (model, version) = named();
-            return Err(Error::OffShelf { model, version });
-        }
-        if v.deprecated {
-            let (model, version) = named();
-            return Err(Error::Deprecated { model, version });
-        }
         match v.stage(environment) {
             Some(Stage::Pending { request }) => {
                 let (model, version) = named();

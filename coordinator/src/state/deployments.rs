@@ -110,16 +110,8 @@ impl State {
         validate::id("environment", environment)?;
         check_replicas(replicas)?;
         let needs_approval = self.policy(environment)?.required_approvals > 0;
-        let v = self.version(model, version)?;
+        let v = self.offerable_version(model, version)?;
         let named = || (model.to_string(), version.to_string());
-        if !v.on_shelf {
-            let (model, version) = named();
-            return Err(Error::OffShelf { model, version });
-        }
-        if v.deprecated {
-            let (model, version) = named();
-            return Err(Error::Deprecated { model, version });
-        }
         if needs_approval && !matches!(v.stage(environment), Some(Stage::Approved { .. })) {
             let (model, version) = named();
             return Err(Error::NotApproved {

@@ -150,6 +150,19 @@ impl State {
             })
     }
 
+    /// A version that may be offered for approval or deployed: on the shelf and not deprecated.
+    pub(crate) fn offerable_version(&self, model: &str, version: &str) -> Result<&ModelVersion> {
+        let v = self.version(model, version)?;
+        let (model, version) = (model.to_string(), version.to_string());
+        if !v.on_shelf {
+            return Err(Error::OffShelf { model, version });
+        }
+        if v.deprecated {
+            return Err(Error::Deprecated { model, version });
+        }
+        Ok(v)
+    }
+
     pub(crate) fn version_mut(&mut self, model: &str, version: &str) -> Result<&mut ModelVersion> {
         self.models
             .get_mut(model)

@@ -4,7 +4,7 @@
 //! (make an execution context) and `BackendExecutionContext` (run it), one file per backend. The
 //! default is [`tract`], pure Rust, so a node needs no native library. ONNX Runtime and OpenVINO
 //! plug in beside it behind the same traits (a later issue) and are picked by
-//! [`GraphEncoding`] and by what the machine has.
+//! the manifest's [`GraphEncoding`] and by what the machine has.
 //!
 //! Tensor types: wasi-nn has fewer types than the V2 protocol, so the guest SDK sends the missing
 //! ones in a carrier of the same element width (see `sophon_guest::nn`); backends reinterpret a
@@ -14,8 +14,8 @@ pub mod tract;
 
 use std::cell::RefCell;
 
+use sophon_sdk::GraphEncoding;
 use wasmtime_wasi_nn::Graph;
-use wasmtime_wasi_nn::wit::GraphEncoding;
 
 /// Errors from loading a model file into a backend.
 #[derive(Debug, thiserror::Error)]
@@ -29,12 +29,12 @@ pub enum LoadError {
 }
 
 /// Load one model file as a graph, with the backend for its encoding.
-pub fn load_graph(encoding: &str, bytes: &[u8]) -> Result<Graph, LoadError> {
-    match encoding.parse::<GraphEncoding>() {
-        Ok(GraphEncoding::Onnx) => tract::TractGraph::from_onnx(bytes)
+pub fn load_graph(encoding: GraphEncoding, bytes: &[u8]) -> Result<Graph, LoadError> {
+    match encoding {
+        GraphEncoding::Onnx => tract::TractGraph::from_onnx(bytes)
             .map(|g| Graph::from(Box::new(g) as Box<dyn wasmtime_wasi_nn::backend::BackendGraph>))
             .map_err(|e| LoadError::Backend(format!("{e:#}"))),
-        _ => Err(LoadError::UnsupportedEncoding(encoding.to_string())),
+        GraphEncoding::Openvino => Err(LoadError::UnsupportedEncoding("openvino".to_string())),
     }
 }
 
