@@ -1,7 +1,9 @@
 //! `sophon`: the single binary of the Sophon model serving mesh.
 //!
-//! `sophon dev` runs an all-in-one node serving the example models; `keygen`, `pack` and
-//! `inspect` make and check signed model bundles; `bench` measures the serving path.
+//! `sophon dev` runs an all-in-one coordinator and node serving the example models; `keygen`,
+//! `pack` and `inspect` make and check signed model bundles; `coordinator` runs the control
+//! plane; `model`, `approval`, `policy`, `deploy`, `cluster`, `token`, `key` and `audit` drive
+//! its admin API; `bench` measures the serving path and the control plane.
 
 mod cli;
 
@@ -13,6 +15,8 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    client: cli::client::ClientArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -25,8 +29,34 @@ enum Command {
     Pack(cli::bundle::PackArgs),
     /// Verify a bundle and show what it holds.
     Inspect(cli::bundle::InspectArgs),
-    /// Measure the serving path (sandbox cost, HTTP, cold start, memory).
+    /// Measure the serving path and the control plane (see docs/BENCHMARKS.md).
     Bench(cli::bench::BenchArgs),
+    /// Run a coordinator: init a cluster, join one, run, make join tokens.
+    #[command(subcommand)]
+    Coordinator(cli::coordinator::CoordinatorCmd),
+    /// The model shelf: push bundles, list, show, curate.
+    #[command(subcommand)]
+    Model(cli::admin::ModelCmd),
+    /// Approval requests and decisions.
+    #[command(subcommand)]
+    Approval(cli::admin::ApprovalCmd),
+    /// Approval policies per environment.
+    #[command(subcommand)]
+    Policy(cli::admin::PolicyCmd),
+    /// Deployments: create, list, show, scale, delete.
+    #[command(subcommand)]
+    Deploy(cli::admin::DeployCmd),
+    /// Cluster status and members.
+    #[command(subcommand)]
+    Cluster(cli::admin::ClusterCmd),
+    /// API tokens.
+    #[command(subcommand)]
+    Token(cli::admin::TokenCmd),
+    /// Trusted publisher keys.
+    #[command(subcommand)]
+    Key(cli::admin::KeyCmd),
+    /// The audit log.
+    Audit(cli::admin::AuditArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -43,6 +73,15 @@ fn main() -> std::process::ExitCode {
         Command::Pack(args) => cli::bundle::pack(args),
         Command::Inspect(args) => cli::bundle::inspect(args),
         Command::Bench(args) => cli::bench::run(args),
+        Command::Coordinator(cmd) => cli::coordinator::run(cmd, &cli.client),
+        Command::Model(cmd) => cli::admin::model(&cli.client, cmd),
+        Command::Approval(cmd) => cli::admin::approval(&cli.client, cmd),
+        Command::Policy(cmd) => cli::admin::policy(&cli.client, cmd),
+        Command::Deploy(cmd) => cli::admin::deploy(&cli.client, cmd),
+        Command::Cluster(cmd) => cli::admin::cluster(&cli.client, cmd),
+        Command::Token(cmd) => cli::admin::token(&cli.client, cmd),
+        Command::Key(cmd) => cli::admin::key(&cli.client, cmd),
+        Command::Audit(args) => cli::admin::audit(&cli.client, args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -167,7 +167,11 @@ pub enum Command {
     /// Record a coordinator (the Raft membership change itself is the driver's business).
     AddCoordinator {
         id: u64,
+        /// Where the other coordinators reach it over the mesh (QUIC), `host:port`.
         address: String,
+        /// Where its admin API listens, `host:port` (empty: not recorded).
+        #[serde(default)]
+        api_address: String,
     },
     RemoveCoordinator {
         id: u64,
@@ -211,6 +215,15 @@ pub enum Command {
     Untag {
         model: String,
         tag: String,
+    },
+    /// Trust bundles signed by this ed25519 key (64 lowercase hex digits); `name` says whose.
+    TrustKey {
+        key: String,
+        name: String,
+    },
+    /// Stop trusting a key: versions it signed stay, new ones are refused.
+    DistrustKey {
+        key: String,
     },
 
     // --- approvals ---
@@ -297,6 +310,8 @@ impl Command {
             | AddCoordinator { .. }
             | RemoveCoordinator { .. }
             | SetPolicy { .. }
+            | TrustKey { .. }
+            | DistrustKey { .. }
             | CreateToken { .. } => Role::Admin,
         }
     }
@@ -320,6 +335,8 @@ impl Command {
             Deprecate { .. } => "deprecate",
             Tag { .. } => "tag",
             Untag { .. } => "untag",
+            TrustKey { .. } => "trust-key",
+            DistrustKey { .. } => "distrust-key",
             SetPolicy { .. } => "set-policy",
             RequestApproval { .. } => "request-approval",
             Decide { .. } => "decide",

@@ -63,6 +63,10 @@ pub enum Error {
     // --- shelf ---
     #[error("unknown model {model}: register a version of it first")]
     UnknownModel { model: String },
+    #[error("publisher key {key} is not trusted: an admin trusts it with `sophon key trust`")]
+    UntrustedKey { key: String },
+    #[error("unknown publisher key {key}")]
+    UnknownKey { key: String },
     #[error("unknown version {version} of model {model}: register it first")]
     UnknownVersion { model: String, version: String },
     #[error(
@@ -183,6 +187,162 @@ pub enum Error {
          incompatible version"
     )]
     LogEntry { index: u64, reason: String },
+
+    // --- the server around the state (IO) ---
+    #[error("unavailable: {reason}")]
+    Unavailable { reason: String },
+    #[error("{what}: {reason}")]
+    Io { what: String, reason: String },
+    #[error("the bundle was refused: {reason}")]
+    BadBundle { reason: String },
+    #[error("the body is larger than the limit of {limit} bytes")]
+    TooLarge { limit: u64 },
+    #[error("unauthenticated: {reason}")]
+    Unauthenticated { reason: String },
+    /// An error another coordinator answered with (a forwarded write), kept as it was.
+    #[error("{message}")]
+    Remote {
+        status: u16,
+        code: String,
+        message: String,
+    },
+}
+
+/// What sort of failure an [`Error`] is, for the edges that map it to a protocol status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The token is unknown, revoked or does not match (HTTP 401).
+    Unauthenticated,
+    /// The actor may not do this (HTTP 403).
+    Forbidden,
+    /// The input is malformed (HTTP 400).
+    Invalid,
+    /// Something named does not exist (HTTP 404).
+    NotFound,
+    /// The request clashes with the current state (HTTP 409).
+    Conflict,
+    /// The body is over a size limit (HTTP 413).
+    TooLarge,
+    /// No leader or the replica cannot serve now; retry (HTTP 503).
+    Unavailable,
+    /// A fault of this coordinator (HTTP 500).
+    Internal,
+}
+
+impl Error {
+    /// A stable, machine-readable code: the variant's name in snake case.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::UnknownToken { .. } => "unknown_token",
+            Error::TokenRevoked { .. } => "token_revoked",
+            Error::ActorMismatch { .. } => "actor_mismatch",
+            Error::Forbidden { .. } => "forbidden",
+            Error::Invalid { .. } => "invalid",
+            Error::UnknownNode { .. } => "unknown_node",
+            Error::NodeAlreadyInState { .. } => "node_already_in_state",
+            Error::NodeNotOverdue { .. } => "node_not_overdue",
+            Error::CoordinatorExists { .. } => "coordinator_exists",
+            Error::UnknownCoordinator { .. } => "unknown_coordinator",
+            Error::LastCoordinator { .. } => "last_coordinator",
+            Error::UnknownModel { .. } => "unknown_model",
+            Error::UntrustedKey { .. } => "untrusted_key",
+            Error::UnknownKey { .. } => "unknown_key",
+            Error::UnknownVersion { .. } => "unknown_version",
+            Error::VersionExists { .. } => "version_exists",
+            Error::DuplicateDigest { .. } => "duplicate_digest",
+            Error::OffShelf { .. } => "off_shelf",
+            Error::Deprecated { .. } => "deprecated",
+            Error::VersionAlreadyInState { .. } => "version_already_in_state",
+            Error::UnknownTag { .. } => "unknown_tag",
+            Error::UnknownEnvironment { .. } => "unknown_environment",
+            Error::NoApprovalNeeded { .. } => "no_approval_needed",
+            Error::AlreadyPending { .. } => "already_pending",
+            Error::AlreadyApproved { .. } => "already_approved",
+            Error::UnknownRequest { .. } => "unknown_request",
+            Error::RequestClosed { .. } => "request_closed",
+            Error::SelfApproval { .. } => "self_approval",
+            Error::WrongRole { .. } => "wrong_role",
+            Error::AlreadyDecided { .. } => "already_decided",
+            Error::NotSubmitter { .. } => "not_submitter",
+            Error::NotApproved { .. } => "not_approved",
+            Error::DeploymentExists { .. } => "deployment_exists",
+            Error::UnknownDeployment { .. } => "unknown_deployment",
+            Error::TokenExists { .. } => "token_exists",
+            Error::DuplicateSecret { .. } => "duplicate_secret",
+            Error::Snapshot { .. } => "snapshot",
+            Error::NotLeader { .. } => "not_leader",
+            Error::Raft { .. } => "raft",
+            Error::LogStore { .. } => "log_store",
+            Error::LogEntry { .. } => "log_entry",
+            Error::Unavailable { .. } => "unavailable",
+            Error::Io { .. } => "io",
+            Error::BadBundle { .. } => "bad_bundle",
+            Error::TooLarge { .. } => "too_large",
+            Error::Unauthenticated { .. } => "unauthenticated",
+            Error::Remote { .. } => "remote",
+        }
+    }
+
+    /// What sort of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::TokenRevoked { .. } | Error::ActorMismatch { .. } => ErrorKind::Unauthenticated,
+            Error::Forbidden { .. }
+            | Error::SelfApproval { .. }
+            | Error::WrongRole { .. }
+            | Error::NotSubmitter { .. } => ErrorKind::Forbidden,
+            Error::Invalid { .. } => ErrorKind::Invalid,
+            Error::UnknownToken { .. } => ErrorKind::NotFound,
+            Error::UnknownNode { .. }
+            | Error::UnknownCoordinator { .. }
+            | Error::UnknownModel { .. }
+            | Error::UnknownKey { .. }
+            | Error::UnknownVersion { .. }
+            | Error::UnknownTag { .. }
+            | Error::UnknownEnvironment { .. }
+            | Error::UnknownRequest { .. }
+            | Error::UnknownDeployment { .. } => ErrorKind::NotFound,
+            Error::NodeAlreadyInState { .. }
+            | Error::NodeNotOverdue { .. }
+            | Error::CoordinatorExists { .. }
+            | Error::LastCoordinator { .. }
+            | Error::UntrustedKey { .. }
+            | Error::VersionExists { .. }
+            | Error::DuplicateDigest { .. }
+            | Error::OffShelf { .. }
+            | Error::Deprecated { .. }
+            | Error::VersionAlreadyInState { .. }
+            | Error::NoApprovalNeeded { .. }
+            | Error::AlreadyPending { .. }
+            | Error::AlreadyApproved { .. }
+            | Error::RequestClosed { .. }
+            | Error::AlreadyDecided { .. }
+            | Error::NotApproved { .. }
+            | Error::DeploymentExists { .. }
+            | Error::TokenExists { .. }
+            | Error::DuplicateSecret { .. } => ErrorKind::Conflict,
+            Error::Snapshot { .. }
+            | Error::Raft { .. }
+            | Error::LogStore { .. }
+            | Error::LogEntry { .. }
+            | Error::Io { .. } => ErrorKind::Internal,
+            Error::Unavailable { .. } => ErrorKind::Unavailable,
+            Error::BadBundle { .. } => ErrorKind::Invalid,
+            Error::TooLarge { .. } => ErrorKind::TooLarge,
+            Error::Unauthenticated { .. } => ErrorKind::Unauthenticated,
+            Error::Remote { status, .. } => match status {
+                401 => ErrorKind::Unauthenticated,
+                403 => ErrorKind::Forbidden,
+                400 => ErrorKind::Invalid,
+                404 => ErrorKind::NotFound,
+                409 => ErrorKind::Conflict,
+                413 => ErrorKind::TooLarge,
+                503 => ErrorKind::Unavailable,
+                _ => ErrorKind::Internal,
+            },
+            Error::NotLeader { .. } => ErrorKind::Unavailable,
+        }
+    }
 }
 
 /// Shorthand for [`Error::Invalid`].

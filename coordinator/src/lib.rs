@@ -10,6 +10,8 @@
 //! - [`raft::ReplicaNode`]: one coordinator's Raft replica (raft-rs `RawNode` + [`State`]) and
 //!   its ready loop, sans IO, over a swappable [`raft::LogStore`]; tested on a simulated
 //!   network and clock.
+//! - [`server`]: the IO shell of a coordinator process: the driver thread (wall clock, redb),
+//!   QUIC transport, artifact store, admin HTTP API, `init`/`join`/`start`.
 //!
 //! # How data flows
 //! The admin API authenticates a bearer secret ([`State::authenticate`]) into an [`Actor`],
@@ -18,7 +20,7 @@
 //! [`Error`]. Snapshots are [`State::snapshot`] / [`State::restore`].
 //!
 //! # What it must never do
-//! No IO, clocks, threads or randomness; no `HashMap` iteration reaching a result; no panics on
+//! Outside [`server`] and the durable [`raft::RedbLogStore`]: no IO, clocks, threads or randomness; no `HashMap` iteration reaching a result; no panics on
 //! input. An entry that fails changes nothing at all. Applying the same entries to two fresh
 //! states gives byte-identical states.
 
@@ -26,10 +28,11 @@ pub mod command;
 pub mod error;
 pub mod raft;
 pub mod scheduler;
+pub mod server;
 pub mod state;
 
 pub use command::{Actor, Command, Created, Entry, NodeSpec, Outcome, ReplicaKey, Role};
-pub use error::{Error, Result};
+pub use error::{Error, ErrorKind, Result};
 pub use scheduler::{Device, Placement, Plan, Unplaced, UnplacedReason, place};
 pub use state::State;
 pub use state::tokens::hash_secret;

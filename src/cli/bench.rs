@@ -8,6 +8,7 @@
 //! - `memory`: RSS with 1 MLP bundle, then with 100 copies under different names.
 //! - `scheduler`: the coordinators' placement of 100,000 replicas over 10,000 nodes, from scratch
 //!   and again after 1% of the nodes went down.
+//! - `raft`, `failover`: the control plane (see [`super::bench_raft`]).
 
 use anyhow::{Context, bail};
 use sophon_node::runtime::{GuestDatatype, GuestTensor};
@@ -31,6 +32,12 @@ pub struct BenchArgs {
     /// Iterations per measurement (sandbox) or requests per connection (http).
     #[arg(long, default_value_t = 3000)]
     iters: usize,
+    /// Seconds per raft measurement.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Leader kills for the failover measurement.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,6 +48,8 @@ enum Which {
     Coldstart,
     Memory,
     Scheduler,
+    Raft,
+    Failover,
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -59,6 +68,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if all || args.what == Which::Scheduler {
         scheduler()?;
+    }
+    if all || args.what == Which::Raft {
+        super::bench_raft::raft(args.seconds)?;
+    }
+    if all || args.what == Which::Failover {
+        super::bench_raft::failover(args.rounds)?;
     }
     Ok(())
 }

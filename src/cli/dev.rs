@@ -38,6 +38,85 @@ pub struct DevArgs {
     /// Compile components at start-up instead of using the AOT cache.
     #[arg(long)]
     pub no_cache: bool,
+    /// The single-member coordinator's data directory (made on first run).
+    #[arg(long, default_value = ".sophon-dev")]
+    pub data: PathBuf,
+    /// The coordinator's admin API address.
+    #[arg(long, default_value = "127.0.0.1:7400")]
+    pub admin: SocketAddr,
+    /// The coordinator's mesh (QUIC) address.
+    #[arg(long, default_value = "127.0.0.1:7401")]
+    pub mesh: SocketAddr,
+    /// Run the node only, without a coordinator.
+    #[arg(long)]
+    pub no_coordinator: bool,
+}
+
+/// Starts the dev coordinator: initialises `args.data` on first run (the admin token is kept
+/// in `admin-token` there, readable by the owner only, so later runs can print it again).
+async fn start_coordinator(
+    args: &DevArgs,
+) -> anyhow::Result<(sophon_coordinator::server::Running, String)> {
+    use sophon_coordinator::server;
+    let token_file = args.data.join("admin-token");
+    if !args.data.join("coordinator.json").exists() {
+        let secret = server::init(&args.data, &args.mesh.to_string(), &args.admin.to_string())
+            .with_context(|| format!("initialising {}", args.data.display()))?;
+        write_private(&token_file, &secret)?;
+    }
+    let token = std::fs::read_to_string(&token_file)
+        .with_context(|| format!("reading {}", token_file.display()))?
+        .trim()
+        .to_string();
+    let tuning = super::coordinator::Tuning {
+        tick_ms: 50,
+        snapshot_every: 10_000,
+        max_bundle_mb: 1024,
+    };
+    let config = super::coordinator::config(
+        args.data.clone(),
+        Some(args.admin),
+        Some(args.mesh),
+        &tuning,
+    )?;
+    let running = server::start(config).await?;
+    // Trust your own publisher key (from `sophon keygen`), so `sophon model push` just works.
+    let own = super::default_key_path().with_extension("pub");
+    if own.exists() {
+        let key = keys::read_public_key(&own)?;
+        let admin = running
+            .core
+            .driver
+            .read(true, {
+                let token = token.clone();
+                move |s| s.authenticate(&token)
+            })
+            .await??;
+        if let Some(admin) = admin {
+            let command = sophon_coordinator::Command::TrustKey {
+                key: keys::public_key_hex(&key),
+                name: "dev-publisher".into(),
+            };
+            running.core.write(admin, command).await?;
+        }
+    }
+    Ok((running, token))
+}
+
+fn write_private(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        options.mode(0o600);
+    }
+    let mut file = options
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    file.write_all(text.as_bytes())?;
+    Ok(())
 }
 
 /// Build the node's repository with the examples and the bundles given.
@@ -92,10 +171,31 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
         let config = HttpConfig {
             max_body_bytes: args.max_body_bytes,
         };
+        let coordinator = if args.no_coordinator {
+            None
+        } else {
+            Some(start_coordinator(&args).await?)
+        };
         let server = NodeServer::bind(args.http, repo.clone(), config).await?;
         let addr = server.local_addr()?;
         print_banner(addr, &repo);
-        server.run(shutdown_signal()).await
+        if let Some((running, token)) = &coordinator {
+            println!(
+                "Coordinator (data in {}) admin API on http://{}",
+                args.data.display(),
+                running.api_address
+            );
+            println!(
+                "  export SOPHON_SERVER=http://{} SOPHON_TOKEN={token}",
+                running.api_address
+            );
+            println!("  sophon cluster status; sophon model list; sophon audit");
+        }
+        let served = server.run(shutdown_signal()).await;
+        if let Some((running, _)) = coordinator {
+            running.shutdown().await;
+        }
+        served
     })
 }
 

@@ -1,7 +1,11 @@
 //! The subcommands of the `sophon` binary.
 
+pub mod admin;
 pub mod bench;
+pub mod bench_raft;
 pub mod bundle;
+pub mod client;
+pub mod coordinator;
 pub mod dev;
 
 use std::path::PathBuf;

@@ -21,6 +21,6 @@ pub mod store;
 mod tests;
 
 pub use logger::tracing_logger;
-pub use node::{ReadyOutput, ReplicaConfig, ReplicaNode};
+pub use node::{Applied, ReadyOutput, ReplicaConfig, ReplicaNode};
 pub use redb_store::RedbLogStore;
 pub use store::{LogStore, MemLogStore};

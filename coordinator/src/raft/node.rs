@@ -40,10 +40,22 @@ impl Default for ReplicaConfig {
 pub struct ReadyOutput {
     /// Messages to deliver to peers, in order.
     pub messages: Vec<Message>,
-    /// Normal entries applied this turn: log index and what [`State::apply`] returned.
-    pub applied: Vec<(u64, Result<Outcome>)>,
+    /// Normal entries applied this turn, in log order.
+    pub applied: Vec<Applied>,
     /// ReadIndex requests that are now safe to serve once `index` is applied.
     pub read_states: Vec<ReadState>,
+}
+
+/// One applied normal entry.
+#[derive(Debug)]
+pub struct Applied {
+    /// Its log index.
+    pub index: u64,
+    /// The context its proposer attached ([`ReplicaNode::propose`]), so that the replica that
+    /// proposed it can answer the waiting client, whoever was leader when it committed.
+    pub context: Vec<u8>,
+    /// What [`State::apply`] returned.
+    pub result: Result<Outcome>,
 }
 
 /// One Raft replica of the coordinator state.
@@ -174,12 +186,34 @@ impl<S: LogStore> ReplicaNode<S> {
         }
     }
 
-    /// Proposes an entry; it is applied once committed (see [`ReadyOutput::applied`]).
-    pub fn propose(&mut self, entry: &Entry) -> Result<()> {
+    /// Proposes an entry; it is applied once committed (see [`ReadyOutput::applied`]), where it
+    /// comes back with `context`.
+    pub fn propose(&mut self, context: Vec<u8>, entry: &Entry) -> Result<()> {
         self.ensure_leader()?;
         let data = serde_json::to_vec(entry).map_err(|e| raft_err(self.id(), e))?;
         let id = self.id();
-        self.raw.propose(vec![], data).map_err(|e| raft_err(id, e))
+        self.raw.propose(context, data).map_err(|e| raft_err(id, e))
+    }
+
+    /// The commit index this replica knows of.
+    pub fn commit_index(&self) -> u64 {
+        self.raw.raft.raft_log.committed
+    }
+
+    /// The voter (other than this leader) whose log matches the leader's furthest, to hand
+    /// leadership to on a graceful shutdown (`None` on a follower or a single-member cluster).
+    pub fn transfer_target(&self) -> Option<u64> {
+        if !self.is_leader() {
+            return None;
+        }
+        let me = self.id();
+        self.raw
+            .raft
+            .prs()
+            .iter()
+            .filter(|(id, _)| **id != me && self.conf_state.voters.contains(id))
+            .max_by_key(|(id, pr)| (pr.matched, std::cmp::Reverse(**id)))
+            .map(|(id, _)| *id)
     }
 
     fn propose_change(&mut self, node: u64, change_type: ConfChangeType) -> Result<()> {
@@ -245,6 +279,11 @@ impl<S: LogStore> ReplicaNode<S> {
         self.raw.step(msg).map_err(|e| raft_err(id, e))
     }
 
+    /// Whether a ready turn has work to do.
+    pub fn has_ready(&self) -> bool {
+        self.raw.has_ready()
+    }
+
     /// Runs one turn of the ready loop: the only place that persists, applies and emits.
     pub fn handle_ready(&mut self) -> Result<ReadyOutput> {
         let mut out = ReadyOutput::default();
@@ -278,17 +317,11 @@ impl<S: LogStore> ReplicaNode<S> {
         let committed = ready.take_committed_entries();
         self.apply_entries(committed, &mut out)?;
 
-        // 4. Persist new log entries, then the hard state.
+        // 4. Persist new log entries and the hard state, durably, in one write.
         self.raw
             .mut_store()
-            .append(ready.entries())
+            .persist(ready.entries(), ready.hs().cloned())
             .map_err(|e| raft_err(id, e))?;
-        if let Some(hs) = ready.hs() {
-            self.raw
-                .mut_store()
-                .set_hardstate(hs.clone())
-                .map_err(|e| raft_err(id, e))?;
-        }
 
         // 5. Send the messages that had to wait until the entries were persisted.
         out.messages.extend(ready.take_persisted_messages());
@@ -329,7 +362,11 @@ impl<S: LogStore> ReplicaNode<S> {
                             reason: e.to_string(),
                         })
                         .and_then(|entry| self.state.apply(&entry));
-                    out.applied.push((index, result));
+                    out.applied.push(Applied {
+                        index,
+                        context: log_entry.context.to_vec(),
+                        result,
+                    });
                 }
                 EntryType::EntryConfChange => {
                     let cc = ConfChange::parse_from_bytes(&log_entry.data).map_err(|e| {
@@ -373,10 +410,30 @@ impl<S: LogStore> ReplicaNode<S> {
         Ok(())
     }
 
+    /// Takes a snapshot of the applied state now and compacts the log up to it (a new cluster
+    /// does this once after its bootstrap, so that joining members start from a snapshot that
+    /// carries the membership).
+    pub fn snapshot_now(&mut self) -> Result<()> {
+        if self.applied_index == self.last_snapshot_index {
+            return Ok(());
+        }
+        self.take_snapshot()
+    }
+
+    /// Campaigns to become leader at once (a single-member cluster at bootstrap).
+    pub fn campaign(&mut self) -> Result<()> {
+        let id = self.id();
+        self.raw.campaign().map_err(|e| raft_err(id, e))
+    }
+
     fn maybe_snapshot(&mut self) -> Result<()> {
         if self.applied_index < self.last_snapshot_index + self.snapshot_every {
             return Ok(());
         }
+        self.take_snapshot()
+    }
+
+    fn take_snapshot(&mut self) -> Result<()> {
         let id = self.id();
         let index = self.applied_index;
         let data = self.state.snapshot()?;

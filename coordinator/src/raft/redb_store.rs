@@ -145,9 +145,14 @@ impl RedbLogStore {
 
     /// Applies `changes` in one write transaction and commits it durably.
     fn write(&self, changes: &[Change<'_>]) -> raft::Result<()> {
+        self.write_with(changes, Durability::Immediate)
+    }
+
+    /// Applies `changes` in one write transaction, committed with `durability` (a
+    /// [`Durability::None`] commit becomes durable with the next immediate one).
+    fn write_with(&self, changes: &[Change<'_>], durability: Durability) -> raft::Result<()> {
         let mut tx = self.db.begin_write().map_err(store_err)?;
-        tx.set_durability(Durability::Immediate)
-            .map_err(store_err)?;
+        tx.set_durability(durability).map_err(store_err)?;
         {
             let mut entries = tx.open_table(ENTRIES).map_err(store_err)?;
             for change in changes {
@@ -240,6 +245,25 @@ impl LogStore for RedbLogStore {
         self.mem.append(entries)
     }
 
+    fn persist(&mut self, entries: &[LogEntry], hs: Option<HardState>) -> raft::Result<()> {
+        let mut changes = Vec::with_capacity(2);
+        if !entries.is_empty() {
+            changes.push(Change::Append(entries));
+        }
+        if let Some(hs) = &hs {
+            changes.push(Change::HardState(hs));
+        }
+        if changes.is_empty() {
+            return Ok(());
+        }
+        self.write(&changes)?;
+        self.mem.append(entries)?;
+        if let Some(hs) = hs {
+            self.mem.set_hardstate(hs)?;
+        }
+        Ok(())
+    }
+
     fn set_hardstate(&mut self, hs: HardState) -> raft::Result<()> {
         self.write(&[Change::HardState(&hs)])?;
         self.mem.set_hardstate(hs)
@@ -248,7 +272,7 @@ impl LogStore for RedbLogStore {
     fn set_commit(&mut self, commit: u64) -> raft::Result<()> {
         let mut hs = self.hard_state()?;
         hs.set_commit(commit);
-        self.write(&[Change::HardState(&hs)])?;
+        self.write_with(&[Change::HardState(&hs)], Durability::None)?;
         self.mem.set_commit(commit)
     }
 

@@ -15,10 +15,10 @@ use raft::eraftpb::{Message, MessageType};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::node::{ReplicaConfig, ReplicaNode};
+use super::node::{Applied, ReplicaConfig, ReplicaNode};
 use super::redb_store::RedbLogStore;
 use super::store::{LogStore, MemLogStore};
-use crate::{Actor, Command, Entry, Outcome, Result, Role};
+use crate::{Actor, Command, Entry, Result, Role};
 
 /// Milliseconds the simulated clock moves per tick.
 pub const TICK_MS: u64 = 100;
@@ -26,8 +26,8 @@ pub const TICK_MS: u64 = 100;
 /// A simulated cluster of coordinator replicas.
 pub struct Cluster<S: LogStore = MemLogStore> {
     pub nodes: BTreeMap<u64, ReplicaNode<S>>,
-    /// Every normal entry each replica applied, in order: (index, result).
-    pub applied: BTreeMap<u64, Vec<(u64, Result<Outcome>)>>,
+    /// Every normal entry each replica applied, in order.
+    pub applied: BTreeMap<u64, Vec<Applied>>,
     /// Every ReadIndex answer each replica got.
     pub read_states: BTreeMap<u64, Vec<ReadState>>,
     /// Messages in flight: (tick at which to deliver, message), in send order.
@@ -287,7 +287,7 @@ impl<S: LogStore> Cluster<S> {
             command,
         };
         match self.nodes.get_mut(&id) {
-            Some(node) => node.propose(&entry),
+            Some(node) => node.propose(Vec::new(), &entry),
             None => Err(crate::Error::NotLeader { id, leader: 0 }),
         }
     }

@@ -13,7 +13,17 @@ pub trait LogStore: raft::Storage {
     fn append(&mut self, entries: &[LogEntry]) -> raft::Result<()>;
     /// Persists the hard state (term, vote, commit).
     fn set_hardstate(&mut self, hs: HardState) -> raft::Result<()>;
-    /// Persists a new commit index only.
+    /// Persists new entries and, if given, the hard state as one durable write (the ready loop's
+    /// step 4: one fsync per turn however many proposals it carries).
+    fn persist(&mut self, entries: &[LogEntry], hs: Option<HardState>) -> raft::Result<()> {
+        self.append(entries)?;
+        if let Some(hs) = hs {
+            self.set_hardstate(hs)?;
+        }
+        Ok(())
+    }
+    /// Persists a new commit index only. It need not be durable at once: after a crash raft
+    /// learns the commit index again from the leader (or, alone, by committing its log anew).
     fn set_commit(&mut self, commit: u64) -> raft::Result<()>;
     /// Persists the membership after a conf change was applied.
     fn set_conf_state(&mut self, cs: ConfState) -> raft::Result<()>;

@@ -130,6 +130,8 @@ impl Node {
 pub struct Coordinator {
     pub id: u64,
     pub address: String,
+    #[serde(default)]
+    pub api_address: String,
     pub added_at_ms: u64,
 }
 
@@ -364,8 +366,12 @@ impl State {
         ctx: Ctx<'_>,
         id: u64,
         address: &str,
+        api_address: &str,
     ) -> Result<Change> {
         validate::address("coordinator address", address)?;
+        if !api_address.is_empty() {
+            validate::address("coordinator api address", api_address)?;
+        }
         if self.coordinators.contains_key(&id) {
             return Err(Error::CoordinatorExists { id });
         }
@@ -374,6 +380,7 @@ impl State {
             Coordinator {
                 id,
                 address: address.to_string(),
+                api_address: api_address.to_string(),
                 added_at_ms: ctx.now,
             },
         );

@@ -44,7 +44,7 @@ use approvals::{ApprovalRequest, Policy};
 use audit::AuditRecord;
 use deployments::Deployment;
 use members::{Coordinator, Node};
-use shelf::Model;
+use shelf::{Model, TrustedKey};
 use tokens::Token;
 
 /// The default for [`State::heartbeat_grace_ms`].
@@ -68,6 +68,9 @@ pub struct State {
     unplaced: Vec<Unplaced>,
     tokens: BTreeMap<String, Token>,
     audit: Vec<AuditRecord>,
+    /// Publisher keys whose bundles may go on the shelf, by key.
+    #[serde(default)]
+    trusted_keys: BTreeMap<String, TrustedKey>,
 }
 
 impl Default for State {
@@ -87,6 +90,7 @@ impl Default for State {
             unplaced: Vec::new(),
             tokens: BTreeMap::new(),
             audit: Vec::new(),
+            trusted_keys: BTreeMap::new(),
         }
     }
 }
@@ -218,7 +222,11 @@ impl State {
             LeaveNode { node } => self.leave_node(node),
             MarkNodeDown { node } => self.mark_node_down(ctx, node),
             SetHeartbeatGrace { grace_ms } => self.set_heartbeat_grace(*grace_ms),
-            AddCoordinator { id, address } => self.add_coordinator(ctx, *id, address),
+            AddCoordinator {
+                id,
+                address,
+                api_address,
+            } => self.add_coordinator(ctx, *id, address, api_address),
             RemoveCoordinator { id } => self.remove_coordinator(*id),
             RegisterModelVersion {
                 model,
@@ -236,6 +244,8 @@ impl State {
                 tag,
             } => self.tag(model, version, tag),
             Untag { model, tag } => self.untag(model, tag),
+            TrustKey { key, name } => self.trust_key(ctx, key, name),
+            DistrustKey { key } => self.distrust_key(key),
             SetPolicy {
                 environment,
                 required_approvals,
@@ -419,6 +429,9 @@ impl State {
     /// Replicas the scheduler could not place, and why.
     pub fn unplaced(&self) -> &[Unplaced] {
         &self.unplaced
+    }
+    pub fn trusted_keys(&self) -> &BTreeMap<String, TrustedKey> {
+        &self.trusted_keys
     }
     pub fn tokens(&self) -> &BTreeMap<String, Token> {
         &self.tokens

@@ -20,6 +20,16 @@ pub const MAX_DIMS: usize = 16;
 /// The largest memory a replica may ask for: 16 TiB.
 pub const MAX_MEMORY_MB: u64 = 16 * 1024 * 1024;
 
+/// A publisher key the cluster trusts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrustedKey {
+    pub key: String,
+    /// Whose key it is.
+    pub name: String,
+    pub added_by: String,
+    pub added_at_ms: u64,
+}
+
 /// One declared input or output.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TensorSummary {
@@ -177,6 +187,31 @@ impl State {
             })
     }
 
+    pub(crate) fn trust_key(&mut self, ctx: Ctx<'_>, key: &str, name: &str) -> Result<Change> {
+        validate::hex64("publisher key", key)?;
+        validate::id("key name", name)?;
+        let record = TrustedKey {
+            key: key.to_string(),
+            name: name.to_string(),
+            added_by: ctx.actor.name.clone(),
+            added_at_ms: ctx.now,
+        };
+        self.trusted_keys.insert(key.to_string(), record);
+        Ok(Change::new(
+            format!("key {key}"),
+            format!("trusted as {name}"),
+        ))
+    }
+
+    pub(crate) fn distrust_key(&mut self, key: &str) -> Result<Change> {
+        if self.trusted_keys.remove(key).is_none() {
+            return Err(Error::UnknownKey {
+                key: key.to_string(),
+            });
+        }
+        Ok(Change::new(format!("key {key}"), "no longer trusted"))
+    }
+
     pub(crate) fn register_version(
         &mut self,
         ctx: Ctx<'_>,
@@ -191,6 +226,11 @@ impl State {
         validate::hex64("bundle digest", digest)?;
         validate::hex64("publisher key", publisher_key)?;
         manifest.validate()?;
+        if !self.trusted_keys.contains_key(publisher_key) {
+            return Err(Error::UntrustedKey {
+                key: publisher_key.to_string(),
+            });
+        }
         if self
             .models
             .get(model)

@@ -326,6 +326,7 @@ fn every_decision_is_in_the_audit_log() {
     assert_eq!(
         actions,
         [
+            "trust-key",
             "set-policy",
             "set-policy",
             "register-model-version",

@@ -226,6 +226,7 @@ fn coordinators_and_grace() {
     let add = |id| Command::AddCoordinator {
         id,
         address: format!("c{id}:7000"),
+        api_address: String::new(),
     };
     w.ok(admin(), add(1));
     w.ok(admin(), add(2));

@@ -67,13 +67,23 @@ pub fn node_spec(id: &str, zone: &str, memory_mb: u64, gpu_mb: u64) -> NodeSpec 
     }
 }
 
+/// The publisher key every test bundle is signed with; [`World::new`] trusts it.
+pub const PUBLISHER_KEY: u64 = 99;
+
+pub fn trust_publisher() -> Command {
+    Command::TrustKey {
+        key: hex64(PUBLISHER_KEY),
+        name: "publisher".into(),
+    }
+}
+
 pub fn register(model: &str, version: &str, n: u64) -> Command {
     Command::RegisterModelVersion {
         model: model.into(),
         version: version.into(),
         digest: hex64(n),
         manifest: manifest(1000, &[Device::Cpu]),
-        publisher_key: hex64(1_000_000 + n),
+        publisher_key: hex64(PUBLISHER_KEY),
     }
 }
 
@@ -94,6 +104,7 @@ impl World {
     /// `staging` needs nothing, `production` two approvers; `fraud@1` registered by `pat`.
     pub fn with_shelf() -> World {
         let mut w = World::new();
+        w.ok(admin(), trust_publisher());
         w.ok(admin(), policy("staging", 0, Role::Approver));
         w.ok(admin(), policy("production", 2, Role::Approver));
         w.ok(actor("pat", Role::Publisher), register("fraud", "1", 1));

@@ -52,6 +52,11 @@ fn setup() -> Vec<Entry> {
         Command::AddCoordinator {
             id: 1,
             address: "c1:7000".into(),
+            api_address: String::new(),
+        },
+        Command::TrustKey {
+            key: hex64(99),
+            name: "publisher".into(),
         },
     ]
     .into_iter()
@@ -111,7 +116,7 @@ fn command() -> impl Strategy<Value = Command> {
         1 => node_id().prop_map(|node| Command::ResumeNode { node }),
         1 => node_id().prop_map(|node| Command::LeaveNode { node }),
         2 => node_id().prop_map(|node| Command::MarkNodeDown { node }),
-        1 => (1..4u64).prop_map(|id| Command::AddCoordinator { id, address: format!("c{id}:7000") }),
+        1 => (1..4u64).prop_map(|id| Command::AddCoordinator { id, address: format!("c{id}:7000"), api_address: format!("c{id}:7400") }),
         1 => (1..4u64).prop_map(|id| Command::RemoveCoordinator { id }),
     ];
     let shelf = prop_oneof![

@@ -240,3 +240,32 @@ fn the_role_table() {
         assert_eq!(command.required_role(), role, "{command:?}");
     }
 }
+
+#[test]
+fn only_trusted_publisher_keys_reach_the_shelf() {
+    let mut w = World::new();
+    // Nothing is trusted on a new cluster.
+    let e = w.refused(publisher(), register("m", "1", 1));
+    assert!(matches!(e, Error::UntrustedKey { .. }), "{e}");
+    let e = w.refused(publisher(), trust_publisher());
+    assert!(matches!(e, Error::Forbidden { .. }), "{e}");
+    w.ok(admin(), trust_publisher());
+    w.ok(publisher(), register("m", "1", 1));
+    // Distrusting keeps what was registered and refuses what comes next.
+    w.ok(
+        admin(),
+        Command::DistrustKey {
+            key: hex64(PUBLISHER_KEY),
+        },
+    );
+    assert!(w.state.models()["m"].versions.contains_key("1"));
+    let e = w.refused(publisher(), register("m", "2", 2));
+    assert!(matches!(e, Error::UntrustedKey { .. }), "{e}");
+    let e = w.refused(
+        admin(),
+        Command::DistrustKey {
+            key: hex64(PUBLISHER_KEY),
+        },
+    );
+    assert!(matches!(e, Error::UnknownKey { .. }), "{e}");
+}

@@ -1,0 +1,540 @@
+//! The Raft driver: one OS thread that owns the [`ReplicaNode`] and runs its ready loop against
+//! the wall clock, the durable [`RedbLogStore`] and the mesh transport.
+//!
+//! Everything that touches the replica goes through the thread's inbox as an [`Event`]: peer
+//! messages, ticks, proposals, reads and membership changes. Before each ready turn the thread
+//! drains the inbox, so every proposal that arrived meanwhile rides in one turn and one fsync
+//! (proposal batching). Waiters are answered from the applied entries (matched by the context
+//! each proposal carries), from ReadIndex answers, or with a timeout.
+//!
+//! The thread is synchronous on purpose: redb's fsync blocks, and nothing here awaits.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use parking_lot::RwLock;
+use raft::eraftpb::Message;
+use tokio::sync::oneshot;
+
+use super::metrics::Metrics;
+use crate::raft::RedbLogStore;
+use crate::raft::{ReplicaConfig, ReplicaNode};
+use crate::{Entry, Error, Outcome, Result, State};
+
+/// A query run on the driver thread against the applied state.
+pub type Query = Box<dyn FnOnce(Result<&State>) + Send>;
+
+/// What the driver thread is asked to do.
+pub enum Event {
+    /// A message from a peer.
+    Message(Box<Message>),
+    /// Propose an entry; the answer comes once it is applied here (or fails).
+    Propose {
+        entry: Box<Entry>,
+        reply: oneshot::Sender<Result<Outcome>>,
+    },
+    /// Run `query` against the state: at once (`linearizable == false`), or once a ReadIndex
+    /// round confirmed that this replica has applied everything committed before the call.
+    Read { linearizable: bool, query: Query },
+    /// Add or remove a voter (leader only).
+    ChangeVoter {
+        id: u64,
+        add: bool,
+        reply: oneshot::Sender<Result<()>>,
+    },
+    /// The transport could not reach a peer.
+    Unreachable(u64),
+    /// The transport delivered (or failed to deliver) a snapshot.
+    SnapshotStatus { to: u64, delivered: bool },
+    /// Hand leadership to the most caught-up peer, if leader; answers once it moved or gave up.
+    TransferLeadership { reply: oneshot::Sender<bool> },
+    /// Stop the thread.
+    Stop,
+}
+
+/// How often the driver ticks and how long waiters wait.
+#[derive(Clone, Debug)]
+pub struct DriverConfig {
+    pub replica: ReplicaConfig,
+    /// One Raft tick.
+    pub tick: Duration,
+    /// How long a proposal or a linearizable read may wait before it is answered "unavailable".
+    pub wait: Duration,
+}
+
+impl Default for DriverConfig {
+    fn default() -> Self {
+        DriverConfig {
+            replica: ReplicaConfig::default(),
+            tick: Duration::from_millis(50),
+            wait: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A replica's view of the cluster, refreshed after every ready turn.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct RaftStatus {
+    pub id: u64,
+    pub leader: u64,
+    pub term: u64,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    pub voters: Vec<u64>,
+    pub is_leader: bool,
+}
+
+/// Outgoing messages, by peer; the transport implements it.
+pub trait Outbox: Send + 'static {
+    /// Queues `msg` for its `to` peer; never blocks.
+    fn send(&self, msg: Message);
+    /// The coordinators' mesh addresses changed (from the replicated state).
+    fn peers_changed(&self, peers: BTreeMap<u64, String>);
+}
+
+/// A handle to the driver thread.
+#[derive(Clone)]
+pub struct Driver {
+    inbox: Sender<Event>,
+    status: Arc<RwLock<RaftStatus>>,
+}
+
+fn unavailable(reason: impl Into<String>) -> Error {
+    Error::Unavailable {
+        reason: reason.into(),
+    }
+}
+
+impl Driver {
+    /// Starts the driver thread over `node`; `events` lets the transport feed it.
+    pub fn start(
+        node: ReplicaNode<RedbLogStore>,
+        config: DriverConfig,
+        outbox: Box<dyn Outbox>,
+        metrics: Metrics,
+        (inbox, rx): (Sender<Event>, Receiver<Event>),
+    ) -> Result<(Driver, std::thread::JoinHandle<()>)> {
+        let status = Arc::new(RwLock::new(RaftStatus::default()));
+        let mut thread = DriverThread {
+            node,
+            config,
+            outbox,
+            metrics,
+            rx,
+            status: status.clone(),
+            next_seq: 1,
+            proposals: BTreeMap::new(),
+            reads: BTreeMap::new(),
+            ready_reads: VecDeque::new(),
+            transfers: Vec::new(),
+            voter_changes: Vec::new(),
+            peers: BTreeMap::new(),
+        };
+        let handle = std::thread::Builder::new()
+            .name("raft".into())
+            .spawn(move || thread.run())
+            .map_err(|e| unavailable(format!("cannot start the raft thread: {e}")))?;
+        Ok((Driver { inbox, status }, handle))
+    }
+
+    /// Sends an event to the thread (false when the thread has stopped).
+    pub fn send(&self, event: Event) -> bool {
+        self.inbox.send(event).is_ok()
+    }
+
+    /// The replica's latest status.
+    pub fn status(&self) -> RaftStatus {
+        self.status.read().clone()
+    }
+
+    /// Proposes `entry` here (this replica must lead) and waits until it is applied.
+    pub async fn propose(&self, entry: Entry) -> Result<Outcome> {
+        let (reply, rx) = oneshot::channel();
+        if !self.send(Event::Propose {
+            entry: Box::new(entry),
+            reply,
+        }) {
+            return Err(unavailable("the coordinator is shutting down"));
+        }
+        rx.await
+            .map_err(|_| unavailable("the coordinator is shutting down"))?
+    }
+
+    /// Runs `f` against the state, after a ReadIndex round if `linearizable`.
+    pub async fn read<T: Send + 'static>(
+        &self,
+        linearizable: bool,
+        f: impl FnOnce(&State) -> T + Send + 'static,
+    ) -> Result<T> {
+        let (reply, rx) = oneshot::channel();
+        let query: Query = Box::new(move |state| {
+            let _ = reply.send(state.map(f));
+        });
+        if !self.send(Event::Read {
+            linearizable,
+            query,
+        }) {
+            return Err(unavailable("the coordinator is shutting down"));
+        }
+        rx.await
+            .map_err(|_| unavailable("the coordinator is shutting down"))?
+    }
+
+    /// Adds (`add`) or removes a voter; this replica must lead.
+    pub async fn change_voter(&self, id: u64, add: bool) -> Result<()> {
+        let (reply, rx) = oneshot::channel();
+        if !self.send(Event::ChangeVoter { id, add, reply }) {
+            return Err(unavailable("the coordinator is shutting down"));
+        }
+        rx.await
+            .map_err(|_| unavailable("the coordinator is shutting down"))?
+    }
+
+    /// Hands leadership away if this replica leads; true once another replica leads.
+    pub async fn transfer_leadership(&self) -> bool {
+        let (reply, rx) = oneshot::channel();
+        if !self.send(Event::TransferLeadership { reply }) {
+            return false;
+        }
+        rx.await.unwrap_or(false)
+    }
+
+    /// Stops the thread (it finishes the turn it is in).
+    pub fn stop(&self) {
+        let _ = self.inbox.send(Event::Stop);
+    }
+}
+
+struct PendingProposal {
+    reply: oneshot::Sender<Result<Outcome>>,
+    deadline: Instant,
+    started: Instant,
+}
+
+struct PendingRead {
+    query: Query,
+    deadline: Instant,
+}
+
+struct DriverThread {
+    node: ReplicaNode<RedbLogStore>,
+    config: DriverConfig,
+    outbox: Box<dyn Outbox>,
+    metrics: Metrics,
+    rx: Receiver<Event>,
+    status: Arc<RwLock<RaftStatus>>,
+    next_seq: u64,
+    /// Proposals made here, by sequence number (the context's second half).
+    proposals: BTreeMap<u64, PendingProposal>,
+    /// Reads waiting for their ReadIndex answer, by sequence number.
+    reads: BTreeMap<u64, PendingRead>,
+    /// Reads whose ReadIndex is known, waiting for the applied index to reach it.
+    ready_reads: VecDeque<(u64, Query)>,
+    /// Leadership transfers waiting to finish: (deadline, reply).
+    transfers: Vec<(Instant, oneshot::Sender<bool>)>,
+    /// Voter changes waiting to be applied: (id, add, deadline, reply).
+    voter_changes: Vec<VoterChange>,
+    /// The coordinators' mesh addresses as last told to the outbox.
+    peers: BTreeMap<u64, String>,
+}
+
+type VoterChange = (u64, bool, Instant, oneshot::Sender<Result<()>>);
+
+/// A channel for the driver's events: make it first, so the transport can hold a sender.
+pub fn channel() -> (Sender<Event>, Receiver<Event>) {
+    mpsc::channel()
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl DriverThread {
+    fn context(&mut self) -> (u64, Vec<u8>) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let mut ctx = Vec::with_capacity(16);
+        ctx.extend_from_slice(&self.node.id().to_be_bytes());
+        ctx.extend_from_slice(&seq.to_be_bytes());
+        (seq, ctx)
+    }
+
+    /// The sequence number in `ctx` if this replica made it.
+    fn own_seq(&self, ctx: &[u8]) -> Option<u64> {
+        let (id, seq) = ctx.split_at_checked(8)?;
+        let id = u64::from_be_bytes(id.try_into().ok()?);
+        let seq = u64::from_be_bytes(seq.try_into().ok()?);
+        (id == self.node.id()).then_some(seq)
+    }
+
+    fn run(&mut self) {
+        let mut next_tick = Instant::now() + self.config.tick;
+        loop {
+            let wait = next_tick.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(wait) {
+                Ok(Event::Stop) => break,
+                Ok(event) => self.handle(event),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            // Batching: everything that arrived meanwhile joins this turn.
+            let mut stop = false;
+            while let Ok(event) = self.rx.try_recv() {
+                if matches!(event, Event::Stop) {
+                    stop = true;
+                    break;
+                }
+                self.handle(event);
+            }
+            let now = Instant::now();
+            if now >= next_tick {
+                self.node.tick();
+                next_tick = now + self.config.tick;
+                self.expire(now);
+            }
+            if let Err(e) = self.ready() {
+                // A failing disk: stop rather than diverge from what was promised.
+                tracing::error!(error = %e, "the ready loop failed; the coordinator stops");
+                break;
+            }
+            if stop {
+                break;
+            }
+        }
+        self.fail_all("the coordinator stopped");
+    }
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Message(msg) => {
+                if let Err(e) = self.node.step(*msg) {
+                    tracing::debug!(error = %e, "dropped a raft message");
+                }
+            }
+            Event::Propose { mut entry, reply } => {
+                entry.now_ms = now_ms();
+                let (seq, ctx) = self.context();
+                match self.node.propose(ctx, &entry) {
+                    Ok(()) => {
+                        self.metrics.proposals.inc();
+                        let now = Instant::now();
+                        self.proposals.insert(
+                            seq,
+                            PendingProposal {
+                                reply,
+                                deadline: now + self.config.wait,
+                                started: now,
+                            },
+                        );
+                    }
+                    Err(e) => {
+                        self.metrics.proposals_failed.inc();
+                        let _ = reply.send(Err(e));
+                    }
+                }
+            }
+            Event::Read {
+                linearizable: false,
+                query,
+            } => query(Ok(self.node.state())),
+            Event::Read {
+                linearizable: true,
+                query,
+            } => {
+                let (seq, ctx) = self.context();
+                self.node.read_index(ctx);
+                self.reads.insert(
+                    seq,
+                    PendingRead {
+                        query,
+                        deadline: Instant::now() + self.config.wait,
+                    },
+                );
+            }
+            Event::ChangeVoter { id, add, reply } => {
+                let result = if add {
+                    self.node.propose_add_node(id)
+                } else {
+                    self.node.propose_remove_node(id)
+                };
+                match result {
+                    Ok(()) => {
+                        self.voter_changes
+                            .push((id, add, Instant::now() + self.config.wait, reply))
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
+            }
+            Event::Unreachable(id) => self.node.report_unreachable(id),
+            Event::SnapshotStatus { to, delivered } => self.node.report_snapshot(to, delivered),
+            Event::TransferLeadership { reply } => match self.node.transfer_target() {
+                Some(to) => {
+                    let _ = self.node.transfer_leader(to);
+                    self.transfers
+                        .push((Instant::now() + self.config.wait, reply));
+                }
+                None => {
+                    let _ = reply.send(!self.node.is_leader());
+                }
+            },
+            Event::Stop => {}
+        }
+    }
+
+    /// Runs ready turns until there is nothing left to do.
+    fn ready(&mut self) -> Result<()> {
+        loop {
+            let out = self.node.handle_ready()?;
+            let idle =
+                out.messages.is_empty() && out.applied.is_empty() && out.read_states.is_empty();
+            for msg in out.messages {
+                self.outbox.send(msg);
+            }
+            for applied in out.applied {
+                self.metrics.applied.inc();
+                if let Some(seq) = self.own_seq(&applied.context)
+                    && let Some(pending) = self.proposals.remove(&seq)
+                {
+                    self.metrics
+                        .commit_latency
+                        .observe(pending.started.elapsed().as_secs_f64());
+                    let _ = pending.reply.send(applied.result);
+                }
+            }
+            for rs in out.read_states {
+                if let Some(seq) = self.own_seq(&rs.request_ctx)
+                    && let Some(read) = self.reads.remove(&seq)
+                {
+                    self.ready_reads.push_back((rs.index, read.query));
+                }
+            }
+            self.serve_reads();
+            if idle {
+                break;
+            }
+        }
+        self.publish();
+        Ok(())
+    }
+
+    fn serve_reads(&mut self) {
+        let applied = self.node.applied_index();
+        let mut waiting = VecDeque::new();
+        while let Some((index, query)) = self.ready_reads.pop_front() {
+            if index <= applied {
+                query(Ok(self.node.state()));
+            } else {
+                waiting.push_back((index, query));
+            }
+        }
+        self.ready_reads = waiting;
+    }
+
+    /// Refreshes the status, metrics and the transport's address book.
+    fn publish(&mut self) {
+        let status = RaftStatus {
+            id: self.node.id(),
+            leader: self.node.leader_id(),
+            term: self.node.term(),
+            commit_index: self.node.commit_index(),
+            applied_index: self.node.applied_index(),
+            voters: self.node.voters(),
+            is_leader: self.node.is_leader(),
+        };
+        self.metrics.observe(&status);
+        if self.transfers.iter().any(|_| !status.is_leader) {
+            for (_, reply) in self.transfers.drain(..) {
+                let _ = reply.send(true);
+            }
+        }
+        let (done, waiting): (Vec<VoterChange>, Vec<VoterChange>) = self
+            .voter_changes
+            .drain(..)
+            .partition(|(id, add, _, _)| status.voters.contains(id) == *add);
+        self.voter_changes = waiting;
+        for (_, _, _, reply) in done {
+            let _ = reply.send(Ok(()));
+        }
+        *self.status.write() = status;
+        let peers: BTreeMap<u64, String> = self
+            .node
+            .state()
+            .coordinators()
+            .values()
+            .map(|c| (c.id, c.address.clone()))
+            .collect();
+        if peers != self.peers {
+            self.peers = peers.clone();
+            self.outbox.peers_changed(peers);
+        }
+    }
+
+    /// Answers the waiters whose time is up.
+    fn expire(&mut self, now: Instant) {
+        let late: Vec<u64> = self
+            .proposals
+            .iter()
+            .filter(|(_, p)| p.deadline <= now)
+            .map(|(seq, _)| *seq)
+            .collect();
+        for seq in late {
+            if let Some(p) = self.proposals.remove(&seq) {
+                self.metrics.proposals_failed.inc();
+                let _ = p.reply.send(Err(unavailable(
+                    "the write was not confirmed in time (no quorum or a leader change); it may \
+                     still be committed: read before retrying",
+                )));
+            }
+        }
+        let late: Vec<u64> = self
+            .reads
+            .iter()
+            .filter(|(_, r)| r.deadline <= now)
+            .map(|(seq, _)| *seq)
+            .collect();
+        for seq in late {
+            if let Some(r) = self.reads.remove(&seq) {
+                (r.query)(Err(unavailable(
+                    "no leader confirmed the read in time: retry",
+                )));
+            }
+        }
+        let (late, waiting): (Vec<VoterChange>, Vec<VoterChange>) = self
+            .voter_changes
+            .drain(..)
+            .partition(|(_, _, deadline, _)| *deadline <= now);
+        self.voter_changes = waiting;
+        for (id, _, _, reply) in late {
+            let _ = reply.send(Err(unavailable(format!(
+                "the membership change for coordinator {id} was not applied in time"
+            ))));
+        }
+        let (done, waiting): (Vec<_>, Vec<_>) = self
+            .transfers
+            .drain(..)
+            .partition(|(deadline, _)| *deadline <= now);
+        self.transfers = waiting;
+        for (_, reply) in done {
+            let _ = reply.send(!self.node.is_leader());
+        }
+    }
+
+    fn fail_all(&mut self, why: &str) {
+        for (_, p) in std::mem::take(&mut self.proposals) {
+            let _ = p.reply.send(Err(unavailable(why)));
+        }
+        for (_, r) in std::mem::take(&mut self.reads) {
+            (r.query)(Err(unavailable(why)));
+        }
+        for (_, query) in std::mem::take(&mut self.ready_reads) {
+            query(Err(unavailable(why)));
+        }
+    }
+}

@@ -1,0 +1,151 @@
+//! A coordinator's Prometheus metrics: Raft progress, proposals, and admin API latency.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntGauge, Registry, TextEncoder,
+};
+
+use super::driver::RaftStatus;
+
+/// The metrics, registered in their own registry (cheap to clone: every field is an `Arc`).
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub term: IntGauge,
+    pub commit_index: IntGauge,
+    pub applied_index: IntGauge,
+    pub is_leader: IntGauge,
+    pub leader: IntGauge,
+    pub voters: IntGauge,
+    pub proposals: IntCounter,
+    pub proposals_failed: IntCounter,
+    pub applied: IntCounter,
+    pub commit_latency: Histogram,
+    pub api_latency: HistogramVec,
+    pub blobs: IntGauge,
+    pub blob_bytes: IntGauge,
+    pub blobs_collected: IntCounter,
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
+];
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+            registry
+                .register(Box::new(g.clone()))
+                .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+            g
+        };
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+            registry
+                .register(Box::new(c.clone()))
+                .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+            c
+        };
+        let term = gauge("sophon_raft_term", "The current Raft term.");
+        let commit_index = gauge(
+            "sophon_raft_commit_index",
+            "The highest committed log index.",
+        );
+        let applied_index = gauge(
+            "sophon_raft_applied_index",
+            "The highest applied log index.",
+        );
+        let is_leader = gauge("sophon_raft_is_leader", "1 if this coordinator leads.");
+        let leader = gauge(
+            "sophon_raft_leader_id",
+            "The leader this coordinator knows of (0: none).",
+        );
+        let voters = gauge("sophon_raft_voters", "Voters in the current configuration.");
+        let proposals = counter(
+            "sophon_raft_proposals_total",
+            "Entries proposed on this coordinator.",
+        );
+        let proposals_failed = counter(
+            "sophon_raft_proposals_failed_total",
+            "Proposals refused (not leader) or not confirmed in time.",
+        );
+        let applied = counter(
+            "sophon_raft_applied_entries_total",
+            "Normal entries applied.",
+        );
+        let commit_latency = Histogram::with_opts(
+            HistogramOpts::new(
+                "sophon_raft_proposal_seconds",
+                "From proposal to applied, for proposals made here.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+        )
+        .unwrap_or_else(|e| panic!("metric: {e}"));
+        registry
+            .register(Box::new(commit_latency.clone()))
+            .unwrap_or_else(|e| panic!("metric: {e}"));
+        let api_latency = HistogramVec::new(
+            HistogramOpts::new(
+                "sophon_api_request_seconds",
+                "Admin API requests, by route, method and status.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["route", "method", "status"],
+        )
+        .unwrap_or_else(|e| panic!("metric: {e}"));
+        registry
+            .register(Box::new(api_latency.clone()))
+            .unwrap_or_else(|e| panic!("metric: {e}"));
+        let blobs = gauge(
+            "sophon_artifact_blobs",
+            "Bundles stored on this coordinator.",
+        );
+        let blob_bytes = gauge("sophon_artifact_bytes", "Bytes of bundles stored here.");
+        let blobs_collected = counter(
+            "sophon_artifact_collected_total",
+            "Unreferenced bundles garbage-collected here.",
+        );
+        Metrics {
+            registry,
+            term,
+            commit_index,
+            applied_index,
+            is_leader,
+            leader,
+            voters,
+            proposals,
+            proposals_failed,
+            applied,
+            commit_latency,
+            api_latency,
+            blobs,
+            blob_bytes,
+            blobs_collected,
+        }
+    }
+
+    /// Records a replica's status.
+    pub fn observe(&self, status: &RaftStatus) {
+        self.term.set(status.term as i64);
+        self.commit_index.set(status.commit_index as i64);
+        self.applied_index.set(status.applied_index as i64);
+        self.is_leader.set(i64::from(status.is_leader));
+        self.leader.set(status.leader as i64);
+        self.voters.set(status.voters.len() as i64);
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

@@ -1,0 +1,992 @@
+//! The coordinator process: the IO shell around the pure state machine and Raft core.
+//!
+//! # What it owns
+//! - [`driver`]: the thread that runs the ready loop on the wall clock and the redb log.
+//! - [`transport`]: coordinator ↔ coordinator QUIC (mutual TLS, from `sophon-mesh`).
+//! - [`api`]: the admin HTTP API; [`openapi`]: its document.
+//! - [`artifacts`]: bundles by digest on disk, replicated to a quorum before they are shelved.
+//! - [`init`] / [`join`] / [`run`]: bootstrapping a cluster, joining it, serving.
+//!
+//! # Data directory
+//! `identity/` (this member's certificate and key, and the cluster CA's certificate), `ca/`
+//! (the CA's key: every coordinator can issue certificates), `raft.redb` (log, hard state,
+//! snapshots), `blobs/` (bundles by digest), `coordinator.json` (id and addresses).
+
+pub mod api;
+pub mod artifacts;
+pub mod driver;
+pub mod metrics;
+pub mod openapi;
+#[cfg(test)]
+mod tests;
+pub mod transport;
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sophon_mesh::{Ca, Identity, Principal};
+use sophon_sdk::bundle::Bundle;
+
+use crate::raft::{RedbLogStore, ReplicaConfig, ReplicaNode, tracing_logger};
+use crate::state::shelf::{ManifestSummary, TensorSummary};
+use crate::{Actor, Command, Entry, Error, Outcome, Result, Role};
+use artifacts::{BlobStore, BlobWriter};
+use driver::{Driver, DriverConfig, Event};
+use metrics::Metrics;
+use transport::{MeshOutbox, Peers, kind};
+
+/// How a coordinator runs.
+#[derive(Clone, Debug)]
+pub struct CoordinatorConfig {
+    pub data_dir: PathBuf,
+    /// Where the admin API listens.
+    pub api_listen: SocketAddr,
+    /// Where the mesh (QUIC) endpoint listens.
+    pub mesh_listen: SocketAddr,
+    /// The largest bundle accepted.
+    pub max_bundle_bytes: u64,
+    pub driver: DriverConfig,
+    /// How often unreferenced bundles are collected, and how old they must be.
+    pub gc_interval: Duration,
+    pub gc_grace: Duration,
+    /// Where others reach this coordinator's API (from `coordinator.json`).
+    pub api_advertise: String,
+    /// Where others reach its mesh endpoint (from `coordinator.json`).
+    pub mesh_advertise: String,
+}
+
+impl CoordinatorConfig {
+    /// Defaults for a data directory and listen addresses.
+    pub fn new(
+        data_dir: impl Into<PathBuf>,
+        api_listen: SocketAddr,
+        mesh_listen: SocketAddr,
+    ) -> Self {
+        CoordinatorConfig {
+            data_dir: data_dir.into(),
+            api_listen,
+            mesh_listen,
+            max_bundle_bytes: 1 << 30,
+            driver: DriverConfig::default(),
+            gc_interval: Duration::from_secs(60),
+            gc_grace: Duration::from_secs(600),
+            api_advertise: api_listen.to_string(),
+            mesh_advertise: mesh_listen.to_string(),
+        }
+    }
+}
+
+/// What `coordinator.json` records.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MemberFile {
+    pub id: u64,
+    pub mesh_address: String,
+    pub api_address: String,
+}
+
+fn io(what: impl Into<String>, e: impl std::fmt::Display) -> Error {
+    Error::Io {
+        what: what.into(),
+        reason: e.to_string(),
+    }
+}
+
+fn mesh(e: sophon_mesh::Error) -> Error {
+    Error::Unavailable {
+        reason: e.to_string(),
+    }
+}
+
+/// A new token: (id, secret). The secret is shown once; the log keeps its hash.
+pub fn new_token() -> (String, String) {
+    let id = format!("t-{}", hex::encode(rand::random::<[u8; 6]>()));
+    let secret = format!("sph_{}", hex::encode(rand::random::<[u8; 24]>()));
+    (id, secret)
+}
+
+/// A join token string: `sophon-join:<CA fingerprint>:<secret>@<mesh address>`.
+pub fn join_string(fingerprint: &str, secret: &str, mesh_address: &str) -> String {
+    format!("sophon-join:{fingerprint}:{secret}@{mesh_address}")
+}
+
+fn parse_join_string(s: &str) -> Result<(String, String, String)> {
+    let bad = || {
+        Error::Invalid {
+        what: "join token",
+        value: "(hidden)".into(),
+        hint: "expected sophon-join:<fingerprint>:<secret>@<host:port>, from `sophon coordinator join-token`".into(),
+    }
+    };
+    let rest = s.trim().strip_prefix("sophon-join:").ok_or_else(bad)?;
+    let (creds, address) = rest.rsplit_once('@').ok_or_else(bad)?;
+    let (fingerprint, secret) = creds.split_once(':').ok_or_else(bad)?;
+    if fingerprint.len() != 64 || secret.is_empty() || address.is_empty() {
+        return Err(bad());
+    }
+    Ok((fingerprint.into(), secret.into(), address.into()))
+}
+
+fn read_member_file(dir: &Path) -> Result<MemberFile> {
+    let path = dir.join("coordinator.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        io(
+            format!(
+                "read {} (run `sophon coordinator init` or `join` first)",
+                path.display()
+            ),
+            e,
+        )
+    })?;
+    serde_json::from_str(&text).map_err(|e| io(format!("parse {}", path.display()), e))
+}
+
+fn write_member_file(dir: &Path, member: &MemberFile) -> Result<()> {
+    let path = dir.join("coordinator.json");
+    let text = serde_json::to_string_pretty(member).map_err(|e| io("encode", e))?;
+    std::fs::write(&path, text).map_err(|e| io(format!("write {}", path.display()), e))
+}
+
+fn save_ca(dir: &Path, ca: &Ca) -> Result<()> {
+    let ca_dir = dir.join("ca");
+    std::fs::create_dir_all(&ca_dir).map_err(|e| io(format!("create {}", ca_dir.display()), e))?;
+    std::fs::write(ca_dir.join("ca.pem"), ca.cert_pem()).map_err(|e| io("write the CA", e))?;
+    write_private(&ca_dir.join("ca.key"), ca.key_pem())
+}
+
+fn write_private(path: &Path, text: &str) -> Result<()> {
+    use std::io::Write as _;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        options.mode(0o600);
+    }
+    let mut file = options
+        .open(path)
+        .map_err(|e| io(format!("write {}", path.display()), e))?;
+    file.write_all(text.as_bytes())
+        .map_err(|e| io(format!("write {}", path.display()), e))
+}
+
+fn load_ca(dir: &Path) -> Result<Ca> {
+    let ca_dir = dir.join("ca");
+    let cert = std::fs::read_to_string(ca_dir.join("ca.pem")).map_err(|e| io("read the CA", e))?;
+    let key =
+        std::fs::read_to_string(ca_dir.join("ca.key")).map_err(|e| io("read the CA key", e))?;
+    Ca::from_pem(&cert, &key).map_err(mesh)
+}
+
+fn replica_config(id: u64, driver: &DriverConfig) -> ReplicaConfig {
+    ReplicaConfig {
+        id,
+        ..driver.replica.clone()
+    }
+}
+
+fn system_time_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Bootstraps a new cluster in `dir`: the CA, the first coordinator (id 1), its state (the
+/// coordinator itself, an admin token, default `staging`/`production` policies). Returns the
+/// admin token's secret, which is stored nowhere else.
+pub fn init(dir: &Path, mesh_address: &str, api_address: &str) -> Result<String> {
+    if dir.join("raft.redb").exists() {
+        return Err(io(
+            format!("initialise {}", dir.display()),
+            "it already holds a coordinator",
+        ));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| io(format!("create {}", dir.display()), e))?;
+    let ca = Ca::generate("sophon").map_err(mesh)?;
+    let identity = ca
+        .issue_identity(&Principal::Coordinator(1))
+        .map_err(mesh)?;
+    identity.save(&dir.join("identity")).map_err(mesh)?;
+    save_ca(dir, &ca)?;
+
+    let store = RedbLogStore::bootstrap(dir.join("raft.redb"), &[1])?;
+    let config = replica_config(1, &DriverConfig::default());
+    let mut node = ReplicaNode::new(&config, store, &tracing_logger(1))?;
+    node.campaign()?;
+    drain_ready(&mut node)?;
+    let (token_id, secret) = new_token();
+    let bootstrap = Actor::system("bootstrap", Role::Admin);
+    let commands = [
+        Command::AddCoordinator {
+            id: 1,
+            address: mesh_address.to_string(),
+            api_address: api_address.to_string(),
+        },
+        Command::CreateToken {
+            id: token_id,
+            name: "admin".into(),
+            role: Role::Admin,
+            secret_hash: crate::hash_secret(&secret),
+        },
+        Command::SetPolicy {
+            environment: "staging".into(),
+            required_approvals: 0,
+            approver_role: Role::Approver,
+        },
+        Command::SetPolicy {
+            environment: "production".into(),
+            required_approvals: 2,
+            approver_role: Role::Approver,
+        },
+    ];
+    for command in commands {
+        let entry = Entry {
+            actor: bootstrap.clone(),
+            now_ms: system_time_ms(),
+            command,
+        };
+        node.propose(Vec::new(), &entry)?;
+        for applied in drain_ready(&mut node)? {
+            applied.result?;
+        }
+    }
+    // Joining members start from this snapshot, which carries the membership.
+    node.snapshot_now()?;
+    write_member_file(
+        dir,
+        &MemberFile {
+            id: 1,
+            mesh_address: mesh_address.into(),
+            api_address: api_address.into(),
+        },
+    )?;
+    Ok(secret)
+}
+
+fn drain_ready(node: &mut ReplicaNode<RedbLogStore>) -> Result<Vec<crate::raft::Applied>> {
+    let mut applied = Vec::new();
+    while node.has_ready() {
+        applied.extend(node.handle_ready()?.applied);
+    }
+    Ok(applied)
+}
+
+/// What a joining coordinator sends.
+#[derive(Serialize, Deserialize)]
+pub struct JoinRequest {
+    pub secret: String,
+    pub csr_pem: String,
+    pub mesh_address: String,
+    pub api_address: String,
+}
+
+/// What it gets back.
+#[derive(Serialize, Deserialize)]
+pub struct JoinAnswer {
+    pub id: u64,
+    pub cert_pem: String,
+    pub ca_pem: String,
+    pub ca_key_pem: String,
+}
+
+/// Joins the cluster a join token names, as a new coordinator in `dir`.
+pub async fn join(
+    dir: &Path,
+    join_token: &str,
+    mesh_address: &str,
+    api_address: &str,
+) -> Result<u64> {
+    if dir.join("raft.redb").exists() {
+        return Err(io(
+            format!("join with {}", dir.display()),
+            "it already holds a coordinator",
+        ));
+    }
+    let (fingerprint, secret, address) = parse_join_string(join_token)?;
+    let (key_pem, csr_pem) = sophon_mesh::new_csr().map_err(mesh)?;
+    let cfg = sophon_mesh::EndpointConfig::default();
+    let endpoint = sophon_mesh::client_endpoint(&cfg).map_err(mesh)?;
+    let client = sophon_mesh::join_client_config(&fingerprint, &cfg).map_err(mesh)?;
+    let addr = transport::resolve(&address)?;
+    let conn = endpoint
+        .connect_with(client, addr, sophon_mesh::SERVER_NAME)
+        .map_err(|e| io(format!("connect to {address}"), e))?
+        .await
+        .map_err(|e| {
+            io(
+                format!("connect to {address} (is the fingerprint right?)"),
+                e,
+            )
+        })?;
+    let request = JoinRequest {
+        secret,
+        csr_pem,
+        mesh_address: mesh_address.into(),
+        api_address: api_address.into(),
+    };
+    let payload = serde_json::to_vec(&request).map_err(|e| io("encode", e))?;
+    let (k, bytes) = sophon_mesh::call(&conn, kind::JOIN, &payload, 1 << 20)
+        .await
+        .map_err(mesh)?;
+    let answer: JoinAnswer = transport::decode_answer(k, &bytes)?;
+    conn.close(0u32.into(), b"joined");
+    std::fs::create_dir_all(dir).map_err(|e| io(format!("create {}", dir.display()), e))?;
+    let identity = Identity {
+        principal: Principal::Coordinator(answer.id),
+        cert_pem: answer.cert_pem,
+        key_pem,
+        ca_pem: answer.ca_pem.clone(),
+    };
+    identity.save(&dir.join("identity")).map_err(mesh)?;
+    save_ca(
+        dir,
+        &Ca::from_pem(&answer.ca_pem, &answer.ca_key_pem).map_err(mesh)?,
+    )?;
+    RedbLogStore::open(dir.join("raft.redb"))?;
+    write_member_file(
+        dir,
+        &MemberFile {
+            id: answer.id,
+            mesh_address: mesh_address.into(),
+            api_address: api_address.into(),
+        },
+    )?;
+    Ok(answer.id)
+}
+
+/// A running coordinator's shared parts.
+pub struct Core {
+    pub config: CoordinatorConfig,
+    pub id: u64,
+    pub driver: Driver,
+    pub peers: Arc<Peers>,
+    pub blobs: BlobStore,
+    pub metrics: Metrics,
+    ca: Ca,
+}
+
+/// A running coordinator.
+pub struct Running {
+    pub core: Arc<Core>,
+    pub api_address: SocketAddr,
+    pub mesh_address: SocketAddr,
+    server: tokio::task::JoinHandle<()>,
+    raft_thread: std::thread::JoinHandle<()>,
+    shutdown: tokio::sync::watch::Sender<bool>,
+}
+
+impl Running {
+    /// Graceful stop: hand leadership away, finish in-flight requests, stop the ready loop.
+    pub async fn shutdown(self) {
+        let moved = self.core.driver.transfer_leadership().await;
+        tracing::info!(moved, "leadership handed over (or not leading)");
+        let _ = self.shutdown.send(true);
+        let _ = self.server.await;
+        self.core.driver.stop();
+        self.core.peers.endpoint().close(0u32.into(), b"shutdown");
+        let _ = tokio::task::spawn_blocking(move || self.raft_thread.join()).await;
+    }
+}
+
+/// Starts the coordinator in `config.data_dir` (made by [`init`] or [`join`]).
+pub async fn start(mut config: CoordinatorConfig) -> Result<Running> {
+    let dir = config.data_dir.clone();
+    let member = read_member_file(&dir)?;
+    config.api_advertise = member.api_address.clone();
+    config.mesh_advertise = member.mesh_address.clone();
+    let identity = Identity::load(&dir.join("identity")).map_err(mesh)?;
+    if identity.principal != Principal::Coordinator(member.id) {
+        return Err(io(
+            "check the identity",
+            format!(
+                "the certificate names {}, not coordinator {}",
+                identity.principal, member.id
+            ),
+        ));
+    }
+    let ca = load_ca(&dir)?;
+    let store = RedbLogStore::open(dir.join("raft.redb"))?;
+    let node = ReplicaNode::restart(
+        &replica_config(member.id, &config.driver),
+        store,
+        &tracing_logger(member.id),
+    )?;
+    let endpoint = sophon_mesh::endpoint(
+        config.mesh_listen,
+        &identity,
+        &sophon_mesh::EndpointConfig::default(),
+    )
+    .map_err(mesh)?;
+    let mesh_address = endpoint.local_addr().map_err(|e| io("mesh address", e))?;
+    let peers = Peers::new(endpoint.clone());
+    let metrics = Metrics::new();
+    let (events, rx) = driver::channel();
+    let outbox = MeshOutbox::new(
+        peers.clone(),
+        tokio::runtime::Handle::current(),
+        events.clone(),
+    );
+    let (driver, raft_thread) = Driver::start(
+        node,
+        config.driver.clone(),
+        Box::new(outbox),
+        metrics.clone(),
+        (events.clone(), rx),
+    )?;
+    let blobs = BlobStore::open(dir.join("blobs"))?;
+    let listener = tokio::net::TcpListener::bind(config.api_listen)
+        .await
+        .map_err(|e| io(format!("listen on {}", config.api_listen), e))?;
+    let api_address = listener.local_addr().map_err(|e| io("api address", e))?;
+    let core = Arc::new(Core {
+        config,
+        id: member.id,
+        driver,
+        peers,
+        blobs,
+        metrics,
+        ca,
+    });
+    tokio::spawn(accept_loop(endpoint, core.clone(), events));
+    tokio::spawn(gc_loop(core.clone()));
+    let (shutdown, mut stop) = tokio::sync::watch::channel(false);
+    let app = api::router(core.clone());
+    let server = tokio::spawn(async move {
+        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        });
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "the admin API stopped");
+        }
+    });
+    tracing::info!(id = member.id, %api_address, %mesh_address, "coordinator running");
+    Ok(Running {
+        core,
+        api_address,
+        mesh_address,
+        server,
+        raft_thread,
+        shutdown,
+    })
+}
+
+impl Core {
+    /// The cluster CA's fingerprint (what a join token pins).
+    pub fn ca_fingerprint(&self) -> String {
+        self.ca.fingerprint()
+    }
+
+    /// Commits `command` as `actor`: proposed here if this coordinator leads, forwarded to the
+    /// leader otherwise; waits for an election when there is no leader.
+    pub async fn write(&self, actor: Actor, command: Command) -> Result<Outcome> {
+        let entry = Entry {
+            actor,
+            now_ms: 0,
+            command,
+        };
+        self.propose_or_forward(entry).await
+    }
+
+    async fn propose_or_forward(&self, entry: Entry) -> Result<Outcome> {
+        // Only failures that guarantee the entry was never proposed are retried: a retried
+        // ambiguous write could take effect twice.
+        let deadline = tokio::time::Instant::now() + self.config.driver.wait;
+        loop {
+            let status = self.driver.status();
+            let retry = if status.is_leader {
+                match self.driver.propose(entry.clone()).await {
+                    Err(e @ Error::NotLeader { .. }) => e,
+                    other => return other,
+                }
+            } else if status.leader != 0 {
+                match self.peers.connection(status.leader).await {
+                    // The request was never sent.
+                    Err(e) => e,
+                    Ok(_) => {
+                        match self
+                            .peers
+                            .call::<Outcome>(status.leader, kind::FORWARD, &entry)
+                            .await
+                        {
+                            Err(Error::Remote { code, .. }) if code == "not_leader" => {
+                                Error::NotLeader {
+                                    id: status.leader,
+                                    leader: 0,
+                                }
+                            }
+                            other => return other,
+                        }
+                    }
+                }
+            } else {
+                Error::NotLeader {
+                    id: self.id,
+                    leader: 0,
+                }
+            };
+            if tokio::time::Instant::now() >= deadline {
+                return Err(match retry {
+                    Error::NotLeader { .. } => Error::Unavailable {
+                        reason: "no leader was elected in time: retry".into(),
+                    },
+                    e => e,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Verifies an uploaded bundle, stores it on a quorum of coordinators, then registers its
+    /// version on the shelf.
+    pub async fn push_bundle(&self, actor: Actor, writer: BlobWriter) -> Result<serde_json::Value> {
+        let (tmp, _) = writer.finish()?;
+        let bytes = match tokio::fs::read(&tmp).await {
+            Ok(b) => b,
+            Err(e) => {
+                self.blobs.discard(&tmp);
+                return Err(io("read the upload", e));
+            }
+        };
+        let bundle = match Bundle::read(&bytes) {
+            Ok(b) => b,
+            Err(e) => {
+                self.blobs.discard(&tmp);
+                return Err(Error::BadBundle {
+                    reason: e.to_string(),
+                });
+            }
+        };
+        let digest = bundle.digest_hex();
+        let key = bundle.publisher_hex();
+        let trusted = {
+            let key = key.clone();
+            self.driver
+                .read(true, move |s| s.trusted_keys().contains_key(&key))
+                .await?
+        };
+        if !trusted {
+            self.blobs.discard(&tmp);
+            return Err(Error::UntrustedKey { key });
+        }
+        self.blobs.commit(&tmp, &digest)?;
+        self.replicate_blob(&digest, &bytes).await?;
+        let m = &bundle.manifest;
+        let weights: u64 = bundle.files.values().map(|f| f.len() as u64).sum();
+        let summary = ManifestSummary {
+            inputs: m.inputs.iter().map(tensor_summary).collect(),
+            outputs: m.outputs.iter().map(tensor_summary).collect(),
+            memory_mb: u64::from(m.resources.memory_mb) + weights.div_ceil(1 << 20),
+            preferred: m
+                .hardware
+                .preferred
+                .iter()
+                .map(|d| match d {
+                    sophon_sdk::manifest::Device::Cpu => crate::Device::Cpu,
+                    sophon_sdk::manifest::Device::Gpu => crate::Device::Gpu,
+                    sophon_sdk::manifest::Device::Npu => crate::Device::Npu,
+                })
+                .collect(),
+        };
+        let outcome = self
+            .write(
+                actor,
+                Command::RegisterModelVersion {
+                    model: m.model.name.clone(),
+                    version: m.model.version.clone(),
+                    digest: digest.clone(),
+                    manifest: summary,
+                    publisher_key: key.clone(),
+                },
+            )
+            .await?;
+        Ok(serde_json::json!({
+            "model": m.model.name,
+            "version": m.model.version,
+            "digest": digest,
+            "publisher_key": key,
+            "size": bytes.len(),
+            "audit_seq": outcome.audit_seq,
+        }))
+    }
+
+    /// Copies a stored blob to the other coordinators until a quorum (this one included)
+    /// holds it.
+    async fn replicate_blob(&self, digest: &str, bytes: &[u8]) -> Result<()> {
+        let voters = self.driver.status().voters;
+        let others: Vec<u64> = voters.iter().copied().filter(|v| *v != self.id).collect();
+        let quorum = voters.len() / 2 + 1;
+        let mut have = 1usize;
+        if have >= quorum {
+            return Ok(());
+        }
+        let bytes: Arc<[u8]> = Arc::from(bytes);
+        let mut tasks = tokio::task::JoinSet::new();
+        for peer in others {
+            let peers = self.peers.clone();
+            let bytes = bytes.clone();
+            let digest = digest.to_string();
+            tasks.spawn(async move { put_blob(&peers, peer, &digest, &bytes).await });
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let mut errors = Vec::new();
+        while let Ok(Some(done)) = tokio::time::timeout_at(deadline, tasks.join_next()).await {
+            match done {
+                Ok(Ok(())) => {
+                    have += 1;
+                    if have >= quorum {
+                        // The rest finish in the background.
+                        tasks.detach_all();
+                        return Ok(());
+                    }
+                }
+                Ok(Err(e)) => errors.push(e.to_string()),
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        Err(Error::Unavailable {
+            reason: format!(
+                "the bundle reached {have} of the {quorum} coordinators a quorum needs: {}",
+                errors.join("; ")
+            ),
+        })
+    }
+
+    /// A bundle by digest: from this coordinator's disk, else from another coordinator.
+    pub async fn fetch_bundle(&self, digest: &str) -> Result<Vec<u8>> {
+        if !artifacts::is_digest(digest) {
+            return Err(Error::Invalid {
+                what: "digest",
+                value: digest.chars().take(80).collect(),
+                hint: "64 lowercase hex digits".into(),
+            });
+        }
+        if let Some(path) = self.blobs.path(digest) {
+            return tokio::fs::read(&path)
+                .await
+                .map_err(|e| io(format!("read {}", path.display()), e));
+        }
+        let voters = self.driver.status().voters;
+        for peer in voters.into_iter().filter(|v| *v != self.id) {
+            if let Ok(bytes) = get_blob(&self.peers, peer, digest).await {
+                return Ok(bytes);
+            }
+        }
+        Err(Error::Remote {
+            status: 404,
+            code: "unknown_bundle".into(),
+            message: format!("no coordinator holds bundle {digest}"),
+        })
+    }
+
+    /// The digests the shelf references.
+    async fn referenced(&self) -> Result<BTreeSet<String>> {
+        self.driver
+            .read(false, |s| {
+                s.models()
+                    .values()
+                    .flat_map(|m| m.versions.values().map(|v| v.digest.clone()))
+                    .collect()
+            })
+            .await
+    }
+}
+
+fn tensor_summary(t: &sophon_sdk::types::TensorSpec) -> TensorSummary {
+    TensorSummary {
+        name: t.name.clone(),
+        datatype: t.datatype.as_str().to_string(),
+        shape: t.shape.clone(),
+    }
+}
+
+const BLOB_CHUNK: usize = 1 << 20;
+
+async fn put_blob(peers: &Peers, peer: u64, digest: &str, bytes: &[u8]) -> Result<()> {
+    let conn = peers.connection(peer).await?;
+    let fail = |e: &dyn std::fmt::Display| Error::Unavailable {
+        reason: format!("copy bundle to coordinator {peer}: {e}"),
+    };
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| fail(&e))?;
+    let header = serde_json::json!({"digest": digest, "size": bytes.len()}).to_string();
+    sophon_mesh::write_frame(&mut send, kind::BLOB_PUT, header.as_bytes())
+        .await
+        .map_err(|e| fail(&e))?;
+    for chunk in bytes.chunks(BLOB_CHUNK) {
+        sophon_mesh::write_frame(&mut send, kind::BLOB_PUT, chunk)
+            .await
+            .map_err(|e| fail(&e))?;
+    }
+    send.finish().map_err(|e| fail(&e))?;
+    match sophon_mesh::read_frame(&mut recv, 1 << 20).await {
+        Ok(Some((k, body))) => transport::decode_answer::<serde_json::Value>(k, &body).map(|_| ()),
+        Ok(None) => Err(fail(&"no answer")),
+        Err(e) => Err(fail(&e)),
+    }
+}
+
+async fn get_blob(peers: &Peers, peer: u64, digest: &str) -> Result<Vec<u8>> {
+    let conn = peers.connection(peer).await?;
+    let fail = |e: &dyn std::fmt::Display| Error::Unavailable {
+        reason: format!("fetch bundle from coordinator {peer}: {e}"),
+    };
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| fail(&e))?;
+    sophon_mesh::write_frame(&mut send, kind::BLOB_GET, digest.as_bytes())
+        .await
+        .map_err(|e| fail(&e))?;
+    send.finish().map_err(|e| fail(&e))?;
+    let mut out = Vec::new();
+    loop {
+        match sophon_mesh::read_frame(&mut recv, transport::MAX_FRAME).await {
+            Ok(Some((kind::BLOB_GET, chunk))) => out.extend_from_slice(&chunk),
+            Ok(Some((k, body))) => {
+                return transport::decode_answer::<serde_json::Value>(k, &body)
+                    .and(Err(fail(&"unexpected answer")));
+            }
+            Ok(None) => return Ok(out),
+            Err(e) => return Err(fail(&e)),
+        }
+    }
+}
+
+/// Accepts mesh connections and serves their streams.
+async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    core: Arc<Core>,
+    events: std::sync::mpsc::Sender<Event>,
+) {
+    while let Some(incoming) = endpoint.accept().await {
+        let core = core.clone();
+        let events = events.clone();
+        tokio::spawn(async move {
+            let conn = match incoming.await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::debug!(error = %e, "a mesh handshake failed");
+                    return;
+                }
+            };
+            let principal = sophon_mesh::peer_principal(&conn);
+            let is_coordinator = matches!(principal, Some(Principal::Coordinator(_)));
+            if is_coordinator {
+                let uni = conn.clone();
+                let events = events.clone();
+                tokio::spawn(async move {
+                    while let Ok(recv) = uni.accept_uni().await {
+                        tokio::spawn(transport::read_raft_stream(recv, events.clone()));
+                    }
+                });
+            }
+            while let Ok((send, recv)) = conn.accept_bi().await {
+                let core = core.clone();
+                tokio::spawn(serve_request(core, is_coordinator, send, recv));
+            }
+        });
+    }
+}
+
+async fn answer(send: &mut quinn::SendStream, result: Result<serde_json::Value>) {
+    let (k, body) = match result {
+        Ok(v) => (kind::OK, serde_json::to_vec(&v).unwrap_or_default()),
+        Err(e) => (
+            kind::ERR,
+            serde_json::to_vec(&api::WireError::from_error(&e)).unwrap_or_default(),
+        ),
+    };
+    let _ = sophon_mesh::write_frame(send, k, &body).await;
+    let _ = send.finish();
+}
+
+async fn serve_request(
+    core: Arc<Core>,
+    is_coordinator: bool,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let first = match sophon_mesh::read_frame(&mut recv, 1 << 20).await {
+        Ok(Some(f)) => f,
+        _ => return,
+    };
+    let forbidden = || Error::Unauthenticated {
+        reason: "this request needs a coordinator certificate".into(),
+    };
+    let result = match first {
+        (kind::JOIN, body) => core.serve_join(&body).await,
+        (_, _) if !is_coordinator => Err(forbidden()),
+        (kind::FORWARD, body) => match serde_json::from_slice::<Entry>(&body) {
+            Ok(entry) => core
+                .propose_or_forward(entry)
+                .await
+                .and_then(|o| serde_json::to_value(o).map_err(|e| io("encode", e))),
+            Err(e) => Err(io("decode a forwarded entry", e)),
+        },
+        (kind::BLOB_PUT, header) => core.receive_blob(&header, &mut recv).await,
+        (kind::BLOB_GET, digest) => {
+            let digest = String::from_utf8_lossy(&digest).to_string();
+            match core.blobs.path(&digest) {
+                Some(path) => match tokio::fs::read(&path).await {
+                    Ok(bytes) => {
+                        for chunk in bytes.chunks(BLOB_CHUNK) {
+                            if sophon_mesh::write_frame(&mut send, kind::BLOB_GET, chunk)
+                                .await
+                                .is_err()
+                            {
+                                return;
+                            }
+                        }
+                        let _ = send.finish();
+                        return;
+                    }
+                    Err(e) => Err(io("read a blob", e)),
+                },
+                None => Err(Error::Remote {
+                    status: 404,
+                    code: "unknown_bundle".into(),
+                    message: format!("bundle {digest} is not stored here"),
+                }),
+            }
+        }
+        (other, _) => Err(io("serve a mesh request", format!("unknown kind {other}"))),
+    };
+    answer(&mut send, result).await;
+}
+
+impl Core {
+    /// Admits a new coordinator: checks the token, issues its certificate, records it and adds
+    /// it as a voter. Runs on the leader (a follower forwards the request).
+    async fn serve_join(&self, body: &[u8]) -> Result<serde_json::Value> {
+        let request: JoinRequest =
+            serde_json::from_slice(body).map_err(|e| io("decode a join request", e))?;
+        let secret = request.secret.clone();
+        let actor = self
+            .driver
+            .read(true, move |s| s.authenticate(&secret))
+            .await?
+            .filter(|a| a.role.allows(Role::Admin))
+            .ok_or_else(|| Error::Unauthenticated {
+                reason: "the join token is unknown, revoked or not an admin token".into(),
+            })?;
+        let status = self.driver.status();
+        if !status.is_leader {
+            if status.leader == 0 {
+                return Err(Error::NotLeader {
+                    id: self.id,
+                    leader: 0,
+                });
+            }
+            return self
+                .peers
+                .call::<serde_json::Value>(status.leader, kind::JOIN, &request)
+                .await;
+        }
+        let id = self
+            .driver
+            .read(false, |s| {
+                s.coordinators().keys().max().copied().unwrap_or(0)
+            })
+            .await?
+            .max(status.voters.iter().max().copied().unwrap_or(0))
+            + 1;
+        let cert_pem = self
+            .ca
+            .issue(&request.csr_pem, &Principal::Coordinator(id))
+            .map_err(mesh)?;
+        self.write(
+            actor,
+            Command::AddCoordinator {
+                id,
+                address: request.mesh_address.clone(),
+                api_address: request.api_address.clone(),
+            },
+        )
+        .await?;
+        self.driver.change_voter(id, true).await?;
+        tracing::info!(id, address = %request.mesh_address, "coordinator joined");
+        serde_json::to_value(JoinAnswer {
+            id,
+            cert_pem,
+            ca_pem: self.ca.cert_pem().to_string(),
+            ca_key_pem: self.ca.key_pem().to_string(),
+        })
+        .map_err(|e| io("encode", e))
+    }
+
+    /// Stores a bundle another coordinator copies here, after verifying it.
+    async fn receive_blob(
+        &self,
+        header: &[u8],
+        recv: &mut quinn::RecvStream,
+    ) -> Result<serde_json::Value> {
+        #[derive(Deserialize)]
+        struct Header {
+            digest: String,
+            size: u64,
+        }
+        let h: Header =
+            serde_json::from_slice(header).map_err(|e| io("decode a blob header", e))?;
+        if h.size > self.config.max_bundle_bytes {
+            return Err(Error::TooLarge {
+                limit: self.config.max_bundle_bytes,
+            });
+        }
+        let mut writer = self.blobs.writer(self.config.max_bundle_bytes)?;
+        let mut bytes = Vec::with_capacity(h.size as usize);
+        loop {
+            match sophon_mesh::read_frame(recv, BLOB_CHUNK + 16).await {
+                Ok(Some((kind::BLOB_PUT, chunk))) => {
+                    writer.write(&chunk)?;
+                    bytes.extend_from_slice(&chunk);
+                }
+                Ok(Some((k, _))) => {
+                    return Err(io("receive a blob", format!("unexpected kind {k}")));
+                }
+                Ok(None) => break,
+                Err(e) => return Err(io("receive a blob", e)),
+            }
+        }
+        let (tmp, _) = writer.finish()?;
+        let verified = Bundle::read(&bytes)
+            .map_err(|e| e.to_string())
+            .and_then(|b| {
+                if b.digest_hex() == h.digest {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "its digest is {}, not {}",
+                        b.digest_hex(),
+                        h.digest
+                    ))
+                }
+            });
+        if let Err(reason) = verified {
+            self.blobs.discard(&tmp);
+            return Err(Error::BadBundle { reason });
+        }
+        self.blobs.commit(&tmp, &h.digest)?;
+        Ok(serde_json::json!({"stored": h.digest}))
+    }
+}
+
+/// Collects unreferenced bundles now and then.
+async fn gc_loop(core: Arc<Core>) {
+    let mut interval = tokio::time::interval(core.config.gc_interval);
+    interval.tick().await;
+    loop {
+        interval.tick().await;
+        let Ok(referenced) = core.referenced().await else {
+            continue;
+        };
+        let blobs = core.blobs.clone();
+        let grace = core.config.gc_grace;
+        let deleted = tokio::task::spawn_blocking(move || blobs.collect(&referenced, grace))
+            .await
+            .unwrap_or_default();
+        for digest in &deleted {
+            tracing::info!(%digest, "collected an unreferenced bundle");
+        }
+        core.metrics.blobs_collected.inc_by(deleted.len() as u64);
+    }
+}

@@ -1,0 +1,774 @@
+//! The admin commands: `model`, `approval`, `policy`, `deploy`, `cluster`, `token`, `key`,
+//! `audit`. Each is one or two admin API calls; tables by default, `--json` for scripts.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Subcommand;
+use serde_json::{Value, json};
+
+use super::client::{Client, ClientArgs, Table, cell, time};
+
+#[derive(Subcommand, Debug)]
+pub enum ModelCmd {
+    /// Push a signed bundle: verified, stored on a quorum of coordinators, put on the shelf.
+    Push { bundle: PathBuf },
+    /// List the shelf.
+    List,
+    /// Show a model, or one version (`MODEL VERSION`).
+    Show {
+        model: String,
+        version: Option<String>,
+    },
+    /// Put a version back on the shelf.
+    Shelve { model: String, version: String },
+    /// Take a version off the shelf.
+    Unshelve { model: String, version: String },
+    /// Mark a version deprecated.
+    Deprecate { model: String, version: String },
+    /// Point a tag at a version.
+    Tag {
+        model: String,
+        version: String,
+        tag: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ApprovalCmd {
+    /// Ask for approval of a version in an environment.
+    Request {
+        model: String,
+        version: String,
+        environment: String,
+    },
+    /// List requests.
+    List {
+        /// open, approved, rejected or withdrawn.
+        #[arg(long)]
+        status: Option<String>,
+    },
+    /// Show one request with its decisions.
+    Show { id: u64 },
+    /// Approve a request.
+    Approve {
+        id: u64,
+        #[arg(long, short, default_value = "")]
+        comment: String,
+    },
+    /// Reject a request.
+    Reject {
+        id: u64,
+        #[arg(long, short, default_value = "")]
+        comment: String,
+    },
+    /// Withdraw your own request.
+    Withdraw { id: u64 },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PolicyCmd {
+    /// Set how many approvals an environment needs, and from which role.
+    Set {
+        environment: String,
+        #[arg(long)]
+        required: u32,
+        #[arg(long, default_value = "approver")]
+        role: String,
+    },
+    /// Show the policies (or one).
+    Show { environment: Option<String> },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DeployCmd {
+    /// Deploy a version to an environment.
+    Create {
+        model: String,
+        version: String,
+        environment: String,
+        #[arg(long, default_value_t = 1)]
+        replicas: u32,
+        /// Devices, best first (cpu,gpu,npu); default: the manifest's.
+        #[arg(long, value_delimiter = ',')]
+        hardware: Vec<String>,
+    },
+    List,
+    Show {
+        id: u64,
+    },
+    Scale {
+        id: u64,
+        replicas: u32,
+    },
+    Delete {
+        id: u64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClusterCmd {
+    /// Raft status of the coordinator you talk to, and the cluster's counts.
+    Status,
+    /// Coordinators and nodes.
+    Members,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenCmd {
+    /// Create a token (its secret is printed once).
+    Create {
+        #[arg(long)]
+        name: String,
+        /// viewer, publisher, approver, operator or admin.
+        #[arg(long)]
+        role: String,
+    },
+    /// Revoke a token by id.
+    Revoke { id: String },
+    /// List tokens (never their secrets).
+    List,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeyCmd {
+    /// Trust a publisher key: a `.pub` file from `sophon keygen`, or 64 hex digits.
+    Trust {
+        key: String,
+        #[arg(long)]
+        name: String,
+    },
+    /// Stop trusting a key.
+    Distrust {
+        key: String,
+    },
+    List,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct AuditArgs {
+    /// First record (sequence number).
+    #[arg(long, default_value_t = 0)]
+    from: u64,
+    #[arg(long, default_value_t = 100)]
+    limit: u64,
+}
+
+fn done(client: &Client, value: &Value, what: &str) {
+    client.print(value, |v| {
+        let mut t = Table::fields(&[("done", what.to_string())]);
+        if let Some(seq) = v.get("audit_seq").filter(|s| !s.is_null()) {
+            t.row(vec!["audit record".into(), cell(seq)]);
+        }
+        if let Some(created) = v.get("created").and_then(|c| c.as_object()) {
+            for (k, id) in created {
+                t.row(vec![k.replace('_', " "), cell(id)]);
+            }
+        }
+        t
+    });
+}
+
+pub fn model(args: &ClientArgs, cmd: ModelCmd) -> anyhow::Result<()> {
+    let c = Client::new(args);
+    match cmd {
+        ModelCmd::Push { bundle } => {
+            let file = std::fs::File::open(&bundle)
+                .with_context(|| format!("opening {}", bundle.display()))?;
+            let len = file.metadata()?.len();
+            let bar = indicatif::ProgressBar::new(len);
+            if c.json {
+                bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+            }
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            bar.set_message("pushing");
+            let reader = bar.wrap_read(file);
+            let result = c.upload("/v1/bundles", reader, len);
+            bar.finish_and_clear();
+            let v = result?;
+            c.print(&v, |v| {
+                Table::fields(&[
+                    ("model", cell(&v["model"])),
+                    ("version", cell(&v["version"])),
+                    ("digest", cell(&v["digest"])),
+                    ("publisher key", cell(&v["publisher_key"])),
+                    ("size", format!("{} bytes", cell(&v["size"]))),
+                ])
+            });
+        }
+        ModelCmd::List => {
+            let v = c.get("/v1/models")?;
+            c.print(&v, |v| {
+                let mut t = Table::new(&[
+                    "model", "version", "digest", "shelf", "stages", "tags", "created",
+                ]);
+                for m in v.as_array().into_iter().flatten() {
+                    for (_, ver) in m["versions"].as_object().into_iter().flatten() {
+                        t.row(version_row(&m["name"], ver));
+                    }
+                }
+                t
+            });
+        }
+        ModelCmd::Show { model, version } => match version {
+            Some(version) => {
+                let v = c.get(&format!("/v1/models/{model}/versions/{version}"))?;
+                c.print(&v, |v| {
+                    Table::fields(&[
+                        ("version", cell(&v["version"])),
+                        ("digest", cell(&v["digest"])),
+                        ("publisher key", cell(&v["publisher_key"])),
+                        (
+                            "created",
+                            format!(
+                                "{} by {}",
+                                time(&v["created_at_ms"]),
+                                cell(&v["created_by"])
+                            ),
+                        ),
+                        ("on shelf", cell(&v["on_shelf"])),
+                        ("deprecated", cell(&v["deprecated"])),
+                        ("stages", stages(&v["stages"])),
+                        (
+                            "memory",
+                            format!("{} MiB", cell(&v["manifest"]["memory_mb"])),
+                        ),
+                        ("hardware", cell(&v["manifest"]["preferred"])),
+                        ("inputs", tensors(&v["manifest"]["inputs"])),
+                        ("outputs", tensors(&v["manifest"]["outputs"])),
+                    ])
+                });
+            }
+            None => {
+                let v = c.get(&format!("/v1/models/{model}"))?;
+                c.print(&v, |v| {
+                    let mut t = Table::new(&[
+                        "model", "version", "digest", "shelf", "stages", "tags", "created",
+                    ]);
+                    for (_, ver) in v["versions"].as_object().into_iter().flatten() {
+                        t.row(version_row(&v["name"], ver));
+                    }
+                    t
+                });
+            }
+        },
+        ModelCmd::Shelve { model, version } => curate(&c, &model, &version, "shelve", None)?,
+        ModelCmd::Unshelve { model, version } => curate(&c, &model, &version, "unshelve", None)?,
+        ModelCmd::Deprecate { model, version } => curate(&c, &model, &version, "deprecate", None)?,
+        ModelCmd::Tag {
+            model,
+            version,
+            tag,
+        } => curate(&c, &model, &version, "tag", Some(json!({"tag": tag})))?,
+    }
+    Ok(())
+}
+
+fn curate(
+    c: &Client,
+    model: &str,
+    version: &str,
+    action: &str,
+    body: Option<Value>,
+) -> anyhow::Result<()> {
+    let v = c.send(
+        "POST",
+        &format!("/v1/models/{model}/versions/{version}/{action}"),
+        body,
+    )?;
+    done(c, &v, &format!("{action} {model}@{version}"));
+    Ok(())
+}
+
+fn version_row(model: &Value, v: &Value) -> Vec<String> {
+    let shelf = if v["deprecated"].as_bool() == Some(true) {
+        "deprecated"
+    } else if v["on_shelf"].as_bool() == Some(true) {
+        "on"
+    } else {
+        "off"
+    };
+    let digest = cell(&v["digest"]);
+    vec![
+        cell(model),
+        cell(&v["version"]),
+        digest.chars().take(12).collect(),
+        shelf.into(),
+        stages(&v["stages"]),
+        cell(&v["tags"]),
+        time(&v["created_at_ms"]),
+    ]
+}
+
+fn stages(v: &Value) -> String {
+    let parts: Vec<String> = v
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(env, stage)| {
+            let name = stage
+                .as_object()
+                .and_then(|o| o.keys().next().cloned())
+                .unwrap_or_default();
+            format!("{env}:{name}")
+        })
+        .collect();
+    if parts.is_empty() {
+        "draft".into()
+    } else {
+        parts.join(",")
+    }
+}
+
+fn tensors(v: &Value) -> String {
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .map(|t| {
+            format!(
+                "{} {} {}",
+                cell(&t["name"]),
+                cell(&t["datatype"]),
+                t["shape"]
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+pub fn approval(args: &ClientArgs, cmd: ApprovalCmd) -> anyhow::Result<()> {
+    let c = Client::new(args);
+    let decide = |id: u64, action: &str, body: Option<Value>| -> anyhow::Result<()> {
+        let v = c.send("POST", &format!("/v1/approvals/{id}/{action}"), body)?;
+        done(&c, &v, &format!("{action} request {id}"));
+        Ok(())
+    };
+    match cmd {
+        ApprovalCmd::Request {
+            model,
+            version,
+            environment,
+        } => {
+            let v = c.send(
+                "POST",
+                "/v1/approvals",
+                Some(json!({"model": model, "version": version, "environment": environment})),
+            )?;
+            done(
+                &c,
+                &v,
+                &format!("asked to approve {model}@{version} for {environment}"),
+            );
+        }
+        ApprovalCmd::List { status } => {
+            let path = match status {
+                Some(s) => format!("/v1/approvals?status={s}"),
+                None => "/v1/approvals".into(),
+            };
+            let v = c.get(&path)?;
+            c.print(&v, |v| {
+                let mut t = Table::new(&[
+                    "id",
+                    "model",
+                    "environment",
+                    "status",
+                    "approvals",
+                    "submitter",
+                    "created",
+                ]);
+                for r in v.as_array().into_iter().flatten() {
+                    t.row(request_row(r));
+                }
+                t
+            });
+        }
+        ApprovalCmd::Show { id } => {
+            let v = c.get(&format!("/v1/approvals/{id}"))?;
+            c.print(&v, |v| {
+                let mut t = Table::new(&[
+                    "id",
+                    "model",
+                    "environment",
+                    "status",
+                    "approvals",
+                    "submitter",
+                    "created",
+                ]);
+                t.row(request_row(v));
+                let mut out = t.to_string();
+                let mut d = Table::new(&["approver", "role", "decision", "at", "comment"]);
+                for dec in v["decisions"].as_array().into_iter().flatten() {
+                    let what = if dec["approve"].as_bool() == Some(true) {
+                        "approve"
+                    } else {
+                        "reject"
+                    };
+                    d.row(vec![
+                        cell(&dec["approver"]),
+                        cell(&dec["role"]),
+                        what.into(),
+                        time(&dec["at_ms"]),
+                        cell(&dec["comment"]),
+                    ]);
+                }
+                out.push('\n');
+                out.push_str(&d.to_string());
+                let mut t = Table::new(&[""]);
+                t.row(vec![out]);
+                t
+            });
+        }
+        ApprovalCmd::Approve { id, comment } => {
+            decide(id, "approve", Some(json!({"comment": comment})))?
+        }
+        ApprovalCmd::Reject { id, comment } => {
+            decide(id, "reject", Some(json!({"comment": comment})))?
+        }
+        ApprovalCmd::Withdraw { id } => decide(id, "withdraw", None)?,
+    }
+    Ok(())
+}
+
+fn request_row(r: &Value) -> Vec<String> {
+    let approvals = r["decisions"]
+        .as_array()
+        .map(|d| {
+            d.iter()
+                .filter(|x| x["approve"].as_bool() == Some(true))
+                .count()
+        })
+        .unwrap_or(0);
+    vec![
+        cell(&r["id"]),
+        format!("{}@{}", cell(&r["model"]), cell(&r["version"])),
+        cell(&r["environment"]),
+        cell(&r["status"]),
+        format!("{approvals}/{}", cell(&r["required_approvals"])),
+        cell(&r["submitter"]),
+        time(&r["created_at_ms"]),
+    ]
+}
+
+pub fn policy(args: &ClientArgs, cmd: PolicyCmd) -> anyhow::Result<()> {
+    let c = Client::new(args);
+    match cmd {
+        PolicyCmd::Set {
+            environment,
+            required,
+            role,
+        } => {
+            let v = c.send(
+                "PUT",
+                &format!("/v1/policies/{environment}"),
+                Some(json!({"required_approvals": required, "approver_role": role})),
+            )?;
+            done(
+                &c,
+                &v,
+                &format!("{environment} needs {required} approval(s) from {role}"),
+            );
+        }
+        PolicyCmd::Show { environment } => {
+            let v = match &environment {
+                Some(e) => json!([c.get(&format!("/v1/policies/{e}"))?]),
+                None => c.get("/v1/policies")?,
+            };
+            let v = if environment.is_some() && c.json {
+                v[0].clone()
+            } else {
+                v
+            };
+            c.print(&v, |v| {
+                let mut t = Table::new(&[
+                    "environment",
+                    "required",
+                    "approver role",
+                    "set by",
+                    "set at",
+                ]);
+                for p in v.as_array().into_iter().flatten() {
+                    t.row(vec![
+                        cell(&p["environment"]),
+                        cell(&p["required_approvals"]),
+                        cell(&p["approver_role"]),
+                        cell(&p["set_by"]),
+                        time(&p["set_at_ms"]),
+                    ]);
+                }
+                t
+            });
+        }
+    }
+    Ok(())
+}
+
+pub fn deploy(args: &ClientArgs, cmd: DeployCmd) -> anyhow::Result<()> {
+    let c = Client::new(args);
+    let row = |d: &Value| {
+        vec![
+            cell(&d["id"]),
+            format!("{}@{}", cell(&d["model"]), cell(&d["version"])),
+            cell(&d["environment"]),
+            cell(&d["replicas"]),
+            cell(&d["rollout"]["state"]),
+            format!(
+                "{}/{}/{}",
+                cell(&d["rollout"]["placed"]),
+                cell(&d["rollout"]["ready"]),
+                cell(&d["rollout"]["unplaced"])
+            ),
+            cell(&d["hardware"]),
+        ]
+    };
+    let headers = [
+        "id",
+        "model",
+        "environment",
+        "replicas",
+        "rollout",
+        "placed/ready/unplaced",
+        "hardware",
+    ];
+    match cmd {
+        DeployCmd::Create {
+            model,
+            version,
+            environment,
+            replicas,
+            hardware,
+        } => {
+            let hw = if hardware.is_empty() {
+                Value::Null
+            } else {
+                json!(hardware)
+            };
+            let v = c.send(
+                "POST",
+                "/v1/deployments",
+                Some(
+                    json!({"model": model, "version": version, "environment": environment,
+                            "replicas": replicas, "hardware": hw}),
+                ),
+            )?;
+            done(
+                &c,
+                &v,
+                &format!("deployed {model}@{version} to {environment}"),
+            );
+        }
+        DeployCmd::List => {
+            let v = c.get("/v1/deployments")?;
+            c.print(&v, |v| {
+                let mut t = Table::new(&headers);
+                for d in v.as_array().into_iter().flatten() {
+                    t.row(row(d));
+                }
+                t
+            });
+        }
+        DeployCmd::Show { id } => {
+            let v = c.get(&format!("/v1/deployments/{id}"))?;
+            c.print(&v, |v| {
+                let mut t = Table::new(&headers);
+                t.row(row(&v["deployment"]));
+                let mut p = Table::new(&["replica", "node", "device"]);
+                for pl in v["placements"].as_array().into_iter().flatten() {
+                    p.row(vec![
+                        cell(&pl["replica"]),
+                        cell(&pl["node"]),
+                        cell(&pl["device"]),
+                    ]);
+                }
+                let mut out = Table::new(&[""]);
+                out.row(vec![format!("{t}\n{p}")]);
+                out
+            });
+        }
+        DeployCmd::Scale { id, replicas } => {
+            let v = c.send(
+                "POST",
+                &format!("/v1/deployments/{id}/scale"),
+                Some(json!({"replicas": replicas})),
+            )?;
+            done(&c, &v, &format!("deployment {id} scaled to {replicas}"));
+        }
+        DeployCmd::Delete { id } => {
+            let v = c.send("DELETE", &format!("/v1/deployments/{id}"), None)?;
+            done(&c, &v, &format!("deployment {id} deleted"));
+        }
+    }
+    Ok(())
+}
+
+pub fn cluster(args: &ClientArgs, cmd: ClusterCmd) -> anyhow::Result<()> {
+    let c = Client::new(args);
+    match cmd {
+        ClusterCmd::Status => {
+            let v = c.get("/v1/cluster/status")?;
+            c.print(&v, |v| {
+                let r = &v["raft"];
+                Table::fields(&[
+                    ("coordinator", cell(&v["coordinator"])),
+                    (
+                        "role",
+                        if r["is_leader"].as_bool() == Some(true) {
+                            "leader".into()
+                        } else {
+                            "follower".into()
+                        },
+                    ),
+                    ("leader", cell(&r["leader"])),
+                    ("term", cell(&r["term"])),
+                    ("commit index", cell(&r["commit_index"])),
+                    ("applied index", cell(&r["applied_index"])),
+                    ("voters", cell(&r["voters"])),
+                    ("nodes", cell(&v["nodes"])),
+                    ("models", cell(&v["models"])),
+                    ("deployments", cell(&v["deployments"])),
+                    ("audit records", cell(&v["audit_records"])),
+                ])
+            });
+        }
+        ClusterCmd::Members => {
+            let v = c.get("/v1/cluster/members")?;
+            c.print(&v, |v| {
+                let mut t = Table::new(&["kind", "id", "address", "api", "state"]);
+                for co in v["coordinators"].as_array().into_iter().flatten() {
+                    let state = if co["leader"].as_bool() == Some(true) {
+                        "leader"
+                    } else if co["voter"].as_bool() == Some(true) {
+                        "voter"
+                    } else {
+                        "not a voter"
+                    };
+                    t.row(vec![
+                        "coordinator".into(),
+                        cell(&co["id"]),
+                        cell(&co["mesh_address"]),
+                        cell(&co["api_address"]),
+                        state.into(),
+                    ]);
+                }
+                for n in v["nodes"].as_array().into_iter().flatten() {
+                    t.row(vec![
+                        "node".into(),
+                        cell(&n["id"]),
+                        cell(&n["address"]),
+                        "-".into(),
+                        cell(&n["health"]),
+                    ]);
+                }
+                t
+            });
+        }
+    }
+    Ok(())
+}
+
+pub fn token(args: &ClientArgs, cmd: TokenCmd) -> anyhow::Result<()> {
+    let c = Client::new(args);
+    match cmd {
+        TokenCmd::Create { name, role } => {
+            let v = c.send(
+                "POST",
+                "/v1/tokens",
+                Some(json!({"name": name, "role": role})),
+            )?;
+            c.print(&v, |v| {
+                Table::fields(&[
+                    ("id", cell(&v["id"])),
+                    ("name", cell(&v["name"])),
+                    ("role", cell(&v["role"])),
+                    (
+                        "secret",
+                        format!("{}   (shown once: keep it)", cell(&v["secret"])),
+                    ),
+                ])
+            });
+        }
+        TokenCmd::Revoke { id } => {
+            let v = c.send("DELETE", &format!("/v1/tokens/{id}"), None)?;
+            done(&c, &v, &format!("revoked token {id}"));
+        }
+        TokenCmd::List => {
+            let v = c.get("/v1/tokens")?;
+            c.print(&v, |v| {
+                let mut t = Table::new(&["id", "name", "role", "created", "revoked"]);
+                for tk in v.as_array().into_iter().flatten() {
+                    t.row(vec![
+                        cell(&tk["id"]),
+                        cell(&tk["name"]),
+                        cell(&tk["role"]),
+                        time(&tk["created_at_ms"]),
+                        time(&tk["revoked_at_ms"]),
+                    ]);
+                }
+                t
+            });
+        }
+    }
+    Ok(())
+}
+
+pub fn key(args: &ClientArgs, cmd: KeyCmd) -> anyhow::Result<()> {
+    let c = Client::new(args);
+    match cmd {
+        KeyCmd::Trust { key, name } => {
+            let hex = if std::path::Path::new(&key).is_file() {
+                let k = sophon_sdk::keys::read_public_key(std::path::Path::new(&key))?;
+                sophon_sdk::keys::public_key_hex(&k)
+            } else {
+                key
+            };
+            let v = c.send("POST", "/v1/keys", Some(json!({"key": hex, "name": name})))?;
+            done(&c, &v, &format!("trusted {name}'s key {hex}"));
+        }
+        KeyCmd::Distrust { key } => {
+            let v = c.send("DELETE", &format!("/v1/keys/{key}"), None)?;
+            done(&c, &v, &format!("no longer trusting {key}"));
+        }
+        KeyCmd::List => {
+            let v = c.get("/v1/keys")?;
+            c.print(&v, |v| {
+                let mut t = Table::new(&["key", "name", "added by", "added"]);
+                for k in v.as_array().into_iter().flatten() {
+                    t.row(vec![
+                        cell(&k["key"]),
+                        cell(&k["name"]),
+                        cell(&k["added_by"]),
+                        time(&k["added_at_ms"]),
+                    ]);
+                }
+                t
+            });
+        }
+    }
+    Ok(())
+}
+
+pub fn audit(args: &ClientArgs, a: AuditArgs) -> anyhow::Result<()> {
+    let c = Client::new(args);
+    let v = c.get(&format!("/v1/audit?from={}&limit={}", a.from, a.limit))?;
+    c.print(&v, |v| {
+        let mut t = Table::new(&["seq", "at", "actor", "role", "action", "target", "detail"]);
+        for r in v["records"].as_array().into_iter().flatten() {
+            t.row(vec![
+                cell(&r["seq"]),
+                time(&r["at_ms"]),
+                cell(&r["actor"]),
+                cell(&r["role"]),
+                cell(&r["action"]),
+                cell(&r["target"]),
+                cell(&r["detail"]),
+            ]);
+        }
+        t
+    });
+    Ok(())
+}
