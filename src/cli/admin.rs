@@ -644,8 +644,10 @@ pub fn cluster(args: &ClientArgs, cmd: ClusterCmd) -> anyhow::Result<()> {
                         "leader"
                     } else if co["voter"].as_bool() == Some(true) {
                         "voter"
+                    } else if co["learner"].as_bool() == Some(true) {
+                        "learner (catching up)"
                     } else {
-                        "not a voter"
+                        "not a member"
                     };
                     t.row(vec![
                         "coordinator".into(),

@@ -91,7 +91,7 @@ async fn start_coordinator(
                 let token = token.clone();
                 move |s| s.authenticate(&token)
             })
-            .await??;
+            .await?;
         if let Some(admin) = admin {
             let command = sophon_coordinator::Command::TrustKey {
                 key: keys::public_key_hex(&key),

@@ -229,6 +229,29 @@ impl<S: LogStore> ReplicaNode<S> {
             .map_err(|e| raft_err(id, e))
     }
 
+    /// The learners (non-voting members catching up) as of the last applied conf change.
+    pub fn learners(&self) -> Vec<u64> {
+        self.conf_state.learners.clone()
+    }
+
+    /// Proposes adding `node` as a learner: it receives the log but does not vote, so a new
+    /// member that is still starting or catching up costs the cluster no quorum.
+    pub fn propose_add_learner(&mut self, node: u64) -> Result<()> {
+        self.propose_change(node, ConfChangeType::AddLearnerNode)
+    }
+
+    /// On the leader: whether learner `node` has everything committed (time to promote it).
+    pub fn learner_caught_up(&self, node: u64) -> bool {
+        self.is_leader()
+            && !self.raw.raft.has_pending_conf()
+            && self
+                .raw
+                .raft
+                .prs()
+                .get(node)
+                .is_some_and(|pr| pr.matched >= self.raw.raft.raft_log.committed)
+    }
+
     /// Proposes adding `node` as a voter.
     pub fn propose_add_node(&mut self, node: u64) -> Result<()> {
         self.propose_change(node, ConfChangeType::AddNode)

@@ -364,6 +364,7 @@ async fn cluster_members(
                     "mesh_address": c.address,
                     "api_address": c.api_address,
                     "voter": raft.voters.contains(&c.id),
+                    "learner": raft.learners.contains(&c.id),
                     "leader": raft.leader == c.id,
                 })
             })

@@ -83,6 +83,7 @@ pub struct RaftStatus {
     pub commit_index: u64,
     pub applied_index: u64,
     pub voters: Vec<u64>,
+    pub learners: Vec<u64>,
     pub is_leader: bool,
 }
 
@@ -358,7 +359,7 @@ impl DriverThread {
             }
             Event::ChangeVoter { id, add, reply } => {
                 let result = if add {
-                    self.node.propose_add_node(id)
+                    self.node.propose_add_learner(id)
                 } else {
                     self.node.propose_remove_node(id)
                 };
@@ -439,6 +440,25 @@ impl DriverThread {
 
     /// Refreshes the status, metrics and the transport's address book.
     fn publish(&mut self) {
+        // A new member can only install a snapshot whose membership names it: take one as
+        // soon as the voters change, so that the leader sends that one.
+        let changed = {
+            let old = self.status.read();
+            self.node.voters() != old.voters || self.node.learners() != old.learners
+        };
+        if changed && let Err(e) = self.node.snapshot_now() {
+            tracing::warn!(error = %e, "could not snapshot after a membership change");
+        }
+        // A learner that caught up becomes a voter.
+        for learner in self.node.learners() {
+            if self.node.learner_caught_up(learner) {
+                match self.node.propose_add_node(learner) {
+                    Ok(()) => tracing::info!(learner, "promoting a caught-up learner to voter"),
+                    Err(e) => tracing::debug!(learner, error = %e, "cannot promote yet"),
+                }
+                break;
+            }
+        }
         let status = RaftStatus {
             id: self.node.id(),
             leader: self.node.leader_id(),
@@ -446,6 +466,7 @@ impl DriverThread {
             commit_index: self.node.commit_index(),
             applied_index: self.node.applied_index(),
             voters: self.node.voters(),
+            learners: self.node.learners(),
             is_leader: self.node.is_leader(),
         };
         self.metrics.observe(&status);
@@ -454,10 +475,10 @@ impl DriverThread {
                 let _ = reply.send(true);
             }
         }
-        let (done, waiting): (Vec<VoterChange>, Vec<VoterChange>) = self
-            .voter_changes
-            .drain(..)
-            .partition(|(id, add, _, _)| status.voters.contains(id) == *add);
+        let (done, waiting): (Vec<VoterChange>, Vec<VoterChange>) =
+            self.voter_changes.drain(..).partition(|(id, add, _, _)| {
+                (status.voters.contains(id) || status.learners.contains(id)) == *add
+            });
         self.voter_changes = waiting;
         for (_, _, _, reply) in done {
             let _ = reply.send(Ok(()));

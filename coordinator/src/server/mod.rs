@@ -86,6 +86,10 @@ pub struct MemberFile {
     pub id: u64,
     pub mesh_address: String,
     pub api_address: String,
+    /// The coordinators' mesh addresses when this one joined: it must answer them before its
+    /// state (which records them) arrives.
+    #[serde(default)]
+    pub peers: std::collections::BTreeMap<u64, String>,
 }
 
 fn io(what: impl Into<String>, e: impl std::fmt::Display) -> Error {
@@ -262,6 +266,7 @@ pub fn init(dir: &Path, mesh_address: &str, api_address: &str) -> Result<String>
             id: 1,
             mesh_address: mesh_address.into(),
             api_address: api_address.into(),
+            peers: Default::default(),
         },
     )?;
     Ok(secret)
@@ -291,6 +296,8 @@ pub struct JoinAnswer {
     pub cert_pem: String,
     pub ca_pem: String,
     pub ca_key_pem: String,
+    /// The coordinators' mesh addresses, by id.
+    pub peers: std::collections::BTreeMap<u64, String>,
 }
 
 /// Joins the cluster a join token names, as a new coordinator in `dir`.
@@ -353,6 +360,7 @@ pub async fn join(
             id: answer.id,
             mesh_address: mesh_address.into(),
             api_address: api_address.into(),
+            peers: answer.peers,
         },
     )?;
     Ok(answer.id)
@@ -422,7 +430,7 @@ pub async fn start(mut config: CoordinatorConfig) -> Result<Running> {
     )
     .map_err(mesh)?;
     let mesh_address = endpoint.local_addr().map_err(|e| io("mesh address", e))?;
-    let peers = Peers::new(endpoint.clone());
+    let peers = Peers::new(endpoint.clone(), member.peers.clone());
     let metrics = Metrics::new();
     let (events, rx) = driver::channel();
     let outbox = MeshOutbox::new(
@@ -905,11 +913,21 @@ impl Core {
         .await?;
         self.driver.change_voter(id, true).await?;
         tracing::info!(id, address = %request.mesh_address, "coordinator joined");
+        let peers = self
+            .driver
+            .read(false, |s| {
+                s.coordinators()
+                    .values()
+                    .map(|c| (c.id, c.address.clone()))
+                    .collect()
+            })
+            .await?;
         serde_json::to_value(JoinAnswer {
             id,
             cert_pem,
             ca_pem: self.ca.cert_pem().to_string(),
             ca_key_pem: self.ca.key_pem().to_string(),
+            peers,
         })
         .map_err(|e| io("encode", e))
     }

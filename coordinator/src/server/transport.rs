@@ -47,6 +47,8 @@ fn mesh_err(what: &str, e: impl std::fmt::Display) -> Error {
 /// The coordinators' connections, by peer id, shared by the raft senders and the requests.
 pub struct Peers {
     endpoint: quinn::Endpoint,
+    /// Addresses known before the state arrived (from the join); the state's win.
+    seeds: BTreeMap<u64, String>,
     addresses: Mutex<BTreeMap<u64, String>>,
     /// One slot per peer, so that connecting to a slow peer holds up no other.
     connections: Mutex<BTreeMap<u64, Slot>>,
@@ -55,10 +57,11 @@ pub struct Peers {
 type Slot = Arc<tokio::sync::Mutex<Option<quinn::Connection>>>;
 
 impl Peers {
-    pub fn new(endpoint: quinn::Endpoint) -> Arc<Peers> {
+    pub fn new(endpoint: quinn::Endpoint, seeds: BTreeMap<u64, String>) -> Arc<Peers> {
         Arc::new(Peers {
             endpoint,
-            addresses: Mutex::new(BTreeMap::new()),
+            addresses: Mutex::new(seeds.clone()),
+            seeds,
             connections: Mutex::new(BTreeMap::new()),
         })
     }
@@ -70,7 +73,9 @@ impl Peers {
 
     /// The address book, from the replicated state.
     pub fn set_addresses(&self, addresses: BTreeMap<u64, String>) {
-        *self.addresses.lock() = addresses;
+        let mut merged = self.seeds.clone();
+        merged.extend(addresses);
+        *self.addresses.lock() = merged;
     }
 
     pub fn address(&self, id: u64) -> Option<String> {
