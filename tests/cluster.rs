@@ -27,14 +27,37 @@ const TICK_MS: &str = "20";
 /// Heartbeat-grace values the clients write start here (the default grace is far below).
 const GRACE_BASE: u64 = 1_000_000_000;
 
+/// A free port below the ephemeral range (32768 and up on Linux), so that no socket bound to
+/// port 0 (the relays' own) can take a member's port while the member is down.
+fn free_port(udp: bool) -> SocketAddr {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let seed = u64::from(std::process::id()) * 7919
+        + std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos() as u64)
+            .unwrap_or(0);
+    for i in 0..10_000u64 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = 20_000 + ((seed + (n + i) * 104_729) % 12_000) as u16;
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let free = if udp {
+            UdpSocket::bind(addr).is_ok() && TcpListener::bind(addr).is_ok()
+        } else {
+            TcpListener::bind(addr).is_ok()
+        };
+        if free {
+            return addr;
+        }
+    }
+    panic!("no free port")
+}
+
 fn free_tcp() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr")
+    free_port(false)
 }
 
 fn free_udp() -> SocketAddr {
-    let s = UdpSocket::bind("127.0.0.1:0").expect("bind");
-    s.local_addr().expect("addr")
+    free_port(true)
 }
 
 struct Member {

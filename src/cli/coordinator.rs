@@ -101,6 +101,7 @@ pub fn run(cmd: CoordinatorCmd, client: &ClientArgs) -> anyhow::Result<()> {
         } => {
             let secret = server::init(&data, &listen.mesh_advertised(), &listen.api.to_string())
                 .with_context(|| format!("initialising {}", data.display()))?;
+            server::record_mesh_listen(&data, &listen.mesh.to_string())?;
             println!("Initialised coordinator 1 in {}", data.display());
             println!("Admin token (shown once, keep it): {secret}");
             println!(
@@ -133,6 +134,7 @@ pub fn run(cmd: CoordinatorCmd, client: &ClientArgs) -> anyhow::Result<()> {
                 &listen.api.to_string(),
             ))?;
             drop(rt);
+            server::record_mesh_listen(&data, &listen.mesh.to_string())?;
             println!("Joined as coordinator {id}; data in {}", data.display());
             if run {
                 serve(data, Some(listen.api), Some(listen.mesh), &tuning)?;
@@ -204,7 +206,9 @@ pub fn config(
     let mesh = match mesh {
         Some(m) => m,
         None => member
-            .mesh_address
+            .mesh_listen
+            .as_deref()
+            .unwrap_or(&member.mesh_address)
             .parse()
             .context("the recorded mesh address")?,
     };

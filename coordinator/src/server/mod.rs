@@ -90,6 +90,16 @@ pub struct MemberFile {
     /// state (which records them) arrives.
     #[serde(default)]
     pub peers: std::collections::BTreeMap<u64, String>,
+    /// Where the mesh endpoint listens, when that is not `mesh_address` (behind a proxy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh_listen: Option<String>,
+}
+
+/// Records where this coordinator's mesh endpoint listens when others reach it elsewhere.
+pub fn record_mesh_listen(dir: &Path, listen: &str) -> Result<()> {
+    let mut member = read_member_file(dir)?;
+    member.mesh_listen = (listen != member.mesh_address).then(|| listen.to_string());
+    write_member_file(dir, &member)
 }
 
 fn io(what: impl Into<String>, e: impl std::fmt::Display) -> Error {
@@ -267,6 +277,7 @@ pub fn init(dir: &Path, mesh_address: &str, api_address: &str) -> Result<String>
             mesh_address: mesh_address.into(),
             api_address: api_address.into(),
             peers: Default::default(),
+            mesh_listen: None,
         },
     )?;
     Ok(secret)
@@ -361,6 +372,7 @@ pub async fn join(
             mesh_address: mesh_address.into(),
             api_address: api_address.into(),
             peers: answer.peers,
+            mesh_listen: None,
         },
     )?;
     Ok(answer.id)
