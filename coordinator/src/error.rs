@@ -268,7 +268,7 @@ impl Error {
             Error::DeploymentExists { .. } => "deployment_exists",
             Error::UnknownDeployment { .. } => "unknown_deployment",
             Error::TokenExists { .. } => "token_exists",
-            Error::DuplicateSecret { .. } => "duplicate_secret",
+            Error::DuplicateSecret => "duplicate_secret",
             Error::Snapshot { .. } => "snapshot",
             Error::NotLeader { .. } => "not_leader",
             Error::Raft { .. } => "raft",
@@ -320,7 +320,7 @@ impl Error {
             | Error::NotApproved { .. }
             | Error::DeploymentExists { .. }
             | Error::TokenExists { .. }
-            | Error::DuplicateSecret { .. } => ErrorKind::Conflict,
+            | Error::DuplicateSecret => ErrorKind::Conflict,
             Error::Snapshot { .. }
             | Error::Raft { .. }
             | Error::LogStore { .. }
