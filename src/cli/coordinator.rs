@@ -88,7 +88,11 @@ pub enum CoordinatorCmd {
         tuning: Tuning,
     },
     /// Make a join token for a new coordinator (needs an admin token).
-    JoinToken,
+    JoinToken {
+        /// Print only the join token (for `$(...)`).
+        #[arg(long)]
+        raw: bool,
+    },
 }
 
 pub fn run(cmd: CoordinatorCmd, client: &ClientArgs) -> anyhow::Result<()> {
@@ -141,7 +145,7 @@ pub fn run(cmd: CoordinatorCmd, client: &ClientArgs) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        CoordinatorCmd::JoinToken => {
+        CoordinatorCmd::JoinToken { raw } => {
             let c = Client::new(client);
             let status = c.get("/v1/cluster/status")?;
             let name = format!("coordinator-join-{}", std::process::id());
@@ -155,6 +159,10 @@ pub fn run(cmd: CoordinatorCmd, client: &ClientArgs) -> anyhow::Result<()> {
                 token["secret"].as_str().unwrap_or_default(),
                 status["mesh_address"].as_str().unwrap_or_default(),
             );
+            if raw {
+                println!("{join}");
+                return Ok(());
+            }
             c.print(
                 &serde_json::json!({"join_token": join, "token_id": token["id"]}),
                 |v| {

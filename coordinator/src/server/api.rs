@@ -122,6 +122,10 @@ pub fn router(core: Shared) -> Router {
         .route("/v1/cluster/status", get(cluster_status))
         .route("/v1/cluster/members", get(cluster_members))
         .route("/v1/cluster/heartbeat-grace", axum::routing::put(set_grace))
+        .route(
+            "/v1/cluster/coordinators/{id}",
+            axum::routing::delete(remove_coordinator),
+        )
         .route("/v1/bundles", post(push_bundle))
         .route("/v1/bundles/{digest}", get(fetch_bundle))
         .route("/v1/models", get(list_models))
@@ -391,6 +395,17 @@ async fn set_grace(
         grace_ms: b.grace_ms,
     };
     Ok(outcome(write(&core, &headers, command).await?))
+}
+
+async fn remove_coordinator(
+    AxState(core): AxState<Shared>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult {
+    let id = parse_id("coordinator id", &id)?;
+    let actor = authenticate(&core, &headers, Role::Admin).await?;
+    core.remove_coordinator(actor, id).await?;
+    Ok(Json(json!({"removed": id})))
 }
 
 // --- bundles ---

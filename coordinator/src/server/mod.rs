@@ -14,6 +14,8 @@
 
 pub mod api;
 pub mod artifacts;
+#[cfg(test)]
+mod cluster_tests;
 pub mod driver;
 pub mod metrics;
 pub mod openapi;
@@ -844,6 +846,13 @@ async fn serve_request(
             Err(e) => Err(io("decode a forwarded entry", e)),
         },
         (kind::BLOB_PUT, header) => core.receive_blob(&header, &mut recv).await,
+        (kind::REMOVE, body) => match serde_json::from_slice::<(Actor, u64)>(&body) {
+            Ok((actor, id)) => core
+                .remove_coordinator(actor, id)
+                .await
+                .map(|()| serde_json::json!({"removed": id})),
+            Err(e) => Err(io("decode a removal", e)),
+        },
         (kind::BLOB_GET, digest) => {
             let digest = String::from_utf8_lossy(&digest).to_string();
             match core.blobs.path(&digest) {
@@ -942,6 +951,42 @@ impl Core {
             peers,
         })
         .map_err(|e| io("encode", e))
+    }
+
+    /// Removes coordinator `id` from the cluster: the Raft membership first (on the leader;
+    /// a follower forwards), then its record. Removing the last voter is refused.
+    pub async fn remove_coordinator(&self, actor: Actor, id: u64) -> Result<()> {
+        if !actor.role.allows(Role::Admin) {
+            return Err(Error::Forbidden {
+                action: "remove-coordinator",
+                role: actor.role,
+                needed: Role::Admin,
+            });
+        }
+        let status = self.driver.status();
+        if !status.voters.contains(&id) && !status.learners.contains(&id) {
+            return Err(Error::UnknownCoordinator { id });
+        }
+        if status.voters == [id] {
+            return Err(Error::LastCoordinator { id });
+        }
+        if !status.is_leader {
+            if status.leader == 0 {
+                return Err(Error::NotLeader {
+                    id: self.id,
+                    leader: 0,
+                });
+            }
+            return self
+                .peers
+                .call::<serde_json::Value>(status.leader, kind::REMOVE, &(actor, id))
+                .await
+                .map(|_| ());
+        }
+        self.driver.change_voter(id, false).await?;
+        self.write(actor, Command::RemoveCoordinator { id }).await?;
+        tracing::info!(id, "coordinator removed");
+        Ok(())
     }
 
     /// Stores a bundle another coordinator copies here, after verifying it.

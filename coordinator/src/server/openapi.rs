@@ -67,6 +67,14 @@ pub const ROUTES: &[Route] = &[
         200,
     ),
     r(
+        "delete",
+        "/v1/cluster/coordinators/{id}",
+        ADM,
+        "Remove a coordinator from the Raft membership and the cluster",
+        None,
+        200,
+    ),
+    r(
         "put",
         "/v1/cluster/heartbeat-grace",
         ADM,

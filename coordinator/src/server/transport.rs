@@ -29,6 +29,7 @@ pub mod kind {
     pub const JOIN: u8 = 3;
     pub const BLOB_PUT: u8 = 4;
     pub const BLOB_GET: u8 = 5;
+    pub const REMOVE: u8 = 6;
     /// An answer that carries a JSON body.
     pub const OK: u8 = 100;
     /// An answer that carries a JSON [`WireError`](super::super::api::WireError).
