@@ -62,7 +62,7 @@ async fn start_coordinator(
     if !args.data.join("coordinator.json").exists() {
         let secret = server::init(&args.data, &args.mesh.to_string(), &args.admin.to_string())
             .with_context(|| format!("initialising {}", args.data.display()))?;
-        write_private(&token_file, &secret)?;
+        server::write_private(&token_file, &secret)?;
     }
     let token = std::fs::read_to_string(&token_file)
         .with_context(|| format!("reading {}", token_file.display()))?
@@ -101,22 +101,6 @@ async fn start_coordinator(
         }
     }
     Ok((running, token))
-}
-
-fn write_private(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
-    use std::io::Write as _;
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt as _;
-        options.mode(0o600);
-    }
-    let mut file = options
-        .open(path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    file.write_all(text.as_bytes())?;
-    Ok(())
 }
 
 /// Build the node's repository with the examples and the bundles given.

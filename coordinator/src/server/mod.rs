@@ -173,7 +173,8 @@ fn save_ca(dir: &Path, ca: &Ca) -> Result<()> {
     write_private(&ca_dir.join("ca.key"), ca.key_pem())
 }
 
-fn write_private(path: &Path, text: &str) -> Result<()> {
+/// Writes `text` to `path`, readable by the owner only (keys, tokens).
+pub fn write_private(path: &Path, text: &str) -> Result<()> {
     use std::io::Write as _;
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);
@@ -899,16 +900,10 @@ impl Core {
                 reason: "the join token is unknown, revoked or not an admin token".into(),
             })?;
         let status = self.driver.status();
-        if !status.is_leader {
-            if status.leader == 0 {
-                return Err(Error::NotLeader {
-                    id: self.id,
-                    leader: 0,
-                });
-            }
+        if let Some(leader) = self.leader_elsewhere()? {
             return self
                 .peers
-                .call::<serde_json::Value>(status.leader, kind::JOIN, &request)
+                .call::<serde_json::Value>(leader, kind::JOIN, &request)
                 .await;
         }
         let id = self
@@ -953,6 +948,20 @@ impl Core {
         .map_err(|e| io("encode", e))
     }
 
+    /// `None` when this coordinator leads, the leader's id when another does, `NotLeader`
+    /// when none is known (for requests that must run on the leader).
+    fn leader_elsewhere(&self) -> Result<Option<u64>> {
+        let status = self.driver.status();
+        match (status.is_leader, status.leader) {
+            (true, _) => Ok(None),
+            (false, 0) => Err(Error::NotLeader {
+                id: self.id,
+                leader: 0,
+            }),
+            (false, leader) => Ok(Some(leader)),
+        }
+    }
+
     /// Removes coordinator `id` from the cluster: the Raft membership first (on the leader;
     /// a follower forwards), then its record. Removing the last voter is refused.
     pub async fn remove_coordinator(&self, actor: Actor, id: u64) -> Result<()> {
@@ -970,16 +979,10 @@ impl Core {
         if status.voters == [id] {
             return Err(Error::LastCoordinator { id });
         }
-        if !status.is_leader {
-            if status.leader == 0 {
-                return Err(Error::NotLeader {
-                    id: self.id,
-                    leader: 0,
-                });
-            }
+        if let Some(leader) = self.leader_elsewhere()? {
             return self
                 .peers
-                .call::<serde_json::Value>(status.leader, kind::REMOVE, &(actor, id))
+                .call::<serde_json::Value>(leader, kind::REMOVE, &(actor, id))
                 .await
                 .map(|_| ());
         }
