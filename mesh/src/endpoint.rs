@@ -33,8 +33,8 @@ pub struct EndpointConfig {
 impl Default for EndpointConfig {
     fn default() -> Self {
         EndpointConfig {
-            idle_timeout: Duration::from_secs(10),
-            keep_alive: Duration::from_secs(2),
+            idle_timeout: Duration::from_secs(5),
+            keep_alive: Duration::from_secs(1),
         }
     }
 }

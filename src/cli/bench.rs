@@ -35,6 +35,9 @@ pub struct BenchArgs {
     /// Seconds per raft measurement.
     #[arg(long, default_value_t = 5)]
     seconds: u64,
+    /// Applied entries between two snapshots (raft).
+    #[arg(long, default_value_t = 10_000)]
+    snapshot_every: u64,
     /// Leader kills for the failover measurement.
     #[arg(long, default_value_t = 5)]
     rounds: usize,
@@ -70,7 +73,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         scheduler()?;
     }
     if all || args.what == Which::Raft {
-        super::bench_raft::raft(args.seconds)?;
+        super::bench_raft::raft(args.seconds, args.snapshot_every)?;
     }
     if all || args.what == Which::Failover {
         super::bench_raft::failover(args.rounds)?;

@@ -35,7 +35,7 @@ impl Listen {
 #[derive(clap::Args, Debug, Clone)]
 pub struct Tuning {
     /// One Raft tick, in ms (elections take 10–20 ticks, heartbeats every 3).
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 30)]
     pub tick_ms: u64,
     /// Applied entries between two snapshots.
     #[arg(long, default_value_t = 10_000)]

@@ -69,7 +69,7 @@ async fn start_coordinator(
         .trim()
         .to_string();
     let tuning = super::coordinator::Tuning {
-        tick_ms: 50,
+        tick_ms: 30,
         snapshot_every: 10_000,
         max_bundle_mb: 1024,
     };

@@ -22,6 +22,10 @@ pub struct ReplicaConfig {
     pub heartbeat_tick: usize,
     /// Applied entries between two snapshots (the log is compacted at each snapshot).
     pub snapshot_every: u64,
+    /// Whether the ready loop takes those snapshots itself. A driver that serialises the
+    /// state on another thread turns this off and uses [`ReplicaNode::snapshot_due`] and
+    /// [`ReplicaNode::store_snapshot`].
+    pub snapshot_inline: bool,
 }
 
 impl Default for ReplicaConfig {
@@ -31,6 +35,7 @@ impl Default for ReplicaConfig {
             election_tick: 10,
             heartbeat_tick: 3,
             snapshot_every: 1000,
+            snapshot_inline: true,
         }
     }
 }
@@ -64,6 +69,7 @@ pub struct ReplicaNode<S: LogStore> {
     state: State,
     conf_state: ConfState,
     snapshot_every: u64,
+    snapshot_inline: bool,
     applied_index: u64,
     last_snapshot_index: u64,
 }
@@ -120,6 +126,11 @@ impl<S: LogStore> ReplicaNode<S> {
             check_quorum: true,
             pre_vote: true,
             applied,
+            // raft-rs's default (0) sends one entry per append message; a batch of proposals
+            // should travel together.
+            max_size_per_msg: 1 << 20,
+            max_inflight_msgs: 256,
+            batch_append: true,
             ..Default::default()
         };
         raft_config.validate().map_err(|e| raft_err(id, e))?;
@@ -130,6 +141,7 @@ impl<S: LogStore> ReplicaNode<S> {
             state,
             conf_state: initial.conf_state,
             snapshot_every: config.snapshot_every.max(1),
+            snapshot_inline: config.snapshot_inline,
             applied_index: applied,
             last_snapshot_index: applied,
         })
@@ -193,6 +205,11 @@ impl<S: LogStore> ReplicaNode<S> {
         let data = serde_json::to_vec(entry).map_err(|e| raft_err(self.id(), e))?;
         let id = self.id();
         self.raw.propose(context, data).map_err(|e| raft_err(id, e))
+    }
+
+    /// The index of the last entry in this replica's log (a proposal just accepted sits there).
+    pub fn last_index(&self) -> u64 {
+        self.raw.raft.raft_log.last_index()
     }
 
     /// The commit index this replica knows of.
@@ -450,10 +467,43 @@ impl<S: LogStore> ReplicaNode<S> {
     }
 
     fn maybe_snapshot(&mut self) -> Result<()> {
-        if self.applied_index < self.last_snapshot_index + self.snapshot_every {
+        if !self.snapshot_inline || !self.snapshot_due() {
             return Ok(());
         }
         self.take_snapshot()
+    }
+
+    /// Whether enough entries were applied since the last snapshot to take another.
+    pub fn snapshot_due(&self) -> bool {
+        self.applied_index >= self.last_snapshot_index + self.snapshot_every
+    }
+
+    /// What a snapshot taken now needs: (applied index, membership, a copy of the state) —
+    /// serialise the copy anywhere, then hand the bytes to [`ReplicaNode::store_snapshot`].
+    pub fn snapshot_source(&self) -> (u64, ConfState, State) {
+        (
+            self.applied_index,
+            self.conf_state.clone(),
+            self.state.clone(),
+        )
+    }
+
+    /// Stores a snapshot of the state as of `index` (serialised elsewhere) and compacts the
+    /// log up to it. Ignored if a newer snapshot is already stored (one arrived from the
+    /// leader meanwhile).
+    pub fn store_snapshot(&mut self, index: u64, cs: ConfState, data: Vec<u8>) -> Result<()> {
+        if index <= self.last_snapshot_index {
+            return Ok(());
+        }
+        let id = self.id();
+        let store = self.raw.mut_store();
+        store
+            .create_snapshot(index, cs, data)
+            .map_err(|e| raft_err(id, e))?;
+        store.compact(index).map_err(|e| raft_err(id, e))?;
+        self.last_snapshot_index = index;
+        tracing::debug!(replica = id, index, "snapshot stored and log compacted");
+        Ok(())
     }
 
     fn take_snapshot(&mut self) -> Result<()> {

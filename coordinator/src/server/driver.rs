@@ -50,6 +50,12 @@ pub enum Event {
     SnapshotStatus { to: u64, delivered: bool },
     /// Hand leadership to the most caught-up peer, if leader; answers once it moved or gave up.
     TransferLeadership { reply: oneshot::Sender<bool> },
+    /// A snapshot serialised off the thread, ready to store.
+    SnapshotTaken {
+        index: u64,
+        conf_state: raft::eraftpb::ConfState,
+        data: Result<Vec<u8>>,
+    },
     /// Stop the thread.
     Stop,
 }
@@ -67,8 +73,12 @@ pub struct DriverConfig {
 impl Default for DriverConfig {
     fn default() -> Self {
         DriverConfig {
-            replica: ReplicaConfig::default(),
-            tick: Duration::from_millis(50),
+            replica: ReplicaConfig {
+                snapshot_every: 10_000,
+                snapshot_inline: false,
+                ..ReplicaConfig::default()
+            },
+            tick: Duration::from_millis(30),
             wait: Duration::from_secs(5),
         }
     }
@@ -132,6 +142,8 @@ impl Driver {
             transfers: Vec::new(),
             voter_changes: Vec::new(),
             peers: BTreeMap::new(),
+            inbox: inbox.clone(),
+            snapshotting: false,
         };
         let handle = std::thread::Builder::new()
             .name("raft".into())
@@ -209,6 +221,8 @@ impl Driver {
 }
 
 struct PendingProposal {
+    /// The log index the entry was appended at here.
+    index: u64,
     reply: oneshot::Sender<Result<Outcome>>,
     deadline: Instant,
     started: Instant,
@@ -239,6 +253,10 @@ struct DriverThread {
     voter_changes: Vec<VoterChange>,
     /// The coordinators' mesh addresses as last told to the outbox.
     peers: BTreeMap<u64, String>,
+    /// The thread's own inbox (a snapshot serialised elsewhere comes back through it).
+    inbox: Sender<Event>,
+    /// A snapshot is being serialised.
+    snapshotting: bool,
 }
 
 type VoterChange = (u64, bool, Instant, oneshot::Sender<Result<()>>);
@@ -327,6 +345,7 @@ impl DriverThread {
                         self.proposals.insert(
                             seq,
                             PendingProposal {
+                                index: self.node.last_index(),
                                 reply,
                                 deadline: now + self.config.wait,
                                 started: now,
@@ -385,7 +404,42 @@ impl DriverThread {
                     let _ = reply.send(!self.node.is_leader());
                 }
             },
+            Event::SnapshotTaken {
+                index,
+                conf_state,
+                data,
+            } => {
+                self.snapshotting = false;
+                let stored = data.and_then(|d| self.node.store_snapshot(index, conf_state, d));
+                if let Err(e) = stored {
+                    tracing::warn!(error = %e, index, "a snapshot could not be stored");
+                }
+            }
             Event::Stop => {}
+        }
+    }
+
+    /// Serialises a snapshot on another thread when one is due, so that a large state does
+    /// not stall the ready loop (and with it heartbeats and commits).
+    fn maybe_snapshot(&mut self) {
+        if self.snapshotting || !self.node.snapshot_due() {
+            return;
+        }
+        let (index, conf_state, state) = self.node.snapshot_source();
+        let inbox = self.inbox.clone();
+        self.snapshotting = true;
+        let spawned = std::thread::Builder::new()
+            .name("snapshot".into())
+            .spawn(move || {
+                let data = state.snapshot();
+                let _ = inbox.send(Event::SnapshotTaken {
+                    index,
+                    conf_state,
+                    data,
+                });
+            });
+        if spawned.is_err() {
+            self.snapshotting = false;
         }
     }
 
@@ -409,6 +463,24 @@ impl DriverThread {
                     let _ = pending.reply.send(applied.result);
                 }
             }
+            // A proposal whose index was applied without it was overwritten by another
+            // leader's entry: it will never commit, so its client may retry at once.
+            let applied = self.node.applied_index();
+            let lost: Vec<u64> = self
+                .proposals
+                .iter()
+                .filter(|(_, p)| p.index <= applied)
+                .map(|(seq, _)| *seq)
+                .collect();
+            for seq in lost {
+                if let Some(p) = self.proposals.remove(&seq) {
+                    self.metrics.proposals_failed.inc();
+                    let _ = p.reply.send(Err(Error::NotLeader {
+                        id: self.node.id(),
+                        leader: self.node.leader_id(),
+                    }));
+                }
+            }
             for rs in out.read_states {
                 if let Some(seq) = self.own_seq(&rs.request_ctx)
                     && let Some(read) = self.reads.remove(&seq)
@@ -421,6 +493,7 @@ impl DriverThread {
                 break;
             }
         }
+        self.maybe_snapshot();
         self.publish();
         Ok(())
     }

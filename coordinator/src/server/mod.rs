@@ -530,11 +530,37 @@ impl Core {
                     // The request was never sent.
                     Err(e) => e,
                     Ok(_) => {
-                        match self
-                            .peers
-                            .call::<Outcome>(status.leader, kind::FORWARD, &entry)
-                            .await
-                        {
+                        let forwarded =
+                            self.peers
+                                .call::<Outcome>(status.leader, kind::FORWARD, &entry);
+                        // A leader that dies with the request keeps its connection open until
+                        // the idle timeout: give up as soon as another leader is known.
+                        let leader_changed = async {
+                            loop {
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                                if self.driver.status().leader != status.leader {
+                                    break;
+                                }
+                            }
+                        };
+                        let answer = tokio::select! {
+                            answer = forwarded => answer,
+                            () = leader_changed => Err(Error::Unavailable {
+                                reason: format!(
+                                    "leader {} changed while it had the write: it may or may \
+                                     not have committed; read before retrying",
+                                    status.leader
+                                ),
+                            }),
+                            () = tokio::time::sleep_until(deadline + self.config.driver.wait) => {
+                                Err(Error::Unavailable {
+                                    reason: "the leader did not answer in time: the write may \
+                                             or may not have committed"
+                                        .into(),
+                                })
+                            }
+                        };
+                        match answer {
                             Err(Error::Remote { code, .. }) if code == "not_leader" => {
                                 Error::NotLeader {
                                     id: status.leader,
@@ -794,12 +820,18 @@ async fn accept_loop(
             };
             let principal = sophon_mesh::peer_principal(&conn);
             let is_coordinator = matches!(principal, Some(Principal::Coordinator(_)));
-            if is_coordinator {
+            if let Some(Principal::Coordinator(peer)) = principal {
                 let uni = conn.clone();
                 let events = events.clone();
+                let peers = core.peers.clone();
                 tokio::spawn(async move {
                     while let Ok(recv) = uni.accept_uni().await {
-                        tokio::spawn(transport::read_raft_stream(recv, events.clone()));
+                        tokio::spawn(transport::read_raft_stream(
+                            recv,
+                            events.clone(),
+                            peers.clone(),
+                            peer,
+                        ));
                     }
                 });
             }

@@ -30,6 +30,8 @@ pub mod kind {
     pub const BLOB_PUT: u8 = 4;
     pub const BLOB_GET: u8 = 5;
     pub const REMOVE: u8 = 6;
+    /// The first frame of a raft stream: the sender's incarnation (random per process start).
+    pub const HELLO: u8 = 7;
     /// An answer that carries a JSON body.
     pub const OK: u8 = 100;
     /// An answer that carries a JSON [`WireError`](super::super::api::WireError).
@@ -53,6 +55,12 @@ pub struct Peers {
     addresses: Mutex<BTreeMap<u64, String>>,
     /// One slot per peer, so that connecting to a slow peer holds up no other.
     connections: Mutex<BTreeMap<u64, Slot>>,
+    /// This process's incarnation, sent to peers first on every raft stream.
+    incarnation: u64,
+    /// The incarnation each peer last announced.
+    seen: Mutex<BTreeMap<u64, u64>>,
+    /// Bumped when a peer's connection must not be used any more (it restarted).
+    generations: Mutex<BTreeMap<u64, u64>>,
 }
 
 type Slot = Arc<tokio::sync::Mutex<Option<quinn::Connection>>>;
@@ -64,6 +72,9 @@ impl Peers {
             addresses: Mutex::new(seeds.clone()),
             seeds,
             connections: Mutex::new(BTreeMap::new()),
+            incarnation: rand::random(),
+            seen: Mutex::new(BTreeMap::new()),
+            generations: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -116,6 +127,22 @@ impl Peers {
         }
         *slot = Some(conn.clone());
         Ok(conn)
+    }
+
+    /// The current generation of the connection to `id`.
+    fn generation(&self, id: u64) -> u64 {
+        self.generations.lock().get(&id).copied().unwrap_or(0)
+    }
+
+    /// A peer announced its incarnation. A new one means it restarted: the connection we hold
+    /// to its previous process would swallow messages until its idle timeout, so drop it.
+    pub async fn observe_incarnation(&self, id: u64, incarnation: u64) {
+        let previous = self.seen.lock().insert(id, incarnation);
+        if previous.is_some_and(|p| p != incarnation) {
+            tracing::info!(peer = id, "coordinator restarted: reconnecting to it");
+            *self.generations.lock().entry(id).or_default() += 1;
+            self.forget(id).await;
+        }
     }
 
     /// Forgets a connection that failed.
@@ -230,7 +257,7 @@ struct PeerLink {
 
 impl PeerLink {
     async fn run(mut self) {
-        let mut stream: Option<quinn::SendStream> = None;
+        let mut stream: Option<(u64, quinn::SendStream)> = None;
         while let Some(msg) = self.rx.recv().await {
             let snapshot = msg.get_msg_type() == MessageType::MsgSnapshot;
             let sent = self.deliver(&mut stream, &msg).await;
@@ -251,10 +278,14 @@ impl PeerLink {
         }
     }
 
-    async fn deliver(&self, stream: &mut Option<quinn::SendStream>, msg: &Message) -> bool {
+    async fn deliver(&self, stream: &mut Option<(u64, quinn::SendStream)>, msg: &Message) -> bool {
         let Ok(bytes) = msg.write_to_bytes() else {
             return false;
         };
+        let generation = self.peers.generation(self.id);
+        if stream.as_ref().is_some_and(|(g, _)| *g != generation) {
+            *stream = None;
+        }
         for _attempt in 0..2 {
             if stream.is_none() {
                 let opened = match self.peers.connection(self.id).await {
@@ -264,12 +295,21 @@ impl PeerLink {
                         return false;
                     }
                 };
-                if opened.is_none() {
+                let Some(mut s) = opened else {
                     self.peers.forget(self.id).await;
+                    continue;
+                };
+                let hello = self.peers.incarnation.to_be_bytes();
+                if sophon_mesh::write_frame(&mut s, kind::HELLO, &hello)
+                    .await
+                    .is_err()
+                {
+                    self.peers.forget(self.id).await;
+                    continue;
                 }
-                *stream = opened;
+                *stream = Some((generation, s));
             }
-            let Some(s) = stream.as_mut() else {
+            let Some((_, s)) = stream.as_mut() else {
                 continue;
             };
             if sophon_mesh::write_frame(s, kind::RAFT, &bytes)
@@ -286,9 +326,19 @@ impl PeerLink {
 }
 
 /// Reads raft messages from a peer's unidirectional stream into the driver.
-pub async fn read_raft_stream(mut recv: quinn::RecvStream, events: Sender<Event>) {
+pub async fn read_raft_stream(
+    mut recv: quinn::RecvStream,
+    events: Sender<Event>,
+    peers: Arc<Peers>,
+    peer: u64,
+) {
     loop {
         match sophon_mesh::read_frame(&mut recv, MAX_FRAME).await {
+            Ok(Some((kind::HELLO, bytes))) => {
+                if let Ok(b) = <[u8; 8]>::try_from(bytes.as_slice()) {
+                    peers.observe_incarnation(peer, u64::from_be_bytes(b)).await;
+                }
+            }
             Ok(Some((kind::RAFT, bytes))) => match Message::parse_from_bytes(&bytes) {
                 Ok(msg) => {
                     if events.send(Event::Message(Box::new(msg))).is_err() {
