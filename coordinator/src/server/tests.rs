@@ -160,7 +160,8 @@ async fn bad_input_gets_a_clear_4xx_and_changes_nothing() {
     tampered[mid] ^= 1;
     let before = f.state().await;
 
-    let cases: Vec<(&str, &str, Option<&str>, Body, StatusCode, &str)> = vec![
+    type Case<'a> = (&'a str, &'a str, Option<&'a str>, Body, StatusCode, &'a str);
+    let cases: Vec<Case<'_>> = vec![
         (
             "GET",
             "/v1/models",
@@ -485,8 +486,7 @@ async fn every_documented_route_is_served_and_metrics_show_raft() {
             .path
             .replace("{digest}", &"0".repeat(64))
             .replace("{action}", "shelve")
-            .replace('{', "")
-            .replace('}', "");
+            .replace(['{', '}'], "");
         let (s, v) = f
             .call(
                 &route.method.to_uppercase(),
