@@ -22,5 +22,5 @@ mod tests;
 
 pub use logger::tracing_logger;
 pub use node::{Applied, ReadyOutput, ReplicaConfig, ReplicaNode};
-pub use redb_store::RedbLogStore;
+pub use redb_store::{RedbLogStore, write_snapshot_file};
 pub use store::{LogStore, MemLogStore};

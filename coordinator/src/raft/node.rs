@@ -498,7 +498,7 @@ impl<S: LogStore> ReplicaNode<S> {
         let id = self.id();
         let store = self.raw.mut_store();
         store
-            .create_snapshot(index, cs, data)
+            .create_snapshot_written(index, cs, data)
             .map_err(|e| raft_err(id, e))?;
         store.compact(index).map_err(|e| raft_err(id, e))?;
         self.last_snapshot_index = index;

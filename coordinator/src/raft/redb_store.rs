@@ -99,6 +99,14 @@ impl RedbLogStore {
         &self.path
     }
 
+    /// Where a snapshot at `index` may be kept outside the redb file (written by
+    /// [`write_snapshot_file`], off the Raft thread): beside it, `<file>.snapshot-<index>`.
+    pub fn snapshot_file(db: &Path, index: u64) -> PathBuf {
+        let mut name = db.as_os_str().to_owned();
+        name.push(format!(".snapshot-{index}"));
+        PathBuf::from(name)
+    }
+
     /// The index of the stored snapshot (0: none yet).
     pub fn snapshot_index(&self) -> u64 {
         self.mem.snapshot_index()
@@ -133,8 +141,16 @@ impl RedbLogStore {
         let mut mem = MemLogStore::new();
         let mut snapshot_index = 0;
         if let Some(bytes) = read_one(SNAPSHOT)? {
-            let snapshot = Snapshot::parse_from_bytes(&bytes).map_err(store_err)?;
+            let mut snapshot = Snapshot::parse_from_bytes(&bytes).map_err(store_err)?;
             snapshot_index = snapshot.get_metadata().index;
+            // A state never serialises to nothing: empty data means the bytes are in the
+            // snapshot's own file.
+            if snapshot_index > 0 && snapshot.get_data().is_empty() {
+                let file = RedbLogStore::snapshot_file(&self.path, snapshot_index);
+                let data = std::fs::read(&file)
+                    .map_err(|e| store_err(format!("read {}: {e}", file.display())))?;
+                snapshot.set_data(data.into());
+            }
             if snapshot_index > 0 {
                 mem.apply_snapshot(snapshot)?;
             }
@@ -209,6 +225,21 @@ impl RedbLogStore {
     fn hard_state(&self) -> raft::Result<HardState> {
         Ok(self.mem.initial_state()?.hard_state)
     }
+}
+
+/// Writes snapshot bytes durably to `path` (temporary file, fsync, rename, directory fsync),
+/// from any thread.
+pub fn write_snapshot_file(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(data)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 fn put(
@@ -341,6 +372,41 @@ impl LogStore for RedbLogStore {
         meta.set_conf_state(cs.clone());
         self.write(&[Change::Snapshot(&snapshot)])?;
         self.mem.create_snapshot(index, cs, data)
+    }
+
+    /// Records a snapshot whose bytes [`write_snapshot_file`] already made durable beside the
+    /// redb file (only the metadata goes into redb: a multi-megabyte row cost the Raft thread
+    /// 40–140 ms); without that file it is stored inline.
+    fn create_snapshot_written(
+        &mut self,
+        index: u64,
+        cs: ConfState,
+        data: Vec<u8>,
+    ) -> raft::Result<()> {
+        let file = RedbLogStore::snapshot_file(&self.path, index);
+        if !file.is_file() {
+            return self.create_snapshot(index, cs, data);
+        }
+        let term = self.mem.term(index)?;
+        let mut snapshot = Snapshot::default();
+        let meta = snapshot.mut_metadata();
+        meta.index = index;
+        meta.term = term;
+        meta.set_conf_state(cs.clone());
+        self.write(&[Change::Snapshot(&snapshot)])?;
+        self.mem.create_snapshot(index, cs, data)?;
+        // Older snapshot files are no longer referenced.
+        if let (Some(dir), Some(name)) = (self.path.parent(), self.path.file_name()) {
+            let prefix = format!("{}.snapshot-", name.to_string_lossy());
+            let keep = format!("{prefix}{index}");
+            for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                let n = entry.file_name().to_string_lossy().into_owned();
+                if n.starts_with(&prefix) && n != keep {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
+        Ok(())
     }
 
     fn compact(&mut self, index: u64) -> raft::Result<()> {
@@ -523,5 +589,53 @@ mod tests {
         let store = RedbLogStore::bootstrap(&path, &[1, 2, 3]).expect("reopen");
         let voters = store.initial_state().expect("state").conf_state.voters;
         assert_eq!(voters, vec![1, 2]);
+    }
+}
+
+#[cfg(test)]
+mod snapshot_file_tests {
+    use raft::Storage as _;
+    use raft::eraftpb::{ConfState, Entry as LogEntry};
+
+    use super::{RedbLogStore, write_snapshot_file};
+    use crate::raft::store::LogStore;
+
+    #[test]
+    fn a_snapshot_kept_in_its_own_file_survives_a_reopen_and_older_files_go() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("log.redb");
+        let mut store = RedbLogStore::open(&path).expect("open");
+        let entries: Vec<LogEntry> = (1..=20)
+            .map(|index| LogEntry {
+                index,
+                term: 1,
+                ..Default::default()
+            })
+            .collect();
+        store.append(&entries).expect("append");
+        let cs = ConfState::from((vec![1], vec![]));
+        for index in [10, 15] {
+            let data = format!("state at {index}").into_bytes();
+            write_snapshot_file(&RedbLogStore::snapshot_file(&path, index), &data).expect("file");
+            store
+                .create_snapshot_written(index, cs.clone(), data)
+                .expect("record");
+            store.compact(index).expect("compact");
+        }
+        assert!(
+            !RedbLogStore::snapshot_file(&path, 10).exists(),
+            "the old file is removed"
+        );
+        drop(store);
+        let reopened = RedbLogStore::open(&path).expect("reopen");
+        let snapshot = reopened.snapshot(0, 1).expect("snapshot");
+        assert_eq!(snapshot.get_metadata().index, 15);
+        assert_eq!(snapshot.get_data(), b"state at 15");
+        assert_eq!(reopened.first_index().expect("first"), 16);
+        assert_eq!(reopened.last_index().expect("last"), 20);
+        // A missing file is an error on open, not a silently empty state.
+        drop(reopened);
+        std::fs::remove_file(RedbLogStore::snapshot_file(&path, 15)).expect("remove");
+        assert!(RedbLogStore::open(&path).is_err());
     }
 }

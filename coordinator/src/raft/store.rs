@@ -31,6 +31,17 @@ pub trait LogStore: raft::Storage {
     fn apply_snapshot(&mut self, snapshot: Snapshot) -> raft::Result<()>;
     /// Stores a snapshot of the applied state at `index` (the state machine's bytes in `data`).
     fn create_snapshot(&mut self, index: u64, cs: ConfState, data: Vec<u8>) -> raft::Result<()>;
+    /// Like [`LogStore::create_snapshot`], for a snapshot whose bytes the caller may already
+    /// have written durably elsewhere (see [`RedbLogStore`](super::RedbLogStore)), so that the
+    /// store only records where they are.
+    fn create_snapshot_written(
+        &mut self,
+        index: u64,
+        cs: ConfState,
+        data: Vec<u8>,
+    ) -> raft::Result<()> {
+        self.create_snapshot(index, cs, data)
+    }
     /// Discards entries before `index` (which must be covered by a stored snapshot).
     fn compact(&mut self, index: u64) -> raft::Result<()>;
 }

@@ -426,12 +426,21 @@ impl DriverThread {
             return;
         }
         let (index, conf_state, state) = self.node.snapshot_source();
+        let file = RedbLogStore::snapshot_file(self.node.store().path(), index);
         let inbox = self.inbox.clone();
         self.snapshotting = true;
         let spawned = std::thread::Builder::new()
             .name("snapshot".into())
             .spawn(move || {
-                let data = state.snapshot();
+                // Serialise and write the bytes here; the Raft thread only records them.
+                let data = state.snapshot().and_then(|d| {
+                    crate::raft::write_snapshot_file(&file, &d)
+                        .map(|()| d)
+                        .map_err(|e| Error::Io {
+                            what: format!("write {}", file.display()),
+                            reason: e.to_string(),
+                        })
+                });
                 let _ = inbox.send(Event::SnapshotTaken {
                     index,
                     conf_state,
