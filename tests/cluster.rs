@@ -593,6 +593,22 @@ fn three_coordinators_survive_kill_9_and_a_partition_linearizably() {
             .expect("bundle bytes");
         let bundle = sophon_sdk::Bundle::read(&bytes).expect("a verified bundle");
         assert_eq!(bundle.digest_hex(), digest);
+        // And through the CLI, which verifies what it downloads.
+        let out = root.join(format!("pulled-{}.sbundle", m.id));
+        let pulled = Command::new(env!("CARGO_BIN_EXE_sophon"))
+            .args(["model", "pull", &digest, "-o"])
+            .arg(&out)
+            .args(["--server", &url])
+            .env("SOPHON_TOKEN", &token)
+            .env("SOPHON_LOG", "warn")
+            .output()
+            .expect("run sophon model pull");
+        assert!(
+            pulled.status.success(),
+            "{}",
+            String::from_utf8_lossy(&pulled.stderr)
+        );
+        assert_eq!(std::fs::read(&out).expect("pulled file"), bytes);
     }
 
     // Every decision and refusal: the audit log has each acknowledged request.

@@ -13,6 +13,12 @@ use super::client::{Client, ClientArgs, Table, cell, time};
 pub enum ModelCmd {
     /// Push a signed bundle: verified, stored on a quorum of coordinators, put on the shelf.
     Push { bundle: PathBuf },
+    /// Fetch a bundle by digest from any coordinator, verify it and write it to a file.
+    Pull {
+        digest: String,
+        #[arg(short, long)]
+        out: PathBuf,
+    },
     /// List the shelf.
     List,
     /// Show a model, or one version (`MODEL VERSION`).
@@ -199,6 +205,28 @@ pub fn model(args: &ClientArgs, cmd: ModelCmd) -> anyhow::Result<()> {
                     ("digest", cell(&v["digest"])),
                     ("publisher key", cell(&v["publisher_key"])),
                     ("size", format!("{} bytes", cell(&v["size"]))),
+                ])
+            });
+        }
+        ModelCmd::Pull { digest, out } => {
+            let bytes = c.get_bytes(&format!("/v1/bundles/{digest}"))?;
+            let bundle = sophon_sdk::Bundle::read(&bytes)
+                .with_context(|| format!("the bundle served for {digest} does not verify"))?;
+            anyhow::ensure!(
+                bundle.digest_hex() == digest,
+                "the coordinator served bundle {} for {digest}",
+                bundle.digest_hex()
+            );
+            std::fs::write(&out, &bytes).with_context(|| format!("writing {}", out.display()))?;
+            let v = json!({"digest": digest, "model": bundle.manifest.model.name,
+                           "version": bundle.manifest.model.version, "file": out.display().to_string(),
+                           "size": bytes.len()});
+            c.print(&v, |v| {
+                Table::fields(&[
+                    ("model", cell(&v["model"])),
+                    ("version", cell(&v["version"])),
+                    ("file", cell(&v["file"])),
+                    ("size", format!("{} bytes (verified)", cell(&v["size"]))),
                 ])
             });
         }

@@ -122,6 +122,25 @@ impl Client {
         self.finish(response)
     }
 
+    /// A raw download (a bundle by digest).
+    pub fn get_bytes(&self, path: &str) -> anyhow::Result<Vec<u8>> {
+        let mut response = self
+            .agent
+            .get(self.url(path))
+            .header("Authorization", self.auth()?)
+            .call()
+            .with_context(|| format!("calling {}", self.base))?;
+        if !response.status().is_success() {
+            return self.finish(response).map(|_| Vec::new());
+        }
+        response
+            .body_mut()
+            .with_config()
+            .limit(4 << 30)
+            .read_to_vec()
+            .context("reading the download")
+    }
+
     /// Posts raw bytes from `reader` (`len` bytes), e.g. a bundle.
     pub fn upload(
         &self,
