@@ -41,6 +41,10 @@ def test_perf_analyzer_measures_the_mlp(node, protocol_args):
         "-u", node.url,
         "--shape", "input:1,784",
         "--measurement-interval", "500",
+        # This checks that Triton's own load generator drives the node, not that a shared 2-core
+        # VM is quiet: accept windows within 50% of each other, and try longer before giving up.
+        "--stability-percentage", "50",
+        "--max-trials", "20",
         "--concurrency-range", "1:2",
         *protocol_args,
     ]
