@@ -507,16 +507,7 @@ impl<S: LogStore> ReplicaNode<S> {
     }
 
     fn take_snapshot(&mut self) -> Result<()> {
-        let id = self.id();
-        let index = self.applied_index;
         let data = self.state.snapshot()?;
-        let store = self.raw.mut_store();
-        store
-            .create_snapshot(index, self.conf_state.clone(), data)
-            .map_err(|e| raft_err(id, e))?;
-        store.compact(index).map_err(|e| raft_err(id, e))?;
-        self.last_snapshot_index = index;
-        tracing::debug!(replica = id, index, "snapshot taken and log compacted");
-        Ok(())
+        self.store_snapshot(self.applied_index, self.conf_state.clone(), data)
     }
 }

@@ -426,7 +426,7 @@ async fn push_bundle(
                 Err(_) => continue,
             },
             Err(e) => {
-                let (tmp, _) = writer.finish()?;
+                let (tmp, _, _) = writer.finish()?;
                 core.blobs.discard(&tmp);
                 // axum's body limit surfaces here as an error on the stream.
                 let text = e.to_string();
@@ -441,7 +441,7 @@ async fn push_bundle(
             }
         };
         if let Err(e) = writer.write(&chunk) {
-            let (tmp, _) = writer.finish()?;
+            let (tmp, _, _) = writer.finish()?;
             core.blobs.discard(&tmp);
             return Err(e.into());
         }

@@ -36,23 +36,24 @@ pub fn is_digest(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
-/// A blob being written: bytes go to a temporary file, hashed as they come.
+/// A blob being written: bytes go to a temporary file, hashed as they come, and are kept for
+/// the caller, who verifies the whole bundle next (so it is never read back from disk).
 pub struct BlobWriter {
     file: std::fs::File,
     path: PathBuf,
     hasher: Sha256,
-    len: u64,
+    bytes: Vec<u8>,
     limit: u64,
 }
 
 impl BlobWriter {
     /// Appends bytes; fails once the blob passes the limit.
     pub fn write(&mut self, bytes: &[u8]) -> Result<()> {
-        self.len += bytes.len() as u64;
-        if self.len > self.limit {
+        if (self.bytes.len() + bytes.len()) as u64 > self.limit {
             return Err(Error::TooLarge { limit: self.limit });
         }
         self.hasher.update(bytes);
+        self.bytes.extend_from_slice(bytes);
         self.file
             .write_all(bytes)
             .map_err(|e| io(format!("write {}", self.path.display()), e))
@@ -60,20 +61,20 @@ impl BlobWriter {
 
     /// The bytes written so far.
     pub fn len(&self) -> u64 {
-        self.len
+        self.bytes.len() as u64
     }
 
     /// Whether nothing was written.
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.bytes.is_empty()
     }
 
-    /// Flushes to disk; returns the temporary path and the SHA-256 of the bytes.
-    pub fn finish(self) -> Result<(PathBuf, String)> {
+    /// Flushes to disk; returns the temporary path, the SHA-256 of the bytes and the bytes.
+    pub fn finish(self) -> Result<(PathBuf, String, Vec<u8>)> {
         self.file
             .sync_all()
             .map_err(|e| io(format!("sync {}", self.path.display()), e))?;
-        Ok((self.path, hex::encode(self.hasher.finalize())))
+        Ok((self.path, hex::encode(self.hasher.finalize()), self.bytes))
     }
 }
 
@@ -105,7 +106,7 @@ impl BlobStore {
             file,
             path,
             hasher: Sha256::new(),
-            len: 0,
+            bytes: Vec::new(),
             limit,
         })
     }
@@ -194,7 +195,7 @@ mod tests {
     fn put(store: &BlobStore, bytes: &[u8]) -> String {
         let mut w = store.writer(1 << 20).unwrap_or_else(|e| panic!("{e}"));
         w.write(bytes).unwrap_or_else(|e| panic!("{e}"));
-        let (tmp, sha) = w.finish().unwrap_or_else(|e| panic!("{e}"));
+        let (tmp, sha, _) = w.finish().unwrap_or_else(|e| panic!("{e}"));
         store.commit(&tmp, &sha).unwrap_or_else(|e| panic!("{e}"));
         sha
     }

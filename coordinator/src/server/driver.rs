@@ -522,9 +522,11 @@ impl DriverThread {
 
     /// Refreshes the status, metrics and the transport's address book.
     fn publish(&mut self) {
+        // Membership and the address book change only when entries are applied.
+        let applied = self.node.applied_index() != self.status.read().applied_index;
         // A new member can only install a snapshot whose membership names it: take one as
         // soon as the voters change, so that the leader sends that one.
-        let changed = {
+        let changed = applied && {
             let old = self.status.read();
             self.node.voters() != old.voters || self.node.learners() != old.learners
         };
@@ -566,6 +568,9 @@ impl DriverThread {
             let _ = reply.send(Ok(()));
         }
         *self.status.write() = status;
+        if !applied {
+            return;
+        }
         let peers: BTreeMap<u64, String> = self
             .node
             .state()

@@ -30,24 +30,24 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
 ];
 
+/// Registers a metric built from constant names (a failure is a programming error).
+fn registered<T: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    metric: prometheus::Result<T>,
+) -> T {
+    let metric = metric.unwrap_or_else(|e| panic!("metric: {e}"));
+    registry
+        .register(Box::new(metric.clone()))
+        .unwrap_or_else(|e| panic!("metric: {e}"));
+    metric
+}
+
 impl Metrics {
     /// Creates and registers every metric.
     pub fn new() -> Metrics {
         let registry = Registry::new();
-        let gauge = |name: &str, help: &str| {
-            let g = IntGauge::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"));
-            registry
-                .register(Box::new(g.clone()))
-                .unwrap_or_else(|e| panic!("metric {name}: {e}"));
-            g
-        };
-        let counter = |name: &str, help: &str| {
-            let c = IntCounter::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"));
-            registry
-                .register(Box::new(c.clone()))
-                .unwrap_or_else(|e| panic!("metric {name}: {e}"));
-            c
-        };
+        let gauge = |name: &str, help: &str| registered(&registry, IntGauge::new(name, help));
+        let counter = |name: &str, help: &str| registered(&registry, IntCounter::new(name, help));
         let term = gauge("sophon_raft_term", "The current Raft term.");
         let commit_index = gauge(
             "sophon_raft_commit_index",
@@ -75,29 +75,27 @@ impl Metrics {
             "sophon_raft_applied_entries_total",
             "Normal entries applied.",
         );
-        let commit_latency = Histogram::with_opts(
-            HistogramOpts::new(
-                "sophon_raft_proposal_seconds",
-                "From proposal to applied, for proposals made here.",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
-        )
-        .unwrap_or_else(|e| panic!("metric: {e}"));
-        registry
-            .register(Box::new(commit_latency.clone()))
-            .unwrap_or_else(|e| panic!("metric: {e}"));
-        let api_latency = HistogramVec::new(
-            HistogramOpts::new(
-                "sophon_api_request_seconds",
-                "Admin API requests, by route, method and status.",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
-            &["route", "method", "status"],
-        )
-        .unwrap_or_else(|e| panic!("metric: {e}"));
-        registry
-            .register(Box::new(api_latency.clone()))
-            .unwrap_or_else(|e| panic!("metric: {e}"));
+        let commit_latency = registered(
+            &registry,
+            Histogram::with_opts(
+                HistogramOpts::new(
+                    "sophon_raft_proposal_seconds",
+                    "From proposal to applied, for proposals made here.",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+            ),
+        );
+        let api_latency = registered(
+            &registry,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "sophon_api_request_seconds",
+                    "Admin API requests, by route, method and status.",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+                &["route", "method", "status"],
+            ),
+        );
         let blobs = gauge(
             "sophon_artifact_blobs",
             "Bundles stored on this coordinator.",

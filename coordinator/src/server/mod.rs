@@ -592,14 +592,7 @@ impl Core {
     /// Verifies an uploaded bundle, stores it on a quorum of coordinators, then registers its
     /// version on the shelf.
     pub async fn push_bundle(&self, actor: Actor, writer: BlobWriter) -> Result<serde_json::Value> {
-        let (tmp, _) = writer.finish()?;
-        let bytes = match tokio::fs::read(&tmp).await {
-            Ok(b) => b,
-            Err(e) => {
-                self.blobs.discard(&tmp);
-                return Err(io("read the upload", e));
-            }
-        };
+        let (tmp, _, bytes) = writer.finish()?;
         let bundle = match Bundle::read(&bytes) {
             Ok(b) => b,
             Err(e) => {
@@ -1043,13 +1036,9 @@ impl Core {
             });
         }
         let mut writer = self.blobs.writer(self.config.max_bundle_bytes)?;
-        let mut bytes = Vec::with_capacity(h.size as usize);
         loop {
             match sophon_mesh::read_frame(recv, BLOB_CHUNK + 16).await {
-                Ok(Some((kind::BLOB_PUT, chunk))) => {
-                    writer.write(&chunk)?;
-                    bytes.extend_from_slice(&chunk);
-                }
+                Ok(Some((kind::BLOB_PUT, chunk))) => writer.write(&chunk)?,
                 Ok(Some((k, _))) => {
                     return Err(io("receive a blob", format!("unexpected kind {k}")));
                 }
@@ -1057,7 +1046,7 @@ impl Core {
                 Err(e) => return Err(io("receive a blob", e)),
             }
         }
-        let (tmp, _) = writer.finish()?;
+        let (tmp, _, bytes) = writer.finish()?;
         let verified = Bundle::read(&bytes)
             .map_err(|e| e.to_string())
             .and_then(|b| {
