@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const COMPONENTS: [&str; 7] = [
+const COMPONENTS: [&str; 9] = [
     "passthrough",
     "classifier",
     "spin",
@@ -12,6 +12,8 @@ const COMPONENTS: [&str; 7] = [
     "trap",
     "hugeout",
     "probe",
+    "sleeper",
+    "tensorbomb",
 ];
 
 fn main() {
@@ -32,6 +34,7 @@ fn main() {
         .map(|t| t.join("sophon-guests"))
         .unwrap_or_else(|| out_dir.join("sophon-guests"));
 
+    ensure_wasm_target();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(&guest_dir)
@@ -77,6 +80,44 @@ fn main() {
             &built.join(format!("sophon_{name}.wasm")),
             &out_dir.join(format!("{name}.wasm")),
         );
+    }
+}
+
+const WASM_TARGET: &str = "wasm32-wasip2";
+
+/// Adds the `wasm32-wasip2` target when the toolchain in use lacks it and rustup is there.
+///
+/// rustup installs the targets of `rust-toolchain.toml` only when it installs the toolchain
+/// itself; a machine that already had Rust 1.95 has no `wasm32-wasip2` until someone adds it.
+fn ensure_wasm_target() {
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".to_string());
+    let sysroot = Command::new(&rustc)
+        .args(["--print", "sysroot"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
+    let Some(sysroot) = sysroot else { return };
+    if sysroot.join("lib/rustlib").join(WASM_TARGET).is_dir() {
+        return;
+    }
+    let mut rustup = Command::new("rustup");
+    rustup.args(["target", "add", WASM_TARGET]);
+    if let Ok(toolchain) = std::env::var("RUSTUP_TOOLCHAIN") {
+        rustup.args(["--toolchain", &toolchain]);
+    }
+    println!(
+        "cargo:warning=the {WASM_TARGET} target is missing from {}: running `rustup target add {WASM_TARGET}`",
+        sysroot.display()
+    );
+    match rustup.status() {
+        Ok(status) if status.success() => {}
+        Ok(status) => println!(
+            "cargo:warning=`rustup target add {WASM_TARGET}` failed ({status}); add the target by hand"
+        ),
+        Err(e) => println!(
+            "cargo:warning=rustup is not available ({e}); install the {WASM_TARGET} target for this toolchain"
+        ),
     }
 }
 

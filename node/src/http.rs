@@ -26,12 +26,16 @@ use std::time::Instant;
 pub struct HttpConfig {
     /// Largest request body accepted.
     pub max_body_bytes: usize,
+    /// Bytes of request bodies the whole node holds at once; past it, new requests get 503
+    /// instead of the node running out of memory.
+    pub max_inflight_bytes: usize,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             max_body_bytes: 64 << 20,
+            max_inflight_bytes: 1 << 30,
         }
     }
 }
@@ -42,6 +46,23 @@ pub struct ApiState {
     pub config: HttpConfig,
     /// False before start-up finished and once shutdown began.
     pub ready: AtomicBool,
+    /// Bytes of request bodies held now, counted against `config.max_inflight_bytes`.
+    pub inflight_bytes: tokio::sync::Semaphore,
+}
+
+impl ApiState {
+    /// The state of a node's API, not ready until the server runs.
+    pub fn new(repo: Arc<Repository>, config: HttpConfig) -> ApiState {
+        let permits = config
+            .max_inflight_bytes
+            .min(tokio::sync::Semaphore::MAX_PERMITS);
+        ApiState {
+            repo,
+            config,
+            ready: AtomicBool::new(false),
+            inflight_bytes: tokio::sync::Semaphore::new(permits),
+        }
+    }
 }
 
 /// An API error: a status and a message, sent as `{"error": message}`.
@@ -91,6 +112,7 @@ impl From<&InvokeError> for ApiError {
         let status = match e {
             InvokeError::InvalidInput { .. } => StatusCode::BAD_REQUEST,
             InvokeError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            InvokeError::Busy { .. } => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError::new(status, e.to_string())
@@ -351,6 +373,80 @@ async fn infer(
 
 type Outcome = (ApiError, &'static str);
 
+/// Read a request body, holding its bytes against the node-wide in-flight cap while the
+/// request lives: a node under a flood of large bodies sheds with 503 instead of running out of
+/// memory. The cap is taken chunk by chunk, so a body without a length costs what it sends.
+async fn read_body(
+    state: &ApiState,
+    body: Body,
+) -> Result<(bytes::Bytes, tokio::sync::SemaphorePermit<'_>), Outcome> {
+    use axum::body::HttpBody as _;
+    use http_body_util::BodyExt;
+    let limit = state.config.max_body_bytes;
+    let too_large = || {
+        (
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body is over the limit of {limit} bytes"),
+            ),
+            "bad_request",
+        )
+    };
+    let shed = |held: usize| {
+        (
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "the node is holding its limit of {} bytes of requests in flight \
+                     (this one needs over {held}); retry later",
+                    state.config.max_inflight_bytes
+                ),
+            ),
+            "overloaded",
+        )
+    };
+    let take = |n: usize| -> Result<tokio::sync::SemaphorePermit<'_>, Outcome> {
+        let n32 = u32::try_from(n).map_err(|_| too_large())?;
+        state
+            .inflight_bytes
+            .try_acquire_many(n32)
+            .map_err(|_| shed(n))
+    };
+    let mut body = body;
+    // Reserve what the client announced at once; the rest as it arrives.
+    let announced = body.size_hint().exact().map(|n| n as usize);
+    if announced.is_some_and(|n| n > limit) {
+        return Err(too_large());
+    }
+    let mut held = take(announced.unwrap_or(0))?;
+    let mut reserved = announced.unwrap_or(0);
+    let mut buf = bytes::BytesMut::with_capacity(reserved);
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            (
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("request body could not be read: {e}"),
+                ),
+                "bad_request",
+            )
+        })?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        let size = buf.len() + data.len();
+        if size > limit {
+            return Err(too_large());
+        }
+        if size > reserved {
+            held.merge(take(size - reserved)?);
+            reserved = size;
+        }
+        buf.extend_from_slice(&data);
+    }
+    Ok((buf.freeze(), held))
+}
+
 fn bad(e: impl Into<ApiError>) -> Outcome {
     (e.into(), "bad_request")
 }
@@ -375,23 +471,11 @@ async fn run_infer(
                 })?,
         ),
     };
-    let bytes = axum::body::to_bytes(body, state.config.max_body_bytes)
-        .await
-        .map_err(|_| {
-            (
-                ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    format!(
-                        "request body is over the limit of {} bytes, or could not be read",
-                        state.config.max_body_bytes
-                    ),
-                ),
-                "bad_request",
-            )
-        })?;
+    let (bytes, _held) = read_body(state, body).await?;
     let request = v2::decode_request(&bytes, header_len).map_err(bad)?;
     drop(bytes);
     v2::validate_inputs(&request.inputs, model.inputs()).map_err(bad)?;
+    v2::validate_batch(&request.inputs, model.manifest.resources.max_batch_size).map_err(bad)?;
     v2::select_outputs(&request.outputs, model.outputs()).map_err(bad)?;
 
     let all_inflight = &state.repo.metrics().inflight;
@@ -438,7 +522,15 @@ async fn run_infer(
     let binary_default = request.binary_data_output;
     let inputs: Vec<_> = request.inputs.into_iter().map(convert::to_guest).collect();
 
-    let result = tokio::task::block_in_place(|| model.model.predict(&inputs));
+    let result = tokio::task::block_in_place(|| {
+        crate::backend::catch_panic("the model call", || model.model.predict(&inputs))
+    })
+    .unwrap_or_else(|panicked| {
+        Err(InvokeError::Failed {
+            model: model.name.clone(),
+            message: panicked,
+        })
+    });
     drop(inputs);
     let (outputs, times) = result.map_err(|e| {
         let outcome = match e {
@@ -446,6 +538,7 @@ async fn run_infer(
             InvokeError::Timeout { .. } => "timeout",
             InvokeError::MemoryExceeded { .. } => "memory",
             InvokeError::Trap { .. } => "trap",
+            InvokeError::Busy { .. } => "overloaded",
             _ => "error",
         };
         tracing::warn!(model = %model.name, "inference failed: {e}");

@@ -26,11 +26,15 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 /// A running node's HTTP server: `run` serves until `shutdown` resolves, then stops accepting,
-/// reports not-ready, and lets in-flight requests finish.
+/// reports not-ready, and lets in-flight requests finish for up to the drain deadline.
 pub struct NodeServer {
     state: Arc<http::ApiState>,
     listener: tokio::net::TcpListener,
+    drain: std::time::Duration,
 }
+
+/// How long a shutdown waits for requests in flight before it cancels them.
+pub const DEFAULT_DRAIN: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl NodeServer {
     /// Bind the HTTP listener.
@@ -42,12 +46,18 @@ impl NodeServer {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
-        let state = Arc::new(http::ApiState {
-            repo,
-            config,
-            ready: std::sync::atomic::AtomicBool::new(false),
-        });
-        Ok(NodeServer { state, listener })
+        let state = Arc::new(http::ApiState::new(repo, config));
+        Ok(NodeServer {
+            state,
+            listener,
+            drain: DEFAULT_DRAIN,
+        })
+    }
+
+    /// Set how long a shutdown waits for requests in flight (default [`DEFAULT_DRAIN`]).
+    pub fn with_drain_deadline(mut self, drain: std::time::Duration) -> NodeServer {
+        self.drain = drain;
+        self
     }
 
     /// The address actually bound (useful with port 0).
@@ -55,7 +65,8 @@ impl NodeServer {
         Ok(self.listener.local_addr()?)
     }
 
-    /// Serve until `shutdown` resolves; in-flight requests finish before this returns.
+    /// Serve until `shutdown` resolves; in-flight requests finish before this returns, or are
+    /// cancelled once the drain deadline passes.
     pub async fn run(
         self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -71,13 +82,27 @@ impl NodeServer {
                 tracing::debug!("could not set TCP_NODELAY: {e}");
             }
         });
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                shutdown.await;
-                ready.ready.store(false, Ordering::Release);
-                tracing::info!("shutting down: finishing requests in flight");
-            })
-            .await?;
+        let (stopping_tx, stopping) = tokio::sync::oneshot::channel::<()>();
+        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+            shutdown.await;
+            ready.ready.store(false, Ordering::Release);
+            tracing::info!("shutting down: finishing requests in flight");
+            let _ = stopping_tx.send(());
+        });
+        let serve = serve.into_future();
+        tokio::pin!(serve);
+        let drain = self.drain;
+        tokio::select! {
+            served = &mut serve => served?,
+            Ok(()) = stopping => {
+                match tokio::time::timeout(drain, &mut serve).await {
+                    Ok(served) => served?,
+                    Err(_) => tracing::warn!(
+                        "requests still in flight after the drain deadline of {drain:?}: cancelled"
+                    ),
+                }
+            }
+        }
         Ok(())
     }
 }

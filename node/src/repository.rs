@@ -194,6 +194,9 @@ pub struct Repository {
     limits: ServingLimits,
     metrics: Arc<Metrics>,
     models: RwLock<BTreeMap<String, Slot>>,
+    /// Instance slots the loaded models may use at once: the sum of their concurrency, which
+    /// must fit the runtime's pool, so a request never finds every slot taken.
+    reserved: parking_lot::Mutex<usize>,
 }
 
 impl Repository {
@@ -210,7 +213,35 @@ impl Repository {
             limits,
             metrics,
             models: RwLock::new(BTreeMap::new()),
+            reserved: parking_lot::Mutex::new(0),
         }
+    }
+
+    /// Reserve `n` instance slots for a model about to load, or say why they do not fit.
+    fn reserve(&self, n: usize) -> Result<(), String> {
+        let mut reserved = self.reserved.lock();
+        // One slot stays free for loading (a model's metadata call at load).
+        let pool = (self.runtime.config.max_instances as usize).saturating_sub(1);
+        if *reserved + n > pool {
+            return Err(format!(
+                "its concurrency of {n} does not fit this node's instance pool: {pool} slots, \
+                 {} already used by loaded models; lower the model's max_concurrency or raise \
+                 the node's instance limit",
+                *reserved
+            ));
+        }
+        *reserved += n;
+        Ok(())
+    }
+
+    fn release(&self, n: usize) {
+        let mut reserved = self.reserved.lock();
+        *reserved = reserved.saturating_sub(n);
+    }
+
+    /// Instance slots reserved by loaded models.
+    pub fn reserved_slots(&self) -> usize {
+        *self.reserved.lock()
     }
 
     /// The metrics registry the repository reports to.
@@ -230,12 +261,9 @@ impl Repository {
             reason: None,
         });
         slot.bundles.insert(loaded.version.clone(), bundle);
-        if slot
-            .loaded
-            .insert(loaded.version.clone(), loaded.clone())
-            .is_none()
-        {
-            self.metrics.models_loaded.inc();
+        match slot.loaded.insert(loaded.version.clone(), loaded.clone()) {
+            None => self.metrics.models_loaded.inc(),
+            Some(old) => self.release(old.concurrency),
         }
         slot.reason = None;
         Ok(loaded)
@@ -276,6 +304,7 @@ impl Repository {
             0 => self.limits.default_concurrency,
             n => n as usize,
         };
+        self.reserve(concurrency).map_err(fail)?;
         tracing::info!(
             model = %name, version = %version, digest = %bundle.digest_hex(),
             aot = ?model.origin(), "model loaded"
@@ -377,7 +406,9 @@ impl Repository {
                 name: name.to_string(),
             })?;
         let dropped = slot.loaded.len();
-        slot.loaded.clear();
+        for model in std::mem::take(&mut slot.loaded).into_values() {
+            self.release(model.concurrency);
+        }
         slot.reason = Some("unloaded".into());
         self.metrics.models_loaded.sub(dropped as i64);
         Ok(())
@@ -399,10 +430,16 @@ impl Repository {
         for bundle in bundles {
             let loaded = Arc::new(self.instantiate(&bundle)?);
             let mut models = self.models.write();
-            if let Some(slot) = models.get_mut(name) {
-                slot.loaded.insert(loaded.version.clone(), loaded);
-                slot.reason = None;
-                self.metrics.models_loaded.inc();
+            match models.get_mut(name) {
+                Some(slot) => {
+                    if let Some(old) = slot.loaded.insert(loaded.version.clone(), loaded) {
+                        self.release(old.concurrency);
+                    } else {
+                        self.metrics.models_loaded.inc();
+                    }
+                    slot.reason = None;
+                }
+                None => self.release(loaded.concurrency),
             }
         }
         Ok(())

@@ -10,7 +10,7 @@ use sophon_node::stats::Metrics;
 use sophon_node::{Repository, Runtime, RuntimeConfig, ServingLimits};
 use sophon_sdk::{SigningKey, keys};
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering;
 use tower::ServiceExt;
 
 pub struct Node {
@@ -32,11 +32,9 @@ pub fn node_with(limits: ServingLimits, http: HttpConfig) -> Node {
         limits,
         Arc::new(Metrics::new().expect("metrics")),
     ));
-    let state = Arc::new(ApiState {
-        repo: repo.clone(),
-        config: http,
-        ready: AtomicBool::new(true),
-    });
+    let state = ApiState::new(repo.clone(), http);
+    state.ready.store(true, Ordering::Release);
+    let state = Arc::new(state);
     Node {
         app: router(state),
         repo,

@@ -22,6 +22,8 @@ fn hostile_node(limits: ServingLimits) -> Node {
         ("trap", hostile::TRAP, 64, 10_000),
         ("hugeout", hostile::HUGEOUT, 512, 10_000),
         ("probe", hostile::PROBE, 64, 10_000),
+        ("sleeper", hostile::SLEEPER, 64, 300),
+        ("tensorbomb", hostile::TENSORBOMB, 64, 10_000),
     ] {
         let wasm = std::fs::read(path).expect("hostile guest built");
         let bundle =
@@ -141,4 +143,46 @@ async fn the_sandbox_grants_nothing_and_keeps_no_state() {
         assert_eq!(y[2], 0.0, "no file system");
         assert_eq!(y[3], 0.0, "no network");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_guest_that_sleeps_is_stopped_at_its_deadline() {
+    let n = hostile_node(ServingLimits {
+        default_concurrency: 1,
+        ..ServingLimits::default()
+    });
+    let started = std::time::Instant::now();
+    assert_fails(
+        &n,
+        "sleeper",
+        StatusCode::GATEWAY_TIMEOUT,
+        "deadline of 300 ms",
+    )
+    .await;
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "the sleep did not outlive its deadline"
+    );
+    // Its one slot is free again: a second call is refused the same way, not queued forever.
+    assert_fails(
+        &n,
+        "sleeper",
+        StatusCode::GATEWAY_TIMEOUT,
+        "deadline of 300 ms",
+    )
+    .await;
+    assert_mlp_answers(&n.app).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wasi_nn_tensors_count_toward_the_memory_limit() {
+    let n = hostile_node(ServingLimits::default());
+    assert_fails(
+        &n,
+        "tensorbomb",
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "memory limit of 64 MiB",
+    )
+    .await;
+    assert_mlp_answers(&n.app).await;
 }

@@ -172,6 +172,7 @@ async fn oversized_bodies_are_refused() {
         ServingLimits::default(),
         HttpConfig {
             max_body_bytes: 1024,
+            ..HttpConfig::default()
         },
     );
     n.repo

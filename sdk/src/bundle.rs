@@ -274,8 +274,43 @@ fn read_index(bytes: &[u8]) -> Result<(&[u8], Vec<Entry<'_>>, &[u8])> {
             Error::BadMagic
         });
     }
+    let (header_len, entries) = parse_header(bytes)?;
+    let mut data_len: usize = 0;
+    for entry in &entries {
+        // A size that does not fit in the input is a truncation, however large it claims to be.
+        data_len = data_len
+            .checked_add(entry.size)
+            .filter(|n| *n <= bytes.len())
+            .ok_or_else(|| {
+                Error::truncated(format!(
+                    "entry `{}` claims {} bytes",
+                    entry.name, entry.size
+                ))
+            })?;
+    }
+    let rest = &bytes[header_len..];
+    let expected = data_len + TRAILER_LEN;
+    if rest.len() < expected {
+        return Err(Error::truncated(format!(
+            "expected {} bytes in all, found {}",
+            header_len + expected,
+            bytes.len()
+        )));
+    }
+    if rest.len() > expected {
+        return Err(Error::TrailingBytes {
+            count: (rest.len() - expected) as u64,
+        });
+    }
+    Ok((&bytes[..header_len], entries, rest))
+}
+
+/// Parses magic, version and index from the start of `bytes`; returns the header's length and
+/// the entries. Running out of bytes is [`Error::Truncated`] (a streaming reader waits for more).
+fn parse_header(bytes: &[u8]) -> Result<(usize, Vec<Entry<'_>>)> {
     let mut r = Cursor { bytes, pos: 0 };
-    if r.take(MAGIC.len(), String::new)? != MAGIC {
+    let magic = r.take(MAGIC.len(), || "the magic".into())?;
+    if magic != MAGIC {
         return Err(Error::BadMagic);
     }
     let version = u16::from_le_bytes(r.array(|| "the format version".into())?);
@@ -292,7 +327,6 @@ fn read_index(bytes: &[u8]) -> Result<(&[u8], Vec<Entry<'_>>, &[u8])> {
         )));
     }
     let mut entries: Vec<Entry<'_>> = Vec::with_capacity(count as usize);
-    let mut data_len: usize = 0;
     for i in 0..count {
         let name_len = u16::from_le_bytes(r.array(|| format!("index entry {i}"))?) as usize;
         if name_len == 0 || name_len > MAX_ENTRY_NAME {
@@ -313,33 +347,11 @@ fn read_index(bytes: &[u8]) -> Result<(&[u8], Vec<Entry<'_>>, &[u8])> {
                 previous.name
             )));
         }
-        // A size that does not fit in the input is a truncation, however large it claims to be.
         let size = usize::try_from(size)
-            .ok()
-            .filter(|s| *s <= bytes.len())
-            .ok_or_else(|| Error::truncated(format!("entry `{name}` claims {size} bytes")))?;
-        data_len = data_len
-            .checked_add(size)
-            .filter(|n| *n <= bytes.len())
-            .ok_or_else(|| Error::truncated(format!("entry `{name}` claims {size} bytes")))?;
+            .map_err(|_| Error::truncated(format!("entry `{name}` claims {size} bytes")))?;
         entries.push(Entry { name, size, sha256 });
     }
-    let header_len = r.pos;
-    let rest = &bytes[header_len..];
-    let expected = data_len + TRAILER_LEN;
-    if rest.len() < expected {
-        return Err(Error::truncated(format!(
-            "expected {} bytes in all, found {}",
-            header_len + expected,
-            bytes.len()
-        )));
-    }
-    if rest.len() > expected {
-        return Err(Error::TrailingBytes {
-            count: (rest.len() - expected) as u64,
-        });
-    }
-    Ok((&bytes[..header_len], entries, rest))
+    Ok((r.pos, entries))
 }
 
 /// Checks the signature in the last [`TRAILER_LEN`] bytes of `rest` over `digest`.
@@ -393,10 +405,10 @@ impl<'a> Parts<'a> {
 }
 
 /// Checks that `files` holds exactly the files the manifest's graphs name.
-fn check_files<'a>(
+fn check_files<'a, V>(
     manifest: &Manifest,
-    files: BTreeMap<&'a str, &'a [u8]>,
-) -> Result<BTreeMap<&'a str, &'a [u8]>> {
+    files: BTreeMap<&'a str, V>,
+) -> Result<BTreeMap<&'a str, V>> {
     for graph in &manifest.graphs {
         if !files.contains_key(graph.file.as_str()) {
             return Err(Error::MissingPart {
@@ -413,6 +425,238 @@ fn check_files<'a>(
         });
     }
     Ok(files)
+}
+
+/// Largest possible header: the magic, version, count and [`MAX_ENTRIES`] longest entries.
+const MAX_HEADER: usize = 8 + 2 + 4 + MAX_ENTRIES as usize * (2 + MAX_ENTRY_NAME + 8 + 32);
+
+/// What a streamed bundle turned out to be, once [`StreamVerifier::finish`] verified it.
+#[derive(Clone, Debug)]
+pub struct StreamedBundle {
+    pub manifest: Manifest,
+    /// The signed bundle digest.
+    pub digest: [u8; 32],
+    /// The key that signed the digest.
+    pub publisher: VerifyingKey,
+    /// Bytes of the whole bundle.
+    pub len: u64,
+}
+
+impl StreamedBundle {
+    /// The bundle digest as 64 lowercase hex digits.
+    pub fn digest_hex(&self) -> String {
+        hex::encode(self.digest)
+    }
+
+    /// Succeeds when the publisher is one of `trusted`.
+    pub fn verify_publisher(&self, trusted: &[VerifyingKey]) -> Result<()> {
+        if trusted.contains(&self.publisher) {
+            Ok(())
+        } else {
+            Err(Error::UntrustedPublisher {
+                key_hex: crate::keys::public_key_hex(&self.publisher),
+            })
+        }
+    }
+}
+
+/// An index entry, owned.
+struct StreamEntry {
+    name: String,
+    size: u64,
+    sha256: [u8; 32],
+}
+
+/// Verifies a bundle as its bytes arrive, holding only the header, the manifest and the trailer:
+/// memory stays flat whatever the size of the bundle. It checks what [`Bundle::read`] checks and
+/// refuses what it refuses (a part whose hash differs is reported once the signature is checked,
+/// in the same order as `read`).
+pub struct StreamVerifier {
+    /// Bytes of the header until it parses; then the trailer's bytes.
+    buf: Vec<u8>,
+    entries: Vec<StreamEntry>,
+    digest: [u8; 32],
+    /// The entry now being received, and how much of it is left.
+    current: usize,
+    left: u64,
+    hasher: Sha256,
+    manifest: Vec<u8>,
+    /// The first part whose hash did not match.
+    mismatch: Option<String>,
+    len: u64,
+    header_done: bool,
+}
+
+impl Default for StreamVerifier {
+    fn default() -> Self {
+        StreamVerifier::new()
+    }
+}
+
+impl StreamVerifier {
+    /// A verifier that has seen nothing yet.
+    pub fn new() -> StreamVerifier {
+        StreamVerifier {
+            buf: Vec::new(),
+            entries: Vec::new(),
+            digest: [0; 32],
+            current: 0,
+            left: 0,
+            hasher: Sha256::new(),
+            manifest: Vec::new(),
+            mismatch: None,
+            len: 0,
+            header_done: false,
+        }
+    }
+
+    /// Take the next bytes of the bundle.
+    pub fn update(&mut self, mut chunk: &[u8]) -> Result<()> {
+        self.len += chunk.len() as u64;
+        if !self.header_done {
+            self.buf.extend_from_slice(chunk);
+            if self.buf.len() >= MAGIC.len() && self.buf[..MAGIC.len()] != MAGIC {
+                return Err(Error::BadMagic);
+            }
+            let parsed = match parse_header(&self.buf) {
+                Ok((len, entries)) => {
+                    let entries = entries
+                        .into_iter()
+                        .map(|e| StreamEntry {
+                            name: e.name.to_string(),
+                            size: e.size as u64,
+                            sha256: e.sha256.try_into().unwrap_or([0; 32]),
+                        })
+                        .collect::<Vec<_>>();
+                    Some((len, entries))
+                }
+                Err(Error::Truncated { .. }) if self.buf.len() < MAX_HEADER => None,
+                Err(e) => return Err(e),
+            };
+            let Some((header_len, entries)) = parsed else {
+                return Ok(());
+            };
+            self.digest = Sha256::digest(&self.buf[..header_len]).into();
+            let rest = self.buf.split_off(header_len);
+            self.buf.clear();
+            self.entries = entries;
+            self.header_done = true;
+            self.start_entry(0)?;
+            // Feed what came after the header.
+            self.len -= rest.len() as u64;
+            return self.update(&rest);
+        }
+        while !chunk.is_empty() {
+            if self.current >= self.entries.len() {
+                // The trailer: exactly TRAILER_LEN bytes, then nothing.
+                self.buf.extend_from_slice(chunk);
+                if self.buf.len() > TRAILER_LEN {
+                    return Err(Error::TrailingBytes {
+                        count: (self.buf.len() - TRAILER_LEN) as u64,
+                    });
+                }
+                return Ok(());
+            }
+            let n = (self.left.min(chunk.len() as u64)) as usize;
+            let (data, next) = chunk.split_at(n);
+            self.hasher.update(data);
+            if self.entries[self.current].name == MANIFEST_ENTRY {
+                self.manifest.extend_from_slice(data);
+            }
+            self.left -= n as u64;
+            chunk = next;
+            if self.left == 0 {
+                self.end_entry();
+                self.start_entry(self.current + 1)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn start_entry(&mut self, index: usize) -> Result<()> {
+        self.current = index;
+        let Some(entry) = self.entries.get(index) else {
+            return Ok(());
+        };
+        if entry.name == MANIFEST_ENTRY && entry.size > MAX_MANIFEST_BYTES {
+            return Err(Error::Manifest(format!(
+                "{MANIFEST_ENTRY} is {} bytes, more than {MAX_MANIFEST_BYTES}: shorten it",
+                entry.size
+            )));
+        }
+        self.left = entry.size;
+        self.hasher = Sha256::new();
+        if entry.size == 0 {
+            self.end_entry();
+            return self.start_entry(index + 1);
+        }
+        Ok(())
+    }
+
+    fn end_entry(&mut self) {
+        let hash = std::mem::take(&mut self.hasher).finalize();
+        let entry = &self.entries[self.current];
+        if hash.as_slice() != entry.sha256 && self.mismatch.is_none() {
+            self.mismatch = Some(entry.name.clone());
+        }
+    }
+
+    /// Check the end of the bundle: its length, signature, part hashes and manifest.
+    pub fn finish(self) -> Result<StreamedBundle> {
+        if !self.header_done {
+            return Err(
+                if self.buf.len() < MAGIC.len() && MAGIC.starts_with(&self.buf) {
+                    Error::truncated(format!("{} bytes, shorter than the magic", self.buf.len()))
+                } else {
+                    Error::truncated(format!("it ends at byte {} inside the index", self.len))
+                },
+            );
+        }
+        if self.current < self.entries.len() || self.buf.len() < TRAILER_LEN {
+            return Err(Error::truncated(format!(
+                "it ends at byte {} before the signature trailer",
+                self.len
+            )));
+        }
+        let publisher = verify_trailer(&self.digest, &self.buf)?;
+        if let Some(part) = self.mismatch {
+            return Err(Error::DigestMismatch { part });
+        }
+        let mut has_component = false;
+        let mut files = BTreeMap::new();
+        for entry in &self.entries {
+            if entry.name == MANIFEST_ENTRY {
+            } else if entry.name == COMPONENT_ENTRY {
+                has_component = true;
+            } else if let Some(file) = entry.name.strip_prefix(MODELS_PREFIX) {
+                files.insert(file, ());
+            } else {
+                return Err(Error::UnexpectedPart {
+                    name: entry.name.clone(),
+                });
+            }
+        }
+        if !self.entries.iter().any(|e| e.name == MANIFEST_ENTRY) {
+            return Err(Error::MissingPart {
+                name: MANIFEST_ENTRY.to_string(),
+            });
+        }
+        let manifest_text = std::str::from_utf8(&self.manifest)
+            .map_err(|_| Error::Manifest(format!("{MANIFEST_ENTRY} is not UTF-8: repack it")))?;
+        let manifest = Manifest::from_toml(manifest_text)?;
+        if !has_component {
+            return Err(Error::MissingPart {
+                name: COMPONENT_ENTRY.to_string(),
+            });
+        }
+        check_files(&manifest, files)?;
+        Ok(StreamedBundle {
+            manifest,
+            digest: self.digest,
+            publisher,
+            len: self.len,
+        })
+    }
 }
 
 #[cfg(test)]

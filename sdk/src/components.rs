@@ -18,4 +18,8 @@ pub mod hostile {
     pub const HUGEOUT: &str = concat!(env!("OUT_DIR"), "/hugeout.wasm");
     /// Reports what the sandbox lets it see, and whether state survives between calls.
     pub const PROBE: &str = concat!(env!("OUT_DIR"), "/probe.wasm");
+    /// Sleeps for an hour in WASI.
+    pub const SLEEPER: &str = concat!(env!("OUT_DIR"), "/sleeper.wasm");
+    /// Creates wasi-nn tensors (host memory) without end.
+    pub const TENSORBOMB: &str = concat!(env!("OUT_DIR"), "/tensorbomb.wasm");
 }

@@ -127,6 +127,95 @@ impl Mlp {
     }
 }
 
+/// Two FP32 inputs `a` and `b` of shape `[batch, width]` (one symbolic `batch`), output
+/// `sum = a + b`. Requests whose `a` and `b` disagree on `batch` pass the manifest's checks but
+/// cannot run: the graph says they are the same size.
+pub fn add_onnx(width: usize) -> Vec<u8> {
+    let graph = pb::GraphProto {
+        name: "add".into(),
+        node: vec![node("Add", &["a", "b"], "sum", "add")],
+        input: vec![batch_value("a", width), batch_value("b", width)],
+        output: vec![batch_value("sum", width)],
+        ..Default::default()
+    };
+    model_bytes(graph)
+}
+
+/// An embedding table of `rows` × `dim` (row `i` holds `i` in every column): INT64 `ids` of
+/// shape `[n]` in, FP32 `vectors` of shape `[n, dim]` out, through a `Gather` on the table.
+/// With `summed`, the ids are the sum of two inputs `a` and `b`, which hides them from a check
+/// that follows graph inputs into the Gather.
+pub fn embedding_onnx(rows: usize, dim: usize, summed: bool) -> Vec<u8> {
+    use pb::tensor_proto::DataType;
+    let table: Vec<f32> = (0..rows * dim).map(|i| (i / dim) as f32).collect();
+    let (mut nodes, inputs) = if summed {
+        (
+            vec![node("Add", &["a", "b"], "ids", "add")],
+            vec![
+                value("a", DataType::Int64, &[None]),
+                value("b", DataType::Int64, &[None]),
+            ],
+        )
+    } else {
+        (Vec::new(), vec![value("ids", DataType::Int64, &[None])])
+    };
+    nodes.push(node("Gather", &["table", "ids"], "vectors", "embed"));
+    let graph = pb::GraphProto {
+        name: "embedding".into(),
+        node: nodes,
+        initializer: vec![initializer("table", &[rows, dim], &table)],
+        input: inputs,
+        output: vec![value("vectors", DataType::Float, &[None, Some(dim)])],
+        ..Default::default()
+    };
+    model_bytes(graph)
+}
+
+fn model_bytes(graph: pb::GraphProto) -> Vec<u8> {
+    pb::ModelProto {
+        ir_version: IR_VERSION,
+        opset_import: vec![pb::OperatorSetIdProto {
+            domain: String::new(),
+            version: OPSET,
+        }],
+        producer_name: "sophon-sdk".into(),
+        producer_version: env!("CARGO_PKG_VERSION").into(),
+        graph: Some(graph),
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+/// A tensor value; `None` dims are the symbolic `n`.
+fn value(
+    name: &str,
+    elem: pb::tensor_proto::DataType,
+    dims: &[Option<usize>],
+) -> pb::ValueInfoProto {
+    use pb::tensor_shape_proto::{Dimension, dimension::Value};
+    let dims = dims
+        .iter()
+        .map(|d| Dimension {
+            value: Some(match d {
+                Some(n) => Value::DimValue(*n as i64),
+                None => Value::DimParam("n".into()),
+            }),
+            ..Default::default()
+        })
+        .collect();
+    pb::ValueInfoProto {
+        name: name.into(),
+        r#type: Some(pb::TypeProto {
+            value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                elem_type: elem as i32,
+                shape: Some(pb::TensorShapeProto { dim: dims }),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 fn node(op: &str, inputs: &[&str], output: &str, name: &str) -> pb::NodeProto {
     pb::NodeProto {
         op_type: op.into(),

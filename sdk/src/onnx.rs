@@ -55,6 +55,109 @@ pub fn onnx_io(onnx_bytes: &[u8]) -> Result<(Vec<TensorSpec>, Vec<TensorSpec>)> 
     Ok((inputs, outputs))
 }
 
+/// A graph input whose values index a constant table (an ONNX `Gather` on an initializer).
+///
+/// tract's Gather does not bounds-check its indices: an id past the table reads another row or
+/// panics. The node checks these inputs' values against `bound` before it runs the graph.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IndexInput {
+    /// The graph input that holds the indices.
+    pub input: String,
+    /// Indices must lie in `-bound..bound` (ONNX allows negative indices from the end).
+    pub bound: u64,
+    /// The Gather node, for error messages.
+    pub node: String,
+}
+
+/// Ops that pass an input's values through unchanged (so indices keep their meaning).
+const VALUE_PRESERVING: [&str; 7] = [
+    "Cast",
+    "Identity",
+    "Reshape",
+    "Flatten",
+    "Squeeze",
+    "Unsqueeze",
+    "Transpose",
+];
+
+/// The graph inputs that reach a `Gather` on a constant as its indices, directly or through
+/// value-preserving ops, with the size of the gathered axis.
+pub fn gather_index_inputs(onnx_bytes: &[u8]) -> Result<Vec<IndexInput>> {
+    let model = pb::ModelProto::decode(onnx_bytes)
+        .map_err(|e| Error::Onnx(format!("not a valid ONNX protobuf ({e}): check the file")))?;
+    let Some(graph) = model.graph else {
+        return Ok(Vec::new());
+    };
+    let mut constants: BTreeMap<&str, Vec<i64>> = graph
+        .initializer
+        .iter()
+        .map(|t| (t.name.as_str(), t.dims.clone()))
+        .collect();
+    for node in &graph.node {
+        if node.op_type == "Constant"
+            && let (Some(out), Some(t)) = (
+                node.output.first(),
+                node.attribute
+                    .iter()
+                    .find(|a| a.name == "value")
+                    .and_then(|a| a.t.as_ref()),
+            )
+        {
+            constants.insert(out.as_str(), t.dims.clone());
+        }
+    }
+    let inputs: BTreeSet<&str> = graph
+        .input
+        .iter()
+        .map(|v| v.name.as_str())
+        .filter(|n| !constants.contains_key(n))
+        .collect();
+    // Which graph input a value comes from unchanged, if any.
+    let mut origin: BTreeMap<&str, &str> = inputs.iter().map(|n| (*n, *n)).collect();
+    let mut found = Vec::new();
+    // ONNX requires nodes in topological order, so one pass sees every producer first.
+    for node in &graph.node {
+        if VALUE_PRESERVING.contains(&node.op_type.as_str())
+            && let (Some(src), Some(out)) = (node.input.first(), node.output.first())
+            && let Some(input) = origin.get(src.as_str()).copied()
+        {
+            origin.insert(out.as_str(), input);
+        }
+        if node.op_type != "Gather" || !(node.domain.is_empty() || node.domain == "ai.onnx") {
+            continue;
+        }
+        let (Some(data), Some(indices)) = (node.input.first(), node.input.get(1)) else {
+            continue;
+        };
+        let (Some(dims), Some(input)) = (
+            constants.get(data.as_str()),
+            origin.get(indices.as_str()).copied(),
+        ) else {
+            continue;
+        };
+        let axis = node
+            .attribute
+            .iter()
+            .find(|a| a.name == "axis")
+            .map_or(0, |a| a.i);
+        let rank = dims.len() as i64;
+        let axis = if axis < 0 { axis + rank } else { axis };
+        let Some(&size) = usize::try_from(axis).ok().and_then(|a| dims.get(a)) else {
+            continue;
+        };
+        found.push(IndexInput {
+            input: input.to_string(),
+            bound: size.max(0) as u64,
+            node: if node.name.is_empty() {
+                format!("Gather on `{data}`")
+            } else {
+                node.name.clone()
+            },
+        });
+    }
+    Ok(found)
+}
+
 fn tensor_spec(kind: &str, value: &pb::ValueInfoProto) -> Result<TensorSpec> {
     let name = &value.name;
     let tensor = match value.r#type.as_ref().and_then(|t| t.value.as_ref()) {

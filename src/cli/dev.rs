@@ -32,6 +32,12 @@ pub struct DevArgs {
     /// Largest request body, in bytes.
     #[arg(long, default_value_t = 64 << 20)]
     pub max_body_bytes: usize,
+    /// Bytes of request bodies the node holds at once before it sheds with 503.
+    #[arg(long, default_value_t = 1 << 30)]
+    pub max_inflight_bytes: usize,
+    /// Seconds a shutdown waits for requests in flight before it cancels them.
+    #[arg(long, default_value_t = 30)]
+    pub drain_secs: u64,
     /// Directory of the AOT component cache (default: ~/.cache/sophon/components).
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
@@ -150,17 +156,20 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(async move {
+    let served = rt.block_on(async move {
         let repo = build_repository(&args)?;
         let config = HttpConfig {
             max_body_bytes: args.max_body_bytes,
+            max_inflight_bytes: args.max_inflight_bytes,
         };
         let coordinator = if args.no_coordinator {
             None
         } else {
             Some(start_coordinator(&args).await?)
         };
-        let server = NodeServer::bind(args.http, repo.clone(), config).await?;
+        let server = NodeServer::bind(args.http, repo.clone(), config)
+            .await?
+            .with_drain_deadline(std::time::Duration::from_secs(args.drain_secs));
         let addr = server.local_addr()?;
         print_banner(addr, &repo);
         if let Some((running, token)) = &coordinator {
@@ -180,7 +189,11 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
             running.shutdown().await;
         }
         served
-    })
+    });
+    // A guest call cancelled at the drain deadline may still hold a thread until its own
+    // deadline: do not wait for it.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    served
 }
 
 fn print_banner(addr: SocketAddr, repo: &Repository) {

@@ -38,8 +38,17 @@ pub fn load_graph(encoding: GraphEncoding, bytes: &[u8]) -> Result<Graph, LoadEr
     }
 }
 
+/// The detail of a backend failure, kept for the call in progress.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LastError {
+    /// What went wrong.
+    pub message: String,
+    /// The request's data caused it (a 400), rather than the model or the node (a 500).
+    pub input: bool,
+}
+
 thread_local! {
-    static LAST_ERROR: RefCell<Option<String>> = const { RefCell::new(None) };
+    static LAST_ERROR: RefCell<Option<LastError>> = const { RefCell::new(None) };
 }
 
 /// Note the detail of a backend failure on this thread.
@@ -47,11 +56,31 @@ thread_local! {
 /// wasmtime-wasi-nn hands the guest only the top-level message of a `BackendError`
 /// ("Failed while accessing backend"); the node adds this detail to the error the client sees.
 /// Guest calls run synchronously on one thread, so the detail belongs to the call in progress.
-pub(crate) fn remember_error(message: &str) {
-    LAST_ERROR.with(|e| *e.borrow_mut() = Some(message.to_string()));
+pub(crate) fn remember_error(message: &str, input: bool) {
+    LAST_ERROR.with(|e| {
+        *e.borrow_mut() = Some(LastError {
+            message: message.to_string(),
+            input,
+        })
+    });
 }
 
 /// Take the detail of the last backend failure on this thread, if any.
-pub fn take_last_error() -> Option<String> {
+pub fn take_last_error() -> Option<LastError> {
     LAST_ERROR.with(|e| e.borrow_mut().take())
+}
+
+/// Run one backend call, turning a panic into an error for this call only.
+///
+/// A backend (tract, a native library's bindings) may panic on data it did not expect. The
+/// caller drops whatever state the call was using, so nothing half-updated is reused.
+pub fn catch_panic<T>(what: &str, f: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|payload| {
+        let detail = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "no message".to_string());
+        format!("{what} panicked: {detail}")
+    })
 }

@@ -48,6 +48,9 @@ impl BackendInner for TractBackend {
 struct Shared {
     plan: Arc<TypedRunnableModel>,
     input_names: Vec<String>,
+    /// Inputs whose values index a constant table, checked before every run (tract's Gather
+    /// does not bounds-check).
+    index_checks: Vec<IndexCheck>,
     input_types: Vec<DatumType>,
     output_names: Vec<String>,
     pool: Mutex<Vec<TypedSimpleState>>,
@@ -60,6 +63,8 @@ pub struct TractGraph(Arc<Shared>);
 impl TractGraph {
     /// Parse and optimise an ONNX model.
     pub fn from_onnx(bytes: &[u8]) -> TractResult<TractGraph> {
+        let index_inputs =
+            sophon_sdk::onnx::gather_index_inputs(bytes).map_err(|e| anyhow::anyhow!("{e}"))?;
         let model = tract_onnx::onnx()
             .model_for_read(&mut &bytes[..])?
             .into_optimized()?;
@@ -79,10 +84,22 @@ impl TractGraph {
                     .unwrap_or_else(|| model.node(o.node).name.clone())
             })
             .collect();
+        let index_checks = index_inputs
+            .into_iter()
+            .filter_map(|ix| {
+                let input = input_names.iter().position(|n| *n == ix.input)?;
+                Some(IndexCheck {
+                    input,
+                    bound: i64::try_from(ix.bound).unwrap_or(i64::MAX),
+                    node: ix.node,
+                })
+            })
+            .collect();
         let plan = model.into_runnable()?;
         Ok(TractGraph(Arc::new(Shared {
             plan,
             input_names,
+            index_checks,
             input_types,
             output_names,
             pool: Mutex::new(Vec::new()),
@@ -125,7 +142,38 @@ impl BackendGraph for TractGraph {
     }
 }
 
-/// One execution context; its state goes back to the graph's pool on drop.
+/// An input whose values must lie in `-bound..bound`.
+struct IndexCheck {
+    input: usize,
+    bound: i64,
+    node: String,
+}
+
+impl IndexCheck {
+    fn check(&self, name: &str, value: &Tensor) -> Result<(), BackendError> {
+        let ids = value
+            .cast_to::<i64>()
+            .map_err(|e| invalid_input(format!("input `{name}`: {e:#}")))?;
+        let ids = ids
+            .to_plain_array_view::<i64>()
+            .map_err(|e| invalid_input(format!("input `{name}`: {e:#}")))?;
+        if let Some((at, id)) = ids
+            .iter()
+            .enumerate()
+            .find(|(_, id)| **id >= self.bound || **id < -self.bound)
+        {
+            return Err(invalid_input(format!(
+                "input `{name}` holds {id} at element {at}, but `{}` indexes a table of {} rows: \
+                 each value must be in {}..{}",
+                self.node, self.bound, -self.bound, self.bound
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// One execution context; its state goes back to the graph's pool on drop, unless a run failed
+/// (a failed or panicked run may leave symbols bound, so that state is dropped).
 pub struct TractContext {
     shared: Arc<Shared>,
     state: Option<Mutex<TypedSimpleState>>,
@@ -174,11 +222,27 @@ impl TractContext {
             })?;
             inputs.push(value);
         }
+        for check in &self.shared.index_checks {
+            check.check(&self.shared.input_names[check.input], &inputs[check.input])?;
+        }
         let state = self
             .state
             .as_ref()
             .ok_or_else(|| invalid("the execution context was already released".to_string()))?;
-        let outputs = state.lock().run(inputs).map_err(backend_error)?;
+        let ran = super::catch_panic("tract", || state.lock().run(inputs));
+        let outputs = match ran {
+            Ok(Ok(outputs)) => outputs,
+            Ok(Err(e)) => {
+                // Every input passed the manifest's checks, so a graph that cannot run them
+                // (symbolic dims that clash, say) was given data it cannot take: a 400.
+                self.state = None;
+                return Err(invalid_input(format!("tract: {e:#}")));
+            }
+            Err(panicked) => {
+                self.state = None;
+                return Err(invalid(panicked));
+            }
+        };
         self.outputs = self
             .shared
             .output_names
@@ -242,7 +306,13 @@ fn backend_error(e: impl std::fmt::Display) -> BackendError {
 }
 
 fn invalid(message: String) -> BackendError {
-    super::remember_error(&message);
+    super::remember_error(&message, false);
+    BackendError::BackendAccess(wasmtime::format_err!("{message}"))
+}
+
+/// An error caused by the request's data.
+fn invalid_input(message: String) -> BackendError {
+    super::remember_error(&message, true);
     BackendError::BackendAccess(wasmtime::format_err!("{message}"))
 }
 

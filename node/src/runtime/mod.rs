@@ -22,6 +22,7 @@ pub use sandbox::{
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
 use std::time::Duration;
 use wasmtime::{Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
@@ -49,6 +50,9 @@ pub struct RuntimeConfig {
     pub max_memory_bytes: u64,
     /// Bytes of each memory slot kept resident (reset in place) between instances.
     pub keep_resident_bytes: usize,
+    /// The file holding this node's key for authenticating AOT cache entries (made on first
+    /// use, owner-only). `None` keeps a key in memory for this process only.
+    pub cache_key_file: Option<PathBuf>,
 }
 
 impl Default for RuntimeConfig {
@@ -59,6 +63,7 @@ impl Default for RuntimeConfig {
             max_instances: 1000,
             max_memory_bytes: 4 << 30,
             keep_resident_bytes: 16 << 20,
+            cache_key_file: default_cache_key_file(),
         }
     }
 }
@@ -87,6 +92,30 @@ pub fn default_cache_dir() -> Option<PathBuf> {
     std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/sophon/components"))
 }
 
+/// `$SOPHON_HOME/cache.key`, or `~/.sophon/cache.key`: kept apart from the cache itself, so that
+/// whoever can write the cache directory cannot forge its entries.
+pub fn default_cache_key_file() -> Option<PathBuf> {
+    if let Some(home) = std::env::var_os("SOPHON_HOME") {
+        return Some(PathBuf::from(home).join("cache.key"));
+    }
+    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".sophon/cache.key"))
+}
+
+/// The thread that advances the engine's epoch; it stops when the last holder drops it.
+pub(crate) struct Ticker {
+    stop: Arc<AtomicBool>,
+    thread: parking_lot::Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.lock().take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 /// The node's engine and its epoch ticker.
 #[derive(Clone)]
 pub struct Runtime {
@@ -95,7 +124,10 @@ pub struct Runtime {
     pub(crate) linker: Arc<wasmtime::component::Linker<sandbox::Sandbox>>,
     /// Compiled components by SHA-256, so models sharing a component share its code in memory.
     pub(crate) components: Arc<cache::Loaded>,
-    ticker_stop: Arc<AtomicBool>,
+    /// Authenticates AOT cache entries before they are deserialised.
+    pub(crate) cache_key: Arc<cache::CacheKey>,
+    /// Held by the runtime and by every model, so deadlines advance while any of them lives.
+    pub(crate) ticker: Arc<Ticker>,
 }
 
 impl Runtime {
@@ -122,12 +154,13 @@ impl Runtime {
         let engine = Engine::new(&wasm).wt()?;
         let linker = sandbox::linker(&engine)?;
 
-        let ticker_stop = Arc::new(AtomicBool::new(false));
-        let (tick_engine, stop, tick) = (engine.clone(), ticker_stop.clone(), config.epoch_tick);
-        std::thread::Builder::new()
+        let cache_key = Arc::new(cache::CacheKey::load(config.cache_key_file.as_deref())?);
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tick_engine, thread_stop, tick) = (engine.clone(), stop.clone(), config.epoch_tick);
+        let thread = std::thread::Builder::new()
             .name("sophon-epoch".into())
             .spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
+                while !thread_stop.load(Ordering::Relaxed) {
                     std::thread::sleep(tick);
                     tick_engine.increment_epoch();
                 }
@@ -137,21 +170,16 @@ impl Runtime {
             config,
             linker: Arc::new(linker),
             components: Arc::default(),
-            ticker_stop,
+            cache_key,
+            ticker: Arc::new(Ticker {
+                stop,
+                thread: parking_lot::Mutex::new(Some(thread)),
+            }),
         })
     }
 
     /// The engine (for compiling and benchmarks).
     pub fn engine(&self) -> &Engine {
         &self.engine
-    }
-}
-
-impl Drop for Runtime {
-    fn drop(&mut self) {
-        // The last clone stops the ticker.
-        if Arc::strong_count(&self.ticker_stop) == 1 {
-            self.ticker_stop.store(true, Ordering::Relaxed);
-        }
     }
 }

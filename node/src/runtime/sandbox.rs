@@ -27,12 +27,21 @@ pub use bindings::sophon::model::types::{
 /// Most bytes of guest stdout and of stderr kept per request for the log.
 const LOG_CAPACITY: usize = 64 << 10;
 
+/// Most wasi-nn execution contexts one call may create (each holds a backend state).
+const MAX_CONTEXTS: usize = 16;
+
 /// What a request's store holds.
 pub(crate) struct Sandbox {
     wasi: WasiCtx,
     table: ResourceTable,
     nn: WasiNnCtx,
     limiter: Limiter,
+    /// When the call must end: blocking host calls (sleep, poll) give up here.
+    deadline: Instant,
+    /// A blocking host call reached the deadline.
+    blocked_past_deadline: bool,
+    /// wasi-nn execution contexts created by this call.
+    contexts: usize,
 }
 
 impl WasiView for Sandbox {
@@ -44,10 +53,31 @@ impl WasiView for Sandbox {
     }
 }
 
-/// Caps linear memory and tables; remembers whether the cap was hit, to name the failure.
+/// Caps linear memory and tables, and the host memory a guest makes the node hold for it
+/// (wasi-nn tensors); remembers whether a cap was hit, to name the failure.
 struct Limiter {
     memory_max: usize,
     exceeded: bool,
+    /// Bytes of linear memory now.
+    linear: usize,
+    /// Bytes of wasi-nn tensor data created on the host by this call.
+    host: usize,
+}
+
+impl Limiter {
+    /// Count `bytes` more of host memory held for the guest; refuse past the limit.
+    fn host_alloc(&mut self, bytes: usize) -> wasmtime::Result<()> {
+        let total = self.host.saturating_add(bytes);
+        if total.saturating_add(self.linear) > self.memory_max {
+            self.exceeded = true;
+            wasmtime::bail!(
+                "memory limit of {} MiB exceeded (linear memory plus wasi-nn tensors)",
+                self.memory_max >> 20
+            );
+        }
+        self.host = total;
+        Ok(())
+    }
 }
 
 impl wasmtime::ResourceLimiter for Limiter {
@@ -57,10 +87,11 @@ impl wasmtime::ResourceLimiter for Limiter {
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if desired > self.memory_max {
+        if desired.saturating_add(self.host) > self.memory_max {
             self.exceeded = true;
             wasmtime::bail!("memory limit of {} MiB exceeded", self.memory_max >> 20);
         }
+        self.linear = desired;
         Ok(true)
     }
 
@@ -86,7 +117,8 @@ impl GraphRegistry for SharedGraphs {
     }
 }
 
-/// The linker every model shares: WASI p2 (no preopens, no network) and wasi-nn.
+/// The linker every model shares: WASI p2 (no preopens, no network) and wasi-nn, with the
+/// functions that could outlive a request or hold host memory replaced by bounded ones.
 pub(crate) fn linker(engine: &Engine) -> anyhow::Result<Linker<Sandbox>> {
     let mut linker = Linker::new(engine);
     wasmtime_wasi::p2::add_to_linker_sync(&mut linker).wt()?;
@@ -94,7 +126,126 @@ pub(crate) fn linker(engine: &Engine) -> anyhow::Result<Linker<Sandbox>> {
         WasiNnView::new(&mut s.table, &mut s.nn)
     })
     .wt()?;
+    linker.allow_shadowing(true);
+    bounded::add_to_linker(&mut linker)?;
+    linker.allow_shadowing(false);
     Ok(linker)
+}
+
+/// Host functions that replace WASI's and wasi-nn's own where those are unbounded.
+///
+/// - `wasi:io/poll`'s `poll` and `pollable.block` (how a guest sleeps or waits) wait at most
+///   until the request's deadline, then fail the call as a timeout. The epoch deadline cannot
+///   interrupt a host call, so without this a guest could hold its thread, slot and permit for
+///   as long as it liked.
+/// - `wasi:nn/tensor`'s constructor counts the tensor's bytes against the model's memory limit:
+///   tensors live in host memory, outside the guest's linear memory.
+/// - `graph.init-execution-context` is capped at [`MAX_CONTEXTS`] per call.
+mod bounded {
+    use super::{MAX_CONTEXTS, Sandbox};
+    use crate::runtime::WasmtimeExt;
+    use std::time::Instant;
+    use wasmtime::StoreContextMut;
+    use wasmtime::component::{Linker, Resource};
+    use wasmtime_wasi::p2::DynPollable;
+    use wasmtime_wasi_io::bindings::wasi::io::poll as async_poll;
+    use wasmtime_wasi_nn::wit::TensorType;
+
+    /// The interface versions that wasmtime-wasi 48 and wasmtime-wasi-nn 48 define.
+    const POLL: &str = "wasi:io/poll@0.2.12";
+    const NN_TENSOR: &str = "wasi:nn/tensor@0.2.0-rc-2024-10-28";
+    const NN_GRAPH: &str = "wasi:nn/graph@0.2.0-rc-2024-10-28";
+
+    pub(super) fn add_to_linker(linker: &mut Linker<Sandbox>) -> anyhow::Result<()> {
+        let mut poll = linker.instance(POLL).wt()?;
+        poll.func_wrap(
+            "poll",
+            |mut store: StoreContextMut<'_, Sandbox>,
+             (pollables,): (Vec<Resource<DynPollable>>,)| {
+                let ready = until_deadline(&mut store, |table| {
+                    Box::pin(async_poll::Host::poll(table, pollables))
+                })?;
+                Ok((ready,))
+            },
+        )
+        .wt()?;
+        poll.func_wrap(
+            "[method]pollable.block",
+            |mut store: StoreContextMut<'_, Sandbox>, (pollable,): (Resource<DynPollable>,)| {
+                until_deadline(&mut store, |table| {
+                    Box::pin(async_poll::HostPollable::block(table, pollable))
+                })
+            },
+        )
+        .wt()?;
+        let mut tensor = linker.instance(NN_TENSOR).wt()?;
+        tensor
+            .func_wrap(
+                "[constructor]tensor",
+                |mut store: StoreContextMut<'_, Sandbox>,
+                 (dimensions, ty, data): (Vec<u32>, TensorType, Vec<u8>)| {
+                    let sandbox = store.data_mut();
+                    sandbox.limiter.host_alloc(data.len())?;
+                    let tensor = wasmtime_wasi_nn::Tensor {
+                        dimensions,
+                        ty,
+                        data,
+                    };
+                    Ok((sandbox.table.push(tensor)?,))
+                },
+            )
+            .wt()?;
+        let mut graph = linker.instance(NN_GRAPH).wt()?;
+        graph
+            .func_wrap(
+                "[method]graph.init-execution-context",
+                |mut store: StoreContextMut<'_, Sandbox>,
+                 (graph,): (Resource<wasmtime_wasi_nn::Graph>,)| {
+                    let sandbox = store.data_mut();
+                    if sandbox.contexts >= MAX_CONTEXTS {
+                        wasmtime::bail!(
+                            "the model created more than {MAX_CONTEXTS} wasi-nn execution contexts \
+                             in one call"
+                        );
+                    }
+                    sandbox.contexts += 1;
+                    let graph = sandbox.table.get(&graph)?;
+                    let context = graph
+                        .init_execution_context()
+                        .map_err(|e| wasmtime::format_err!("wasi-nn: {e}"))?;
+                    let context = sandbox.table.push(context)?;
+                    Ok((Ok::<_, Resource<wasmtime_wasi_nn::wit::types::Error>>(
+                        context,
+                    ),))
+                },
+            )
+            .wt()?;
+        Ok(())
+    }
+
+    type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + 'a>>;
+
+    /// Run a blocking WASI call, giving up at the request's deadline.
+    fn until_deadline<T>(
+        store: &mut StoreContextMut<'_, Sandbox>,
+        call: impl for<'a> FnOnce(
+            &'a mut wasmtime::component::ResourceTable,
+        ) -> BoxFuture<'a, wasmtime::Result<T>>,
+    ) -> wasmtime::Result<T> {
+        let sandbox = store.data_mut();
+        let remaining = sandbox.deadline.saturating_duration_since(Instant::now());
+        let table = &mut sandbox.table;
+        let waited = wasmtime_wasi::runtime::in_tokio(async move {
+            tokio::time::timeout(remaining, call(table)).await
+        });
+        match waited {
+            Ok(result) => result,
+            Err(_) => {
+                sandbox.blocked_past_deadline = true;
+                wasmtime::bail!("the guest waited (sleep or poll) past its deadline")
+            }
+        }
+    }
 }
 
 /// Per-model sandbox limits.
@@ -133,6 +284,11 @@ pub enum InvokeError {
     /// The guest reported a failure of its own or of the backend.
     #[error("model `{model}` failed: {message}")]
     Failed { model: String, message: String },
+    /// Every instance slot of the node is in use.
+    #[error(
+        "model `{model}` could not start: every instance slot of this node is in use; retry later"
+    )]
+    Busy { model: String },
 }
 
 /// Time spent in each phase of one call.
@@ -150,6 +306,8 @@ pub struct CallTimes {
 pub struct Model {
     name: String,
     engine: Engine,
+    /// Keeps the epoch ticker running while the model lives.
+    _ticker: Arc<super::Ticker>,
     pre: bindings::ServingPre<Sandbox>,
     graphs: Arc<HashMap<String, Graph>>,
     env: Arc<[(String, String)]>,
@@ -173,6 +331,7 @@ impl Model {
             &runtime.engine,
             &runtime.components,
             runtime.config.cache_dir.as_deref(),
+            &runtime.cache_key,
             component,
         )?;
         let instance_pre = runtime.linker.instantiate_pre(&component).map_err(|e| {
@@ -186,6 +345,7 @@ impl Model {
         Ok(Model {
             name: name.to_string(),
             engine: runtime.engine.clone(),
+            _ticker: runtime.ticker.clone(),
             pre,
             graphs: Arc::new(graphs),
             env: env.into(),
@@ -244,19 +404,27 @@ impl Model {
                 });
             }
             Ok(Err(PredictError::Inference(message) | PredictError::Internal(message))) => {
-                let message = match crate::backend::take_last_error() {
-                    Some(detail) => format!("{message} ({detail})"),
-                    None => message,
-                };
-                return Err(InvokeError::Failed {
-                    model: self.name.clone(),
-                    message,
+                let model = self.name.clone();
+                return Err(match crate::backend::take_last_error() {
+                    // The backend refused the request's data: the client can fix that.
+                    Some(detail) if detail.input => InvokeError::InvalidInput {
+                        model,
+                        message: detail.message,
+                    },
+                    Some(detail) => InvokeError::Failed {
+                        model,
+                        message: format!("{message} ({})", detail.message),
+                    },
+                    None => InvokeError::Failed { model, message },
                 });
             }
             Ok(Ok(outputs)) => outputs,
         };
         drop(store);
         times.teardown = called.elapsed();
+        // The outputs were lifted out of the guest's linear memory, which the memory limit caps,
+        // so this copy is bounded by `memory_mb` (wasmtime runs the guest's post-return, which
+        // frees the lists, before the host can look at them in place).
         let bytes: usize = outputs.iter().map(|t| t.data.len()).sum();
         if bytes > self.limits.max_output_bytes {
             return Err(InvokeError::OutputTooLarge {
@@ -287,7 +455,12 @@ impl Model {
             limiter: Limiter {
                 memory_max: self.limits.memory_bytes,
                 exceeded: false,
+                linear: 0,
+                host: 0,
             },
+            deadline: Instant::now() + self.limits.timeout,
+            blocked_past_deadline: false,
+            contexts: 0,
         };
         let mut store = Store::new(&self.engine, sandbox);
         store.limiter(|s| &mut s.limiter);
@@ -315,10 +488,18 @@ impl Model {
         logs: &[MemoryOutputPipe; 2],
     ) -> InvokeError {
         let model = self.name.clone();
-        if matches!(
-            error.downcast_ref::<wasmtime::Trap>(),
-            Some(wasmtime::Trap::Interrupt)
-        ) {
+        if error
+            .downcast_ref::<wasmtime::PoolConcurrencyLimitError>()
+            .is_some()
+        {
+            return InvokeError::Busy { model };
+        }
+        if store.data().blocked_past_deadline
+            || matches!(
+                error.downcast_ref::<wasmtime::Trap>(),
+                Some(wasmtime::Trap::Interrupt)
+            )
+        {
             return InvokeError::Timeout {
                 model,
                 limit_ms: self.limits.timeout.as_millis(),

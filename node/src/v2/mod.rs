@@ -48,7 +48,7 @@ mod validate;
 pub use request::{decode_request, encode_request};
 pub use response::{decode_response, encode_response};
 pub use tensor::{Tensor, element_count};
-pub use validate::{select_outputs, validate_inputs};
+pub use validate::{select_outputs, validate_batch, validate_inputs};
 
 use serde_json::{Map, Value};
 use sophon_sdk::Datatype;

@@ -48,6 +48,28 @@ pub fn validate_inputs(inputs: &[Tensor], specs: &[TensorSpec]) -> Result<()> {
     Ok(())
 }
 
+/// Checks that a batching model's inputs hold at most `max_batch_size` rows (dim 0). A
+/// `max_batch_size` of 0 means the model does not batch, and dim 0 is checked by the shape alone.
+pub fn validate_batch(inputs: &[Tensor], max_batch_size: u32) -> Result<()> {
+    if max_batch_size == 0 {
+        return Ok(());
+    }
+    for input in inputs {
+        let rows = input.shape.first().copied().unwrap_or(1);
+        if rows > u64::from(max_batch_size) {
+            return Err(V2Error::Tensor {
+                role: Role::Input,
+                name: input.name.clone(),
+                reason: format!(
+                    "batch of {rows} is over the model's max_batch_size of {max_batch_size}: \
+                     split the request"
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Checks that every requested output is declared, and requested once.
 pub fn select_outputs(requested: &[RequestedOutput], specs: &[TensorSpec]) -> Result<()> {
     let mut seen = HashSet::with_capacity(requested.len());
@@ -190,6 +212,18 @@ mod tests {
             .expect_err("missing")
             .status();
         assert_eq!(status, 400);
+    }
+
+    #[test]
+    fn batches_over_max_batch_size_are_refused() {
+        validate_batch(&[image(8)], 8).expect("at the limit");
+        validate_batch(&[image(9)], 0).expect("no batching: not checked here");
+        let err = validate_batch(&[image(9)], 8).expect_err("over");
+        assert_eq!(err.status(), 400);
+        assert_eq!(
+            err.to_string(),
+            "input 'image': batch of 9 is over the model's max_batch_size of 8: split the request"
+        );
     }
 
     #[test]

@@ -401,3 +401,81 @@ proptest! {
         prop_assert_eq!(bundle.publisher, key(seed).verifying_key());
     }
 }
+
+/// Stream `bytes` in chunks of `chunk` bytes.
+fn stream(bytes: &[u8], chunk: usize) -> Result<StreamedBundle> {
+    let mut v = StreamVerifier::new();
+    for piece in bytes.chunks(chunk.max(1)) {
+        v.update(piece)?;
+    }
+    v.finish()
+}
+
+#[test]
+fn streaming_verifies_what_read_verifies() {
+    let bytes = small_bundle();
+    let read = Bundle::read(&bytes).expect("read");
+    for chunk in [1, 2, 7, 64, 4096] {
+        let streamed = stream(&bytes, chunk).expect("stream");
+        assert_eq!(streamed.digest, read.digest);
+        assert_eq!(streamed.publisher, read.publisher);
+        assert_eq!(streamed.manifest, read.manifest);
+        assert_eq!(streamed.len, bytes.len() as u64);
+    }
+    // Truncations and trailing bytes, whatever the chunking.
+    for cut in 0..bytes.len() {
+        assert!(stream(&bytes[..cut], 5).is_err(), "cut at {cut}");
+    }
+    let mut longer = bytes.clone();
+    longer.push(0);
+    assert!(matches!(
+        stream(&longer, 3),
+        Err(Error::TrailingBytes { count: 1 })
+    ));
+    // The same named errors as `read` for damaged parts and signatures.
+    let mut tampered = bytes.clone();
+    let at = find(&tampered, b"onnx bytes");
+    tampered[at] ^= 1;
+    assert!(matches!(
+        stream(&tampered, 4),
+        Err(Error::DigestMismatch { .. })
+    ));
+    let n = tampered.len();
+    tampered[n - 1] ^= 1;
+    assert!(matches!(stream(&tampered, 4), Err(Error::BadSignature)));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn streaming_agrees_with_read_on_damage(
+        position in any::<prop::sample::Index>(),
+        mask in 0u8..=255,
+        cut in any::<prop::sample::Index>(),
+        chunk in 1usize..300,
+    ) {
+        let mut bytes = small_bundle();
+        let len = bytes.len();
+        bytes[position.index(len)] ^= mask;
+        // Half the cases also cut the bundle short.
+        if mask % 2 == 1 {
+            bytes.truncate(cut.index(len + 1));
+        }
+        let read = Bundle::read(&bytes);
+        let streamed = stream(&bytes, chunk);
+        prop_assert_eq!(read.is_ok(), streamed.is_ok(), "read {:?} / stream {:?}", read.as_ref().err(), streamed.as_ref().err());
+        if let (Ok(r), Ok(s)) = (read, streamed) {
+            prop_assert_eq!(r.digest, s.digest);
+        }
+    }
+
+    #[test]
+    fn streaming_arbitrary_bytes_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..512), chunk in 1usize..64) {
+        let mut prefixed = MAGIC.to_vec();
+        prefixed.extend_from_slice(&1u16.to_le_bytes());
+        prefixed.extend_from_slice(&bytes);
+        prop_assert!(stream(&prefixed, chunk).is_err());
+        let _ = stream(&bytes, chunk);
+    }
+}
