@@ -345,8 +345,16 @@ fn three_coordinators_survive_kill_9_and_a_partition_linearizably() {
         let url = members[i].url();
         eventually("the new coordinator serves", || api.get(&url, "/v1/models"));
     }
-    let status = ok(api.get(&members[0].url(), "/v1/cluster/status"), "status");
-    assert_eq!(status["raft"]["voters"], json!([1, 2, 3]), "{status}");
+    // Each learner is promoted to voter once it caught up, asynchronously.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = ok(api.get(&members[0].url(), "/v1/cluster/status"), "status");
+        if status["raft"]["voters"] == json!([1, 2, 3]) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "three voters: {status}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     // A trusted publisher key, and bundles signed by it.
     let key = sophon_sdk::keys::generate();

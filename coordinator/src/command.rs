@@ -107,6 +107,24 @@ pub struct Entry {
     /// never lets its own clock go backwards (a new leader's clock may be behind the old one's).
     pub now_ms: u64,
     pub command: Command,
+    /// The client write this entry carries, the same on every attempt to commit it: an entry
+    /// whose write id was already applied changes nothing and answers the first outcome
+    /// ([`State::apply`](crate::State::apply)). `None` (entries logged before write ids
+    /// existed, the bootstrap) is never deduplicated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub write_id: Option<WriteId>,
+}
+
+/// Names one client write across every attempt to commit it (a retry after a lost proposal,
+/// a forward to a new leader), so that the state machine applies it at most once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct WriteId {
+    /// The coordinator that took the write from its client.
+    pub origin: u64,
+    /// That coordinator process's incarnation (random at each start), since `seq` restarts.
+    pub incarnation: u64,
+    /// The write's number within the incarnation, from 1.
+    pub seq: u64,
 }
 
 /// Which replica of which deployment: `replica` counts from 0 to the deployment's replicas − 1.

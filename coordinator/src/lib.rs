@@ -31,7 +31,7 @@ pub mod scheduler;
 pub mod server;
 pub mod state;
 
-pub use command::{Actor, Command, Created, Entry, NodeSpec, Outcome, ReplicaKey, Role};
+pub use command::{Actor, Command, Created, Entry, NodeSpec, Outcome, ReplicaKey, Role, WriteId};
 pub use error::{Error, ErrorKind, Result};
 pub use scheduler::{Device, Placement, Plan, Unplaced, UnplacedReason, place};
 pub use state::State;

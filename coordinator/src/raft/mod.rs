@@ -13,6 +13,7 @@
 
 pub mod logger;
 pub mod node;
+pub mod proposals;
 pub mod redb_store;
 #[cfg(test)]
 mod sim;
@@ -22,5 +23,6 @@ mod tests;
 
 pub use logger::tracing_logger;
 pub use node::{Applied, ReadyOutput, ReplicaConfig, ReplicaNode};
+pub use proposals::{Context, Fate, fate};
 pub use redb_store::{RedbLogStore, write_snapshot_file};
 pub use store::{LogStore, MemLogStore};

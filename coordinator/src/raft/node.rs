@@ -49,6 +49,11 @@ pub struct ReadyOutput {
     pub applied: Vec<Applied>,
     /// ReadIndex requests that are now safe to serve once `index` is applied.
     pub read_states: Vec<ReadState>,
+    /// Every entry applied this turn, normal, empty (a new leader's) or membership change, as
+    /// (index, context), in log order: what a proposer needs to tell which of its proposals
+    /// lost their index ([`fate`](super::proposals::fate)). Indexes a snapshot skipped are not
+    /// here.
+    pub entries: Vec<(u64, Vec<u8>)>,
 }
 
 /// One applied normal entry.
@@ -210,6 +215,12 @@ impl<S: LogStore> ReplicaNode<S> {
     /// The index of the last entry in this replica's log (a proposal just accepted sits there).
     pub fn last_index(&self) -> u64 {
         self.raw.raft.raft_log.last_index()
+    }
+
+    /// Whether the commit index is at an entry of the current term: until then, a leader drops
+    /// ReadIndex requests (raft-rs answers none until it committed in its term).
+    pub fn committed_in_term(&self) -> bool {
+        self.raw.raft.commit_to_current_term()
     }
 
     /// The commit index this replica knows of.
@@ -390,6 +401,7 @@ impl<S: LogStore> ReplicaNode<S> {
         for log_entry in entries {
             let index = log_entry.index;
             self.applied_index = index;
+            out.entries.push((index, log_entry.context.to_vec()));
             if log_entry.data.is_empty() {
                 // The empty entry a new leader appends (or an empty conf change): nothing to do.
                 continue;

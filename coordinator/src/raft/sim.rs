@@ -18,7 +18,7 @@ use rand::{Rng, SeedableRng};
 use super::node::{Applied, ReplicaConfig, ReplicaNode};
 use super::redb_store::RedbLogStore;
 use super::store::{LogStore, MemLogStore};
-use crate::{Actor, Command, Entry, Result, Role};
+use crate::{Actor, Command, Entry, Result, Role, WriteId};
 
 /// Milliseconds the simulated clock moves per tick.
 pub const TICK_MS: u64 = 100;
@@ -30,6 +30,9 @@ pub struct Cluster<S: LogStore = MemLogStore> {
     pub applied: BTreeMap<u64, Vec<Applied>>,
     /// Every ReadIndex answer each replica got.
     pub read_states: BTreeMap<u64, Vec<ReadState>>,
+    /// Every entry each replica applied, of any kind, as (index, context), in order
+    /// ([`ReadyOutput::entries`](super::node::ReadyOutput::entries)).
+    pub seen: BTreeMap<u64, Vec<(u64, Vec<u8>)>>,
     /// Messages in flight: (tick at which to deliver, message), in send order.
     queue: VecDeque<(u64, Message)>,
     /// Links (from, to) that drop messages with this probability.
@@ -110,6 +113,7 @@ impl<S: LogStore> Cluster<S> {
             nodes: BTreeMap::new(),
             applied: BTreeMap::new(),
             read_states: BTreeMap::new(),
+            seen: BTreeMap::new(),
             queue: VecDeque::new(),
             drops: BTreeMap::new(),
             delays: BTreeMap::new(),
@@ -130,6 +134,7 @@ impl<S: LogStore> Cluster<S> {
         self.nodes.insert(id, node);
         self.applied.entry(id).or_default();
         self.read_states.entry(id).or_default();
+        self.seen.entry(id).or_default();
     }
 
     /// Drops messages from `from` to `to` with probability `ratio` (1.0: all).
@@ -191,6 +196,7 @@ impl<S: LogStore> Cluster<S> {
                 };
                 let out = node.handle_ready().expect("ready loop");
                 moved |= !out.messages.is_empty() || !out.applied.is_empty();
+                self.seen.entry(id).or_default().extend(out.entries);
                 self.applied.entry(id).or_default().extend(out.applied);
                 self.read_states
                     .entry(id)
@@ -285,9 +291,31 @@ impl<S: LogStore> Cluster<S> {
             actor: Actor::system("bootstrap", Role::Admin),
             now_ms: self.now_ms,
             command,
+            write_id: None,
         };
         match self.nodes.get_mut(&id) {
             Some(node) => node.propose(Vec::new(), &entry),
+            None => Err(crate::Error::NotLeader { id, leader: 0 }),
+        }
+    }
+
+    /// Proposes `command` on replica `id` as the bootstrap admin with a context and a write
+    /// id, as the coordinator's driver does; returns the log index it was appended at.
+    pub fn propose_write(
+        &mut self,
+        id: u64,
+        context: Vec<u8>,
+        command: Command,
+        write_id: Option<WriteId>,
+    ) -> Result<u64> {
+        let entry = Entry {
+            actor: Actor::system("bootstrap", Role::Admin),
+            now_ms: self.now_ms,
+            command,
+            write_id,
+        };
+        match self.nodes.get_mut(&id) {
+            Some(node) => node.propose(context, &entry).map(|()| node.last_index()),
             None => Err(crate::Error::NotLeader { id, leader: 0 }),
         }
     }

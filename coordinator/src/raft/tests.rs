@@ -465,3 +465,177 @@ fn crashed_replicas_restart_from_their_durable_store() {
         }
     }
 }
+
+/// How many audit records say `environment`'s policy was set: how many times that write took
+/// effect.
+fn times_applied<S: LogStore>(c: &Cluster<S>, id: u64, n: u64) -> usize {
+    let target = format!("environment {}", env(n));
+    c.nodes[&id]
+        .state()
+        .audit()
+        .iter()
+        .filter(|a| a.action == "set-policy" && a.target == target)
+        .count()
+}
+
+/// The rule the driver used before write ids: a proposal whose index was applied without it
+/// being seen was "overwritten, never to commit", so the write path proposed it again.
+fn old_rule_proposes_again(index: u64, applied_index: u64) -> bool {
+    index <= applied_index
+}
+
+/// The double apply, forced: a leader proposes two writes (one without a write id, one with),
+/// its followers take them but their answers never reach it, so it never learns they
+/// committed; it is cut off, a new leader commits both and compacts its log past them, and the
+/// old leader comes back and installs the new leader's snapshot, its applied index jumping
+/// past the writes without seeing them.
+///
+/// The old rule called both lost and proposed them again: the write without an id then takes
+/// effect twice. Now their fate is `Unknown` (answered "may have committed", never retried),
+/// and even a retry of the write with an id is a no-op.
+#[test]
+fn a_deposed_leader_that_catches_up_from_a_snapshot_does_not_apply_its_writes_twice() {
+    use super::proposals::{Context, Fate, fate};
+    use crate::WriteId;
+
+    let mut c = Cluster::new(3, 17, 5);
+    let old = c.elect();
+    assert!(c.run_until(30, |c| c.nodes.values().all(|n| n.leader_id() == old)));
+    let followers: Vec<u64> = ids(&c).into_iter().filter(|&id| id != old).collect();
+    for &f in &followers {
+        c.drop(f, old, 1.0);
+    }
+    let incarnation = 0x5eed;
+    let ctx = |seq| {
+        Context {
+            replica: old,
+            incarnation,
+            seq,
+        }
+        .encode()
+    };
+    let write_id = WriteId {
+        origin: old,
+        incarnation,
+        seq: 2,
+    };
+    let plain = c
+        .propose_write(old, ctx(1), policy(1), None)
+        .expect("the leader accepts");
+    let with_id = c
+        .propose_write(old, ctx(2), policy(2), Some(write_id))
+        .expect("the leader accepts");
+    c.process();
+    for &f in &followers {
+        assert!(
+            c.nodes[&f].last_index() >= with_id,
+            "follower {f} has both writes"
+        );
+    }
+    assert!(
+        c.nodes[&old].commit_index() < plain,
+        "the old leader never learnt that they committed"
+    );
+    c.isolate(old);
+
+    assert!(
+        c.run_until(300, |c| followers.iter().any(|f| c.nodes[f].is_leader())),
+        "the majority elects a new leader"
+    );
+    let new = c.leader().expect("the new leader");
+    assert!(
+        c.run_until(50, |c| has_policy(c, new, 1) && has_policy(c, new, 2)),
+        "the new leader commits both writes"
+    );
+    for n in 10..30 {
+        c.propose(new, policy(n)).expect("the new leader accepts");
+        c.tick();
+    }
+    assert!(
+        raft::Storage::first_index(c.nodes[&new].store()).expect("first index") > with_id,
+        "the new leader compacted its log past the writes"
+    );
+
+    c.recover();
+    let all = ids(&c);
+    assert!(
+        c.run_until(300, |c| converged(c, &all)),
+        "the old leader catches up"
+    );
+    let applied_index = c.nodes[&old].applied_index();
+    let seen = &c.seen[&old];
+    for index in [plain, with_id] {
+        assert!(
+            !seen.iter().any(|(i, _)| *i == index),
+            "the old leader skipped index {index} through a snapshot"
+        );
+    }
+
+    // Before: both were "lost", so the write path proposed them again.
+    assert!(old_rule_proposes_again(plain, applied_index));
+    assert!(old_rule_proposes_again(with_id, applied_index));
+    // Now: the old leader cannot tell, and says so.
+    assert_eq!(fate(plain, &ctx(1), seen, applied_index), Fate::Unknown);
+    assert_eq!(fate(with_id, &ctx(2), seen, applied_index), Fate::Unknown);
+
+    // What proposing them again (on whichever coordinator leads now) does.
+    let leader = c.elect();
+    c.propose_write(leader, ctx(3), policy(1), None)
+        .expect("the leader accepts");
+    c.propose_write(leader, ctx(4), policy(2), Some(write_id))
+        .expect("the leader accepts");
+    assert!(c.run_until(100, |c| converged(c, &all)
+        && times_applied(c, leader, 1) == 2));
+    for id in &all {
+        assert_eq!(
+            times_applied(&c, *id, 1),
+            2,
+            "replica {id}: a write without an id, proposed again, applies twice"
+        );
+        assert_eq!(
+            times_applied(&c, *id, 2),
+            1,
+            "replica {id}: a write with an id applies once however often it is proposed"
+        );
+    }
+}
+
+/// An entry overwritten by a new leader's entries is `Lost` (the write may be proposed again,
+/// it never commits), not `Unknown`: the deposed leader sees what was applied at its index.
+#[test]
+fn a_proposal_overwritten_by_a_new_leader_is_lost() {
+    use super::proposals::{Context, Fate, fate};
+
+    let mut c = Cluster::new(3, 23, 1000);
+    let old = c.elect();
+    assert!(c.run_until(30, |c| c.nodes.values().all(|n| n.leader_id() == old)));
+    c.isolate(old);
+    let ctx = Context {
+        replica: old,
+        incarnation: 1,
+        seq: 1,
+    }
+    .encode();
+    let index = c
+        .propose_write(old, ctx.clone(), policy(1), None)
+        .expect("still leader right after the cut");
+    assert!(
+        c.run_until(300, |c| c
+            .nodes
+            .values()
+            .any(|n| n.id() != old && n.is_leader())),
+        "the majority elects a new leader"
+    );
+    let new = c.leader().expect("new leader");
+    c.propose(new, policy(2)).expect("the new leader accepts");
+    c.recover();
+    let all = ids(&c);
+    assert!(c.run_until(300, |c| converged(c, &all)));
+    let seen = &c.seen[&old];
+    assert!(seen.iter().any(|(i, _)| *i == index), "no snapshot: seen");
+    assert_eq!(
+        fate(index, &ctx, seen, c.nodes[&old].applied_index()),
+        Fate::Lost
+    );
+    assert!(all.iter().all(|id| !has_policy(&c, *id, 1)));
+}

@@ -5,7 +5,23 @@
 //! messages, ticks, proposals, reads and membership changes. Before each ready turn the thread
 //! drains the inbox, so every proposal that arrived meanwhile rides in one turn and one fsync
 //! (proposal batching). Waiters are answered from the applied entries (matched by the context
-//! each proposal carries), from ReadIndex answers, or with a timeout.
+//! each proposal carries, [`Context`]: this replica, this process's incarnation, a sequence
+//! number), from ReadIndex answers, or with a timeout.
+//!
+//! # Before a leader is known
+//! A coordinator that just started knows no leader for a few hundred milliseconds, and raft-rs
+//! silently drops a ReadIndex request then (and on a leader that has not committed an entry of
+//! its term yet). Linearizable reads therefore wait here, bounded by [`DriverConfig::wait`], and
+//! their request is sent once a leader is known, again whenever the leader changes or commits
+//! in its term, and every few heartbeats until answered. Proposals that arrive with no leader
+//! known wait the same way, then are proposed here or answered "not the leader" (never
+//! proposed: the write path forwards them).
+//!
+//! # What became of a proposal
+//! See [`fate`]: applied here (answered with its result), overwritten by another entry at its
+//! index (answered "not the leader": it will never commit, the write path may propose it
+//! again) or skipped by a snapshot (answered "unavailable: it may have committed", never
+//! retried, since the snapshot may hold it).
 //!
 //! The thread is synchronous on purpose: redb's fsync blocks, and nothing here awaits.
 
@@ -20,7 +36,7 @@ use tokio::sync::oneshot;
 
 use super::metrics::Metrics;
 use crate::raft::RedbLogStore;
-use crate::raft::{ReplicaConfig, ReplicaNode};
+use crate::raft::{Context, Fate, ReplicaConfig, ReplicaNode, fate};
 use crate::{Entry, Error, Outcome, Result, State};
 
 /// A query run on the driver thread against the applied state.
@@ -120,11 +136,14 @@ fn unavailable(reason: impl Into<String>) -> Error {
 
 impl Driver {
     /// Starts the driver thread over `node`; `events` lets the transport feed it.
+    /// `incarnation` names this process (drawn at each start): it goes into every context, so
+    /// that an entry or a ReadIndex answer meant for a previous process answers no waiter here.
     pub fn start(
         node: ReplicaNode<RedbLogStore>,
         config: DriverConfig,
         outbox: Box<dyn Outbox>,
         metrics: Metrics,
+        incarnation: u64,
         (inbox, rx): (Sender<Event>, Receiver<Event>),
     ) -> Result<(Driver, std::thread::JoinHandle<()>)> {
         let status = Arc::new(RwLock::new(RaftStatus::default()));
@@ -135,8 +154,11 @@ impl Driver {
             metrics,
             rx,
             status: status.clone(),
+            incarnation,
+            ticks: 0,
             next_seq: 1,
             proposals: BTreeMap::new(),
+            parked: Vec::new(),
             reads: BTreeMap::new(),
             ready_reads: VecDeque::new(),
             transfers: Vec::new(),
@@ -223,15 +245,32 @@ impl Driver {
 struct PendingProposal {
     /// The log index the entry was appended at here.
     index: u64,
+    /// The context it carries.
+    ctx: Vec<u8>,
     reply: oneshot::Sender<Result<Outcome>>,
     deadline: Instant,
     started: Instant,
 }
 
-struct PendingRead {
-    query: Query,
+/// A proposal that arrived when no leader was known: proposed (or refused) once one is.
+struct ParkedProposal {
+    entry: Box<Entry>,
+    reply: oneshot::Sender<Result<Outcome>>,
     deadline: Instant,
 }
+
+struct PendingRead {
+    query: Query,
+    /// The context its ReadIndex requests carry.
+    ctx: Vec<u8>,
+    /// When its request was last sent (tick), and to which view of the leadership.
+    issued: Option<(ReadView, u64)>,
+    deadline: Instant,
+}
+
+/// What decides whether a ReadIndex request sent earlier may have been dropped: the leader,
+/// the term, and whether this replica leads with an entry of its term committed.
+type ReadView = (u64, u64, bool);
 
 struct DriverThread {
     node: ReplicaNode<RedbLogStore>,
@@ -240,9 +279,15 @@ struct DriverThread {
     metrics: Metrics,
     rx: Receiver<Event>,
     status: Arc<RwLock<RaftStatus>>,
+    /// This process's incarnation (in every context).
+    incarnation: u64,
+    /// Ticks since the thread started.
+    ticks: u64,
     next_seq: u64,
-    /// Proposals made here, by sequence number (the context's second half).
+    /// Proposals made here, by sequence number (the context's last part).
     proposals: BTreeMap<u64, PendingProposal>,
+    /// Proposals waiting for a leader to be known.
+    parked: Vec<ParkedProposal>,
     /// Reads waiting for their ReadIndex answer, by sequence number.
     reads: BTreeMap<u64, PendingRead>,
     /// Reads whose ReadIndex is known, waiting for the applied index to reach it.
@@ -277,18 +322,17 @@ impl DriverThread {
     fn context(&mut self) -> (u64, Vec<u8>) {
         let seq = self.next_seq;
         self.next_seq += 1;
-        let mut ctx = Vec::with_capacity(16);
-        ctx.extend_from_slice(&self.node.id().to_be_bytes());
-        ctx.extend_from_slice(&seq.to_be_bytes());
-        (seq, ctx)
+        let ctx = Context {
+            replica: self.node.id(),
+            incarnation: self.incarnation,
+            seq,
+        };
+        (seq, ctx.encode())
     }
 
-    /// The sequence number in `ctx` if this replica made it.
+    /// The sequence number in `ctx` if this replica made it, in this process.
     fn own_seq(&self, ctx: &[u8]) -> Option<u64> {
-        let (id, seq) = ctx.split_at_checked(8)?;
-        let id = u64::from_be_bytes(id.try_into().ok()?);
-        let seq = u64::from_be_bytes(seq.try_into().ok()?);
-        (id == self.node.id()).then_some(seq)
+        Context::seq_if_ours(ctx, self.node.id(), self.incarnation)
     }
 
     fn run(&mut self) {
@@ -312,6 +356,7 @@ impl DriverThread {
             }
             let now = Instant::now();
             if now >= next_tick {
+                self.ticks += 1;
                 self.node.tick();
                 next_tick = now + self.config.tick;
                 self.expire(now);
@@ -335,27 +380,16 @@ impl DriverThread {
                     tracing::debug!(error = %e, "dropped a raft message");
                 }
             }
-            Event::Propose { mut entry, reply } => {
-                entry.now_ms = now_ms();
-                let (seq, ctx) = self.context();
-                match self.node.propose(ctx, &entry) {
-                    Ok(()) => {
-                        self.metrics.proposals.inc();
-                        let now = Instant::now();
-                        self.proposals.insert(
-                            seq,
-                            PendingProposal {
-                                index: self.node.last_index(),
-                                reply,
-                                deadline: now + self.config.wait,
-                                started: now,
-                            },
-                        );
-                    }
-                    Err(e) => {
-                        self.metrics.proposals_failed.inc();
-                        let _ = reply.send(Err(e));
-                    }
+            Event::Propose { entry, reply } => {
+                if self.node.leader_id() == 0 {
+                    // Starting up, or between leaders: wait for one (see the module page).
+                    self.parked.push(ParkedProposal {
+                        entry,
+                        reply,
+                        deadline: Instant::now() + self.config.wait,
+                    });
+                } else {
+                    self.propose(entry, reply);
                 }
             }
             Event::Read {
@@ -366,12 +400,14 @@ impl DriverThread {
                 linearizable: true,
                 query,
             } => {
+                // Its ReadIndex request goes out at the end of the turn ([`Self::issue_reads`]).
                 let (seq, ctx) = self.context();
-                self.node.read_index(ctx);
                 self.reads.insert(
                     seq,
                     PendingRead {
                         query,
+                        ctx,
+                        issued: None,
                         deadline: Instant::now() + self.config.wait,
                     },
                 );
@@ -417,6 +453,80 @@ impl DriverThread {
             }
             Event::Stop => {}
         }
+    }
+
+    fn propose(&mut self, mut entry: Box<Entry>, reply: oneshot::Sender<Result<Outcome>>) {
+        entry.now_ms = now_ms();
+        let (seq, ctx) = self.context();
+        match self.node.propose(ctx.clone(), &entry) {
+            Ok(()) => {
+                self.metrics.proposals.inc();
+                let now = Instant::now();
+                self.proposals.insert(
+                    seq,
+                    PendingProposal {
+                        index: self.node.last_index(),
+                        ctx,
+                        reply,
+                        deadline: now + self.config.wait,
+                        started: now,
+                    },
+                );
+            }
+            Err(e) => {
+                self.metrics.proposals_failed.inc();
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+
+    /// Once a leader is known, proposes the parked proposals here (this replica leads) or
+    /// answers them "not the leader" (they were never proposed: the write path forwards them).
+    fn unpark(&mut self) {
+        if self.parked.is_empty() || self.node.leader_id() == 0 {
+            return;
+        }
+        for parked in std::mem::take(&mut self.parked) {
+            if self.node.is_leader() {
+                self.propose(parked.entry, parked.reply);
+            } else {
+                let _ = parked.reply.send(Err(Error::NotLeader {
+                    id: self.node.id(),
+                    leader: self.node.leader_id(),
+                }));
+            }
+        }
+    }
+
+    /// Sends the ReadIndex requests of the reads that wait: once a leader is known, again
+    /// when the leadership view changes (raft-rs dropped the request if the leader had not
+    /// committed in its term), and every two heartbeats until answered (a lost message).
+    /// Sending one twice is harmless: the first answer serves the read, later ones find no
+    /// waiter. Returns whether any was sent.
+    fn issue_reads(&mut self) -> bool {
+        let leader = self.node.leader_id();
+        if leader == 0 || self.reads.is_empty() {
+            return false;
+        }
+        let view = (
+            leader,
+            self.node.term(),
+            self.node.is_leader() && self.node.committed_in_term(),
+        );
+        let retry = 2 * self.config.replica.heartbeat_tick.max(1) as u64;
+        let mut sent = false;
+        for read in self.reads.values_mut() {
+            let due = match read.issued {
+                None => true,
+                Some((seen, tick)) => seen != view || self.ticks >= tick + retry,
+            };
+            if due {
+                self.node.read_index(read.ctx.clone());
+                read.issued = Some((view, self.ticks));
+                sent = true;
+            }
+        }
+        sent
     }
 
     /// Serialises a snapshot on another thread when one is due, so that a large state does
@@ -472,24 +582,7 @@ impl DriverThread {
                     let _ = pending.reply.send(applied.result);
                 }
             }
-            // A proposal whose index was applied without it was overwritten by another
-            // leader's entry: it will never commit, so its client may retry at once.
-            let applied = self.node.applied_index();
-            let lost: Vec<u64> = self
-                .proposals
-                .iter()
-                .filter(|(_, p)| p.index <= applied)
-                .map(|(seq, _)| *seq)
-                .collect();
-            for seq in lost {
-                if let Some(p) = self.proposals.remove(&seq) {
-                    self.metrics.proposals_failed.inc();
-                    let _ = p.reply.send(Err(Error::NotLeader {
-                        id: self.node.id(),
-                        leader: self.node.leader_id(),
-                    }));
-                }
-            }
+            self.settle_proposals(&out.entries);
             for rs in out.read_states {
                 if let Some(seq) = self.own_seq(&rs.request_ctx)
                     && let Some(read) = self.reads.remove(&seq)
@@ -498,13 +591,49 @@ impl DriverThread {
                 }
             }
             self.serve_reads();
-            if idle {
+            self.unpark();
+            // A read sent now is handled by the next turn.
+            if !self.issue_reads() && idle {
                 break;
             }
         }
         self.maybe_snapshot();
         self.publish();
         Ok(())
+    }
+
+    /// Answers the proposals whose index was applied without them ([`fate`]): overwritten by
+    /// another entry (never to commit: "not the leader", the write path proposes it again) or
+    /// skipped by a snapshot from the leader (perhaps committed: "unavailable", like a timeout;
+    /// proposing it again could apply it twice).
+    fn settle_proposals(&mut self, entries: &[(u64, Vec<u8>)]) {
+        let applied = self.node.applied_index();
+        let decided: Vec<(u64, Fate)> = self
+            .proposals
+            .iter()
+            .map(|(seq, p)| (*seq, fate(p.index, &p.ctx, entries, applied)))
+            .filter(|(_, f)| *f != Fate::Pending)
+            .collect();
+        for (seq, f) in decided {
+            let Some(p) = self.proposals.remove(&seq) else {
+                continue;
+            };
+            self.metrics.proposals_failed.inc();
+            let error = match f {
+                Fate::Lost => Error::NotLeader {
+                    id: self.node.id(),
+                    leader: self.node.leader_id(),
+                },
+                // Applied: its result was answered above (its entry carried our context), so
+                // this cannot happen; answered as ambiguous all the same.
+                Fate::Unknown | Fate::Applied | Fate::Pending => unavailable(format!(
+                    "the write may have committed: this coordinator caught up from a snapshot \
+                     past its log position {} and cannot tell; read before retrying",
+                    p.index
+                )),
+            };
+            let _ = p.reply.send(Err(error));
+        }
     }
 
     fn serve_reads(&mut self) {
@@ -586,6 +715,17 @@ impl DriverThread {
 
     /// Answers the waiters whose time is up.
     fn expire(&mut self, now: Instant) {
+        let (late, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.parked)
+            .into_iter()
+            .partition(|p| p.deadline <= now);
+        self.parked = waiting;
+        for p in late {
+            // Never proposed: safe to retry.
+            self.metrics.proposals_failed.inc();
+            let _ = p.reply.send(Err(unavailable(
+                "no leader was elected in time (the write was not proposed): retry",
+            )));
+        }
         let late: Vec<u64> = self
             .proposals
             .iter()
@@ -636,6 +776,9 @@ impl DriverThread {
 
     fn fail_all(&mut self, why: &str) {
         for (_, p) in std::mem::take(&mut self.proposals) {
+            let _ = p.reply.send(Err(unavailable(why)));
+        }
+        for p in std::mem::take(&mut self.parked) {
             let _ = p.reply.send(Err(unavailable(why)));
         }
         for (_, r) in std::mem::take(&mut self.reads) {

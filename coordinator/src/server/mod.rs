@@ -265,6 +265,7 @@ pub fn init(dir: &Path, mesh_address: &str, api_address: &str) -> Result<String>
             actor: bootstrap.clone(),
             now_ms: system_time_ms(),
             command,
+            write_id: None,
         };
         node.propose(Vec::new(), &entry)?;
         for applied in drain_ready(&mut node)? {
@@ -390,6 +391,10 @@ pub struct Core {
     pub blobs: BlobStore,
     pub metrics: Metrics,
     ca: Ca,
+    /// This process's incarnation (the transport's): the middle of every write id made here.
+    incarnation: u64,
+    /// The last write id's sequence number.
+    write_seq: std::sync::atomic::AtomicU64,
 }
 
 /// A running coordinator.
@@ -458,6 +463,7 @@ pub async fn start(mut config: CoordinatorConfig) -> Result<Running> {
         config.driver.clone(),
         Box::new(outbox),
         metrics.clone(),
+        peers.incarnation(),
         (events.clone(), rx),
     )?;
     let blobs = BlobStore::open(dir.join("blobs"))?;
@@ -465,6 +471,7 @@ pub async fn start(mut config: CoordinatorConfig) -> Result<Running> {
         .await
         .map_err(|e| io(format!("listen on {}", config.api_listen), e))?;
     let api_address = listener.local_addr().map_err(|e| io("api address", e))?;
+    let incarnation = peers.incarnation();
     let core = Arc::new(Core {
         config,
         id: member.id,
@@ -473,6 +480,8 @@ pub async fn start(mut config: CoordinatorConfig) -> Result<Running> {
         blobs,
         metrics,
         ca,
+        incarnation,
+        write_seq: std::sync::atomic::AtomicU64::new(0),
     });
     tokio::spawn(accept_loop(endpoint, core.clone(), events));
     tokio::spawn(gc_loop(core.clone()));
@@ -505,18 +514,40 @@ impl Core {
 
     /// Commits `command` as `actor`: proposed here if this coordinator leads, forwarded to the
     /// leader otherwise; waits for an election when there is no leader.
+    ///
+    /// The write gets a new [`WriteId`](crate::WriteId), the same on every attempt to commit
+    /// it, so the state machine applies it at most once whatever happens to the attempts.
     pub async fn write(&self, actor: Actor, command: Command) -> Result<Outcome> {
         let entry = Entry {
             actor,
             now_ms: 0,
             command,
+            write_id: Some(self.new_write_id()),
         };
         self.propose_or_forward(entry).await
     }
 
-    async fn propose_or_forward(&self, entry: Entry) -> Result<Outcome> {
+    /// A write id no other write of this cluster has: (this coordinator, this process, n).
+    fn new_write_id(&self) -> crate::WriteId {
+        let seq = self
+            .write_seq
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        crate::WriteId {
+            origin: self.id,
+            incarnation: self.incarnation,
+            seq,
+        }
+    }
+
+    async fn propose_or_forward(&self, mut entry: Entry) -> Result<Outcome> {
+        // A write forwarded by a coordinator that predates write ids gets one here.
+        if entry.write_id.is_none() {
+            entry.write_id = Some(self.new_write_id());
+        }
         // Only failures that guarantee the entry was never proposed are retried: a retried
-        // ambiguous write could take effect twice.
+        // ambiguous write could take effect twice. (The write id makes a retry harmless even
+        // then, but an ambiguous answer is still passed on, not retried.)
         let deadline = tokio::time::Instant::now() + self.config.driver.wait;
         loop {
             let status = self.driver.status();

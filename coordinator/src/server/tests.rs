@@ -518,3 +518,63 @@ async fn every_documented_route_is_served_and_metrics_show_raft() {
     }
     f.running.shutdown().await;
 }
+
+/// `sophon dev` starts a single coordinator and at once trusts the user's key through a
+/// linearizable read and a write, before the coordinator has elected itself. Reads and writes
+/// that arrive before any leader is known wait for the first election instead of failing
+/// ("no leader confirmed the read in time").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_and_writes_issued_at_start_up_wait_for_the_first_election() {
+    use crate::{Actor, Command, Entry, Role};
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("c1");
+    let secret = init(&data, "127.0.0.1:1", "127.0.0.1:2").expect("init");
+    let any = "127.0.0.1:0".parse().expect("address");
+    let mut config = CoordinatorConfig::new(&data, any, any);
+    // Elections after 10 to 20 ticks of silence: 0.5 to 1 s, so nothing below finds a leader.
+    config.driver.tick = Duration::from_millis(50);
+    let running = start(config).await.expect("start");
+    let core = running.core.clone();
+    assert_eq!(core.driver.status().leader, 0, "no leader is known yet");
+
+    // What `sophon dev` does: authenticate the admin linearizably, then write.
+    let admin = core
+        .driver
+        .read(true, move |s| s.authenticate(&secret))
+        .await
+        .expect("a linearizable read at start-up waits for the election")
+        .expect("the admin token");
+
+    // The same, all at once through every entry point, on a fresh start.
+    running.shutdown().await;
+    let mut config = CoordinatorConfig::new(&data, any, any);
+    config.driver.tick = Duration::from_millis(50);
+    let running = start(config).await.expect("restart");
+    let core = running.core.clone();
+    assert_eq!(core.driver.status().leader, 0, "no leader is known yet");
+    let trust = |key: &str| Command::TrustKey {
+        key: key.repeat(64),
+        name: "dev-publisher".into(),
+    };
+    let (read, write, proposed) = tokio::join!(
+        core.driver.read(true, |s| s.trusted_keys().len()),
+        core.write(admin.clone(), trust("a")),
+        core.driver.propose(Entry {
+            actor: Actor::system("test", Role::Admin),
+            now_ms: 0,
+            command: trust("b"),
+            write_id: None,
+        }),
+    );
+    assert!(read.expect("the read waits for a leader") <= 2);
+    write.expect("the write waits for a leader");
+    proposed.expect("a proposal to the driver waits for a leader");
+    let keys = core
+        .driver
+        .read(true, |s| s.trusted_keys().len())
+        .await
+        .expect("read");
+    assert_eq!(keys, 2);
+    running.shutdown().await;
+}

@@ -78,6 +78,11 @@ impl Peers {
         })
     }
 
+    /// This process's incarnation (random at each start).
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+
     /// The mesh endpoint.
     pub fn endpoint(&self) -> &quinn::Endpoint {
         &self.endpoint

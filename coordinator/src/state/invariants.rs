@@ -21,7 +21,8 @@ impl State {
     ///   a pending one has an open request, and every open request is pending on its version;
     /// - deployments name existing versions, their rollout status matches the placements;
     /// - ids to come are above every id given; the audit log is numbered 0.. and never goes back
-    ///   in time or past the clock.
+    ///   in time or past the clock;
+    /// - the applied write ids are within their bounds, in order, each once.
     pub fn check_invariants(&self) -> Result<(), String> {
         let plan = Plan {
             placements: self.placements.clone(),
@@ -151,6 +152,6 @@ impl State {
             }
             last = a.at_ms;
         }
-        Ok(())
+        self.writes.check()
     }
 }

@@ -2,6 +2,8 @@
 //! [`State::apply`] with one committed [`Entry`] at a time.
 //!
 //! # How an entry is applied
+//! 0. **Once.** An entry whose write id was already applied changes nothing and answers the
+//!    outcome it had then ([`writes`]: a write committed twice, by a retry, applies once).
 //! 1. **Who.** A token-bearing actor's token must exist, be unrevoked and name the same actor and
 //!    role; the role must be at least the command's [`required_role`](Command::required_role).
 //! 2. **Validate, then change.** Each handler checks everything (ids exist, input is well formed,
@@ -29,6 +31,7 @@ pub mod members;
 pub mod shelf;
 pub mod tokens;
 pub(crate) mod validate;
+pub mod writes;
 
 #[cfg(test)]
 mod tests;
@@ -46,6 +49,7 @@ use deployments::Deployment;
 use members::{Coordinator, Node};
 use shelf::{Model, TrustedKey};
 use tokens::Token;
+use writes::AppliedWrites;
 
 /// The default for [`State::heartbeat_grace_ms`].
 pub const DEFAULT_HEARTBEAT_GRACE_MS: u64 = 15_000;
@@ -71,6 +75,9 @@ pub struct State {
     /// Publisher keys whose bundles may go on the shelf, by key.
     #[serde(default)]
     trusted_keys: BTreeMap<String, TrustedKey>,
+    /// The client writes applied lately, so that one committed twice applies once.
+    #[serde(default)]
+    writes: AppliedWrites,
 }
 
 impl Default for State {
@@ -91,6 +98,7 @@ impl Default for State {
             tokens: BTreeMap::new(),
             audit: Vec::new(),
             trusted_keys: BTreeMap::new(),
+            writes: AppliedWrites::default(),
         }
     }
 }
@@ -152,7 +160,23 @@ impl State {
     }
 
     /// Applies one committed entry; see the module page. On error nothing has changed.
+    ///
+    /// An entry whose [`write_id`](Entry::write_id) was already applied changes nothing and
+    /// answers the outcome of its first apply ([`writes`]).
     pub fn apply(&mut self, entry: &Entry) -> Result<Outcome> {
+        if let Some(id) = &entry.write_id
+            && let Some(outcome) = self.writes.get(id)
+        {
+            return Ok(outcome.clone());
+        }
+        let outcome = self.apply_command(entry)?;
+        if let Some(id) = entry.write_id {
+            self.writes.record(id, outcome.clone());
+        }
+        Ok(outcome)
+    }
+
+    fn apply_command(&mut self, entry: &Entry) -> Result<Outcome> {
         self.authorize(entry)?;
         let ctx = Ctx {
             actor: &entry.actor,
@@ -432,6 +456,10 @@ impl State {
     }
     pub fn trusted_keys(&self) -> &BTreeMap<String, TrustedKey> {
         &self.trusted_keys
+    }
+    /// The client writes applied lately (the dedupe table).
+    pub fn applied_writes(&self) -> &AppliedWrites {
+        &self.writes
     }
     pub fn tokens(&self) -> &BTreeMap<String, Token> {
         &self.tokens

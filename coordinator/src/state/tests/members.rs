@@ -264,6 +264,7 @@ fn the_clock_never_goes_back() {
         actor: admin(),
         now_ms: late - 500_000,
         command: policy("production", 2, Role::Approver),
+        write_id: None,
     };
     w.state.apply(&entry).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(w.state.clock_ms(), late);

@@ -5,6 +5,7 @@ mod members;
 mod props;
 mod scale;
 mod shelf_tokens;
+mod writes;
 
 use std::collections::BTreeMap;
 
@@ -117,6 +118,7 @@ impl World {
             actor,
             now_ms: self.now,
             command,
+            write_id: None,
         })
     }
 

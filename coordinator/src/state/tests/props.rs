@@ -64,6 +64,7 @@ fn setup() -> Vec<Entry> {
         actor: admin(),
         now_ms: 1_000,
         command,
+        write_id: None,
     })
     .collect()
 }
@@ -200,6 +201,7 @@ fn entries(steps: &[Step]) -> Vec<Entry> {
                 actor: pool[s.who % pool.len()].clone(),
                 now_ms: now as u64,
                 command: s.command.clone(),
+                write_id: None,
             }
         })
         .collect()

@@ -93,6 +93,7 @@ fn timed(state: &mut State, now_ms: u64, command: Command) -> (Outcome, Duration
         actor: actor("olga", Role::Operator),
         now_ms,
         command,
+        write_id: None,
     };
     let started = Instant::now();
     let outcome = state.apply(&entry).unwrap_or_else(|e| panic!("{e}"));

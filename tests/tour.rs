@@ -1,0 +1,245 @@
+//! The README's quick tour, run literally as a new user would, in a fresh `HOME` and a fresh
+//! working directory: keygen, pack, dev, curl, push, approve, deploy, audit.
+//!
+//! `sophon dev` is started right after `keygen`, which is the order that once made it die at
+//! start (it trusted the user's key through a read issued before its coordinator was elected).
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_sophon");
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+struct Tour {
+    home: std::path::PathBuf,
+    cwd: std::path::PathBuf,
+    server: String,
+    token: String,
+}
+
+impl Tour {
+    fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new(program);
+        cmd.current_dir(&self.cwd)
+            .env_clear()
+            .env("HOME", &self.home)
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("SOPHON_LOG", "warn");
+        if !self.server.is_empty() {
+            cmd.env("SOPHON_SERVER", &self.server)
+                .env("SOPHON_TOKEN", &self.token);
+        }
+        cmd
+    }
+
+    fn sophon(&self, args: &[&str]) -> Output {
+        self.command(BIN).args(args).output().expect("run sophon")
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.sophon(args);
+        assert!(
+            out.status.success(),
+            "sophon {args:?}\nstdout: {}\nstderr: {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        let out = self.ok(&[args, &["--json"]].concat());
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
+    }
+}
+
+struct Dev(Child);
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn the_readme_tour_works_in_a_fresh_home() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join("home");
+    let cwd = dir.path().join("work");
+    std::fs::create_dir_all(&home).expect("home");
+    std::fs::create_dir_all(&cwd).expect("cwd");
+    let mut tour = Tour {
+        home,
+        cwd,
+        server: String::new(),
+        token: String::new(),
+    };
+    std::fs::write(
+        tour.cwd.join("model.onnx"),
+        sophon_sdk::examples::mlp_onnx(4, 8, 3, 1),
+    )
+    .expect("model");
+
+    // Package your own model.
+    tour.ok(&["keygen"]);
+    assert!(tour.home.join(".sophon/publisher.pub").exists());
+    tour.ok(&[
+        "pack",
+        "--onnx",
+        "model.onnx",
+        "--name",
+        "mymodel",
+        "-o",
+        "mymodel.sbundle",
+    ]);
+    let shown = tour.ok(&["inspect", "mymodel.sbundle"]);
+    assert!(shown.contains("signature  valid"), "{shown}");
+
+    // `sophon dev --bundle mymodel.sbundle`, right after keygen.
+    let (http, admin, mesh) = (free_port(), free_port(), free_port());
+    let mut child = tour
+        .command(BIN)
+        .args([
+            "dev",
+            "--bundle",
+            "mymodel.sbundle",
+            "--http",
+            &format!("127.0.0.1:{http}"),
+            "--admin",
+            &format!("127.0.0.1:{admin}"),
+            "--mesh",
+            &format!("127.0.0.1:{mesh}"),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start sophon dev");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut dev = Dev(child);
+    let mut lines = BufReader::new(stdout).lines();
+    let (mut curl, mut export) = (None, None);
+    let started = Instant::now();
+    while curl.is_none() || export.is_none() {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "sophon dev did not print its banner"
+        );
+        let line = match lines.next() {
+            Some(Ok(line)) => line,
+            _ => panic!(
+                "sophon dev exited at start: {:?}",
+                dev.0.try_wait().ok().flatten()
+            ),
+        };
+        let line = line.trim().to_string();
+        if line.starts_with("curl ") {
+            curl = Some(line);
+        } else if let Some(vars) = line.strip_prefix("export ") {
+            export = Some(vars.to_string());
+        }
+    }
+    // Keep reading what dev prints, so it never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+
+    // The curl line it printed, pasted into a shell.
+    let out = tour
+        .command("sh")
+        .args(["-c", &curl.expect("curl line")])
+        .output()
+        .expect("curl");
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a V2 answer");
+    assert_eq!(answer["model_name"], "classifier", "{answer}");
+    assert_eq!(answer["outputs"][1]["name"], "labels", "{answer}");
+
+    // Your own model is served too.
+    let out = tour
+        .command("curl")
+        .args([
+            "-s",
+            &format!("http://127.0.0.1:{http}/v2/models/mymodel/infer"),
+            "-d",
+            r#"{"inputs":[{"name":"input","datatype":"FP32","shape":[1,4],"data":[1,2,3,4]}]}"#,
+        ])
+        .output()
+        .expect("curl");
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a V2 answer");
+    assert_eq!(answer["outputs"][0]["shape"], serde_json::json!([1, 3]));
+
+    // The export line it printed.
+    for pair in export.expect("export line").split_whitespace() {
+        match pair.split_once('=') {
+            Some(("SOPHON_SERVER", v)) => tour.server = v.to_string(),
+            Some(("SOPHON_TOKEN", v)) => tour.token = v.to_string(),
+            _ => {}
+        }
+    }
+    assert!(!tour.server.is_empty() && !tour.token.is_empty());
+
+    // The control plane part of the README.
+    tour.ok(&[
+        "key",
+        "trust",
+        "../home/.sophon/publisher.pub",
+        "--name",
+        "me",
+    ]);
+    tour.ok(&["model", "push", "mymodel.sbundle"]);
+    let models = tour.ok(&["model", "list"]);
+    assert!(models.contains("mymodel"), "{models}");
+    let ann = tour.json(&["token", "create", "--name", "ann", "--role", "approver"]);
+    let bob = tour.json(&["token", "create", "--name", "bob", "--role", "approver"]);
+    let request = tour.json(&["approval", "request", "mymodel", "1", "production"]);
+    let id = request["created"]["approval_request"].to_string();
+    let refused = tour.sophon(&["deploy", "create", "mymodel", "1", "production"]);
+    assert!(!refused.status.success(), "unapproved: refused");
+    for (who, comment) in [(&ann, "eval ok"), (&bob, "load test ok")] {
+        let secret = who["secret"].as_str().expect("secret");
+        tour.ok(&["approval", "approve", &id, "-c", comment, "--token", secret]);
+    }
+    tour.ok(&[
+        "deploy",
+        "create",
+        "mymodel",
+        "1",
+        "production",
+        "--replicas",
+        "2",
+    ]);
+    let deployments = tour.ok(&["deploy", "list"]);
+    assert!(deployments.contains("mymodel"), "{deployments}");
+    tour.ok(&["cluster", "status"]);
+    let audit = tour.ok(&["audit"]);
+    for needle in ["eval ok", "load test ok", "mymodel"] {
+        assert!(audit.contains(needle), "audit lacks {needle}: {audit}");
+    }
+
+    // Ctrl-C (SIGTERM here) stops it promptly.
+    let pid = dev.0.id().to_string();
+    Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    let stopping = Instant::now();
+    loop {
+        if let Ok(Some(status)) = dev.0.try_wait() {
+            assert!(status.success(), "dev exited with {status}");
+            break;
+        }
+        assert!(
+            stopping.elapsed() < Duration::from_secs(30),
+            "dev did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(Path::new(&tour.cwd.join(".sophon-dev")).exists());
+}
