@@ -91,33 +91,50 @@ const WASM_TARGET: &str = "wasm32-wasip2";
 /// itself; a machine that already had Rust 1.95 has no `wasm32-wasip2` until someone adds it.
 fn ensure_wasm_target() {
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".to_string());
-    let sysroot = Command::new(&rustc)
-        .args(["--print", "sysroot"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
-    let Some(sysroot) = sysroot else { return };
-    if sysroot.join("lib/rustlib").join(WASM_TARGET).is_dir() {
+    let sysroot = || {
+        Command::new(&rustc)
+            .args(["--print", "sysroot"])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
+    };
+    let Some(root) = sysroot() else { return };
+    let has_target = |root: &Path| root.join("lib/rustlib").join(WASM_TARGET).is_dir();
+    if has_target(&root) {
         return;
-    }
-    let mut rustup = Command::new("rustup");
-    rustup.args(["target", "add", WASM_TARGET]);
-    if let Ok(toolchain) = std::env::var("RUSTUP_TOOLCHAIN") {
-        rustup.args(["--toolchain", &toolchain]);
     }
     println!(
         "cargo:warning=the {WASM_TARGET} target is missing from {}: running `rustup target add {WASM_TARGET}`",
-        sysroot.display()
+        root.display()
     );
-    match rustup.status() {
-        Ok(status) if status.success() => {}
-        Ok(status) => println!(
-            "cargo:warning=`rustup target add {WASM_TARGET}` failed ({status}); add the target by hand"
-        ),
-        Err(e) => println!(
-            "cargo:warning=rustup is not available ({e}); install the {WASM_TARGET} target for this toolchain"
-        ),
+    // The toolchain in use, as rustup names it; and the one the sysroot belongs to, should
+    // they differ (a toolchain that is another's alias reports the other's sysroot).
+    let mut toolchains: Vec<Option<String>> = vec![std::env::var("RUSTUP_TOOLCHAIN").ok()];
+    if let Some(name) = root.file_name().and_then(|n| n.to_str()) {
+        toolchains.push(Some(name.to_string()));
+    }
+    for toolchain in toolchains {
+        let mut rustup = Command::new("rustup");
+        rustup.args(["target", "add", WASM_TARGET]);
+        if let Some(toolchain) = &toolchain {
+            rustup.args(["--toolchain", toolchain]);
+        }
+        match rustup.status() {
+            Ok(status) if status.success() => {}
+            Ok(status) => println!(
+                "cargo:warning=`rustup target add {WASM_TARGET}` failed ({status}); add the target by hand"
+            ),
+            Err(e) => {
+                println!(
+                    "cargo:warning=rustup is not available ({e}); install the {WASM_TARGET} target for this toolchain"
+                );
+                return;
+            }
+        }
+        if has_target(&root) {
+            return;
+        }
     }
 }
 

@@ -250,6 +250,9 @@ fn check_actor(state: &State, secret: &str, needed: Role) -> Result<Actor, Error
 struct ReadOptions {
     #[serde(default)]
     consistency: Option<String>,
+    /// `/v1/cluster/status` only: add `state_digest`, a SHA-256 of the whole replicated state.
+    #[serde(default)]
+    digest: bool,
 }
 
 impl ReadOptions {
@@ -332,6 +335,7 @@ async fn cluster_status(
     let me = core.config.api_advertise.clone();
     let mesh = core.config.mesh_advertise.clone();
     let fingerprint = core.ca_fingerprint();
+    let digest = opts.digest;
     read(&core, &headers, &opts, Role::Viewer, move |state, _| {
         Ok(json!({
             "coordinator": raft.id,
@@ -347,6 +351,8 @@ async fn cluster_status(
             "unplaced": state.unplaced().len(),
             "audit_records": state.audit().len(),
             "heartbeat_grace_ms": state.heartbeat_grace_ms(),
+            // Only with `?digest=true`: hashing the whole state is not free.
+            "state_digest": if digest { Some(state.digest()?) } else { None },
         }))
     })
     .await
@@ -559,6 +565,7 @@ async fn list_approvals(
 ) -> ApiResult {
     let opts = ReadOptions {
         consistency: filter.consistency,
+        digest: false,
     };
     let status = filter.status;
     read(&core, &headers, &opts, Role::Viewer, move |state, _| {
@@ -932,6 +939,7 @@ async fn audit(
 ) -> ApiResult {
     let opts = ReadOptions {
         consistency: q.consistency,
+        digest: false,
     };
     let (from, limit) = (q.from, q.limit.min(10_000));
     read(&core, &headers, &opts, Role::Viewer, move |state, _| {

@@ -407,6 +407,13 @@ impl State {
         })
     }
 
+    /// SHA-256 of the snapshot encoding, hex: replicas that applied the same entries have the
+    /// same digest (the state is deterministic and its maps are ordered).
+    pub fn digest(&self) -> Result<String> {
+        use sha2::Digest;
+        Ok(hex::encode(sha2::Sha256::digest(self.snapshot()?)))
+    }
+
     /// Reads a snapshot back, checking its invariants.
     pub fn restore(bytes: &[u8]) -> Result<State> {
         let state: State = serde_json::from_slice(bytes).map_err(|e| Error::Snapshot {
