@@ -7,259 +7,26 @@
 //! a follower is cut off. Afterwards every acknowledged write is on every coordinator, and the
 //! history of register operations is checked for linearizability.
 
+#[path = "support/harness.rs"]
+mod harness;
 #[path = "support/linearizability.rs"]
 mod linearizability;
 #[path = "support/udp_proxy.rs"]
 mod udp_proxy;
 
-use std::net::{SocketAddr, TcpListener, UdpSocket};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use harness::{Api, Member, Reply, eventually, ok, wait_for_leader};
 use linearizability::{History, Op, OpKind, Outcome, Verdict};
-use serde_json::{Value, json};
-use udp_proxy::{Faults, Relay};
+use serde_json::json;
+use udp_proxy::Faults;
 
-const TICK_MS: &str = "20";
-/// Heartbeat-grace values the clients write start here (the default grace is far below).
-const GRACE_BASE: u64 = 1_000_000_000;
-
-/// A free port below the ephemeral range (32768 and up on Linux), so that no socket bound to
-/// port 0 (the relays' own) can take a member's port while the member is down.
-fn free_port(udp: bool) -> SocketAddr {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let seed = u64::from(std::process::id()) * 7919
-        + std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos() as u64)
-            .unwrap_or(0);
-    for i in 0..10_000u64 {
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let port = 20_000 + ((seed + (n + i) * 104_729) % 12_000) as u16;
-        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        let free = if udp {
-            UdpSocket::bind(addr).is_ok() && TcpListener::bind(addr).is_ok()
-        } else {
-            TcpListener::bind(addr).is_ok()
-        };
-        if free {
-            return addr;
-        }
-    }
-    panic!("no free port")
-}
-
-fn free_tcp() -> SocketAddr {
-    free_port(false)
-}
-
-fn free_udp() -> SocketAddr {
-    free_port(true)
-}
-
-struct Member {
-    id: u64,
-    data: PathBuf,
-    api: SocketAddr,
-    mesh: SocketAddr,
-    relay: Relay,
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Member {
-    fn new(root: &Path, n: usize, faults: &Faults) -> Member {
-        let mesh = free_udp();
-        let relay = Relay::start(mesh, faults.clone()).expect("relay");
-        Member {
-            id: 0,
-            data: root.join(format!("c{n}")),
-            api: free_tcp(),
-            mesh,
-            relay,
-            child: None,
-            log: root.join(format!("c{n}.log")),
-        }
-    }
-
-    fn advertised(&self) -> String {
-        format!("127.0.0.1:{}", self.relay.listen_port())
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.api)
-    }
-
-    fn start(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_sophon"))
-            .args(["coordinator", "run", "--data"])
-            .arg(&self.data)
-            .args(["--tick-ms", TICK_MS, "--snapshot-every", "300"])
-            .env("SOPHON_LOG", "info,raft=warn")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start a coordinator");
-        self.child = Some(child);
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill(); // SIGKILL
-            let _ = child.wait();
-        }
-    }
-
-    fn logs(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let start = text.len().saturating_sub(4000);
-        format!("--- coordinator {} ---\n{}", self.id, &text[start..])
-    }
-}
-
-impl Drop for Member {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn sophon(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_sophon"))
-        .args(args)
-        .env("SOPHON_LOG", "warn")
-        .output()
-        .expect("run sophon");
-    assert!(
-        out.status.success(),
-        "sophon {args:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// A small HTTP client for the admin API.
-#[derive(Clone)]
-struct Api {
-    agent: ureq::Agent,
-    token: String,
-}
-
-/// What a request came to.
-enum Reply {
-    Ok(Value),
-    /// The server refused it (4xx): nothing changed.
-    Refused(u16, Value),
-    /// No answer, or 5xx: it may or may not have taken effect.
-    Unknown(String),
-}
-
-impl Api {
-    fn new(token: &str, timeout: Duration) -> Api {
-        let config = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(timeout))
-            .build();
-        Api {
-            agent: ureq::Agent::new_with_config(config),
-            token: token.to_string(),
-        }
-    }
-
-    fn finish(r: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Reply {
-        match r {
-            Ok(mut resp) => {
-                let status = resp.status().as_u16();
-                let text = resp.body_mut().read_to_string().unwrap_or_default();
-                let v = serde_json::from_str(&text).unwrap_or(Value::Null);
-                match status {
-                    200..=299 => Reply::Ok(v),
-                    400..=499 => Reply::Refused(status, v),
-                    _ => Reply::Unknown(format!("HTTP {status}: {text}")),
-                }
-            }
-            Err(e) => Reply::Unknown(e.to_string()),
-        }
-    }
-
-    fn get(&self, base: &str, path: &str) -> Reply {
-        Self::finish(
-            self.agent
-                .get(format!("{base}{path}"))
-                .header("Authorization", format!("Bearer {}", self.token))
-                .call(),
-        )
-    }
-
-    fn send(&self, method: &str, base: &str, path: &str, body: Value) -> Reply {
-        let url = format!("{base}{path}");
-        let auth = format!("Bearer {}", self.token);
-        Self::finish(match method {
-            "PUT" => self
-                .agent
-                .put(url)
-                .header("Authorization", auth)
-                .send_json(body),
-            _ => self
-                .agent
-                .post(url)
-                .header("Authorization", auth)
-                .send_json(body),
-        })
-    }
-
-    fn push(&self, base: &str, bundle: &[u8]) -> Reply {
-        Self::finish(
-            self.agent
-                .post(format!("{base}/v1/bundles"))
-                .header("Authorization", format!("Bearer {}", self.token))
-                .send(bundle),
-        )
-    }
-}
-
-fn wait_for_leader(api: &Api, members: &[Member], within: Duration) -> Option<u64> {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        for m in members.iter().filter(|m| m.child.is_some()) {
-            if let Reply::Ok(v) = api.get(&m.url(), "/v1/cluster/status?consistency=local")
-                && v["raft"]["is_leader"].as_bool() == Some(true)
-            {
-                return v["raft"]["id"].as_u64();
-            }
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    None
-}
-
-fn ok(reply: Reply, what: &str) -> Value {
-    match reply {
-        Reply::Ok(v) => v,
-        Reply::Refused(s, v) => panic!("{what}: refused with {s}: {v}"),
-        Reply::Unknown(e) => panic!("{what}: {e}"),
-    }
-}
-
-/// Retries `f` until it succeeds (setup steps during elections).
-fn eventually(what: &str, mut f: impl FnMut() -> Reply) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        match f() {
-            Reply::Ok(v) => return v,
-            other if Instant::now() > deadline => return ok(other, what),
-            _ => std::thread::sleep(Duration::from_millis(100)),
-        }
-    }
-}
+/// Heartbeat-grace values the clients write start here: above the default grace (15 s), and
+/// far enough below the largest grace accepted (one day) to stay unique.
+const GRACE_BASE: u64 = 1_000_000;
 
 /// Acknowledged writes other than the registers, to find on every member afterwards.
 #[derive(Default)]
@@ -274,87 +41,8 @@ fn three_coordinators_survive_kill_9_and_a_partition_linearizably() {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path();
     let faults = Faults::new();
-    let mut members: Vec<Member> = (1..=3).map(|n| Member::new(root, n, &faults)).collect();
-
-    // Bootstrap coordinator 1 and read its admin token off the output.
-    let out = sophon(&[
-        "coordinator",
-        "init",
-        "--data",
-        &members[0].data.display().to_string(),
-        "--api",
-        &members[0].api.to_string(),
-        "--mesh",
-        &members[0].mesh.to_string(),
-        "--advertise-mesh",
-        &members[0].advertised(),
-    ]);
-    let token = out
-        .lines()
-        .find_map(|l| l.strip_prefix("Admin token (shown once, keep it): "))
-        .expect("the admin token is printed")
-        .trim()
-        .to_string();
-    members[0].id = 1;
-    members[0].start();
+    let (mut members, token) = harness::three_coordinators(root, &faults, |_| {});
     let api = Api::new(&token, Duration::from_secs(5));
-    assert_eq!(
-        wait_for_leader(&api, &members, Duration::from_secs(20)),
-        Some(1),
-        "{}",
-        members[0].logs()
-    );
-
-    // Two more join with join tokens, through coordinator 1.
-    for i in 1..3 {
-        let status = ok(api.get(&members[0].url(), "/v1/cluster/status"), "status");
-        let created = eventually("create a join token", || {
-            api.send(
-                "POST",
-                &members[0].url(),
-                "/v1/tokens",
-                json!({"name": format!("join-{i}"), "role": "admin"}),
-            )
-        });
-        let join = sophon_coordinator::server::join_string(
-            status["ca_fingerprint"].as_str().expect("fingerprint"),
-            created["secret"].as_str().expect("secret"),
-            &members[0].advertised(),
-        );
-        let out = sophon(&[
-            "coordinator",
-            "join",
-            "--data",
-            &members[i].data.display().to_string(),
-            "--join-token",
-            &join,
-            "--api",
-            &members[i].api.to_string(),
-            "--mesh",
-            &members[i].mesh.to_string(),
-            "--advertise-mesh",
-            &members[i].advertised(),
-        ]);
-        assert!(
-            out.contains(&format!("Joined as coordinator {}", i + 1)),
-            "{out}"
-        );
-        members[i].id = i as u64 + 1;
-        members[i].start();
-        // The new member catches up (from the bootstrap snapshot) and serves reads.
-        let url = members[i].url();
-        eventually("the new coordinator serves", || api.get(&url, "/v1/models"));
-    }
-    // Each learner is promoted to voter once it caught up, asynchronously.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let status = ok(api.get(&members[0].url(), "/v1/cluster/status"), "status");
-        if status["raft"]["voters"] == json!([1, 2, 3]) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "three voters: {status}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 
     // A trusted publisher key, and bundles signed by it.
     let key = sophon_sdk::keys::generate();

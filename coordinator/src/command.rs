@@ -8,7 +8,9 @@
 //! Roles are ordered, `viewer < publisher < approver < operator < admin`; a command needs the
 //! role [`Command::required_role`] names or a higher one. A few commands add a rule of their
 //! own (the approver role an environment's policy names, submitter-only withdrawal, holders
-//! revoking their own token); those are checked where the command is applied.
+//! revoking their own token); those are checked where the command is applied. The `join` role
+//! stands outside the hierarchy: it may do one thing, admit a coordinator
+//! ([`Command::AddCoordinator`]), and no other role may use a join token's place.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -19,10 +21,16 @@ use crate::scheduler::Device;
 use crate::state::members::{Inventory, NodeLoad};
 use crate::state::shelf::ManifestSummary;
 
-/// What a token lets its holder do. Ordered: each role may do everything the lower ones may.
+/// What a token lets its holder do. Ordered: each role may do everything the lower ones may,
+/// except [`Role::Join`], which is outside the order ([`Role::allows`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
+    /// Admits one coordinator through the mesh's `JOIN` and nothing else: no admin API route,
+    /// no other command. Join tokens always expire and are single-use (see
+    /// [`Command::CreateLimitedToken`]). First in the order, so that a plain comparison ranks
+    /// it below every other role; [`Role::allows`] keeps it out of the hierarchy altogether.
+    Join,
     /// Reads only.
     Viewer,
     /// Registers model versions, curates the shelf, asks for approval.
@@ -36,7 +44,7 @@ pub enum Role {
 }
 
 impl Role {
-    /// All roles, lowest first.
+    /// The roles of the hierarchy, lowest first ([`Role::Join`] stands outside it).
     pub const ALL: [Role; 5] = [
         Role::Viewer,
         Role::Publisher,
@@ -45,14 +53,19 @@ impl Role {
         Role::Admin,
     ];
 
-    /// Whether this role may do what `needed` may.
+    /// Whether this role may do what `needed` may. `join` allows only `join`, and only `join`
+    /// allows `join`: an admin token is no join token, and a join token reads nothing.
     pub fn allows(self, needed: Role) -> bool {
-        self >= needed
+        match (self, needed) {
+            (Role::Join, _) | (_, Role::Join) => self == needed,
+            _ => self >= needed,
+        }
     }
 
     /// The lowercase name used in messages and the API.
     pub fn as_str(self) -> &'static str {
         match self {
+            Role::Join => "join",
             Role::Viewer => "viewer",
             Role::Publisher => "publisher",
             Role::Approver => "approver",
@@ -182,7 +195,8 @@ pub enum Command {
     SetHeartbeatGrace {
         grace_ms: u64,
     },
-    /// Record a coordinator (the Raft membership change itself is the driver's business).
+    /// Record a coordinator (the Raft membership change itself is the driver's business). An
+    /// admin may issue it, or a join token's holder (which uses the token up).
     AddCoordinator {
         id: u64,
         /// Where the other coordinators reach it over the mesh (QUIC), `host:port`.
@@ -190,6 +204,11 @@ pub enum Command {
         /// Where its admin API listens, `host:port` (empty: not recorded).
         #[serde(default)]
         api_address: String,
+        /// The serial number (lowercase hex) of the certificate issued to it: the mesh accepts
+        /// `coordinator/<id>` only with this certificate (`None`: any the CA signed, as
+        /// recorded before serials were).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cert_serial: Option<String>,
     },
     RemoveCoordinator {
         id: u64,
@@ -298,6 +317,19 @@ pub enum Command {
     RevokeToken {
         id: String,
     },
+    /// Store a token that expires `expires_in_ms` after the entry's time and/or may be used
+    /// for `uses` commands (each command applied with it uses one); `None`: no such limit.
+    /// A [`Role::Join`] token must have both, and exactly one use.
+    CreateLimitedToken {
+        id: String,
+        name: String,
+        role: Role,
+        secret_hash: String,
+        #[serde(default)]
+        expires_in_ms: Option<u64>,
+        #[serde(default)]
+        uses: Option<u32>,
+    },
 }
 
 impl Command {
@@ -330,7 +362,8 @@ impl Command {
             | SetPolicy { .. }
             | TrustKey { .. }
             | DistrustKey { .. }
-            | CreateToken { .. } => Role::Admin,
+            | CreateToken { .. }
+            | CreateLimitedToken { .. } => Role::Admin,
         }
     }
 
@@ -362,7 +395,7 @@ impl Command {
             CreateDeployment { .. } => "create-deployment",
             ScaleDeployment { .. } => "scale-deployment",
             DeleteDeployment { .. } => "delete-deployment",
-            CreateToken { .. } => "create-token",
+            CreateToken { .. } | CreateLimitedToken { .. } => "create-token",
             RevokeToken { .. } => "revoke-token",
         }
     }

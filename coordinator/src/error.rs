@@ -16,6 +16,12 @@ pub enum Error {
     UnknownToken { id: String },
     #[error("token {id} is revoked: ask an admin for a new token")]
     TokenRevoked { id: String },
+    #[error("token {id} has expired: ask an admin for a new token")]
+    TokenExpired { id: String },
+    #[error(
+        "token {id} has been used up (a join token admits one coordinator): ask an admin for a new token"
+    )]
+    TokenUsedUp { id: String },
     #[error(
         "the actor {name} ({role}) does not match token {id}: authenticate again with that token"
     )]
@@ -59,6 +65,10 @@ pub enum Error {
     UnknownCoordinator { id: u64 },
     #[error("coordinator {id} is the last one: add another before removing it")]
     LastCoordinator { id: u64 },
+    #[error(
+        "coordinator id {id} belonged to a removed coordinator and is never given again: use a new id"
+    )]
+    CoordinatorRetired { id: u64 },
 
     // --- shelf ---
     #[error("unknown model {model}: register a version of it first")]
@@ -235,6 +245,8 @@ impl Error {
         match self {
             Error::UnknownToken { .. } => "unknown_token",
             Error::TokenRevoked { .. } => "token_revoked",
+            Error::TokenExpired { .. } => "token_expired",
+            Error::TokenUsedUp { .. } => "token_used_up",
             Error::ActorMismatch { .. } => "actor_mismatch",
             Error::Forbidden { .. } => "forbidden",
             Error::Invalid { .. } => "invalid",
@@ -244,6 +256,7 @@ impl Error {
             Error::CoordinatorExists { .. } => "coordinator_exists",
             Error::UnknownCoordinator { .. } => "unknown_coordinator",
             Error::LastCoordinator { .. } => "last_coordinator",
+            Error::CoordinatorRetired { .. } => "coordinator_retired",
             Error::UnknownModel { .. } => "unknown_model",
             Error::UntrustedKey { .. } => "untrusted_key",
             Error::UnknownKey { .. } => "unknown_key",
@@ -286,7 +299,10 @@ impl Error {
     /// What sort of failure this is.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Error::TokenRevoked { .. } | Error::ActorMismatch { .. } => ErrorKind::Unauthenticated,
+            Error::TokenRevoked { .. }
+            | Error::TokenExpired { .. }
+            | Error::TokenUsedUp { .. }
+            | Error::ActorMismatch { .. } => ErrorKind::Unauthenticated,
             Error::Forbidden { .. }
             | Error::SelfApproval { .. }
             | Error::WrongRole { .. }
@@ -306,6 +322,7 @@ impl Error {
             | Error::NodeNotOverdue { .. }
             | Error::CoordinatorExists { .. }
             | Error::LastCoordinator { .. }
+            | Error::CoordinatorRetired { .. }
             | Error::UntrustedKey { .. }
             | Error::VersionExists { .. }
             | Error::DuplicateDigest { .. }

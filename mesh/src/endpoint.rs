@@ -15,7 +15,7 @@ use rustls_pki_types::pem::PemObject as _;
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result, cert_err, tls_err};
-use crate::identity::{Identity, Principal, principal_of};
+use crate::identity::{Identity, Principal, principal_of, serial_of};
 
 /// The name every member's certificate carries, and every client asks for.
 pub const SERVER_NAME: &str = "sophon.mesh";
@@ -189,7 +189,8 @@ pub async fn connect(
 }
 
 /// A client config for a joiner: no certificate; the server is accepted only if it presents the
-/// CA whose SHA-256 is `ca_fingerprint` and a leaf that CA signed.
+/// CA whose SHA-256 is `ca_fingerprint` and a leaf that CA signed for a coordinator
+/// (`coordinator/N`): a mesh node's certificate, signed by the same CA, is refused.
 pub fn join_client_config(
     ca_fingerprint: &str,
     cfg: &EndpointConfig,
@@ -214,7 +215,16 @@ pub fn peer_principal(conn: &quinn::Connection) -> Option<Principal> {
     principal_of(certs.first()?.as_ref())
 }
 
-/// Accepts a server whose chain carries the pinned CA, and whose leaf that CA signed.
+/// The serial number of the peer's verified certificate, lowercase hex (`None`: it presented
+/// none).
+pub fn peer_serial(conn: &quinn::Connection) -> Option<String> {
+    let identity = conn.peer_identity()?;
+    let certs = identity.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    serial_of(certs.first()?.as_ref())
+}
+
+/// Accepts a server whose chain carries the pinned CA, and whose leaf that CA signed for a
+/// coordinator.
 #[derive(Debug)]
 struct PinnedCa {
     fingerprint: String,
@@ -244,7 +254,18 @@ impl ServerCertVerifier for PinnedCa {
             WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
                 .build()
                 .map_err(|e| rustls::Error::General(e.to_string()))?;
-        inner.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
+        let verified =
+            inner.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)?;
+        // Any member's leaf chains to the CA; only a coordinator may answer a join.
+        match principal_of(end_entity.as_ref()) {
+            Some(Principal::Coordinator(_)) => Ok(verified),
+            Some(other) => Err(rustls::Error::General(format!(
+                "the server's certificate names {other}, not a coordinator"
+            ))),
+            None => Err(rustls::Error::General(
+                "the server's certificate names no principal".into(),
+            )),
+        }
     }
 
     fn verify_tls12_signature(

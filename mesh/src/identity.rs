@@ -228,6 +228,25 @@ pub(crate) fn principal_of(der: &[u8]) -> Option<Principal> {
     cn.parse().ok()
 }
 
+/// A certificate's serial number as lowercase hex (its DER bytes, leading zero included):
+/// what a revocation list and the replicated membership record.
+pub(crate) fn serial_of(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some(hex::encode(cert.raw_serial()))
+}
+
+/// The serial number of the first certificate in `cert_pem`, as lowercase hex.
+pub fn serial_of_pem(cert_pem: &str) -> Result<String> {
+    serial_of(first_cert(cert_pem)?.as_ref())
+        .ok_or_else(|| cert_err("the certificate cannot be parsed"))
+}
+
+/// The principal the first certificate in `cert_pem` names.
+pub fn principal_of_pem(cert_pem: &str) -> Result<Principal> {
+    principal_of(first_cert(cert_pem)?.as_ref())
+        .ok_or_else(|| cert_err("the certificate names no principal"))
+}
+
 /// A member's certificate, key and the CA certificate it trusts.
 #[derive(Clone)]
 pub struct Identity {
@@ -291,6 +310,28 @@ impl Identity {
                 source: e,
             })?;
         Ok(())
+    }
+
+    /// Checks that the certificate names this identity's principal, certifies this identity's
+    /// key, and was signed by the CA in `ca_pem` (what a joiner checks of the certificate it
+    /// was sent before it keeps it).
+    pub fn check(&self) -> Result<()> {
+        let der = first_cert(&self.cert_pem)?;
+        let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).map_err(cert_err)?;
+        if principal_of(der.as_ref()).as_ref() != Some(&self.principal) {
+            return Err(cert_err(format!(
+                "the certificate does not name {}",
+                self.principal
+            )));
+        }
+        let key = KeyPair::from_pem(&self.key_pem).map_err(cert_err)?;
+        if cert.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+            return Err(cert_err("the certificate is not for this identity's key"));
+        }
+        let ca_der = first_cert(&self.ca_pem)?;
+        let (_, ca) = x509_parser::parse_x509_certificate(ca_der.as_ref()).map_err(cert_err)?;
+        cert.verify_signature(Some(ca.public_key()))
+            .map_err(|e| cert_err(format!("the CA did not sign the certificate: {e}")))
     }
 
     /// Reads an identity [`Identity::save`] wrote; the principal comes from the certificate.
@@ -392,6 +433,25 @@ mod tests {
             Ca::from_pem(&member.cert_pem, &member.key_pem).is_err(),
             "a leaf is no CA"
         );
+
+        id.check()?;
+        member.check()?;
+        let wrong_principal = Identity {
+            principal: Principal::Coordinator(8),
+            ..id.clone()
+        };
+        assert!(wrong_principal.check().is_err());
+        let wrong_key = Identity {
+            key_pem: member.key_pem.clone(),
+            ..id.clone()
+        };
+        assert!(wrong_key.check().is_err());
+        let wrong_ca = Identity {
+            ca_pem: other.cert_pem().to_string(),
+            ..id.clone()
+        };
+        assert!(wrong_ca.check().is_err(), "signed by another CA");
+        assert_eq!(principal_of_pem(&id.cert_pem)?, Principal::Coordinator(9));
 
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("identity");

@@ -16,7 +16,8 @@ pub mod http;
 pub mod repository;
 pub mod runtime;
 pub mod stats;
-pub mod v2;
+/// The KServe V2 codec, its own crate (`v2/`) so that the fuzz targets build without wasmtime.
+pub use sophon_v2 as v2;
 
 pub use repository::{Repository, ServingLimits};
 pub use runtime::{Runtime, RuntimeConfig};

@@ -440,6 +440,8 @@ pub struct StreamedBundle {
     pub publisher: VerifyingKey,
     /// Bytes of the whole bundle.
     pub len: u64,
+    /// Bytes of each model file, by the name the manifest's graphs use.
+    pub files: BTreeMap<String, u64>,
 }
 
 impl StreamedBundle {
@@ -448,13 +450,18 @@ impl StreamedBundle {
         hex::encode(self.digest)
     }
 
+    /// The publisher key as 64 lowercase hex digits.
+    pub fn publisher_hex(&self) -> String {
+        crate::keys::public_key_hex(&self.publisher)
+    }
+
     /// Succeeds when the publisher is one of `trusted`.
     pub fn verify_publisher(&self, trusted: &[VerifyingKey]) -> Result<()> {
         if trusted.contains(&self.publisher) {
             Ok(())
         } else {
             Err(Error::UntrustedPublisher {
-                key_hex: crate::keys::public_key_hex(&self.publisher),
+                key_hex: self.publisher_hex(),
             })
         }
     }
@@ -650,11 +657,20 @@ impl StreamVerifier {
             });
         }
         check_files(&manifest, files)?;
+        let files = self
+            .entries
+            .iter()
+            .filter_map(|e| {
+                let file = e.name.strip_prefix(MODELS_PREFIX)?;
+                Some((file.to_string(), e.size))
+            })
+            .collect();
         Ok(StreamedBundle {
             manifest,
             digest: self.digest,
             publisher,
             len: self.len,
+            files,
         })
     }
 }

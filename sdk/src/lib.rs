@@ -9,10 +9,13 @@
 pub mod bundle;
 pub mod components;
 pub mod error;
+#[cfg(feature = "onnx")]
 pub mod examples;
 pub mod keys;
 pub mod manifest;
+#[cfg(feature = "onnx")]
 pub mod onnx;
+#[cfg(feature = "onnx")]
 pub mod ready;
 pub mod types;
 
@@ -23,5 +26,6 @@ pub use manifest::{
     Capabilities, ComponentSpec, Device, GraphEncoding, GraphSpec, Hardware, Manifest, ModelInfo,
     Resources,
 };
+#[cfg(feature = "onnx")]
 pub use onnx::{onnx_io, pack_dir, pack_onnx};
 pub use types::{Datatype, TensorSpec};

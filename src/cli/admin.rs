@@ -176,7 +176,7 @@ fn done(client: &Client, value: &Value, what: &str) {
 }
 
 pub fn model(args: &ClientArgs, cmd: ModelCmd) -> anyhow::Result<()> {
-    let c = Client::new(args);
+    let c = Client::new(args)?;
     match cmd {
         ModelCmd::Push { bundle } => {
             let file = std::fs::File::open(&bundle)
@@ -371,7 +371,7 @@ fn tensors(v: &Value) -> String {
 }
 
 pub fn approval(args: &ClientArgs, cmd: ApprovalCmd) -> anyhow::Result<()> {
-    let c = Client::new(args);
+    let c = Client::new(args)?;
     let decide = |id: u64, action: &str, body: Option<Value>| -> anyhow::Result<()> {
         let v = c.send("POST", &format!("/v1/approvals/{id}/{action}"), body)?;
         done(&c, &v, &format!("{action} request {id}"));
@@ -484,7 +484,7 @@ fn request_row(r: &Value) -> Vec<String> {
 }
 
 pub fn policy(args: &ClientArgs, cmd: PolicyCmd) -> anyhow::Result<()> {
-    let c = Client::new(args);
+    let c = Client::new(args)?;
     match cmd {
         PolicyCmd::Set {
             environment,
@@ -537,7 +537,7 @@ pub fn policy(args: &ClientArgs, cmd: PolicyCmd) -> anyhow::Result<()> {
 }
 
 pub fn deploy(args: &ClientArgs, cmd: DeployCmd) -> anyhow::Result<()> {
-    let c = Client::new(args);
+    let c = Client::new(args)?;
     let row = |d: &Value| {
         vec![
             cell(&d["id"]),
@@ -635,7 +635,7 @@ pub fn deploy(args: &ClientArgs, cmd: DeployCmd) -> anyhow::Result<()> {
 }
 
 pub fn cluster(args: &ClientArgs, cmd: ClusterCmd) -> anyhow::Result<()> {
-    let c = Client::new(args);
+    let c = Client::new(args)?;
     match cmd {
         ClusterCmd::Status => {
             let v = c.get("/v1/cluster/status")?;
@@ -702,7 +702,7 @@ pub fn cluster(args: &ClientArgs, cmd: ClusterCmd) -> anyhow::Result<()> {
 }
 
 pub fn token(args: &ClientArgs, cmd: TokenCmd) -> anyhow::Result<()> {
-    let c = Client::new(args);
+    let c = Client::new(args)?;
     match cmd {
         TokenCmd::Create { name, role } => {
             let v = c.send(
@@ -747,7 +747,7 @@ pub fn token(args: &ClientArgs, cmd: TokenCmd) -> anyhow::Result<()> {
 }
 
 pub fn key(args: &ClientArgs, cmd: KeyCmd) -> anyhow::Result<()> {
-    let c = Client::new(args);
+    let c = Client::new(args)?;
     match cmd {
         KeyCmd::Trust { key, name } => {
             let hex = if std::path::Path::new(&key).is_file() {
@@ -783,7 +783,7 @@ pub fn key(args: &ClientArgs, cmd: KeyCmd) -> anyhow::Result<()> {
 }
 
 pub fn audit(args: &ClientArgs, a: AuditArgs) -> anyhow::Result<()> {
-    let c = Client::new(args);
+    let c = Client::new(args)?;
     let v = c.get(&format!("/v1/audit?from={}&limit={}", a.from, a.limit))?;
     c.print(&v, |v| {
         let mut t = Table::new(&["seq", "at", "actor", "role", "action", "target", "detail"]);

@@ -51,26 +51,15 @@ async fn cluster(root: &Path, members: usize, snapshot_every: u64) -> anyhow::Re
     };
     running.push(server::start(config(&dir, api, mesh)).await?);
     wait_leader(&running[0]).await?;
-    let fingerprint = running[0].core.ca_fingerprint();
     for n in 2..=members {
-        let (token_id, join_secret) = server::new_token();
         let admin = Actor::system("bench", Role::Admin);
-        running[0]
+        let token = running[0]
             .core
-            .write(
-                admin,
-                Cmd::CreateToken {
-                    id: token_id,
-                    name: format!("join-{n}"),
-                    role: Role::Admin,
-                    secret_hash: sophon_coordinator::hash_secret(&join_secret),
-                },
-            )
+            .create_join_token(admin, Duration::from_secs(600))
             .await?;
-        let join = server::join_string(&fingerprint, &join_secret, &mesh.to_string());
         let (a, m) = (free_tcp()?, free_udp()?);
         let d = root.join(format!("c{n}"));
-        server::join(&d, &join, &m.to_string(), &a.to_string()).await?;
+        server::join(&d, &token.join_token, &m.to_string(), &a.to_string()).await?;
         running.push(server::start(config(&d, a, m)).await?);
     }
     let _ = secret;

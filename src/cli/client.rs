@@ -23,6 +23,10 @@ pub struct ClientArgs {
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     pub json: bool,
+    /// The CA certificate (PEM) that an `https://` server's certificate must chain to: the
+    /// cluster CA (`ca.pem` in a coordinator's data directory) or your own.
+    #[arg(long, env = "SOPHON_CA", global = true)]
+    pub ca: Option<std::path::PathBuf>,
 }
 
 /// A connection to the admin API.
@@ -34,17 +38,45 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn new(args: &ClientArgs) -> Client {
-        let config = ureq::Agent::config_builder()
+    pub fn new(args: &ClientArgs) -> anyhow::Result<Client> {
+        let mut config = ureq::Agent::config_builder()
             .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(600)))
-            .build();
-        Client {
-            agent: ureq::Agent::new_with_config(config),
+            .timeout_global(Some(Duration::from_secs(600)));
+        if args.server.starts_with("https://") {
+            let Some(ca) = &args.ca else {
+                bail!(
+                    "{} is https: pass --ca (or SOPHON_CA) with the CA certificate its \
+                     certificate chains to (the cluster's is ca.pem in a coordinator's data \
+                     directory)",
+                    args.server
+                );
+            };
+            let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+            let roots = ureq::tls::parse_pem(&pem)
+                .filter_map(|item| match item {
+                    Ok(ureq::tls::PemItem::Certificate(cert)) => Some(cert),
+                    _ => None,
+                })
+                .collect::<Vec<_>>();
+            if roots.is_empty() {
+                bail!("{} holds no PEM certificate", ca.display());
+            }
+            let tls = ureq::tls::TlsConfig::builder()
+                .root_certs(ureq::tls::RootCerts::Specific(std::sync::Arc::new(roots)))
+                .build();
+            config = config.tls_config(tls);
+        } else if !args.server.starts_with("http://") {
+            bail!(
+                "--server must start with http:// or https://, not {}",
+                args.server
+            );
+        }
+        Ok(Client {
+            agent: ureq::Agent::new_with_config(config.build()),
             base: args.server.trim_end_matches('/').to_string(),
             token: args.token.clone(),
             json: args.json,
-        }
+        })
     }
 
     fn auth(&self) -> anyhow::Result<String> {

@@ -74,11 +74,7 @@ async fn start_coordinator(
         .with_context(|| format!("reading {}", token_file.display()))?
         .trim()
         .to_string();
-    let tuning = super::coordinator::Tuning {
-        tick_ms: 30,
-        snapshot_every: 10_000,
-        max_bundle_mb: 1024,
-    };
+    let tuning = super::coordinator::Tuning::plain(30, 10_000, 1024);
     let config = super::coordinator::config(
         args.data.clone(),
         Some(args.admin),

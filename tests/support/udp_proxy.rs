@@ -13,6 +13,11 @@
 //!   socket for their server and client sides, so a member's own outgoing QUIC traffic comes
 //!   from `R_j` and is cut too.
 //!
+//! Deafening a member (by its real port) drops only what is sent *to* it, through any relay:
+//! what it sends still arrives. A deaf leader's appends reach the followers, who store and
+//! acknowledge them, but their acknowledgements (and everything else) are lost on the way back:
+//! entries commit without the leader knowing.
+//!
 //! Traffic that does not go through a relay (a member talking to itself) is never affected.
 //!
 //! Each relay runs one thread reading `P_i` and one thread per upstream socket. Sockets use
@@ -37,10 +42,19 @@ const POLL: Duration = Duration::from_millis(50);
 /// Larger than any UDP payload.
 const MAX_DATAGRAM: usize = 65_536;
 
-/// The set of isolated members, shared by every relay of a test (clones share it).
+/// The isolated and the deaf members, shared by every relay of a test (clones share it).
 #[derive(Clone, Debug, Default)]
 pub struct Faults {
-    isolated: Arc<Mutex<HashSet<u16>>>,
+    cut: Arc<Mutex<Cut>>,
+}
+
+/// Members' real ports.
+#[derive(Debug, Default)]
+struct Cut {
+    /// Nothing to or from them.
+    isolated: HashSet<u16>,
+    /// Nothing to them.
+    deaf: HashSet<u16>,
 }
 
 impl Faults {
@@ -50,33 +64,49 @@ impl Faults {
 
     /// Cuts the member whose real port is `member_real_port` off from every other member.
     pub fn isolate(&self, member_real_port: u16) {
-        self.lock().insert(member_real_port);
+        self.lock().isolated.insert(member_real_port);
     }
 
-    /// Reconnects one member.
+    /// Drops everything sent to the member whose real port is `member_real_port`; what it sends
+    /// still arrives.
+    pub fn deafen(&self, member_real_port: u16) {
+        self.lock().deaf.insert(member_real_port);
+    }
+
+    /// Reconnects one member (isolated or deaf).
     pub fn heal(&self, member_real_port: u16) {
-        self.lock().remove(&member_real_port);
+        let mut cut = self.lock();
+        cut.isolated.remove(&member_real_port);
+        cut.deaf.remove(&member_real_port);
     }
 
     /// Reconnects every member.
     pub fn heal_all(&self) {
-        self.lock().clear();
+        let mut cut = self.lock();
+        cut.isolated.clear();
+        cut.deaf.clear();
     }
 
     pub fn is_isolated(&self, port: u16) -> bool {
-        self.lock().contains(&port)
+        self.lock().isolated.contains(&port)
     }
 
-    /// Whether datagrams between the member at `target` and the client at `peer` are dropped
-    /// (the rule is the same in both directions).
-    fn blocks(&self, target: SocketAddr, peer: SocketAddr) -> bool {
-        let isolated = self.lock();
-        isolated.contains(&target.port()) || isolated.contains(&peer.port())
+    pub fn is_deaf(&self, port: u16) -> bool {
+        self.lock().deaf.contains(&port)
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashSet<u16>> {
-        // The set stays consistent even if a thread panicked while holding the lock.
-        self.isolated
+    /// Whether a datagram from `from` to `to` is dropped (one of them is the member behind a
+    /// relay, the other a client of that relay).
+    fn blocks(&self, from: SocketAddr, to: SocketAddr) -> bool {
+        let cut = self.lock();
+        cut.isolated.contains(&from.port())
+            || cut.isolated.contains(&to.port())
+            || cut.deaf.contains(&to.port())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Cut> {
+        // The sets stay consistent even if a thread panicked while holding the lock.
+        self.cut
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -165,7 +195,7 @@ impl Downstream {
                     continue;
                 }
             };
-            if self.faults.blocks(self.target, peer) {
+            if self.faults.blocks(peer, self.target) {
                 continue;
             }
             if !self.upstreams.contains_key(&peer) {
@@ -447,6 +477,58 @@ mod tests {
             socket.recv_from(&mut buf).is_err(),
             "the answer was dropped"
         );
+    }
+
+    #[test]
+    fn a_deaf_member_is_heard_but_hears_nothing() {
+        let faults = Faults::new();
+        let deaf = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind the deaf member");
+        let deaf_relay = Relay::start(deaf.local_addr().expect("address"), faults.clone())
+            .expect("start its relay");
+        let peer = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind a peer");
+        let peer_relay = Relay::start(peer.local_addr().expect("address"), faults.clone())
+            .expect("start its relay");
+        for socket in [&deaf, &peer] {
+            socket
+                .set_read_timeout(Some(Duration::from_millis(300)))
+                .expect("set a read timeout");
+        }
+        let mut buf = [0u8; 64];
+        faults.deafen(deaf.local_addr().expect("address").port());
+        assert!(faults.is_deaf(deaf.local_addr().expect("address").port()));
+
+        // What the deaf member sends arrives; the answer does not.
+        deaf.send_to(b"append", peer_relay.listen).expect("send");
+        let (len, upstream) = peer.recv_from(&mut buf).expect("the peer hears it");
+        assert_eq!(&buf[..len], b"append");
+        peer.send_to(b"ack", upstream).expect("send");
+        assert!(deaf.recv_from(&mut buf).is_err(), "the answer was dropped");
+
+        // What is sent to it through its own relay is dropped too; its answers go out.
+        let client = client();
+        client
+            .send_to(b"to the deaf", deaf_relay.listen)
+            .expect("send");
+        assert!(deaf.recv_from(&mut buf).is_err(), "nothing reaches it");
+
+        faults.heal_all();
+        assert!(!faults.is_deaf(deaf.local_addr().expect("address").port()));
+        peer.send_to(b"ack again", upstream).expect("send");
+        let (len, _) = deaf.recv_from(&mut buf).expect("healed: it hears again");
+        assert_eq!(&buf[..len], b"ack again");
+        client.send_to(b"hello", deaf_relay.listen).expect("send");
+        let (len, from) = deaf
+            .recv_from(&mut buf)
+            .expect("healed: its relay delivers");
+        assert_eq!(&buf[..len], b"hello");
+        deaf.send_to(b"welcome", from).expect("send");
+        client
+            .set_read_timeout(Some(Duration::from_secs(1)))
+            .expect("set a read timeout");
+        let (len, _) = client
+            .recv_from(&mut buf)
+            .expect("and its answer comes back");
+        assert_eq!(&buf[..len], b"welcome");
     }
 
     #[test]

@@ -112,6 +112,12 @@ impl IntoResponse for ApiError {
 type ApiResult<T = Json<Value>> = std::result::Result<T, ApiError>;
 type Shared = Arc<Core>;
 
+/// The largest body of every route but a bundle upload: a few JSON fields.
+pub const MAX_JSON_BODY: usize = 64 << 10;
+
+/// Routes that anyone may call, without a token.
+const PUBLIC: [&str; 3] = ["/healthz", "/metrics", "/openapi.json"];
+
 /// Builds the router over a running coordinator.
 pub fn router(core: Shared) -> Router {
     let limit = core.config.max_bundle_bytes as usize;
@@ -126,7 +132,12 @@ pub fn router(core: Shared) -> Router {
             "/v1/cluster/coordinators/{id}",
             axum::routing::delete(remove_coordinator),
         )
-        .route("/v1/bundles", post(push_bundle))
+        .route("/v1/cluster/join-tokens", post(create_join_token))
+        // Only uploads may be large; every other route takes at most MAX_JSON_BODY.
+        .route(
+            "/v1/bundles",
+            post(push_bundle).layer(DefaultBodyLimit::max(limit)),
+        )
         .route("/v1/bundles/{digest}", get(fetch_bundle))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{model}", get(show_model))
@@ -164,9 +175,44 @@ pub fn router(core: Shared) -> Router {
                 "no such route: see /openapi.json",
             )
         })
+        .route_layer(middleware::from_fn_with_state(
+            core.clone(),
+            authenticate_first,
+        ))
         .layer(middleware::from_fn_with_state(core.clone(), observe))
-        .layer(DefaultBodyLimit::max(limit))
+        .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
         .with_state(core)
+}
+
+/// Checks the bearer token before a byte of the body is read: an unauthenticated client cannot
+/// make the coordinator receive (or buffer) a body. Each handler still checks the role it needs.
+async fn authenticate_first(
+    AxState(core): AxState<Shared>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let public = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .is_some_and(|p| PUBLIC.contains(&p.as_str()));
+    if !public && let Err(e) = authenticate(&core, request.headers(), Role::Viewer).await {
+        return e.into_response();
+    }
+    // A body announced over the route's cap is refused before it is read.
+    let cap = if request.uri().path() == "/v1/bundles" {
+        core.config.max_bundle_bytes
+    } else {
+        MAX_JSON_BODY as u64
+    };
+    let announced = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > cap) {
+        return ApiError::from(Error::TooLarge { limit: cap }).into_response();
+    }
+    next.run(request).await
 }
 
 /// Records every request's latency by its route template.
@@ -414,6 +460,32 @@ async fn remove_coordinator(
     Ok(Json(json!({"removed": id})))
 }
 
+/// Mints a join token (admin): single use, expiring after `expires_in_s` (default 1 h); the
+/// answer holds the join string, shown once. A join token does nothing on this API.
+async fn create_join_token(
+    AxState(core): AxState<Shared>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    #[derive(Deserialize, Default)]
+    struct JoinTokenBody {
+        #[serde(default)]
+        expires_in_s: Option<u64>,
+    }
+    let b: JoinTokenBody = if body.is_empty() {
+        JoinTokenBody::default()
+    } else {
+        json_body(&body)?
+    };
+    let actor = authenticate(&core, &headers, Role::Admin).await?;
+    let expires = b
+        .expires_in_s
+        .map(std::time::Duration::from_secs)
+        .unwrap_or(super::admission::DEFAULT_JOIN_TOKEN_TTL);
+    let token = core.create_join_token(actor, expires).await?;
+    Ok((StatusCode::CREATED, Json(json!(token))))
+}
+
 // --- bundles ---
 
 async fn push_bundle(
@@ -432,8 +504,7 @@ async fn push_bundle(
                 Err(_) => continue,
             },
             Err(e) => {
-                let (tmp, _, _) = writer.finish()?;
-                core.blobs.discard(&tmp);
+                core.blobs.discard(&writer.finish()?.tmp);
                 // axum's body limit surfaces here as an error on the stream.
                 let text = e.to_string();
                 if text.contains("length limit") {
@@ -447,9 +518,15 @@ async fn push_bundle(
             }
         };
         if let Err(e) = writer.write(&chunk) {
-            let (tmp, _, _) = writer.finish()?;
-            core.blobs.discard(&tmp);
+            core.blobs.discard(&writer.finish()?.tmp);
             return Err(e.into());
+        }
+        // Not a bundle (bad magic, a broken index, a part that does not match its hash is only
+        // known at the end): refuse now rather than take the rest of the upload.
+        if let Some(e) = writer.refused() {
+            let reason = e.to_string();
+            core.blobs.discard(&writer.finish()?.tmp);
+            return Err(Error::BadBundle { reason }.into());
         }
     }
     let registered = core.push_bundle(actor, writer).await?;
@@ -462,6 +539,35 @@ async fn fetch_bundle(
     Path(digest): Path<String>,
 ) -> ApiResult<Response> {
     authenticate(&core, &headers, Role::Viewer).await?;
+    // A bundle on this coordinator's disk is streamed from the file, a chunk at a time.
+    if let Some(path) = core.blobs.path(&digest)
+        && let Ok(file) = tokio::fs::File::open(&path).await
+    {
+        let len = file.metadata().await.map(|m| m.len()).ok();
+        let chunks = futures_util::stream::unfold(file, |mut file| async move {
+            use tokio::io::AsyncReadExt;
+            let mut chunk = vec![0u8; 1 << 20];
+            match file.read(&mut chunk).await {
+                Ok(0) => None,
+                Ok(n) => {
+                    chunk.truncate(n);
+                    Some((Ok::<_, std::io::Error>(bytes::Bytes::from(chunk)), file))
+                }
+                Err(e) => Some((Err(e), file)),
+            }
+        });
+        let mut response = (
+            [(header::CONTENT_TYPE, "application/octet-stream")],
+            Body::from_stream(chunks),
+        )
+            .into_response();
+        if let Some(len) = len {
+            response
+                .headers_mut()
+                .insert(header::CONTENT_LENGTH, header::HeaderValue::from(len));
+        }
+        return Ok(response);
+    }
     let bytes = core.fetch_bundle(&digest).await?;
     Ok((
         [(header::CONTENT_TYPE, "application/octet-stream")],

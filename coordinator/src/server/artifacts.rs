@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
+use sophon_sdk::bundle::{StreamVerifier, StreamedBundle};
 
 use crate::{Error, Result};
 
@@ -36,24 +37,40 @@ pub fn is_digest(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
-/// A blob being written: bytes go to a temporary file, hashed as they come, and are kept for
-/// the caller, who verifies the whole bundle next (so it is never read back from disk).
+/// A blob being written: bytes go to a temporary file, hashed and verified as a bundle as they
+/// come ([`StreamVerifier`]), so memory stays flat whatever the blob's size and the file is
+/// never read back to be checked.
 pub struct BlobWriter {
     file: std::fs::File,
     path: PathBuf,
     hasher: Sha256,
-    bytes: Vec<u8>,
+    verifier: StreamVerifier,
+    /// Why the bytes are not a valid bundle, as soon as that is known.
+    refused: Option<sophon_sdk::Error>,
+    len: u64,
     limit: u64,
+}
+
+/// A finished blob: its temporary file, SHA-256, and what verifying it as a bundle found.
+pub struct FinishedBlob {
+    pub tmp: PathBuf,
+    pub sha256: String,
+    pub bundle: std::result::Result<StreamedBundle, sophon_sdk::Error>,
 }
 
 impl BlobWriter {
     /// Appends bytes; fails once the blob passes the limit.
     pub fn write(&mut self, bytes: &[u8]) -> Result<()> {
-        if (self.bytes.len() + bytes.len()) as u64 > self.limit {
+        if self.len + bytes.len() as u64 > self.limit {
             return Err(Error::TooLarge { limit: self.limit });
         }
         self.hasher.update(bytes);
-        self.bytes.extend_from_slice(bytes);
+        self.len += bytes.len() as u64;
+        if self.refused.is_none()
+            && let Err(e) = self.verifier.update(bytes)
+        {
+            self.refused = Some(e);
+        }
         self.file
             .write_all(bytes)
             .map_err(|e| io(format!("write {}", self.path.display()), e))
@@ -61,20 +78,34 @@ impl BlobWriter {
 
     /// The bytes written so far.
     pub fn len(&self) -> u64 {
-        self.bytes.len() as u64
+        self.len
     }
 
     /// Whether nothing was written.
     pub fn is_empty(&self) -> bool {
-        self.bytes.is_empty()
+        self.len == 0
     }
 
-    /// Flushes to disk; returns the temporary path, the SHA-256 of the bytes and the bytes.
-    pub fn finish(self) -> Result<(PathBuf, String, Vec<u8>)> {
+    /// Why the bytes so far cannot be a valid bundle, if that is already known (a client can
+    /// be stopped early instead of uploading the rest).
+    pub fn refused(&self) -> Option<&sophon_sdk::Error> {
+        self.refused.as_ref()
+    }
+
+    /// Flushes to disk; returns the temporary file, its SHA-256 and the verdict on the bundle.
+    pub fn finish(self) -> Result<FinishedBlob> {
         self.file
             .sync_all()
             .map_err(|e| io(format!("sync {}", self.path.display()), e))?;
-        Ok((self.path, hex::encode(self.hasher.finalize()), self.bytes))
+        let bundle = match self.refused {
+            Some(e) => Err(e),
+            None => self.verifier.finish(),
+        };
+        Ok(FinishedBlob {
+            tmp: self.path,
+            sha256: hex::encode(self.hasher.finalize()),
+            bundle,
+        })
     }
 }
 
@@ -106,7 +137,9 @@ impl BlobStore {
             file,
             path,
             hasher: Sha256::new(),
-            bytes: Vec::new(),
+            verifier: StreamVerifier::new(),
+            refused: None,
+            len: 0,
             limit,
         })
     }
@@ -195,7 +228,9 @@ mod tests {
     fn put(store: &BlobStore, bytes: &[u8]) -> String {
         let mut w = store.writer(1 << 20).unwrap_or_else(|e| panic!("{e}"));
         w.write(bytes).unwrap_or_else(|e| panic!("{e}"));
-        let (tmp, sha, _) = w.finish().unwrap_or_else(|e| panic!("{e}"));
+        let FinishedBlob {
+            tmp, sha256: sha, ..
+        } = w.finish().unwrap_or_else(|e| panic!("{e}"));
         store.commit(&tmp, &sha).unwrap_or_else(|e| panic!("{e}"));
         sha
     }

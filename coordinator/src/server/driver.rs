@@ -35,6 +35,7 @@ use raft::eraftpb::Message;
 use tokio::sync::oneshot;
 
 use super::metrics::Metrics;
+use super::transport::MeshMembers;
 use crate::raft::RedbLogStore;
 use crate::raft::{Context, Fate, ReplicaConfig, ReplicaNode, fate};
 use crate::{Entry, Error, Outcome, Result, State};
@@ -119,6 +120,8 @@ pub trait Outbox: Send + 'static {
     fn send(&self, msg: Message);
     /// The coordinators' mesh addresses changed (from the replicated state).
     fn peers_changed(&self, peers: BTreeMap<u64, String>);
+    /// Who the mesh admits changed (Raft configuration, recorded certificates, revocations).
+    fn members_changed(&self, _members: MeshMembers) {}
 }
 
 /// A handle to the driver thread.
@@ -164,6 +167,7 @@ impl Driver {
             transfers: Vec::new(),
             voter_changes: Vec::new(),
             peers: BTreeMap::new(),
+            members: None,
             inbox: inbox.clone(),
             snapshotting: false,
         };
@@ -298,6 +302,8 @@ struct DriverThread {
     voter_changes: Vec<VoterChange>,
     /// The coordinators' mesh addresses as last told to the outbox.
     peers: BTreeMap<u64, String>,
+    /// Who the mesh admits, as last told to the outbox.
+    members: Option<MeshMembers>,
     /// The thread's own inbox (a snapshot serialised elsewhere comes back through it).
     inbox: Sender<Event>,
     /// A snapshot is being serialised.
@@ -710,6 +716,15 @@ impl DriverThread {
         if peers != self.peers {
             self.peers = peers.clone();
             self.outbox.peers_changed(peers);
+        }
+        let members = MeshMembers::new(
+            self.node.state(),
+            &self.node.voters(),
+            &self.node.learners(),
+        );
+        if self.members.as_ref() != Some(&members) {
+            self.members = Some(members.clone());
+            self.outbox.members_changed(members);
         }
     }
 

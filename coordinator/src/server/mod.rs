@@ -5,13 +5,16 @@
 //! - [`transport`]: coordinator ↔ coordinator QUIC (mutual TLS, from `sophon-mesh`).
 //! - [`api`]: the admin HTTP API; [`openapi`]: its document.
 //! - [`artifacts`]: bundles by digest on disk, replicated to a quorum before they are shelved.
-//! - [`init`] / [`join`] / [`run`]: bootstrapping a cluster, joining it, serving.
+//! - [`init`] / [`join`] / [`run`]: bootstrapping a cluster, joining it, serving;
+//!   [`admission`]: join tokens, `JOIN`, and who signs a joiner's certificate.
 //!
 //! # Data directory
 //! `identity/` (this member's certificate and key, and the cluster CA's certificate), `ca/`
-//! (the CA's key: every coordinator can issue certificates), `raft.redb` (log, hard state,
+//! (the CA's certificate and key: only in the directory `coordinator init` made, or where an
+//! operator copied it; a joined coordinator has none), `raft.redb` (log, hard state,
 //! snapshots), `blobs/` (bundles by digest), `coordinator.json` (id and addresses).
 
+pub mod admission;
 pub mod api;
 pub mod artifacts;
 #[cfg(test)]
@@ -21,6 +24,7 @@ pub mod metrics;
 pub mod openapi;
 #[cfg(test)]
 mod tests;
+pub mod tls;
 pub mod transport;
 
 use std::collections::BTreeSet;
@@ -31,7 +35,6 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use sophon_mesh::{Ca, Identity, Principal};
-use sophon_sdk::bundle::Bundle;
 
 use crate::raft::{RedbLogStore, ReplicaConfig, ReplicaNode, tracing_logger};
 use crate::state::shelf::{ManifestSummary, TensorSummary};
@@ -39,7 +42,9 @@ use crate::{Actor, Command, Entry, Error, Outcome, Result, Role};
 use artifacts::{BlobStore, BlobWriter};
 use driver::{Driver, DriverConfig, Event};
 use metrics::Metrics;
-use transport::{MeshOutbox, Peers, kind};
+use transport::{MeshCaller, MeshMembers, MeshOutbox, Peers, kind};
+
+pub use admission::{JoinAnswer, JoinRequest, JoinToken, join};
 
 /// How a coordinator runs.
 #[derive(Clone, Debug)]
@@ -59,6 +64,10 @@ pub struct CoordinatorConfig {
     pub api_advertise: String,
     /// Where others reach its mesh endpoint (from `coordinator.json`).
     pub mesh_advertise: String,
+    /// Serve the admin API over TLS with this certificate and key.
+    pub api_tls: Option<tls::ApiTls>,
+    /// Allow a plain-HTTP admin API on a non-loopback address.
+    pub insecure_http: bool,
 }
 
 impl CoordinatorConfig {
@@ -78,6 +87,8 @@ impl CoordinatorConfig {
             gc_grace: Duration::from_secs(600),
             api_advertise: api_listen.to_string(),
             mesh_advertise: mesh_listen.to_string(),
+            api_tls: None,
+            insecure_http: false,
         }
     }
 }
@@ -190,12 +201,23 @@ pub fn write_private(path: &Path, text: &str) -> Result<()> {
         .map_err(|e| io(format!("write {}", path.display()), e))
 }
 
-fn load_ca(dir: &Path) -> Result<Ca> {
+/// The CA with its key, if this data directory holds the key (`ca/ca.key`): only the one
+/// `coordinator init` made, or one an operator copied the key to. It must be the CA that
+/// `ca_pem` (the identity's) names.
+fn load_ca_key(dir: &Path, ca_pem: &str) -> Result<Option<Ca>> {
     let ca_dir = dir.join("ca");
-    let cert = std::fs::read_to_string(ca_dir.join("ca.pem")).map_err(|e| io("read the CA", e))?;
-    let key =
-        std::fs::read_to_string(ca_dir.join("ca.key")).map_err(|e| io("read the CA key", e))?;
-    Ca::from_pem(&cert, &key).map_err(mesh)
+    let key_path = ca_dir.join("ca.key");
+    if !key_path.exists() {
+        return Ok(None);
+    }
+    let key = std::fs::read_to_string(&key_path).map_err(|e| io("read the CA key", e))?;
+    let ca = Ca::from_pem(ca_pem, &key).map_err(|e| {
+        io(
+            format!("load {}", key_path.display()),
+            format!("it is not the key of this cluster's CA: {e}"),
+        )
+    })?;
+    Ok(Some(ca))
 }
 
 fn replica_config(id: u64, driver: &DriverConfig) -> ReplicaConfig {
@@ -228,7 +250,9 @@ pub fn init(dir: &Path, mesh_address: &str, api_address: &str) -> Result<String>
         .issue_identity(&Principal::Coordinator(1))
         .map_err(mesh)?;
     identity.save(&dir.join("identity")).map_err(mesh)?;
+    // The CA key stays here (and is backed up from here): joined coordinators never get it.
     save_ca(dir, &ca)?;
+    let serial = sophon_mesh::serial_of_pem(&identity.cert_pem).map_err(mesh)?;
 
     let store = RedbLogStore::bootstrap(dir.join("raft.redb"), &[1])?;
     let config = replica_config(1, &DriverConfig::default());
@@ -242,6 +266,7 @@ pub fn init(dir: &Path, mesh_address: &str, api_address: &str) -> Result<String>
             id: 1,
             address: mesh_address.to_string(),
             api_address: api_address.to_string(),
+            cert_serial: Some(serial),
         },
         Command::CreateToken {
             id: token_id,
@@ -295,93 +320,6 @@ fn drain_ready(node: &mut ReplicaNode<RedbLogStore>) -> Result<Vec<crate::raft::
     Ok(applied)
 }
 
-/// What a joining coordinator sends.
-#[derive(Serialize, Deserialize)]
-pub struct JoinRequest {
-    pub secret: String,
-    pub csr_pem: String,
-    pub mesh_address: String,
-    pub api_address: String,
-}
-
-/// What it gets back.
-#[derive(Serialize, Deserialize)]
-pub struct JoinAnswer {
-    pub id: u64,
-    pub cert_pem: String,
-    pub ca_pem: String,
-    pub ca_key_pem: String,
-    /// The coordinators' mesh addresses, by id.
-    pub peers: std::collections::BTreeMap<u64, String>,
-}
-
-/// Joins the cluster a join token names, as a new coordinator in `dir`.
-pub async fn join(
-    dir: &Path,
-    join_token: &str,
-    mesh_address: &str,
-    api_address: &str,
-) -> Result<u64> {
-    if dir.join("raft.redb").exists() {
-        return Err(io(
-            format!("join with {}", dir.display()),
-            "it already holds a coordinator",
-        ));
-    }
-    let (fingerprint, secret, address) = parse_join_string(join_token)?;
-    let (key_pem, csr_pem) = sophon_mesh::new_csr().map_err(mesh)?;
-    let cfg = sophon_mesh::EndpointConfig::default();
-    let endpoint = sophon_mesh::client_endpoint(&cfg).map_err(mesh)?;
-    let client = sophon_mesh::join_client_config(&fingerprint, &cfg).map_err(mesh)?;
-    let addr = transport::resolve(&address)?;
-    let conn = endpoint
-        .connect_with(client, addr, sophon_mesh::SERVER_NAME)
-        .map_err(|e| io(format!("connect to {address}"), e))?
-        .await
-        .map_err(|e| {
-            io(
-                format!("connect to {address} (is the fingerprint right?)"),
-                e,
-            )
-        })?;
-    let request = JoinRequest {
-        secret,
-        csr_pem,
-        mesh_address: mesh_address.into(),
-        api_address: api_address.into(),
-    };
-    let payload = serde_json::to_vec(&request).map_err(|e| io("encode", e))?;
-    let (k, bytes) = sophon_mesh::call(&conn, kind::JOIN, &payload, 1 << 20)
-        .await
-        .map_err(mesh)?;
-    let answer: JoinAnswer = transport::decode_answer(k, &bytes)?;
-    conn.close(0u32.into(), b"joined");
-    std::fs::create_dir_all(dir).map_err(|e| io(format!("create {}", dir.display()), e))?;
-    let identity = Identity {
-        principal: Principal::Coordinator(answer.id),
-        cert_pem: answer.cert_pem,
-        key_pem,
-        ca_pem: answer.ca_pem.clone(),
-    };
-    identity.save(&dir.join("identity")).map_err(mesh)?;
-    save_ca(
-        dir,
-        &Ca::from_pem(&answer.ca_pem, &answer.ca_key_pem).map_err(mesh)?,
-    )?;
-    RedbLogStore::open(dir.join("raft.redb"))?;
-    write_member_file(
-        dir,
-        &MemberFile {
-            id: answer.id,
-            mesh_address: mesh_address.into(),
-            api_address: api_address.into(),
-            peers: answer.peers,
-            mesh_listen: None,
-        },
-    )?;
-    Ok(answer.id)
-}
-
 /// A running coordinator's shared parts.
 pub struct Core {
     pub config: CoordinatorConfig,
@@ -390,7 +328,11 @@ pub struct Core {
     pub peers: Arc<Peers>,
     pub blobs: BlobStore,
     pub metrics: Metrics,
-    ca: Ca,
+    /// The CA with its key, if this coordinator holds it (see [`admission`]).
+    ca: Option<Ca>,
+    /// The CA's certificate (every coordinator has it) and its fingerprint.
+    ca_pem: String,
+    ca_fingerprint: String,
     /// This process's incarnation (the transport's): the middle of every write id made here.
     incarnation: u64,
     /// The last write id's sequence number.
@@ -436,13 +378,15 @@ pub async fn start(mut config: CoordinatorConfig) -> Result<Running> {
             ),
         ));
     }
-    let ca = load_ca(&dir)?;
+    let ca = load_ca_key(&dir, &identity.ca_pem)?;
+    let ca_fingerprint = sophon_mesh::fingerprint_of_pem(&identity.ca_pem).map_err(mesh)?;
     let store = RedbLogStore::open(dir.join("raft.redb"))?;
     let node = ReplicaNode::restart(
         &replica_config(member.id, &config.driver),
         store,
         &tracing_logger(member.id),
     )?;
+    let members = MeshMembers::new(node.state(), &node.voters(), &node.learners());
     let endpoint = sophon_mesh::endpoint(
         config.mesh_listen,
         &identity,
@@ -450,7 +394,7 @@ pub async fn start(mut config: CoordinatorConfig) -> Result<Running> {
     )
     .map_err(mesh)?;
     let mesh_address = endpoint.local_addr().map_err(|e| io("mesh address", e))?;
-    let peers = Peers::new(endpoint.clone(), member.peers.clone());
+    let peers = Peers::new(endpoint.clone(), member.peers.clone(), members);
     let metrics = Metrics::new();
     let (events, rx) = driver::channel();
     let outbox = MeshOutbox::new(
@@ -467,6 +411,16 @@ pub async fn start(mut config: CoordinatorConfig) -> Result<Running> {
         (events.clone(), rx),
     )?;
     let blobs = BlobStore::open(dir.join("blobs"))?;
+    tls::check_plain_http(
+        config.api_listen,
+        config.api_tls.is_some(),
+        config.insecure_http,
+    )?;
+    let api_tls = config
+        .api_tls
+        .as_ref()
+        .map(tls::server_config)
+        .transpose()?;
     let listener = tokio::net::TcpListener::bind(config.api_listen)
         .await
         .map_err(|e| io(format!("listen on {}", config.api_listen), e))?;
@@ -480,6 +434,8 @@ pub async fn start(mut config: CoordinatorConfig) -> Result<Running> {
         blobs,
         metrics,
         ca,
+        ca_pem: identity.ca_pem.clone(),
+        ca_fingerprint,
         incarnation,
         write_seq: std::sync::atomic::AtomicU64::new(0),
     });
@@ -488,6 +444,9 @@ pub async fn start(mut config: CoordinatorConfig) -> Result<Running> {
     let (shutdown, mut stop) = tokio::sync::watch::channel(false);
     let app = api::router(core.clone());
     let server = tokio::spawn(async move {
+        if let Some(tls) = api_tls {
+            return tls::serve(listener, app, tls, stop).await;
+        }
         let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
             let _ = stop.wait_for(|s| *s).await;
         });
@@ -509,7 +468,7 @@ pub async fn start(mut config: CoordinatorConfig) -> Result<Running> {
 impl Core {
     /// The cluster CA's fingerprint (what a join token pins).
     pub fn ca_fingerprint(&self) -> String {
-        self.ca.fingerprint()
+        self.ca_fingerprint.clone()
     }
 
     /// Commits `command` as `actor`: proposed here if this coordinator leads, forwarded to the
@@ -623,8 +582,9 @@ impl Core {
     /// Verifies an uploaded bundle, stores it on a quorum of coordinators, then registers its
     /// version on the shelf.
     pub async fn push_bundle(&self, actor: Actor, writer: BlobWriter) -> Result<serde_json::Value> {
-        let (tmp, _, bytes) = writer.finish()?;
-        let bundle = match Bundle::read(&bytes) {
+        let finished = writer.finish()?;
+        let tmp = finished.tmp;
+        let bundle = match finished.bundle {
             Ok(b) => b,
             Err(e) => {
                 self.blobs.discard(&tmp);
@@ -645,10 +605,10 @@ impl Core {
             self.blobs.discard(&tmp);
             return Err(Error::UntrustedKey { key });
         }
-        self.blobs.commit(&tmp, &digest)?;
-        self.replicate_blob(&digest, &bytes).await?;
+        let path = self.blobs.commit(&tmp, &digest)?;
+        self.replicate_blob(&digest, &path).await?;
         let m = &bundle.manifest;
-        let weights: u64 = bundle.files.values().map(|f| f.len() as u64).sum();
+        let weights: u64 = bundle.files.values().sum();
         let summary = ManifestSummary {
             inputs: m.inputs.iter().map(tensor_summary).collect(),
             outputs: m.outputs.iter().map(tensor_summary).collect(),
@@ -681,14 +641,14 @@ impl Core {
             "version": m.model.version,
             "digest": digest,
             "publisher_key": key,
-            "size": bytes.len(),
+            "size": bundle.len,
             "audit_seq": outcome.audit_seq,
         }))
     }
 
     /// Copies a stored blob to the other coordinators until a quorum (this one included)
     /// holds it.
-    async fn replicate_blob(&self, digest: &str, bytes: &[u8]) -> Result<()> {
+    async fn replicate_blob(&self, digest: &str, path: &Path) -> Result<()> {
         let voters = self.driver.status().voters;
         let others: Vec<u64> = voters.iter().copied().filter(|v| *v != self.id).collect();
         let quorum = voters.len() / 2 + 1;
@@ -696,13 +656,12 @@ impl Core {
         if have >= quorum {
             return Ok(());
         }
-        let bytes: Arc<[u8]> = Arc::from(bytes);
         let mut tasks = tokio::task::JoinSet::new();
         for peer in others {
             let peers = self.peers.clone();
-            let bytes = bytes.clone();
+            let path = path.to_path_buf();
             let digest = digest.to_string();
-            tasks.spawn(async move { put_blob(&peers, peer, &digest, &bytes).await });
+            tasks.spawn(async move { put_blob(&peers, peer, &digest, &path).await });
         }
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         let mut errors = Vec::new();
@@ -755,10 +714,11 @@ impl Core {
         })
     }
 
-    /// The digests the shelf references.
+    /// The digests the shelf references, read linearizably: a follower that is cut off or
+    /// behind must not take a bundle that the shelf references now for an unreferenced one.
     async fn referenced(&self) -> Result<BTreeSet<String>> {
         self.driver
-            .read(false, |s| {
+            .read(true, |s| {
                 s.models()
                     .values()
                     .flat_map(|m| m.versions.values().map(|v| v.digest.clone()))
@@ -778,21 +738,46 @@ fn tensor_summary(t: &sophon_sdk::types::TensorSpec) -> TensorSummary {
 
 const BLOB_CHUNK: usize = 1 << 20;
 
-async fn put_blob(peers: &Peers, peer: u64, digest: &str, bytes: &[u8]) -> Result<()> {
+/// Sends a file as `kind` frames of at most [`BLOB_CHUNK`] bytes, reading it a chunk at a time.
+async fn send_file(send: &mut quinn::SendStream, kind: u8, path: &Path) -> Result<()> {
+    use tokio::io::AsyncReadExt;
+    let mut file = tokio::fs::File::open(path)
+        .await
+        .map_err(|e| io(format!("open {}", path.display()), e))?;
+    let mut chunk = vec![0u8; BLOB_CHUNK];
+    loop {
+        let n = file
+            .read(&mut chunk)
+            .await
+            .map_err(|e| io(format!("read {}", path.display()), e))?;
+        if n == 0 {
+            return Ok(());
+        }
+        sophon_mesh::write_frame(send, kind, &chunk[..n])
+            .await
+            .map_err(|e| Error::Unavailable {
+                reason: format!("send a blob: {e}"),
+            })?;
+    }
+}
+
+async fn put_blob(peers: &Peers, peer: u64, digest: &str, path: &Path) -> Result<()> {
     let conn = peers.connection(peer).await?;
     let fail = |e: &dyn std::fmt::Display| Error::Unavailable {
         reason: format!("copy bundle to coordinator {peer}: {e}"),
     };
+    let size = tokio::fs::metadata(path)
+        .await
+        .map_err(|e| io(format!("stat {}", path.display()), e))?
+        .len();
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| fail(&e))?;
-    let header = serde_json::json!({"digest": digest, "size": bytes.len()}).to_string();
+    let header = serde_json::json!({"digest": digest, "size": size}).to_string();
     sophon_mesh::write_frame(&mut send, kind::BLOB_PUT, header.as_bytes())
         .await
         .map_err(|e| fail(&e))?;
-    for chunk in bytes.chunks(BLOB_CHUNK) {
-        sophon_mesh::write_frame(&mut send, kind::BLOB_PUT, chunk)
-            .await
-            .map_err(|e| fail(&e))?;
-    }
+    send_file(&mut send, kind::BLOB_PUT, path)
+        .await
+        .map_err(|e| fail(&e))?;
     send.finish().map_err(|e| fail(&e))?;
     match sophon_mesh::read_frame(&mut recv, 1 << 20).await {
         Ok(Some((k, body))) => transport::decode_answer::<serde_json::Value>(k, &body).map(|_| ()),
@@ -842,9 +827,21 @@ async fn accept_loop(
                     return;
                 }
             };
-            let principal = sophon_mesh::peer_principal(&conn);
-            let is_coordinator = matches!(principal, Some(Principal::Coordinator(_)));
-            if let Some(Principal::Coordinator(peer)) = principal {
+            let caller = MeshCaller::of(&conn);
+            if let MeshCaller::Coordinator { id: peer, serial } = &caller {
+                // Only a current member's certificate: a removed coordinator is refused at
+                // once, and dropped later if it is removed while connected.
+                if let Err(reason) = core.peers.admits(*peer, serial.as_deref()) {
+                    tracing::warn!(peer, %reason, "refused a mesh connection");
+                    conn.close(transport::REFUSED.into(), b"not a current member");
+                    return;
+                }
+                tokio::spawn(core.peers.clone().close_when_refused(
+                    conn.clone(),
+                    *peer,
+                    serial.clone(),
+                ));
+                let (peer, serial) = (*peer, serial.clone());
                 let uni = conn.clone();
                 let events = events.clone();
                 let peers = core.peers.clone();
@@ -855,13 +852,15 @@ async fn accept_loop(
                             events.clone(),
                             peers.clone(),
                             peer,
+                            serial.clone(),
                         ));
                     }
                 });
             }
+            // Anyone else's raft streams are never read.
             while let Ok((send, recv)) = conn.accept_bi().await {
                 let core = core.clone();
-                tokio::spawn(serve_request(core, is_coordinator, send, recv));
+                tokio::spawn(serve_request(core, caller.clone(), send, recv));
             }
         });
     }
@@ -881,7 +880,7 @@ async fn answer(send: &mut quinn::SendStream, result: Result<serde_json::Value>)
 
 async fn serve_request(
     core: Arc<Core>,
-    is_coordinator: bool,
+    caller: MeshCaller,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
@@ -889,12 +888,25 @@ async fn serve_request(
         Ok(Some(f)) => f,
         _ => return,
     };
+    // Checked on every stream: a coordinator removed since it connected is refused.
+    let admitted = match &caller {
+        MeshCaller::Coordinator { id, serial } => core.peers.admits(*id, serial.as_deref()),
+        MeshCaller::Joiner => Err("this request needs a coordinator certificate".into()),
+        MeshCaller::Other(p) => Err(format!("{p} may not make coordinator requests")),
+    };
+    let is_coordinator = admitted.is_ok();
     let forbidden = || Error::Unauthenticated {
-        reason: "this request needs a coordinator certificate".into(),
+        reason: admitted.clone().err().unwrap_or_default(),
     };
     let result = match first {
-        (kind::JOIN, body) => core.serve_join(&body).await,
+        (kind::JOIN, body) if is_coordinator || caller == MeshCaller::Joiner => {
+            core.serve_join(&caller, &body).await
+        }
         (_, _) if !is_coordinator => Err(forbidden()),
+        (kind::SIGN, body) => match &caller {
+            MeshCaller::Coordinator { id, .. } => core.serve_sign(*id, &body).await,
+            _ => Err(forbidden()),
+        },
         (kind::FORWARD, body) => match serde_json::from_slice::<Entry>(&body) {
             Ok(entry) => core
                 .propose_or_forward(entry)
@@ -913,21 +925,12 @@ async fn serve_request(
         (kind::BLOB_GET, digest) => {
             let digest = String::from_utf8_lossy(&digest).to_string();
             match core.blobs.path(&digest) {
-                Some(path) => match tokio::fs::read(&path).await {
-                    Ok(bytes) => {
-                        for chunk in bytes.chunks(BLOB_CHUNK) {
-                            if sophon_mesh::write_frame(&mut send, kind::BLOB_GET, chunk)
-                                .await
-                                .is_err()
-                            {
-                                return;
-                            }
-                        }
+                Some(path) => {
+                    if send_file(&mut send, kind::BLOB_GET, &path).await.is_ok() {
                         let _ = send.finish();
-                        return;
                     }
-                    Err(e) => Err(io("read a blob", e)),
-                },
+                    return;
+                }
                 None => Err(Error::Remote {
                     status: 404,
                     code: "unknown_bundle".into(),
@@ -941,69 +944,6 @@ async fn serve_request(
 }
 
 impl Core {
-    /// Admits a new coordinator: checks the token, issues its certificate, records it and adds
-    /// it as a voter. Runs on the leader (a follower forwards the request).
-    async fn serve_join(&self, body: &[u8]) -> Result<serde_json::Value> {
-        let request: JoinRequest =
-            serde_json::from_slice(body).map_err(|e| io("decode a join request", e))?;
-        let secret = request.secret.clone();
-        let actor = self
-            .driver
-            .read(true, move |s| s.authenticate(&secret))
-            .await?
-            .filter(|a| a.role.allows(Role::Admin))
-            .ok_or_else(|| Error::Unauthenticated {
-                reason: "the join token is unknown, revoked or not an admin token".into(),
-            })?;
-        let status = self.driver.status();
-        if let Some(leader) = self.leader_elsewhere()? {
-            return self
-                .peers
-                .call::<serde_json::Value>(leader, kind::JOIN, &request)
-                .await;
-        }
-        let id = self
-            .driver
-            .read(false, |s| {
-                s.coordinators().keys().max().copied().unwrap_or(0)
-            })
-            .await?
-            .max(status.voters.iter().max().copied().unwrap_or(0))
-            + 1;
-        let cert_pem = self
-            .ca
-            .issue(&request.csr_pem, &Principal::Coordinator(id))
-            .map_err(mesh)?;
-        self.write(
-            actor,
-            Command::AddCoordinator {
-                id,
-                address: request.mesh_address.clone(),
-                api_address: request.api_address.clone(),
-            },
-        )
-        .await?;
-        self.driver.change_voter(id, true).await?;
-        tracing::info!(id, address = %request.mesh_address, "coordinator joined");
-        let peers = self
-            .driver
-            .read(false, |s| {
-                s.coordinators()
-                    .values()
-                    .map(|c| (c.id, c.address.clone()))
-                    .collect()
-            })
-            .await?;
-        serde_json::to_value(JoinAnswer {
-            id,
-            cert_pem,
-            ca_pem: self.ca.cert_pem().to_string(),
-            ca_key_pem: self.ca.key_pem().to_string(),
-            peers,
-        })
-        .map_err(|e| io("encode", e))
-    }
-
     /// `None` when this coordinator leads, the leader's id when another does, `NotLeader`
     /// when none is known (for requests that must run on the leader).
     fn leader_elsewhere(&self) -> Result<Option<u64>> {
@@ -1077,20 +1017,19 @@ impl Core {
                 Err(e) => return Err(io("receive a blob", e)),
             }
         }
-        let (tmp, _, bytes) = writer.finish()?;
-        let verified = Bundle::read(&bytes)
-            .map_err(|e| e.to_string())
-            .and_then(|b| {
-                if b.digest_hex() == h.digest {
-                    Ok(())
-                } else {
-                    Err(format!(
-                        "its digest is {}, not {}",
-                        b.digest_hex(),
-                        h.digest
-                    ))
-                }
-            });
+        let finished = writer.finish()?;
+        let tmp = finished.tmp;
+        let verified = finished.bundle.map_err(|e| e.to_string()).and_then(|b| {
+            if b.digest_hex() == h.digest {
+                Ok(())
+            } else {
+                Err(format!(
+                    "its digest is {}, not {}",
+                    b.digest_hex(),
+                    h.digest
+                ))
+            }
+        });
         if let Err(reason) = verified {
             self.blobs.discard(&tmp);
             return Err(Error::BadBundle { reason });
@@ -1106,17 +1045,28 @@ async fn gc_loop(core: Arc<Core>) {
     interval.tick().await;
     loop {
         interval.tick().await;
-        let Ok(referenced) = core.referenced().await else {
-            continue;
-        };
-        let blobs = core.blobs.clone();
-        let grace = core.config.gc_grace;
+        match core.collect_garbage().await {
+            Ok(deleted) => {
+                for digest in &deleted {
+                    tracing::info!(%digest, "collected an unreferenced bundle");
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "no garbage collection this round"),
+        }
+    }
+}
+
+impl Core {
+    /// Deletes the stored bundles that the shelf does not reference and that are older than
+    /// the grace period. Nothing is deleted unless the shelf could be read linearizably.
+    pub async fn collect_garbage(&self) -> Result<Vec<String>> {
+        let referenced = self.referenced().await?;
+        let blobs = self.blobs.clone();
+        let grace = self.config.gc_grace;
         let deleted = tokio::task::spawn_blocking(move || blobs.collect(&referenced, grace))
             .await
             .unwrap_or_default();
-        for digest in &deleted {
-            tracing::info!(%digest, "collected an unreferenced bundle");
-        }
-        core.metrics.blobs_collected.inc_by(deleted.len() as u64);
+        self.metrics.blobs_collected.inc_by(deleted.len() as u64);
+        Ok(deleted)
     }
 }

@@ -75,6 +75,15 @@ pub const ROUTES: &[Route] = &[
         200,
     ),
     r(
+        "post",
+        "/v1/cluster/join-tokens",
+        ADM,
+        "Make a join token for a new coordinator: single use, expires (default 1 h); it can do \
+         nothing but join",
+        Some("JoinToken"),
+        201,
+    ),
+    r(
         "put",
         "/v1/cluster/heartbeat-grace",
         ADM,
@@ -288,6 +297,8 @@ fn schemas() -> Value {
             "hardware": {"type": "array", "items": {"enum": ["cpu", "gpu", "npu"]}}}),
             &["model", "version", "environment"]),
         "Grace": s(json!({"grace_ms": {"type": "integer", "minimum": 1}}), &["grace_ms"]),
+        "JoinToken": s(json!({"expires_in_s": {"type": "integer", "minimum": 1,
+            "maximum": 604800, "default": 3600}}), &[]),
         "Scale": s(json!({"replicas": {"type": "integer", "minimum": 0}}), &["replicas"]),
         "Token": s(json!({"name": {"type": "string"}, "role": {"$ref": "#/components/schemas/Role"}}),
             &["name", "role"]),
@@ -331,7 +342,7 @@ pub fn document() -> Value {
             } else {
                 "application/json"
             };
-            op["requestBody"] = json!({"required": body != "Tag" && body != "Decision",
+            op["requestBody"] = json!({"required": !matches!(body, "Tag" | "Decision" | "JoinToken"),
                 "content": {media: {"schema": {"$ref": format!("#/components/schemas/{body}")}}}});
         }
         let entry = paths

@@ -578,3 +578,68 @@ async fn reads_and_writes_issued_at_start_up_wait_for_the_first_election() {
     assert_eq!(keys, 2);
     running.shutdown().await;
 }
+
+/// A body that must never be read: polling it panics the test.
+fn unreadable_body() -> Body {
+    Body::from_stream(futures_util::stream::poll_fn(
+        |_| -> std::task::Poll<Option<Result<bytes::Bytes, std::io::Error>>> {
+            panic!("the body was read before the token was checked")
+        },
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_checked_before_bodies_and_bodies_are_capped_per_route() {
+    let f = fixture().await;
+    for path in [
+        "/v1/bundles",
+        "/v1/approvals",
+        "/v1/tokens",
+        "/v1/policies/staging",
+    ] {
+        for token in [None, Some("not-a-token")] {
+            let method = if path.starts_with("/v1/policies") {
+                "PUT"
+            } else {
+                "POST"
+            };
+            let (status, v) = f.call(method, path, token, unreadable_body()).await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}: {v}");
+        }
+    }
+    // Over the JSON cap: 413, announced or not.
+    let big = json!({"name": "x".repeat(super::api::MAX_JSON_BODY), "role": "viewer"});
+    let (status, v) = f.json("POST", "/v1/tokens", &f.admin, big.clone()).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{v}");
+    let req = Request::post("/v1/tokens")
+        .header("authorization", format!("Bearer {}", f.admin))
+        .header("content-length", "1000000000")
+        .body(unreadable_body())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let resp = router(f.running.core.clone())
+        .oneshot(req)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    // A bundle upload may be larger than the JSON cap (this one is garbage: refused as such).
+    let (status, v) = f
+        .call(
+            "POST",
+            "/v1/bundles",
+            Some(&f.admin),
+            Body::from(vec![7u8; 2 * super::api::MAX_JSON_BODY]),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(code(&v), "bad_bundle", "{v}");
+    // The state did not change, and a good request still works.
+    let (status, _) = f
+        .json(
+            "POST",
+            "/v1/tokens",
+            &f.admin,
+            json!({"name": "ok", "role": "viewer"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+}

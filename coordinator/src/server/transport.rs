@@ -3,11 +3,20 @@
 //! - Raft messages: one long-lived unidirectional stream per peer and direction, one frame per
 //!   message ([`kind::RAFT`]); a sender task per peer owns the stream and reconnects.
 //! - Requests (bidirectional stream, one request and one answer): a follower forwarding a write
-//!   to the leader, a new coordinator joining, and bundle blobs put and fetched by digest.
+//!   to the leader, a new coordinator joining, a leader without the CA key asking a key holder
+//!   to sign a joiner's certificate, and bundle blobs put and fetched by digest.
 //!
-//! Every stream but a join must come from a coordinator's certificate.
+//! # Who may speak ([`MeshMembers`])
+//! Every stream but a join must come from the certificate of a **current** coordinator:
+//! `coordinator/N` where N is a voter or learner of the Raft configuration this replica has
+//! applied, not revoked, and holding the certificate serial the replicated state recorded for
+//! N (when it recorded one). It is checked when a connection is accepted, on every stream and
+//! every Raft message (whose `from` must be N), and when the membership changes the open
+//! connections of a peer that is no longer admitted are closed. A mesh node's certificate
+//! (`node/...`) is refused everything here. A coordinator that has applied no membership yet
+//! (it just joined) admits the coordinators its join answer named.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::mpsc::Sender;
@@ -32,6 +41,8 @@ pub mod kind {
     pub const REMOVE: u8 = 6;
     /// The first frame of a raft stream: the sender's incarnation (random per process start).
     pub const HELLO: u8 = 7;
+    /// The leader asks a coordinator that holds the CA key to sign a joiner's CSR.
+    pub const SIGN: u8 = 8;
     /// An answer that carries a JSON body.
     pub const OK: u8 = 100;
     /// An answer that carries a JSON [`WireError`](super::super::api::WireError).
@@ -40,6 +51,107 @@ pub mod kind {
 
 /// The largest frame a coordinator accepts (a snapshot travels as one frame).
 pub const MAX_FRAME: usize = 512 << 20;
+
+/// The QUIC close code for a peer the mesh does not admit.
+pub const REFUSED: u32 = 403;
+
+/// Who is at the other end of a mesh connection, by its certificate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MeshCaller {
+    /// No certificate: a coordinator joining (it may only send `JOIN`).
+    Joiner,
+    /// A coordinator's certificate, admitted when the connection was accepted.
+    Coordinator { id: u64, serial: Option<String> },
+    /// Any other principal (a mesh node): refused everything here.
+    Other(Principal),
+}
+
+impl MeshCaller {
+    /// The caller of `conn`, by the certificate it presented.
+    pub fn of(conn: &quinn::Connection) -> MeshCaller {
+        match sophon_mesh::peer_principal(conn) {
+            None => MeshCaller::Joiner,
+            Some(Principal::Coordinator(id)) => MeshCaller::Coordinator {
+                id,
+                serial: sophon_mesh::peer_serial(conn),
+            },
+            Some(other) => MeshCaller::Other(other),
+        }
+    }
+}
+
+/// Which coordinators the mesh admits: the Raft configuration and the replicated state's
+/// certificate serials and revocation list, as this replica has applied them (see the module
+/// page).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MeshMembers {
+    /// Voters and learners. Empty: no membership applied yet (a coordinator that just joined).
+    pub members: BTreeSet<u64>,
+    /// The certificate serial recorded for each coordinator (`None`: not recorded).
+    pub serials: BTreeMap<u64, Option<String>>,
+    /// Revoked principals (`coordinator/3`).
+    pub revoked: BTreeSet<String>,
+}
+
+impl MeshMembers {
+    /// The view of a replica whose state is `state` and Raft configuration `voters`/`learners`.
+    pub fn new(state: &crate::State, voters: &[u64], learners: &[u64]) -> MeshMembers {
+        MeshMembers {
+            members: voters.iter().chain(learners).copied().collect(),
+            serials: state
+                .coordinators()
+                .values()
+                .map(|c| (c.id, c.cert_serial.clone()))
+                .collect(),
+            revoked: state.revoked().keys().cloned().collect(),
+        }
+    }
+
+    /// Whether `coordinator/<id>` presenting a certificate with `serial` may send Raft
+    /// messages and requests; `seeds` are the coordinators a new one joined through.
+    pub fn admits(
+        &self,
+        id: u64,
+        serial: Option<&str>,
+        seeds: &BTreeMap<u64, String>,
+    ) -> std::result::Result<(), String> {
+        self.vouches(id, serial)?;
+        let principal = Principal::Coordinator(id);
+        if self.members.is_empty() {
+            return if seeds.contains_key(&id) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{principal} is not among the coordinators this one joined through"
+                ))
+            };
+        }
+        if !self.members.contains(&id) {
+            return Err(format!(
+                "{principal} is not a current member (voter or learner)"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether `coordinator/<id>`'s certificate may be used at all: not revoked, and the one
+    /// recorded for it (when one is).
+    pub fn vouches(&self, id: u64, serial: Option<&str>) -> std::result::Result<(), String> {
+        let principal = Principal::Coordinator(id);
+        if self.revoked.contains(&principal.to_string()) {
+            return Err(format!("{principal} is revoked (it was removed)"));
+        }
+        if let Some(Some(recorded)) = self.serials.get(&id)
+            && serial != Some(recorded.as_str())
+        {
+            return Err(format!(
+                "{principal} presented certificate {}, not the one recorded for it ({recorded})",
+                serial.unwrap_or("(none)")
+            ));
+        }
+        Ok(())
+    }
+}
 
 fn mesh_err(what: &str, e: impl std::fmt::Display) -> Error {
     Error::Unavailable {
@@ -61,12 +173,21 @@ pub struct Peers {
     seen: Mutex<BTreeMap<u64, u64>>,
     /// Bumped when a peer's connection must not be used any more (it restarted).
     generations: Mutex<BTreeMap<u64, u64>>,
+    /// Who the mesh admits (from the driver, after every change).
+    members: parking_lot::RwLock<MeshMembers>,
+    /// Bumped whenever `members` changes, so that open connections are checked again.
+    members_changed: tokio::sync::watch::Sender<u64>,
 }
 
 type Slot = Arc<tokio::sync::Mutex<Option<quinn::Connection>>>;
 
 impl Peers {
-    pub fn new(endpoint: quinn::Endpoint, seeds: BTreeMap<u64, String>) -> Arc<Peers> {
+    /// `members` is the view of the state this replica starts from.
+    pub fn new(
+        endpoint: quinn::Endpoint,
+        seeds: BTreeMap<u64, String>,
+        members: MeshMembers,
+    ) -> Arc<Peers> {
         Arc::new(Peers {
             endpoint,
             addresses: Mutex::new(seeds.clone()),
@@ -75,7 +196,69 @@ impl Peers {
             incarnation: rand::random(),
             seen: Mutex::new(BTreeMap::new()),
             generations: Mutex::new(BTreeMap::new()),
+            members: parking_lot::RwLock::new(members),
+            members_changed: tokio::sync::watch::Sender::new(0),
         })
+    }
+
+    /// Whether `coordinator/<id>` with a certificate of this serial may speak here now (see
+    /// [`MeshMembers::admits`]).
+    pub fn admits(&self, id: u64, serial: Option<&str>) -> std::result::Result<(), String> {
+        self.members.read().admits(id, serial, &self.seeds)
+    }
+
+    /// The membership changed: record it, have every open incoming connection checked again,
+    /// and close the outgoing ones to peers no longer admitted.
+    pub fn set_members(&self, members: MeshMembers) {
+        *self.members.write() = members;
+        self.members_changed.send_modify(|n| *n += 1);
+        let slots: Vec<(u64, Slot)> = self
+            .connections
+            .lock()
+            .iter()
+            .map(|(id, slot)| (*id, slot.clone()))
+            .collect();
+        for (id, slot) in slots {
+            let Ok(mut slot) = slot.try_lock() else {
+                continue; // being connected: checked when the handshake is done
+            };
+            let refused = slot.as_ref().and_then(|conn| {
+                let serial = sophon_mesh::peer_serial(conn);
+                self.admits(id, serial.as_deref()).err()
+            });
+            if let (Some(reason), Some(conn)) = (refused, slot.take()) {
+                tracing::warn!(peer = id, %reason, "closing the connection to a coordinator no longer admitted");
+                conn.close(REFUSED.into(), b"not a current member");
+            }
+        }
+    }
+
+    /// Closes `conn` (an incoming connection of `coordinator/<id>`) as soon as a membership
+    /// change stops admitting it; returns when the connection closes.
+    pub async fn close_when_refused(
+        self: Arc<Self>,
+        conn: quinn::Connection,
+        id: u64,
+        serial: Option<String>,
+    ) {
+        let mut changed = self.members_changed.subscribe();
+        // A change between the check at accept and the subscription above is not missed.
+        changed.mark_changed();
+        loop {
+            tokio::select! {
+                _ = conn.closed() => return,
+                moved = changed.changed() => {
+                    if moved.is_err() {
+                        return;
+                    }
+                    if let Err(reason) = self.admits(id, serial.as_deref()) {
+                        tracing::warn!(peer = id, %reason, "closing the connection of a coordinator no longer admitted");
+                        conn.close(REFUSED.into(), b"not a current member");
+                        return;
+                    }
+                }
+            }
+        }
     }
 
     /// This process's incarnation (random at each start).
@@ -129,6 +312,13 @@ impl Peers {
                     format!("the peer presented {other:?}"),
                 ));
             }
+        }
+        // Never talk to a revoked coordinator, or to a certificate not recorded for it. (Its
+        // membership is not required: messages go to new members as soon as they are added.)
+        let serial = sophon_mesh::peer_serial(&conn);
+        if let Err(reason) = self.members.read().vouches(id, serial.as_deref()) {
+            conn.close(REFUSED.into(), b"refused");
+            return Err(mesh_err(&format!("coordinator {id} at {address}"), reason));
         }
         *slot = Some(conn.clone());
         Ok(conn)
@@ -250,6 +440,10 @@ impl Outbox for MeshOutbox {
     fn peers_changed(&self, peers: BTreeMap<u64, String>) {
         self.peers.set_addresses(peers);
     }
+
+    fn members_changed(&self, members: MeshMembers) {
+        self.peers.set_members(members);
+    }
 }
 
 /// Delivers raft messages to one peer, in order, over one unidirectional stream.
@@ -330,12 +524,15 @@ impl PeerLink {
     }
 }
 
-/// Reads raft messages from a peer's unidirectional stream into the driver.
+/// Reads raft messages from a peer's unidirectional stream into the driver: only while the
+/// peer (`coordinator/<peer>` with a certificate of this `serial`) is admitted, and only
+/// messages whose `from` is the peer; anything else ends the stream.
 pub async fn read_raft_stream(
     mut recv: quinn::RecvStream,
     events: Sender<Event>,
     peers: Arc<Peers>,
     peer: u64,
+    serial: Option<String>,
 ) {
     loop {
         match sophon_mesh::read_frame(&mut recv, MAX_FRAME).await {
@@ -345,7 +542,22 @@ pub async fn read_raft_stream(
                 }
             }
             Ok(Some((kind::RAFT, bytes))) => match Message::parse_from_bytes(&bytes) {
+                Ok(msg) if msg.from != peer => {
+                    tracing::warn!(
+                        peer,
+                        from = msg.from,
+                        "refused a raft message whose sender is not the certificate's coordinator"
+                    );
+                    let _ = recv.stop(REFUSED.into());
+                    return;
+                }
                 Ok(msg) => {
+                    // Checked for every message: a peer removed meanwhile is refused at once.
+                    if let Err(reason) = peers.admits(peer, serial.as_deref()) {
+                        tracing::warn!(peer, %reason, "refused a raft message");
+                        let _ = recv.stop(REFUSED.into());
+                        return;
+                    }
                     if events.send(Event::Message(Box::new(msg))).is_err() {
                         return;
                     }

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use super::State;
 use super::approvals::RequestStatus;
 use super::shelf::Stage;
-use crate::command::ReplicaKey;
+use crate::command::{ReplicaKey, Role};
 use crate::scheduler::Plan;
 use crate::scheduler::check_plan;
 
@@ -22,7 +22,8 @@ impl State {
     /// - deployments name existing versions, their rollout status matches the placements;
     /// - ids to come are above every id given; the audit log is numbered 0.. and never goes back
     ///   in time or past the clock;
-    /// - the applied write ids are within their bounds, in order, each once.
+    /// - the applied write ids are within their bounds, in order, each once;
+    /// - no revoked coordinator is a member; every join token expires and counts its uses.
     pub fn check_invariants(&self) -> Result<(), String> {
         let plan = Plan {
             placements: self.placements.clone(),
@@ -142,6 +143,25 @@ impl State {
                     "deployment {id}'s rollout {:?} should be {want:?}",
                     d.rollout
                 ));
+            }
+        }
+
+        for (principal, r) in &self.revoked {
+            if r.principal != *principal {
+                return Err(format!("revocation {principal} names {}", r.principal));
+            }
+        }
+        for id in self.coordinators.keys() {
+            if self
+                .revoked
+                .contains_key(&super::members::coordinator_principal(*id))
+            {
+                return Err(format!("coordinator {id} is a member and revoked"));
+            }
+        }
+        for (id, t) in &self.tokens {
+            if t.role == Role::Join && (t.expires_at_ms.is_none() || t.uses_left.is_none()) {
+                return Err(format!("join token {id} has no expiry or no use count"));
             }
         }
 

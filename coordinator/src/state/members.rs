@@ -133,6 +133,26 @@ pub struct Coordinator {
     #[serde(default)]
     pub api_address: String,
     pub added_at_ms: u64,
+    /// The serial (lowercase hex) of its certificate: the only one the mesh accepts for it.
+    /// `None`: recorded before serials were; any certificate of the CA naming it is accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_serial: Option<String>,
+}
+
+/// A revoked certificate: the mesh refuses its principal on every connection and stream.
+/// A removed coordinator's id is never given again, so its principal stays refused.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revoked {
+    /// Like `coordinator/3`.
+    pub principal: String,
+    /// The serial of the certificate it held, when recorded (lowercase hex).
+    pub serial: Option<String>,
+    pub revoked_at_ms: u64,
+}
+
+/// The principal a coordinator's certificate names (as `sophon_mesh::Principal` prints it).
+pub fn coordinator_principal(id: u64) -> String {
+    format!("coordinator/{id}")
 }
 
 /// Whether a node's scheduling view only gained: same zone, no pool smaller, and schedulable
@@ -367,13 +387,23 @@ impl State {
         id: u64,
         address: &str,
         api_address: &str,
+        cert_serial: Option<&str>,
     ) -> Result<Change> {
         validate::address("coordinator address", address)?;
         if !api_address.is_empty() {
             validate::address("coordinator api address", api_address)?;
         }
+        if let Some(serial) = cert_serial {
+            validate::serial(serial)?;
+        }
+        if id == 0 {
+            return Err(invalid("coordinator id", "0", "coordinator ids start at 1"));
+        }
         if self.coordinators.contains_key(&id) {
             return Err(Error::CoordinatorExists { id });
+        }
+        if self.revoked.contains_key(&coordinator_principal(id)) {
+            return Err(Error::CoordinatorRetired { id });
         }
         self.coordinators.insert(
             id,
@@ -382,22 +412,58 @@ impl State {
                 address: address.to_string(),
                 api_address: api_address.to_string(),
                 added_at_ms: ctx.now,
+                cert_serial: cert_serial.map(str::to_string),
             },
         );
-        Ok(Change::new(
-            format!("coordinator {id}"),
-            format!("added at {address}"),
-        ))
+        let mut detail = format!("added at {address}");
+        if let Some(serial) = cert_serial {
+            detail.push_str(&format!(" with certificate {serial}"));
+        }
+        Ok(Change::new(format!("coordinator {id}"), detail))
     }
 
-    pub(crate) fn remove_coordinator(&mut self, id: u64) -> Result<Change> {
-        if !self.coordinators.contains_key(&id) {
+    /// Removes a coordinator and revokes its certificate: every coordinator's mesh refuses it
+    /// from then on, and its id is never given again.
+    pub(crate) fn remove_coordinator(&mut self, ctx: Ctx<'_>, id: u64) -> Result<Change> {
+        let Some(removed) = self.coordinators.get(&id) else {
             return Err(Error::UnknownCoordinator { id });
-        }
+        };
         if self.coordinators.len() == 1 {
             return Err(Error::LastCoordinator { id });
         }
+        let principal = coordinator_principal(id);
+        let serial = removed.cert_serial.clone();
+        self.revoked.insert(
+            principal.clone(),
+            Revoked {
+                principal: principal.clone(),
+                serial: serial.clone(),
+                revoked_at_ms: ctx.now,
+            },
+        );
         self.coordinators.remove(&id);
-        Ok(Change::new(format!("coordinator {id}"), "removed"))
+        Ok(Change::new(
+            format!("coordinator {id}"),
+            format!(
+                "removed; certificate of {principal} revoked{}",
+                serial.map(|s| format!(" (serial {s})")).unwrap_or_default()
+            ),
+        ))
+    }
+
+    /// The id the next coordinator gets: above every coordinator's, present or removed (a
+    /// removed coordinator's id is never given again).
+    pub fn next_coordinator_id(&self) -> u64 {
+        let removed = self.revoked.keys().filter_map(|p| {
+            p.strip_prefix("coordinator/")
+                .and_then(|id| id.parse::<u64>().ok())
+        });
+        self.coordinators
+            .keys()
+            .copied()
+            .chain(removed)
+            .max()
+            .unwrap_or(0)
+            + 1
     }
 }

@@ -40,13 +40,13 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::command::{Actor, Command, Created, Entry, Outcome};
+use crate::command::{Actor, Command, Created, Entry, Outcome, Role};
 use crate::error::{Error, Result};
 use crate::scheduler::{self, DeploymentView, NodeView, Placement, Unplaced};
 use approvals::{ApprovalRequest, Policy};
 use audit::AuditRecord;
 use deployments::Deployment;
-use members::{Coordinator, Node};
+use members::{Coordinator, Node, Revoked};
 use shelf::{Model, TrustedKey};
 use tokens::Token;
 use writes::AppliedWrites;
@@ -78,6 +78,9 @@ pub struct State {
     /// The client writes applied lately, so that one committed twice applies once.
     #[serde(default)]
     writes: AppliedWrites,
+    /// Certificates the mesh refuses, by principal (`coordinator/3`): removed coordinators.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    revoked: BTreeMap<String, Revoked>,
 }
 
 impl Default for State {
@@ -99,6 +102,7 @@ impl Default for State {
             audit: Vec::new(),
             trusted_keys: BTreeMap::new(),
             writes: AppliedWrites::default(),
+            revoked: BTreeMap::new(),
         }
     }
 }
@@ -186,6 +190,10 @@ impl State {
         // Nothing below can fail: the command is accepted.
         self.clock_ms = ctx.now;
         let mut detail = change.detail;
+        // A limited token (a join token) gives one use to each command it issues.
+        if let Some((id, left)) = self.use_token(&entry.actor) {
+            detail.push_str(&format!("; token {id} used, {left} use(s) left"));
+        }
         let mut placements_changed = false;
         let replan = match change.replan {
             Replan::No => false,
@@ -214,8 +222,9 @@ impl State {
                 .tokens
                 .get(id)
                 .ok_or_else(|| Error::UnknownToken { id: id.clone() })?;
-            if token.revoked_at_ms.is_some() {
-                return Err(Error::TokenRevoked { id: id.clone() });
+            // Revoked, expired at this entry's time, or used up.
+            if let Some(e) = token.unusable(self.clock_ms.max(entry.now_ms)) {
+                return Err(e);
             }
             if token.name != actor.name || token.role != actor.role {
                 return Err(Error::ActorMismatch {
@@ -226,7 +235,10 @@ impl State {
             }
         }
         let needed = entry.command.required_role();
-        if !actor.role.allows(needed) {
+        // A join token admits a coordinator and does nothing else.
+        let joining =
+            actor.role == Role::Join && matches!(entry.command, Command::AddCoordinator { .. });
+        if !joining && !actor.role.allows(needed) {
             return Err(Error::Forbidden {
                 action: entry.command.action(),
                 role: actor.role,
@@ -250,8 +262,9 @@ impl State {
                 id,
                 address,
                 api_address,
-            } => self.add_coordinator(ctx, *id, address, api_address),
-            RemoveCoordinator { id } => self.remove_coordinator(*id),
+                cert_serial,
+            } => self.add_coordinator(ctx, *id, address, api_address, cert_serial.as_deref()),
+            RemoveCoordinator { id } => self.remove_coordinator(ctx, *id),
             RegisterModelVersion {
                 model,
                 version,
@@ -310,7 +323,15 @@ impl State {
                 name,
                 role,
                 secret_hash,
-            } => self.create_token(ctx, id, name, *role, secret_hash),
+            } => self.create_token(ctx, id, name, *role, secret_hash, None, None),
+            CreateLimitedToken {
+                id,
+                name,
+                role,
+                secret_hash,
+                expires_in_ms,
+                uses,
+            } => self.create_token(ctx, id, name, *role, secret_hash, *expires_in_ms, *uses),
             RevokeToken { id } => self.revoke_token(ctx, id),
         }
     }
@@ -440,6 +461,10 @@ impl State {
     }
     pub fn coordinators(&self) -> &BTreeMap<u64, Coordinator> {
         &self.coordinators
+    }
+    /// The revocation list: certificates the mesh refuses, by principal.
+    pub fn revoked(&self) -> &BTreeMap<String, Revoked> {
+        &self.revoked
     }
     pub fn models(&self) -> &BTreeMap<String, Model> {
         &self.models

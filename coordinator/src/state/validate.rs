@@ -45,6 +45,26 @@ pub fn text(what: &'static str, value: &str, max: usize, non_empty: bool) -> Res
     Ok(())
 }
 
+/// A certificate serial number: 1 to 40 bytes as lowercase hex (RFC 5280 allows 20 octets;
+/// leave room for a leading zero and for other CAs).
+pub fn serial(value: &str) -> Result<()> {
+    let ok = !value.is_empty()
+        && value.len() <= 80
+        && value.len().is_multiple_of(2)
+        && value
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            "certificate serial",
+            truncate(value),
+            "give it as lowercase hex, an even number of digits",
+        ))
+    }
+}
+
 /// A network address: `host:port`, no spaces.
 pub fn address(what: &'static str, value: &str) -> Result<()> {
     text(what, value, MAX_TEXT_LEN, true)?;

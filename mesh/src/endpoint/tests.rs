@@ -140,6 +140,50 @@ async fn a_joiner_pins_the_ca_and_is_seen_without_a_principal() -> anyhow::Resul
 }
 
 #[tokio::test]
+async fn a_joiner_refuses_a_server_of_the_pinned_ca_that_is_not_a_coordinator() -> anyhow::Result<()>
+{
+    let ca = Ca::generate("test")?;
+    // A mesh node's certificate chains to the pinned CA, but a node may not answer a join.
+    let (server, addr) = member(&ca, Principal::Node("x".into()))?;
+    tokio::spawn(serve_one(server));
+    let cfg = EndpointConfig::default();
+    let joiner = client_endpoint(&cfg)?;
+    let pinned = join_client_config(&ca.fingerprint(), &cfg)?;
+    let refused = connect(&joiner, addr, Some(pinned)).await;
+    match refused {
+        Err(Error::Connect { reason, .. }) => {
+            assert!(reason.contains("not a coordinator"), "{reason}")
+        }
+        other => panic!("a node answered a joiner: {other:?}"),
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_server_sees_the_serial_of_the_client_certificate() -> anyhow::Result<()> {
+    let ca = Ca::generate("test")?;
+    let (server, addr) = member(&ca, Principal::Coordinator(1))?;
+    let seen = tokio::spawn(async move {
+        let conn = server.accept().await?.await.ok()?;
+        Some((peer_principal(&conn), peer_serial(&conn)))
+    });
+    let id = ca.issue_identity(&Principal::Coordinator(2))?;
+    let client = endpoint(local(), &id, &EndpointConfig::default())?;
+    let conn = connect(&client, addr, None).await?;
+    let (principal, serial) = seen.await?.context("no connection")?;
+    assert_eq!(principal, Some(Principal::Coordinator(2)));
+    assert_eq!(serial, Some(crate::serial_of_pem(&id.cert_pem)?));
+    // Two certificates for one principal have different serials.
+    let again = ca.issue_identity(&Principal::Coordinator(2))?;
+    assert_ne!(
+        crate::serial_of_pem(&again.cert_pem)?,
+        crate::serial_of_pem(&id.cert_pem)?
+    );
+    conn.close(0u32.into(), b"done");
+    Ok(())
+}
+
+#[tokio::test]
 async fn frames_round_trip_and_bad_ones_are_errors() -> anyhow::Result<()> {
     let ca = Ca::generate("test")?;
     let (server, addr) = member(&ca, Principal::Coordinator(1))?;

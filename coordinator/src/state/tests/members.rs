@@ -227,6 +227,7 @@ fn coordinators_and_grace() {
         id,
         address: format!("c{id}:7000"),
         api_address: String::new(),
+        cert_serial: None,
     };
     w.ok(admin(), add(1));
     w.ok(admin(), add(2));

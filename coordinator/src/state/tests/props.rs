@@ -53,6 +53,7 @@ fn setup() -> Vec<Entry> {
             id: 1,
             address: "c1:7000".into(),
             api_address: String::new(),
+            cert_serial: None,
         },
         Command::TrustKey {
             key: hex64(99),
@@ -117,7 +118,7 @@ fn command() -> impl Strategy<Value = Command> {
         1 => node_id().prop_map(|node| Command::ResumeNode { node }),
         1 => node_id().prop_map(|node| Command::LeaveNode { node }),
         2 => node_id().prop_map(|node| Command::MarkNodeDown { node }),
-        1 => (1..4u64).prop_map(|id| Command::AddCoordinator { id, address: format!("c{id}:7000"), api_address: format!("c{id}:7400") }),
+        1 => (1..4u64).prop_map(|id| Command::AddCoordinator { id, address: format!("c{id}:7000"), api_address: format!("c{id}:7400"), cert_serial: Some(format!("0{id}")) }),
         1 => (1..4u64).prop_map(|id| Command::RemoveCoordinator { id }),
     ];
     let shelf = prop_oneof![

@@ -171,7 +171,7 @@ struct BinaryFlag {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::v2::Tensor;
+    use crate::Tensor;
 
     fn decode(json: &str) -> Result<InferRequest> {
         decode_request(json.as_bytes(), None)
