@@ -131,3 +131,45 @@ async fn the_node_sheds_with_503_past_its_bytes_in_flight() {
     assert!(message.contains("in flight"), "{message}");
     assert_adds(&n, 2).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn models_reserve_instance_slots_and_one_that_does_not_fit_is_refused() {
+    use sophon_node::{Repository, Runtime, RuntimeConfig, ServingLimits};
+    let runtime = Runtime::new(RuntimeConfig {
+        cache_dir: None,
+        cache_key_file: None,
+        max_instances: 5,
+        ..RuntimeConfig::default()
+    })
+    .expect("runtime");
+    let key = sophon_sdk::keys::generate();
+    let repo = Repository::new(
+        runtime,
+        vec![key.verifying_key()],
+        ServingLimits {
+            default_concurrency: 2,
+            ..ServingLimits::default()
+        },
+        std::sync::Arc::new(sophon_node::stats::Metrics::new().expect("metrics")),
+    );
+    // 5 slots, one kept for loading: two models of concurrency 2 fit, a third does not.
+    for name in ["a", "b"] {
+        repo.add_bundle(&sophon_sdk::ready::mlp_bundle(name, &key).expect("pack"))
+            .expect("fits");
+    }
+    assert_eq!(repo.reserved_slots(), 4);
+    let err = repo
+        .add_bundle(&sophon_sdk::ready::mlp_bundle("c", &key).expect("pack"))
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        err.contains("does not fit this node's instance pool"),
+        "{err}"
+    );
+    // Unloading gives the slots back.
+    repo.unload("a").expect("unload");
+    assert_eq!(repo.reserved_slots(), 2);
+    repo.add_bundle(&sophon_sdk::ready::mlp_bundle("c", &key).expect("pack"))
+        .expect("fits now");
+}
