@@ -122,13 +122,7 @@ impl Bundle {
 
     /// Succeeds when the publisher is one of `trusted`.
     pub fn verify_publisher(&self, trusted: &[VerifyingKey]) -> Result<()> {
-        if trusted.contains(&self.publisher) {
-            Ok(())
-        } else {
-            Err(Error::UntrustedPublisher {
-                key_hex: self.publisher_hex(),
-            })
-        }
+        verify_publisher(&self.publisher, trusted)
     }
 
     /// The bundle digest as 64 lowercase hex digits; it identifies the bundle's exact contents.
@@ -149,6 +143,17 @@ impl Bundle {
             .ok_or_else(|| Error::MissingPart {
                 name: format!("{MODELS_PREFIX}{}", graph.file),
             })
+    }
+}
+
+/// Succeeds when `publisher` is one of `trusted`.
+fn verify_publisher(publisher: &VerifyingKey, trusted: &[VerifyingKey]) -> Result<()> {
+    if trusted.contains(publisher) {
+        Ok(())
+    } else {
+        Err(Error::UntrustedPublisher {
+            key_hex: crate::keys::public_key_hex(publisher),
+        })
     }
 }
 
@@ -457,13 +462,7 @@ impl StreamedBundle {
 
     /// Succeeds when the publisher is one of `trusted`.
     pub fn verify_publisher(&self, trusted: &[VerifyingKey]) -> Result<()> {
-        if trusted.contains(&self.publisher) {
-            Ok(())
-        } else {
-            Err(Error::UntrustedPublisher {
-                key_hex: self.publisher_hex(),
-            })
-        }
+        verify_publisher(&self.publisher, trusted)
     }
 }
 

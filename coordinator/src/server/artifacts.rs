@@ -14,7 +14,6 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use sha2::{Digest, Sha256};
 use sophon_sdk::bundle::{StreamVerifier, StreamedBundle};
 
 use crate::{Error, Result};
@@ -43,7 +42,6 @@ pub fn is_digest(s: &str) -> bool {
 pub struct BlobWriter {
     file: std::fs::File,
     path: PathBuf,
-    hasher: Sha256,
     verifier: StreamVerifier,
     /// Why the bytes are not a valid bundle, as soon as that is known.
     refused: Option<sophon_sdk::Error>,
@@ -51,10 +49,9 @@ pub struct BlobWriter {
     limit: u64,
 }
 
-/// A finished blob: its temporary file, SHA-256, and what verifying it as a bundle found.
+/// A finished blob: its temporary file, and what verifying it as a bundle found.
 pub struct FinishedBlob {
     pub tmp: PathBuf,
-    pub sha256: String,
     pub bundle: std::result::Result<StreamedBundle, sophon_sdk::Error>,
 }
 
@@ -64,7 +61,6 @@ impl BlobWriter {
         if self.len + bytes.len() as u64 > self.limit {
             return Err(Error::TooLarge { limit: self.limit });
         }
-        self.hasher.update(bytes);
         self.len += bytes.len() as u64;
         if self.refused.is_none()
             && let Err(e) = self.verifier.update(bytes)
@@ -103,7 +99,6 @@ impl BlobWriter {
         };
         Ok(FinishedBlob {
             tmp: self.path,
-            sha256: hex::encode(self.hasher.finalize()),
             bundle,
         })
     }
@@ -136,7 +131,6 @@ impl BlobStore {
         Ok(BlobWriter {
             file,
             path,
-            hasher: Sha256::new(),
             verifier: StreamVerifier::new(),
             refused: None,
             len: 0,
@@ -224,13 +218,13 @@ impl BlobStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sha2::{Digest, Sha256};
 
     fn put(store: &BlobStore, bytes: &[u8]) -> String {
         let mut w = store.writer(1 << 20).unwrap_or_else(|e| panic!("{e}"));
         w.write(bytes).unwrap_or_else(|e| panic!("{e}"));
-        let FinishedBlob {
-            tmp, sha256: sha, ..
-        } = w.finish().unwrap_or_else(|e| panic!("{e}"));
+        let tmp = w.finish().unwrap_or_else(|e| panic!("{e}")).tmp;
+        let sha = hex::encode(Sha256::digest(bytes));
         store.commit(&tmp, &sha).unwrap_or_else(|e| panic!("{e}"));
         sha
     }
