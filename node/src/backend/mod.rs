@@ -10,6 +10,7 @@
 //! ones in a carrier of the same element width (see `sophon_guest::nn`); backends reinterpret a
 //! carrier as the model's declared type. Anything else is a clear error, never a panic.
 
+pub mod memory;
 pub mod tract;
 
 use std::cell::RefCell;

@@ -6,6 +6,7 @@
 //! Wasm instance per request does not pay for a fresh execution state. Many contexts of one graph
 //! run in parallel; nothing here holds a graph-wide lock while computing.
 
+use super::memory::{self, Held};
 use parking_lot::Mutex;
 use std::sync::Arc;
 use tract_onnx::prelude::*;
@@ -18,6 +19,10 @@ use wasmtime_wasi_nn::{ExecutionContext, Graph};
 
 /// Most idle execution states kept per graph.
 const POOL_CAPACITY: usize = 64;
+
+/// What an execution context is charged for its execution state (tract's per-node value and
+/// state tables), on top of the inputs it stages and the outputs it keeps.
+const STATE_BYTES: usize = 256 << 10;
 
 /// The tract backend, for `wasi:nn/graph.load` with the `onnx` encoding.
 #[derive(Default)]
@@ -108,6 +113,8 @@ impl TractGraph {
 
     /// A context with a pooled (or new) execution state.
     pub fn context(&self) -> TractResult<TractContext> {
+        let mut held = Held::new();
+        held.charge(STATE_BYTES, "a wasi-nn execution context")?;
         let pooled = self.0.pool.lock().pop();
         let state = match pooled {
             Some(state) => state,
@@ -119,6 +126,7 @@ impl TractGraph {
             state: Some(Mutex::new(state)),
             staged: inputs,
             outputs: Vec::new(),
+            held,
         })
     }
 
@@ -179,6 +187,18 @@ pub struct TractContext {
     state: Option<Mutex<TypedSimpleState>>,
     staged: Vec<Option<TValue>>,
     outputs: Vec<(String, TValue)>,
+    /// The call's memory this context holds: its state, staged inputs and kept outputs.
+    held: Held,
+}
+
+/// Bytes of a tract tensor's data.
+fn bytes_of(value: &Tensor) -> usize {
+    value.len().saturating_mul(value.datum_type().size_of())
+}
+
+/// A wasi-nn error for a charge the call's memory limit refused.
+fn over_limit(e: memory::Exceeded) -> BackendError {
+    invalid(e.to_string())
 }
 
 impl Drop for TractContext {
@@ -222,6 +242,9 @@ impl TractContext {
             })?;
             inputs.push(value);
         }
+        // The inputs are consumed by the run.
+        let staged: usize = inputs.iter().map(|v| bytes_of(v)).sum();
+        self.held.release(staged);
         for check in &self.shared.index_checks {
             check.check(&self.shared.input_names[check.input], &inputs[check.input])?;
         }
@@ -243,6 +266,10 @@ impl TractContext {
                 return Err(invalid(panicked));
             }
         };
+        let kept: usize = outputs.iter().map(|v| bytes_of(v)).sum();
+        self.held
+            .charge(kept, "wasi-nn outputs")
+            .map_err(over_limit)?;
         self.outputs = self
             .shared
             .output_names
@@ -262,7 +289,12 @@ impl BackendExecutionContext for TractContext {
             self.shared.input_types[ix],
             tensor,
         )?;
-        self.staged[ix] = Some(value);
+        self.held
+            .charge(bytes_of(&value), "wasi-nn inputs")
+            .map_err(over_limit)?;
+        if let Some(old) = self.staged[ix].replace(value) {
+            self.held.release(bytes_of(&old));
+        }
         Ok(())
     }
 
@@ -272,6 +304,8 @@ impl BackendExecutionContext for TractContext {
             Id::Name(n) => self.outputs.iter().find(|(name, _)| name == n),
         };
         let (name, value) = found.ok_or_else(|| invalid(format!("no output {id:?}")))?;
+        // The copy is a tensor the guest holds for the rest of the call.
+        memory::charge_call(bytes_of(value), "wasi-nn outputs").map_err(over_limit)?;
         from_tract(name, value)
     }
 
@@ -288,6 +322,10 @@ impl BackendExecutionContext for TractContext {
             return Ok(None);
         }
         let outputs = std::mem::take(&mut self.outputs);
+        // The outputs move from this context to tensors the guest holds for the rest of the call.
+        let moved: usize = outputs.iter().map(|(_, v)| bytes_of(v)).sum();
+        self.held.release(moved);
+        memory::charge_call(moved, "wasi-nn outputs").map_err(over_limit)?;
         outputs
             .iter()
             .map(|(name, value)| {
@@ -409,6 +447,66 @@ mod tests {
 
     fn nn(ty: TensorType, dims: &[u32], data: Vec<u8>) -> NnTensor {
         NnTensor::new(dims.to_vec(), ty, data)
+    }
+
+    #[test]
+    fn contexts_count_what_they_hold_against_the_calls_memory_limit() {
+        use super::memory::CallMemory;
+        let mlp = sophon_sdk::examples::Mlp::new(4, 3, 2, 1);
+        let graph = TractGraph::from_onnx(&mlp.to_onnx()).expect("load");
+        let batch = 1024u32;
+        let input = || {
+            let data: Vec<u8> = (0..batch * 4)
+                .flat_map(|i| (i as f32).to_le_bytes())
+                .collect();
+            nn(TensorType::Fp32, &[batch, 4], data)
+        };
+        let call = CallMemory::open(64 << 20);
+        let mut ctx = graph.context().expect("context");
+        assert_eq!(
+            call.host(),
+            STATE_BYTES,
+            "a context is charged for its state"
+        );
+        ctx.set_input(Id::Index(0), &input()).expect("set");
+        assert_eq!(call.host(), STATE_BYTES + 16 * 1024, "staged input counted");
+        ctx.set_input(Id::Index(0), &input()).expect("set again");
+        assert_eq!(
+            call.host(),
+            STATE_BYTES + 16 * 1024,
+            "a replaced input is released"
+        );
+        ctx.compute(None).expect("compute");
+        // The input is consumed; the [1024, 2] f32 output is kept by the context.
+        assert_eq!(call.host(), STATE_BYTES + 8 * 1024);
+        drop(ctx);
+        assert_eq!(call.host(), 0, "a dropped context gives everything back");
+        drop(call);
+
+        // Under a limit too small for the staged input, the charge is refused and remembered.
+        let call = CallMemory::open(STATE_BYTES + 1024);
+        let mut ctx = graph.context().expect("context");
+        let refused = ctx
+            .set_input(Id::Index(0), &input())
+            .expect_err("over the limit");
+        assert!(
+            format!("{refused:?}").contains("memory limit"),
+            "{refused:?}"
+        );
+        assert!(call.exceeded());
+        assert_eq!(call.host(), STATE_BYTES, "a refused input holds nothing");
+        drop(ctx);
+        drop(call);
+
+        // Sixteen contexts on a small limit: the state charges alone run it out.
+        let call = CallMemory::open(4 * STATE_BYTES);
+        let held: Vec<_> = (0..4).map(|_| graph.context().expect("context")).collect();
+        assert!(
+            graph.context().is_err(),
+            "a fifth context is over the limit"
+        );
+        drop(held);
+        assert_eq!(call.host(), 0);
     }
 
     #[test]

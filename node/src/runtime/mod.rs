@@ -149,6 +149,10 @@ impl Runtime {
         let mut wasm = Config::new();
         wasm.wasm_component_model(true)
             .epoch_interruption(true)
+            // Errors raised inside a guest call carry its Wasm backtrace; the sandbox tells a
+            // copy refused on the way in (a host call's arguments) from one on the way out
+            // (the export's results) by it.
+            .wasm_backtrace_max_frames(std::num::NonZeroUsize::new(20))
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
             .cranelift_opt_level(wasmtime::OptLevel::Speed);
         let engine = Engine::new(&wasm).wt()?;

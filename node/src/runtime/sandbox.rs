@@ -2,6 +2,7 @@
 
 use super::cache::{self, Origin};
 use super::{Runtime, WasmtimeExt};
+use crate::backend::memory::CallMemory;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,13 +36,19 @@ pub(crate) struct Sandbox {
     wasi: WasiCtx,
     table: ResourceTable,
     nn: WasiNnCtx,
-    limiter: Limiter,
     /// When the call must end: blocking host calls (sleep, poll) give up here.
     deadline: Instant,
     /// A blocking host call reached the deadline.
     blocked_past_deadline: bool,
     /// wasi-nn execution contexts created by this call.
     contexts: usize,
+    /// Most bytes the guest may hand the host when it returns (outputs plus their metadata).
+    output_fuel: usize,
+    /// The guest has returned and its results are being lifted.
+    lifting_outputs: bool,
+    /// Declared last, so that it is dropped last: the contexts in `table` give their bytes back
+    /// to the call's account before the account closes.
+    limiter: Limiter,
 }
 
 impl WasiView for Sandbox {
@@ -53,31 +60,10 @@ impl WasiView for Sandbox {
     }
 }
 
-/// Caps linear memory and tables, and the host memory a guest makes the node hold for it
-/// (wasi-nn tensors); remembers whether a cap was hit, to name the failure.
+/// Caps linear memory and tables through the call's memory account, which also counts the host
+/// memory the guest makes the node hold for it (wasi-nn tensors and execution contexts).
 struct Limiter {
-    memory_max: usize,
-    exceeded: bool,
-    /// Bytes of linear memory now.
-    linear: usize,
-    /// Bytes of wasi-nn tensor data created on the host by this call.
-    host: usize,
-}
-
-impl Limiter {
-    /// Count `bytes` more of host memory held for the guest; refuse past the limit.
-    fn host_alloc(&mut self, bytes: usize) -> wasmtime::Result<()> {
-        let total = self.host.saturating_add(bytes);
-        if total.saturating_add(self.linear) > self.memory_max {
-            self.exceeded = true;
-            wasmtime::bail!(
-                "memory limit of {} MiB exceeded (linear memory plus wasi-nn tensors)",
-                self.memory_max >> 20
-            );
-        }
-        self.host = total;
-        Ok(())
-    }
+    memory: CallMemory,
 }
 
 impl wasmtime::ResourceLimiter for Limiter {
@@ -87,11 +73,9 @@ impl wasmtime::ResourceLimiter for Limiter {
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if desired.saturating_add(self.host) > self.memory_max {
-            self.exceeded = true;
-            wasmtime::bail!("memory limit of {} MiB exceeded", self.memory_max >> 20);
-        }
-        self.linear = desired;
+        self.memory
+            .grow_linear(desired)
+            .map_err(|e| wasmtime::format_err!("{e}"))?;
         Ok(true)
     }
 
@@ -103,6 +87,51 @@ impl wasmtime::ResourceLimiter for Limiter {
     ) -> wasmtime::Result<bool> {
         Ok(desired <= 1 << 20)
     }
+}
+
+/// Room the host grants for strings and small lists (names, shapes) beyond a call's data.
+const METADATA_FUEL: usize = 64 << 10;
+
+/// Bound every copy from guest to host *before* it is made.
+///
+/// wasmtime charges "hostcall fuel" for each string and list it lifts out of a guest, before
+/// copying it, and fails the lift when the fuel runs out. The fuel is read when a lift starts,
+/// so the hook sets it at the two moments a guest hands data over:
+/// - entering a host function (its arguments are lifted): the room left under the memory limit;
+/// - the guest returning from the export (its results are lifted): `max_output_bytes`.
+fn bound_copies(store: &mut Store<Sandbox>) {
+    store.call_hook(|mut cx, hook| {
+        match hook {
+            wasmtime::CallHook::CallingHost => {
+                let fuel = cx
+                    .data()
+                    .limiter
+                    .memory
+                    .room()
+                    .saturating_add(METADATA_FUEL);
+                cx.data_mut().lifting_outputs = false;
+                cx.set_hostcall_fuel(fuel);
+            }
+            wasmtime::CallHook::ReturningFromWasm => {
+                let fuel = cx.data().output_fuel;
+                cx.data_mut().lifting_outputs = true;
+                cx.set_hostcall_fuel(fuel);
+            }
+            wasmtime::CallHook::CallingWasm | wasmtime::CallHook::ReturningFromHost => {
+                cx.data_mut().lifting_outputs = false;
+            }
+        }
+        Ok(())
+    });
+}
+
+/// Whether `error` is wasmtime refusing a lift for lack of hostcall fuel.
+fn out_of_copy_fuel(error: &wasmtime::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .to_string()
+            .contains("fuel allocated for hostcalls has been exhausted")
+    })
 }
 
 /// The model's graphs, shared by every instance (wasi-nn `load-by-name`).
@@ -143,6 +172,7 @@ pub(crate) fn linker(engine: &Engine) -> anyhow::Result<Linker<Sandbox>> {
 /// - `graph.init-execution-context` is capped at [`MAX_CONTEXTS`] per call.
 mod bounded {
     use super::{MAX_CONTEXTS, Sandbox};
+    use crate::backend::memory;
     use crate::runtime::WasmtimeExt;
     use std::time::Instant;
     use wasmtime::StoreContextMut;
@@ -185,7 +215,8 @@ mod bounded {
                 |mut store: StoreContextMut<'_, Sandbox>,
                  (dimensions, ty, data): (Vec<u32>, TensorType, Vec<u8>)| {
                     let sandbox = store.data_mut();
-                    sandbox.limiter.host_alloc(data.len())?;
+                    memory::charge_call(data.len(), "wasi-nn tensors")
+                        .map_err(|e| wasmtime::format_err!("{e}"))?;
                     let tensor = wasmtime_wasi_nn::Tensor {
                         dimensions,
                         ty,
@@ -271,11 +302,15 @@ pub enum InvokeError {
     /// The guest trapped (a panic, `unreachable`, an out-of-bounds access...).
     #[error("model `{model}` crashed: {message}")]
     Trap { model: String, message: String },
-    /// The guest returned more output than allowed.
-    #[error("model `{model}` returned {bytes} bytes of output, over the limit of {limit} bytes")]
+    /// The guest returned more output than allowed. `bytes` is `None` when the output was
+    /// refused while it was being copied out of the guest, before all of it was seen.
+    #[error(
+        "model `{model}` returned {} of output, over the limit of {limit} bytes",
+        match bytes { Some(b) => format!("{b} bytes"), None => "more bytes".to_string() }
+    )]
     OutputTooLarge {
         model: String,
-        bytes: usize,
+        bytes: Option<usize>,
         limit: usize,
     },
     /// The guest refused the inputs.
@@ -397,6 +432,14 @@ impl Model {
         self.flush_logs(&logs);
         let outputs = match result {
             Err(e) => return Err(self.classify(e, &store, &logs)),
+            // A backend refused memory to the guest: whatever the guest made of that, the call
+            // ran into its limit.
+            Ok(_) if store.data().limiter.memory.exceeded() => {
+                return Err(InvokeError::MemoryExceeded {
+                    model: self.name.clone(),
+                    limit_mib: self.limits.memory_bytes >> 20,
+                });
+            }
             Ok(Err(PredictError::InvalidInput(message))) => {
                 return Err(InvokeError::InvalidInput {
                     model: self.name.clone(),
@@ -422,14 +465,13 @@ impl Model {
         };
         drop(store);
         times.teardown = called.elapsed();
-        // The outputs were lifted out of the guest's linear memory, which the memory limit caps,
-        // so this copy is bounded by `memory_mb` (wasmtime runs the guest's post-return, which
-        // frees the lists, before the host can look at them in place).
+        // The copy out of the guest was bounded before it was made (`bound_copies`): by
+        // `max_output_bytes` plus room for names and shapes. Count the data bytes exactly.
         let bytes: usize = outputs.iter().map(|t| t.data.len()).sum();
         if bytes > self.limits.max_output_bytes {
             return Err(InvokeError::OutputTooLarge {
                 model: self.name.clone(),
-                bytes,
+                bytes: Some(bytes),
                 limit: self.limits.max_output_bytes,
             });
         }
@@ -452,18 +494,18 @@ impl Model {
             wasi: wasi.build(),
             table: ResourceTable::new(),
             nn: WasiNnCtx::new([], SharedGraphs(self.graphs.clone()).into()),
-            limiter: Limiter {
-                memory_max: self.limits.memory_bytes,
-                exceeded: false,
-                linear: 0,
-                host: 0,
-            },
             deadline: Instant::now() + self.limits.timeout,
             blocked_past_deadline: false,
             contexts: 0,
+            output_fuel: self.limits.max_output_bytes.saturating_add(METADATA_FUEL),
+            lifting_outputs: false,
+            limiter: Limiter {
+                memory: CallMemory::open(self.limits.memory_bytes),
+            },
         };
         let mut store = Store::new(&self.engine, sandbox);
         store.limiter(|s| &mut s.limiter);
+        bound_copies(&mut store);
         store.set_epoch_deadline(self.deadline_ticks);
         store.epoch_deadline_trap();
         (store, [stdout, stderr])
@@ -494,6 +536,23 @@ impl Model {
         {
             return InvokeError::Busy { model };
         }
+        // A copy refused on the way out (the export's results, lifted after the guest returned)
+        // carries no Wasm backtrace; one refused on the way in (a host call's arguments) does,
+        // and ends the guest with a trap, after which `lifting_outputs` is set too.
+        let inside_guest = error.downcast_ref::<wasmtime::WasmBacktrace>().is_some();
+        if out_of_copy_fuel(&error) && store.data().lifting_outputs && !inside_guest {
+            return InvokeError::OutputTooLarge {
+                model,
+                bytes: None,
+                limit: self.limits.max_output_bytes,
+            };
+        }
+        if out_of_copy_fuel(&error) {
+            return InvokeError::MemoryExceeded {
+                model,
+                limit_mib: self.limits.memory_bytes >> 20,
+            };
+        }
         if store.data().blocked_past_deadline
             || matches!(
                 error.downcast_ref::<wasmtime::Trap>(),
@@ -505,7 +564,7 @@ impl Model {
                 limit_ms: self.limits.timeout.as_millis(),
             };
         }
-        if store.data().limiter.exceeded {
+        if store.data().limiter.memory.exceeded() {
             return InvokeError::MemoryExceeded {
                 model,
                 limit_mib: self.limits.memory_bytes >> 20,
