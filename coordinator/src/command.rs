@@ -17,7 +17,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::scheduler::Device;
+use crate::scheduler::{Device, ReplicaPhase};
 use crate::state::members::{Inventory, NodeLoad};
 use crate::state::shelf::ManifestSummary;
 
@@ -31,6 +31,10 @@ pub enum Role {
     /// [`Command::CreateLimitedToken`]). First in the order, so that a plain comparison ranks
     /// it below every other role; [`Role::allows`] keeps it out of the hierarchy altogether.
     Join,
+    /// Admits mesh nodes through the mesh's `NODE_JOIN` and nothing else. Node join tokens
+    /// always expire and have a use count; an operator mints them (`sophon node join-token`).
+    #[serde(rename = "node-join")]
+    NodeJoin,
     /// Reads only.
     Viewer,
     /// Registers model versions, curates the shelf, asks for approval.
@@ -57,7 +61,7 @@ impl Role {
     /// allows `join`: an admin token is no join token, and a join token reads nothing.
     pub fn allows(self, needed: Role) -> bool {
         match (self, needed) {
-            (Role::Join, _) | (_, Role::Join) => self == needed,
+            (Role::Join | Role::NodeJoin, _) | (_, Role::Join | Role::NodeJoin) => self == needed,
             _ => self >= needed,
         }
     }
@@ -66,6 +70,7 @@ impl Role {
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Join => "join",
+            Role::NodeJoin => "node-join",
             Role::Viewer => "viewer",
             Role::Publisher => "publisher",
             Role::Approver => "approver",
@@ -156,6 +161,30 @@ pub struct NodeSpec {
     pub inventory: Inventory,
     pub labels: BTreeMap<String, String>,
     pub zone: String,
+    /// Where clients reach its V2 HTTP endpoint (`host:port`; empty: not recorded).
+    #[serde(default)]
+    pub http_address: String,
+    /// The environments it serves; empty: every environment.
+    #[serde(default)]
+    pub environments: Vec<String>,
+    /// The sophon version it runs.
+    #[serde(default)]
+    pub version: String,
+    /// The serial (lowercase hex) of the certificate issued to it: the mesh accepts `node/<id>`
+    /// only with this certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_serial: Option<String>,
+}
+
+/// A replica's state as its node reported it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaUpdate {
+    pub deployment: u64,
+    pub replica: u32,
+    pub phase: ReplicaPhase,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// A change to the replicated state.
@@ -173,6 +202,12 @@ pub enum Command {
         node: String,
         load: NodeLoad,
         ready: Vec<ReplicaKey>,
+    },
+    /// A node's replicas changed state, or a node marked down is heard from again. The leader
+    /// proposes it only on such a transition: liveness itself is the leader's soft state.
+    ReportReplicas {
+        node: String,
+        replicas: Vec<ReplicaUpdate>,
     },
     /// Stop placing replicas on a node and move its replicas elsewhere.
     DrainNode {
@@ -349,6 +384,7 @@ impl Command {
             Decide { .. } => Role::Approver,
             JoinNode { .. }
             | Heartbeat { .. }
+            | ReportReplicas { .. }
             | DrainNode { .. }
             | ResumeNode { .. }
             | LeaveNode { .. }
@@ -356,6 +392,11 @@ impl Command {
             | CreateDeployment { .. }
             | ScaleDeployment { .. }
             | DeleteDeployment { .. } => Role::Operator,
+            // An operator mints node join tokens; every other token is an admin's business.
+            CreateLimitedToken {
+                role: Role::NodeJoin,
+                ..
+            } => Role::Operator,
             SetHeartbeatGrace { .. }
             | AddCoordinator { .. }
             | RemoveCoordinator { .. }
@@ -373,6 +414,7 @@ impl Command {
         match self {
             JoinNode { .. } => "join-node",
             Heartbeat { .. } => "heartbeat",
+            ReportReplicas { .. } => "report-replicas",
             DrainNode { .. } => "drain-node",
             ResumeNode { .. } => "resume-node",
             LeaveNode { .. } => "leave-node",

@@ -31,6 +31,7 @@ pub mod codec;
 pub mod endpoint;
 pub mod error;
 pub mod identity;
+pub mod wire;
 
 pub use codec::{call, read_frame, write_frame};
 pub use endpoint::{

@@ -41,6 +41,12 @@ pub fn check_plan(
         if !n.schedulable {
             return Err(format!("placement on unschedulable node {}", p.node));
         }
+        if d.excluded.contains(&p.node) {
+            return Err(format!(
+                "replica {}/{} on node {}, which the deployment excludes",
+                d.id, p.replica, p.node
+            ));
+        }
         if p.replica >= d.replicas {
             return Err(format!(
                 "replica {} of {} beyond its count",
@@ -83,7 +89,7 @@ pub fn check_plan(
             continue;
         }
         for n in by_id.values().filter(|n| n.schedulable) {
-            if hosts.contains(&(d.id, n.id.as_str())) {
+            if hosts.contains(&(d.id, n.id.as_str())) || d.excluded.contains(&n.id) {
                 continue;
             }
             for device in &d.hardware {

@@ -134,6 +134,9 @@ pub struct DeploymentView {
     pub memory_mb: u64,
     /// Devices, best first.
     pub hardware: Vec<Device>,
+    /// Nodes that must not run it (they serve other environments, or failed to load it),
+    /// sorted.
+    pub excluded: Vec<String>,
 }
 
 /// Replica `replica` of deployment `deployment` runs on `node`, on `device`.
@@ -146,6 +149,44 @@ pub struct Placement {
     /// The node reported the replica serving (kept while the placement is kept).
     #[serde(default)]
     pub ready: bool,
+    /// Where the replica stands on its node, as last reported (`ready` is `phase == Ready`).
+    #[serde(default, skip_serializing_if = "ReplicaPhase::is_pending")]
+    pub phase: ReplicaPhase,
+    /// Why it failed, when it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Where a placed replica stands on its node.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplicaPhase {
+    /// Placed; its node has not reported on it yet.
+    #[default]
+    Pending,
+    Fetching,
+    Loading,
+    Ready,
+    /// The node cannot serve it: the scheduler moves it to another node.
+    Failed,
+}
+
+impl ReplicaPhase {
+    pub fn is_pending(&self) -> bool {
+        *self == ReplicaPhase::Pending
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplicaPhase::Pending => "pending",
+            ReplicaPhase::Fetching => "fetching",
+            ReplicaPhase::Loading => "loading",
+            ReplicaPhase::Ready => "ready",
+            ReplicaPhase::Failed => "failed",
+        }
+    }
 }
 
 /// Why replicas could not be placed.
@@ -329,7 +370,9 @@ pub fn place(nodes: &[NodeView], deployments: &[DeploymentView], current: &[Plac
             && d.hardware.contains(&p.device)
             && slot.capacity[dev] > 0
             && slot.free[dev] >= d.memory_mb
-            && slot.stamp != generation;
+            && slot.stamp != generation
+            && p.phase != ReplicaPhase::Failed
+            && d.excluded.binary_search(&p.node).is_err();
         if valid {
             slot.free[dev] -= d.memory_mb;
             slot.replicas += 1;
@@ -382,6 +425,13 @@ pub fn place(nodes: &[NodeView], deployments: &[DeploymentView], current: &[Plac
         }
         generation += 1;
         let mut touched: Vec<u32> = Vec::new();
+        // Nodes this deployment may not use leave the index while it is placed.
+        for id in &d.excluded {
+            if let Some(&ni) = node_ids.get(id.as_str()) {
+                s.take_out(ni);
+                touched.push(ni);
+            }
+        }
         for p in &kept_here {
             if let Some(&ni) = node_ids.get(p.node.as_str()) {
                 s.slots[ni as usize].stamp = generation;
@@ -428,6 +478,8 @@ pub fn place(nodes: &[NodeView], deployments: &[DeploymentView], current: &[Plac
                     node: used[ni as usize].id.clone(),
                     device: Device::ALL[device],
                     ready: false,
+                    phase: ReplicaPhase::Pending,
+                    reason: None,
                 });
                 next += 1;
                 if let Some(top) = s.fitting_top(device, z, d.memory_mb) {

@@ -80,6 +80,7 @@ pub fn synthetic_cluster(nodes: usize, replicas: usize, seed: u64) -> SyntheticC
             replicas: count as u32,
             memory_mb: 256 * rng.range(1, 16),
             hardware,
+            excluded: Vec::new(),
         });
         id += 1;
     }

@@ -24,6 +24,7 @@ fn deployment(id: u64, replicas: u32, memory_mb: u64, hardware: &[Device]) -> De
         replicas,
         memory_mb,
         hardware: hardware.to_vec(),
+        excluded: Vec::new(),
     }
 }
 
@@ -253,6 +254,8 @@ fn scale_down_drops_the_highest_replicas_and_invalid_ones() {
             node: "n1".into(),
             device: Device::Cpu,
             ready: true,
+            phase: ReplicaPhase::Ready,
+            reason: None,
         },
         Placement {
             deployment: 1,
@@ -260,6 +263,8 @@ fn scale_down_drops_the_highest_replicas_and_invalid_ones() {
             node: "gone".into(),
             device: Device::Cpu,
             ready: true,
+            phase: ReplicaPhase::Ready,
+            reason: None,
         },
         Placement {
             deployment: 1,
@@ -267,6 +272,8 @@ fn scale_down_drops_the_highest_replicas_and_invalid_ones() {
             node: "n1".into(),
             device: Device::Gpu,
             ready: true,
+            phase: ReplicaPhase::Ready,
+            reason: None,
         },
     ];
     let plan = checked(&nodes, &[deployment(1, 2, 1000, CPU)], &stale);
@@ -376,4 +383,40 @@ fn hundred_thousand_replicas_on_ten_thousand_nodes() {
         cluster.nodes.len(),
         down.len()
     );
+}
+
+#[test]
+fn excluded_nodes_get_no_replica_and_lose_the_ones_they_had() {
+    let nodes = [
+        node("n1", "a", 4000, 0, 0),
+        node("n2", "a", 4000, 0, 0),
+        node("n3", "b", 4000, 0, 0),
+    ];
+    let plan = checked(&nodes, &[deployment(1, 2, 1000, CPU)], &[]);
+    let on_n1 = plan.placements.iter().any(|p| p.node == "n1");
+    assert!(on_n1);
+    let mut d = deployment(1, 2, 1000, CPU);
+    d.excluded = vec!["n1".into()];
+    let moved = checked(&nodes, &[d.clone()], &plan.placements);
+    assert!(moved.placements.iter().all(|p| p.node != "n1"));
+    assert_eq!(moved.placements.len(), 2);
+    // Excluded everywhere but one node: one replica placed, one unplaced.
+    d.excluded = vec!["n1".into(), "n2".into()];
+    let squeezed = checked(&nodes, &[d], &moved.placements);
+    assert_eq!(squeezed.placements.len(), 1);
+    assert_eq!(squeezed.placements[0].node, "n3");
+    assert_eq!(squeezed.unplaced[0].replicas.len(), 1);
+}
+
+#[test]
+fn a_failed_placement_is_placed_again() {
+    let nodes = [node("n1", "a", 4000, 0, 0), node("n2", "a", 4000, 0, 0)];
+    let plan = checked(&nodes, &[deployment(1, 1, 1000, CPU)], &[]);
+    let mut failed = plan.placements.clone();
+    failed[0].phase = ReplicaPhase::Failed;
+    let mut d = deployment(1, 1, 1000, CPU);
+    d.excluded = vec![failed[0].node.clone()];
+    let again = checked(&nodes, &[d], &failed);
+    assert_ne!(again.placements[0].node, failed[0].node);
+    assert_eq!(again.placements[0].phase, ReplicaPhase::Pending);
 }

@@ -9,6 +9,8 @@
 //! The rollout status follows the placements: `degraded` while some replicas have no node,
 //! `available` once every replica is placed and its node reports it ready, `progressing` between.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use super::shelf::{Stage, validate_hardware};
@@ -73,15 +75,21 @@ pub struct Deployment {
     pub created_at_ms: u64,
     pub updated_at_ms: u64,
     pub rollout: RolloutStatus,
+    /// Nodes that failed to load it, with their reasons: the scheduler places it elsewhere.
+    /// Cleared when the deployment is scaled.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub failed_on: BTreeMap<String, String>,
 }
 
 impl Deployment {
-    pub(crate) fn view(&self) -> DeploymentView {
+    /// The scheduler's view; `excluded` lists the nodes that may not run it, sorted.
+    pub(crate) fn view(&self, excluded: Vec<String>) -> DeploymentView {
         DeploymentView {
             id: self.id,
             replicas: self.replicas,
             memory_mb: self.memory_mb,
             hardware: self.hardware.clone(),
+            excluded,
         }
     }
 }
@@ -155,6 +163,7 @@ impl State {
                 created_at_ms: ctx.now,
                 updated_at_ms: ctx.now,
                 rollout: RolloutStatus::new(replicas, 0, 0, 0),
+                failed_on: BTreeMap::new(),
             },
         );
         let mut change = Change::new(format!("deployment {id}"), detail).replan();
@@ -182,6 +191,8 @@ impl State {
         }
         let old = std::mem::replace(&mut d.replicas, replicas);
         d.updated_at_ms = ctx.now;
+        // A scale is a fresh start: nodes that failed it may try again.
+        d.failed_on.clear();
         Ok(Change::new(
             format!("deployment {id}"),
             format!("scaled from {old} to {replicas} replicas"),

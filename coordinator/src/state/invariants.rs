@@ -160,7 +160,9 @@ impl State {
             }
         }
         for (id, t) in &self.tokens {
-            if t.role == Role::Join && (t.expires_at_ms.is_none() || t.uses_left.is_none()) {
+            if matches!(t.role, Role::Join | Role::NodeJoin)
+                && (t.expires_at_ms.is_none() || t.uses_left.is_none())
+            {
                 return Err(format!("join token {id} has no expiry or no use count"));
             }
         }

@@ -44,6 +44,9 @@ pub struct Inventory {
     pub memory_mb: u64,
     pub gpus: Vec<Accelerator>,
     pub npus: Vec<Accelerator>,
+    /// The wasi-nn backends the node can run (`tract`, ...).
+    #[serde(default)]
+    pub backends: Vec<String>,
 }
 
 impl Inventory {
@@ -107,6 +110,25 @@ pub struct Node {
     pub load: NodeLoad,
     /// The replicas placed here, sorted: what the driver pushes to the node.
     pub assigned: Vec<ReplicaKey>,
+    /// Where clients reach its V2 HTTP endpoint.
+    #[serde(default)]
+    pub http_address: String,
+    /// The environments it serves; empty: every environment.
+    #[serde(default)]
+    pub environments: Vec<String>,
+    /// The sophon version it runs.
+    #[serde(default)]
+    pub version: String,
+    /// The serial of its certificate: the only one the mesh accepts for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_serial: Option<String>,
+}
+
+impl Node {
+    /// Whether it serves deployments of `environment`.
+    pub fn serves(&self, environment: &str) -> bool {
+        self.environments.is_empty() || self.environments.iter().any(|e| e == environment)
+    }
 }
 
 impl Node {
@@ -169,6 +191,23 @@ fn validate_spec(spec: &NodeSpec) -> Result<()> {
     validate::address("node address", &spec.address)?;
     validate::id("zone", &spec.zone)?;
     spec.inventory.validate()?;
+    if !spec.http_address.is_empty() {
+        validate::address("node http address", &spec.http_address)?;
+    }
+    if spec.environments.len() > MAX_LABELS {
+        return Err(invalid(
+            "environments",
+            spec.environments.len().to_string(),
+            format!("give at most {MAX_LABELS}"),
+        ));
+    }
+    for e in &spec.environments {
+        validate::id("environment", e)?;
+    }
+    validate::text("node version", &spec.version, MAX_TEXT_LEN, false)?;
+    for b in &spec.inventory.backends {
+        validate::id("backend", b)?;
+    }
     if spec.labels.len() > MAX_LABELS {
         return Err(invalid(
             "labels",
@@ -228,7 +267,18 @@ impl State {
             last_heartbeat_ms: ctx.now,
             load: NodeLoad::default(),
             assigned: Vec::new(),
+            http_address: String::new(),
+            environments: Vec::new(),
+            version: String::new(),
+            cert_serial: None,
         });
+        let environments_changed = node.environments != spec.environments;
+        node.http_address = spec.http_address.clone();
+        node.environments = spec.environments.clone();
+        node.version = spec.version.clone();
+        if spec.cert_serial.is_some() {
+            node.cert_serial = spec.cert_serial.clone();
+        }
         node.address = spec.address.clone();
         node.inventory = spec.inventory.clone();
         node.labels = spec.labels.clone();
@@ -238,6 +288,7 @@ impl State {
         let after = node.view();
         let mut change = Change::new(target, String::new());
         change.replan = match &before {
+            Some(_) if environments_changed => Replan::Always,
             Some(before) if *before == after => Replan::No,
             Some(before) if !grows(before, &after) => Replan::Always,
             _ => Replan::IfUnplaced,
@@ -304,6 +355,79 @@ impl State {
             change.rollout = true;
         }
         change.quiet = !came_back && flips.is_empty();
+        Ok(change)
+    }
+
+    /// Replica states reported by a node (a transition: the leader proposes this only when one
+    /// changed), and the node heard from again if it was marked down. A failed replica is
+    /// recorded on its deployment, whose next plan avoids the node.
+    pub(crate) fn report_replicas(
+        &mut self,
+        ctx: Ctx<'_>,
+        id: &str,
+        updates: &[crate::command::ReplicaUpdate],
+    ) -> Result<Change> {
+        use crate::scheduler::ReplicaPhase;
+        let node = self
+            .nodes
+            .get(id)
+            .ok_or_else(|| Error::UnknownNode { id: id.to_string() })?;
+        for u in updates {
+            if let Some(reason) = &u.reason {
+                validate::text("failure reason", reason, 4096, false)?;
+            }
+        }
+        let came_back = node.health == NodeHealth::Down;
+        let mut changed = Vec::new();
+        let mut failed = Vec::new();
+        for u in updates {
+            // A replica no longer placed on this node (a plan it has not seen yet) is ignored.
+            let Ok(i) = self
+                .placements
+                .binary_search_by_key(&(u.deployment, u.replica), |p| (p.deployment, p.replica))
+            else {
+                continue;
+            };
+            let p = &mut self.placements[i];
+            if p.node != id || (p.phase == u.phase && p.reason == u.reason) {
+                continue;
+            }
+            p.phase = u.phase;
+            p.ready = u.phase == ReplicaPhase::Ready;
+            p.reason = u.reason.clone();
+            changed.push(format!(
+                "{}/{} {}",
+                u.deployment,
+                u.replica,
+                u.phase.as_str()
+            ));
+            if u.phase == ReplicaPhase::Failed {
+                failed.push((u.deployment, u.reason.clone().unwrap_or_default()));
+            }
+        }
+        for (deployment, reason) in &failed {
+            if let Some(d) = self.deployments.get_mut(deployment) {
+                d.failed_on.insert(id.to_string(), reason.clone());
+            }
+        }
+        let node = self.node_mut(id)?;
+        node.health = NodeHealth::Up;
+        node.last_heartbeat_ms = ctx.now;
+        let mut change = Change::new(format!("node {id}"), String::new());
+        let mut parts = Vec::new();
+        if came_back {
+            parts.push("back up".to_string());
+            change.replan = Replan::IfUnplaced;
+        }
+        if !changed.is_empty() {
+            parts.push(format!("replicas: {}", changed.join(", ")));
+            change.rollout = true;
+        }
+        if !failed.is_empty() {
+            change.replan = Replan::Always;
+        }
+        change.detail = parts.join("; ");
+        change.quiet = !came_back && changed.is_empty();
         Ok(change)
     }
 

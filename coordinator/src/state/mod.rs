@@ -235,9 +235,10 @@ impl State {
             }
         }
         let needed = entry.command.required_role();
-        // A join token admits a coordinator and does nothing else.
-        let joining =
-            actor.role == Role::Join && matches!(entry.command, Command::AddCoordinator { .. });
+        // A join token admits a coordinator and does nothing else; a node join token, a node.
+        let joining = (actor.role == Role::Join
+            && matches!(entry.command, Command::AddCoordinator { .. }))
+            || (actor.role == Role::NodeJoin && matches!(entry.command, Command::JoinNode { .. }));
         if !joining && !actor.role.allows(needed) {
             return Err(Error::Forbidden {
                 action: entry.command.action(),
@@ -253,6 +254,7 @@ impl State {
         match command {
             JoinNode { node } => self.join_node(ctx, node),
             Heartbeat { node, load, ready } => self.heartbeat(ctx, node, load, ready),
+            ReportReplicas { node, replicas } => self.report_replicas(ctx, node, replicas),
             DrainNode { node } => self.drain_node(node),
             ResumeNode { node } => self.resume_node(node),
             LeaveNode { node } => self.leave_node(node),
@@ -341,9 +343,28 @@ impl State {
         self.nodes.values().map(Node::view).collect()
     }
 
-    /// The scheduler's view of the deployments, in id order.
+    /// The scheduler's view of the deployments, in id order. A deployment excludes the nodes
+    /// that serve only other environments, and those that failed to load it.
     pub fn deployment_views(&self) -> Vec<DeploymentView> {
-        self.deployments.values().map(Deployment::view).collect()
+        let dedicated: Vec<&Node> = self
+            .nodes
+            .values()
+            .filter(|n| !n.environments.is_empty())
+            .collect();
+        self.deployments
+            .values()
+            .map(|d| {
+                let mut excluded: Vec<String> = dedicated
+                    .iter()
+                    .filter(|n| !n.environments.contains(&d.environment))
+                    .map(|n| n.id.clone())
+                    .chain(d.failed_on.keys().cloned())
+                    .collect();
+                excluded.sort();
+                excluded.dedup();
+                d.view(excluded)
+            })
+            .collect()
     }
 
     /// Runs the scheduler and stores its plan; says in `detail` what moved. Returns whether any

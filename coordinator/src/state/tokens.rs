@@ -131,6 +131,19 @@ impl State {
                 }
             }
         }
+        if role == Role::NodeJoin {
+            match expires_in_ms {
+                Some(ms) if ms <= MAX_JOIN_TOKEN_MS && uses.is_some() => {}
+                _ => {
+                    return Err(invalid(
+                        "node join token",
+                        "(no expiry, over 7 days, or no use count)",
+                        "a node join token expires within 7 days and admits a counted number \
+                         of nodes: make it with `sophon node join-token`",
+                    ));
+                }
+            }
+        }
         if self.tokens.contains_key(id) {
             return Err(Error::TokenExists { id: id.to_string() });
         }

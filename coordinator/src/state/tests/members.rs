@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::command::ReplicaKey;
+use crate::scheduler::ReplicaPhase;
 use crate::state::deployments::RolloutState;
 use crate::state::members::{NodeHealth, NodeLoad};
 
@@ -270,4 +271,115 @@ fn the_clock_never_goes_back() {
     w.state.apply(&entry).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(w.state.clock_ms(), late);
     assert_eq!(w.state.audit()[1].at_ms, late);
+}
+
+fn report(node: &str, deployment: u64, replica: u32, phase: ReplicaPhase) -> Command {
+    Command::ReportReplicas {
+        node: node.into(),
+        replicas: vec![crate::command::ReplicaUpdate {
+            deployment,
+            replica,
+            phase,
+            reason: (phase == ReplicaPhase::Failed).then(|| "unsupported operator Foo".into()),
+        }],
+    }
+}
+
+#[test]
+fn replica_reports_move_phases_and_a_failed_replica_goes_elsewhere() {
+    let mut w = deployed();
+    assert_eq!(nodes_of(&w, 1), ["n1", "n2"]);
+    w.ok(leader(), report("n1", 1, 0, ReplicaPhase::Fetching));
+    assert_eq!(w.state.placements()[0].phase, ReplicaPhase::Fetching);
+    w.ok(leader(), report("n1", 1, 0, ReplicaPhase::Ready));
+    assert!(w.state.placements()[0].ready);
+    // A report for a replica placed elsewhere changes nothing.
+    w.ok(leader(), report("n3", 1, 0, ReplicaPhase::Failed));
+    assert!(w.state.placements()[0].ready);
+    // n2 cannot load it: the replica moves to n3, and n2 is remembered with the reason.
+    let out = w.ok(leader(), report("n2", 1, 1, ReplicaPhase::Failed));
+    assert!(out.placements_changed);
+    assert_eq!(nodes_of(&w, 1), ["n1", "n3"]);
+    let d = &w.state.deployments()[&1];
+    assert_eq!(d.failed_on["n2"], "unsupported operator Foo");
+    // Scaling starts afresh: n2 may be tried again.
+    w.ok(
+        operator(),
+        Command::ScaleDeployment {
+            deployment: 1,
+            replicas: 3,
+        },
+    );
+    assert!(w.state.deployments()[&1].failed_on.is_empty());
+    assert_eq!(nodes_of(&w, 1).len(), 3);
+}
+
+#[test]
+fn a_node_serving_one_environment_gets_only_its_deployments() {
+    let mut w = World::with_shelf();
+    let mut spec = node_spec("prod-1", "a", 8000, 0);
+    spec.environments = vec!["production".into()];
+    w.ok(operator(), Command::JoinNode { node: spec });
+    w.ok(operator(), deploy("fraud", "1", "staging", 1));
+    assert!(nodes_of(&w, 1).is_empty(), "no node serves staging");
+    join(&mut w, "any", "b");
+    assert_eq!(nodes_of(&w, 1), ["any"]);
+}
+
+#[test]
+fn a_down_node_that_reports_is_back_up() {
+    let mut w = deployed();
+    w.now += crate::state::DEFAULT_HEARTBEAT_GRACE_MS;
+    w.ok(leader(), Command::MarkNodeDown { node: "n1".into() });
+    assert_eq!(w.state.nodes()["n1"].health, NodeHealth::Down);
+    w.ok(
+        leader(),
+        Command::ReportReplicas {
+            node: "n1".into(),
+            replicas: Vec::new(),
+        },
+    );
+    assert_eq!(w.state.nodes()["n1"].health, NodeHealth::Up);
+}
+
+#[test]
+fn node_join_tokens_admit_nodes_only_and_need_limits() {
+    let mut w = World::new();
+    let limited = |role, expires, uses| Command::CreateLimitedToken {
+        id: "nj".into(),
+        name: "node-join".into(),
+        role,
+        secret_hash: hex64(5),
+        expires_in_ms: expires,
+        uses,
+    };
+    // An operator may mint one, with an expiry and a use count.
+    w.refused(operator(), limited(Role::NodeJoin, None, Some(3)));
+    w.refused(operator(), limited(Role::Join, Some(60_000), Some(1)));
+    w.ok(operator(), limited(Role::NodeJoin, Some(60_000), Some(2)));
+    let token = Actor {
+        name: "node-join".into(),
+        role: Role::NodeJoin,
+        token_id: Some("nj".into()),
+    };
+    // It joins nodes, twice, and does nothing else.
+    w.refused(token.clone(), deploy("fraud", "1", "staging", 1));
+    w.ok(
+        token.clone(),
+        Command::JoinNode {
+            node: node_spec("n1", "a", 8000, 0),
+        },
+    );
+    w.ok(
+        token.clone(),
+        Command::JoinNode {
+            node: node_spec("n2", "a", 8000, 0),
+        },
+    );
+    w.refused(
+        token,
+        Command::JoinNode {
+            node: node_spec("n3", "a", 8000, 0),
+        },
+    );
 }

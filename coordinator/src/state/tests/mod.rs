@@ -63,9 +63,14 @@ pub fn node_spec(id: &str, zone: &str, memory_mb: u64, gpu_mb: u64) -> NodeSpec 
                 vec![]
             },
             npus: vec![],
+            backends: vec!["tract".into()],
         },
         labels: BTreeMap::new(),
         zone: zone.into(),
+        http_address: String::new(),
+        environments: Vec::new(),
+        version: String::new(),
+        cert_serial: None,
     }
 }
 

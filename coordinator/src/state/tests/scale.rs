@@ -33,6 +33,7 @@ fn big_state(nodes: usize, replicas: usize) -> State {
                 memory_mb: n.capacity.cpu_mb,
                 gpus: accelerators(n.capacity.gpu_mb, "gpu"),
                 npus: accelerators(n.capacity.npu_mb, "npu"),
+                backends: vec!["tract".into()],
             },
             labels: BTreeMap::new(),
             zone: n.zone.clone(),
@@ -42,6 +43,10 @@ fn big_state(nodes: usize, replicas: usize) -> State {
             last_heartbeat_ms: 0,
             load: NodeLoad::default(),
             assigned: Vec::new(),
+            http_address: String::new(),
+            environments: Vec::new(),
+            version: String::new(),
+            cert_serial: None,
         };
         state.nodes.insert(n.id.clone(), node);
     }
@@ -79,6 +84,7 @@ fn big_state(nodes: usize, replicas: usize) -> State {
             created_at_ms: 0,
             updated_at_ms: 0,
             rollout: RolloutStatus::new(d.replicas, 0, 0, 0),
+            failed_on: BTreeMap::new(),
         };
         state.deployments.insert(id, deployment);
         state.next_deployment = id + 1;
