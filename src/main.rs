@@ -2,7 +2,7 @@
 //!
 //! `sophon dev` runs an all-in-one coordinator and node serving the example models; `keygen`,
 //! `pack` and `inspect` make and check signed model bundles; `coordinator` runs the control
-//! plane; `model`, `approval`, `policy`, `deploy`, `cluster`, `token`, `key` and `audit` drive
+//! plane; `node` joins and runs mesh nodes; `model`, `approval`, `policy`, `deploy`, `cluster`, `token`, `key` and `audit` drive
 //! its admin API; `bench` measures the serving path and the control plane.
 
 mod cli;
@@ -34,6 +34,9 @@ enum Command {
     /// Run a coordinator: init a cluster, join one, run, make join tokens.
     #[command(subcommand)]
     Coordinator(cli::coordinator::CoordinatorCmd),
+    /// Mesh nodes: join tokens, join, run, list, show, drain, resume, remove.
+    #[command(subcommand)]
+    Node(cli::node::NodeCmd),
     /// The model shelf: push bundles, list, show, curate.
     #[command(subcommand)]
     Model(cli::admin::ModelCmd),
@@ -74,6 +77,7 @@ fn main() -> std::process::ExitCode {
         Command::Inspect(args) => cli::bundle::inspect(args),
         Command::Bench(args) => cli::bench::run(args),
         Command::Coordinator(cmd) => cli::coordinator::run(cmd, &cli.client),
+        Command::Node(cmd) => cli::node::run(cmd, &cli.client),
         Command::Model(cmd) => cli::admin::model(&cli.client, cmd),
         Command::Approval(cmd) => cli::admin::approval(&cli.client, cmd),
         Command::Policy(cmd) => cli::admin::policy(&cli.client, cmd),

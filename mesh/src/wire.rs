@@ -269,14 +269,21 @@ pub struct View {
     /// The cluster's trusted publisher keys (hex ed25519), to verify bundles with.
     #[serde(default)]
     pub trusted_keys: Vec<String>,
+    /// The nodes of the cluster and their certificates' serials (`None`: not recorded): who
+    /// may forward requests to this node.
+    #[serde(default)]
+    pub members: BTreeMap<String, Option<String>>,
 }
 
-/// A prediction forwarded from the node that received it to a node with a ready replica.
+/// A V2 request (`/v2/models/...`: infer, metadata, ready, config, stats) forwarded from the
+/// node that received it to a node with a ready replica, which serves it as if it had arrived
+/// over HTTP, and never forwards it again.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ForwardRequest {
-    pub model: String,
-    /// The version the deployment serves (routers resolve `/v2/models/{m}/infer` first).
-    pub version: String,
+    /// `GET` or `POST`.
+    pub method: String,
+    /// The path and query, like `/v2/models/mlp/infer`.
+    pub path: String,
     /// Time left for the request when it was forwarded.
     pub deadline_ms: u64,
     /// The client's `Content-Type`, if any.
@@ -302,6 +309,22 @@ pub struct ForwardAnswer {
     pub ran: bool,
 }
 
+/// Split a join token, `sophon-join:<CA fingerprint>:<secret>@<host:port>`, into its parts.
+pub fn parse_join_token(s: &str) -> Result<(String, String, String), String> {
+    let bad = || {
+        "expected sophon-join:<fingerprint>:<secret>@<host:port>, as `sophon node join-token` \
+         prints it"
+            .to_string()
+    };
+    let rest = s.trim().strip_prefix("sophon-join:").ok_or_else(bad)?;
+    let (creds, address) = rest.rsplit_once('@').ok_or_else(bad)?;
+    let (fingerprint, secret) = creds.split_once(':').ok_or_else(bad)?;
+    if fingerprint.len() != 64 || secret.is_empty() || address.is_empty() {
+        return Err(bad());
+    }
+    Ok((fingerprint.into(), secret.into(), address.into()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -322,6 +345,7 @@ mod tests {
             draining: false,
             removed: false,
             trusted_keys: Vec::new(),
+            members: BTreeMap::new(),
         };
         let text = serde_json::to_string(&view).expect("encode");
         let back: View = serde_json::from_str(&text).expect("decode");

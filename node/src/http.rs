@@ -48,6 +48,8 @@ pub struct ApiState {
     pub ready: AtomicBool,
     /// Bytes of request bodies held now, counted against `config.max_inflight_bytes`.
     pub inflight_bytes: tokio::sync::Semaphore,
+    /// A mesh node's router: requests for models without a ready replica here go elsewhere.
+    pub mesh: std::sync::OnceLock<Arc<crate::mesh::router::Router>>,
 }
 
 impl ApiState {
@@ -61,6 +63,7 @@ impl ApiState {
             config,
             ready: AtomicBool::new(false),
             inflight_bytes: tokio::sync::Semaphore::new(permits),
+            mesh: std::sync::OnceLock::new(),
         }
     }
 }
@@ -153,6 +156,10 @@ pub fn router(state: Arc<ApiState>) -> Router {
             post(repository_unload),
         )
         .route("/metrics", get(metrics))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            route_through_mesh,
+        ))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -160,6 +167,53 @@ pub fn router(state: Arc<ApiState>) -> Router {
             )
         })
         .with_state(state)
+}
+
+/// On a mesh node, a request for a model with no ready replica here goes to a node that has
+/// one (see [`crate::mesh::router`]); a request forwarded here is always served here.
+async fn route_through_mesh(
+    State(state): Shared,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    use crate::mesh::router::{FORWARDED, model_of};
+    let Some(router) = state.mesh.get() else {
+        return next.run(request).await;
+    };
+    if request.headers().contains_key(FORWARDED) {
+        return next.run(request).await;
+    }
+    let Some((model, version)) = model_of(request.uri().path()) else {
+        return next.run(request).await;
+    };
+    let local = state.repo.lookup(&model, version.as_deref()).is_ok();
+    if local || !router.knows(&model) {
+        return next.run(request).await;
+    }
+    let (parts, body) = request.into_parts();
+    let limit = state.config.max_body_bytes;
+    let Ok(bytes) = axum::body::to_bytes(body, limit).await else {
+        return ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body is over the limit of {limit} bytes (or was cut short)"),
+        )
+        .into_response();
+    };
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    router
+        .forward(
+            &model,
+            version.as_deref(),
+            parts.method.as_str(),
+            path,
+            &parts.headers,
+            bytes,
+        )
+        .await
 }
 
 fn lookup(state: &ApiState, p: &HashMap<String, String>) -> ApiResult<Arc<LoadedModel>> {

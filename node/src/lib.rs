@@ -13,6 +13,7 @@
 pub mod backend;
 pub mod convert;
 pub mod http;
+pub mod mesh;
 pub mod repository;
 pub mod runtime;
 pub mod stats;
@@ -59,6 +60,16 @@ impl NodeServer {
     pub fn with_drain_deadline(mut self, drain: std::time::Duration) -> NodeServer {
         self.drain = drain;
         self
+    }
+
+    /// The API's shared state (a mesh node sets its router there).
+    pub fn state(&self) -> &Arc<http::ApiState> {
+        &self.state
+    }
+
+    /// The node's HTTP routes (a mesh node serves forwarded requests through them).
+    pub fn app(&self) -> axum::Router {
+        http::router(self.state.clone())
     }
 
     /// The address actually bound (useful with port 0).

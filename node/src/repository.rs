@@ -71,6 +71,7 @@ impl Default for ServingLimits {
 
 /// A bounded queue in front of a model's concurrency limit.
 pub struct Admission {
+    concurrency: usize,
     slots: Semaphore,
     waiting: AtomicUsize,
     max_queue: usize,
@@ -85,6 +86,7 @@ pub struct Overloaded {
 impl Admission {
     fn new(concurrency: usize, max_queue: usize) -> Admission {
         Admission {
+            concurrency: concurrency.max(1),
             slots: Semaphore::new(concurrency.max(1)),
             waiting: AtomicUsize::new(0),
             max_queue,
@@ -107,6 +109,12 @@ impl Admission {
             .acquire()
             .await
             .map_err(|_| Overloaded { queued })
+    }
+
+    /// Requests holding a slot right now.
+    pub fn running(&self) -> usize {
+        self.concurrency
+            .saturating_sub(self.slots.available_permits())
     }
 
     /// Requests waiting for a slot right now.
@@ -190,7 +198,8 @@ pub struct IndexEntry {
 /// The models of this node.
 pub struct Repository {
     runtime: Runtime,
-    trusted: Vec<VerifyingKey>,
+    /// Publishers whose bundles load; a mesh node takes the cluster's list from its view.
+    trusted: RwLock<Vec<VerifyingKey>>,
     limits: ServingLimits,
     metrics: Arc<Metrics>,
     models: RwLock<BTreeMap<String, Slot>>,
@@ -209,7 +218,7 @@ impl Repository {
     ) -> Repository {
         Repository {
             runtime,
-            trusted,
+            trusted: RwLock::new(trusted),
             limits,
             metrics,
             models: RwLock::new(BTreeMap::new()),
@@ -251,8 +260,31 @@ impl Repository {
 
     /// Verify and load a bundle; on success the model version serves at once.
     pub fn add_bundle(&self, bytes: &[u8]) -> Result<Arc<LoadedModel>, RepoError> {
+        self.add_bundle_expecting(bytes, None)
+    }
+
+    /// Like [`add_bundle`](Self::add_bundle), and refused unless the bundle's digest is
+    /// `digest` (a mesh node loads what the cluster placed, nothing else).
+    pub fn add_bundle_expecting(
+        &self,
+        bytes: &[u8],
+        digest: Option<&str>,
+    ) -> Result<Arc<LoadedModel>, RepoError> {
         let bundle = Arc::new(Bundle::read(bytes)?);
-        bundle.verify_publisher(&self.trusted)?;
+        if let Some(want) = digest
+            && bundle.digest_hex() != want
+        {
+            let manifest = &bundle.manifest;
+            return Err(RepoError::Load {
+                name: manifest.model.name.clone(),
+                version: manifest.model.version.clone(),
+                reason: format!(
+                    "the bundle's digest is {}, not {want} as placed",
+                    bundle.digest_hex()
+                ),
+            });
+        }
+        bundle.verify_publisher(&self.trusted.read())?;
         let loaded = Arc::new(self.instantiate(&bundle)?);
         let mut models = self.models.write();
         let slot = models.entry(loaded.name.clone()).or_insert_with(|| Slot {
@@ -395,6 +427,29 @@ impl Repository {
             }
         }
         out
+    }
+
+    /// Replace the trusted publisher keys (bundles already loaded keep serving).
+    pub fn set_trusted(&self, keys: Vec<VerifyingKey>) {
+        *self.trusted.write() = keys;
+    }
+
+    /// Forget one version of a model: it stops serving (requests in flight finish) and its
+    /// bundle is dropped. Returns whether it was there.
+    pub fn remove_version(&self, name: &str, version: &str) -> bool {
+        let mut models = self.models.write();
+        let Some(slot) = models.get_mut(name) else {
+            return false;
+        };
+        let had = slot.bundles.remove(version).is_some();
+        if let Some(model) = slot.loaded.remove(version) {
+            self.release(model.concurrency);
+            self.metrics.models_loaded.dec();
+        }
+        if slot.bundles.is_empty() && slot.loaded.is_empty() {
+            models.remove(name);
+        }
+        had
     }
 
     /// Stop serving every version of a model (requests in flight finish).

@@ -210,7 +210,7 @@ pub fn run(cmd: CoordinatorCmd, client: &ClientArgs) -> anyhow::Result<()> {
 }
 
 /// A duration like `90s`, `30m`, `1h` or `2d` (a bare number is seconds).
-fn parse_duration(text: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text
         .find(|c: char| !c.is_ascii_digit())

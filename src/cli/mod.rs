@@ -7,6 +7,7 @@ pub mod bundle;
 pub mod client;
 pub mod coordinator;
 pub mod dev;
+pub mod node;
 
 use std::path::PathBuf;
 

@@ -62,7 +62,11 @@ pub struct JoinAnswer {
 #[derive(Serialize, Deserialize)]
 struct SignRequest {
     csr_pem: String,
+    /// The coordinator to sign for (ignored when `node` is set).
     id: u64,
+    /// The node to sign for (`node/<id>`), when the joiner is a node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    node: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -105,7 +109,7 @@ fn join_actor(state: &State, secret: &str, now_ms: u64) -> Result<Actor> {
     Ok(token.actor())
 }
 
-fn wall_ms() -> u64 {
+pub(super) fn wall_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -158,7 +162,12 @@ impl Core {
         caller: &MeshCaller,
         body: &[u8],
     ) -> Result<serde_json::Value> {
-        if let MeshCaller::Other(principal) = caller {
+        let principal = match caller {
+            MeshCaller::Other(principal) => Some(principal.to_string()),
+            MeshCaller::Node { id, .. } => Some(format!("node/{id}")),
+            _ => None,
+        };
+        if let Some(principal) = principal {
             return Err(Error::Unauthenticated {
                 reason: format!(
                     "{principal} may not join: a coordinator joins with no certificate"
@@ -248,7 +257,13 @@ impl Core {
     /// A certificate for `coordinator/<id>` over the CSR's key: signed here if this coordinator
     /// holds the CA key, else by the first other member that does.
     async fn sign_coordinator(&self, csr_pem: &str, id: u64) -> Result<String> {
-        let principal = Principal::Coordinator(id);
+        self.sign_for(csr_pem, &Principal::Coordinator(id)).await
+    }
+
+    /// Have `csr_pem` signed for `principal` (a coordinator, or a node): by the CA key here, or
+    /// by a coordinator that holds it.
+    pub(super) async fn sign_for(&self, csr_pem: &str, principal: &Principal) -> Result<String> {
+        let principal = principal.clone();
         if let Some(ca) = &self.ca {
             return ca.issue(csr_pem, &principal).map_err(|e| Error::Invalid {
                 what: "certificate signing request",
@@ -259,7 +274,14 @@ impl Core {
         let status = self.driver.status();
         let request = SignRequest {
             csr_pem: csr_pem.to_string(),
-            id,
+            id: match &principal {
+                Principal::Coordinator(id) => *id,
+                Principal::Node(_) => 0,
+            },
+            node: match &principal {
+                Principal::Node(id) => Some(id.clone()),
+                Principal::Coordinator(_) => None,
+            },
         };
         let mut errors = Vec::new();
         for peer in status.voters.iter().chain(&status.learners) {
@@ -315,6 +337,15 @@ impl Core {
         }
         let request: SignRequest =
             serde_json::from_slice(body).map_err(|e| io("decode a signing request", e))?;
+        if let Some(node) = request.node {
+            // The leader checked the node's join token before asking.
+            crate::state::validate::id("node id", &node)?;
+            let cert_pem = ca
+                .issue(&request.csr_pem, &Principal::Node(node.clone()))
+                .map_err(mesh)?;
+            tracing::info!(%node, leader = caller, "signed a joining node's certificate");
+            return serde_json::to_value(SignAnswer { cert_pem }).map_err(|e| io("encode", e));
+        }
         let id = request.id;
         self.driver
             .read(true, move |s| {

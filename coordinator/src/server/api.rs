@@ -109,8 +109,8 @@ impl IntoResponse for ApiError {
     }
 }
 
-type ApiResult<T = Json<Value>> = std::result::Result<T, ApiError>;
-type Shared = Arc<Core>;
+pub(super) type ApiResult<T = Json<Value>> = std::result::Result<T, ApiError>;
+pub(super) type Shared = Arc<Core>;
 
 /// The largest body of every route but a bundle upload: a few JSON fields.
 pub const MAX_JSON_BODY: usize = 64 << 10;
@@ -168,6 +168,7 @@ pub fn router(core: Shared) -> Router {
         .route("/v1/keys", get(list_keys).post(trust_key))
         .route("/v1/keys/{key}", axum::routing::delete(distrust_key))
         .route("/v1/audit", get(audit))
+        .merge(super::node_api::routes())
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -293,7 +294,7 @@ fn check_actor(state: &State, secret: &str, needed: Role) -> Result<Actor, Error
 
 /// How current a read must be.
 #[derive(Deserialize, Default)]
-struct ReadOptions {
+pub(super) struct ReadOptions {
     #[serde(default)]
     consistency: Option<String>,
     /// `/v1/cluster/status` only: add `state_digest`, a SHA-256 of the whole replicated state.
@@ -309,7 +310,7 @@ impl ReadOptions {
 
 /// Authenticates with the role `needed`, then runs `f` on the state, linearizably unless the
 /// client asked for a local read.
-async fn read<T: Serialize + Send + 'static>(
+pub(super) async fn read<T: Serialize + Send + 'static>(
     core: &Core,
     headers: &HeaderMap,
     options: &ReadOptions,
@@ -333,12 +334,20 @@ async fn read<T: Serialize + Send + 'static>(
 
 /// Authenticates (any role: the command's own role is checked when applied), then commits
 /// `command` and answers with its outcome.
-async fn write(core: &Core, headers: &HeaderMap, command: Command) -> ApiResult<Outcome> {
+pub(super) async fn write(
+    core: &Core,
+    headers: &HeaderMap,
+    command: Command,
+) -> ApiResult<Outcome> {
     let actor = authenticate(core, headers, command.required_role()).await?;
     Ok(core.write(actor, command).await?)
 }
 
-async fn authenticate(core: &Core, headers: &HeaderMap, needed: Role) -> ApiResult<Actor> {
+pub(super) async fn authenticate(
+    core: &Core,
+    headers: &HeaderMap,
+    needed: Role,
+) -> ApiResult<Actor> {
     let secret = bearer(headers)?;
     Ok(core
         .driver
@@ -346,11 +355,11 @@ async fn authenticate(core: &Core, headers: &HeaderMap, needed: Role) -> ApiResu
         .await??)
 }
 
-fn outcome(outcome: Outcome) -> Json<Value> {
+pub(super) fn outcome(outcome: Outcome) -> Json<Value> {
     Json(serde_json::to_value(outcome).unwrap_or(Value::Null))
 }
 
-fn json_body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
+pub(super) fn json_body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
     serde_json::from_slice(bytes).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,

@@ -21,6 +21,8 @@ pub mod artifacts;
 mod cluster_tests;
 pub mod driver;
 pub mod metrics;
+pub mod node_api;
+pub mod nodes;
 pub mod openapi;
 #[cfg(test)]
 mod tests;
@@ -115,14 +117,14 @@ pub fn record_mesh_listen(dir: &Path, listen: &str) -> Result<()> {
     write_member_file(dir, &member)
 }
 
-fn io(what: impl Into<String>, e: impl std::fmt::Display) -> Error {
+pub(super) fn io(what: impl Into<String>, e: impl std::fmt::Display) -> Error {
     Error::Io {
         what: what.into(),
         reason: e.to_string(),
     }
 }
 
-fn mesh(e: sophon_mesh::Error) -> Error {
+pub(super) fn mesh(e: sophon_mesh::Error) -> Error {
     Error::Unavailable {
         reason: e.to_string(),
     }
@@ -337,6 +339,8 @@ pub struct Core {
     incarnation: u64,
     /// The last write id's sequence number.
     write_seq: std::sync::atomic::AtomicU64,
+    /// Mesh nodes: the directory they are served from, and the leader's liveness view.
+    pub nodes: nodes::NodeDesk,
 }
 
 /// A running coordinator.
@@ -438,8 +442,10 @@ pub async fn start(mut config: CoordinatorConfig) -> Result<Running> {
         ca_fingerprint,
         incarnation,
         write_seq: std::sync::atomic::AtomicU64::new(0),
+        nodes: nodes::NodeDesk::new(),
     });
     tokio::spawn(accept_loop(endpoint, core.clone(), events));
+    tokio::spawn(nodes::node_loop(core.clone()));
     tokio::spawn(gc_loop(core.clone()));
     let (shutdown, mut stop) = tokio::sync::watch::channel(false);
     let app = api::router(core.clone());
@@ -739,7 +745,7 @@ fn tensor_summary(t: &sophon_sdk::types::TensorSpec) -> TensorSummary {
 const BLOB_CHUNK: usize = 1 << 20;
 
 /// Sends a file as `kind` frames of at most [`BLOB_CHUNK`] bytes, reading it a chunk at a time.
-async fn send_file(send: &mut quinn::SendStream, kind: u8, path: &Path) -> Result<()> {
+pub(super) async fn send_file(send: &mut quinn::SendStream, kind: u8, path: &Path) -> Result<()> {
     use tokio::io::AsyncReadExt;
     let mut file = tokio::fs::File::open(path)
         .await
@@ -866,7 +872,7 @@ async fn accept_loop(
     }
 }
 
-async fn answer(send: &mut quinn::SendStream, result: Result<serde_json::Value>) {
+pub(super) async fn answer(send: &mut quinn::SendStream, result: Result<serde_json::Value>) {
     let (k, body) = match result {
         Ok(v) => (kind::OK, serde_json::to_vec(&v).unwrap_or_default()),
         Err(e) => (
@@ -888,10 +894,16 @@ async fn serve_request(
         Ok(Some(f)) => f,
         _ => return,
     };
+    // A node's certificate is good for node requests only.
+    if let MeshCaller::Node { id, serial } = &caller {
+        nodes::serve_node_stream(core, id.clone(), serial.clone(), first, send).await;
+        return;
+    }
     // Checked on every stream: a coordinator removed since it connected is refused.
     let admitted = match &caller {
         MeshCaller::Coordinator { id, serial } => core.peers.admits(*id, serial.as_deref()),
         MeshCaller::Joiner => Err("this request needs a coordinator certificate".into()),
+        MeshCaller::Node { id, .. } => Err(format!("node/{id} may not make coordinator requests")),
         MeshCaller::Other(p) => Err(format!("{p} may not make coordinator requests")),
     };
     let is_coordinator = admitted.is_ok();
@@ -901,6 +913,11 @@ async fn serve_request(
     let result = match first {
         (kind::JOIN, body) if is_coordinator || caller == MeshCaller::Joiner => {
             core.serve_join(&caller, &body).await
+        }
+        (sophon_mesh::wire::kind::NODE_JOIN, body)
+            if is_coordinator || caller == MeshCaller::Joiner =>
+        {
+            core.serve_node_join(is_coordinator, &body).await
         }
         (_, _) if !is_coordinator => Err(forbidden()),
         (kind::SIGN, body) => match &caller {

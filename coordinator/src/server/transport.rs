@@ -62,7 +62,9 @@ pub enum MeshCaller {
     Joiner,
     /// A coordinator's certificate, admitted when the connection was accepted.
     Coordinator { id: u64, serial: Option<String> },
-    /// Any other principal (a mesh node): refused everything here.
+    /// A mesh node's certificate: node requests only (see `nodes`).
+    Node { id: String, serial: Option<String> },
+    /// Any other principal: refused everything here.
     Other(Principal),
 }
 
@@ -75,7 +77,10 @@ impl MeshCaller {
                 id,
                 serial: sophon_mesh::peer_serial(conn),
             },
-            Some(other) => MeshCaller::Other(other),
+            Some(Principal::Node(id)) => MeshCaller::Node {
+                id,
+                serial: sophon_mesh::peer_serial(conn),
+            },
         }
     }
 }

@@ -1,0 +1,302 @@
+//! The replicas placed on this node: fetched by digest, verified, loaded; unloaded when they
+//! are placed elsewhere. Each replica's state (pending, fetching, loading, ready, failed with
+//! the reason) goes to the leader with every heartbeat.
+//!
+//! A bundle is checked before it serves: its digest must be the one the view names, its
+//! signature must be by a publisher the cluster trusts (the view carries the list), and every
+//! file must match its digest. Fetched bundles are kept under `bundles/<digest>`, so a
+//! restart or a replica moving back does not fetch again.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use parking_lot::Mutex;
+use sophon_mesh::wire::{self, ReplicaId, ReplicaState};
+
+use super::control::Coordinators;
+use crate::Repository;
+
+/// The largest bundle a node fetches.
+pub const MAX_BUNDLE_BYTES: usize = 2 << 30;
+
+#[derive(Clone, Debug)]
+struct Replica {
+    assignment: wire::Assignment,
+    state: ReplicaState,
+    reason: Option<String>,
+}
+
+/// What is placed here and how far each replica got.
+pub struct Replicas {
+    bundles: PathBuf,
+    repo: Arc<Repository>,
+    replicas: Mutex<BTreeMap<ReplicaId, Replica>>,
+    coordinators: Mutex<Option<Arc<Coordinators>>>,
+    process: Mutex<ProcessSampler>,
+}
+
+impl Replicas {
+    pub fn new(dir: &Path, repo: Arc<Repository>) -> anyhow::Result<Replicas> {
+        let bundles = dir.join("bundles");
+        std::fs::create_dir_all(&bundles)
+            .with_context(|| format!("create {}", bundles.display()))?;
+        Ok(Replicas {
+            bundles,
+            repo,
+            replicas: Mutex::new(BTreeMap::new()),
+            coordinators: Mutex::new(None),
+            process: Mutex::new(ProcessSampler::default()),
+        })
+    }
+
+    pub fn set_coordinators(&self, coordinators: Arc<Coordinators>) {
+        *self.coordinators.lock() = Some(coordinators);
+    }
+
+    /// Trust the cluster's publisher keys (hex ed25519); unreadable ones are skipped.
+    pub fn set_trusted(&self, keys: &[String]) {
+        let keys = keys
+            .iter()
+            .filter_map(|k| {
+                let bytes: [u8; 32] = hex::decode(k).ok()?.try_into().ok()?;
+                sophon_sdk::VerifyingKey::from_bytes(&bytes).ok()
+            })
+            .collect();
+        self.repo.set_trusted(keys);
+    }
+
+    /// Make what is placed here the `assignments`: start the new ones, drop the others.
+    pub fn reconcile(self: &Arc<Self>, assignments: Vec<wire::Assignment>) {
+        let wanted: BTreeMap<ReplicaId, wire::Assignment> = assignments
+            .into_iter()
+            .map(|a| {
+                (
+                    ReplicaId {
+                        deployment: a.deployment,
+                        replica: a.replica,
+                    },
+                    a,
+                )
+            })
+            .collect();
+        let mut start = Vec::new();
+        let mut dropped = Vec::new();
+        {
+            let mut replicas = self.replicas.lock();
+            replicas.retain(|id, r| {
+                let keep = wanted
+                    .get(id)
+                    .is_some_and(|a| a.digest == r.assignment.digest);
+                if !keep {
+                    dropped.push(r.assignment.clone());
+                }
+                keep
+            });
+            for (id, a) in &wanted {
+                if !replicas.contains_key(id) {
+                    replicas.insert(
+                        *id,
+                        Replica {
+                            assignment: a.clone(),
+                            state: ReplicaState::Pending,
+                            reason: None,
+                        },
+                    );
+                    start.push((*id, a.clone()));
+                }
+            }
+        }
+        for a in dropped {
+            self.unload_if_unused(&a);
+        }
+        for (id, a) in start {
+            let me = self.clone();
+            tokio::spawn(async move { me.bring_up(id, a).await });
+        }
+    }
+
+    /// Drop a model version no replica here needs any more.
+    fn unload_if_unused(&self, gone: &wire::Assignment) {
+        let needed = self
+            .replicas
+            .lock()
+            .values()
+            .any(|r| r.assignment.model == gone.model && r.assignment.version == gone.version);
+        if !needed && self.repo.remove_version(&gone.model, &gone.version) {
+            tracing::info!(model = %gone.model, version = %gone.version, "replica moved away: unloaded");
+        }
+    }
+
+    fn set(&self, id: ReplicaId, state: ReplicaState, reason: Option<String>) -> bool {
+        match self.replicas.lock().get_mut(&id) {
+            Some(r) => {
+                r.state = state;
+                r.reason = reason;
+                true
+            }
+            None => false,
+        }
+    }
+
+    async fn bring_up(self: Arc<Self>, id: ReplicaId, a: wire::Assignment) {
+        let result = self.fetch_and_load(id, &a).await;
+        match result {
+            Ok(()) => {
+                if self.set(id, ReplicaState::Ready, None) {
+                    tracing::info!(deployment = id.deployment, replica = id.replica, model = %a.model, version = %a.version, "replica ready");
+                } else {
+                    // Moved away while it loaded.
+                    self.unload_if_unused(&a);
+                }
+            }
+            Err(e) => {
+                let reason = format!("{e:#}");
+                tracing::warn!(deployment = id.deployment, replica = id.replica, model = %a.model, %reason, "replica failed");
+                self.set(id, ReplicaState::Failed, Some(reason));
+            }
+        }
+    }
+
+    async fn fetch_and_load(&self, id: ReplicaId, a: &wire::Assignment) -> anyhow::Result<()> {
+        // Already loaded (another deployment of the same version, or a restart that kept it).
+        if self
+            .repo
+            .lookup(&a.model, Some(&a.version))
+            .is_ok_and(|m| m.digest == a.digest)
+        {
+            return Ok(());
+        }
+        let path = self.bundles.join(format!("{}.sophon", a.digest));
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(_) => {
+                self.set(id, ReplicaState::Fetching, None);
+                let coordinators = self
+                    .coordinators
+                    .lock()
+                    .clone()
+                    .context("no coordinators known")?;
+                let bytes = coordinators
+                    .fetch(&a.digest, MAX_BUNDLE_BYTES)
+                    .await
+                    .context("fetch the bundle")?;
+                if let Err(e) = super::write_atomic(&path, &bytes) {
+                    tracing::warn!(error = %e, "cannot keep the bundle on disk");
+                }
+                bytes
+            }
+        };
+        self.set(id, ReplicaState::Loading, None);
+        let repo = self.repo.clone();
+        let digest = a.digest.clone();
+        // The repository checks the digest, the signature and every file before loading.
+        let loaded =
+            tokio::task::spawn_blocking(move || repo.add_bundle_expecting(&bytes, Some(&digest)))
+                .await
+                .context("the loader stopped")?;
+        let loaded = match loaded {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                // A damaged copy on disk is fetched again next time.
+                let _ = std::fs::remove_file(&path);
+                return Err(e.into());
+            }
+        };
+        if loaded.name != a.model || loaded.version != a.version {
+            self.repo.remove_version(&loaded.name, &loaded.version);
+            bail!(
+                "the bundle holds {}@{}, not {}@{} as placed",
+                loaded.name,
+                loaded.version,
+                a.model,
+                a.version
+            );
+        }
+        Ok(())
+    }
+
+    /// Every replica's state, for the heartbeat.
+    pub fn reports(&self) -> Vec<wire::ReplicaReport> {
+        self.replicas
+            .lock()
+            .iter()
+            .map(|(id, r)| wire::ReplicaReport {
+                deployment: id.deployment,
+                replica: id.replica,
+                state: r.state,
+                reason: r.reason.clone(),
+            })
+            .collect()
+    }
+
+    /// The deployments with a ready replica here, by (model, version).
+    pub fn ready(&self) -> BTreeSet<(String, String)> {
+        self.replicas
+            .lock()
+            .values()
+            .filter(|r| r.state == ReplicaState::Ready)
+            .map(|r| (r.assignment.model.clone(), r.assignment.version.clone()))
+            .collect()
+    }
+
+    /// The node's load now: requests running and queued, this process's CPU use since the
+    /// last call (across all cores) and its resident memory.
+    pub fn load(&self) -> wire::NodeLoad {
+        let loaded = self.repo.loaded();
+        let queued: usize = loaded.iter().map(|m| m.admission.queued()).sum();
+        let inflight: usize = loaded.iter().map(|m| m.admission.running()).sum();
+        let (cpu_percent, memory_used_mb) = self.process.lock().sample();
+        wire::NodeLoad {
+            inflight: inflight as u32,
+            queued: queued as u32,
+            cpu_percent,
+            memory_used_mb,
+        }
+    }
+}
+
+/// This process's CPU time and resident memory, from `/proc/self` (zero where there is none).
+#[derive(Default)]
+struct ProcessSampler {
+    last: Option<(std::time::Instant, u64)>,
+}
+
+impl ProcessSampler {
+    /// (CPU % across all cores since the last sample, resident MiB).
+    fn sample(&mut self) -> (u32, u64) {
+        let cpu_ticks = std::fs::read_to_string("/proc/self/stat")
+            .ok()
+            .and_then(|s| {
+                // Fields after the command name (which may hold spaces) close with ')'.
+                let rest = s.rsplit_once(')')?.1;
+                let fields: Vec<&str> = rest.split_whitespace().collect();
+                let utime: u64 = fields.get(11)?.parse().ok()?;
+                let stime: u64 = fields.get(12)?.parse().ok()?;
+                Some(utime + stime)
+            });
+        let rss_mb = std::fs::read_to_string("/proc/self/statm")
+            .ok()
+            .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .map(|pages| pages * 4096 / (1 << 20))
+            .unwrap_or(0);
+        let now = std::time::Instant::now();
+        let cpu = match (cpu_ticks, self.last) {
+            (Some(ticks), Some((at, before))) => {
+                // Linux reports CPU time in ticks of 1/100 s (USER_HZ).
+                let used_s = ticks.saturating_sub(before) as f64 / 100.0;
+                let wall_s = now.duration_since(at).as_secs_f64().max(1e-3);
+                let cores = num_cpus::get().max(1) as f64;
+                ((used_s / wall_s / cores) * 100.0)
+                    .round()
+                    .clamp(0.0, 100.0) as u32
+            }
+            _ => 0,
+        };
+        if let Some(ticks) = cpu_ticks {
+            self.last = Some((now, ticks));
+        }
+        (cpu, rss_mb)
+    }
+}

@@ -1,0 +1,514 @@
+//! Routing V2 requests across the mesh.
+//!
+//! Every node's V2 endpoint serves every deployment of the environments it serves: a request
+//! for a model with a ready replica here runs here; otherwise it is forwarded over QUIC
+//! (mutual TLS, node to node) to a node with a ready replica, which serves it through its own
+//! HTTP routes and never forwards it again. The body travels as the client sent it (V2 JSON or
+//! binary tensors), never re-encoded.
+//!
+//! - Choice: least outstanding forwarded requests of two nodes drawn at random.
+//! - Deadline: the time left goes with the request; the serving node stops at it.
+//! - Retry: once, on another node, and only when the request provably reached no guest: the
+//!   connection or the stream could not be opened, or the serving node answered that it has no
+//!   replica (`ran: false`). Never after a guest ran.
+//! - `/v2/models/{m}/infer` goes to the newest deployment of `m` with a ready replica;
+//!   `/v2/models/{m}/versions/{v}/infer` to the deployment of that version.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use axum::body::Body;
+use axum::http::{HeaderMap, HeaderValue, Request, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use parking_lot::{Mutex, RwLock};
+use rand::Rng;
+use sophon_mesh::Principal;
+use sophon_mesh::wire::{self, kind};
+use tower::ServiceExt;
+
+use crate::Repository;
+
+/// The header a forwarded request carries: the serving node never forwards it again.
+pub const FORWARDED: &str = "x-sophon-forwarded";
+
+/// V2's header for the JSON part's length in a binary tensor request or response.
+const HEADER_LENGTH: &str = "inference-header-content-length";
+
+/// Bytes per `DATA` frame.
+const CHUNK: usize = 1 << 20;
+
+#[derive(Default)]
+struct Table {
+    routes: Vec<wire::Route>,
+    members: BTreeMap<String, Option<String>>,
+}
+
+/// The route table and the connections to other nodes.
+pub struct Router {
+    me: String,
+    endpoint: quinn::Endpoint,
+    repo: Arc<Repository>,
+    table: RwLock<Table>,
+    outstanding: Mutex<HashMap<String, Arc<AtomicU32>>>,
+    conns: tokio::sync::Mutex<HashMap<String, quinn::Connection>>,
+    /// The largest body forwarded either way.
+    pub max_body_bytes: usize,
+    /// How long a forwarded request may take.
+    pub timeout: Duration,
+}
+
+/// Where a request goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    pub node: String,
+    pub mesh_address: String,
+}
+
+/// The model and version a `/v2/models/...` path names (`None`: not a model path).
+pub fn model_of(path: &str) -> Option<(String, Option<String>)> {
+    let rest = path.strip_prefix("/v2/models/")?;
+    let rest = rest.split('?').next().unwrap_or(rest);
+    let mut parts = rest.split('/');
+    let model = parts.next().filter(|m| !m.is_empty())?;
+    let next = parts.next();
+    if model == "stats" && next.is_none() {
+        return None;
+    }
+    match next {
+        Some("versions") => Some((model.to_string(), parts.next().map(str::to_string))),
+        _ => Some((model.to_string(), None)),
+    }
+}
+
+impl Router {
+    pub fn new(me: String, endpoint: quinn::Endpoint, repo: Arc<Repository>) -> Router {
+        Router {
+            me,
+            endpoint,
+            repo,
+            table: RwLock::new(Table::default()),
+            outstanding: Mutex::new(HashMap::new()),
+            conns: tokio::sync::Mutex::new(HashMap::new()),
+            max_body_bytes: 64 << 20,
+            timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// Take the routes and members of a view.
+    pub fn update(&self, view: &wire::View) {
+        let mut table = self.table.write();
+        table.routes = view.routes.clone();
+        table.members = view.members.clone();
+    }
+
+    /// Whether node `id` (with the certificate of `serial`) is a member now.
+    pub fn admits(&self, id: &str, serial: Option<&str>) -> bool {
+        match self.table.read().members.get(id) {
+            None => false,
+            Some(Some(want)) => serial == Some(want.as_str()),
+            Some(None) => true,
+        }
+    }
+
+    /// The nodes with a ready replica of `model` (at `version`, or the newest deployment's),
+    /// other than this one.
+    pub fn targets(&self, model: &str, version: Option<&str>) -> Vec<Target> {
+        let table = self.table.read();
+        let route = table
+            .routes
+            .iter()
+            .filter(|r| r.model == model && version.is_none_or(|v| r.version == v))
+            .filter(|r| r.endpoints.iter().any(|e| e.node != self.me))
+            .max_by_key(|r| r.deployment);
+        route
+            .map(|r| {
+                r.endpoints
+                    .iter()
+                    .filter(|e| e.node != self.me && e.ready > 0)
+                    .map(|e| Target {
+                        node: e.node.clone(),
+                        mesh_address: e.mesh_address.clone(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Whether the mesh knows `model` (deployed in an environment this node serves).
+    pub fn knows(&self, model: &str) -> bool {
+        self.table.read().routes.iter().any(|r| r.model == model)
+    }
+
+    fn counter(&self, node: &str) -> Arc<AtomicU32> {
+        self.outstanding
+            .lock()
+            .entry(node.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Least outstanding of two drawn at random, leaving out `skip`.
+    pub fn choose(&self, targets: &[Target], skip: Option<&str>) -> Option<Target> {
+        let pool: Vec<&Target> = targets
+            .iter()
+            .filter(|t| Some(t.node.as_str()) != skip)
+            .collect();
+        match pool.len() {
+            0 => None,
+            1 => Some(pool[0].clone()),
+            n => {
+                let mut rng = rand::thread_rng();
+                let a = rng.gen_range(0..n);
+                let mut b = rng.gen_range(0..n - 1);
+                if b >= a {
+                    b += 1;
+                }
+                let load = |t: &Target| self.counter(&t.node).load(Ordering::Relaxed);
+                let pick = if load(pool[b]) < load(pool[a]) { b } else { a };
+                Some(pool[pick].clone())
+            }
+        }
+    }
+
+    async fn connection(&self, target: &Target) -> anyhow::Result<quinn::Connection> {
+        let mut conns = self.conns.lock().await;
+        if let Some(conn) = conns.get(&target.node)
+            && conn.close_reason().is_none()
+        {
+            return Ok(conn.clone());
+        }
+        let addr = super::resolve(&target.mesh_address)?;
+        let conn = tokio::time::timeout(
+            Duration::from_secs(2),
+            sophon_mesh::connect(&self.endpoint, addr, None),
+        )
+        .await
+        .context("timed out")??;
+        if sophon_mesh::peer_principal(&conn) != Some(Principal::Node(target.node.clone())) {
+            conn.close(0u32.into(), b"wrong node");
+            bail!(
+                "{} did not present node {}'s certificate",
+                target.mesh_address,
+                target.node
+            );
+        }
+        conns.insert(target.node.clone(), conn.clone());
+        Ok(conn)
+    }
+
+    /// Forward a request for `model` to a node with a ready replica; at most one retry, and
+    /// only when no guest ran.
+    pub async fn forward(
+        &self,
+        model: &str,
+        version: Option<&str>,
+        method: &str,
+        path: &str,
+        headers: &HeaderMap,
+        body: bytes::Bytes,
+    ) -> Response {
+        let targets = self.targets(model, version);
+        if targets.is_empty() {
+            let detail = match version {
+                Some(v) => format!("version {v} of model `{model}`"),
+                None => format!("model `{model}`"),
+            };
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("no replica of {detail} is ready anywhere in the mesh; retry later"),
+            );
+        }
+        let started = Instant::now();
+        let request = wire::ForwardRequest {
+            method: method.to_string(),
+            path: path.to_string(),
+            deadline_ms: self.timeout.as_millis() as u64,
+            content_type: headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
+            header_length: headers
+                .get(HEADER_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok()),
+            body_length: body.len(),
+        };
+        let mut skip = None;
+        let mut first_error = None;
+        for _attempt in 0..2 {
+            let Some(target) = self.choose(&targets, skip.as_deref()) else {
+                break;
+            };
+            let counter = self.counter(&target.node);
+            counter.fetch_add(1, Ordering::Relaxed);
+            let mut request = request.clone();
+            request.deadline_ms = self.timeout.saturating_sub(started.elapsed()).as_millis() as u64;
+            let result = self.send(&target, &request, &body).await;
+            counter.fetch_sub(1, Ordering::Relaxed);
+            match result {
+                Ok(Sent::Answered(response)) => return response,
+                Ok(Sent::NotThere(response)) | Ok(Sent::Unreached(response)) => {
+                    tracing::debug!(node = %target.node, "forward not taken; trying another node");
+                    first_error.get_or_insert(response);
+                    skip = Some(target.node.clone());
+                }
+                Err(e) => {
+                    return error(
+                        StatusCode::BAD_GATEWAY,
+                        format!(
+                            "node {} failed while serving the request (not retried: a guest may \
+                             have run it): {e:#}",
+                            target.node
+                        ),
+                    );
+                }
+            }
+        }
+        first_error.unwrap_or_else(|| {
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no node with a ready replica could be reached; retry later",
+            )
+        })
+    }
+
+    async fn send(
+        &self,
+        target: &Target,
+        request: &wire::ForwardRequest,
+        body: &[u8],
+    ) -> anyhow::Result<Sent> {
+        let unreached = |e: &dyn std::fmt::Display| {
+            Sent::Unreached(error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("node {} could not be reached: {e}", target.node),
+            ))
+        };
+        let conn = match self.connection(target).await {
+            Ok(c) => c,
+            Err(e) => return Ok(unreached(&format!("{e:#}"))),
+        };
+        let (mut send, mut recv) = match conn.open_bi().await {
+            Ok(s) => s,
+            Err(e) => {
+                self.conns.lock().await.remove(&target.node);
+                return Ok(unreached(&e));
+            }
+        };
+        let deadline = Duration::from_millis(request.deadline_ms);
+        let exchange = async {
+            sophon_mesh::write_frame(&mut send, kind::INFER, &serde_json::to_vec(request)?).await?;
+            for chunk in body.chunks(CHUNK) {
+                sophon_mesh::write_frame(&mut send, kind::DATA, chunk).await?;
+            }
+            send.finish()?;
+            let (k, head) = sophon_mesh::read_frame(&mut recv, 1 << 20)
+                .await?
+                .context("the serving node closed the stream without an answer")?;
+            if k != kind::INFER {
+                bail!("unexpected answer of kind {k}");
+            }
+            let answer: wire::ForwardAnswer = serde_json::from_slice(&head)?;
+            if answer.body_length > self.max_body_bytes {
+                bail!("the answer's body is over {} bytes", self.max_body_bytes);
+            }
+            let body = read_body(&mut recv, answer.body_length).await?;
+            anyhow::Ok((answer, body))
+        };
+        let (answer, body) = tokio::time::timeout(deadline, exchange)
+            .await
+            .context("the forwarded request ran past its deadline")??;
+        let response = response_of(&answer, body);
+        Ok(if answer.ran {
+            Sent::Answered(response)
+        } else {
+            Sent::NotThere(response)
+        })
+    }
+}
+
+enum Sent {
+    /// The serving node answered (whatever the status).
+    Answered(Response),
+    /// The serving node had no replica: nothing ran.
+    NotThere(Response),
+    /// The node could not be reached: nothing ran.
+    Unreached(Response),
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (
+        status,
+        axum::Json(serde_json::json!({"error": message.into()})),
+    )
+        .into_response()
+}
+
+async fn read_body(recv: &mut quinn::RecvStream, length: usize) -> anyhow::Result<Vec<u8>> {
+    let mut body = Vec::with_capacity(length.min(CHUNK));
+    while body.len() < length {
+        let (k, chunk) = sophon_mesh::read_frame(recv, CHUNK)
+            .await?
+            .context("the stream ended before the whole body came")?;
+        if k != kind::DATA || body.len() + chunk.len() > length {
+            bail!("the body does not match its announced length");
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+fn response_of(answer: &wire::ForwardAnswer, body: Vec<u8>) -> Response {
+    let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    let mut response = (status, body).into_response();
+    let headers = response.headers_mut();
+    if let Some(ct) = answer
+        .content_type
+        .as_deref()
+        .and_then(|v| HeaderValue::from_str(v).ok())
+    {
+        headers.insert(header::CONTENT_TYPE, ct);
+    }
+    if let Some(n) = answer.header_length {
+        headers.insert(HEADER_LENGTH, HeaderValue::from(n));
+    }
+    response
+}
+
+/// Serve requests forwarded by other nodes, through `app` (this node's HTTP routes).
+pub async fn serve(endpoint: quinn::Endpoint, router: Arc<Router>, app: axum::Router) {
+    while let Some(incoming) = endpoint.accept().await {
+        let router = router.clone();
+        let app = app.clone();
+        tokio::spawn(async move {
+            let Ok(conn) = incoming.await else {
+                return;
+            };
+            let Some(Principal::Node(peer)) = sophon_mesh::peer_principal(&conn) else {
+                conn.close(403u32.into(), b"only mesh nodes forward requests here");
+                return;
+            };
+            let serial = sophon_mesh::peer_serial(&conn);
+            if !router.admits(&peer, serial.as_deref()) {
+                tracing::warn!(%peer, "refused a node that is not a current member");
+                conn.close(403u32.into(), b"not a current member");
+                return;
+            }
+            while let Ok((send, recv)) = conn.accept_bi().await {
+                let router = router.clone();
+                let app = app.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = serve_stream(&router, app, send, recv).await {
+                        tracing::debug!(error = %e, "a forwarded request failed");
+                    }
+                });
+            }
+        });
+    }
+}
+
+async fn serve_stream(
+    router: &Router,
+    app: axum::Router,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) -> anyhow::Result<()> {
+    let (k, head) = sophon_mesh::read_frame(&mut recv, 64 << 10)
+        .await?
+        .context("an empty stream")?;
+    if k != kind::INFER {
+        bail!("unexpected request of kind {k}");
+    }
+    let request: wire::ForwardRequest = serde_json::from_slice(&head)?;
+    if request.body_length > router.max_body_bytes {
+        bail!("a forwarded body over {} bytes", router.max_body_bytes);
+    }
+    let body = read_body(&mut recv, request.body_length).await?;
+    let here =
+        model_of(&request.path).is_some_and(|(m, v)| router.repo.lookup(&m, v.as_deref()).is_ok());
+    let (answer, body) = if !here {
+        let body = serde_json::to_vec(&serde_json::json!({
+            "error": format!("node {} has no ready replica for {}", router.me, request.path)
+        }))?;
+        (
+            wire::ForwardAnswer {
+                status: 503,
+                content_type: Some("application/json".into()),
+                header_length: None,
+                body_length: body.len(),
+                ran: false,
+            },
+            body,
+        )
+    } else {
+        let mut http = Request::builder()
+            .method(request.method.as_str())
+            .uri(request.path.as_str())
+            .header(FORWARDED, "1");
+        if let Some(ct) = &request.content_type {
+            http = http.header(header::CONTENT_TYPE, ct);
+        }
+        if let Some(n) = request.header_length {
+            http = http.header(HEADER_LENGTH, n);
+        }
+        let http = http.body(Body::from(body))?;
+        let deadline = Duration::from_millis(request.deadline_ms.max(1));
+        let response = match tokio::time::timeout(deadline, app.oneshot(http)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(never)) => match never {},
+            Err(_) => error(
+                StatusCode::GATEWAY_TIMEOUT,
+                "the request ran past the deadline it was forwarded with",
+            ),
+        };
+        let status = response.status().as_u16();
+        let content_type = response
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let header_length = response
+            .headers()
+            .get(HEADER_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        let body = axum::body::to_bytes(response.into_body(), router.max_body_bytes).await?;
+        (
+            wire::ForwardAnswer {
+                status,
+                content_type,
+                header_length,
+                body_length: body.len(),
+                ran: true,
+            },
+            body.to_vec(),
+        )
+    };
+    sophon_mesh::write_frame(&mut send, kind::INFER, &serde_json::to_vec(&answer)?).await?;
+    for chunk in body.chunks(CHUNK) {
+        sophon_mesh::write_frame(&mut send, kind::DATA, chunk).await?;
+    }
+    send.finish()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_paths_name_their_model_and_version() {
+        assert_eq!(model_of("/v2/models/mlp/infer"), Some(("mlp".into(), None)));
+        assert_eq!(model_of("/v2/models/mlp"), Some(("mlp".into(), None)));
+        assert_eq!(
+            model_of("/v2/models/mlp/versions/2/infer"),
+            Some(("mlp".into(), Some("2".into())))
+        );
+        assert_eq!(model_of("/v2/models/stats"), None);
+        assert_eq!(model_of("/v2/health/ready"), None);
+        assert_eq!(model_of("/v2/models/"), None);
+    }
+}

@@ -1,0 +1,363 @@
+//! `sophon node`: mint node join tokens, join and run mesh nodes, and list, show, drain,
+//! resume or remove them.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use serde_json::{Value, json};
+use sophon_node::http::HttpConfig;
+use sophon_node::mesh::{JoinOptions, MeshNode, NodeFile};
+use sophon_node::stats::Metrics;
+use sophon_node::{NodeServer, Repository, Runtime, RuntimeConfig, ServingLimits};
+
+use super::client::{Client, ClientArgs, Table, cell};
+use super::coordinator::parse_duration;
+
+/// How a node serves (shared by `join --run` and `run`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Requests of one model running at once (default: the number of cores).
+    #[arg(long)]
+    pub concurrency: Option<usize>,
+    /// Requests of one model that may wait before new ones get 429.
+    #[arg(long, default_value_t = 256)]
+    pub max_queue: usize,
+    /// Largest request body, in bytes.
+    #[arg(long, default_value_t = 64 << 20)]
+    pub max_body_bytes: usize,
+    /// Bytes of request bodies the node holds at once before it sheds with 503.
+    #[arg(long, default_value_t = 1 << 30)]
+    pub max_inflight_bytes: usize,
+    /// Seconds a shutdown waits for requests in flight before it cancels them.
+    #[arg(long, default_value_t = 30)]
+    pub drain_secs: u64,
+    /// Directory of the AOT component cache (default: ~/.cache/sophon/components).
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum NodeCmd {
+    /// Make a node join token (needs an operator token): it admits `--uses` nodes until it
+    /// expires, and can do nothing else.
+    JoinToken {
+        /// How long it stays valid: like `90s`, `30m`, `1h`, `2d` (at most 7 days).
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        expires: Duration,
+        /// How many nodes it admits.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        /// Print only the join token (for `$(...)`).
+        #[arg(long)]
+        raw: bool,
+    },
+    /// Enroll this machine as a mesh node (the cluster signs `node/<id>`).
+    Join {
+        /// The token from `sophon node join-token`.
+        #[arg(long)]
+        join_token: String,
+        /// The node's data directory (identity, bundles, last view).
+        #[arg(long)]
+        data: PathBuf,
+        /// The node's id (default: the host name).
+        #[arg(long)]
+        id: Option<String>,
+        /// Where the V2 HTTP API listens.
+        #[arg(long, default_value = "127.0.0.1:8000")]
+        http: SocketAddr,
+        /// Where the mesh (QUIC) endpoint listens.
+        #[arg(long, default_value = "127.0.0.1:7500")]
+        mesh: SocketAddr,
+        /// Where other members reach the mesh endpoint (default: --mesh).
+        #[arg(long)]
+        advertise: Option<String>,
+        /// A label, `key=value` (repeatable).
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        /// The node's zone (the scheduler spreads replicas across zones).
+        #[arg(long, default_value = "default")]
+        zone: String,
+        /// An environment this node serves (repeatable; none: every environment).
+        #[arg(long = "environment")]
+        environments: Vec<String>,
+        /// Memory offered to replicas, in MiB (default: the machine's memory).
+        #[arg(long)]
+        memory_mb: Option<u64>,
+        /// Run the node right after joining.
+        #[arg(long)]
+        run: bool,
+        #[command(flatten)]
+        serve: Box<ServeArgs>,
+    },
+    /// Run a node that has joined.
+    Run {
+        /// The node's data directory.
+        #[arg(long)]
+        data: PathBuf,
+        #[command(flatten)]
+        serve: ServeArgs,
+    },
+    /// List the nodes.
+    List,
+    /// Show a node and its replicas.
+    Show { id: String },
+    /// Move a node's replicas elsewhere and place nothing more on it.
+    Drain { id: String },
+    /// Place replicas on a drained node again.
+    Resume { id: String },
+    /// Remove a node from the cluster: its certificate is refused from then on.
+    Remove { id: String },
+}
+
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{text:?} is no label: write it as key=value"))
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "node".to_string())
+}
+
+pub fn run(cmd: NodeCmd, client: &ClientArgs) -> anyhow::Result<()> {
+    match cmd {
+        NodeCmd::JoinToken { expires, uses, raw } => {
+            let c = Client::new(client)?;
+            let token = c.send(
+                "POST",
+                "/v1/nodes/join-tokens",
+                Some(json!({"expires_in_s": expires.as_secs().max(1), "uses": uses})),
+            )?;
+            if raw {
+                println!("{}", token["join_token"].as_str().unwrap_or_default());
+                return Ok(());
+            }
+            c.print(&token, |v| {
+                Table::fields(&[
+                    ("join token", cell(&v["join_token"])),
+                    ("token id", cell(&v["id"])),
+                    ("uses", cell(&v["uses"])),
+                    ("expires at (ms)", cell(&v["expires_at_ms"])),
+                ])
+            });
+            Ok(())
+        }
+        NodeCmd::Join {
+            join_token,
+            data,
+            id,
+            http,
+            mesh,
+            advertise,
+            labels,
+            zone,
+            environments,
+            memory_mb,
+            run,
+            serve,
+        } => {
+            let options = JoinOptions {
+                join_token,
+                data_dir: data.clone(),
+                id: id.unwrap_or_else(host_name),
+                mesh_listen: mesh,
+                mesh_address: advertise,
+                http_listen: http,
+                http_address: None,
+                labels: labels.into_iter().collect::<BTreeMap<_, _>>(),
+                zone,
+                environments,
+                memory_mb,
+            };
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            let file = rt.block_on(sophon_node::mesh::join(&options))?;
+            drop(rt);
+            println!(
+                "Joined as node {} (mesh {}, V2 on http://{}); data in {}",
+                file.id,
+                file.mesh_address,
+                file.http_address,
+                data.display()
+            );
+            if run {
+                return serve_node(data, *serve);
+            }
+            println!("Run it with: sophon node run --data {}", data.display());
+            Ok(())
+        }
+        NodeCmd::Run { data, serve } => serve_node(data, serve),
+        NodeCmd::List => {
+            let c = Client::new(client)?;
+            let v = c.get("/v1/nodes")?;
+            c.print(&v, |v| {
+                let mut t = Table::new(&[
+                    "id",
+                    "health",
+                    "draining",
+                    "zone",
+                    "environments",
+                    "replicas",
+                    "mesh",
+                    "http",
+                    "heard (ms ago)",
+                    "inflight",
+                ]);
+                for n in v["nodes"].as_array().into_iter().flatten() {
+                    let envs = n["environments"]
+                        .as_array()
+                        .filter(|a| !a.is_empty())
+                        .map(|a| a.iter().map(cell).collect::<Vec<_>>().join(","))
+                        .unwrap_or_else(|| "all".into());
+                    t.row(vec![
+                        cell(&n["id"]),
+                        cell(&n["health"]),
+                        cell(&n["draining"]),
+                        cell(&n["zone"]),
+                        envs,
+                        n["assigned"]
+                            .as_array()
+                            .map(|a| a.len().to_string())
+                            .unwrap_or_default(),
+                        cell(&n["address"]),
+                        cell(&n["http_address"]),
+                        cell(&n["live"]["last_heard_ms_ago"]),
+                        cell(&n["live"]["load"]["inflight"]),
+                    ]);
+                }
+                t
+            });
+            Ok(())
+        }
+        NodeCmd::Show { id } => {
+            let c = Client::new(client)?;
+            let v = c.get(&format!("/v1/nodes/{id}"))?;
+            c.print(&v, |v| {
+                let n = &v["node"];
+                let mut t = Table::fields(&[
+                    ("id", cell(&n["id"])),
+                    ("health", cell(&n["health"])),
+                    ("draining", cell(&n["draining"])),
+                    ("zone", cell(&n["zone"])),
+                    ("mesh", cell(&n["address"])),
+                    ("http", cell(&n["http_address"])),
+                    ("version", cell(&n["version"])),
+                    ("cores", cell(&n["inventory"]["cpu_cores"])),
+                    ("memory (MiB)", cell(&n["inventory"]["memory_mb"])),
+                    ("backends", cell(&n["inventory"]["backends"])),
+                    ("heard (ms ago)", cell(&v["live"]["last_heard_ms_ago"])),
+                ]);
+                for r in v["replicas"].as_array().into_iter().flatten() {
+                    t.row(vec![
+                        format!(
+                            "replica {}/{} {}@{}",
+                            cell(&r["deployment"]),
+                            cell(&r["replica"]),
+                            cell(&r["model"]),
+                            cell(&r["version"])
+                        ),
+                        replica_state(r),
+                    ]);
+                }
+                t
+            });
+            Ok(())
+        }
+        NodeCmd::Drain { id } => action(
+            client,
+            &format!("/v1/nodes/{id}/drain"),
+            "POST",
+            &id,
+            "draining",
+        ),
+        NodeCmd::Resume { id } => action(
+            client,
+            &format!("/v1/nodes/{id}/resume"),
+            "POST",
+            &id,
+            "resumed",
+        ),
+        NodeCmd::Remove { id } => {
+            action(client, &format!("/v1/nodes/{id}"), "DELETE", &id, "removed")
+        }
+    }
+}
+
+/// `ready`, `failed: <reason>`, ...
+pub fn replica_state(r: &Value) -> String {
+    let phase = r["phase"].as_str().unwrap_or("pending");
+    match r["reason"].as_str() {
+        Some(reason) => format!("{phase}: {reason}"),
+        None => phase.to_string(),
+    }
+}
+
+fn action(
+    client: &ClientArgs,
+    path: &str,
+    method: &str,
+    id: &str,
+    what: &str,
+) -> anyhow::Result<()> {
+    let c = Client::new(client)?;
+    let v = c.send(method, path, None)?;
+    c.print(&v, |_| Table::fields(&[("node", format!("{id} {what}"))]));
+    Ok(())
+}
+
+/// Run a joined node: its repository, the mesh, then the V2 HTTP API.
+fn serve_node(data: PathBuf, serve: ServeArgs) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let served = rt.block_on(async move {
+        let file = NodeFile::read(&data)?;
+        let mut config = RuntimeConfig::default();
+        if let Some(dir) = &serve.cache_dir {
+            config.cache_dir = Some(dir.clone());
+        }
+        let runtime = Runtime::new(config)?;
+        let metrics = Arc::new(Metrics::new()?);
+        let mut limits = ServingLimits {
+            max_queue: serve.max_queue,
+            ..ServingLimits::default()
+        };
+        if let Some(n) = serve.concurrency {
+            limits.default_concurrency = n;
+        }
+        // Trusted publishers come from the cluster, with the view.
+        let repo = Arc::new(Repository::new(runtime, Vec::new(), limits, metrics));
+        let server = NodeServer::bind(
+            file.http_listen,
+            repo.clone(),
+            HttpConfig {
+                max_body_bytes: serve.max_body_bytes,
+                max_inflight_bytes: serve.max_inflight_bytes,
+            },
+        )
+        .await?
+        .with_drain_deadline(Duration::from_secs(serve.drain_secs));
+        let mesh = MeshNode::start(&data, repo.clone(), server.app())
+            .await
+            .context("start the mesh")?;
+        let _ = server.state().mesh.set(mesh.router.clone());
+        println!(
+            "Sophon node {} serving KServe V2 on http://{} (mesh {})",
+            mesh.file.id,
+            server.local_addr()?,
+            mesh.file.mesh_address
+        );
+        server.run(super::dev::shutdown_signal()).await
+    });
+    rt.shutdown_timeout(Duration::from_secs(1));
+    served
+}
