@@ -1,0 +1,491 @@
+//! The mesh end to end, with real processes on 127.0.0.1: three `sophon coordinator`s and three
+//! `sophon node`s joined with a node join token through the CLI, a real model pushed and
+//! deployed with two replicas, and V2 predictions sent to every node, including the one that
+//! holds no replica (its requests are forwarded over QUIC). Then, under load: a node holding a
+//! replica is killed with SIGKILL (its replica is placed and ready elsewhere), the coordinator
+//! leader is killed (no prediction fails), and every coordinator is stopped (predictions keep
+//! working from the nodes' last view).
+
+#[path = "support/harness.rs"]
+mod harness;
+#[path = "support/udp_proxy.rs"]
+mod udp_proxy;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use harness::{Api, Reply, free_tcp, free_udp, ok, three_coordinators, wait_for_leader};
+use serde_json::{Value, json};
+use udp_proxy::Faults;
+
+/// A mesh node process.
+struct NodeProc {
+    id: String,
+    http: std::net::SocketAddr,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl NodeProc {
+    /// `sophon node join --run`: enrolls and keeps serving.
+    fn join(root: &Path, n: usize, token: &str) -> NodeProc {
+        let id = format!("n{n}");
+        let data = root.join(&id);
+        let http = free_tcp();
+        let mesh = free_udp();
+        let log = root.join(format!("{id}.log"));
+        let file = std::fs::File::create(&log).expect("log");
+        let child = Command::new(env!("CARGO_BIN_EXE_sophon"))
+            .args(["node", "join", "--join-token", token, "--data"])
+            .arg(&data)
+            .args(["--id", &id, "--http", &http.to_string()])
+            .args(["--mesh", &mesh.to_string(), "--zone", &format!("z{n}")])
+            .args(["--memory-mb", "4096", "--run", "--cache-dir"])
+            .arg(root.join("aot-cache"))
+            .env("SOPHON_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("start a node");
+        NodeProc {
+            id,
+            http,
+            child: Some(child),
+            log,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.http)
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn input(seed: usize) -> Vec<f32> {
+    (0..784)
+        .map(|i| ((i * 7 + seed * 13) % 255) as f32 / 255.0)
+        .collect()
+}
+
+/// One V2 prediction of the MLP; `Ok(outputs)` or `Err(what went wrong)`.
+fn predict(agent: &ureq::Agent, node: &str, x: &[f32]) -> Result<Vec<f32>, String> {
+    let body =
+        json!({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 784], "data": x}]});
+    let mut resp = agent
+        .post(format!("{node}/v2/models/mlp/infer"))
+        .send_json(body)
+        .map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let text = resp
+        .body_mut()
+        .read_to_string()
+        .map_err(|e| e.to_string())?;
+    if status != 200 {
+        return Err(format!("HTTP {status}: {text}"));
+    }
+    let v: Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+    Ok(v["outputs"][0]["data"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_f64)
+                .map(|f| f as f32)
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// The same request in Triton's binary tensor format.
+fn predict_binary(agent: &ureq::Agent, node: &str, x: &[f32]) -> Result<Vec<f32>, String> {
+    let header = json!({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 784],
+        "parameters": {"binary_data_size": x.len() * 4}}]})
+    .to_string();
+    let mut body = header.clone().into_bytes();
+    for v in x {
+        body.extend_from_slice(&v.to_le_bytes());
+    }
+    let mut resp = agent
+        .post(format!("{node}/v2/models/mlp/infer"))
+        .header("Inference-Header-Content-Length", header.len().to_string())
+        .header("Content-Type", "application/octet-stream")
+        .send(&body[..])
+        .map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let text = resp
+        .body_mut()
+        .read_to_string()
+        .map_err(|e| e.to_string())?;
+    if status != 200 {
+        return Err(format!("HTTP {status}: {text}"));
+    }
+    let v: Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+    Ok(v["outputs"][0]["data"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_f64)
+                .map(|f| f as f32)
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+fn close(got: &[f32], want: &[f32]) -> bool {
+    got.len() == want.len() && got.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-3)
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::new_with_config(
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(30)))
+            .build(),
+    )
+}
+
+/// Sends predictions round-robin to `targets` until stopped; counts successes and failures
+/// (a wrong answer is a failure).
+struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    errors: Arc<std::sync::Mutex<Vec<String>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(targets: Vec<String>, threads: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let errors = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mlp = sophon_sdk::ready::mlp();
+        let handles = (0..threads)
+            .map(|t| {
+                let (stop, ok, failed, errors) =
+                    (stop.clone(), ok.clone(), failed.clone(), errors.clone());
+                let targets = targets.clone();
+                let mlp = mlp.clone();
+                std::thread::spawn(move || {
+                    let agent = agent();
+                    let mut i = t;
+                    while !stop.load(Ordering::Relaxed) {
+                        let x = input(i);
+                        let node = &targets[i % targets.len()];
+                        match predict(&agent, node, &x) {
+                            Ok(y) if close(&y, &mlp.forward(&x)) => {
+                                ok.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Ok(_) => {
+                                failed.fetch_add(1, Ordering::Relaxed);
+                                errors
+                                    .lock()
+                                    .expect("lock")
+                                    .push(format!("{node}: wrong answer"));
+                            }
+                            Err(e) => {
+                                failed.fetch_add(1, Ordering::Relaxed);
+                                errors.lock().expect("lock").push(format!("{node}: {e}"));
+                            }
+                        }
+                        i += threads;
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            ok,
+            failed,
+            errors,
+            threads: handles,
+        }
+    }
+
+    /// Stop; (succeeded, failed, the first errors).
+    fn finish(self) -> (u64, u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            let _ = t.join();
+        }
+        let errors = self
+            .errors
+            .lock()
+            .expect("lock")
+            .iter()
+            .take(5)
+            .cloned()
+            .collect();
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+            errors,
+        )
+    }
+}
+
+fn placements(api: &Api, base: &str, deployment: u64) -> Value {
+    ok(
+        api.get(base, &format!("/v1/deployments/{deployment}")),
+        "show the deployment",
+    )
+}
+
+fn ready_nodes(v: &Value) -> Vec<String> {
+    v["placements"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["ready"] == json!(true))
+        .filter_map(|p| p["node"].as_str().map(str::to_string))
+        .collect()
+}
+
+fn wait_ready(api: &Api, base: &str, deployment: u64, replicas: usize, within: Duration) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Reply::Ok(v) = api.get(base, &format!("/v1/deployments/{deployment}"))
+            && ready_nodes(&v).len() == replicas
+        {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{replicas} ready replicas of deployment {deployment} within {within:?}: {:?}",
+            api.get(base, &format!("/v1/deployments/{deployment}"))
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn three_coordinators_and_three_nodes_serve_route_and_survive_losses() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let faults = Faults::new();
+    let (mut coordinators, token) = three_coordinators(root.path(), &faults, |_| {});
+    let api = Api::new(&token, Duration::from_secs(10));
+    let c1 = coordinators[0].url();
+    ok(
+        api.send(
+            "PUT",
+            &c1,
+            "/v1/cluster/heartbeat-grace",
+            json!({"grace_ms": 2000}),
+        ),
+        "set the heartbeat grace",
+    );
+    let key = sophon_sdk::keys::generate();
+    ok(
+        api.send(
+            "POST",
+            &c1,
+            "/v1/keys",
+            json!({"key": sophon_sdk::keys::public_key_hex(&key.verifying_key()), "name": "ci"}),
+        ),
+        "trust the publisher",
+    );
+
+    // A node join token for three nodes, through the CLI as the README shows.
+    let out = Command::new(env!("CARGO_BIN_EXE_sophon"))
+        .args(["node", "join-token", "--uses", "3", "--raw"])
+        .env("SOPHON_SERVER", &c1)
+        .env("SOPHON_TOKEN", &token)
+        .output()
+        .expect("sophon node join-token");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let join = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(join.starts_with("sophon-join:"), "{join}");
+    let mut nodes: Vec<NodeProc> = (1..=3)
+        .map(|n| NodeProc::join(root.path(), n, &join))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = ok(api.get(&c1, "/v1/nodes"), "list nodes");
+        let up = v["nodes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|n| n["health"] == json!("up"))
+            .count();
+        if up == 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "three nodes up: {v}\n{}",
+            nodes.iter().map(NodeProc::logs).collect::<String>()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The token is used up: a fourth node is refused.
+    let fourth = Command::new(env!("CARGO_BIN_EXE_sophon"))
+        .args(["node", "join", "--join-token", &join, "--data"])
+        .arg(root.path().join("n4"))
+        .args(["--id", "n4"])
+        .output()
+        .expect("sophon node join");
+    assert!(!fourth.status.success());
+    let said = String::from_utf8_lossy(&fourth.stderr);
+    assert!(said.contains("used up"), "{said}");
+
+    // Push the real MLP and deploy two replicas.
+    let bundle = sophon_sdk::ready::mlp_bundle("mlp", &key).expect("pack");
+    ok(api.push(&c1, &bundle), "push the bundle");
+    let created = ok(
+        api.send(
+            "POST",
+            &c1,
+            "/v1/deployments",
+            json!({"model": "mlp", "version": "1", "environment": "staging", "replicas": 2}),
+        ),
+        "deploy",
+    );
+    let deployment = created["created"]["deployment"]
+        .as_u64()
+        .expect("deployment id");
+    let started = Instant::now();
+    let v = wait_ready(&api, &c1, deployment, 2, Duration::from_secs(120));
+    eprintln!("deploy to 2 replicas ready: {:?}", started.elapsed());
+    let hosts = ready_nodes(&v);
+    let spare = nodes
+        .iter()
+        .position(|n| !hosts.contains(&n.id))
+        .expect("one node holds no replica");
+
+    // Every node answers, the one without a replica by forwarding; JSON and binary bodies.
+    let mlp = sophon_sdk::ready::mlp();
+    let agent = agent();
+    for n in &nodes {
+        let x = input(3);
+        let want = mlp.forward(&x);
+        let got = eventually_predict(&agent, &n.url(), &x);
+        assert!(close(&got, &want), "{}: {got:?}", n.id);
+        let got = predict_binary(&agent, &n.url(), &x).unwrap_or_else(|e| panic!("{}: {e}", n.id));
+        assert!(close(&got, &want), "{} (binary): {got:?}", n.id);
+    }
+    // A bad request through the forwarding node gets the serving node's clear 400, and the
+    // next good one is answered.
+    let bad = agent
+        .post(format!("{}/v2/models/mlp/infer", nodes[spare].url()))
+        .send_json(json!({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}]}))
+        .expect("send");
+    assert_eq!(bad.status().as_u16(), 400);
+    assert!(predict(&agent, &nodes[spare].url(), &input(1)).is_ok());
+
+    // kill -9 a node that holds a replica, under load on the other two.
+    let victim = nodes
+        .iter()
+        .position(|n| hosts.contains(&n.id))
+        .expect("a host");
+    let others: Vec<String> = nodes
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != victim)
+        .map(|(_, n)| n.url())
+        .collect();
+    let load = Load::start(others.clone(), 4);
+    std::thread::sleep(Duration::from_millis(500));
+    let killed_at = Instant::now();
+    nodes[victim].kill();
+    let victim_id = nodes[victim].id.clone();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = placements(&api, &c1, deployment);
+        let ready = ready_nodes(&v);
+        if ready.len() == 2 && !ready.contains(&victim_id) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the replica moves off {victim_id}: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let moved = killed_at.elapsed();
+    std::thread::sleep(Duration::from_millis(500));
+    let (succeeded, failed, errors) = load.finish();
+    let rate = failed as f64 / (succeeded + failed).max(1) as f64;
+    eprintln!(
+        "node loss: replica ready elsewhere {moved:?} after kill -9 (grace 2 s); \
+         {failed} of {} predictions failed ({:.3} %): {errors:?}",
+        succeeded + failed,
+        rate * 100.0
+    );
+    assert!(succeeded > 100, "the load ran: {succeeded}");
+    assert!(
+        moved < Duration::from_secs(2 + 8),
+        "ready elsewhere in {moved:?}"
+    );
+    assert!(
+        rate <= 0.01,
+        "{failed} of {} failed: {errors:?}",
+        succeeded + failed
+    );
+
+    // kill -9 the coordinator leader under load: no prediction fails.
+    let load = Load::start(others.clone(), 4);
+    std::thread::sleep(Duration::from_millis(300));
+    let leader = wait_for_leader(&api, &coordinators, Duration::from_secs(10)).expect("a leader");
+    let li = coordinators
+        .iter()
+        .position(|m| m.id == leader)
+        .expect("leader is a member");
+    coordinators[li].kill();
+    std::thread::sleep(Duration::from_secs(3));
+    let (succeeded, failed, errors) = load.finish();
+    assert!(succeeded > 50, "the load ran: {succeeded}");
+    assert_eq!(
+        failed, 0,
+        "no prediction fails when the leader dies: {errors:?}"
+    );
+
+    // Every coordinator down: the nodes keep serving and routing from their last view.
+    for m in &mut coordinators {
+        m.kill();
+    }
+    let load = Load::start(others, 4);
+    std::thread::sleep(Duration::from_secs(3));
+    let (succeeded, failed, errors) = load.finish();
+    assert!(succeeded > 50, "the load ran: {succeeded}");
+    assert_eq!(
+        failed, 0,
+        "predictions keep working without coordinators: {errors:?}"
+    );
+}
+
+/// The first prediction on a node may come before its view has the routes: retry a while.
+fn eventually_predict(agent: &ureq::Agent, node: &str, x: &[f32]) -> Vec<f32> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match predict(agent, node, x) {
+            Ok(y) => return y,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "{node}: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
