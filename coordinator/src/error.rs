@@ -19,7 +19,7 @@ pub enum Error {
     #[error("token {id} has expired: ask an admin for a new token")]
     TokenExpired { id: String },
     #[error(
-        "token {id} has been used up (a join token admits one coordinator): ask an admin for a new token"
+        "token {id} has been used up (a coordinator join token admits one coordinator, a node join token as many nodes as it was made for): ask for a new token"
     )]
     TokenUsedUp { id: String },
     #[error(

@@ -753,3 +753,207 @@ async fn garbage_collection_needs_a_confirmed_read_of_the_shelf() {
     );
     c2.shutdown().await;
 }
+
+/// A plain token of `role`: its secret.
+async fn plain_token(first: &Running, role: Role) -> String {
+    let (id, secret) = new_token();
+    first
+        .core
+        .write(
+            admin(),
+            Command::CreateToken {
+                id,
+                name: format!("a-{role}"),
+                role,
+                secret_hash: crate::hash_secret(&secret),
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    secret
+}
+
+/// Joins node `id` over the wire with `join` (a node join string); its identity, or the error.
+async fn join_node(join: &str, id: &str) -> crate::Result<Identity> {
+    use sophon_mesh::wire;
+    let (fingerprint, secret, address) = parse_join_string(join)?;
+    let (key_pem, csr_pem) = sophon_mesh::new_csr().map_err(super::mesh)?;
+    let cfg = EndpointConfig::default();
+    let endpoint = sophon_mesh::client_endpoint(&cfg).map_err(super::mesh)?;
+    let client = sophon_mesh::join_client_config(&fingerprint, &cfg).map_err(super::mesh)?;
+    let addr: SocketAddr = address.parse().unwrap_or_else(|e| panic!("{e}"));
+    let conn = sophon_mesh::connect(&endpoint, addr, Some(client))
+        .await
+        .map_err(super::mesh)?;
+    let request = wire::NodeJoinRequest {
+        secret,
+        csr_pem,
+        node: wire::NodeInfo {
+            id: id.into(),
+            mesh_address: "127.0.0.1:9".into(),
+            http_address: "127.0.0.1:8".into(),
+            inventory: wire::Inventory {
+                cpu_cores: 2,
+                memory_mb: 4096,
+                backends: vec!["tract".into()],
+                ..wire::Inventory::default()
+            },
+            labels: Default::default(),
+            zone: "a".into(),
+            environments: Vec::new(),
+            version: "test".into(),
+        },
+    };
+    let body = serde_json::to_vec(&request).unwrap_or_else(|e| panic!("{e}"));
+    let answer = request_on(&conn, wire::kind::NODE_JOIN, &body).await?;
+    let answer: wire::NodeJoinAnswer =
+        serde_json::from_value(answer).unwrap_or_else(|e| panic!("{e}"));
+    let identity = Identity {
+        principal: Principal::Node(id.into()),
+        cert_pem: answer.cert_pem,
+        key_pem,
+        ca_pem: answer.ca_pem,
+    };
+    identity.check().map_err(super::mesh)?;
+    Ok(identity)
+}
+
+async fn request_on(
+    conn: &quinn::Connection,
+    k: u8,
+    body: &[u8],
+) -> crate::Result<serde_json::Value> {
+    request(conn, k, body).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_certificate_does_node_things_only_and_only_while_a_member() {
+    use sophon_mesh::wire;
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let d1 = dir.path().join("c1");
+    let mesh1 = free_udp();
+    let root = init(&d1, &mesh1.to_string(), "127.0.0.1:1").unwrap_or_else(|e| panic!("{e}"));
+    let c1 = start(config(&d1, mesh1))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    until("c1 leads", || c1.core.driver.status().is_leader).await;
+
+    // An operator mints node join tokens; a viewer may not.
+    let viewer = plain_token(&c1, Role::Viewer).await;
+    let operator = plain_token(&c1, Role::Operator).await;
+    let (s, _) = api(&c1, "POST", "/v1/nodes/join-tokens", &viewer, "").await;
+    assert_eq!(s, 403);
+    let (s, minted) = api(
+        &c1,
+        "POST",
+        "/v1/nodes/join-tokens",
+        &operator,
+        r#"{"uses": 1, "expires_in_s": 60}"#,
+    )
+    .await;
+    assert_eq!(s, 201, "{minted}");
+    let join = minted["join_token"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    // A coordinator join token is no node join token.
+    let coordinator_join = join_token(&c1, Duration::from_secs(60)).await;
+    let refused = join_node(&coordinator_join, "x").await;
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("not a node join token")),
+        "{:?}",
+        refused.err()
+    );
+    let n1 = join_node(&join, "n1")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    // One use only.
+    let again = join_node(&join, "n2").await;
+    assert!(
+        again
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("used up")),
+        "{:?}",
+        again.err()
+    );
+
+    let (_endpoint, conn) = connect_as(&n1, mesh1).await;
+    let conn = conn.unwrap_or_else(|e| panic!("{e}"));
+    let hb = serde_json::to_vec(&wire::Heartbeat::default()).unwrap_or_else(|e| panic!("{e}"));
+    let answer = request(&conn, wire::kind::HEARTBEAT, &hb)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(answer["accepted"], true, "{answer}");
+
+    // The watch pushes the node's view.
+    let (mut send, mut recv) = conn.open_bi().await.unwrap_or_else(|e| panic!("{e}"));
+    let watch =
+        serde_json::to_vec(&wire::WatchRequest::default()).unwrap_or_else(|e| panic!("{e}"));
+    sophon_mesh::write_frame(&mut send, wire::kind::WATCH, &watch)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let _ = send.finish();
+    let (k, body) = sophon_mesh::read_frame(&mut recv, 1 << 20)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|| panic!("a view"));
+    assert_eq!(k, wire::kind::VIEW);
+    let view: wire::View = serde_json::from_slice(&body).unwrap_or_else(|e| panic!("{e}"));
+    assert!(view.members.contains_key("n1"), "{view:?}");
+
+    // Nothing a coordinator may do: forward, join, sign, Raft, a bundle it was not given.
+    for (k, body) in [
+        (kind::FORWARD, forwarded("from-a-node")),
+        (kind::JOIN, b"{}".to_vec()),
+        (kind::SIGN, b"{}".to_vec()),
+        (kind::BLOB_GET, b"00".repeat(32)),
+    ] {
+        let refused = request(&conn, k, &body).await;
+        assert!(
+            refused
+                .as_ref()
+                .is_err_and(|e| e.to_string().contains("n1")),
+            "kind {k}: {refused:?}"
+        );
+    }
+    let term = c1.core.driver.status().term;
+    send_raft(&conn, &heartbeat(2, 1, term + 1000)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        c1.core.driver.status().term,
+        term,
+        "a node's Raft message is ignored"
+    );
+    assert!(!has_policy(&c1, "from-a-node").await);
+
+    // Removed: refused from then on, and the watch says so.
+    let (s, out) = api(&c1, "DELETE", "/v1/nodes/n1", &operator, "").await;
+    assert_eq!(s, 200, "{out}");
+    let (k, body) = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let frame = sophon_mesh::read_frame(&mut recv, 1 << 20)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"))
+                .unwrap_or_else(|| panic!("a view"));
+            let view: wire::View =
+                serde_json::from_slice(&frame.1).unwrap_or_else(|e| panic!("{e}"));
+            if view.removed {
+                return frame;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the watch says the node was removed"));
+    assert_eq!(k, wire::kind::VIEW, "{}", String::from_utf8_lossy(&body));
+    let refused = request(&conn, wire::kind::HEARTBEAT, &hb).await;
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("not a member")),
+        "{refused:?}"
+    );
+    let _ = root;
+    c1.shutdown().await;
+}

@@ -729,7 +729,10 @@ pub(super) async fn serve_node_stream(
             }
         }
         (other, _) => Err(Error::Unauthenticated {
-            reason: format!("a node may not make requests of kind {other} here"),
+            reason: format!(
+                "node/{node} may make node requests only (heartbeat, watch, its bundles), not \
+                 requests of kind {other}"
+            ),
         }),
     };
     super::answer(&mut send, result).await;
