@@ -98,6 +98,13 @@ pub enum DeployCmd {
         /// Devices, best first (cpu,gpu,npu); default: the manifest's.
         #[arg(long, value_delimiter = ',')]
         hardware: Vec<String>,
+        /// Show progress until every replica is ready; fail with the nodes' reasons if it
+        /// cannot be placed, or after `--timeout`.
+        #[arg(long)]
+        wait: bool,
+        /// How long `--wait` waits, like `90s` or `5m`.
+        #[arg(long, default_value = "5m", value_parser = super::coordinator::parse_duration)]
+        timeout: std::time::Duration,
     },
     List,
     Show {
@@ -570,6 +577,8 @@ pub fn deploy(args: &ClientArgs, cmd: DeployCmd) -> anyhow::Result<()> {
             environment,
             replicas,
             hardware,
+            wait,
+            timeout,
         } => {
             let hw = if hardware.is_empty() {
                 Value::Null
@@ -589,6 +598,9 @@ pub fn deploy(args: &ClientArgs, cmd: DeployCmd) -> anyhow::Result<()> {
                 &v,
                 &format!("deployed {model}@{version} to {environment}"),
             );
+            if wait && let Some(id) = v["created"]["deployment"].as_u64() {
+                wait_ready(&c, id, timeout)?;
+            }
         }
         DeployCmd::List => {
             let v = c.get("/v1/deployments")?;
@@ -605,12 +617,25 @@ pub fn deploy(args: &ClientArgs, cmd: DeployCmd) -> anyhow::Result<()> {
             c.print(&v, |v| {
                 let mut t = Table::new(&headers);
                 t.row(row(&v["deployment"]));
-                let mut p = Table::new(&["replica", "node", "device"]);
+                let mut p = Table::new(&["replica", "node", "device", "state"]);
                 for pl in v["placements"].as_array().into_iter().flatten() {
                     p.row(vec![
                         cell(&pl["replica"]),
                         cell(&pl["node"]),
                         cell(&pl["device"]),
+                        super::node::replica_state(pl),
+                    ]);
+                }
+                for (node, reason) in v["deployment"]["failed_on"]
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                {
+                    p.row(vec![
+                        "-".into(),
+                        node.clone(),
+                        "-".into(),
+                        format!("failed earlier: {}", cell(reason)),
                     ]);
                 }
                 let mut out = Table::new(&[""]);
@@ -632,6 +657,59 @@ pub fn deploy(args: &ClientArgs, cmd: DeployCmd) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Print each change of a deployment's replicas until all are ready; an error if some cannot
+/// be placed (with the reasons nodes gave) or time runs out.
+fn wait_ready(c: &Client, id: u64, timeout: std::time::Duration) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut last = String::new();
+    loop {
+        let v = c.get(&format!("/v1/deployments/{id}"))?;
+        let d = &v["deployment"];
+        let wanted = d["replicas"].as_u64().unwrap_or(0);
+        let states: Vec<String> = v["placements"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| format!("{}: {}", cell(&p["node"]), super::node::replica_state(p)))
+            .collect();
+        let ready = v["placements"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| p["ready"] == json!(true))
+            .count() as u64;
+        let line = format!(
+            "deployment {id}: {ready}/{wanted} ready [{}]",
+            states.join(", ")
+        );
+        if line != last {
+            eprintln!("{line}");
+            last = line;
+        }
+        if ready >= wanted {
+            return Ok(());
+        }
+        let unplaced = d["rollout"]["unplaced"].as_u64().unwrap_or(0);
+        let failed = d["failed_on"].as_object().cloned().unwrap_or_default();
+        if unplaced > 0 && !failed.is_empty() {
+            let reasons: Vec<String> = failed
+                .iter()
+                .map(|(node, r)| format!("{node}: {}", cell(r)))
+                .collect();
+            anyhow::bail!(
+                "{unplaced} replica(s) of deployment {id} cannot be placed; nodes that failed it: {}",
+                reasons.join("; ")
+            );
+        }
+        if std::time::Instant::now() >= deadline {
+            anyhow::bail!(
+                "deployment {id} is not ready after {timeout:?}: {ready}/{wanted} ready, {unplaced} unplaced"
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
 }
 
 pub fn cluster(args: &ClientArgs, cmd: ClusterCmd) -> anyhow::Result<()> {
