@@ -223,6 +223,90 @@ fn the_readme_tour_works_in_a_fresh_home() {
         assert!(audit.contains(needle), "audit lacks {needle}: {audit}");
     }
 
+    // The mesh part: two nodes join with one node join token, a staging deployment is ready
+    // (`--wait`), and both nodes answer (one forwards to the other).
+    let details = tour.ok(&["node", "join-token", "--uses", "2", "--expires", "1h"]);
+    assert!(details.contains("sophon-join:"), "{details}");
+    let join = tour.ok(&["node", "join-token", "--uses", "2", "--raw"]);
+    let join = join.trim();
+    let mut nodes = Vec::new();
+    let mut node_http = Vec::new();
+    for n in 1..=2 {
+        let (http, mesh) = (free_port(), free_port());
+        node_http.push(http);
+        let child = tour
+            .command(BIN)
+            .args([
+                "node",
+                "join",
+                "--join-token",
+                join,
+                "--data",
+                &format!("n{n}"),
+                "--id",
+                &format!("n{n}"),
+                "--http",
+                &format!("127.0.0.1:{http}"),
+                "--mesh",
+                &format!("127.0.0.1:{mesh}"),
+                "--run",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("sophon node join --run");
+        nodes.push(Dev(child));
+    }
+    let started = Instant::now();
+    loop {
+        let listed = tour.ok(&["node", "list"]);
+        if listed.matches(" up ").count() >= 2 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "two nodes up: {listed}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    tour.ok(&[
+        "deploy",
+        "create",
+        "mymodel",
+        "1",
+        "staging",
+        "--replicas",
+        "1",
+        "--wait",
+    ]);
+    let shown = tour.ok(&["deploy", "show", "2"]);
+    assert!(shown.contains("ready"), "{shown}");
+    for port in &node_http {
+        let started = Instant::now();
+        loop {
+            let out = tour
+                .command("curl")
+                .args([
+                    "-s",
+                    &format!("http://127.0.0.1:{port}/v2/models/mymodel/infer"),
+                    "-d",
+                    r#"{"inputs":[{"name":"input","datatype":"FP32","shape":[1,4],"data":[1,2,3,4]}]}"#,
+                ])
+                .output()
+                .expect("curl");
+            let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            if answer["outputs"][0]["shape"] == serde_json::json!([1, 3]) {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "node on {port} answers: {answer}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    drop(nodes);
+
     // Ctrl-C (SIGTERM here) stops it promptly.
     let pid = dev.0.id().to_string();
     Command::new("kill")
