@@ -37,6 +37,8 @@ enum Command {
     /// Mesh nodes: join tokens, join, run, list, show, drain, resume, remove.
     #[command(subcommand)]
     Node(cli::node::NodeCmd),
+    /// A live table of the deployments: rate, errors, latency, replicas.
+    Top(cli::top::TopArgs),
     /// The model shelf: push bundles, list, show, curate.
     #[command(subcommand)]
     Model(cli::admin::ModelCmd),
@@ -78,6 +80,7 @@ fn main() -> std::process::ExitCode {
         Command::Bench(args) => cli::bench::run(args),
         Command::Coordinator(cmd) => cli::coordinator::run(cmd, &cli.client),
         Command::Node(cmd) => cli::node::run(cmd, &cli.client),
+        Command::Top(args) => cli::top::run(&cli.client, args),
         Command::Model(cmd) => cli::admin::model(&cli.client, cmd),
         Command::Approval(cmd) => cli::admin::approval(&cli.client, cmd),
         Command::Policy(cmd) => cli::admin::policy(&cli.client, cmd),

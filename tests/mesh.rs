@@ -395,6 +395,65 @@ fn three_coordinators_and_three_nodes_serve_route_and_survive_losses() {
     assert_eq!(bad.status().as_u16(), 400);
     assert!(predict(&agent, &nodes[spare].url(), &input(1)).is_ok());
 
+    // Performance reports reach the coordinators (any of them answers; the leader has them).
+    let load = Load::start(nodes.iter().map(NodeProc::url).collect(), 2);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let stats = loop {
+        let s = ok(
+            api.get(&c1, &format!("/v1/deployments/{deployment}/stats")),
+            "deployment stats",
+        );
+        if s["count"].as_u64().unwrap_or(0) > 0 && s["total_us"]["p99"].is_u64() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "performance reported: {s}");
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let (succeeded, failed, errors) = load.finish();
+    assert_eq!(failed, 0, "{errors:?}");
+    assert!(succeeded > 0);
+    assert!(stats["rate_per_s"].as_f64().unwrap_or(0.0) > 0.0, "{stats}");
+    assert_eq!(stats["ready"], json!(2), "{stats}");
+    let host_stats = ok(
+        api.get(&c1, &format!("/v1/nodes/{}/stats", hosts[0])),
+        "node stats",
+    );
+    assert!(
+        host_stats["models"]
+            .as_array()
+            .is_some_and(|m| !m.is_empty()),
+        "{host_stats}"
+    );
+    let top = Command::new(env!("CARGO_BIN_EXE_sophon"))
+        .args(["top", "--once"])
+        .env("SOPHON_SERVER", &c1)
+        .env("SOPHON_TOKEN", &token)
+        .output()
+        .expect("sophon top");
+    let shown = String::from_utf8_lossy(&top.stdout);
+    assert!(
+        top.status.success() && shown.contains("mlp@1") && shown.contains("2/2"),
+        "{shown}"
+    );
+    let leader = wait_for_leader(&api, &coordinators, Duration::from_secs(10)).expect("a leader");
+    let leader_url = coordinators
+        .iter()
+        .find(|m| m.id == leader)
+        .map(|m| m.url())
+        .expect("leader");
+    let metrics = ureq::get(format!("{leader_url}/metrics"))
+        .call()
+        .expect("metrics")
+        .body_mut()
+        .read_to_string()
+        .expect("metrics text");
+    assert!(
+        metrics.contains(&format!(
+            "sophon_deployment_replicas{{deployment=\"{deployment}\",model=\"mlp@1\",state=\"ready\"}} 2"
+        )),
+        "{metrics}"
+    );
+
     // kill -9 a node that holds a replica, under load on the other two.
     let victim = nodes
         .iter()

@@ -5,8 +5,9 @@
 //! # Streams a node opens to a coordinator
 //! - [`kind::NODE_JOIN`] (no certificate yet): a [`NodeJoinRequest`] with a node join token and
 //!   a CSR; the answer is a [`NodeJoinAnswer`] with the certificate for `node/<id>`.
-//! - [`kind::HEARTBEAT`] (node certificate): a [`Heartbeat`] every second; the answer is a
-//!   [`HeartbeatAnswer`], which names the leader when this coordinator is not it.
+//! - [`kind::HEARTBEAT`] (node certificate): a [`Heartbeat`] every second (with a
+//!   [`PerfReport`] per model version every few seconds); the answer is a [`HeartbeatAnswer`],
+//!   which names the leader when this coordinator is not it.
 //! - [`kind::WATCH`] (node certificate): a [`WatchRequest`], then the coordinator pushes a
 //!   [`View`] frame whenever what the node should know changed (and at least every
 //!   [`WATCH_KEEPALIVE_MS`]), until either side closes.
@@ -159,21 +160,24 @@ pub struct ReplicaReport {
     pub reason: Option<String>,
 }
 
-/// Latency summary of one replica over the last report period, in microseconds.
+/// One model version's performance on a node over the last report period: counts, and the
+/// latency histograms (HDR, microseconds) as `[value, count]` pairs of their recorded buckets,
+/// so that the coordinators merge them exactly rather than averaging percentiles.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PerfSummary {
-    pub deployment: u64,
+pub struct PerfReport {
+    pub model: String,
+    pub version: String,
     /// Requests finished in the period, and how many of them failed.
     pub count: u64,
     pub errors: u64,
     /// The period's length, to turn counts into rates.
     pub period_ms: u64,
-    pub queue_p50_us: u64,
-    pub queue_p99_us: u64,
-    pub compute_p50_us: u64,
-    pub compute_p99_us: u64,
-    pub total_p50_us: u64,
-    pub total_p99_us: u64,
+    /// Time waiting for an instance slot.
+    pub queue_us: Vec<[u64; 2]>,
+    /// Time in the guest (instantiate excluded).
+    pub compute_us: Vec<[u64; 2]>,
+    /// Time from the request's arrival to its answer.
+    pub total_us: Vec<[u64; 2]>,
 }
 
 /// A node's load now.
@@ -195,7 +199,7 @@ pub struct Heartbeat {
     pub replicas: Vec<ReplicaReport>,
     /// Sent every few heartbeats, empty otherwise.
     #[serde(default)]
-    pub perf: Vec<PerfSummary>,
+    pub perf: Vec<PerfReport>,
 }
 
 /// A coordinator's answer to a heartbeat.

@@ -416,10 +416,12 @@ async fn infer(
     match result {
         Ok(response) => {
             model.stats.success.record(elapsed);
+            model.perf.done(elapsed, true);
             Ok(response)
         }
         Err((e, _)) => {
             model.stats.fail.record(elapsed);
+            model.perf.done(elapsed, false);
             Err(e)
         }
     }
@@ -551,6 +553,7 @@ async fn run_infer(
     })?;
     let queue = queued_at.elapsed();
     model.stats.queue.record(queue);
+    model.perf.queue(queue);
     model.metrics.queue.observe(queue.as_secs_f64());
 
     let batch = if model.manifest.resources.max_batch_size > 0 {
@@ -600,6 +603,7 @@ async fn run_infer(
     })?;
     model.stats.compute_input.record(times.instantiate);
     model.stats.compute_infer.record(times.call);
+    model.perf.compute(times.call);
     model
         .metrics
         .compute

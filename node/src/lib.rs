@@ -14,6 +14,7 @@ pub mod backend;
 pub mod convert;
 pub mod http;
 pub mod mesh;
+pub mod perf;
 pub mod repository;
 pub mod runtime;
 pub mod stats;

@@ -142,6 +142,8 @@ pub struct LoadedModel {
     pub stats: ModelStats,
     pub metrics: ModelMetrics,
     pub admission: Admission,
+    /// This version's performance since the last mesh report.
+    pub perf: crate::perf::PerfWindow,
     /// Requests of this model that may run at once.
     pub concurrency: usize,
     /// Manifest outputs by name, to relabel carrier datatypes coming back from wasi-nn.
@@ -355,6 +357,7 @@ impl Repository {
             model,
             stats: ModelStats::default(),
             admission: Admission::new(concurrency, self.limits.max_queue),
+            perf: crate::perf::PerfWindow::default(),
             concurrency,
         })
     }

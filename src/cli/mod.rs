@@ -8,6 +8,7 @@ pub mod client;
 pub mod coordinator;
 pub mod dev;
 pub mod node;
+pub mod top;
 
 use std::path::PathBuf;
 

@@ -1,7 +1,8 @@
 //! A coordinator's Prometheus metrics: Raft progress, proposals, and admin API latency.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntGauge, Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 
 use super::driver::RaftStatus;
@@ -24,6 +25,11 @@ pub struct Metrics {
     pub blobs: IntGauge,
     pub blob_bytes: IntGauge,
     pub blobs_collected: IntCounter,
+    /// Per deployment, from the nodes' reports (the leader sets them; one series per
+    /// deployment and label value, so the count stays bounded by the deployments).
+    pub deployment_rate: GaugeVec,
+    pub deployment_latency: GaugeVec,
+    pub deployment_replicas: GaugeVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -105,8 +111,38 @@ impl Metrics {
             "sophon_artifact_collected_total",
             "Unreferenced bundles garbage-collected here.",
         );
+        let deployment_rate = registered(
+            &registry,
+            GaugeVec::new(
+                Opts::new(
+                    "sophon_deployment_requests_per_second",
+                    "Predictions per second over the last report period, by outcome.",
+                ),
+                &["deployment", "model", "outcome"],
+            ),
+        );
+        let deployment_latency = registered(
+            &registry,
+            GaugeVec::new(
+                Opts::new(
+                    "sophon_deployment_latency_seconds",
+                    "Latency quantiles over the last report period, by phase (queue, compute, total).",
+                ),
+                &["deployment", "model", "phase", "quantile"],
+            ),
+        );
+        let deployment_replicas = registered(
+            &registry,
+            GaugeVec::new(
+                Opts::new("sophon_deployment_replicas", "Replicas wanted and ready."),
+                &["deployment", "model", "state"],
+            ),
+        );
         Metrics {
             registry,
+            deployment_rate,
+            deployment_latency,
+            deployment_replicas,
             term,
             commit_index,
             applied_index,

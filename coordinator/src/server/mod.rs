@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod node_api;
 pub mod nodes;
 pub mod openapi;
+pub mod perf;
 #[cfg(test)]
 mod tests;
 pub mod tls;
@@ -932,6 +933,10 @@ async fn serve_request(
             Err(e) => Err(io("decode a forwarded entry", e)),
         },
         (kind::BLOB_PUT, header) => core.receive_blob(&header, &mut recv).await,
+        (kind::STATS, body) => match serde_json::from_slice::<perf::StatsQuery>(&body) {
+            Ok(query) => core.local_stats(&query),
+            Err(e) => Err(io("decode a stats query", e)),
+        },
         (kind::REMOVE, body) => match serde_json::from_slice::<(Actor, u64)>(&body) {
             Ok((actor, id)) => core
                 .remove_coordinator(actor, id)

@@ -16,6 +16,7 @@ use serde_json::{Value, json};
 
 use super::api::{ApiResult, ReadOptions, Shared, authenticate, json_body, outcome, read, write};
 use super::nodes::load_of;
+use super::perf::StatsQuery;
 use crate::state::tokens::MAX_JOIN_TOKEN_MS;
 use crate::{Command, Error, Role};
 
@@ -28,6 +29,8 @@ pub fn routes() -> Router<Shared> {
         .route("/v1/nodes/join-tokens", post(create_node_join_token))
         .route("/v1/nodes/{id}", get(show_node).delete(remove_node))
         .route("/v1/nodes/{id}/{action}", post(node_action))
+        .route("/v1/nodes/{id}/stats", get(node_stats))
+        .route("/v1/deployments/{id}/stats", get(deployment_stats))
 }
 
 /// What the leader alone knows about each node, as JSON (`None` on a follower).
@@ -117,6 +120,31 @@ async fn show_node(
         Ok(v)
     })
     .await
+}
+
+async fn deployment_stats(
+    AxState(core): AxState<Shared>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult {
+    authenticate(&core, &headers, Role::Viewer).await?;
+    let id: u64 = id.parse().map_err(|_| {
+        super::api::ApiError(super::api::WireError {
+            status: 400,
+            code: "invalid".into(),
+            message: format!("{id:?} is no deployment id"),
+        })
+    })?;
+    Ok(Json(core.stats(StatsQuery::Deployment(id)).await?))
+}
+
+async fn node_stats(
+    AxState(core): AxState<Shared>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult {
+    authenticate(&core, &headers, Role::Viewer).await?;
+    Ok(Json(core.stats(StatsQuery::Node(id)).await?))
 }
 
 async fn node_action(

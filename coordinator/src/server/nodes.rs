@@ -215,7 +215,7 @@ impl Directory {
 pub struct Seen {
     pub at: Instant,
     pub load: wire::NodeLoad,
-    pub perf: Vec<wire::PerfSummary>,
+    pub perf: Vec<wire::PerfReport>,
     pub perf_at: Option<Instant>,
 }
 
@@ -385,8 +385,15 @@ fn node_actor(node: &str) -> Actor {
 pub(super) async fn node_loop(core: Arc<Core>) {
     let mut interval = tokio::time::interval(TICK);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticks = 0u64;
     loop {
         interval.tick().await;
+        ticks += 1;
+        if ticks.is_multiple_of(10) {
+            let dir = core.nodes.directory();
+            let liveness = core.nodes.liveness.lock();
+            super::perf::export(&core.metrics, &dir, &liveness, Instant::now());
+        }
         let status = core.driver.status();
         if status.applied_index != core.nodes.directory.borrow().index {
             let index = status.applied_index;

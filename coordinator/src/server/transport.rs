@@ -43,6 +43,8 @@ pub mod kind {
     pub const HELLO: u8 = 7;
     /// The leader asks a coordinator that holds the CA key to sign a joiner's CSR.
     pub const SIGN: u8 = 8;
+    /// A follower asks the leader for deployment or node performance (the leader's soft state).
+    pub const STATS: u8 = 9;
     /// An answer that carries a JSON body.
     pub const OK: u8 = 100;
     /// An answer that carries a JSON [`WireError`](super::super::api::WireError).

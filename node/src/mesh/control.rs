@@ -24,6 +24,10 @@ use super::{NodeFile, decode_answer, resolve};
 /// How often a node heartbeats.
 pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
 
+/// Performance reports ride on every this-many heartbeats (a report period of 5 s). A report
+/// whose heartbeat is lost is lost with it: the next one covers its own period only.
+const PERF_EVERY: u64 = 5;
+
 /// Connections to the coordinators, by mesh address.
 pub struct Coordinators {
     endpoint: quinn::Endpoint,
@@ -229,11 +233,15 @@ impl Control {
             if self.removed.load(Ordering::Acquire) {
                 return;
             }
-            self.beats.fetch_add(1, Ordering::Relaxed);
+            let beat = self.beats.fetch_add(1, Ordering::Relaxed);
             let heartbeat = wire::Heartbeat {
                 load: self.replicas.load(),
                 replicas: self.replicas.reports(),
-                perf: Vec::new(),
+                perf: if beat % PERF_EVERY == PERF_EVERY - 1 {
+                    self.replicas.perf()
+                } else {
+                    Vec::new()
+                },
             };
             // The believed leader first, then each coordinator in turn; one redirect followed.
             let target = self.leader.lock().clone().unwrap_or_else(|| {

@@ -241,6 +241,15 @@ impl Replicas {
             .collect()
     }
 
+    /// Each loaded model version's performance since the last call (its window restarts).
+    pub fn perf(&self) -> Vec<wire::PerfReport> {
+        self.repo
+            .loaded()
+            .iter()
+            .map(|m| m.perf.take(&m.name, &m.version))
+            .collect()
+    }
+
     /// The node's load now: requests running and queued, this process's CPU use since the
     /// last call (across all cores) and its resident memory.
     pub fn load(&self) -> wire::NodeLoad {
