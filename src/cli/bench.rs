@@ -53,6 +53,7 @@ enum Which {
     Scheduler,
     Raft,
     Failover,
+    Mesh,
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -78,17 +79,20 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if all || args.what == Which::Failover {
         super::bench_raft::failover(args.rounds)?;
     }
+    if all || args.what == Which::Mesh {
+        super::bench_mesh::mesh(args.iters)?;
+    }
     Ok(())
 }
 
 /// p50 and p99 of a set of samples.
-fn percentiles(samples: &mut [Duration]) -> (Duration, Duration) {
+pub(super) fn percentiles(samples: &mut [Duration]) -> (Duration, Duration) {
     samples.sort_unstable();
     let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
     (at(0.50), at(0.99))
 }
 
-fn us(d: Duration) -> String {
+pub(super) fn us(d: Duration) -> String {
     format!("{:.1} µs", d.as_secs_f64() * 1e6)
 }
 
@@ -180,13 +184,13 @@ fn sandbox(iters: usize) -> anyhow::Result<()> {
 }
 
 /// One keep-alive HTTP/1.1 connection sending the same request again and again.
-struct Client {
+pub(super) struct Client {
     reader: BufReader<TcpStream>,
     request: Vec<u8>,
 }
 
 impl Client {
-    fn connect(
+    pub(super) fn connect(
         addr: SocketAddr,
         path: &str,
         body: &[u8],
@@ -213,7 +217,7 @@ impl Client {
         })
     }
 
-    fn call(&mut self) -> anyhow::Result<Vec<u8>> {
+    pub(super) fn call(&mut self) -> anyhow::Result<Vec<u8>> {
         self.reader.get_mut().write_all(&self.request)?;
         let mut line = String::new();
         self.reader.read_line(&mut line)?;
@@ -241,7 +245,7 @@ impl Client {
     }
 }
 
-fn http_bodies(batch: usize) -> [(&'static str, Vec<u8>, Option<usize>); 2] {
+pub(super) fn http_bodies(batch: usize) -> [(&'static str, Vec<u8>, Option<usize>); 2] {
     let data = input_data(batch);
     let json = serde_json::json!({"inputs": [{"name": "input", "datatype": "FP32", "shape": [batch, 784], "data": data}]});
     let json = serde_json::to_vec(&json).unwrap_or_default();
@@ -358,7 +362,7 @@ fn http(iters: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn free_port() -> anyhow::Result<u16> {
+pub(super) fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())

@@ -229,7 +229,10 @@ impl Control {
         let mut interval = tokio::time::interval(HEARTBEAT_EVERY);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            interval.tick().await;
+            tokio::select! {
+                _ = interval.tick() => {}
+                _ = self.replicas.changed.notified() => {}
+            }
             if self.removed.load(Ordering::Acquire) {
                 return;
             }

@@ -35,6 +35,9 @@ pub struct Replicas {
     replicas: Mutex<BTreeMap<ReplicaId, Replica>>,
     coordinators: Mutex<Option<Arc<Coordinators>>>,
     process: Mutex<ProcessSampler>,
+    /// Woken when a replica changes state: the next heartbeat goes at once, so a replica
+    /// ready now is routed to now, not at the next second.
+    pub changed: tokio::sync::Notify,
 }
 
 impl Replicas {
@@ -48,6 +51,7 @@ impl Replicas {
             replicas: Mutex::new(BTreeMap::new()),
             coordinators: Mutex::new(None),
             process: Mutex::new(ProcessSampler::default()),
+            changed: tokio::sync::Notify::new(),
         })
     }
 
@@ -130,14 +134,18 @@ impl Replicas {
     }
 
     fn set(&self, id: ReplicaId, state: ReplicaState, reason: Option<String>) -> bool {
-        match self.replicas.lock().get_mut(&id) {
+        let found = match self.replicas.lock().get_mut(&id) {
             Some(r) => {
                 r.state = state;
                 r.reason = reason;
                 true
             }
             None => false,
+        };
+        if found && matches!(state, ReplicaState::Ready | ReplicaState::Failed) {
+            self.changed.notify_one();
         }
+        found
     }
 
     async fn bring_up(self: Arc<Self>, id: ReplicaId, a: wire::Assignment) {
