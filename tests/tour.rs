@@ -223,8 +223,9 @@ fn the_readme_tour_works_in_a_fresh_home() {
         assert!(audit.contains(needle), "audit lacks {needle}: {audit}");
     }
 
-    // The mesh part: two nodes join with one node join token, a staging deployment is ready
-    // (`--wait`), and both nodes answer (one forwards to the other).
+    // The mesh part: two nodes join with one node join token, mymodel's staging deployment
+    // (made by `dev --bundle`: deployment 3) scales onto them (`--wait`), and both nodes answer
+    // (one without a replica forwards).
     let details = tour.ok(&["node", "join-token", "--uses", "2", "--expires", "1h"]);
     assert!(details.contains("sophon-join:"), "{details}");
     let join = tour.ok(&["node", "join-token", "--uses", "2", "--raw"]);
@@ -260,27 +261,19 @@ fn the_readme_tour_works_in_a_fresh_home() {
     let started = Instant::now();
     loop {
         let listed = tour.ok(&["node", "list"]);
-        if listed.matches(" up ").count() >= 2 {
+        if listed.matches(" up ").count() >= 3 {
             break;
         }
         assert!(
             started.elapsed() < Duration::from_secs(60),
-            "two nodes up: {listed}"
+            "dev, n1 and n2 up: {listed}"
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    tour.ok(&[
-        "deploy",
-        "create",
-        "mymodel",
-        "1",
-        "staging",
-        "--replicas",
-        "1",
-        "--wait",
-    ]);
-    let shown = tour.ok(&["deploy", "show", "2"]);
-    assert!(shown.contains("ready"), "{shown}");
+    tour.ok(&["deploy", "scale", "3", "2", "--wait"]);
+    let shown = tour.ok(&["deploy", "show", "3"]);
+    assert!(shown.contains("mymodel@1"), "{shown}");
+    assert_eq!(shown.matches("ready").count(), 2, "{shown}");
     for port in &node_http {
         let started = Instant::now();
         loop {
@@ -305,6 +298,11 @@ fn the_readme_tour_works_in_a_fresh_home() {
             std::thread::sleep(Duration::from_millis(200));
         }
     }
+    let top = tour.ok(&["top", "--once"]);
+    assert!(
+        top.contains("mymodel@1") && top.contains("classifier@1"),
+        "{top}"
+    );
     drop(nodes);
 
     // Ctrl-C (SIGTERM here) stops it promptly.

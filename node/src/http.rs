@@ -187,7 +187,7 @@ async fn route_through_mesh(
         return next.run(request).await;
     };
     let local = state.repo.lookup(&model, version.as_deref()).is_ok();
-    if local || !router.knows(&model) {
+    if local || !router.knows(&model, version.as_deref()) {
         return next.run(request).await;
     }
     let (parts, body) = request.into_parts();

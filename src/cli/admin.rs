@@ -113,6 +113,12 @@ pub enum DeployCmd {
     Scale {
         id: u64,
         replicas: u32,
+        /// Show progress until every replica is ready (as `create --wait`).
+        #[arg(long)]
+        wait: bool,
+        /// How long `--wait` waits, like `90s` or `5m`.
+        #[arg(long, default_value = "5m", value_parser = super::coordinator::parse_duration)]
+        timeout: std::time::Duration,
     },
     Delete {
         id: u64,
@@ -643,13 +649,21 @@ pub fn deploy(args: &ClientArgs, cmd: DeployCmd) -> anyhow::Result<()> {
                 out
             });
         }
-        DeployCmd::Scale { id, replicas } => {
+        DeployCmd::Scale {
+            id,
+            replicas,
+            wait,
+            timeout,
+        } => {
             let v = c.send(
                 "POST",
                 &format!("/v1/deployments/{id}/scale"),
                 Some(json!({"replicas": replicas})),
             )?;
             done(&c, &v, &format!("deployment {id} scaled to {replicas}"));
+            if wait {
+                wait_ready(&c, id, timeout)?;
+            }
         }
         DeployCmd::Delete { id } => {
             let v = c.send("DELETE", &format!("/v1/deployments/{id}"), None)?;

@@ -48,7 +48,11 @@ impl Admin {
         let auth = format!("Bearer {}", self.token);
         let mut resp = match (method, body) {
             ("GET", _) => self.agent.get(&url).header("Authorization", &auth).call()?,
-            ("DELETE", _) => self.agent.delete(&url).header("Authorization", &auth).call()?,
+            ("DELETE", _) => self
+                .agent
+                .delete(&url)
+                .header("Authorization", &auth)
+                .call()?,
             (_, Some(b)) => self
                 .agent
                 .post(&url)
@@ -107,7 +111,12 @@ pub fn mesh(iters: usize) -> anyhow::Result<()> {
     let init = Command::new(&exe)
         .args(["coordinator", "init", "--data"])
         .arg(root.join("c1"))
-        .args(["--api", &format!("127.0.0.1:{api}"), "--mesh", &format!("127.0.0.1:{mesh}")])
+        .args([
+            "--api",
+            &format!("127.0.0.1:{api}"),
+            "--mesh",
+            &format!("127.0.0.1:{mesh}"),
+        ])
         .env("SOPHON_LOG", "warn")
         .output()?;
     let text = String::from_utf8_lossy(&init.stdout);
@@ -144,7 +153,10 @@ pub fn mesh(iters: usize) -> anyhow::Result<()> {
         "/v1/nodes/join-tokens",
         Some(json!({"uses": 2}).to_string().as_bytes()),
     )?;
-    let join = minted["join_token"].as_str().context("join token")?.to_string();
+    let join = minted["join_token"]
+        .as_str()
+        .context("join token")?
+        .to_string();
     let mut nodes = Vec::new();
     let mut http = Vec::new();
     for n in 1..=2 {
@@ -199,8 +211,14 @@ pub fn mesh(iters: usize) -> anyhow::Result<()> {
     let (_, warm, holder) = admin.deploy()?;
     println!("Deploy to ready (`POST /v1/deployments` → replica ready), one replica:");
     println!("| caches | time |\n|---|---|");
-    println!("| cold (bundle fetched, component compiled) | {:.0} ms |", cold.as_secs_f64() * 1e3);
-    println!("| warm (bundle on disk, component in the AOT cache) | {:.0} ms |", warm.as_secs_f64() * 1e3);
+    println!(
+        "| cold (bundle fetched, component compiled) | {:.0} ms |",
+        cold.as_secs_f64() * 1e3
+    );
+    println!(
+        "| warm (bundle on disk, component in the AOT cache) | {:.0} ms |",
+        warm.as_secs_f64() * 1e3
+    );
 
     let local = http.iter().find(|(n, _)| *n == holder).context("holder")?.1;
     let remote = http.iter().find(|(n, _)| *n != holder).context("other")?.1;
@@ -238,7 +256,11 @@ pub fn mesh(iters: usize) -> anyhow::Result<()> {
     );
     println!("| path | p50 | p99 |\n|---|---|---|");
     println!("| local replica | {} | {} |", us(l50), us(l99));
-    println!("| forwarded over QUIC to the replica's node | {} | {} |", us(r50), us(r99));
+    println!(
+        "| forwarded over QUIC to the replica's node | {} | {} |",
+        us(r50),
+        us(r99)
+    );
     println!(
         "Forwarding adds {} at p50 ({:.2}× the local path).",
         us(r50.saturating_sub(l50)),

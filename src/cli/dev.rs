@@ -1,4 +1,7 @@
-//! `sophon dev`: an all-in-one node serving the example models and any bundles given.
+//! `sophon dev`: one coordinator and one node in one process, joined through the real mesh
+//! (QUIC on loopback, a real node join token). The example models and any bundle given are
+//! pushed, and deployed to `staging`, through the same path as a user's; the node serves what is
+//! deployed. `--no-coordinator` runs a bare node with the bundles loaded directly.
 
 use anyhow::Context;
 use sophon_node::http::HttpConfig;
@@ -53,6 +56,9 @@ pub struct DevArgs {
     /// The coordinator's mesh (QUIC) address.
     #[arg(long, default_value = "127.0.0.1:7401")]
     pub mesh: SocketAddr,
+    /// The dev node's mesh (QUIC) address.
+    #[arg(long, default_value = "127.0.0.1:7402")]
+    pub node_mesh: SocketAddr,
     /// Run the node only, without a coordinator.
     #[arg(long)]
     pub no_coordinator: bool,
@@ -102,10 +108,154 @@ async fn start_coordinator(
             running.core.write(admin, command).await?;
         }
     }
+    // The examples' key, and the keys given with --trust, are trusted by the cluster.
+    let examples = examples_key(args)?;
+    let mut trusted = vec![("dev-examples".to_string(), examples.verifying_key())];
+    for path in &args.trust {
+        let key =
+            keys::read_public_key(path).with_context(|| format!("reading {}", path.display()))?;
+        trusted.push((format!("dev-trusted-{}", trusted.len()), key));
+    }
+    let admin = admin_actor(&running, &token).await?;
+    for (name, key) in trusted {
+        let hex = keys::public_key_hex(&key);
+        let known = {
+            let hex = hex.clone();
+            running
+                .core
+                .driver
+                .read(true, move |s| s.trusted_keys().contains_key(&hex))
+                .await?
+        };
+        if !known {
+            let command = sophon_coordinator::Command::TrustKey { key: hex, name };
+            running.core.write(admin.clone(), command).await?;
+        }
+    }
     Ok((running, token))
 }
 
-/// Build the node's repository with the examples and the bundles given.
+/// The key the dev cluster's examples are signed with, kept in the data directory (the same
+/// bundles, the same digests, across restarts), and trusted by the cluster.
+fn examples_key(args: &DevArgs) -> anyhow::Result<sophon_sdk::SigningKey> {
+    let path = args.data.join("examples.key");
+    if path.exists() {
+        return Ok(keys::read_signing_key(&path)?);
+    }
+    let key = keys::generate();
+    keys::write_signing_key(&path, &key)?;
+    Ok(key)
+}
+
+/// The admin actor of the dev cluster's admin token.
+async fn admin_actor(
+    running: &sophon_coordinator::server::Running,
+    token: &str,
+) -> anyhow::Result<sophon_coordinator::Actor> {
+    let token = token.to_string();
+    running
+        .core
+        .driver
+        .read(true, move |s| s.authenticate(&token))
+        .await?
+        .context("the dev admin token is not valid")
+}
+
+/// Join the dev node to the dev coordinator with a real node join token, once.
+async fn join_dev_node(
+    args: &DevArgs,
+    running: &sophon_coordinator::server::Running,
+    token: &str,
+) -> anyhow::Result<PathBuf> {
+    use sophon_coordinator::server;
+    let dir = args.data.join("node");
+    if dir.join("node.json").exists() {
+        return Ok(dir);
+    }
+    let admin = admin_actor(running, token).await?;
+    let (id, secret) = server::new_token();
+    running
+        .core
+        .write(
+            admin,
+            sophon_coordinator::Command::CreateLimitedToken {
+                id,
+                name: "dev-node".into(),
+                role: sophon_coordinator::Role::NodeJoin,
+                secret_hash: sophon_coordinator::hash_secret(&secret),
+                expires_in_ms: Some(600_000),
+                uses: Some(1),
+            },
+        )
+        .await?;
+    let join = server::join_string(
+        &running.core.ca_fingerprint(),
+        &secret,
+        &running.mesh_address.to_string(),
+    );
+    let options = sophon_node::mesh::JoinOptions {
+        join_token: join,
+        data_dir: dir.clone(),
+        id: "dev".into(),
+        mesh_listen: args.node_mesh,
+        mesh_address: None,
+        http_listen: args.http,
+        http_address: None,
+        labels: Default::default(),
+        zone: "default".into(),
+        environments: Vec::new(),
+        memory_mb: None,
+    };
+    sophon_node::mesh::join(&options).await?;
+    Ok(dir)
+}
+
+/// Push `bundle` and deploy it to staging with one replica, through the admin API as a user
+/// would (a version already on the shelf, or already deployed, is left as it is). Returns the
+/// model's name and version.
+fn push_and_deploy(admin: &str, token: &str, bundle: &[u8]) -> anyhow::Result<(String, String)> {
+    let parsed = sophon_sdk::Bundle::read(bundle)?;
+    let (name, version) = (
+        parsed.manifest.model.name.clone(),
+        parsed.manifest.model.version.clone(),
+    );
+    let agent = ureq::Agent::new_with_config(
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(std::time::Duration::from_secs(60)))
+            .build(),
+    );
+    let auth = format!("Bearer {token}");
+    let mut pushed = agent
+        .post(format!("http://{admin}/v1/bundles"))
+        .header("Authorization", &auth)
+        .send(bundle)?;
+    let status = pushed.status().as_u16();
+    let text = pushed.body_mut().read_to_string().unwrap_or_default();
+    if !(200..300).contains(&status) && !text.contains("version_exists") {
+        anyhow::bail!("push {name}@{version}: HTTP {status}: {text}");
+    }
+    if text.contains("version_exists") {
+        tracing::info!(model = %name, %version, "already on the shelf: serving the version there");
+    }
+    let body = serde_json::json!({
+        "model": name, "version": version, "environment": "staging", "replicas": 1,
+    });
+    let mut deployed = agent
+        .post(format!("http://{admin}/v1/deployments"))
+        .header("Authorization", &auth)
+        .send_json(body)?;
+    let status = deployed.status().as_u16();
+    let text = deployed.body_mut().read_to_string().unwrap_or_default();
+    if !(200..300).contains(&status) && !text.contains("deployment_exists") {
+        anyhow::bail!("deploy {name}@{version}: HTTP {status}: {text}");
+    }
+    Ok((name, version))
+}
+
+/// Build the node's repository. With `--no-coordinator` it loads the examples (signed by a key
+/// that lives only in this process) and the bundles given directly; otherwise it starts empty
+/// and trusts what the cluster trusts (the mesh brings what is deployed).
 pub fn build_repository(args: &DevArgs) -> anyhow::Result<Arc<Repository>> {
     let mut config = RuntimeConfig::default();
     if let Some(dir) = &args.cache_dir {
@@ -116,7 +266,21 @@ pub fn build_repository(args: &DevArgs) -> anyhow::Result<Arc<Repository>> {
     }
     let runtime = Runtime::new(config)?;
     let metrics = Arc::new(Metrics::new()?);
-    // The examples are signed at start-up by a key that lives only in this process.
+    let mut limits = ServingLimits {
+        max_queue: args.max_queue,
+        ..ServingLimits::default()
+    };
+    if let Some(n) = args.concurrency {
+        limits.default_concurrency = n;
+    }
+    if !args.no_coordinator {
+        return Ok(Arc::new(Repository::new(
+            runtime,
+            Vec::new(),
+            limits,
+            metrics,
+        )));
+    }
     let example_key = keys::generate();
     let mut trusted = vec![example_key.verifying_key()];
     let own = super::default_key_path().with_extension("pub");
@@ -127,13 +291,6 @@ pub fn build_repository(args: &DevArgs) -> anyhow::Result<Arc<Repository>> {
         trusted.push(
             keys::read_public_key(path).with_context(|| format!("reading {}", path.display()))?,
         );
-    }
-    let mut limits = ServingLimits {
-        max_queue: args.max_queue,
-        ..ServingLimits::default()
-    };
-    if let Some(n) = args.concurrency {
-        limits.default_concurrency = n;
     }
     let repo = Arc::new(Repository::new(runtime, trusted, limits, metrics));
     if !args.no_examples {
@@ -167,6 +324,47 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
             .await?
             .with_drain_deadline(std::time::Duration::from_secs(args.drain_secs));
         let addr = server.local_addr()?;
+        let mut mesh_node = None;
+        if let Some((running, token)) = &coordinator {
+            // The node joins the coordinator through the mesh and serves what is deployed.
+            let dir = join_dev_node(&args, running, token).await?;
+            let node = sophon_node::mesh::MeshNode::start(&dir, repo.clone(), server.app())
+                .await
+                .context("start the dev node's mesh")?;
+            let _ = server.state().mesh.set(node.router.clone());
+            let key = examples_key(&args)?;
+            let mut bundles = Vec::new();
+            if !args.no_examples {
+                bundles.push(ready::mlp_bundle("mlp", &key)?);
+                bundles.push(ready::classifier_bundle(&key)?);
+            }
+            for path in &args.bundles {
+                bundles.push(
+                    std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+                );
+            }
+            let api = running.api_address.to_string();
+            let token = token.clone();
+            let wanted = tokio::task::spawn_blocking(move || {
+                bundles
+                    .iter()
+                    .map(|b| push_and_deploy(&api, &token, b))
+                    .collect::<anyhow::Result<Vec<_>>>()
+            })
+            .await??;
+            let started = std::time::Instant::now();
+            for (name, version) in &wanted {
+                while repo.lookup(name, Some(version)).is_err() {
+                    if started.elapsed() > std::time::Duration::from_secs(120) {
+                        anyhow::bail!(
+                            "{name}@{version} was deployed but did not become ready on the dev node"
+                        );
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+            }
+            mesh_node = Some(node);
+        }
         print_banner(addr, &repo);
         if let Some((running, token)) = &coordinator {
             println!(
@@ -181,6 +379,7 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
             println!("  sophon cluster status; sophon model list; sophon audit");
         }
         let served = server.run(shutdown_signal()).await;
+        drop(mesh_node);
         if let Some((running, _)) = coordinator {
             running.shutdown().await;
         }

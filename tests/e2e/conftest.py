@@ -102,10 +102,10 @@ def node(tmp_path_factory, sophon_bin) -> Node:
     cache = os.environ.get("SOPHON_E2E_CACHE_DIR") or str(work / "cache")
     port = _free_port()
     # The all-in-one dev command with its coordinator, on free ports and a fresh data directory.
-    admin_port, mesh_port = _free_port(), _free_port()
+    admin_port, mesh_port, node_mesh_port = _free_port(), _free_port(), _free_port()
     cmd = [sophon_bin, "dev", "--http", f"127.0.0.1:{port}", "--trust", str(pub), "--cache-dir", cache,
            "--data", str(work / "coordinator"), "--admin", f"127.0.0.1:{admin_port}",
-           "--mesh", f"127.0.0.1:{mesh_port}"]
+           "--mesh", f"127.0.0.1:{mesh_port}", "--node-mesh", f"127.0.0.1:{node_mesh_port}"]
     for b in bundles.values():
         cmd += ["--bundle", str(b)]
     stdout_path, stderr_path = work / "dev.stdout", work / "dev.stderr"

@@ -539,7 +539,12 @@ async fn push_bundle(
         }
     }
     let registered = core.push_bundle(actor, writer).await?;
-    Ok((StatusCode::CREATED, Json(registered)))
+    let status = if registered["already_on_shelf"] == json!(true) {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((status, Json(registered)))
 }
 
 async fn fetch_bundle(

@@ -612,6 +612,35 @@ impl Core {
             self.blobs.discard(&tmp);
             return Err(Error::UntrustedKey { key });
         }
+        // Pushing the very bundle that is already on the shelf is a success that changes
+        // nothing (a retried push, `sophon dev --bundle` then `model push`), for a publisher.
+        let (name, version) = (
+            bundle.manifest.model.name.clone(),
+            bundle.manifest.model.version.clone(),
+        );
+        let already = {
+            let (name, version, digest) = (name.clone(), version.clone(), digest.clone());
+            self.driver
+                .read(true, move |s| {
+                    s.models()
+                        .get(&name)
+                        .and_then(|m| m.versions.get(&version))
+                        .is_some_and(|v| v.digest == digest)
+                })
+                .await?
+        };
+        if already && actor.role.allows(Role::Publisher) && self.blobs.path(&digest).is_some() {
+            self.blobs.discard(&tmp);
+            return Ok(serde_json::json!({
+                "model": name,
+                "version": version,
+                "digest": digest,
+                "publisher_key": key,
+                "size": bundle.len,
+                "audit_seq": null,
+                "already_on_shelf": true,
+            }));
+        }
         let path = self.blobs.commit(&tmp, &digest)?;
         self.replicate_blob(&digest, &path).await?;
         let m = &bundle.manifest;

@@ -352,8 +352,21 @@ async fn push_approve_deploy_through_the_api_with_the_approval_rules() {
         (v["model"].as_str(), v["version"].as_str()),
         (Some("fraud"), Some("1"))
     );
-    // The same bundle again is a conflict, not a second version.
+    // The same bundle again changes nothing and says so; another bundle under the same
+    // version is a conflict, not a second version.
     let (s, v) = f.push(&sam, bytes.clone()).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["already_on_shelf"], serde_json::json!(true), "{v}");
+    assert_eq!(v["digest"].as_str(), Some(digest.as_str()));
+    let other = sophon_sdk::onnx::pack_onnx(
+        &sophon_sdk::examples::mlp_onnx(4, 8, 3, 1),
+        "fraud",
+        "1",
+        sophon_sdk::components::PASSTHROUGH,
+        &key,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let (s, v) = f.push(&sam, other).await;
     assert_eq!(
         (s, code(&v)),
         (StatusCode::CONFLICT, "version_exists"),

@@ -137,9 +137,14 @@ impl Router {
             .unwrap_or_default()
     }
 
-    /// Whether the mesh knows `model` (deployed in an environment this node serves).
-    pub fn knows(&self, model: &str) -> bool {
-        self.table.read().routes.iter().any(|r| r.model == model)
+    /// Whether the mesh has `model` (at `version`, if given) deployed in an environment this
+    /// node serves. Anything else is answered here (an unknown model or version is a 404).
+    pub fn knows(&self, model: &str, version: Option<&str>) -> bool {
+        self.table
+            .read()
+            .routes
+            .iter()
+            .any(|r| r.model == model && version.is_none_or(|v| r.version == v))
     }
 
     fn counter(&self, node: &str) -> Arc<AtomicU32> {
