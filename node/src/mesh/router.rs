@@ -58,6 +58,9 @@ pub struct Router {
     pub max_body_bytes: usize,
     /// How long a forwarded request may take.
     pub timeout: Duration,
+    /// Forwards attempted (each try counts), and retries on another node.
+    pub attempts: std::sync::atomic::AtomicU64,
+    pub retries: std::sync::atomic::AtomicU64,
 }
 
 /// Where a request goes.
@@ -94,6 +97,8 @@ impl Router {
             conns: tokio::sync::Mutex::new(HashMap::new()),
             max_body_bytes: 64 << 20,
             timeout: Duration::from_secs(30),
+            attempts: Default::default(),
+            retries: Default::default(),
         }
     }
 
@@ -243,10 +248,14 @@ impl Router {
         };
         let mut skip = None;
         let mut first_error = None;
-        for _attempt in 0..2 {
+        for attempt in 0..2 {
             let Some(target) = self.choose(&targets, skip.as_deref()) else {
                 break;
             };
+            self.attempts.fetch_add(1, Ordering::Relaxed);
+            if attempt > 0 {
+                self.retries.fetch_add(1, Ordering::Relaxed);
+            }
             let counter = self.counter(&target.node);
             counter.fetch_add(1, Ordering::Relaxed);
             let mut request = request.clone();
@@ -503,6 +512,195 @@ async fn serve_stream(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{Repository, Runtime, RuntimeConfig, ServingLimits};
+    use sophon_mesh::{Ca, EndpointConfig};
+
+    fn repo() -> Arc<Repository> {
+        let runtime = Runtime::new(RuntimeConfig {
+            cache_dir: None,
+            ..RuntimeConfig::default()
+        })
+        .expect("runtime");
+        Arc::new(Repository::new(
+            runtime,
+            Vec::new(),
+            ServingLimits::default(),
+            Arc::new(crate::stats::Metrics::new().expect("metrics")),
+        ))
+    }
+
+    fn endpoint(ca: &Ca, id: &str) -> quinn::Endpoint {
+        let identity = ca
+            .issue_identity(&Principal::Node(id.into()))
+            .expect("identity");
+        sophon_mesh::endpoint(
+            ([127, 0, 0, 1], 0).into(),
+            &identity,
+            &EndpointConfig::default(),
+        )
+        .expect("endpoint")
+    }
+
+    fn route(deployment: u64, version: &str, nodes: &[(&str, String)]) -> wire::Route {
+        wire::Route {
+            deployment,
+            model: "mlp".into(),
+            version: version.into(),
+            environment: "staging".into(),
+            digest: "d".into(),
+            replicas: nodes.len() as u32,
+            endpoints: nodes
+                .iter()
+                .map(|(node, address)| wire::Endpoint {
+                    node: node.to_string(),
+                    mesh_address: address.clone(),
+                    ready: 1,
+                })
+                .collect(),
+        }
+    }
+
+    fn view(routes: Vec<wire::Route>) -> wire::View {
+        wire::View {
+            routes,
+            ..wire::View::default()
+        }
+    }
+
+    /// A UDP port with nothing behind it.
+    fn dead_address() -> String {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let addr = s.local_addr().expect("addr");
+        drop(s);
+        addr.to_string()
+    }
+
+    #[tokio::test]
+    async fn targets_are_the_newest_deployment_or_the_version_asked_never_this_node() {
+        let ca = Ca::generate("t").expect("ca");
+        let router = Router::new("me".into(), endpoint(&ca, "me"), repo());
+        router.update(&view(vec![
+            route(1, "1", &[("me", "x".into()), ("a", "a:1".into())]),
+            route(2, "2", &[("b", "b:1".into())]),
+        ]));
+        let names = |t: Vec<Target>| t.into_iter().map(|t| t.node).collect::<Vec<_>>();
+        assert_eq!(names(router.targets("mlp", None)), ["b"]);
+        assert_eq!(names(router.targets("mlp", Some("1"))), ["a"]);
+        assert!(router.targets("mlp", Some("3")).is_empty());
+        assert!(router.knows("mlp", Some("1")) && !router.knows("mlp", Some("3")));
+        assert!(!router.knows("other", None));
+    }
+
+    #[tokio::test]
+    async fn two_choices_keep_requests_off_the_busier_node() {
+        let ca = Ca::generate("t").expect("ca");
+        let router = Router::new("me".into(), endpoint(&ca, "me"), repo());
+        let targets: Vec<Target> = ["a", "b"]
+            .iter()
+            .map(|n| Target {
+                node: n.to_string(),
+                mesh_address: format!("{n}:1"),
+            })
+            .collect();
+        router.counter("a").store(5, Ordering::Relaxed);
+        for _ in 0..50 {
+            assert_eq!(router.choose(&targets, None).expect("one").node, "b");
+        }
+        // Skipping the one tried leaves the other, busy or not.
+        assert_eq!(router.choose(&targets, Some("b")).expect("one").node, "a");
+        assert!(router.choose(&targets[..1], Some("a")).is_none());
+        // Among many, both draws are distinct and the idle ones win.
+        let many: Vec<Target> = (0..8)
+            .map(|i| Target {
+                node: format!("n{i}"),
+                mesh_address: "x:1".into(),
+            })
+            .collect();
+        for i in 0..7 {
+            router.counter(&format!("n{i}")).store(9, Ordering::Relaxed);
+        }
+        let picked = (0..400)
+            .filter(|_| router.choose(&many, None).expect("one").node == "n7")
+            .count();
+        // n7 wins whenever it is drawn (2 of 8 draws each time): about a quarter of the time.
+        assert!(picked > 50, "{picked}");
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_node_is_retried_once_on_another_and_no_more() {
+        let ca = Ca::generate("t").expect("ca");
+        let mut router = Router::new("me".into(), endpoint(&ca, "me"), repo());
+        router.timeout = Duration::from_secs(5);
+        router.update(&view(vec![route(
+            1,
+            "1",
+            &[
+                ("a", dead_address()),
+                ("b", dead_address()),
+                ("c", dead_address()),
+            ],
+        )]));
+        let response = router
+            .forward(
+                "mlp",
+                None,
+                "POST",
+                "/v2/models/mlp/infer",
+                &HeaderMap::new(),
+                bytes::Bytes::from_static(b"{}"),
+            )
+            .await;
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(router.attempts.load(Ordering::Relaxed), 2);
+        assert_eq!(router.retries.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn a_node_that_never_answers_fails_at_the_deadline_and_is_not_retried() {
+        let ca = Ca::generate("t").expect("ca");
+        let mut router = Router::new("me".into(), endpoint(&ca, "me"), repo());
+        router.timeout = Duration::from_millis(400);
+        // Two nodes that take the request and never answer (a guest may be running it).
+        let mut routes = Vec::new();
+        let mut servers = Vec::new();
+        for id in ["slow1", "slow2"] {
+            let server = endpoint(&ca, id);
+            let address = server.local_addr().expect("addr").to_string();
+            servers.push(tokio::spawn(async move {
+                let mut held = Vec::new();
+                while let Some(incoming) = server.accept().await {
+                    let Ok(conn) = incoming.await else { continue };
+                    while let Ok(streams) = conn.accept_bi().await {
+                        held.push(streams);
+                    }
+                }
+            }));
+            routes.push((id, address));
+        }
+        router.update(&view(vec![route(1, "1", &routes)]));
+        let started = Instant::now();
+        let response = router
+            .forward(
+                "mlp",
+                None,
+                "POST",
+                "/v2/models/mlp/infer",
+                &HeaderMap::new(),
+                bytes::Bytes::from_static(b"{}"),
+            )
+            .await;
+        let took = started.elapsed();
+        assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+        assert!(
+            took >= Duration::from_millis(400) && took < Duration::from_secs(3),
+            "{took:?}"
+        );
+        assert_eq!(router.attempts.load(Ordering::Relaxed), 1);
+        assert_eq!(router.retries.load(Ordering::Relaxed), 0);
+        for s in servers {
+            s.abort();
+        }
+    }
 
     #[test]
     fn model_paths_name_their_model_and_version() {
