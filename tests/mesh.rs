@@ -375,6 +375,17 @@ fn three_coordinators_and_three_nodes_serve_route_and_survive_losses() {
         .position(|n| !hosts.contains(&n.id))
         .expect("one node holds no replica");
 
+    // Every node holds a view, so it can route: ready.
+    for n in &nodes {
+        let mut ready = agent()
+            .get(format!("{}/v2/health/ready", n.url()))
+            .call()
+            .expect("ready");
+        assert_eq!(ready.status().as_u16(), 200, "{}", n.id);
+        let text = ready.body_mut().read_to_string().expect("body");
+        assert!(text.contains("true"), "{}: {text}", n.id);
+    }
+
     // Every node answers, the one without a replica by forwarding; JSON and binary bodies.
     let mlp = sophon_sdk::ready::mlp();
     let agent = agent();

@@ -191,13 +191,10 @@ async fn route_through_mesh(
         return next.run(request).await;
     }
     let (parts, body) = request.into_parts();
-    let limit = state.config.max_body_bytes;
-    let Ok(bytes) = axum::body::to_bytes(body, limit).await else {
-        return ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("request body is over the limit of {limit} bytes (or was cut short)"),
-        )
-        .into_response();
+    // A forwarded body counts against this node's bytes in flight too, until it is answered.
+    let (bytes, _held) = match read_body(&state, body).await {
+        Ok(read) => read,
+        Err((e, _)) => return e.into_response(),
     };
     let path = parts
         .uri
@@ -235,8 +232,10 @@ async fn live() -> Json<Value> {
     Json(json!({"live": true}))
 }
 
+/// Ready: serving, and on a mesh node, holding a view of the mesh (so it can route).
 async fn ready(State(state): Shared) -> Response {
-    if state.ready.load(Ordering::Acquire) {
+    let routes = state.mesh.get().is_none_or(|router| router.has_view());
+    if state.ready.load(Ordering::Acquire) && routes {
         Json(json!({"ready": true})).into_response()
     } else {
         (

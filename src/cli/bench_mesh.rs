@@ -208,7 +208,7 @@ pub fn mesh(iters: usize) -> anyhow::Result<()> {
     admin.call("DELETE", &format!("/v1/deployments/{id}"), None)?;
     // Wait for the replica to go (its node unloads the version).
     std::thread::sleep(Duration::from_secs(2));
-    let (_, warm, holder) = admin.deploy()?;
+    let (id2, warm, holder) = admin.deploy()?;
     println!("Deploy to ready (`POST /v1/deployments` → replica ready), one replica:");
     println!("| caches | time |\n|---|---|");
     println!(
@@ -266,6 +266,64 @@ pub fn mesh(iters: usize) -> anyhow::Result<()> {
         us(r50.saturating_sub(l50)),
         r50.as_secs_f64() / l50.as_secs_f64().max(1e-9)
     );
+
+    // Throughput: 8 keep-alive clients against one node (its local replica), then spread over
+    // both nodes with a replica each.
+    let body_clone = body.clone();
+    let rps = |targets: Vec<SocketAddr>| -> anyhow::Result<f64> {
+        let per = iters.max(400);
+        let started = Instant::now();
+        let handles: Vec<_> = (0..8)
+            .map(|i| {
+                let addr = targets[i % targets.len()];
+                let body = body_clone.clone();
+                std::thread::spawn(move || -> anyhow::Result<usize> {
+                    let mut c = Client::connect(addr, "/v2/models/mlp/infer", &body, header_len)?;
+                    for _ in 0..per / 8 {
+                        c.call()?;
+                    }
+                    Ok(per / 8)
+                })
+            })
+            .collect();
+        let mut done = 0;
+        for h in handles {
+            done += h
+                .join()
+                .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+        }
+        Ok(done as f64 / started.elapsed().as_secs_f64())
+    };
+    let one = rps(vec![local])?;
+    admin.call(
+        "POST",
+        &format!("/v1/deployments/{id2}/scale"),
+        Some(json!({"replicas": 2}).to_string().as_bytes()),
+    )?;
+    let waiting = Instant::now();
+    while admin.ready_on(id2)?.len() < 2 {
+        if waiting.elapsed() > Duration::from_secs(60) {
+            bail!("two replicas not ready");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Both nodes now answer locally.
+    std::thread::sleep(Duration::from_millis(500));
+    let two = rps(vec![local, remote])?;
+    println!(
+        "\nThroughput, 8 keep-alive clients, binary batch 1 (clients, coordinator and nodes share {} cores):",
+        num_cpus()
+    );
+    println!("| nodes serving | requests/s |\n|---|---|");
+    println!("| one node | {one:.0} |");
+    println!("| two nodes, a replica each | {two:.0} |");
+    println!("Two nodes against one: {:.2}×.", two / one.max(1e-9));
     drop(nodes);
     Ok(())
+}
+
+fn num_cpus() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }

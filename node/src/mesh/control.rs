@@ -184,7 +184,10 @@ impl Control {
             tracing::error!("this node was removed from the cluster; it serves nothing more");
             self.removed.store(true, Ordering::Release);
             self.replicas.reconcile(Vec::new());
-            self.router.update(&wire::View::default());
+            self.router.update(&wire::View {
+                removed: true,
+                ..wire::View::default()
+            });
             let _ = std::fs::remove_file(self.dir.join("view.json"));
             *current = None;
             return;

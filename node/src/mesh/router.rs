@@ -61,6 +61,8 @@ pub struct Router {
     /// Forwards attempted (each try counts), and retries on another node.
     pub attempts: std::sync::atomic::AtomicU64,
     pub retries: std::sync::atomic::AtomicU64,
+    /// A view has been taken: the node knows the mesh and can route.
+    view: std::sync::atomic::AtomicBool,
 }
 
 /// Where a request goes.
@@ -99,6 +101,7 @@ impl Router {
             timeout: Duration::from_secs(30),
             attempts: Default::default(),
             retries: Default::default(),
+            view: Default::default(),
         }
     }
 
@@ -107,6 +110,12 @@ impl Router {
         let mut table = self.table.write();
         table.routes = view.routes.clone();
         table.members = view.members.clone();
+        self.view.store(!view.removed, Ordering::Release);
+    }
+
+    /// Whether the node holds a view of the mesh (from a coordinator, or saved), so it can route.
+    pub fn has_view(&self) -> bool {
+        self.view.load(Ordering::Acquire)
     }
 
     /// Whether node `id` (with the certificate of `serial`) is a member now.
@@ -579,6 +588,10 @@ mod tests {
     async fn targets_are_the_newest_deployment_or_the_version_asked_never_this_node() {
         let ca = Ca::generate("t").expect("ca");
         let router = Router::new("me".into(), endpoint(&ca, "me"), repo());
+        assert!(
+            !router.has_view(),
+            "no view yet: /v2/health/ready says not ready"
+        );
         router.update(&view(vec![
             route(1, "1", &[("me", "x".into()), ("a", "a:1".into())]),
             route(2, "2", &[("b", "b:1".into())]),
@@ -589,6 +602,7 @@ mod tests {
         assert!(router.targets("mlp", Some("3")).is_empty());
         assert!(router.knows("mlp", Some("1")) && !router.knows("mlp", Some("3")));
         assert!(!router.knows("other", None));
+        assert!(router.has_view());
     }
 
     #[tokio::test]
