@@ -53,6 +53,11 @@ impl Admin {
                 .delete(&url)
                 .header("Authorization", &auth)
                 .call()?,
+            ("PUT", Some(b)) => self
+                .agent
+                .put(&url)
+                .header("Authorization", &auth)
+                .send(b)?,
             (_, Some(b)) => self
                 .agent
                 .post(&url)
@@ -159,6 +164,7 @@ pub fn mesh(iters: usize) -> anyhow::Result<()> {
         .to_string();
     let mut nodes = Vec::new();
     let mut http = Vec::new();
+    let mut datas = Vec::new();
     for n in 1..=2 {
         let (h, m) = (free_port()?, free_port()?);
         let data = root.join(format!("n{n}"));
@@ -183,6 +189,7 @@ pub fn mesh(iters: usize) -> anyhow::Result<()> {
             "--run",
         ])?);
         http.push((format!("n{n}"), SocketAddr::from(([127, 0, 0, 1], h))));
+        datas.push((data, cache));
     }
     loop {
         let v = admin.call("GET", "/v1/nodes", None)?;
@@ -318,6 +325,77 @@ pub fn mesh(iters: usize) -> anyhow::Result<()> {
     println!("| one node | {one:.0} |");
     println!("| two nodes, a replica each | {two:.0} |");
     println!("Two nodes against one: {:.2}×.", two / one.max(1e-9));
+
+    // Node loss: kill -9 the node holding the replica; time until it is ready on the other.
+    admin.call(
+        "PUT",
+        "/v1/cluster/heartbeat-grace",
+        Some(json!({"grace_ms": 2000}).to_string().as_bytes()),
+    )?;
+    admin.call(
+        "POST",
+        &format!("/v1/deployments/{id2}/scale"),
+        Some(json!({"replicas": 1}).to_string().as_bytes()),
+    )?;
+    std::thread::sleep(Duration::from_millis(500));
+    let mut losses = Vec::new();
+    for _ in 0..5 {
+        let holder = loop {
+            if let Some(node) = admin.ready_on(id2)?.into_iter().next() {
+                break node;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let i = http
+            .iter()
+            .position(|(n, _)| *n == holder)
+            .context("holder")?;
+        let killed = Instant::now();
+        drop(std::mem::replace(&mut nodes[i], spawn(&["--version"])?));
+        loop {
+            if admin.ready_on(id2)?.iter().any(|n| *n != holder) {
+                break;
+            }
+            if killed.elapsed() > Duration::from_secs(60) {
+                bail!("the replica did not move off {holder}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        losses.push(killed.elapsed());
+        // The killed node comes back (and is up again) for the next round.
+        let (data, cache) = &datas[i];
+        nodes[i] = spawn(&[
+            "node",
+            "run",
+            "--data",
+            data.to_str().context("path")?,
+            "--cache-dir",
+            cache.to_str().context("path")?,
+        ])?;
+        loop {
+            let v = admin.call("GET", &format!("/v1/nodes/{holder}"), None)?;
+            if v["node"]["health"] == json!("up")
+                && v["live"]["last_heard_ms_ago"]
+                    .as_u64()
+                    .is_some_and(|ms| ms < 500)
+            {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let mut sorted = losses.clone();
+    sorted.sort();
+    println!(
+        "\nNode loss (kill -9 of the replica's node → ready on the other; grace 2 s), 5 runs: p50 {:.2} s, max {:.2} s ({})",
+        sorted[2].as_secs_f64(),
+        sorted[4].as_secs_f64(),
+        losses
+            .iter()
+            .map(|d| format!("{:.2}", d.as_secs_f64()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     drop(nodes);
     Ok(())
 }
