@@ -127,6 +127,21 @@ fn client_config(
     Ok(config)
 }
 
+/// The client config a member's endpoint uses by default (its certificate presented, the
+/// server's verified against the cluster CA), for connecting as `identity` from an endpoint
+/// that is not its own (with [`quinn::Endpoint::connect_with`]): one socket for many members,
+/// as a load generator needs.
+pub fn member_client_config(
+    identity: &Identity,
+    cfg: &EndpointConfig,
+) -> Result<quinn::ClientConfig> {
+    let roots = Arc::new(roots(&identity.ca_pem)?);
+    let server_verifier = WebPkiServerVerifier::builder_with_provider(roots, provider())
+        .build()
+        .map_err(tls_err)?;
+    client_config(server_verifier, Some(identity), cfg)
+}
+
 /// An endpoint that serves (requiring certificates from the CA, or none at all; see the crate
 /// page) and connects as `identity`.
 pub fn endpoint(

@@ -36,7 +36,7 @@ pub mod wire;
 pub use codec::{call, read_frame, write_frame};
 pub use endpoint::{
     EndpointConfig, SERVER_NAME, client_endpoint, connect, endpoint, join_client_config,
-    peer_principal, peer_serial,
+    member_client_config, peer_principal, peer_serial,
 };
 pub use error::{Error, Result};
 pub use identity::{

@@ -41,6 +41,9 @@ pub struct BenchArgs {
     /// Leader kills for the failover measurement.
     #[arg(long, default_value_t = 5)]
     rounds: usize,
+    /// Simulated nodes for the heartbeat measurement.
+    #[arg(long, default_value_t = 10_000)]
+    nodes: usize,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,6 +57,7 @@ enum Which {
     Raft,
     Failover,
     Mesh,
+    Heartbeats,
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -81,6 +85,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if all || args.what == Which::Mesh {
         super::bench_mesh::mesh(args.iters)?;
+    }
+    // Not part of `all`: it joins thousands of simulated nodes (minutes on 2 cores).
+    if args.what == Which::Heartbeats {
+        super::bench_heartbeats::heartbeats(args.nodes)?;
     }
     Ok(())
 }
