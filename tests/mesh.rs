@@ -90,10 +90,15 @@ fn input(seed: usize) -> Vec<f32> {
 fn predict(agent: &ureq::Agent, node: &str, x: &[f32]) -> Result<Vec<f32>, String> {
     let body =
         json!({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 784], "data": x}]});
-    let mut resp = agent
+    let resp = agent
         .post(format!("{node}/v2/models/mlp/infer"))
         .send_json(body)
         .map_err(|e| e.to_string())?;
+    first_output(resp)
+}
+
+/// The first output's values of a V2 answer, or what went wrong.
+fn first_output(mut resp: ureq::http::Response<ureq::Body>) -> Result<Vec<f32>, String> {
     let status = resp.status().as_u16();
     let text = resp
         .body_mut()
@@ -123,30 +128,13 @@ fn predict_binary(agent: &ureq::Agent, node: &str, x: &[f32]) -> Result<Vec<f32>
     for v in x {
         body.extend_from_slice(&v.to_le_bytes());
     }
-    let mut resp = agent
+    let resp = agent
         .post(format!("{node}/v2/models/mlp/infer"))
         .header("Inference-Header-Content-Length", header.len().to_string())
         .header("Content-Type", "application/octet-stream")
         .send(&body[..])
         .map_err(|e| e.to_string())?;
-    let status = resp.status().as_u16();
-    let text = resp
-        .body_mut()
-        .read_to_string()
-        .map_err(|e| e.to_string())?;
-    if status != 200 {
-        return Err(format!("HTTP {status}: {text}"));
-    }
-    let v: Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
-    Ok(v["outputs"][0]["data"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(Value::as_f64)
-                .map(|f| f as f32)
-                .collect()
-        })
-        .unwrap_or_default())
+    first_output(resp)
 }
 
 fn close(got: &[f32], want: &[f32]) -> bool {

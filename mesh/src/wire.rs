@@ -180,6 +180,34 @@ pub struct PerfReport {
     pub total_us: Vec<[u64; 2]>,
 }
 
+/// Latencies in reports are kept from 1 µs to 10 minutes, with 2 significant digits.
+pub const MAX_LATENCY_US: u64 = 600_000_000;
+
+/// An empty latency histogram of the shape reports use.
+pub fn latency_histogram() -> hdrhistogram::Histogram<u64> {
+    hdrhistogram::Histogram::new_with_bounds(1, MAX_LATENCY_US, 2)
+        .expect("1 µs to 10 minutes at 2 significant digits is a valid histogram")
+}
+
+/// A histogram's recorded buckets as `[value, count]` pairs (what a report carries).
+pub fn histogram_pairs(h: &hdrhistogram::Histogram<u64>) -> Vec<[u64; 2]> {
+    h.iter_recorded()
+        .map(|v| {
+            [
+                h.highest_equivalent(v.value_iterated_to()),
+                v.count_at_value(),
+            ]
+        })
+        .collect()
+}
+
+/// Add a report's `[value, count]` pairs to `into` (merging is exact at bucket resolution).
+pub fn merge_pairs(into: &mut hdrhistogram::Histogram<u64>, pairs: &[[u64; 2]]) {
+    for [value, count] in pairs {
+        let _ = into.record_n((*value).clamp(1, MAX_LATENCY_US), *count);
+    }
+}
+
 /// A node's load now.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeLoad {

@@ -9,8 +9,7 @@ use hdrhistogram::Histogram;
 use parking_lot::Mutex;
 use sophon_mesh::wire;
 
-/// Latencies are kept from 1 µs to 10 minutes, with 2 significant digits.
-const MAX_US: u64 = 600_000_000;
+use wire::{MAX_LATENCY_US as MAX_US, latency_histogram as histogram};
 
 struct Window {
     started: Instant,
@@ -19,16 +18,6 @@ struct Window {
     queue: Histogram<u64>,
     compute: Histogram<u64>,
     total: Histogram<u64>,
-}
-
-fn histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, MAX_US, 2)
-        .expect("1 µs to 10 minutes at 2 significant digits is a valid histogram")
-}
-
-/// A fresh histogram of the same shape as a window's (for merging reports).
-pub fn new_histogram() -> Histogram<u64> {
-    histogram()
 }
 
 fn micros(d: Duration) -> u64 {
@@ -55,17 +44,6 @@ impl Default for PerfWindow {
     fn default() -> Self {
         PerfWindow(Mutex::new(Window::new()))
     }
-}
-
-fn pairs(h: &Histogram<u64>) -> Vec<[u64; 2]> {
-    h.iter_recorded()
-        .map(|v| {
-            [
-                h.highest_equivalent(v.value_iterated_to()),
-                v.count_at_value(),
-            ]
-        })
-        .collect()
 }
 
 impl PerfWindow {
@@ -96,17 +74,10 @@ impl PerfWindow {
             count: w.count,
             errors: w.errors,
             period_ms: w.started.elapsed().as_millis() as u64,
-            queue_us: pairs(&w.queue),
-            compute_us: pairs(&w.compute),
-            total_us: pairs(&w.total),
+            queue_us: wire::histogram_pairs(&w.queue),
+            compute_us: wire::histogram_pairs(&w.compute),
+            total_us: wire::histogram_pairs(&w.total),
         }
-    }
-}
-
-/// A histogram rebuilt from a report's `[value, count]` pairs (merged into `into`).
-pub fn merge(into: &mut Histogram<u64>, pairs: &[[u64; 2]]) {
-    for [value, count] in pairs {
-        let _ = into.record_n((*value).clamp(1, MAX_US), *count);
     }
 }
 
@@ -125,7 +96,7 @@ mod tests {
         let r = w.take("m", "1");
         assert_eq!((r.count, r.errors), (100, 10));
         let mut total = histogram();
-        merge(&mut total, &r.total_us);
+        wire::merge_pairs(&mut total, &r.total_us);
         assert_eq!(total.len(), 100);
         let p50 = total.value_at_quantile(0.5);
         assert!((50_000..=52_000).contains(&p50), "{p50}");

@@ -376,27 +376,85 @@ pub(super) fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
-struct Server(Child);
+/// A process of this binary, killed when dropped.
+pub(super) struct Proc(pub(super) Child);
 
-impl Drop for Server {
+impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
 }
 
-fn spawn_dev(args: &[&str], port: u16) -> anyhow::Result<Server> {
-    let exe = std::env::current_exe()?;
-    let child = Command::new(exe)
-        .arg("dev")
-        .arg("--http")
-        .arg(format!("127.0.0.1:{port}"))
+/// Start this binary with `args`, its output discarded.
+pub(super) fn spawn(args: &[&str]) -> anyhow::Result<Proc> {
+    let child = Command::new(std::env::current_exe()?)
         .args(args)
         .env("SOPHON_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
-    Ok(Server(child))
+    Ok(Proc(child))
+}
+
+fn spawn_dev(args: &[&str], port: u16) -> anyhow::Result<Proc> {
+    let http = format!("127.0.0.1:{port}");
+    spawn(&[&["dev", "--http", http.as_str()], args].concat())
+}
+
+/// The admin API, with a bearer token; every call must answer 2xx.
+pub(super) struct AdminClient {
+    agent: ureq::Agent,
+    token: String,
+}
+
+impl AdminClient {
+    pub(super) fn new(token: &str) -> AdminClient {
+        AdminClient {
+            agent: ureq::Agent::new_with_config(
+                ureq::Agent::config_builder()
+                    .http_status_as_error(false)
+                    .timeout_global(Some(Duration::from_secs(30)))
+                    .build(),
+            ),
+            token: token.to_string(),
+        }
+    }
+
+    /// `method` on `url`, with `body` (sent as is) if any; the JSON answer.
+    pub(super) fn call(
+        &self,
+        method: &str,
+        url: &str,
+        body: Option<&[u8]>,
+    ) -> anyhow::Result<serde_json::Value> {
+        let auth = format!("Bearer {}", self.token);
+        let mut resp = match (method, body) {
+            ("GET", _) => self.agent.get(url).header("Authorization", &auth).call()?,
+            ("DELETE", _) => self
+                .agent
+                .delete(url)
+                .header("Authorization", &auth)
+                .call()?,
+            ("PUT", Some(b)) => self.agent.put(url).header("Authorization", &auth).send(b)?,
+            (_, Some(b)) => self
+                .agent
+                .post(url)
+                .header("Authorization", &auth)
+                .send(b)?,
+            (_, None) => self
+                .agent
+                .post(url)
+                .header("Authorization", &auth)
+                .send_empty()?,
+        };
+        let status = resp.status().as_u16();
+        let text = resp.body_mut().read_to_string()?;
+        if !(200..300).contains(&status) {
+            bail!("{method} {url}: HTTP {status}: {text}");
+        }
+        Ok(serde_json::from_str(&text).unwrap_or(serde_json::Value::Null))
+    }
 }
 
 /// Start a dev node and time until the first prediction succeeds.

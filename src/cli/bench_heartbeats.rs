@@ -9,7 +9,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -18,16 +18,7 @@ use anyhow::{Context, bail};
 use serde_json::{Value, json};
 use sophon_mesh::wire;
 
-use super::bench::free_port;
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use super::bench::{AdminClient, Proc, free_port, spawn};
 
 fn sophon(args: &[&str]) -> anyhow::Result<String> {
     let out = Command::new(std::env::current_exe()?)
@@ -41,58 +32,29 @@ fn sophon(args: &[&str]) -> anyhow::Result<String> {
 }
 
 fn run(dir: &Path) -> anyhow::Result<Proc> {
-    let child = Command::new(std::env::current_exe()?)
-        .args(["coordinator", "run", "--data"])
-        .arg(dir)
-        .env("SOPHON_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    Ok(Proc(child))
+    spawn(&[
+        "coordinator",
+        "run",
+        "--data",
+        dir.to_str().context("path")?,
+    ])
 }
 
 /// CPU seconds (user + system) a process has used.
 fn cpu_seconds(pid: u32) -> Option<f64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = text.rsplit_once(')')?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) as f64 / 100.0)
+    sophon_node::mesh::replicas::cpu_ticks(&pid.to_string()).map(|t| t as f64 / 100.0)
 }
 
+/// The admin API of any of the coordinators (calls name the full URL).
 struct Api {
-    agent: ureq::Agent,
-    token: String,
+    client: AdminClient,
 }
 
 impl Api {
     fn call(&self, method: &str, url: &str, body: Option<Value>) -> anyhow::Result<Value> {
-        let auth = format!("Bearer {}", self.token);
-        let mut resp = match (method, body) {
-            ("GET", _) => self.agent.get(url).header("Authorization", &auth).call()?,
-            ("PUT", Some(b)) => self
-                .agent
-                .put(url)
-                .header("Authorization", &auth)
-                .send_json(b)?,
-            (_, Some(b)) => self
-                .agent
-                .post(url)
-                .header("Authorization", &auth)
-                .send_json(b)?,
-            (_, None) => self
-                .agent
-                .post(url)
-                .header("Authorization", &auth)
-                .send_empty()?,
-        };
-        let status = resp.status().as_u16();
-        let text = resp.body_mut().read_to_string()?;
-        if !(200..300).contains(&status) {
-            bail!("{method} {url}: HTTP {status}: {text}");
-        }
-        Ok(serde_json::from_str(&text).unwrap_or(Value::Null))
+        let body = body.map(|b| b.to_string());
+        self.client
+            .call(method, url, body.as_deref().map(str::as_bytes))
     }
 
     /// p50 and p99 of `n` admin writes (a policy set), in ms, and how many were not confirmed
@@ -159,13 +121,7 @@ pub fn heartbeats(nodes: usize) -> anyhow::Result<()> {
     procs.push(run(&c1)?);
     apis.push(format!("http://127.0.0.1:{api1}"));
     let api = Api {
-        agent: ureq::Agent::new_with_config(
-            ureq::Agent::config_builder()
-                .http_status_as_error(false)
-                .timeout_global(Some(Duration::from_secs(30)))
-                .build(),
-        ),
-        token: token.clone(),
+        client: AdminClient::new(&token),
     };
     let started = Instant::now();
     while api

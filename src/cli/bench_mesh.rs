@@ -8,73 +8,25 @@
 //!   same version (warm: the bundle is on disk and its component compiled).
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 use sophon_sdk::{keys, ready};
 
-use super::bench::{Client, free_port, http_bodies, percentiles, us};
+use super::bench::{AdminClient, Client, free_port, http_bodies, percentiles, spawn, us};
 
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn(args: &[&str]) -> anyhow::Result<Proc> {
-    let child = Command::new(std::env::current_exe()?)
-        .args(args)
-        .env("SOPHON_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    Ok(Proc(child))
-}
-
+/// The admin API of the benchmark's coordinator.
 struct Admin {
-    agent: ureq::Agent,
+    client: AdminClient,
     base: String,
-    token: String,
 }
 
 impl Admin {
     fn call(&self, method: &str, path: &str, body: Option<&[u8]>) -> anyhow::Result<Value> {
-        let url = format!("{}{path}", self.base);
-        let auth = format!("Bearer {}", self.token);
-        let mut resp = match (method, body) {
-            ("GET", _) => self.agent.get(&url).header("Authorization", &auth).call()?,
-            ("DELETE", _) => self
-                .agent
-                .delete(&url)
-                .header("Authorization", &auth)
-                .call()?,
-            ("PUT", Some(b)) => self
-                .agent
-                .put(&url)
-                .header("Authorization", &auth)
-                .send(b)?,
-            (_, Some(b)) => self
-                .agent
-                .post(&url)
-                .header("Authorization", &auth)
-                .send(b)?,
-            (_, None) => self
-                .agent
-                .post(&url)
-                .header("Authorization", &auth)
-                .send_empty()?,
-        };
-        let status = resp.status().as_u16();
-        let text = resp.body_mut().read_to_string()?;
-        if !(200..300).contains(&status) {
-            bail!("{method} {path}: HTTP {status}: {text}");
-        }
-        Ok(serde_json::from_str(&text).unwrap_or(Value::Null))
+        self.client
+            .call(method, &format!("{}{path}", self.base), body)
     }
 
     fn ready_on(&self, deployment: u64) -> anyhow::Result<Vec<String>> {
@@ -134,14 +86,8 @@ pub fn mesh(iters: usize) -> anyhow::Result<()> {
     let c1 = root.join("c1");
     let _coordinator = spawn(&["coordinator", "run", "--data", c1.to_str().context("path")?])?;
     let admin = Admin {
-        agent: ureq::Agent::new_with_config(
-            ureq::Agent::config_builder()
-                .http_status_as_error(false)
-                .timeout_global(Some(Duration::from_secs(30)))
-                .build(),
-        ),
+        client: AdminClient::new(&token),
         base: format!("http://127.0.0.1:{api}"),
-        token,
     };
     let started = Instant::now();
     while admin.call("GET", "/v1/cluster/status", None).is_err() {

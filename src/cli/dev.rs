@@ -4,9 +4,7 @@
 //! deployed. `--no-coordinator` runs a bare node with the bundles loaded directly.
 
 use anyhow::Context;
-use sophon_node::http::HttpConfig;
-use sophon_node::stats::Metrics;
-use sophon_node::{NodeServer, Repository, Runtime, RuntimeConfig, ServingLimits};
+use sophon_node::{NodeServer, Repository};
 use sophon_sdk::{keys, ready};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -26,24 +24,8 @@ pub struct DevArgs {
     /// Do not serve the example models.
     #[arg(long)]
     pub no_examples: bool,
-    /// Requests of one model running at once (default: the number of cores).
-    #[arg(long)]
-    pub concurrency: Option<usize>,
-    /// Requests of one model that may wait before new ones get 429.
-    #[arg(long, default_value_t = 256)]
-    pub max_queue: usize,
-    /// Largest request body, in bytes.
-    #[arg(long, default_value_t = 64 << 20)]
-    pub max_body_bytes: usize,
-    /// Bytes of request bodies the node holds at once before it sheds with 503.
-    #[arg(long, default_value_t = 1 << 30)]
-    pub max_inflight_bytes: usize,
-    /// Seconds a shutdown waits for requests in flight before it cancels them.
-    #[arg(long, default_value_t = 30)]
-    pub drain_secs: u64,
-    /// Directory of the AOT component cache (default: ~/.cache/sophon/components).
-    #[arg(long)]
-    pub cache_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub serve: super::node::ServeArgs,
     /// Compile components at start-up instead of using the AOT cache.
     #[arg(long)]
     pub no_cache: bool,
@@ -257,29 +239,8 @@ fn push_and_deploy(admin: &str, token: &str, bundle: &[u8]) -> anyhow::Result<(S
 /// that lives only in this process) and the bundles given directly; otherwise it starts empty
 /// and trusts what the cluster trusts (the mesh brings what is deployed).
 pub fn build_repository(args: &DevArgs) -> anyhow::Result<Arc<Repository>> {
-    let mut config = RuntimeConfig::default();
-    if let Some(dir) = &args.cache_dir {
-        config.cache_dir = Some(dir.clone());
-    }
-    if args.no_cache {
-        config.cache_dir = None;
-    }
-    let runtime = Runtime::new(config)?;
-    let metrics = Arc::new(Metrics::new()?);
-    let mut limits = ServingLimits {
-        max_queue: args.max_queue,
-        ..ServingLimits::default()
-    };
-    if let Some(n) = args.concurrency {
-        limits.default_concurrency = n;
-    }
     if !args.no_coordinator {
-        return Ok(Arc::new(Repository::new(
-            runtime,
-            Vec::new(),
-            limits,
-            metrics,
-        )));
+        return super::node::repository(&args.serve, args.no_cache, Vec::new());
     }
     let example_key = keys::generate();
     let mut trusted = vec![example_key.verifying_key()];
@@ -292,7 +253,7 @@ pub fn build_repository(args: &DevArgs) -> anyhow::Result<Arc<Repository>> {
             keys::read_public_key(path).with_context(|| format!("reading {}", path.display()))?,
         );
     }
-    let repo = Arc::new(Repository::new(runtime, trusted, limits, metrics));
+    let repo = super::node::repository(&args.serve, args.no_cache, trusted)?;
     if !args.no_examples {
         repo.add_bundle(&ready::mlp_bundle("mlp", &example_key)?)?;
         repo.add_bundle(&ready::classifier_bundle(&example_key)?)?;
@@ -311,10 +272,7 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
         .build()?;
     let served = rt.block_on(async move {
         let repo = build_repository(&args)?;
-        let config = HttpConfig {
-            max_body_bytes: args.max_body_bytes,
-            max_inflight_bytes: args.max_inflight_bytes,
-        };
+        let config = args.serve.http();
         let coordinator = if args.no_coordinator {
             None
         } else {
@@ -322,7 +280,7 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
         };
         let server = NodeServer::bind(args.http, repo.clone(), config)
             .await?
-            .with_drain_deadline(std::time::Duration::from_secs(args.drain_secs));
+            .with_drain_deadline(std::time::Duration::from_secs(args.serve.drain_secs));
         let addr = server.local_addr()?;
         let mut mesh_node = None;
         if let Some((running, token)) = &coordinator {

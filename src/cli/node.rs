@@ -40,6 +40,45 @@ pub struct ServeArgs {
     pub cache_dir: Option<PathBuf>,
 }
 
+impl ServeArgs {
+    /// HTTP settings of the node's V2 API.
+    pub fn http(&self) -> HttpConfig {
+        HttpConfig {
+            max_body_bytes: self.max_body_bytes,
+            max_inflight_bytes: self.max_inflight_bytes,
+        }
+    }
+}
+
+/// An empty repository serving with these options (`no_cache`: compile every component), that
+/// loads bundles signed by one of `trusted`.
+pub fn repository(
+    serve: &ServeArgs,
+    no_cache: bool,
+    trusted: Vec<sophon_sdk::VerifyingKey>,
+) -> anyhow::Result<Arc<Repository>> {
+    let mut config = RuntimeConfig::default();
+    if let Some(dir) = &serve.cache_dir {
+        config.cache_dir = Some(dir.clone());
+    }
+    if no_cache {
+        config.cache_dir = None;
+    }
+    let mut limits = ServingLimits {
+        max_queue: serve.max_queue,
+        ..ServingLimits::default()
+    };
+    if let Some(n) = serve.concurrency {
+        limits.default_concurrency = n;
+    }
+    Ok(Arc::new(Repository::new(
+        Runtime::new(config)?,
+        trusted,
+        limits,
+        Arc::new(Metrics::new()?),
+    )))
+}
+
 #[derive(clap::Subcommand, Debug)]
 pub enum NodeCmd {
     /// Make a node join token (needs an operator token): it admits `--uses` nodes until it
@@ -321,31 +360,11 @@ fn serve_node(data: PathBuf, serve: ServeArgs) -> anyhow::Result<()> {
         .build()?;
     let served = rt.block_on(async move {
         let file = NodeFile::read(&data)?;
-        let mut config = RuntimeConfig::default();
-        if let Some(dir) = &serve.cache_dir {
-            config.cache_dir = Some(dir.clone());
-        }
-        let runtime = Runtime::new(config)?;
-        let metrics = Arc::new(Metrics::new()?);
-        let mut limits = ServingLimits {
-            max_queue: serve.max_queue,
-            ..ServingLimits::default()
-        };
-        if let Some(n) = serve.concurrency {
-            limits.default_concurrency = n;
-        }
         // Trusted publishers come from the cluster, with the view.
-        let repo = Arc::new(Repository::new(runtime, Vec::new(), limits, metrics));
-        let server = NodeServer::bind(
-            file.http_listen,
-            repo.clone(),
-            HttpConfig {
-                max_body_bytes: serve.max_body_bytes,
-                max_inflight_bytes: serve.max_inflight_bytes,
-            },
-        )
-        .await?
-        .with_drain_deadline(Duration::from_secs(serve.drain_secs));
+        let repo = repository(&serve, false, Vec::new())?;
+        let server = NodeServer::bind(file.http_listen, repo.clone(), serve.http())
+            .await?
+            .with_drain_deadline(Duration::from_secs(serve.drain_secs));
         let mesh = MeshNode::start(&data, repo.clone(), server.app())
             .await
             .context("start the mesh")?;

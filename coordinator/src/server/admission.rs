@@ -88,19 +88,31 @@ pub struct JoinToken {
 /// The actor of the join token whose secret this is: refused unless it is a usable **join**
 /// token at `now_ms` (an admin token is no join token).
 fn join_actor(state: &State, secret: &str, now_ms: u64) -> Result<Actor> {
+    token_actor(state, secret, now_ms, Role::Join)
+}
+
+/// The actor of the token whose secret this is, refused unless it is a usable token of `role`
+/// (`join` or `node-join`) at `now_ms`.
+pub(super) fn token_actor(state: &State, secret: &str, now_ms: u64, role: Role) -> Result<Actor> {
+    let (unknown, wrong_role) = match role {
+        Role::NodeJoin => (
+            "the node join token is unknown: make one with `sophon node join-token`",
+            "not a node join token (`sophon node join-token`)",
+        ),
+        _ => (
+            "the join token is unknown: make one with `sophon coordinator join-token`",
+            "not a join token: a coordinator joins with a join token (`sophon coordinator \
+             join-token`)",
+        ),
+    };
     let token = state
         .token_for_secret(secret)
         .ok_or_else(|| Error::Unauthenticated {
-            reason: "the join token is unknown: make one with `sophon coordinator join-token`"
-                .into(),
+            reason: unknown.into(),
         })?;
-    if token.role != Role::Join {
+    if token.role != role {
         return Err(Error::Unauthenticated {
-            reason: format!(
-                "this is a token with role {}, not a join token: a coordinator joins with a \
-                 join token (`sophon coordinator join-token`)",
-                token.role
-            ),
+            reason: format!("this is a token with role {}, {wrong_role}", token.role),
         });
     }
     if let Some(e) = token.unusable(now_ms.max(state.clock_ms())) {

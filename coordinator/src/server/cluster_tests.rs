@@ -59,20 +59,7 @@ async fn join_token(member: &Running, ttl: Duration) -> String {
 
 /// A join string whose secret is a plain token of `role` (no join token).
 async fn role_token(first: &Running, role: Role) -> String {
-    let (id, secret) = new_token();
-    first
-        .core
-        .write(
-            admin(),
-            Command::CreateToken {
-                id,
-                name: "joiner".into(),
-                role,
-                secret_hash: crate::hash_secret(&secret),
-            },
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let secret = plain_token(first, role).await;
     join_string(
         &first.core.ca_fingerprint(),
         &secret,
@@ -785,7 +772,7 @@ async fn join_node(join: &str, id: &str) -> crate::Result<Identity> {
     let conn = sophon_mesh::connect(&endpoint, addr, Some(client))
         .await
         .map_err(super::mesh)?;
-    let request = wire::NodeJoinRequest {
+    let join = wire::NodeJoinRequest {
         secret,
         csr_pem,
         node: wire::NodeInfo {
@@ -804,8 +791,8 @@ async fn join_node(join: &str, id: &str) -> crate::Result<Identity> {
             version: "test".into(),
         },
     };
-    let body = serde_json::to_vec(&request).unwrap_or_else(|e| panic!("{e}"));
-    let answer = request_on(&conn, wire::kind::NODE_JOIN, &body).await?;
+    let body = serde_json::to_vec(&join).unwrap_or_else(|e| panic!("{e}"));
+    let answer = request(&conn, wire::kind::NODE_JOIN, &body).await?;
     let answer: wire::NodeJoinAnswer =
         serde_json::from_value(answer).unwrap_or_else(|e| panic!("{e}"));
     let identity = Identity {
@@ -816,14 +803,6 @@ async fn join_node(join: &str, id: &str) -> crate::Result<Identity> {
     };
     identity.check().map_err(super::mesh)?;
     Ok(identity)
-}
-
-async fn request_on(
-    conn: &quinn::Connection,
-    k: u8,
-    body: &[u8],
-) -> crate::Result<serde_json::Value> {
-    request(conn, k, body).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

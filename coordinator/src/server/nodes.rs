@@ -469,7 +469,9 @@ impl Core {
         let now = super::admission::wall_ms();
         let actor = self
             .driver
-            .read(true, move |s| node_join_actor(s, &secret, now))
+            .read(true, move |s| {
+                super::admission::token_actor(s, &secret, now, Role::NodeJoin)
+            })
             .await??;
         let principal = Principal::Node(request.node.id.clone());
         let cert_pem = self.sign_for(&request.csr_pem, &principal).await?;
@@ -664,28 +666,6 @@ fn accelerators(devices: &[wire::Accelerator]) -> Vec<Accelerator> {
             memory_mb: d.memory_mb,
         })
         .collect()
-}
-
-/// The actor of the node join token whose secret this is: refused unless it is a usable
-/// node join token at `now_ms`.
-fn node_join_actor(state: &State, secret: &str, now_ms: u64) -> Result<Actor> {
-    let token = state
-        .token_for_secret(secret)
-        .ok_or_else(|| Error::Unauthenticated {
-            reason: "the node join token is unknown: make one with `sophon node join-token`".into(),
-        })?;
-    if token.role != Role::NodeJoin {
-        return Err(Error::Unauthenticated {
-            reason: format!(
-                "this is a token with role {}, not a node join token (`sophon node join-token`)",
-                token.role
-            ),
-        });
-    }
-    if let Some(e) = token.unusable(now_ms.max(state.clock_ms())) {
-        return Err(e);
-    }
-    Ok(token.actor())
 }
 
 /// The load a node reported, as the committed state's type (for the API).

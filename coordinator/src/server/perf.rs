@@ -59,12 +59,7 @@ impl Core {
 /// A report older than this is stale.
 const FRESH: Duration = Duration::from_secs(15);
 
-const MAX_US: u64 = 600_000_000;
-
-fn histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, MAX_US, 2)
-        .expect("1 µs to 10 minutes at 2 significant digits is a valid histogram")
-}
+use sophon_mesh::wire::latency_histogram as histogram;
 
 /// Merged reports of one model version.
 struct Merged {
@@ -97,15 +92,9 @@ impl Merged {
         let secs = (r.period_ms.max(1) as f64) / 1000.0;
         self.rate += r.count as f64 / secs;
         self.error_rate += r.errors as f64 / secs;
-        for (h, pairs) in [
-            (&mut self.queue, &r.queue_us),
-            (&mut self.compute, &r.compute_us),
-            (&mut self.total, &r.total_us),
-        ] {
-            for [value, count] in pairs {
-                let _ = h.record_n((*value).clamp(1, MAX_US), *count);
-            }
-        }
+        wire::merge_pairs(&mut self.queue, &r.queue_us);
+        wire::merge_pairs(&mut self.compute, &r.compute_us);
+        wire::merge_pairs(&mut self.total, &r.total_us);
     }
 
     fn quantiles(h: &Histogram<u64>) -> Value {

@@ -274,6 +274,18 @@ impl Replicas {
     }
 }
 
+/// The CPU time (user + system, in ticks of 1/100 s) a process has used, from
+/// `/proc/<pid>/stat` (`pid` may be `self`); `None` where there is no such file.
+pub fn cpu_ticks(pid: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) close with ')'.
+    let rest = text.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
 /// This process's CPU time and resident memory, from `/proc/self` (zero where there is none).
 #[derive(Default)]
 struct ProcessSampler {
@@ -283,16 +295,7 @@ struct ProcessSampler {
 impl ProcessSampler {
     /// (CPU % across all cores since the last sample, resident MiB).
     fn sample(&mut self) -> (u32, u64) {
-        let cpu_ticks = std::fs::read_to_string("/proc/self/stat")
-            .ok()
-            .and_then(|s| {
-                // Fields after the command name (which may hold spaces) close with ')'.
-                let rest = s.rsplit_once(')')?.1;
-                let fields: Vec<&str> = rest.split_whitespace().collect();
-                let utime: u64 = fields.get(11)?.parse().ok()?;
-                let stime: u64 = fields.get(12)?.parse().ok()?;
-                Some(utime + stime)
-            });
+        let cpu_ticks = cpu_ticks("self");
         let rss_mb = std::fs::read_to_string("/proc/self/statm")
             .ok()
             .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())

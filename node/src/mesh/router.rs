@@ -323,18 +323,10 @@ impl Router {
         };
         let deadline = Duration::from_millis(request.deadline_ms);
         let exchange = async {
-            sophon_mesh::write_frame(&mut send, kind::INFER, &serde_json::to_vec(request)?).await?;
-            for chunk in body.chunks(CHUNK) {
-                sophon_mesh::write_frame(&mut send, kind::DATA, chunk).await?;
-            }
-            send.finish()?;
-            let (k, head) = sophon_mesh::read_frame(&mut recv, 1 << 20)
+            write_message(&mut send, request, body).await?;
+            let answer: wire::ForwardAnswer = read_head(&mut recv, 1 << 20)
                 .await?
                 .context("the serving node closed the stream without an answer")?;
-            if k != kind::INFER {
-                bail!("unexpected answer of kind {k}");
-            }
-            let answer: wire::ForwardAnswer = serde_json::from_slice(&head)?;
             if answer.body_length > self.max_body_bytes {
                 bail!("the answer's body is over {} bytes", self.max_body_bytes);
             }
@@ -368,6 +360,33 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
         axum::Json(serde_json::json!({"error": message.into()})),
     )
         .into_response()
+}
+
+/// A forwarded request or answer: its JSON head in an `INFER` frame, then its body in `DATA`
+/// frames, then the end of the stream.
+async fn write_message(
+    send: &mut quinn::SendStream,
+    head: &impl serde::Serialize,
+    body: &[u8],
+) -> anyhow::Result<()> {
+    sophon_mesh::write_frame(send, kind::INFER, &serde_json::to_vec(head)?).await?;
+    for chunk in body.chunks(CHUNK) {
+        sophon_mesh::write_frame(send, kind::DATA, chunk).await?;
+    }
+    send.finish()?;
+    Ok(())
+}
+
+/// The JSON head of a forwarded request or answer (`None`: the stream ended first).
+async fn read_head<T: serde::de::DeserializeOwned>(
+    recv: &mut quinn::RecvStream,
+    max: usize,
+) -> anyhow::Result<Option<T>> {
+    match sophon_mesh::read_frame(recv, max).await? {
+        None => Ok(None),
+        Some((kind::INFER, head)) => Ok(Some(serde_json::from_slice(&head)?)),
+        Some((k, _)) => bail!("unexpected frame of kind {k}"),
+    }
 }
 
 async fn read_body(recv: &mut quinn::RecvStream, length: usize) -> anyhow::Result<Vec<u8>> {
@@ -439,13 +458,9 @@ async fn serve_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) -> anyhow::Result<()> {
-    let (k, head) = sophon_mesh::read_frame(&mut recv, 64 << 10)
+    let request: wire::ForwardRequest = read_head(&mut recv, 64 << 10)
         .await?
         .context("an empty stream")?;
-    if k != kind::INFER {
-        bail!("unexpected request of kind {k}");
-    }
-    let request: wire::ForwardRequest = serde_json::from_slice(&head)?;
     if request.body_length > router.max_body_bytes {
         bail!("a forwarded body over {} bytes", router.max_body_bytes);
     }
@@ -510,12 +525,7 @@ async fn serve_stream(
             body.to_vec(),
         )
     };
-    sophon_mesh::write_frame(&mut send, kind::INFER, &serde_json::to_vec(&answer)?).await?;
-    for chunk in body.chunks(CHUNK) {
-        sophon_mesh::write_frame(&mut send, kind::DATA, chunk).await?;
-    }
-    send.finish()?;
-    Ok(())
+    write_message(&mut send, &answer, &body).await
 }
 
 #[cfg(test)]
