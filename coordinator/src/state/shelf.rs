@@ -63,7 +63,9 @@ impl ManifestSummary {
             }
             let mut names = BTreeSet::new();
             for t in tensors {
-                validate::id("tensor name", &t.name)?;
+                // Any name an exported model may carry (`gpu_0/data_0`, `input:0`), as the
+                // bundle's manifest allows: non-empty, bounded, no control characters.
+                validate::text("tensor name", &t.name, validate::MAX_TEXT_LEN, true)?;
                 validate::id("tensor datatype", &t.datatype)?;
                 if !names.insert(&t.name) {
                     return Err(invalid("tensor name", &t.name, "name each tensor once"));

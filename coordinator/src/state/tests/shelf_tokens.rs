@@ -269,3 +269,31 @@ fn only_trusted_publisher_keys_reach_the_shelf() {
     );
     assert!(matches!(e, Error::UnknownKey { .. }), "{e}");
 }
+
+#[test]
+fn tensor_names_of_exported_models_are_accepted() {
+    let mut w = World::with_shelf();
+    // Names as real exported graphs carry them (Caffe2's `gpu_0/data_0`, TensorFlow's
+    // `input:0`): the bundle's manifest allows them, so the shelf does too.
+    let mut real = register("shufflenet", "1", 7);
+    if let Command::RegisterModelVersion { manifest, .. } = &mut real {
+        manifest.inputs[0].name = "gpu_0/data_0".into();
+        manifest.outputs[0].name = "softmax:0".into();
+    }
+    w.ok(publisher(), real);
+    let mut bad = register("other", "1", 8);
+    if let Command::RegisterModelVersion { manifest, .. } = &mut bad {
+        manifest.inputs[0].name = "a\nb".into();
+    }
+    let e = w.refused(publisher(), bad);
+    assert!(
+        matches!(
+            e,
+            Error::Invalid {
+                what: "tensor name",
+                ..
+            }
+        ),
+        "{e}"
+    );
+}
