@@ -44,6 +44,10 @@ pub struct BenchArgs {
     /// Simulated nodes for the heartbeat measurement.
     #[arg(long, default_value_t = 10_000)]
     nodes: usize,
+    /// Threads each node serves with in the mesh measurement (`node run --workers`; default:
+    /// the number of cores).
+    #[arg(long)]
+    node_workers: Option<usize>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,7 +88,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         super::bench_raft::failover(args.rounds)?;
     }
     if all || args.what == Which::Mesh {
-        super::bench_mesh::mesh(args.iters)?;
+        super::bench_mesh::mesh(args.iters, args.node_workers)?;
     }
     // Not part of `all`: it joins thousands of simulated nodes (minutes on 2 cores).
     if args.what == Which::Heartbeats {

@@ -60,7 +60,7 @@ impl Admin {
     }
 }
 
-pub fn mesh(iters: usize) -> anyhow::Result<()> {
+pub fn mesh(iters: usize, node_workers: Option<usize>) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let root = dir.path();
     let (api, mesh) = (free_port()?, free_port()?);
@@ -115,7 +115,13 @@ pub fn mesh(iters: usize) -> anyhow::Result<()> {
         let (h, m) = (free_port()?, free_port()?);
         let data = root.join(format!("n{n}"));
         let cache = root.join(format!("n{n}-cache"));
-        nodes.push(spawn(&[
+        let workers = node_workers.map(|n| n.to_string());
+        let (id, http_at, mesh_at) = (
+            format!("n{n}"),
+            format!("127.0.0.1:{h}"),
+            format!("127.0.0.1:{m}"),
+        );
+        let mut args = vec![
             "node",
             "join",
             "--join-token",
@@ -123,17 +129,21 @@ pub fn mesh(iters: usize) -> anyhow::Result<()> {
             "--data",
             data.to_str().context("path")?,
             "--id",
-            &format!("n{n}"),
+            &id,
             "--http",
-            &format!("127.0.0.1:{h}"),
+            &http_at,
             "--mesh",
-            &format!("127.0.0.1:{m}"),
+            &mesh_at,
             "--memory-mb",
             "4096",
             "--cache-dir",
             cache.to_str().context("path")?,
             "--run",
-        ])?);
+        ];
+        if let Some(w) = &workers {
+            args.extend(["--workers", w.as_str()]);
+        }
+        nodes.push(spawn(&args)?);
         http.push((format!("n{n}"), SocketAddr::from(([127, 0, 0, 1], h))));
         datas.push((data, cache));
     }
@@ -156,7 +166,10 @@ pub fn mesh(iters: usize) -> anyhow::Result<()> {
     let bundle = ready::mlp_bundle("mlp", &key)?;
     admin.call("POST", "/v1/bundles", Some(&bundle))?;
 
-    println!("\n## Mesh: one coordinator and two nodes as processes on 127.0.0.1 (MLP 784→128→10)");
+    println!(
+        "\n## Mesh: one coordinator and two nodes as processes on 127.0.0.1 (MLP 784→128→10; node workers: {})",
+        node_workers.map_or("one per core".to_string(), |n| n.to_string())
+    );
     let (id, cold, _) = admin.deploy()?;
     admin.call("DELETE", &format!("/v1/deployments/{id}"), None)?;
     // Wait for the replica to go (its node unloads the version).

@@ -38,6 +38,11 @@ pub struct ServeArgs {
     /// Directory of the AOT component cache (default: ~/.cache/sophon/components).
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
+    /// Threads that serve HTTP and the mesh (default: the number of cores). Model calls move
+    /// off them while they run. Fewer threads mean fewer hand-offs per request; on a machine
+    /// shared with other processes, fewer than the cores can lower latency.
+    #[arg(long)]
+    pub workers: Option<usize>,
 }
 
 impl ServeArgs {
@@ -355,9 +360,12 @@ fn action(
 
 /// Run a joined node: its repository, the mesh, then the V2 HTTP API.
 fn serve_node(data: PathBuf, serve: ServeArgs) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = serve.workers {
+        anyhow::ensure!(n > 0, "--workers must be at least 1");
+        rt.worker_threads(n);
+    }
+    let rt = rt.enable_all().build()?;
     let served = rt.block_on(async move {
         let file = NodeFile::read(&data)?;
         // Trusted publishers come from the cluster, with the view.

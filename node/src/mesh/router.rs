@@ -269,7 +269,7 @@ impl Router {
             counter.fetch_add(1, Ordering::Relaxed);
             let mut request = request.clone();
             request.deadline_ms = self.timeout.saturating_sub(started.elapsed()).as_millis() as u64;
-            let result = self.send(&target, &request, &body).await;
+            let result = self.send(&target, &request, body.clone()).await;
             counter.fetch_sub(1, Ordering::Relaxed);
             match result {
                 Ok(Sent::Answered(response)) => return response,
@@ -302,7 +302,7 @@ impl Router {
         &self,
         target: &Target,
         request: &wire::ForwardRequest,
-        body: &[u8],
+        body: bytes::Bytes,
     ) -> anyhow::Result<Sent> {
         let unreached = |e: &dyn std::fmt::Display| {
             Sent::Unreached(error(
@@ -324,13 +324,13 @@ impl Router {
         let deadline = Duration::from_millis(request.deadline_ms);
         let exchange = async {
             write_message(&mut send, request, body).await?;
-            let answer: wire::ForwardAnswer = read_head(&mut recv, 1 << 20)
-                .await?
-                .context("the serving node closed the stream without an answer")?;
-            if answer.body_length > self.max_body_bytes {
-                bail!("the answer's body is over {} bytes", self.max_body_bytes);
+            let (answer, body): (wire::ForwardAnswer, _) =
+                read_message(&mut recv, 1 << 20, self.max_body_bytes)
+                    .await?
+                    .context("the serving node closed the stream without an answer")?;
+            if answer.body_length != body.len() {
+                bail!("the answer's body does not match its announced length");
             }
-            let body = read_body(&mut recv, answer.body_length).await?;
             anyhow::Ok((answer, body))
         };
         let (answer, body) = tokio::time::timeout(deadline, exchange)
@@ -363,47 +363,80 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 }
 
 /// A forwarded request or answer: its JSON head in an `INFER` frame, then its body in `DATA`
-/// frames, then the end of the stream.
+/// frames, then the end of the stream. All of it is handed to QUIC in one write (the body is
+/// not copied), so a small message leaves in one packet rather than one per frame part.
 async fn write_message(
     send: &mut quinn::SendStream,
     head: &impl serde::Serialize,
-    body: &[u8],
+    body: bytes::Bytes,
 ) -> anyhow::Result<()> {
-    sophon_mesh::write_frame(send, kind::INFER, &serde_json::to_vec(head)?).await?;
-    for chunk in body.chunks(CHUNK) {
-        sophon_mesh::write_frame(send, kind::DATA, chunk).await?;
+    let json = serde_json::to_vec(head)?;
+    let mut first = Vec::with_capacity(2 * sophon_mesh::codec::HEADER_LEN + json.len());
+    first.extend_from_slice(&sophon_mesh::codec::encode_header(kind::INFER, json.len())?);
+    first.extend_from_slice(&json);
+    let mut parts = Vec::with_capacity(2 + 2 * body.len().div_ceil(CHUNK));
+    let mut offset = 0;
+    while offset < body.len() {
+        let end = (offset + CHUNK).min(body.len());
+        let header = sophon_mesh::codec::encode_header(kind::DATA, end - offset)?;
+        if parts.is_empty() {
+            first.extend_from_slice(&header);
+            parts.push(bytes::Bytes::from(std::mem::take(&mut first)));
+        } else {
+            parts.push(bytes::Bytes::copy_from_slice(&header));
+        }
+        parts.push(body.slice(offset..end));
+        offset = end;
     }
+    if parts.is_empty() {
+        parts.push(bytes::Bytes::from(first));
+    }
+    send.write_all_chunks(&mut parts).await?;
     send.finish()?;
     Ok(())
 }
 
-/// The JSON head of a forwarded request or answer (`None`: the stream ended first).
-async fn read_head<T: serde::de::DeserializeOwned>(
+/// A whole forwarded request or answer, read to the end of its stream: the JSON head (`None`:
+/// the stream ended with nothing on it) and the body. The head may take `max_head` bytes and
+/// the body `max_body`; a body of one frame is not copied.
+async fn read_message<T: serde::de::DeserializeOwned>(
     recv: &mut quinn::RecvStream,
-    max: usize,
-) -> anyhow::Result<Option<T>> {
-    match sophon_mesh::read_frame(recv, max).await? {
-        None => Ok(None),
-        Some((kind::INFER, head)) => Ok(Some(serde_json::from_slice(&head)?)),
+    max_head: usize,
+    max_body: usize,
+) -> anyhow::Result<Option<(T, bytes::Bytes)>> {
+    use sophon_mesh::codec::HEADER_LEN;
+    let frames_of_body = max_body.div_ceil(CHUNK).max(1);
+    let limit = HEADER_LEN + max_head + frames_of_body * HEADER_LEN + max_body;
+    let all = bytes::Bytes::from(recv.read_to_end(limit).await?);
+    if all.is_empty() {
+        return Ok(None);
+    }
+    let frames = sophon_mesh::codec::decode_frames(&all, max_head.max(CHUNK) + 1)?;
+    let mut frames = frames.into_iter();
+    let head: T = match frames.next() {
+        Some((kind::INFER, head)) if head.len() <= max_head => serde_json::from_slice(head)?,
+        Some((kind::INFER, _)) => bail!("a head over {max_head} bytes"),
         Some((k, _)) => bail!("unexpected frame of kind {k}"),
+        None => unreachable!("a non-empty buffer holds a frame or fails to decode"),
+    };
+    let parts: Vec<&[u8]> = frames
+        .map(|(k, part)| match k {
+            kind::DATA => Ok(part),
+            k => Err(anyhow::anyhow!("unexpected frame of kind {k} in a body")),
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let body = match parts.as_slice() {
+        [] => bytes::Bytes::new(),
+        [one] => all.slice_ref(one),
+        many => bytes::Bytes::from(many.concat()),
+    };
+    if body.len() > max_body {
+        bail!("a body over {max_body} bytes");
     }
+    Ok(Some((head, body)))
 }
 
-async fn read_body(recv: &mut quinn::RecvStream, length: usize) -> anyhow::Result<Vec<u8>> {
-    let mut body = Vec::with_capacity(length.min(CHUNK));
-    while body.len() < length {
-        let (k, chunk) = sophon_mesh::read_frame(recv, CHUNK)
-            .await?
-            .context("the stream ended before the whole body came")?;
-        if k != kind::DATA || body.len() + chunk.len() > length {
-            bail!("the body does not match its announced length");
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
-}
-
-fn response_of(answer: &wire::ForwardAnswer, body: Vec<u8>) -> Response {
+fn response_of(answer: &wire::ForwardAnswer, body: bytes::Bytes) -> Response {
     let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY);
     let mut response = (status, body).into_response();
     let headers = response.headers_mut();
@@ -458,13 +491,13 @@ async fn serve_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) -> anyhow::Result<()> {
-    let request: wire::ForwardRequest = read_head(&mut recv, 64 << 10)
-        .await?
-        .context("an empty stream")?;
-    if request.body_length > router.max_body_bytes {
-        bail!("a forwarded body over {} bytes", router.max_body_bytes);
+    let (request, body): (wire::ForwardRequest, _) =
+        read_message(&mut recv, 64 << 10, router.max_body_bytes)
+            .await?
+            .context("an empty stream")?;
+    if request.body_length != body.len() {
+        bail!("a forwarded body that does not match its announced length");
     }
-    let body = read_body(&mut recv, request.body_length).await?;
     let here =
         model_of(&request.path).is_some_and(|(m, v)| router.repo.lookup(&m, v.as_deref()).is_ok());
     let (answer, body) = if !here {
@@ -479,7 +512,7 @@ async fn serve_stream(
                 body_length: body.len(),
                 ran: false,
             },
-            body,
+            bytes::Bytes::from(body),
         )
     } else {
         let mut http = Request::builder()
@@ -522,10 +555,10 @@ async fn serve_stream(
                 body_length: body.len(),
                 ran: true,
             },
-            body.to_vec(),
+            body,
         )
     };
-    write_message(&mut send, &answer, &body).await
+    write_message(&mut send, &answer, body).await
 }
 
 #[cfg(test)]
