@@ -394,6 +394,56 @@ fn three_coordinators_and_three_nodes_serve_route_and_survive_losses() {
     assert_eq!(bad.status().as_u16(), 400);
     assert!(predict(&agent, &nodes[spare].url(), &input(1)).is_ok());
 
+    // An operator unloads the model on one host through Triton's repository API: the mesh
+    // hears it at once, routes that node's requests to the other replica, and does not move
+    // the replica; loading it again brings it back.
+    let host = nodes
+        .iter()
+        .position(|n| n.id == hosts[0])
+        .expect("a host node");
+    let unload = agent
+        .post(format!(
+            "{}/v2/repository/models/mlp/unload",
+            nodes[host].url()
+        ))
+        .send_json(json!({}))
+        .expect("unload");
+    assert_eq!(unload.status().as_u16(), 200);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = placements(&api, &c1, deployment);
+        let phase = v["placements"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["node"] == json!(hosts[0]))
+            .map(|p| (p["phase"].clone(), p["reason"].clone()));
+        if let Some((phase, reason)) = &phase
+            && phase == &json!("unloaded")
+        {
+            assert!(reason.to_string().contains("repository API"), "{reason}");
+            assert_eq!(ready_nodes(&v), vec![hosts[1].clone()], "{v}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "reported unloaded: {v}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let x = input(5);
+    let got = eventually_predict(&agent, &nodes[host].url(), &x);
+    assert!(
+        close(&got, &mlp.forward(&x)),
+        "forwarded from the unloaded host: {got:?}"
+    );
+    let load = agent
+        .post(format!(
+            "{}/v2/repository/models/mlp/load",
+            nodes[host].url()
+        ))
+        .send_json(json!({}))
+        .expect("load");
+    assert_eq!(load.status().as_u16(), 200);
+    wait_ready(&api, &c1, deployment, 2, Duration::from_secs(10));
+
     // Performance reports reach the coordinators (any of them answers; the leader has them).
     let load = Load::start(nodes.iter().map(NodeProc::url).collect(), 2);
     let deadline = Instant::now() + Duration::from_secs(30);

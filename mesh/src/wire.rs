@@ -128,6 +128,9 @@ pub enum ReplicaState {
     Ready,
     /// The node cannot serve it; the reason says why.
     Failed,
+    /// Taken out of service on its node through the repository API (`unload`): routed
+    /// around, not moved, until it is loaded there again.
+    Unloaded,
 }
 
 impl ReplicaState {
@@ -138,6 +141,7 @@ impl ReplicaState {
             ReplicaState::Loading => "loading",
             ReplicaState::Ready => "ready",
             ReplicaState::Failed => "failed",
+            ReplicaState::Unloaded => "unloaded",
         }
     }
 }

@@ -208,6 +208,9 @@ pub struct Repository {
     /// Instance slots the loaded models may use at once: the sum of their concurrency, which
     /// must fit the runtime's pool, so a request never finds every slot taken.
     reserved: parking_lot::Mutex<usize>,
+    /// Woken when a model is unloaded or loaded again through the repository API, so a mesh
+    /// node reports the change at once.
+    pub changed: tokio::sync::Notify,
 }
 
 impl Repository {
@@ -225,6 +228,7 @@ impl Repository {
             metrics,
             models: RwLock::new(BTreeMap::new()),
             reserved: parking_lot::Mutex::new(0),
+            changed: tokio::sync::Notify::new(),
         }
     }
 
@@ -469,6 +473,7 @@ impl Repository {
         }
         slot.reason = Some("unloaded".into());
         self.metrics.models_loaded.sub(dropped as i64);
+        self.changed.notify_one();
         Ok(())
     }
 
@@ -500,6 +505,7 @@ impl Repository {
                 None => self.release(loaded.concurrency),
             }
         }
+        self.changed.notify_one();
         Ok(())
     }
 }

@@ -171,6 +171,9 @@ pub enum ReplicaPhase {
     Ready,
     /// The node cannot serve it: the scheduler moves it to another node.
     Failed,
+    /// Taken out of service on its node (the repository API's `unload`): not routed to and
+    /// not moved; it serves again once loaded there.
+    Unloaded,
 }
 
 impl ReplicaPhase {
@@ -185,6 +188,7 @@ impl ReplicaPhase {
             ReplicaPhase::Loading => "loading",
             ReplicaPhase::Ready => "ready",
             ReplicaPhase::Failed => "failed",
+            ReplicaPhase::Unloaded => "unloaded",
         }
     }
 }

@@ -333,6 +333,7 @@ fn phase_of(state: wire::ReplicaState) -> ReplicaPhase {
         wire::ReplicaState::Loading => ReplicaPhase::Loading,
         wire::ReplicaState::Ready => ReplicaPhase::Ready,
         wire::ReplicaState::Failed => ReplicaPhase::Failed,
+        wire::ReplicaState::Unloaded => ReplicaPhase::Unloaded,
     }
 }
 
@@ -349,7 +350,7 @@ pub fn transitions(
         .filter_map(|r| {
             let (phase, reason) = committed.get(&(r.deployment, r.replica))?;
             let new = phase_of(r.state);
-            let new_reason = if new == ReplicaPhase::Failed {
+            let new_reason = if matches!(new, ReplicaPhase::Failed | ReplicaPhase::Unloaded) {
                 r.reason.clone().map(|s| truncate(&s, 2048))
             } else {
                 None

@@ -235,6 +235,7 @@ impl Control {
             tokio::select! {
                 _ = interval.tick() => {}
                 _ = self.replicas.changed.notified() => {}
+                _ = self.replicas.repository().changed.notified() => {}
             }
             if self.removed.load(Ordering::Acquire) {
                 return;

@@ -7,7 +7,7 @@
 //! file must match its digest. Fetched bundles are kept under `bundles/<digest>`, so a
 //! restart or a replica moving back does not fetch again.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -53,6 +53,11 @@ impl Replicas {
             process: Mutex::new(ProcessSampler::default()),
             changed: tokio::sync::Notify::new(),
         })
+    }
+
+    /// The repository the replicas load into.
+    pub fn repository(&self) -> &Arc<Repository> {
+        &self.repo
     }
 
     pub fn set_coordinators(&self, coordinators: Arc<Coordinators>) {
@@ -225,27 +230,39 @@ impl Replicas {
         Ok(())
     }
 
-    /// Every replica's state, for the heartbeat.
+    /// Every replica's state, for the heartbeat. A ready replica whose version was unloaded
+    /// through the repository API is reported `unloaded` (so the mesh routes around it) until
+    /// it is loaded again.
     pub fn reports(&self) -> Vec<wire::ReplicaReport> {
         self.replicas
             .lock()
             .iter()
-            .map(|(id, r)| wire::ReplicaReport {
-                deployment: id.deployment,
-                replica: id.replica,
-                state: r.state,
-                reason: r.reason.clone(),
+            .map(|(id, r)| {
+                let a = &r.assignment;
+                let unloaded = r.state == ReplicaState::Ready
+                    && !self
+                        .repo
+                        .lookup(&a.model, Some(&a.version))
+                        .is_ok_and(|m| m.digest == a.digest);
+                wire::ReplicaReport {
+                    deployment: id.deployment,
+                    replica: id.replica,
+                    state: if unloaded {
+                        ReplicaState::Unloaded
+                    } else {
+                        r.state
+                    },
+                    reason: if unloaded {
+                        Some(format!(
+                            "unloaded on this node through the repository API; POST \
+                             /v2/repository/models/{}/load serves it again",
+                            a.model
+                        ))
+                    } else {
+                        r.reason.clone()
+                    },
+                }
             })
-            .collect()
-    }
-
-    /// The deployments with a ready replica here, by (model, version).
-    pub fn ready(&self) -> BTreeSet<(String, String)> {
-        self.replicas
-            .lock()
-            .values()
-            .filter(|r| r.state == ReplicaState::Ready)
-            .map(|r| (r.assignment.model.clone(), r.assignment.version.clone()))
             .collect()
     }
 
