@@ -19,7 +19,7 @@ use sophon_mesh::wire::{self, kind};
 
 use super::replicas::Replicas;
 use super::router::Router;
-use super::{NodeFile, decode_answer, resolve};
+use super::{NodeFile, decode_answer};
 
 /// How often a node heartbeats.
 pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
@@ -30,17 +30,15 @@ const PERF_EVERY: u64 = 5;
 
 /// Connections to the coordinators, by mesh address.
 pub struct Coordinators {
-    endpoint: quinn::Endpoint,
     addresses: Mutex<Vec<String>>,
-    conns: tokio::sync::Mutex<std::collections::HashMap<String, quinn::Connection>>,
+    peers: super::peers::Peers,
 }
 
 impl Coordinators {
     pub fn new(endpoint: quinn::Endpoint, addresses: Vec<String>) -> Coordinators {
         Coordinators {
-            endpoint,
             addresses: Mutex::new(addresses),
-            conns: tokio::sync::Mutex::new(Default::default()),
+            peers: super::peers::Peers::new(endpoint),
         }
     }
 
@@ -57,29 +55,14 @@ impl Coordinators {
     /// A connection to the coordinator at `address` (reused while it lives). The peer must
     /// present a coordinator's certificate from the cluster CA.
     pub async fn connection(&self, address: &str) -> anyhow::Result<quinn::Connection> {
-        let mut conns = self.conns.lock().await;
-        if let Some(conn) = conns.get(address)
-            && conn.close_reason().is_none()
-        {
-            return Ok(conn.clone());
-        }
-        let addr = resolve(address)?;
-        let conn = tokio::time::timeout(
-            Duration::from_secs(3),
-            sophon_mesh::connect(&self.endpoint, addr, None),
-        )
-        .await
-        .with_context(|| format!("connect to the coordinator at {address}: timed out"))?
-        .with_context(|| format!("connect to the coordinator at {address}"))?;
-        match sophon_mesh::peer_principal(&conn) {
-            Some(Principal::Coordinator(_)) => {}
-            other => {
-                conn.close(0u32.into(), b"not a coordinator");
-                bail!("{address} presented {other:?}, not a coordinator's certificate");
-            }
-        }
-        conns.insert(address.to_string(), conn.clone());
-        Ok(conn)
+        let expected = |p: Option<&Principal>| match p {
+            Some(Principal::Coordinator(_)) => Ok(()),
+            _ => Err("a coordinator's certificate".to_string()),
+        };
+        self.peers
+            .get(address, address, Duration::from_secs(3), expected)
+            .await
+            .with_context(|| format!("the coordinator at {address}"))
     }
 
     /// Fetch a bundle by digest from any coordinator.

@@ -14,6 +14,7 @@
 //!   after a restart while they are.
 
 pub mod control;
+mod peers;
 pub mod replicas;
 pub mod router;
 

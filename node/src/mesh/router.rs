@@ -49,11 +49,10 @@ struct Table {
 /// The route table and the connections to other nodes.
 pub struct Router {
     me: String,
-    endpoint: quinn::Endpoint,
+    peers: super::peers::Peers,
     repo: Arc<Repository>,
     table: RwLock<Table>,
     outstanding: Mutex<HashMap<String, Arc<AtomicU32>>>,
-    conns: tokio::sync::Mutex<HashMap<String, quinn::Connection>>,
     /// The largest body forwarded either way.
     pub max_body_bytes: usize,
     /// How long a forwarded request may take.
@@ -92,11 +91,10 @@ impl Router {
     pub fn new(me: String, endpoint: quinn::Endpoint, repo: Arc<Repository>) -> Router {
         Router {
             me,
-            endpoint,
+            peers: super::peers::Peers::new(endpoint),
             repo,
             table: RwLock::new(Table::default()),
             outstanding: Mutex::new(HashMap::new()),
-            conns: tokio::sync::Mutex::new(HashMap::new()),
             max_body_bytes: 64 << 20,
             timeout: Duration::from_secs(30),
             attempts: Default::default(),
@@ -193,29 +191,18 @@ impl Router {
     }
 
     async fn connection(&self, target: &Target) -> anyhow::Result<quinn::Connection> {
-        let mut conns = self.conns.lock().await;
-        if let Some(conn) = conns.get(&target.node)
-            && conn.close_reason().is_none()
-        {
-            return Ok(conn.clone());
-        }
-        let addr = super::resolve(&target.mesh_address)?;
-        let conn = tokio::time::timeout(
-            Duration::from_secs(2),
-            sophon_mesh::connect(&self.endpoint, addr, None),
-        )
-        .await
-        .context("timed out")??;
-        if sophon_mesh::peer_principal(&conn) != Some(Principal::Node(target.node.clone())) {
-            conn.close(0u32.into(), b"wrong node");
-            bail!(
-                "{} did not present node {}'s certificate",
-                target.mesh_address,
-                target.node
-            );
-        }
-        conns.insert(target.node.clone(), conn.clone());
-        Ok(conn)
+        let expected = |p: Option<&Principal>| match p {
+            Some(Principal::Node(id)) if *id == target.node => Ok(()),
+            _ => Err(format!("node {}'s certificate", target.node)),
+        };
+        self.peers
+            .get(
+                &target.node,
+                &target.mesh_address,
+                Duration::from_secs(2),
+                expected,
+            )
+            .await
     }
 
     /// Forward a request for `model` to a node with a ready replica; at most one retry, and
@@ -317,7 +304,7 @@ impl Router {
         let (mut send, mut recv) = match conn.open_bi().await {
             Ok(s) => s,
             Err(e) => {
-                self.conns.lock().await.remove(&target.node);
+                self.peers.forget(&target.node).await;
                 return Ok(unreached(&e));
             }
         };
