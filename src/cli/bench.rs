@@ -48,6 +48,9 @@ pub struct BenchArgs {
     /// the number of cores).
     #[arg(long)]
     node_workers: Option<usize>,
+    /// The coordinators' Raft tick in the heartbeat measurement (`coordinator run --tick-ms`).
+    #[arg(long, default_value_t = 30)]
+    tick_ms: u64,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -92,7 +95,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     // Not part of `all`: it joins thousands of simulated nodes (minutes on 2 cores).
     if args.what == Which::Heartbeats {
-        super::bench_heartbeats::heartbeats(args.nodes)?;
+        super::bench_heartbeats::heartbeats(args.nodes, args.tick_ms)?;
     }
     Ok(())
 }
@@ -510,7 +513,7 @@ fn coldstart() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
+pub(super) fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let line = status
         .lines()

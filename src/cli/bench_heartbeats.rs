@@ -31,12 +31,14 @@ fn sophon(args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn run(dir: &Path) -> anyhow::Result<Proc> {
+fn run(dir: &Path, tick_ms: u64) -> anyhow::Result<Proc> {
     spawn(&[
         "coordinator",
         "run",
         "--data",
         dir.to_str().context("path")?,
+        "--tick-ms",
+        &tick_ms.to_string(),
     ])
 }
 
@@ -95,7 +97,7 @@ impl Api {
     }
 }
 
-pub fn heartbeats(nodes: usize) -> anyhow::Result<()> {
+pub fn heartbeats(nodes: usize, tick_ms: u64) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let root = dir.path();
     let mut procs = Vec::new();
@@ -118,7 +120,7 @@ pub fn heartbeats(nodes: usize) -> anyhow::Result<()> {
         .context("the admin token")?
         .trim()
         .to_string();
-    procs.push(run(&c1)?);
+    procs.push(run(&c1, tick_ms)?);
     apis.push(format!("http://127.0.0.1:{api1}"));
     let api = Api {
         client: AdminClient::new(&token),
@@ -149,7 +151,7 @@ pub fn heartbeats(nodes: usize) -> anyhow::Result<()> {
             "--mesh",
             &format!("127.0.0.1:{m}"),
         ])?;
-        procs.push(run(&d)?);
+        procs.push(run(&d, tick_ms)?);
         apis.push(format!("http://127.0.0.1:{a}"));
     }
     loop {
@@ -189,7 +191,7 @@ pub fn heartbeats(nodes: usize) -> anyhow::Result<()> {
     let (fingerprint, secret, _) = wire::parse_join_token(&join).map_err(|e| anyhow::anyhow!(e))?;
 
     println!(
-        "\n## Heartbeat scale: {nodes} simulated nodes over QUIC against 3 coordinator processes"
+        "\n## Heartbeat scale: {nodes} simulated nodes over QUIC against 3 coordinator processes (Raft tick {tick_ms} ms)"
     );
     let (idle50, idle99, _) = api.write_latency(&leader_api, 200)?;
     println!("Admin writes with no node: p50 {idle50:.2} ms, p99 {idle99:.2} ms");
@@ -202,73 +204,15 @@ pub fn heartbeats(nodes: usize) -> anyhow::Result<()> {
         keep_alive: Duration::from_secs(5),
     };
     let endpoint = rt.block_on(async { sophon_mesh::client_endpoint(&cfg) })?;
-    // Join every simulated node (its own key and certificate).
-    let joined = Instant::now();
-    let identities = rt.block_on(async {
-        let joiner = sophon_mesh::join_client_config(&fingerprint, &cfg)?;
-        let conn = sophon_mesh::connect(&endpoint, leader_mesh, Some(joiner)).await?;
-        let mut tasks = tokio::task::JoinSet::new();
-        let next = Arc::new(AtomicU64::new(0));
-        for _ in 0..16 {
-            let (conn, secret, next) = (conn.clone(), secret.clone(), next.clone());
-            tasks.spawn(async move {
-                let mut out = Vec::new();
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
-                    if i >= nodes {
-                        return anyhow::Ok(out);
-                    }
-                    let id = format!("sim-{i}");
-                    let (key_pem, csr_pem) = sophon_mesh::new_csr()?;
-                    let request = wire::NodeJoinRequest {
-                        secret: secret.clone(),
-                        csr_pem,
-                        node: wire::NodeInfo {
-                            id: id.clone(),
-                            mesh_address: "127.0.0.1:9".into(),
-                            http_address: "127.0.0.1:9".into(),
-                            inventory: wire::Inventory {
-                                cpu_cores: 8,
-                                memory_mb: 16_384,
-                                backends: vec!["tract".into()],
-                                ..wire::Inventory::default()
-                            },
-                            labels: Default::default(),
-                            zone: format!("z{}", i % 3),
-                            environments: Vec::new(),
-                            version: "bench".into(),
-                        },
-                    };
-                    let (k, bytes) = sophon_mesh::call(
-                        &conn,
-                        wire::kind::NODE_JOIN,
-                        &serde_json::to_vec(&request)?,
-                        1 << 20,
-                    )
-                    .await?;
-                    let answer: wire::NodeJoinAnswer =
-                        crate::cli::bench_heartbeats::decode(k, &bytes)?;
-                    out.push(sophon_mesh::Identity {
-                        principal: sophon_mesh::Principal::Node(id),
-                        cert_pem: answer.cert_pem,
-                        key_pem,
-                        ca_pem: answer.ca_pem,
-                    });
-                }
-            });
-        }
-        let mut all = Vec::new();
-        while let Some(done) = tasks.join_next().await {
-            all.extend(done??);
-        }
-        anyhow::Ok(all)
+    // Each step joins its nodes (its own key and certificate each) right before they start to
+    // heartbeat: a node joined but silent would be marked down, and those transitions (each a
+    // Raft write and a scheduler pass) are not what this measures.
+    let joiner = rt.block_on(async {
+        let config = sophon_mesh::join_client_config(&fingerprint, &cfg)?;
+        anyhow::Ok(sophon_mesh::connect(&endpoint, leader_mesh, Some(config)).await?)
     })?;
-    println!(
-        "Joined {} nodes in {:.1} s (each a CSR signed and a JoinNode committed)",
-        identities.len(),
-        joined.elapsed().as_secs_f64()
-    );
-
+    let mut join_time = Duration::ZERO;
+    let mut identities: Vec<sophon_mesh::Identity> = Vec::with_capacity(nodes);
     // Connect each, then heartbeat once a second, spread over the second.
     let beats = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
@@ -278,11 +222,16 @@ pub fn heartbeats(nodes: usize) -> anyhow::Result<()> {
         .into_iter()
         .filter(|n| *n > 0)
         .collect();
-    println!("| nodes heartbeating | heartbeats/s | leader CPU (cores) | admin write p50 | p99 |");
-    println!("|---|---|---|---|---|");
+    println!(
+        "| nodes heartbeating | heartbeats/s | leader CPU (cores) | leader RSS | admin write p50 | p99 |"
+    );
+    println!("|---|---|---|---|---|---|");
     let mut launched = 0usize;
     let mut last = (0usize, 0.0f64);
     for step in steps {
+        let joined = Instant::now();
+        identities.extend(rt.block_on(join_nodes(&joiner, &secret, launched..step))?);
+        join_time += joined.elapsed();
         rt.block_on(async {
             for identity in &identities[launched..step] {
                 let config = sophon_mesh::member_client_config(identity, &cfg)?;
@@ -331,10 +280,17 @@ pub fn heartbeats(nodes: usize) -> anyhow::Result<()> {
         } else {
             note
         };
-        println!("| {step} | {rate:.0} | {cores:.2} | {w50:.2} ms | {w99:.2} ms |{note}");
+        let rss = super::bench::rss_bytes(leader_pid).unwrap_or(0) as f64 / (1 << 20) as f64;
+        println!(
+            "| {step} | {rate:.0} | {cores:.2} | {rss:.0} MiB | {w50:.2} ms | {w99:.2} ms |{note}"
+        );
         last = (step, cores);
     }
     stop.store(true, Ordering::Relaxed);
+    println!(
+        "Joining took {:.1} s in all (each node a CSR signed and a JoinNode committed, 16 at a time)",
+        join_time.as_secs_f64()
+    );
     let (n, cores) = last;
     if cores > 0.0 {
         println!(
@@ -350,6 +306,68 @@ pub fn heartbeats(nodes: usize) -> anyhow::Result<()> {
     drop(rt);
     drop(procs);
     Ok(())
+}
+
+/// Join simulated nodes `sim-<i>` for each `i` in `range`, 16 at a time, over `conn` (a
+/// connection with the join client config).
+async fn join_nodes(
+    conn: &quinn::Connection,
+    secret: &str,
+    range: std::ops::Range<usize>,
+) -> anyhow::Result<Vec<sophon_mesh::Identity>> {
+    let mut tasks = tokio::task::JoinSet::new();
+    let next = Arc::new(AtomicU64::new(range.start as u64));
+    for _ in 0..16 {
+        let (conn, secret, next, end) = (conn.clone(), secret.to_string(), next.clone(), range.end);
+        tasks.spawn(async move {
+            let mut out = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                if i >= end {
+                    return anyhow::Ok(out);
+                }
+                let id = format!("sim-{i}");
+                let (key_pem, csr_pem) = sophon_mesh::new_csr()?;
+                let request = wire::NodeJoinRequest {
+                    secret: secret.clone(),
+                    csr_pem,
+                    node: wire::NodeInfo {
+                        id: id.clone(),
+                        mesh_address: "127.0.0.1:9".into(),
+                        http_address: "127.0.0.1:9".into(),
+                        inventory: wire::Inventory {
+                            cpu_cores: 8,
+                            memory_mb: 16_384,
+                            backends: vec!["tract".into()],
+                            ..wire::Inventory::default()
+                        },
+                        labels: Default::default(),
+                        zone: format!("z{}", i % 3),
+                        environments: Vec::new(),
+                        version: "bench".into(),
+                    },
+                };
+                let (k, bytes) =
+                    sophon_node::mesh::join_call(&conn, &serde_json::to_vec(&request)?).await?;
+                let answer: wire::NodeJoinAnswer = decode(k, &bytes)?;
+                out.push(sophon_mesh::Identity {
+                    principal: sophon_mesh::Principal::Node(id),
+                    cert_pem: answer.cert_pem,
+                    key_pem,
+                    ca_pem: answer.ca_pem,
+                });
+            }
+        });
+    }
+    let mut all = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        all.extend(done??);
+    }
+    all.sort_by_key(|i| match &i.principal {
+        sophon_mesh::Principal::Node(id) => id.trim_start_matches("sim-").parse::<usize>().ok(),
+        _ => None,
+    });
+    Ok(all)
 }
 
 pub(crate) fn decode<T: serde::de::DeserializeOwned>(k: u8, bytes: &[u8]) -> anyhow::Result<T> {

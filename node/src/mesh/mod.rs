@@ -159,6 +159,31 @@ pub(crate) fn decode_answer<T: serde::de::DeserializeOwned>(
     }
 }
 
+/// Send a join request on `conn` (a connection with the join client config) and return the
+/// answer frame. A coordinator that answers `unavailable` (no leader yet, or the leader moved
+/// while it signed) is asked again, up to 5 times over about 6 s: nothing was committed.
+pub async fn join_call(conn: &quinn::Connection, payload: &[u8]) -> anyhow::Result<(u8, Vec<u8>)> {
+    let mut wait = std::time::Duration::from_millis(200);
+    for attempt in 0.. {
+        let (k, bytes) = sophon_mesh::call(conn, kind::NODE_JOIN, payload, wire::MAX_CONTROL_FRAME)
+            .await
+            .context("send the join request")?;
+        let unavailable = k == kind::ERR
+            && serde_json::from_slice::<wire::WireError>(&bytes)
+                .is_ok_and(|e| e.code == "unavailable");
+        if !unavailable || attempt == 5 {
+            return Ok((k, bytes));
+        }
+        tracing::info!(
+            attempt,
+            "the cluster cannot sign now (no leader); asking again"
+        );
+        tokio::time::sleep(wait).await;
+        wait *= 2;
+    }
+    unreachable!("the loop returns")
+}
+
 /// Enroll this node: a key and CSR made here, the certificate signed by the cluster. Writes
 /// `identity/` and `node.json` under the data directory.
 pub async fn join(options: &JoinOptions) -> anyhow::Result<NodeFile> {
@@ -205,9 +230,7 @@ pub async fn join(options: &JoinOptions) -> anyhow::Result<NodeFile> {
         node: node_info(&file),
     };
     let payload = serde_json::to_vec(&request)?;
-    let (k, bytes) = sophon_mesh::call(&conn, kind::NODE_JOIN, &payload, wire::MAX_CONTROL_FRAME)
-        .await
-        .context("send the join request")?;
+    let (k, bytes) = join_call(&conn, &payload).await?;
     conn.close(0u32.into(), b"joined");
     let answer: wire::NodeJoinAnswer = decode_answer(k, &bytes).context("join refused")?;
     let answered_ca = sophon_mesh::fingerprint_of_pem(&answer.ca_pem)?;
