@@ -294,6 +294,14 @@ async fn model_config(
             })
             .collect()
     };
+    let mut parameters = serde_json::Map::new();
+    parameters.insert("sophon_digest".into(), json!({"string_value": m.digest}));
+    for (graph, how) in &m.graphs {
+        parameters.insert(
+            format!("sophon_graph_{graph}"),
+            json!({"string_value": how}),
+        );
+    }
     Ok(Json(json!({
         "name": m.name,
         "platform": "sophon_wasm",
@@ -303,7 +311,7 @@ async fn model_config(
         "input": tensors(m.inputs()),
         "output": tensors(m.outputs()),
         "instance_group": [{"name": m.name, "kind": "KIND_CPU", "count": m.concurrency}],
-        "parameters": {"sophon_digest": {"string_value": m.digest}},
+        "parameters": parameters,
     })))
 }
 

@@ -146,6 +146,8 @@ pub struct LoadedModel {
     pub perf: crate::perf::PerfWindow,
     /// Requests of this model that may run at once.
     pub concurrency: usize,
+    /// How each graph runs (backend, device, plans), by graph name.
+    pub graphs: Vec<(String, String)>,
     /// Manifest outputs by name, to relabel carrier datatypes coming back from wasi-nn.
     outputs_by_name: HashMap<String, Datatype>,
 }
@@ -316,11 +318,14 @@ impl Repository {
             reason,
         };
         let mut graphs = HashMap::new();
+        let mut how = Vec::new();
         for graph in &manifest.graphs {
             let bytes = bundle.graph_bytes(graph)?;
-            let loaded = backend::load_graph(graph.encoding, bytes)
+            let (loaded, runs) = backend::load_graph(graph.encoding, bytes, &graph.shapes)
                 .map_err(|e| fail(format!("graph `{}`: {e}", graph.name)))?;
+            tracing::info!(model = %name, graph = %graph.name, "{runs}");
             graphs.insert(graph.name.clone(), loaded);
+            how.push((graph.name.clone(), runs));
         }
         let resources = &manifest.resources;
         let limits = ModelLimits {
@@ -363,6 +368,7 @@ impl Repository {
             admission: Admission::new(concurrency, self.limits.max_queue),
             perf: crate::perf::PerfWindow::default(),
             concurrency,
+            graphs: how,
         })
     }
 

@@ -141,6 +141,19 @@ pub fn add_onnx(width: usize) -> Vec<u8> {
     model_bytes(graph)
 }
 
+/// One FP32 input `x` of shape `[batch, width]` through `Frobnicate`, an operator that no ONNX
+/// runtime implements: a model file every backend refuses at load.
+pub fn unsupported_onnx(width: usize) -> Vec<u8> {
+    let graph = pb::GraphProto {
+        name: "unsupported".into(),
+        node: vec![node("Frobnicate", &["x"], "y", "frob")],
+        input: vec![batch_value("x", width)],
+        output: vec![batch_value("y", width)],
+        ..Default::default()
+    };
+    model_bytes(graph)
+}
+
 /// An embedding table of `rows` × `dim` (row `i` holds `i` in every column): INT64 `ids` of
 /// shape `[n]` in, FP32 `vectors` of shape `[n, dim]` out, through a `Gather` on the table.
 /// With `summed`, the ids are the sum of two inputs `a` and `b`, which hides them from a check

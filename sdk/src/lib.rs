@@ -27,5 +27,5 @@ pub use manifest::{
     Resources,
 };
 #[cfg(feature = "onnx")]
-pub use onnx::{onnx_io, pack_dir, pack_onnx};
+pub use onnx::{onnx_io, pack_dir, pack_onnx, pack_onnx_pinned};
 pub use types::{Datatype, TensorSpec};

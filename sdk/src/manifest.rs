@@ -18,6 +18,8 @@ pub const MAX_FILE_LEN: usize = 200;
 pub const MAX_GRAPHS: usize = 256;
 /// Most inputs, and most outputs, one manifest may declare.
 pub const MAX_TENSORS: usize = 1024;
+/// Most dimensions of a shape a graph is analysed with.
+pub const MAX_RANK: usize = 16;
 
 /// A model's manifest (`sophon.toml` / `manifest.toml`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,6 +76,11 @@ pub struct GraphSpec {
     /// Path of the model file, relative to the manifest's directory.
     pub file: String,
     pub encoding: GraphEncoding,
+    /// The shapes the node analyses the graph's inputs with, by input name: a size fixes a
+    /// dimension, -1 leaves it variable. Inputs not named keep the shapes the file declares.
+    /// `sophon pack --onnx` writes the model's inputs here, with the dimensions `--shape` pins.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub shapes: BTreeMap<String, Vec<i64>>,
 }
 
 /// How a graph file is encoded.
@@ -182,6 +189,22 @@ impl Manifest {
                 )));
             }
             check_file(&format!("graph `{}` file", graph.name), &graph.file)?;
+            for (input, shape) in &graph.shapes {
+                if input.is_empty() || shape.len() > MAX_RANK {
+                    return Err(invalid(format!(
+                        "graph `{}` shapes: input `{input}` needs a name and at most {MAX_RANK} \
+                         dimensions",
+                        graph.name
+                    )));
+                }
+                if let Some(dim) = shape.iter().find(|d| **d < -1) {
+                    return Err(invalid(format!(
+                        "graph `{}` shapes: input `{input}` has dimension {dim}: use a size >= 0, \
+                         or -1 for a variable dimension",
+                        graph.name
+                    )));
+                }
+            }
         }
         let r = &self.resources;
         if !(1..=65_536).contains(&r.memory_mb) {

@@ -223,9 +223,58 @@ pub fn datatype(elem_type: i32) -> Option<Datatype> {
 }
 
 /// The manifest [`pack_onnx`] writes for a model: its inputs and outputs, one ONNX graph named
-/// `model` in `model.onnx`, and default resources.
+/// `model` in `model.onnx` analysed with the inputs' shapes, and default resources.
 pub fn onnx_manifest(onnx_bytes: &[u8], name: &str, version: &str) -> Result<Manifest> {
-    let (inputs, outputs) = onnx_io(onnx_bytes)?;
+    onnx_manifest_pinned(onnx_bytes, name, version, &BTreeMap::new())
+}
+
+/// [`onnx_manifest`], with some input dimensions pinned (`pins`: input name → dims, -1 leaving
+/// a dimension as the model declares it), as perf_analyzer's `--shape` does. A pinned input
+/// takes requests of that shape only, and the node analyses the graph with it, which lets
+/// graphs whose variable dimensions tract cannot reason about load as fixed ones.
+pub fn onnx_manifest_pinned(
+    onnx_bytes: &[u8],
+    name: &str,
+    version: &str,
+    pins: &BTreeMap<String, Vec<i64>>,
+) -> Result<Manifest> {
+    let (mut inputs, outputs) = onnx_io(onnx_bytes)?;
+    for (input, pin) in pins {
+        let names: Vec<String> = inputs.iter().map(|i| i.name.clone()).collect();
+        let spec = inputs
+            .iter_mut()
+            .find(|i| i.name == *input)
+            .ok_or_else(|| {
+                Error::Onnx(format!(
+                    "--shape names input `{input}`, but the model's inputs are {names:?}"
+                ))
+            })?;
+        if pin.len() != spec.shape.len() {
+            return Err(Error::Onnx(format!(
+                "--shape gives input `{input}` {} dimensions, but the model declares {} ({:?})",
+                pin.len(),
+                spec.shape.len(),
+                spec.shape
+            )));
+        }
+        for (axis, (declared, pinned)) in spec.shape.iter_mut().zip(pin).enumerate() {
+            match (*declared, *pinned) {
+                (_, -1) => {}
+                (-1, p) if p >= 0 => *declared = p,
+                (d, p) if d == p => {}
+                (d, p) => {
+                    return Err(Error::Onnx(format!(
+                        "--shape pins dimension {axis} of input `{input}` to {p}, but the model \
+                         fixes it at {d}: pin only variable dimensions (-1 keeps one as it is)"
+                    )));
+                }
+            }
+        }
+    }
+    let shapes = inputs
+        .iter()
+        .map(|i| (i.name.clone(), i.shape.clone()))
+        .collect();
     let manifest = Manifest {
         model: ModelInfo {
             name: name.to_string(),
@@ -238,6 +287,7 @@ pub fn onnx_manifest(onnx_bytes: &[u8], name: &str, version: &str) -> Result<Man
             name: ONNX_GRAPH_NAME.to_string(),
             file: ONNX_GRAPH_FILE.to_string(),
             encoding: GraphEncoding::Onnx,
+            shapes,
         }],
         ..Manifest::default()
     };
@@ -254,7 +304,26 @@ pub fn pack_onnx(
     passthrough_component: &[u8],
     key: &SigningKey,
 ) -> Result<Vec<u8>> {
-    let manifest = onnx_manifest(onnx_bytes, name, version)?;
+    pack_onnx_pinned(
+        onnx_bytes,
+        name,
+        version,
+        passthrough_component,
+        key,
+        &BTreeMap::new(),
+    )
+}
+
+/// [`pack_onnx`] with input dimensions pinned (see [`onnx_manifest_pinned`]).
+pub fn pack_onnx_pinned(
+    onnx_bytes: &[u8],
+    name: &str,
+    version: &str,
+    passthrough_component: &[u8],
+    key: &SigningKey,
+    pins: &BTreeMap<String, Vec<i64>>,
+) -> Result<Vec<u8>> {
+    let manifest = onnx_manifest_pinned(onnx_bytes, name, version, pins)?;
     let files = [(ONNX_GRAPH_FILE.to_string(), onnx_bytes.to_vec())];
     pack_parts(&manifest, passthrough_component, &files, key)
 }

@@ -69,6 +69,7 @@ pub fn classifier_bundle(key: &SigningKey) -> Result<Vec<u8>> {
             name: "model".into(),
             file: "model.onnx".into(),
             encoding: GraphEncoding::Onnx,
+            shapes: Default::default(),
         }],
         ..Manifest::default()
     };

@@ -58,12 +58,37 @@ pub struct PackArgs {
     /// Model version (with --onnx).
     #[arg(long, default_value = "1")]
     version: String,
+    /// Pin an input's variable dimensions (with --onnx), as perf_analyzer's --shape does:
+    /// NAME:d,d,... with -1 keeping a dimension variable. Repeat for several inputs.
+    #[arg(long = "shape", value_name = "NAME:DIMS", requires = "onnx", value_parser = parse_shape)]
+    shapes: Vec<(String, Vec<i64>)>,
     /// Output bundle file.
     #[arg(short, long)]
     out: Option<PathBuf>,
     /// Signing key (default: the one `sophon keygen` wrote).
     #[arg(long)]
     key: Option<PathBuf>,
+}
+
+/// `NAME:d,d,...` (the name may hold colons: the dims follow the last one).
+fn parse_shape(text: &str) -> Result<(String, Vec<i64>), String> {
+    let (name, dims) = text
+        .rsplit_once(':')
+        .ok_or_else(|| format!("`{text}`: write NAME:d,d,... (for example x:1,3,320,320)"))?;
+    let dims = dims
+        .split(',')
+        .map(|d| {
+            d.trim()
+                .parse::<i64>()
+                .ok()
+                .filter(|d| *d >= -1)
+                .ok_or_else(|| format!("`{text}`: `{d}` is not a size (or -1)"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if name.is_empty() {
+        return Err(format!("`{text}`: the input name is missing"));
+    }
+    Ok((name.to_string(), dims))
 }
 
 pub fn pack(args: PackArgs) -> anyhow::Result<()> {
@@ -79,8 +104,15 @@ pub fn pack(args: PackArgs) -> anyhow::Result<()> {
             let name = args.name.as_deref().context("--onnx needs --name NAME")?;
             let model =
                 std::fs::read(onnx).with_context(|| format!("reading {}", onnx.display()))?;
-            let bytes =
-                sophon_sdk::pack_onnx(&model, name, &args.version, components::PASSTHROUGH, &key)?;
+            let pins: std::collections::BTreeMap<_, _> = args.shapes.into_iter().collect();
+            let bytes = sophon_sdk::pack_onnx_pinned(
+                &model,
+                name,
+                &args.version,
+                components::PASSTHROUGH,
+                &key,
+                &pins,
+            )?;
             (
                 bytes,
                 PathBuf::from(format!("{name}-{}.sbundle", args.version)),
@@ -156,6 +188,9 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
             "graph      {} ({:?}, {}, {} bytes)",
             g.name, g.encoding, g.file, size
         );
+        for (input, shape) in &g.shapes {
+            println!("  analysed with {input} {shape:?}");
+        }
     }
     for (role, specs) in [("input", &m.inputs), ("output", &m.outputs)] {
         for s in specs {

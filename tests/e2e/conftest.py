@@ -83,25 +83,26 @@ def sophon_bin() -> str:
     return _sophon_bin()
 
 
-@pytest.fixture(scope="session")
-def node(tmp_path_factory, sophon_bin) -> Node:
-    work = tmp_path_factory.mktemp("sophon-e2e")
+def new_publisher(sophon_bin: str, work: Path) -> tuple[Path, Path]:
+    """A signing key and its public key file, made with `sophon keygen`."""
     key = work / "publisher.key"
     run_cli(sophon_bin, "keygen", "-o", str(key))
     pub = work / "publisher.pub"
     assert key.is_file() and pub.is_file(), f"keygen did not write {key} and {pub}"
+    return key, pub
 
-    models = gen_models.generate(work / "models")
-    bundles = {}
-    for name, onnx_path in models.items():
-        out = work / f"{name}.sbundle"
-        run_cli(sophon_bin, "pack", "--onnx", str(onnx_path), "--name", name, "-o", str(out), "--key", str(key))
-        assert out.is_file(), f"pack did not write {out}"
-        bundles[name] = out
 
+def pack(sophon_bin: str, key: Path, onnx_path: Path, name: str, out: Path, *extra: str) -> Path:
+    run_cli(sophon_bin, "pack", "--onnx", str(onnx_path), "--name", name, "-o", str(out), "--key", str(key), *extra)
+    assert out.is_file(), f"pack did not write {out}"
+    return out
+
+
+def start_dev(sophon_bin: str, work: Path, pub: Path, models: dict, bundles: dict) -> Node:
+    """`sophon dev` (its coordinator and node, joined through the mesh) on free ports and a
+    fresh data directory, serving `bundles`; waits until it is ready."""
     cache = os.environ.get("SOPHON_E2E_CACHE_DIR") or str(work / "cache")
     port = _free_port()
-    # The all-in-one dev command with its coordinator, on free ports and a fresh data directory.
     admin_port, mesh_port, node_mesh_port = _free_port(), _free_port(), _free_port()
     cmd = [sophon_bin, "dev", "--http", f"127.0.0.1:{port}", "--trust", str(pub), "--cache-dir", cache,
            "--data", str(work / "coordinator"), "--admin", f"127.0.0.1:{admin_port}",
@@ -150,10 +151,12 @@ def node(tmp_path_factory, sophon_bin) -> Node:
 
     banner = stdout_path.read_text(errors="replace")
     assert f"Sophon dev node serving KServe V2 on http://127.0.0.1:{port}" in banner, n.logs()
+    return n
 
-    yield n
 
-    # Graceful shutdown: SIGTERM must stop the node with exit status 0 within a few seconds.
+def stop_dev(n: Node) -> None:
+    """Graceful shutdown: SIGTERM must stop the node with exit status 0 within a few seconds."""
+    proc = n.proc
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -166,6 +169,17 @@ def node(tmp_path_factory, sophon_bin) -> Node:
             pytest.fail(f"sophon dev exited {rc} on SIGTERM (expected 0)\n{n.logs()}", pytrace=False)
     else:
         pytest.fail(f"sophon dev died during the tests with status {proc.returncode}\n{n.logs()}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def node(tmp_path_factory, sophon_bin) -> Node:
+    work = tmp_path_factory.mktemp("sophon-e2e")
+    key, pub = new_publisher(sophon_bin, work)
+    models = gen_models.generate(work / "models")
+    bundles = {name: pack(sophon_bin, key, path, name, work / f"{name}.sbundle") for name, path in models.items()}
+    n = start_dev(sophon_bin, work, pub, models, bundles)
+    yield n
+    stop_dev(n)
 
 
 @pytest.fixture(scope="session")

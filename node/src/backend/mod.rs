@@ -29,12 +29,29 @@ pub enum LoadError {
     Backend(String),
 }
 
-/// Load one model file as a graph, with the backend for its encoding.
-pub fn load_graph(encoding: GraphEncoding, bytes: &[u8]) -> Result<Graph, LoadError> {
+/// Load one model file as a graph, with the backend for its encoding, its inputs shaped by
+/// `shapes` (the manifest's `[[graphs]] shapes`). Also says how the backend runs it.
+pub fn load_graph(
+    encoding: GraphEncoding,
+    bytes: &[u8],
+    shapes: &std::collections::BTreeMap<String, Vec<i64>>,
+) -> Result<(Graph, String), LoadError> {
     match encoding {
-        GraphEncoding::Onnx => tract::TractGraph::from_onnx(bytes)
-            .map(|g| Graph::from(Box::new(g) as Box<dyn wasmtime_wasi_nn::backend::BackendGraph>))
-            .map_err(|e| LoadError::Backend(format!("{e:#}"))),
+        GraphEncoding::Onnx => {
+            let graph = tract::TractGraph::from_onnx_shaped(bytes, shapes)
+                .map_err(|e| LoadError::Backend(format!("{e:#}")))?;
+            let how = match graph.per_shape() {
+                None => "tract on CPU, one plan for every input shape".to_string(),
+                Some(why) => format!(
+                    "tract on CPU, a plan per set of input shapes (made on first use; pin \
+                     shapes with `sophon pack --shape` to avoid it), because: {why}"
+                ),
+            };
+            Ok((
+                Graph::from(Box::new(graph) as Box<dyn wasmtime_wasi_nn::backend::BackendGraph>),
+                how,
+            ))
+        }
         GraphEncoding::Openvino => Err(LoadError::UnsupportedEncoding("openvino".to_string())),
     }
 }

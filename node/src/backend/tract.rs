@@ -1,15 +1,26 @@
 //! The tract backend: ONNX models run by tract, in pure Rust.
 //!
-//! Loading optimises the model once into a runnable plan shared by every instance. Execution
-//! states (tract's `SimpleState`, which holds scratch buffers and costs ~100 µs to create) are
-//! pooled per graph: a context takes one from the pool and gives it back when dropped, so a fresh
-//! Wasm instance per request does not pay for a fresh execution state. Many contexts of one graph
-//! run in parallel; nothing here holds a graph-wide lock while computing.
+//! Loading sets each input's shape from the manifest (`[[graphs]] shapes`: a size fixes a
+//! dimension, -1 leaves it variable) or, where the manifest is silent, from the file; a
+//! dimension the file leaves unnamed (`?`) becomes a symbol of its own. tract then analyses and
+//! optimises the model once into a runnable plan shared by every instance.
+//!
+//! Some graphs cannot be analysed with variable dimensions (height and width that go through
+//! stride arithmetic into a Concat or a Resize, say). For those, the node makes a plan per set
+//! of input shapes, the first time a request has them, and keeps the most recent
+//! [`SHAPE_PLANS`] of them.
+//!
+//! Execution states (tract's `SimpleState`, which holds scratch buffers and costs ~100 µs to
+//! create) are pooled per plan: a run takes one and gives it back, so a fresh Wasm instance per
+//! request does not pay for a fresh execution state. Many runs of one graph go in parallel;
+//! nothing here holds a graph-wide lock while computing.
 
 use super::memory::{self, Held};
 use parking_lot::Mutex;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use tract_onnx::prelude::*;
+use tract_onnx::tract_hir::infer::{Factoid, GenericFactoid, InferenceFact};
 use wasmtime_wasi_nn::backend::{
     BackendError, BackendExecutionContext, BackendFromDir, BackendGraph, BackendInner, Id,
     NamedTensor,
@@ -17,8 +28,11 @@ use wasmtime_wasi_nn::backend::{
 use wasmtime_wasi_nn::wit::{ExecutionTarget, GraphEncoding, TensorType};
 use wasmtime_wasi_nn::{ExecutionContext, Graph};
 
-/// Most idle execution states kept per graph.
+/// Most idle execution states kept per plan.
 const POOL_CAPACITY: usize = 64;
+
+/// Most plans kept per graph that needs a plan per set of input shapes.
+pub const SHAPE_PLANS: usize = 8;
 
 /// What an execution context is charged for its execution state (tract's per-node value and
 /// state tables), on top of the inputs it stages and the outputs it keeps.
@@ -50,34 +64,137 @@ impl BackendInner for TractBackend {
     }
 }
 
-struct Shared {
+/// One runnable plan and its pool of execution states.
+struct Plan {
     plan: Arc<TypedRunnableModel>,
+    pool: Mutex<Vec<TypedSimpleState>>,
+}
+
+impl Plan {
+    fn new(model: TypedModel) -> TractResult<Arc<Plan>> {
+        Ok(Arc::new(Plan {
+            plan: model.into_runnable()?,
+            pool: Mutex::new(Vec::new()),
+        }))
+    }
+
+    fn state(&self) -> TractResult<TypedSimpleState> {
+        let pooled = self.pool.lock().pop();
+        match pooled {
+            Some(state) => Ok(state),
+            None => TypedSimpleState::new(&self.plan),
+        }
+    }
+
+    fn give_back(&self, state: TypedSimpleState) {
+        let mut pool = self.pool.lock();
+        if pool.len() < POOL_CAPACITY {
+            pool.push(state);
+        }
+    }
+}
+
+/// The plans of a graph.
+enum Plans {
+    /// One plan for every input shape the graph takes.
+    One(Arc<Plan>),
+    /// A plan per set of input shapes, made on first use; the most recent [`SHAPE_PLANS`] kept,
+    /// newest last.
+    PerShape {
+        model: Box<InferenceModel>,
+        /// Why one plan would not do (tract's analysis error).
+        why: String,
+        plans: Mutex<Vec<(Vec<Vec<usize>>, Arc<Plan>)>>,
+    },
+}
+
+struct Shared {
+    plans: Plans,
     input_names: Vec<String>,
     /// Inputs whose values index a constant table, checked before every run (tract's Gather
     /// does not bounds-check).
     index_checks: Vec<IndexCheck>,
     input_types: Vec<DatumType>,
     output_names: Vec<String>,
-    pool: Mutex<Vec<TypedSimpleState>>,
 }
 
-/// A loaded ONNX graph: one optimised plan and a pool of execution states.
+impl Shared {
+    /// The plan that runs inputs of these shapes.
+    fn plan_for(&self, inputs: &[TValue]) -> TractResult<Arc<Plan>> {
+        let (model, plans) = match &self.plans {
+            Plans::One(plan) => return Ok(plan.clone()),
+            Plans::PerShape { model, plans, .. } => (model, plans),
+        };
+        let key: Vec<Vec<usize>> = inputs.iter().map(|v| v.shape().to_vec()).collect();
+        {
+            let mut plans = plans.lock();
+            if let Some(at) = plans.iter().position(|(k, _)| *k == key) {
+                let hit = plans.remove(at);
+                let plan = hit.1.clone();
+                plans.push(hit);
+                return Ok(plan);
+            }
+        }
+        // Made outside the lock: other shapes keep running meanwhile.
+        let mut concrete = model.as_ref().clone();
+        for (ix, shape) in key.iter().enumerate() {
+            let fact = InferenceFact::dt_shape(self.input_types[ix], shape.iter().copied());
+            concrete.set_input_fact(ix, fact)?;
+        }
+        let started = std::time::Instant::now();
+        let plan = Plan::new(concrete.into_optimized()?)?;
+        tracing::info!(shapes = ?key, took_ms = started.elapsed().as_millis() as u64,
+            "tract: made a plan for new input shapes");
+        let mut plans = plans.lock();
+        if let Some((_, made)) = plans.iter().find(|(k, _)| *k == key) {
+            return Ok(made.clone());
+        }
+        if plans.len() >= SHAPE_PLANS {
+            plans.remove(0);
+        }
+        plans.push((key, plan.clone()));
+        Ok(plan)
+    }
+}
+
+/// A loaded ONNX graph: its plan (or plans, one per set of input shapes) and their pools of
+/// execution states.
 #[derive(Clone)]
 pub struct TractGraph(Arc<Shared>);
 
 impl TractGraph {
-    /// Parse and optimise an ONNX model.
+    /// Parse and optimise an ONNX model with the input shapes its file declares.
     pub fn from_onnx(bytes: &[u8]) -> TractResult<TractGraph> {
+        TractGraph::from_onnx_shaped(bytes, &BTreeMap::new())
+    }
+
+    /// Parse and optimise an ONNX model, its inputs shaped by `shapes` (input name → dims, -1
+    /// for a variable one) where it names them, else as the file declares them.
+    pub fn from_onnx_shaped(
+        bytes: &[u8],
+        shapes: &BTreeMap<String, Vec<i64>>,
+    ) -> TractResult<TractGraph> {
         let index_inputs =
             sophon_sdk::onnx::gather_index_inputs(bytes).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let model = tract_onnx::onnx()
-            .model_for_read(&mut &bytes[..])?
-            .into_optimized()?;
+        let mut model = tract_onnx::onnx().model_for_read(&mut &bytes[..])?;
+        let unsupported: Vec<String> = model
+            .nodes()
+            .iter()
+            .filter(|n| n.op_is::<tract_onnx::tract_hir::ops::unimpl::UnimplementedOp>())
+            .map(|n| format!("{} ({})", n.name, n.op().name()))
+            .collect();
+        if !unsupported.is_empty() {
+            anyhow::bail!("tract has no implementation of {}", unsupported.join(", "));
+        }
         let mut input_names = Vec::new();
         let mut input_types = Vec::new();
-        for (ix, outlet) in model.input_outlets()?.iter().enumerate() {
-            input_names.push(model.node(outlet.node).name.clone());
-            input_types.push(model.input_fact(ix)?.datum_type);
+        for (ix, outlet) in model.input_outlets()?.to_vec().into_iter().enumerate() {
+            let name = model.node(outlet.node).name.clone();
+            let fact = shape_input(&mut model, ix, &name, shapes.get(&name))?;
+            input_types.push(fact.datum_type.concretize().ok_or_else(|| {
+                anyhow::anyhow!("input `{name}` has no element type in the file")
+            })?);
+            input_names.push(name);
         }
         let output_names = model
             .output_outlets()?
@@ -100,31 +217,43 @@ impl TractGraph {
                 })
             })
             .collect();
-        let plan = model.into_runnable()?;
+        let plans = match model.clone().into_optimized().and_then(Plan::new) {
+            Ok(plan) => Plans::One(plan),
+            Err(e) => {
+                let why = format!("{e:#}");
+                tracing::info!(reason = %why, "tract cannot plan this graph for every input \
+                    shape: it makes a plan per set of input shapes");
+                Plans::PerShape {
+                    model: Box::new(model),
+                    why,
+                    plans: Mutex::new(Vec::new()),
+                }
+            }
+        };
         Ok(TractGraph(Arc::new(Shared {
-            plan,
+            plans,
             input_names,
             index_checks,
             input_types,
             output_names,
-            pool: Mutex::new(Vec::new()),
         })))
     }
 
-    /// A context with a pooled (or new) execution state.
+    /// Why the graph needs a plan per set of input shapes (`None`: one plan serves them all).
+    pub fn per_shape(&self) -> Option<&str> {
+        match &self.0.plans {
+            Plans::One(_) => None,
+            Plans::PerShape { why, .. } => Some(why),
+        }
+    }
+
+    /// A new execution context.
     pub fn context(&self) -> TractResult<TractContext> {
         let mut held = Held::new();
         held.charge(STATE_BYTES, "a wasi-nn execution context")?;
-        let pooled = self.0.pool.lock().pop();
-        let state = match pooled {
-            Some(state) => state,
-            None => TypedSimpleState::new(&self.0.plan)?,
-        };
-        let inputs = vec![None; self.0.input_names.len()];
         Ok(TractContext {
             shared: self.0.clone(),
-            state: Some(Mutex::new(state)),
-            staged: inputs,
+            staged: vec![None; self.0.input_names.len()],
             outputs: Vec::new(),
             held,
         })
@@ -132,13 +261,56 @@ impl TractGraph {
 
     /// Run once natively (no Wasm): the baseline the benchmarks compare against.
     pub fn run_native(&self, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let ctx = self.context()?;
-        let state = ctx
-            .state
-            .as_ref()
-            .ok_or_else(|| anyhow::anyhow!("no state"))?;
-        state.lock().run(inputs)
+        let plan = self.0.plan_for(&inputs)?;
+        let mut state = plan.state()?;
+        let outputs = state.run(inputs)?;
+        plan.give_back(state);
+        Ok(outputs)
     }
+}
+
+/// Set input `ix`'s fact: its type as the file declares it, its dimensions from `wanted` where
+/// that gives a size, else as the file declares them; a dimension neither fixes nor names
+/// becomes a symbol of its own.
+fn shape_input(
+    model: &mut InferenceModel,
+    ix: usize,
+    name: &str,
+    wanted: Option<&Vec<i64>>,
+) -> TractResult<InferenceFact> {
+    let declared = model.input_fact(ix)?.clone();
+    let rank = match (wanted, declared.shape.rank()) {
+        (Some(w), _) => w.len(),
+        (None, GenericFactoid::Only(r)) => r as usize,
+        (None, GenericFactoid::Any) => return Ok(declared),
+    };
+    if let (Some(w), GenericFactoid::Only(r)) = (wanted, declared.shape.rank())
+        && w.len() != r as usize
+    {
+        anyhow::bail!(
+            "the manifest gives input `{name}` {} dimensions, but the file declares {r}",
+            w.len()
+        );
+    }
+    let mut dims: Vec<TDim> = Vec::with_capacity(rank);
+    for axis in 0..rank {
+        let fixed = wanted
+            .and_then(|w| w.get(axis))
+            .copied()
+            .filter(|d| *d >= 0);
+        let dim = match (fixed, declared.shape.dim(axis)) {
+            (Some(size), _) => TDim::Val(size),
+            (None, Some(GenericFactoid::Only(d))) if !matches!(d, TDim::Val(v) if v < 0) => d,
+            _ => TDim::Sym(model.symbols.sym(&format!("in{ix}_d{axis}"))),
+        };
+        dims.push(dim);
+    }
+    let fact = InferenceFact {
+        shape: dims.into_iter().collect(),
+        ..declared
+    };
+    model.set_input_fact(ix, fact.clone())?;
+    Ok(fact)
 }
 
 impl BackendGraph for TractGraph {
@@ -180,11 +352,11 @@ impl IndexCheck {
     }
 }
 
-/// One execution context; its state goes back to the graph's pool on drop, unless a run failed
-/// (a failed or panicked run may leave symbols bound, so that state is dropped).
+/// One execution context: the inputs it stages and the outputs it keeps. A run takes an
+/// execution state from its plan's pool and gives it back, unless the run failed (a failed or
+/// panicked run may leave symbols bound, so that state is dropped).
 pub struct TractContext {
     shared: Arc<Shared>,
-    state: Option<Mutex<TypedSimpleState>>,
     staged: Vec<Option<TValue>>,
     outputs: Vec<(String, TValue)>,
     /// The call's memory this context holds: its state, staged inputs and kept outputs.
@@ -199,17 +371,6 @@ fn bytes_of(value: &Tensor) -> usize {
 /// A wasi-nn error for a charge the call's memory limit refused.
 fn over_limit(e: memory::Exceeded) -> BackendError {
     invalid(e.to_string())
-}
-
-impl Drop for TractContext {
-    fn drop(&mut self) {
-        if let Some(state) = self.state.take() {
-            let mut pool = self.shared.pool.lock();
-            if pool.len() < POOL_CAPACITY {
-                pool.push(state.into_inner());
-            }
-        }
-    }
 }
 
 impl TractContext {
@@ -248,24 +409,27 @@ impl TractContext {
         for check in &self.shared.index_checks {
             check.check(&self.shared.input_names[check.input], &inputs[check.input])?;
         }
-        let state = self
-            .state
-            .as_ref()
-            .ok_or_else(|| invalid("the execution context was already released".to_string()))?;
-        let ran = super::catch_panic("tract", || state.lock().run(inputs));
+        let plan = match super::catch_panic("tract", || self.shared.plan_for(&inputs)) {
+            Ok(Ok(plan)) => plan,
+            Ok(Err(e)) => {
+                return Err(invalid_input(format!(
+                    "tract cannot make a plan for these input shapes: {e:#}"
+                )));
+            }
+            Err(panicked) => return Err(invalid(panicked)),
+        };
+        let mut state = plan.state().map_err(backend_error)?;
+        let ran = super::catch_panic("tract", || state.run(inputs));
         let outputs = match ran {
             Ok(Ok(outputs)) => outputs,
             Ok(Err(e)) => {
                 // Every input passed the manifest's checks, so a graph that cannot run them
                 // (symbolic dims that clash, say) was given data it cannot take: a 400.
-                self.state = None;
                 return Err(invalid_input(format!("tract: {e:#}")));
             }
-            Err(panicked) => {
-                self.state = None;
-                return Err(invalid(panicked));
-            }
+            Err(panicked) => return Err(invalid(panicked)),
         };
+        plan.give_back(state);
         let kept: usize = outputs.iter().map(|v| bytes_of(v)).sum();
         self.held
             .charge(kept, "wasi-nn outputs")
@@ -510,6 +674,43 @@ mod tests {
     }
 
     #[test]
+    fn a_graph_with_an_operator_tract_lacks_is_refused_at_load_naming_it() {
+        let refused = TractGraph::from_onnx(&sophon_sdk::examples::unsupported_onnx(4))
+            .err()
+            .map(|e| format!("{e:#}"))
+            .unwrap_or_default();
+        assert!(
+            refused.contains("no implementation") && refused.contains("Frobnicate"),
+            "{refused}"
+        );
+    }
+
+    #[test]
+    fn unnamed_dims_become_symbols_and_pinned_dims_make_one_fixed_plan() {
+        let mlp = sophon_sdk::examples::Mlp::new(4, 3, 2, 1);
+        // The file names the batch dimension: one plan for every batch size.
+        let graph = TractGraph::from_onnx(&mlp.to_onnx()).expect("load");
+        assert!(graph.per_shape().is_none());
+        // Pinned to a batch of 2: one plan, and a batch of 3 is the caller's error.
+        let pinned = BTreeMap::from([("input".to_string(), vec![2, 4])]);
+        let graph = TractGraph::from_onnx_shaped(&mlp.to_onnx(), &pinned).expect("load pinned");
+        assert!(graph.per_shape().is_none());
+        let x = |n: usize| tvec![Tensor::zero::<f32>(&[n, 4]).expect("zeros").into_tvalue()];
+        assert_eq!(
+            graph.run_native(x(2)).expect("batch of 2")[0].shape(),
+            &[2, 2]
+        );
+        assert!(graph.run_native(x(3)).is_err());
+        // A manifest shape of the wrong rank is refused at load.
+        let wrong = BTreeMap::from([("input".to_string(), vec![2, 4, 1])]);
+        let refused = TractGraph::from_onnx_shaped(&mlp.to_onnx(), &wrong)
+            .err()
+            .map(|e| format!("{e:#}"))
+            .unwrap_or_default();
+        assert!(refused.contains("3 dimensions"), "{refused}");
+    }
+
+    #[test]
     fn every_tract_type_round_trips_through_its_carrier() {
         let types = [
             (DatumType::Bool, TensorType::U8),
@@ -607,7 +808,10 @@ mod tests {
                 assert!((g - w).abs() < 1e-5);
             }
         }
-        assert_eq!(graph.0.pool.lock().len(), 1, "one state, reused");
+        let Plans::One(plan) = &graph.0.plans else {
+            panic!("the MLP has one plan for every batch size");
+        };
+        assert_eq!(plan.pool.lock().len(), 1, "one state, reused");
         let mut ctx = graph.context().expect("context");
         let err = ctx
             .compute(Some(vec![NamedTensor {

@@ -30,6 +30,7 @@ fn manifest() -> Manifest {
             name: "model".into(),
             file: "m.onnx".into(),
             encoding: GraphEncoding::Onnx,
+            shapes: Default::default(),
         }],
         ..Manifest::default()
     }
@@ -66,11 +67,13 @@ fn round_trip() {
         name: "same-file".into(),
         file: "m.onnx".into(),
         encoding: GraphEncoding::Onnx,
+        shapes: Default::default(),
     });
     m.graphs.push(GraphSpec {
         name: "other".into(),
         file: "weights/b.onnx".into(),
         encoding: GraphEncoding::Openvino,
+        shapes: Default::default(),
     });
     let mut given = files();
     given.push(("weights/b.onnx".into(), vec![7; 1000]));
