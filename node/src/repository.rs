@@ -321,8 +321,13 @@ impl Repository {
         let mut how = Vec::new();
         for graph in &manifest.graphs {
             let bytes = bundle.graph_bytes(graph)?;
-            let (loaded, runs) = backend::load_graph(graph.encoding, bytes, &graph.shapes)
-                .map_err(|e| fail(format!("graph `{}`: {e}", graph.name)))?;
+            let (loaded, runs) = backend::load_graph(
+                graph.encoding,
+                bytes,
+                &graph.shapes,
+                &manifest.hardware.backends,
+            )
+            .map_err(|e| fail(format!("graph `{}`: {e}", graph.name)))?;
             tracing::info!(model = %name, graph = %graph.name, "{runs}");
             graphs.insert(graph.name.clone(), loaded);
             how.push((graph.name.clone(), runs));

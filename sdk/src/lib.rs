@@ -23,8 +23,8 @@ pub use bundle::{Bundle, pack_parts};
 pub use ed25519_dalek::{SigningKey, VerifyingKey};
 pub use error::{Error, Result};
 pub use manifest::{
-    Capabilities, ComponentSpec, Device, GraphEncoding, GraphSpec, Hardware, Manifest, ModelInfo,
-    Resources,
+    Backend, Capabilities, ComponentSpec, Device, GraphEncoding, GraphSpec, Hardware, Manifest,
+    ModelInfo, Resources,
 };
 #[cfg(feature = "onnx")]
 pub use onnx::{onnx_io, pack_dir, pack_onnx, pack_onnx_pinned};

@@ -130,12 +130,47 @@ pub enum Device {
 #[serde(default, deny_unknown_fields)]
 pub struct Hardware {
     pub preferred: Vec<Device>,
+    /// The wasi-nn backends to try, best first (`tract`, `ort`). Empty: the node's order
+    /// (tract, then ONNX Runtime where the node has it). The first that loads the graph runs it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub backends: Vec<Backend>,
 }
 
 impl Default for Hardware {
     fn default() -> Self {
         Hardware {
             preferred: vec![Device::Cpu],
+            backends: Vec::new(),
+        }
+    }
+}
+
+/// A wasi-nn backend a node may run a graph on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// tract, pure Rust, on the CPU: every node has it.
+    Tract,
+    /// ONNX Runtime, loaded at run time where the node has its library.
+    Ort,
+}
+
+impl Backend {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Tract => "tract",
+            Backend::Ort => "ort",
+        }
+    }
+}
+
+impl std::str::FromStr for Backend {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Backend, String> {
+        match s {
+            "tract" => Ok(Backend::Tract),
+            "ort" | "onnxruntime" => Ok(Backend::Ort),
+            other => Err(format!("unknown backend `{other}`: use tract or ort")),
         }
     }
 }

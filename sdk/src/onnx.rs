@@ -225,18 +225,20 @@ pub fn datatype(elem_type: i32) -> Option<Datatype> {
 /// The manifest [`pack_onnx`] writes for a model: its inputs and outputs, one ONNX graph named
 /// `model` in `model.onnx` analysed with the inputs' shapes, and default resources.
 pub fn onnx_manifest(onnx_bytes: &[u8], name: &str, version: &str) -> Result<Manifest> {
-    onnx_manifest_pinned(onnx_bytes, name, version, &BTreeMap::new())
+    onnx_manifest_pinned(onnx_bytes, name, version, &BTreeMap::new(), &[])
 }
 
 /// [`onnx_manifest`], with some input dimensions pinned (`pins`: input name → dims, -1 leaving
-/// a dimension as the model declares it), as perf_analyzer's `--shape` does. A pinned input
-/// takes requests of that shape only, and the node analyses the graph with it, which lets
-/// graphs whose variable dimensions tract cannot reason about load as fixed ones.
+/// a dimension as the model declares it), as perf_analyzer's `--shape` does, and the backends
+/// to run it on, best first (empty: the node's order). A pinned input takes requests of that
+/// shape only, and the node analyses the graph with it, which lets graphs whose variable
+/// dimensions tract cannot reason about load as fixed ones.
 pub fn onnx_manifest_pinned(
     onnx_bytes: &[u8],
     name: &str,
     version: &str,
     pins: &BTreeMap<String, Vec<i64>>,
+    backends: &[crate::manifest::Backend],
 ) -> Result<Manifest> {
     let (mut inputs, outputs) = onnx_io(onnx_bytes)?;
     for (input, pin) in pins {
@@ -275,7 +277,7 @@ pub fn onnx_manifest_pinned(
         .iter()
         .map(|i| (i.name.clone(), i.shape.clone()))
         .collect();
-    let manifest = Manifest {
+    let mut manifest = Manifest {
         model: ModelInfo {
             name: name.to_string(),
             version: version.to_string(),
@@ -291,6 +293,7 @@ pub fn onnx_manifest_pinned(
         }],
         ..Manifest::default()
     };
+    manifest.hardware.backends = backends.to_vec();
     manifest.validate()?;
     Ok(manifest)
 }
@@ -311,10 +314,12 @@ pub fn pack_onnx(
         passthrough_component,
         key,
         &BTreeMap::new(),
+        &[],
     )
 }
 
-/// [`pack_onnx`] with input dimensions pinned (see [`onnx_manifest_pinned`]).
+/// [`pack_onnx`] with input dimensions pinned and backends named (see
+/// [`onnx_manifest_pinned`]).
 pub fn pack_onnx_pinned(
     onnx_bytes: &[u8],
     name: &str,
@@ -322,8 +327,9 @@ pub fn pack_onnx_pinned(
     passthrough_component: &[u8],
     key: &SigningKey,
     pins: &BTreeMap<String, Vec<i64>>,
+    backends: &[crate::manifest::Backend],
 ) -> Result<Vec<u8>> {
-    let manifest = onnx_manifest_pinned(onnx_bytes, name, version, pins)?;
+    let manifest = onnx_manifest_pinned(onnx_bytes, name, version, pins, backends)?;
     let files = [(ONNX_GRAPH_FILE.to_string(), onnx_bytes.to_vec())];
     pack_parts(&manifest, passthrough_component, &files, key)
 }

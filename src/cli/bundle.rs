@@ -62,6 +62,10 @@ pub struct PackArgs {
     /// NAME:d,d,... with -1 keeping a dimension variable. Repeat for several inputs.
     #[arg(long = "shape", value_name = "NAME:DIMS", requires = "onnx", value_parser = parse_shape)]
     shapes: Vec<(String, Vec<i64>)>,
+    /// The wasi-nn backends to run the model on, best first (with --onnx): tract, ort. The
+    /// node uses the first it has that loads the graph; without this, its own order.
+    #[arg(long = "backend", value_name = "NAME", requires = "onnx")]
+    backends: Vec<sophon_sdk::Backend>,
     /// Output bundle file.
     #[arg(short, long)]
     out: Option<PathBuf>,
@@ -112,6 +116,7 @@ pub fn pack(args: PackArgs) -> anyhow::Result<()> {
                 components::PASSTHROUGH,
                 &key,
                 &pins,
+                &args.backends,
             )?;
             (
                 bytes,
@@ -191,6 +196,10 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
         for (input, shape) in &g.shapes {
             println!("  analysed with {input} {shape:?}");
         }
+    }
+    if !m.hardware.backends.is_empty() {
+        let names: Vec<&str> = m.hardware.backends.iter().map(|b| b.as_str()).collect();
+        println!("backends   {}", names.join(", "));
     }
     for (role, specs) in [("input", &m.inputs), ("output", &m.outputs)] {
         for s in specs {

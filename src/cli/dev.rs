@@ -362,6 +362,14 @@ fn print_banner(addr: SocketAddr, repo: &Repository) {
             pixels.join(",")
         );
     }
+    let backends: Vec<String> = sophon_node::backend::inventory()
+        .into_iter()
+        .map(|(backend, here)| match here {
+            Ok(what) => what,
+            Err(why) => format!("{}: absent ({why})", backend.as_str()),
+        })
+        .collect();
+    println!("Backends: {}", backends.join("; "));
     println!("Metrics: http://{addr}/metrics   Stop: Ctrl-C");
 }
 

@@ -11,35 +11,103 @@
 //! carrier as the model's declared type. Anything else is a clear error, never a panic.
 
 pub mod memory;
+#[cfg(feature = "ort")]
+pub mod ort;
 pub mod tract;
 
 use std::cell::RefCell;
 
-use sophon_sdk::GraphEncoding;
+use sophon_sdk::{Backend, GraphEncoding};
 use wasmtime_wasi_nn::Graph;
 
 /// Errors from loading a model file into a backend.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     /// No backend on this node handles this encoding.
-    #[error("no backend on this node loads `{0}` graphs (available: onnx via tract)")]
+    #[error(
+        "no backend on this node loads `{0}` graphs (available: onnx via tract or onnxruntime)"
+    )]
     UnsupportedEncoding(String),
-    /// The backend refused the model file.
-    #[error("{0}")]
-    Backend(String),
+    /// Every backend tried refused the model file; each one's reason.
+    #[error("{}", .0.join("; "))]
+    Backend(Vec<String>),
 }
 
-/// Load one model file as a graph, with the backend for its encoding, its inputs shaped by
-/// `shapes` (the manifest's `[[graphs]] shapes`). Also says how the backend runs it.
+/// The backends a node tries when the manifest names none, best first.
+pub const DEFAULT_BACKENDS: [Backend; 2] = [Backend::Tract, Backend::Ort];
+
+/// What a node's backends are: each one, and whether it is here (`Err`: why not).
+pub fn inventory() -> Vec<(Backend, Result<String, String>)> {
+    DEFAULT_BACKENDS
+        .iter()
+        .map(|b| {
+            let state = match b {
+                Backend::Tract => Ok(format!("tract {} (CPU)", TRACT_VERSION)),
+                Backend::Ort => ort_available(),
+            };
+            (*b, state)
+        })
+        .collect()
+}
+
+/// The tract release the node is built with.
+const TRACT_VERSION: &str = "0.23";
+
+#[cfg(feature = "ort")]
+fn ort_available() -> Result<String, String> {
+    ort::available().map(|path| format!("onnxruntime ({}) (CPU)", path.display()))
+}
+
+#[cfg(not(feature = "ort"))]
+fn ort_available() -> Result<String, String> {
+    Err("this sophon was built without the `ort` feature".to_string())
+}
+
+/// Load one model file as a graph on the first of `backends` (the manifest's order, or
+/// [`DEFAULT_BACKENDS`]) that takes it, its inputs shaped by `shapes` (the manifest's
+/// `[[graphs]] shapes`). Also says how it runs. When none does, the error has each backend's
+/// reason.
 pub fn load_graph(
     encoding: GraphEncoding,
     bytes: &[u8],
     shapes: &std::collections::BTreeMap<String, Vec<i64>>,
+    backends: &[Backend],
 ) -> Result<(Graph, String), LoadError> {
-    match encoding {
-        GraphEncoding::Onnx => {
-            let graph = tract::TractGraph::from_onnx_shaped(bytes, shapes)
-                .map_err(|e| LoadError::Backend(format!("{e:#}")))?;
+    if encoding == GraphEncoding::Openvino {
+        return Err(LoadError::UnsupportedEncoding("openvino".to_string()));
+    }
+    let order = if backends.is_empty() {
+        &DEFAULT_BACKENDS[..]
+    } else {
+        backends
+    };
+    let mut refused = Vec::new();
+    for backend in order {
+        match load_on(*backend, bytes, shapes) {
+            Ok((graph, how)) => {
+                let how = if refused.is_empty() {
+                    how
+                } else {
+                    format!("{how} (not {})", refused.join("; "))
+                };
+                return Ok((graph, how));
+            }
+            Err(e) => refused.push(format!("{}: {e}", backend.as_str())),
+        }
+    }
+    Err(LoadError::Backend(refused))
+}
+
+fn load_on(
+    backend: Backend,
+    bytes: &[u8],
+    shapes: &std::collections::BTreeMap<String, Vec<i64>>,
+) -> Result<(Graph, String), String> {
+    use wasmtime_wasi_nn::backend::BackendGraph;
+    match backend {
+        Backend::Tract => {
+            let graph =
+                tract::TractGraph::from_onnx_shaped(bytes, shapes).map_err(|e| format!("{e:#}"))?;
             let how = match graph.per_shape() {
                 None => "tract on CPU, one plan for every input shape".to_string(),
                 Some(why) => format!(
@@ -47,12 +115,18 @@ pub fn load_graph(
                      shapes with `sophon pack --shape` to avoid it), because: {why}"
                 ),
             };
+            Ok((Graph::from(Box::new(graph) as Box<dyn BackendGraph>), how))
+        }
+        #[cfg(feature = "ort")]
+        Backend::Ort => {
+            let graph = ort::OrtGraph::from_onnx(bytes)?;
             Ok((
-                Graph::from(Box::new(graph) as Box<dyn wasmtime_wasi_nn::backend::BackendGraph>),
-                how,
+                Graph::from(Box::new(graph) as Box<dyn BackendGraph>),
+                "onnxruntime on CPU".to_string(),
             ))
         }
-        GraphEncoding::Openvino => Err(LoadError::UnsupportedEncoding("openvino".to_string())),
+        #[cfg(not(feature = "ort"))]
+        Backend::Ort => Err(ort_available().unwrap_err()),
     }
 }
 

@@ -94,6 +94,9 @@ impl Plan {
     }
 }
 
+/// The shapes of a request's inputs, in input order: what a per-shape plan is made for.
+type Shapes = Vec<Vec<usize>>;
+
 /// The plans of a graph.
 enum Plans {
     /// One plan for every input shape the graph takes.
@@ -104,7 +107,7 @@ enum Plans {
         model: Box<InferenceModel>,
         /// Why one plan would not do (tract's analysis error).
         why: String,
-        plans: Mutex<Vec<(Vec<Vec<usize>>, Arc<Plan>)>>,
+        plans: Mutex<Vec<(Shapes, Arc<Plan>)>>,
     },
 }
 
@@ -125,7 +128,7 @@ impl Shared {
             Plans::One(plan) => return Ok(plan.clone()),
             Plans::PerShape { model, plans, .. } => (model, plans),
         };
-        let key: Vec<Vec<usize>> = inputs.iter().map(|v| v.shape().to_vec()).collect();
+        let key: Shapes = inputs.iter().map(|v| v.shape().to_vec()).collect();
         {
             let mut plans = plans.lock();
             if let Some(at) = plans.iter().position(|(k, _)| *k == key) {

@@ -103,7 +103,11 @@ pub fn inventory(memory_mb: Option<u64>) -> wire::Inventory {
         memory_mb: memory_mb.unwrap_or_else(machine_memory_mb).max(1),
         gpus: Vec::new(),
         npus: Vec::new(),
-        backends: vec!["tract".into()],
+        backends: crate::backend::inventory()
+            .into_iter()
+            .filter(|(_, here)| here.is_ok())
+            .map(|(backend, _)| backend.as_str().to_string())
+            .collect(),
     }
 }
 

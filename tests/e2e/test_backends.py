@@ -1,0 +1,133 @@
+"""wasi-nn backends: the same bundles on ONNX Runtime as on tract, the fallback from tract to
+ONNX Runtime, and a node without ONNX Runtime.
+
+The node loads `libonnxruntime` from the `onnxruntime` wheel in `.venv` (scripts/test installs
+it for the reference outputs), so both sides run the same library: outputs must agree within
+1e-4 in every datatype.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import numpy as np
+import onnx
+import pytest
+import requests
+import tritonclient.http as httpclient
+from onnx import TensorProto, helper
+
+import gen_models
+from conftest import new_publisher, pack, start_dev, stop_dev
+from test_triton_client import assert_matches, infer_inputs, make_inputs, reference
+
+MODELS = sorted(gen_models.GENERATED) + sorted(gen_models.PUBLISHED)
+
+
+def make_det() -> onnx.ModelProto:
+    """Determinants of a batch of 3x3 matrices: ONNX Runtime has `Det`, tract 0.23 does not."""
+    graph = helper.make_graph(
+        [helper.make_node("Det", ["x"], ["y"], name="det")],
+        "det",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N"])],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+
+
+@pytest.fixture(scope="module")
+def backends(tmp_path_factory, sophon_bin):
+    work = tmp_path_factory.mktemp("sophon-backends")
+    key, pub = new_publisher(sophon_bin, work)
+    paths = gen_models.generate(work / "models")
+    det = work / "models" / "det.onnx"
+    onnx.save(make_det(), str(det))
+    models, bundles = {}, {}
+    for name, path in paths.items():
+        models[f"{name}_ort"] = path
+        bundles[f"{name}_ort"] = pack(sophon_bin, key, path, f"{name}_ort", work / f"{name}_ort.sbundle", "--backend", "ort")
+    # No backend named: tract first, and ONNX Runtime when tract cannot load it.
+    models["det"] = det
+    bundles["det"] = pack(sophon_bin, key, det, "det", work / "det.sbundle")
+    n = start_dev(sophon_bin, work, pub, models, bundles)
+    yield n
+    stop_dev(n)
+
+
+@pytest.fixture(scope="module")
+def ort_client(backends):
+    c = httpclient.InferenceServerClient(url=backends.url, connection_timeout=30, network_timeout=120)
+    yield c
+    c.close()
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_onnxruntime_backend_matches_onnxruntime_in_every_datatype(backends, ort_client, model):
+    name = f"{model}_ort"
+    how = ort_client.get_model_config(name)["parameters"]["sophon_graph_model"]["string_value"]
+    assert how.startswith("onnxruntime"), how
+    for batch, binary in [(1, True), (3, False)]:
+        feeds = make_inputs(backends, name, batch=batch, seed=batch)
+        want = reference(backends, name, feeds)
+        result = ort_client.infer(name, infer_inputs(feeds, binary))
+        for output, ref in want.items():
+            assert_matches(result.as_numpy(output), ref, f"{name}/{output} batch {batch}")
+
+
+def test_a_graph_tract_cannot_load_runs_on_onnxruntime(backends, ort_client):
+    how = ort_client.get_model_config("det")["parameters"]["sophon_graph_model"]["string_value"]
+    assert how.startswith("onnxruntime") and "not tract" in how and "Det" in how, how
+    x = np.array([[[2, 0, 0], [0, 3, 0], [0, 0, 4]], [[1, 2, 3], [0, 1, 4], [5, 6, 0]]], np.float32)
+    result = ort_client.infer("det", infer_inputs({"x": x}, True))
+    np.testing.assert_allclose(result.as_numpy("y"), [24.0, 1.0], rtol=1e-5)
+    # A bad request (wrong inner shape), then a good one on the same pooled session.
+    bad = requests.post(
+        f"{backends.base}/v2/models/det/infer",
+        json={"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 2, 2], "data": [1, 2, 3, 4]}]},
+        timeout=30,
+    )
+    assert bad.status_code == 400, bad.text
+    result = ort_client.infer("det", infer_inputs({"x": x}, False))
+    np.testing.assert_allclose(result.as_numpy("y"), [24.0, 1.0], rtol=1e-5)
+
+
+def test_without_onnxruntime_the_node_serves_on_tract_and_says_why(tmp_path, sophon_bin):
+    key, pub = new_publisher(sophon_bin, tmp_path)
+    paths = gen_models.generate(tmp_path / "models")
+    det = tmp_path / "det.onnx"
+    onnx.save(make_det(), str(det))
+    mlp = pack(sophon_bin, key, paths["gen_mlp"], "gen_mlp", tmp_path / "mlp.sbundle")
+    on_ort = pack(sophon_bin, key, paths["gen_mlp"], "mlp_ort", tmp_path / "mlp_ort.sbundle", "--backend", "ort")
+    nowhere = str(tmp_path / "no-such-libonnxruntime.so")
+    env = dict(os.environ, ORT_DYLIB_PATH=nowhere)
+    # A bundle that only ONNX Runtime can run is refused at load, with each backend's reason.
+    for bundle, said in [(on_ort, "ort: ORT_DYLIB_PATH"), (pack(sophon_bin, key, det, "det", tmp_path / "det.sbundle"), "Det")]:
+        refused = subprocess.run(
+            [sophon_bin, "dev", "--no-coordinator", "--no-examples", "--http", "127.0.0.1:0", "--trust", str(pub),
+             "--bundle", str(bundle)],
+            capture_output=True, text=True, timeout=120, env=env, stdin=subprocess.DEVNULL,
+        )
+        assert refused.returncode != 0 and said in refused.stderr, refused.stderr
+    old = os.environ.get("ORT_DYLIB_PATH")
+    os.environ["ORT_DYLIB_PATH"] = nowhere
+    try:
+        n = start_dev(sophon_bin, tmp_path, pub, {"gen_mlp": paths["gen_mlp"]}, {"gen_mlp": mlp})
+    finally:
+        if old is None:
+            del os.environ["ORT_DYLIB_PATH"]
+        else:
+            os.environ["ORT_DYLIB_PATH"] = old
+    try:
+        banner = n.stdout_path.read_text()
+        assert "ort: absent (ORT_DYLIB_PATH=" in banner, banner
+        c = httpclient.InferenceServerClient(url=n.url)
+        how = c.get_model_config("gen_mlp")["parameters"]["sophon_graph_model"]["string_value"]
+        assert how.startswith("tract"), how
+        feeds = make_inputs(n, "gen_mlp", batch=2)
+        want = reference(n, "gen_mlp", feeds)
+        result = c.infer("gen_mlp", infer_inputs(feeds, True))
+        for output, ref in want.items():
+            assert_matches(result.as_numpy(output), ref, f"gen_mlp/{output} on tract")
+    finally:
+        stop_dev(n)
