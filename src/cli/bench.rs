@@ -9,6 +9,8 @@
 //! - `scheduler`: the coordinators' placement of 100,000 replicas over 10,000 nodes, from scratch
 //!   and again after 1% of the nodes went down.
 //! - `raft`, `failover`: the control plane (see [`super::bench_raft`]).
+//! - `backends`: each wasi-nn backend on its own and through the sandbox
+//!   (see [`super::bench_backends`]).
 
 use anyhow::{Context, bail};
 use sophon_node::runtime::{GuestDatatype, GuestTensor};
@@ -51,6 +53,12 @@ pub struct BenchArgs {
     /// The coordinators' Raft tick in the heartbeat measurement (`coordinator run --tick-ms`).
     #[arg(long, default_value_t = 30)]
     tick_ms: u64,
+    /// An FP32 ONNX model for the backends measurement (default: the example MLP).
+    #[arg(long)]
+    onnx: Option<std::path::PathBuf>,
+    /// The --onnx model's input, NAME:d,d,... (the first dimension is the batch).
+    #[arg(long)]
+    shape: Option<String>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,6 +73,7 @@ enum Which {
     Failover,
     Mesh,
     Heartbeats,
+    Backends,
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -92,6 +101,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if all || args.what == Which::Mesh {
         super::bench_mesh::mesh(args.iters, args.node_workers)?;
+    }
+    if all || args.what == Which::Backends {
+        super::bench_backends::backends(args.iters, args.onnx.as_deref(), args.shape.as_deref())?;
     }
     // Not part of `all`: it joins thousands of simulated nodes (minutes on 2 cores).
     if args.what == Which::Heartbeats {

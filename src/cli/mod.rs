@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod bench;
+pub mod bench_backends;
 pub mod bench_heartbeats;
 pub mod bench_mesh;
 pub mod bench_raft;

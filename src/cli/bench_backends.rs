@@ -1,0 +1,181 @@
+//! `sophon bench backends [--onnx FILE --shape NAME:d,d,...]`: each wasi-nn backend this node
+//! has, run on its own (a backend execution context, no Wasm) and through the Wasm sandbox (a
+//! bundle packed for that backend, a fresh instance per request), at batch 1 and 32. The model
+//! is the example MLP, or an FP32 ONNX file whose one input has the given shape (its first
+//! dimension is the batch).
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use sophon_node::runtime::{GuestDatatype, GuestTensor};
+use sophon_node::stats::Metrics;
+use sophon_node::{Repository, Runtime, RuntimeConfig, ServingLimits};
+use sophon_sdk::{Backend, keys, ready};
+use wasmtime_wasi_nn::backend::{BackendGraph, NamedTensor};
+use wasmtime_wasi_nn::wit::TensorType;
+
+use super::bench::{percentiles, us};
+
+pub fn backends(
+    iters: usize,
+    onnx: Option<&std::path::Path>,
+    shape: Option<&str>,
+) -> anyhow::Result<()> {
+    let (bytes, input, dims, label) = match onnx {
+        None => (
+            ready::mlp().to_onnx(),
+            "input".to_string(),
+            vec![1usize, 784],
+            "MLP 784→128→10".to_string(),
+        ),
+        Some(path) => {
+            let (name, dims) = shape
+                .and_then(|s| s.rsplit_once(':'))
+                .context("--onnx needs --shape NAME:d,d,... for its input")?;
+            let dims = dims
+                .split(',')
+                .map(|d| d.trim().parse::<usize>())
+                .collect::<Result<Vec<_>, _>>()
+                .context("--shape: sizes only")?;
+            (
+                std::fs::read(path).with_context(|| format!("read {}", path.display()))?,
+                name.to_string(),
+                dims,
+                path.file_name()
+                    .map_or_else(String::new, |n| n.to_string_lossy().into()),
+            )
+        }
+    };
+    let present: Vec<Backend> = sophon_node::backend::inventory()
+        .into_iter()
+        .filter_map(|(b, here)| match here {
+            Ok(_) => Some(b),
+            Err(why) => {
+                println!("({}: absent, {why})", b.as_str());
+                None
+            }
+        })
+        .collect();
+    // The same file for the reference: scripts/bench-onnxruntime FILE NAME:d,d,...
+    let saved = std::env::temp_dir().join("sophon-bench-backends.onnx");
+    std::fs::write(&saved, &bytes)?;
+    let dims_text: Vec<String> = dims.iter().map(usize::to_string).collect();
+    println!(
+        "\n## backends: {label}, {iters} iterations each, alternating (reference: \
+         scripts/bench-onnxruntime {} {input}:{})",
+        saved.display(),
+        dims_text.join(",")
+    );
+    println!("| backend | batch | native p50 | wasm p50 | wasm / native | native p99 | wasm p99 |");
+    println!("|---|---|---|---|---|---|---|");
+    let key = keys::generate();
+    for backend in present {
+        let (graph, _) = sophon_node::backend::load_graph(
+            sophon_sdk::GraphEncoding::Onnx,
+            &bytes,
+            &Default::default(),
+            &[backend],
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let runtime = Runtime::new(RuntimeConfig::default())?;
+        let repo = Arc::new(Repository::new(
+            runtime,
+            vec![key.verifying_key()],
+            ServingLimits::default(),
+            Arc::new(Metrics::new()?),
+        ));
+        let name = format!("bench_{}", backend.as_str());
+        let bundle = sophon_sdk::pack_onnx_pinned(
+            &bytes,
+            &name,
+            "1",
+            sophon_sdk::components::PASSTHROUGH,
+            &key,
+            &Default::default(),
+            &[backend],
+        )?;
+        repo.add_bundle(&bundle)?;
+        let model = repo.lookup(&name, None)?;
+        for batch in [1usize, 32] {
+            let mut shape = dims.clone();
+            shape[0] = batch;
+            let count: usize = shape.iter().product();
+            let data: Vec<u8> = (0..count)
+                .flat_map(|i| (((i * 31) % 97) as f32 / 97.0).to_le_bytes())
+                .collect();
+            let tensor = wasmtime_wasi_nn::Tensor::new(
+                shape.iter().map(|d| *d as u32).collect(),
+                TensorType::Fp32,
+                data.clone(),
+            );
+            let guest = vec![GuestTensor {
+                name: input.clone(),
+                datatype: GuestDatatype::Fp32,
+                shape: shape.iter().map(|d| *d as u64).collect(),
+                data,
+            }];
+            let native = || -> anyhow::Result<()> {
+                let mut ctx = graph_context(&graph)?;
+                let out = ctx
+                    .compute_with_io(vec![NamedTensor {
+                        name: input.clone(),
+                        tensor: tensor.clone(),
+                    }])
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                black_box(out);
+                Ok(())
+            };
+            let runs = if batch == 1 {
+                iters
+            } else {
+                (iters / 8).max(50)
+            };
+            // A model with a fixed batch size runs at that size only.
+            if let Err(e) = native() {
+                println!("| {} | {batch} | not run: {e:#} |", backend.as_str());
+                continue;
+            }
+            for _ in 0..(runs / 10).max(5) {
+                native()?;
+                model.model.predict(&guest)?;
+            }
+            let (mut n, mut w) = (Vec::with_capacity(runs), Vec::with_capacity(runs));
+            for _ in 0..runs {
+                let t = Instant::now();
+                native()?;
+                n.push(t.elapsed());
+                let t = Instant::now();
+                black_box(model.model.predict(&guest)?);
+                w.push(t.elapsed());
+            }
+            let (n50, n99) = percentiles(&mut n);
+            let (w50, w99) = percentiles(&mut w);
+            println!(
+                "| {} | {batch} | {} | {} | {:.2}× | {} | {} |",
+                backend.as_str(),
+                us(n50),
+                us(w50),
+                ratio(w50, n50),
+                us(n99),
+                us(w99)
+            );
+        }
+    }
+    Ok(())
+}
+
+fn ratio(a: Duration, b: Duration) -> f64 {
+    a.as_secs_f64() / b.as_secs_f64().max(1e-12)
+}
+
+fn graph_context(
+    graph: &wasmtime_wasi_nn::Graph,
+) -> anyhow::Result<wasmtime_wasi_nn::ExecutionContext> {
+    let backend: &dyn BackendGraph = &**graph;
+    match backend.init_execution_context() {
+        Ok(ctx) => Ok(ctx),
+        Err(e) => bail!("{e}"),
+    }
+}
