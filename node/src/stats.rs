@@ -46,9 +46,21 @@ pub struct ModelStats {
     pub inference_count: AtomicU64,
     pub execution_count: AtomicU64,
     pub last_inference_ms: AtomicU64,
+    /// Held while a request's compute phases are recorded and while the statistics are read,
+    /// so a reader never sees one phase counted and the next not yet.
+    consistent: parking_lot::Mutex<()>,
 }
 
 impl ModelStats {
+    /// Record one answered request's compute phases: input (instantiating the guest), infer
+    /// (the guest's call) and output (encoding the response).
+    pub fn computed(&self, input: Duration, infer: Duration, output: Duration) {
+        let _one_at_a_time = self.consistent.lock();
+        self.compute_input.record(input);
+        self.compute_infer.record(infer);
+        self.compute_output.record(output);
+    }
+
     /// Mark an inference of `batch` items as done now.
     pub fn executed(&self, batch: u64) {
         self.inference_count.fetch_add(batch, Ordering::Relaxed);
@@ -62,6 +74,7 @@ impl ModelStats {
 
     /// The `model_stats` entry for this version, in Triton's shape.
     pub fn json(&self, name: &str, version: &str) -> Value {
+        let _consistent = self.consistent.lock();
         json!({
             "name": name,
             "version": version,
