@@ -29,6 +29,9 @@ enum Command {
     Pack(cli::bundle::PackArgs),
     /// Verify a bundle and show what it holds.
     Inspect(cli::bundle::InspectArgs),
+    /// One backend's part of `pack`'s check, run in a process of its own.
+    #[command(hide = true)]
+    CheckBackend(cli::bundle::CheckArgs),
     /// Measure the serving path and the control plane (see docs/BENCHMARKS.md).
     Bench(cli::bench::BenchArgs),
     /// Run a coordinator: init a cluster, join one, run, make join tokens.
@@ -77,6 +80,7 @@ fn main() -> std::process::ExitCode {
         Command::Keygen(args) => cli::bundle::keygen(args),
         Command::Pack(args) => cli::bundle::pack(args),
         Command::Inspect(args) => cli::bundle::inspect(args),
+        Command::CheckBackend(args) => cli::bundle::check_backend(args),
         Command::Bench(args) => cli::bench::run(args),
         Command::Coordinator(cmd) => cli::coordinator::run(cmd, &cli.client),
         Command::Node(cmd) => cli::node::run(cmd, &cli.client),

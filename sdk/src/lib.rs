@@ -27,5 +27,5 @@ pub use manifest::{
     ModelInfo, Resources,
 };
 #[cfg(feature = "onnx")]
-pub use onnx::{onnx_io, pack_dir, pack_onnx, pack_onnx_pinned};
+pub use onnx::{OnnxOptions, onnx_io, pack_dir, pack_onnx, pack_onnx_with};
 pub use types::{Datatype, TensorSpec};

@@ -134,6 +134,11 @@ pub struct Hardware {
     /// (tract, then ONNX Runtime where the node has it). The first that loads the graph runs it.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub backends: Vec<Backend>,
+    /// The backends that loaded the graphs where the bundle was packed (`sophon pack --onnx`
+    /// checks). The coordinators place the model only on nodes with one of them. Empty: not
+    /// checked, any node.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub loads_on: Vec<Backend>,
 }
 
 impl Default for Hardware {
@@ -141,6 +146,7 @@ impl Default for Hardware {
         Hardware {
             preferred: vec![Device::Cpu],
             backends: Vec::new(),
+            loads_on: Vec::new(),
         }
     }
 }

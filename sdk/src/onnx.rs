@@ -225,23 +225,33 @@ pub fn datatype(elem_type: i32) -> Option<Datatype> {
 /// The manifest [`pack_onnx`] writes for a model: its inputs and outputs, one ONNX graph named
 /// `model` in `model.onnx` analysed with the inputs' shapes, and default resources.
 pub fn onnx_manifest(onnx_bytes: &[u8], name: &str, version: &str) -> Result<Manifest> {
-    onnx_manifest_pinned(onnx_bytes, name, version, &BTreeMap::new(), &[])
+    onnx_manifest_with(onnx_bytes, name, version, &OnnxOptions::default())
 }
 
-/// [`onnx_manifest`], with some input dimensions pinned (`pins`: input name → dims, -1 leaving
-/// a dimension as the model declares it), as perf_analyzer's `--shape` does, and the backends
-/// to run it on, best first (empty: the node's order). A pinned input takes requests of that
-/// shape only, and the node analyses the graph with it, which lets graphs whose variable
-/// dimensions tract cannot reason about load as fixed ones.
-pub fn onnx_manifest_pinned(
+/// How [`pack_onnx_with`] packs a model beyond its file: input dimensions pinned, the backends
+/// named, and the backends a pack-time check loaded it on.
+#[derive(Clone, Debug, Default)]
+pub struct OnnxOptions {
+    /// Input name → dims, -1 leaving a dimension as the model declares it (perf_analyzer's
+    /// `--shape`).
+    pub pins: BTreeMap<String, Vec<i64>>,
+    /// The backends to run it on, best first (empty: the node's order).
+    pub backends: Vec<crate::manifest::Backend>,
+    /// The backends that loaded the graph where it was packed (empty: not checked).
+    pub loads_on: Vec<crate::manifest::Backend>,
+}
+
+/// [`onnx_manifest`] with [`OnnxOptions`]. A pinned input takes requests of that shape only,
+/// and the node analyses the graph with it, which lets graphs whose variable dimensions tract
+/// cannot reason about load as fixed ones.
+pub fn onnx_manifest_with(
     onnx_bytes: &[u8],
     name: &str,
     version: &str,
-    pins: &BTreeMap<String, Vec<i64>>,
-    backends: &[crate::manifest::Backend],
+    options: &OnnxOptions,
 ) -> Result<Manifest> {
     let (mut inputs, outputs) = onnx_io(onnx_bytes)?;
-    for (input, pin) in pins {
+    for (input, pin) in &options.pins {
         let names: Vec<String> = inputs.iter().map(|i| i.name.clone()).collect();
         let spec = inputs
             .iter_mut()
@@ -293,7 +303,8 @@ pub fn onnx_manifest_pinned(
         }],
         ..Manifest::default()
     };
-    manifest.hardware.backends = backends.to_vec();
+    manifest.hardware.backends = options.backends.clone();
+    manifest.hardware.loads_on = options.loads_on.clone();
     manifest.validate()?;
     Ok(manifest)
 }
@@ -307,29 +318,26 @@ pub fn pack_onnx(
     passthrough_component: &[u8],
     key: &SigningKey,
 ) -> Result<Vec<u8>> {
-    pack_onnx_pinned(
+    pack_onnx_with(
         onnx_bytes,
         name,
         version,
         passthrough_component,
         key,
-        &BTreeMap::new(),
-        &[],
+        &OnnxOptions::default(),
     )
 }
 
-/// [`pack_onnx`] with input dimensions pinned and backends named (see
-/// [`onnx_manifest_pinned`]).
-pub fn pack_onnx_pinned(
+/// [`pack_onnx`] with [`OnnxOptions`] (see [`onnx_manifest_with`]).
+pub fn pack_onnx_with(
     onnx_bytes: &[u8],
     name: &str,
     version: &str,
     passthrough_component: &[u8],
     key: &SigningKey,
-    pins: &BTreeMap<String, Vec<i64>>,
-    backends: &[crate::manifest::Backend],
+    options: &OnnxOptions,
 ) -> Result<Vec<u8>> {
-    let manifest = onnx_manifest_pinned(onnx_bytes, name, version, pins, backends)?;
+    let manifest = onnx_manifest_with(onnx_bytes, name, version, options)?;
     let files = [(ONNX_GRAPH_FILE.to_string(), onnx_bytes.to_vec())];
     pack_parts(&manifest, passthrough_component, &files, key)
 }

@@ -87,14 +87,16 @@ pub fn backends(
             Arc::new(Metrics::new()?),
         ));
         let name = format!("bench_{}", backend.as_str());
-        let bundle = sophon_sdk::pack_onnx_pinned(
+        let bundle = sophon_sdk::pack_onnx_with(
             &bytes,
             &name,
             "1",
             sophon_sdk::components::PASSTHROUGH,
             &key,
-            &Default::default(),
-            &[backend],
+            &sophon_sdk::OnnxOptions {
+                backends: vec![backend],
+                ..Default::default()
+            },
         )?;
         repo.add_bundle(&bundle)?;
         let model = repo.lookup(&name, None)?;

@@ -95,6 +95,166 @@ fn parse_shape(text: &str) -> Result<(String, Vec<i64>), String> {
     Ok((name.to_string(), dims))
 }
 
+/// The pack-time check: load the graph on every backend this machine has and run it once on a
+/// synthetic input (zeros; each variable dimension 1 for the first axis, 32 for the others).
+/// Each backend is checked in a child process (`sophon check-backend`), because a native
+/// library may kill its process on an input it cannot take (ONNX Runtime raises SIGFPE on
+/// some shapes of some models). Says what each backend did, warns when tract cannot load the
+/// graph, and returns the backends that loaded it (empty when none did: the manifest then
+/// claims nothing).
+fn check_backends(
+    model_path: &std::path::Path,
+    pins: &std::collections::BTreeMap<String, Vec<i64>>,
+) -> anyhow::Result<Vec<sophon_sdk::Backend>> {
+    let mut loads_on = Vec::new();
+    println!("backend check (each backend this machine has loads the graph and runs it once):");
+    for (backend, here) in sophon_node::backend::inventory() {
+        if let Err(why) = here {
+            println!("  {:<5} not checked: absent here ({why})", backend.as_str());
+            continue;
+        }
+        let mut child = std::process::Command::new(std::env::current_exe()?);
+        child
+            .args(["check-backend", "--backend", backend.as_str(), "--onnx"])
+            .arg(model_path)
+            .env("SOPHON_LOG", "error");
+        for (input, dims) in pins {
+            let dims: Vec<String> = dims.iter().map(i64::to_string).collect();
+            child.args(["--shape", &format!("{input}:{}", dims.join(","))]);
+        }
+        let out = child.output()?;
+        let said = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        match out.status.code() {
+            Some(0) => {
+                loads_on.push(backend);
+                println!("  {:<5} {said}", backend.as_str());
+            }
+            Some(_) => println!("  {:<5} {said}", backend.as_str()),
+            None => {
+                use std::os::unix::process::ExitStatusExt;
+                // It loaded (the child says so before it runs), then died running.
+                if said.starts_with("loaded") {
+                    loads_on.push(backend);
+                }
+                println!(
+                    "  {:<5} loaded it, then the process died (signal {}) on a synthetic input: \
+                     requests of such shapes would kill a node; pin the inputs with --shape",
+                    backend.as_str(),
+                    out.status.signal().unwrap_or(0)
+                );
+                eprintln!(
+                    "warning: {} crashed its process on a synthetic input of this model",
+                    backend.as_str()
+                );
+            }
+        }
+    }
+    if !loads_on.contains(&sophon_sdk::Backend::Tract) {
+        eprintln!(
+            "warning: tract cannot load this model: it runs only on nodes with another backend \
+             (ONNX Runtime); the coordinators place it on those alone"
+        );
+    }
+    if loads_on.is_empty() {
+        eprintln!("warning: no backend here loads this model; the bundle claims none");
+    }
+    Ok(loads_on)
+}
+
+#[derive(clap::Args, Debug)]
+pub struct CheckArgs {
+    #[arg(long)]
+    onnx: PathBuf,
+    #[arg(long)]
+    backend: sophon_sdk::Backend,
+    #[arg(long = "shape", value_parser = parse_shape)]
+    shapes: Vec<(String, Vec<i64>)>,
+}
+
+/// One backend's part of the pack-time check, in a process of its own: prints what it did;
+/// exits 0 when the backend loaded the graph, 1 when it did not.
+pub fn check_backend(args: CheckArgs) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use wasmtime_wasi_nn::backend::{BackendGraph, NamedTensor};
+    let model = std::fs::read(&args.onnx)?;
+    let options = sophon_sdk::OnnxOptions {
+        pins: args.shapes.into_iter().collect(),
+        ..Default::default()
+    };
+    let manifest = sophon_sdk::onnx::onnx_manifest_with(&model, "check", "1", &options)?;
+    let graph = manifest.graphs.first().context("no graph")?;
+    let loaded =
+        sophon_node::backend::load_graph(graph.encoding, &model, &graph.shapes, &[args.backend]);
+    let graph = match loaded {
+        Ok((graph, _)) => graph,
+        Err(e) => {
+            println!("cannot load it: {e}");
+            std::process::exit(1);
+        }
+    };
+    // Said before running, in case the run kills this process.
+    print!("loaded it");
+    std::io::stdout().flush()?;
+    let inputs: Option<Vec<NamedTensor>> = manifest
+        .inputs
+        .iter()
+        .map(|spec| {
+            let (ty, width) = carrier(spec.datatype)?;
+            let dims: Vec<u32> = spec
+                .shape
+                .iter()
+                .enumerate()
+                .map(|(axis, d)| match *d {
+                    -1 if axis == 0 => 1,
+                    -1 => 32,
+                    d => d as u32,
+                })
+                .collect();
+            let count: usize = dims.iter().map(|d| *d as usize).product();
+            Some(NamedTensor {
+                name: spec.name.clone(),
+                tensor: wasmtime_wasi_nn::Tensor::new(dims, ty, vec![0; count * width]),
+            })
+        })
+        .collect();
+    let Some(inputs) = inputs else {
+        println!(" (not run: an input type has no synthetic value)");
+        return Ok(());
+    };
+    let started = std::time::Instant::now();
+    let g: &dyn BackendGraph = &*graph;
+    match g
+        .init_execution_context()
+        .and_then(|mut ctx| ctx.compute_with_io(inputs))
+    {
+        Ok(_) => println!(
+            " and ran it ({:.1} ms on a synthetic input)",
+            started.elapsed().as_secs_f64() * 1e3
+        ),
+        Err(e) => {
+            let detail = sophon_node::backend::take_last_error()
+                .map_or_else(|| e.to_string(), |d| d.message);
+            println!("; a synthetic input did not run ({detail})");
+        }
+    }
+    Ok(())
+}
+
+/// The wasi-nn carrier of a V2 datatype, and its width (`None`: BYTES).
+fn carrier(dt: sophon_sdk::Datatype) -> Option<(wasmtime_wasi_nn::wit::TensorType, usize)> {
+    use sophon_sdk::Datatype as D;
+    use wasmtime_wasi_nn::wit::TensorType as T;
+    Some(match dt {
+        D::Fp32 => (T::Fp32, 4),
+        D::Fp64 => (T::Fp64, 8),
+        D::Fp16 | D::Bf16 | D::Int16 | D::Uint16 => (T::Fp16, 2),
+        D::Int64 | D::Uint64 => (T::I64, 8),
+        D::Int32 | D::Uint32 => (T::I32, 4),
+        D::Uint8 | D::Int8 | D::Bool => (T::U8, 1),
+        D::Bytes => return None,
+    })
+}
+
 pub fn pack(args: PackArgs) -> anyhow::Result<()> {
     let key_path = args.key.unwrap_or_else(super::default_key_path);
     let key = keys::read_signing_key(&key_path).with_context(|| {
@@ -108,15 +268,21 @@ pub fn pack(args: PackArgs) -> anyhow::Result<()> {
             let name = args.name.as_deref().context("--onnx needs --name NAME")?;
             let model =
                 std::fs::read(onnx).with_context(|| format!("reading {}", onnx.display()))?;
-            let pins: std::collections::BTreeMap<_, _> = args.shapes.into_iter().collect();
-            let bytes = sophon_sdk::pack_onnx_pinned(
+            let mut options = sophon_sdk::OnnxOptions {
+                pins: args.shapes.into_iter().collect(),
+                backends: args.backends,
+                loads_on: Vec::new(),
+            };
+            // The file must make a manifest (pins included) before the backends see it.
+            sophon_sdk::onnx::onnx_manifest_with(&model, name, &args.version, &options)?;
+            options.loads_on = check_backends(onnx, &options.pins)?;
+            let bytes = sophon_sdk::pack_onnx_with(
                 &model,
                 name,
                 &args.version,
                 components::PASSTHROUGH,
                 &key,
-                &pins,
-                &args.backends,
+                &options,
             )?;
             (
                 bytes,
@@ -196,6 +362,10 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
         for (input, shape) in &g.shapes {
             println!("  analysed with {input} {shape:?}");
         }
+    }
+    if !m.hardware.loads_on.is_empty() {
+        let names: Vec<&str> = m.hardware.loads_on.iter().map(|b| b.as_str()).collect();
+        println!("loads on   {} (checked at pack time)", names.join(", "));
     }
     if !m.hardware.backends.is_empty() {
         let names: Vec<&str> = m.hardware.backends.iter().map(|b| b.as_str()).collect();

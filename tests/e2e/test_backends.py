@@ -19,7 +19,7 @@ import tritonclient.http as httpclient
 from onnx import TensorProto, helper
 
 import gen_models
-from conftest import new_publisher, pack, start_dev, stop_dev
+from conftest import new_publisher, pack, run_cli, start_dev, stop_dev
 from test_triton_client import assert_matches, infer_inputs, make_inputs, reference
 
 MODELS = sorted(gen_models.GENERATED) + sorted(gen_models.PUBLISHED)
@@ -75,7 +75,18 @@ def test_onnxruntime_backend_matches_onnxruntime_in_every_datatype(backends, ort
             assert_matches(result.as_numpy(output), ref, f"{name}/{output} batch {batch}")
 
 
-def test_a_graph_tract_cannot_load_runs_on_onnxruntime(backends, ort_client):
+def test_a_graph_tract_cannot_load_runs_on_onnxruntime(backends, ort_client, sophon_bin):
+    # The pack-time check found it and wrote it into the manifest (the coordinators place the
+    # model only on nodes with ONNX Runtime).
+    shown = run_cli(sophon_bin, "inspect", str(backends.bundles["det"]))
+    assert "loads on   ort (checked at pack time)" in shown.stdout, shown.stdout
+    packed = run_cli(
+        sophon_bin, "pack", "--onnx", str(backends.models["det"]), "--name", "det2",
+        "--key", str(backends.workdir / "publisher.key"), "-o", str(backends.workdir / "det2.sbundle"),
+    )
+    assert "tract cannot load it" in packed.stdout and "Det" in packed.stdout, packed.stdout
+    assert "ort   loaded it and ran it" in packed.stdout, packed.stdout
+    assert "warning: tract cannot load this model" in packed.stderr, packed.stderr
     how = ort_client.get_model_config("det")["parameters"]["sophon_graph_model"]["string_value"]
     assert how.startswith("onnxruntime") and "not tract" in how and "Det" in how, how
     x = np.array([[[2, 0, 0], [0, 3, 0], [0, 0, 4]], [[1, 2, 3], [0, 1, 4], [5, 6, 0]]], np.float32)

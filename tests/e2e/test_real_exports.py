@@ -19,7 +19,7 @@ import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from conftest import new_publisher, pack, start_dev, stop_dev
+from conftest import new_publisher, pack, run_cli, start_dev, stop_dev
 
 # name -> (file in the wheel, input shapes to try, in order; a shape seen before reuses its plan)
 MODELS = {
@@ -138,3 +138,17 @@ def test_inspect_shows_the_pinned_shape_and_pack_refuses_bad_pins(ocr, sophon_bi
             capture_output=True, text=True, timeout=60,
         )
         assert out.returncode != 0 and said in out.stderr, (pin, out.stderr)
+
+
+def test_the_pack_check_survives_a_backend_that_kills_its_process(ocr, sophon_bin):
+    # onnxruntime raises SIGFPE running the recognizer on a 32-pixel-high input (Python's
+    # onnxruntime dies the same way). The check runs each backend in a child process, so pack
+    # reports it and goes on.
+    out = run_cli(
+        sophon_bin, "pack", "--onnx", str(ocr.models["ocr_rec"]), "--name", "rec_checked",
+        "--key", str(ocr.workdir / "publisher.key"), "-o", str(ocr.workdir / "rec_checked.sbundle"),
+    )
+    assert "tract loaded it and ran it" in out.stdout, out.stdout
+    assert "ort   loaded it, then the process died (signal 8)" in out.stdout, out.stdout
+    shown = run_cli(sophon_bin, "inspect", str(ocr.workdir / "rec_checked.sbundle"))
+    assert "loads on   tract, ort" in shown.stdout, shown.stdout

@@ -659,6 +659,12 @@ impl Core {
                     sophon_sdk::manifest::Device::Npu => crate::Device::Npu,
                 })
                 .collect(),
+            loads_on: m
+                .hardware
+                .loads_on
+                .iter()
+                .map(|b| b.as_str().to_string())
+                .collect(),
         };
         let outcome = self
             .write(

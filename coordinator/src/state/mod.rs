@@ -354,10 +354,31 @@ impl State {
         self.deployments
             .values()
             .map(|d| {
+                // A model checked at pack time goes only to nodes with a backend that loaded it
+                // (a node that reports none has tract, as every node does).
+                let loads_on = self
+                    .version(&d.model, &d.version)
+                    .map(|v| v.manifest.loads_on.as_slice())
+                    .unwrap_or_default();
+                let lacking: Vec<String> = if loads_on.is_empty() {
+                    Vec::new()
+                } else {
+                    self.nodes
+                        .values()
+                        .filter(|n| {
+                            !loads_on.iter().any(|b| {
+                                n.inventory.backends.contains(b)
+                                    || (n.inventory.backends.is_empty() && b == "tract")
+                            })
+                        })
+                        .map(|n| n.id.clone())
+                        .collect()
+                };
                 let mut excluded: Vec<String> = dedicated
                     .iter()
                     .filter(|n| !n.environments.contains(&d.environment))
                     .map(|n| n.id.clone())
+                    .chain(lacking)
                     .chain(d.failed_on.keys().cloned())
                     .collect();
                 excluded.sort();

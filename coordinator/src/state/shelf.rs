@@ -49,6 +49,10 @@ pub struct ManifestSummary {
     pub memory_mb: u64,
     /// Devices the model runs on, best first: the default hardware wish of its deployments.
     pub preferred: Vec<Device>,
+    /// The wasi-nn backends that loaded the model where it was packed (`tract`, `ort`): it is
+    /// placed only on nodes with one of them. Empty: not checked, any node.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loads_on: Vec<String>,
 }
 
 impl ManifestSummary {

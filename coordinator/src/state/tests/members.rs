@@ -383,3 +383,36 @@ fn node_join_tokens_admit_nodes_only_and_need_limits() {
         },
     );
 }
+
+#[test]
+fn a_model_that_loads_only_on_onnx_runtime_goes_only_to_nodes_that_have_it() {
+    let mut w = World::with_shelf();
+    let mut manifest = manifest(1000, &[Device::Cpu]);
+    manifest.loads_on = vec!["ort".into()];
+    w.ok(
+        actor("pat", Role::Publisher),
+        Command::RegisterModelVersion {
+            model: "det".into(),
+            version: "1".into(),
+            digest: hex64(7),
+            manifest,
+            publisher_key: hex64(PUBLISHER_KEY),
+        },
+    );
+    join(&mut w, "tract-only", "a");
+    let mut with_ort = node_spec("with-ort", "b", 8000, 0);
+    with_ort.inventory.backends = vec!["tract".into(), "ort".into()];
+    w.ok(operator(), Command::JoinNode { node: with_ort });
+    w.ok(operator(), deploy("det", "1", "staging", 2));
+    // One replica on the one node with ONNX Runtime; the other waits for a second such node
+    // (replicas of a deployment take distinct nodes) rather than going to the tract-only one.
+    assert_eq!(nodes_of(&w, 1), vec!["with-ort".to_string()]);
+    // A model not checked at pack time may go anywhere.
+    w.ok(operator(), deploy("fraud", "1", "staging", 2));
+    let mut hosts = nodes_of(&w, 2);
+    hosts.sort();
+    assert_eq!(
+        hosts,
+        vec!["tract-only".to_string(), "with-ort".to_string()]
+    );
+}

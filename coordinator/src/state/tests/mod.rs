@@ -44,6 +44,7 @@ pub fn manifest(memory_mb: u64, preferred: &[Device]) -> ManifestSummary {
         }],
         memory_mb,
         preferred: preferred.to_vec(),
+        loads_on: Vec::new(),
     }
 }
 
