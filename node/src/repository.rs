@@ -321,11 +321,13 @@ impl Repository {
         let mut how = Vec::new();
         for graph in &manifest.graphs {
             let bytes = bundle.graph_bytes(graph)?;
-            let (loaded, runs) = backend::load_graph(
+            let gpu_first = manifest.hardware.preferred.first() == Some(&sophon_sdk::Device::Gpu);
+            let (loaded, runs) = backend::load_graph_preferring(
                 graph.encoding,
                 bytes,
                 &graph.shapes,
                 &manifest.hardware.backends,
+                gpu_first,
             )
             .map_err(|e| fail(format!("graph `{}`: {e}", graph.name)))?;
             tracing::info!(model = %name, graph = %graph.name, "{runs}");

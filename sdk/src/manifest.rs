@@ -159,6 +159,9 @@ pub enum Backend {
     Tract,
     /// ONNX Runtime, loaded at run time where the node has its library.
     Ort,
+    /// tract on an NVIDIA GPU (CUDA loaded at run time, where the node has it).
+    #[serde(rename = "tract-cuda")]
+    TractCuda,
 }
 
 impl Backend {
@@ -166,6 +169,7 @@ impl Backend {
         match self {
             Backend::Tract => "tract",
             Backend::Ort => "ort",
+            Backend::TractCuda => "tract-cuda",
         }
     }
 }
@@ -176,7 +180,10 @@ impl std::str::FromStr for Backend {
         match s {
             "tract" => Ok(Backend::Tract),
             "ort" | "onnxruntime" => Ok(Backend::Ort),
-            other => Err(format!("unknown backend `{other}`: use tract or ort")),
+            "tract-cuda" | "cuda" => Ok(Backend::TractCuda),
+            other => Err(format!(
+                "unknown backend `{other}`: use tract, ort or tract-cuda"
+            )),
         }
     }
 }

@@ -142,3 +142,19 @@ def test_without_onnxruntime_the_node_serves_on_tract_and_says_why(tmp_path, sop
             assert_matches(result.as_numpy(output), ref, f"gen_mlp/{output} on tract")
     finally:
         stop_dev(n)
+
+
+def test_without_cuda_tract_cuda_is_absent_and_says_why(tmp_path, sophon_bin, backends):
+    # This machine has no NVIDIA driver: the node starts, reports tract-cuda absent with the
+    # reason, and a bundle that asks for tract-cuda alone is refused at load with it.
+    banner = backends.stdout_path.read_text()
+    assert "tract-cuda: absent (no CUDA" in banner, banner
+    key, pub = new_publisher(sophon_bin, tmp_path)
+    mlp = gen_models.generate(tmp_path / "models")["gen_mlp"]
+    on_cuda = pack(sophon_bin, key, mlp, "mlp_cuda", tmp_path / "mlp_cuda.sbundle", "--backend", "tract-cuda")
+    refused = subprocess.run(
+        [sophon_bin, "dev", "--no-coordinator", "--no-examples", "--http", "127.0.0.1:0", "--trust", str(pub),
+         "--bundle", str(on_cuda)],
+        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+    )
+    assert refused.returncode != 0 and "tract-cuda: no CUDA" in refused.stderr, refused.stderr

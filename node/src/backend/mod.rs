@@ -33,17 +33,24 @@ pub enum LoadError {
     Backend(Vec<String>),
 }
 
-/// The backends a node tries when the manifest names none, best first.
+/// The backends a node tries when the manifest names none, best first. A model whose
+/// manifest prefers the GPU tries tract on CUDA first.
 pub const DEFAULT_BACKENDS: [Backend; 2] = [Backend::Tract, Backend::Ort];
+
+/// Every backend a node may have.
+pub const ALL_BACKENDS: [Backend; 3] = [Backend::Tract, Backend::Ort, Backend::TractCuda];
 
 /// What a node's backends are: each one, and whether it is here (`Err`: why not).
 pub fn inventory() -> Vec<(Backend, Result<String, String>)> {
-    DEFAULT_BACKENDS
+    ALL_BACKENDS
         .iter()
         .map(|b| {
             let state = match b {
                 Backend::Tract => Ok(format!("tract {} (CPU)", TRACT_VERSION)),
                 Backend::Ort => ort_available(),
+                Backend::TractCuda => {
+                    tract::cuda().map(|_| format!("tract {} (CUDA)", TRACT_VERSION))
+                }
             };
             (*b, state)
         })
@@ -73,13 +80,26 @@ pub fn load_graph(
     shapes: &std::collections::BTreeMap<String, Vec<i64>>,
     backends: &[Backend],
 ) -> Result<(Graph, String), LoadError> {
+    load_graph_preferring(encoding, bytes, shapes, backends, false)
+}
+
+/// [`load_graph`]; with `gpu_first` (the manifest prefers the GPU) and no backends named,
+/// tract on CUDA is tried first.
+pub fn load_graph_preferring(
+    encoding: GraphEncoding,
+    bytes: &[u8],
+    shapes: &std::collections::BTreeMap<String, Vec<i64>>,
+    backends: &[Backend],
+    gpu_first: bool,
+) -> Result<(Graph, String), LoadError> {
     if encoding == GraphEncoding::Openvino {
         return Err(LoadError::UnsupportedEncoding("openvino".to_string()));
     }
-    let order = if backends.is_empty() {
-        &DEFAULT_BACKENDS[..]
-    } else {
-        backends
+    let gpu_order = [Backend::TractCuda, Backend::Tract, Backend::Ort];
+    let order = match (backends.is_empty(), gpu_first) {
+        (false, _) => backends,
+        (true, true) => &gpu_order[..],
+        (true, false) => &DEFAULT_BACKENDS[..],
     };
     let mut refused = Vec::new();
     for backend in order {
@@ -105,14 +125,18 @@ fn load_on(
 ) -> Result<(Graph, String), String> {
     use wasmtime_wasi_nn::backend::BackendGraph;
     match backend {
-        Backend::Tract => {
-            let graph =
-                tract::TractGraph::from_onnx_shaped(bytes, shapes).map_err(|e| format!("{e:#}"))?;
+        Backend::Tract | Backend::TractCuda => {
+            let (device, on) = match backend {
+                Backend::TractCuda => (tract::Device::Cuda, "tract on CUDA"),
+                _ => (tract::Device::Cpu, "tract on CPU"),
+            };
+            let graph = tract::TractGraph::from_onnx_on(bytes, shapes, device)
+                .map_err(|e| format!("{e:#}"))?;
             let how = match graph.per_shape() {
-                None => "tract on CPU, one plan for every input shape".to_string(),
+                None => format!("{on}, one plan for every input shape"),
                 Some(why) => format!(
-                    "tract on CPU, a plan per set of input shapes (made on first use; pin \
-                     shapes with `sophon pack --shape` to avoid it), because: {why}"
+                    "{on}, a plan per set of input shapes (made on first use; pin shapes with \
+                     `sophon pack --shape` to avoid it), because: {why}"
                 ),
             };
             Ok((Graph::from(Box::new(graph) as Box<dyn BackendGraph>), how))

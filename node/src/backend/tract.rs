@@ -64,29 +64,62 @@ impl BackendInner for TractBackend {
     }
 }
 
+/// Where tract runs a graph.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    /// An NVIDIA GPU, through `tract-cuda` (CUDA loaded at run time, kernels compiled by NVRTC).
+    Cuda,
+}
+
+/// tract's CUDA runtime, or why this node has none (no driver, a CUDA library missing, or a
+/// build without the `cuda` feature).
+pub fn cuda() -> Result<&'static dyn Runtime, String> {
+    #[cfg(feature = "cuda")]
+    {
+        // Linked for its runtime registration.
+        use tract_cuda as _;
+        let rt = tract_onnx::tract_core::runtime::runtime_for_name("cuda")
+            .map_err(|e| format!("no CUDA: {e:#}"))?
+            .ok_or_else(|| "no CUDA: tract has no cuda runtime".to_string())?;
+        rt.check().map_err(|e| format!("no CUDA: {e:#}"))?;
+        Ok(rt)
+    }
+    #[cfg(not(feature = "cuda"))]
+    Err("this sophon was built without the `cuda` feature".to_string())
+}
+
 /// One runnable plan and its pool of execution states.
 struct Plan {
-    plan: Arc<TypedRunnableModel>,
-    pool: Mutex<Vec<TypedSimpleState>>,
+    plan: Box<dyn Runnable>,
+    pool: Mutex<Vec<Box<dyn State>>>,
 }
 
 impl Plan {
-    fn new(model: TypedModel) -> TractResult<Arc<Plan>> {
+    /// Analyse, optimise and prepare `model` for `device`.
+    fn prepare(model: InferenceModel, device: Device) -> TractResult<Arc<Plan>> {
+        let plan: Box<dyn Runnable> = match device {
+            Device::Cpu => Box::new(model.into_optimized()?.into_runnable()?),
+            // The CUDA runtime translates decluttered (not CPU-optimised) operators.
+            Device::Cuda => cuda()
+                .map_err(|e| anyhow::anyhow!(e))?
+                .prepare(model.into_typed()?.into_decluttered()?)?,
+        };
         Ok(Arc::new(Plan {
-            plan: model.into_runnable()?,
+            plan,
             pool: Mutex::new(Vec::new()),
         }))
     }
 
-    fn state(&self) -> TractResult<TypedSimpleState> {
+    fn state(&self) -> TractResult<Box<dyn State>> {
         let pooled = self.pool.lock().pop();
         match pooled {
             Some(state) => Ok(state),
-            None => TypedSimpleState::new(&self.plan),
+            None => self.plan.spawn(),
         }
     }
 
-    fn give_back(&self, state: TypedSimpleState) {
+    fn give_back(&self, state: Box<dyn State>) {
         let mut pool = self.pool.lock();
         if pool.len() < POOL_CAPACITY {
             pool.push(state);
@@ -113,6 +146,7 @@ enum Plans {
 
 struct Shared {
     plans: Plans,
+    device: Device,
     input_names: Vec<String>,
     /// Inputs whose values index a constant table, checked before every run (tract's Gather
     /// does not bounds-check).
@@ -145,7 +179,7 @@ impl Shared {
             concrete.set_input_fact(ix, fact)?;
         }
         let started = std::time::Instant::now();
-        let plan = Plan::new(concrete.into_optimized()?)?;
+        let plan = Plan::prepare(concrete, self.device)?;
         tracing::info!(shapes = ?key, took_ms = started.elapsed().as_millis() as u64,
             "tract: made a plan for new input shapes");
         let mut plans = plans.lock();
@@ -177,6 +211,18 @@ impl TractGraph {
         bytes: &[u8],
         shapes: &BTreeMap<String, Vec<i64>>,
     ) -> TractResult<TractGraph> {
+        TractGraph::from_onnx_on(bytes, shapes, Device::Cpu)
+    }
+
+    /// [`TractGraph::from_onnx_shaped`], run on `device`.
+    pub fn from_onnx_on(
+        bytes: &[u8],
+        shapes: &BTreeMap<String, Vec<i64>>,
+        device: Device,
+    ) -> TractResult<TractGraph> {
+        if device == Device::Cuda {
+            cuda().map_err(|e| anyhow::anyhow!(e))?;
+        }
         let index_inputs =
             sophon_sdk::onnx::gather_index_inputs(bytes).map_err(|e| anyhow::anyhow!("{e}"))?;
         let mut model = tract_onnx::onnx().model_for_read(&mut &bytes[..])?;
@@ -220,7 +266,7 @@ impl TractGraph {
                 })
             })
             .collect();
-        let plans = match model.clone().into_optimized().and_then(Plan::new) {
+        let plans = match Plan::prepare(model.clone(), device) {
             Ok(plan) => Plans::One(plan),
             Err(e) => {
                 let why = format!("{e:#}");
@@ -235,6 +281,7 @@ impl TractGraph {
         };
         Ok(TractGraph(Arc::new(Shared {
             plans,
+            device,
             input_names,
             index_checks,
             input_types,
