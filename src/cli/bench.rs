@@ -133,15 +133,19 @@ fn le_bytes(values: &[f32]) -> Vec<u8> {
     values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
-fn mlp_repository() -> anyhow::Result<(Arc<Repository>, sophon_sdk::SigningKey)> {
-    let key = keys::generate();
-    let runtime = Runtime::new(RuntimeConfig::default())?;
-    let repo = Arc::new(Repository::new(
-        runtime,
+/// An empty repository with default limits that trusts `key`'s bundles.
+pub(super) fn repository_trusting(key: &sophon_sdk::SigningKey) -> anyhow::Result<Arc<Repository>> {
+    Ok(Arc::new(Repository::new(
+        Runtime::new(RuntimeConfig::default())?,
         vec![key.verifying_key()],
         ServingLimits::default(),
         Arc::new(Metrics::new()?),
-    ));
+    )))
+}
+
+fn mlp_repository() -> anyhow::Result<(Arc<Repository>, sophon_sdk::SigningKey)> {
+    let key = keys::generate();
+    let repo = repository_trusting(&key)?;
     repo.add_bundle(&ready::mlp_bundle("mlp", &key)?)?;
     Ok((repo, key))
 }

@@ -5,13 +5,10 @@
 //! dimension is the batch).
 
 use std::hint::black_box;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use sophon_node::runtime::{GuestDatatype, GuestTensor};
-use sophon_node::stats::Metrics;
-use sophon_node::{Repository, Runtime, RuntimeConfig, ServingLimits};
 use sophon_sdk::{Backend, keys, ready};
 use wasmtime_wasi_nn::backend::{BackendGraph, NamedTensor};
 use wasmtime_wasi_nn::wit::TensorType;
@@ -79,13 +76,7 @@ pub fn backends(
             &[backend],
         )
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let runtime = Runtime::new(RuntimeConfig::default())?;
-        let repo = Arc::new(Repository::new(
-            runtime,
-            vec![key.verifying_key()],
-            ServingLimits::default(),
-            Arc::new(Metrics::new()?),
-        ));
+        let repo = super::bench::repository_trusting(&key)?;
         let name = format!("bench_{}", backend.as_str());
         let bundle = sophon_sdk::pack_onnx_with(
             &bytes,

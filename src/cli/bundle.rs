@@ -240,19 +240,20 @@ pub fn check_backend(args: CheckArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The wasi-nn carrier of a V2 datatype, and its width (`None`: BYTES).
+/// The wasi-nn carrier of a V2 datatype (the type of the same width), and that width
+/// (`None`: BYTES).
 fn carrier(dt: sophon_sdk::Datatype) -> Option<(wasmtime_wasi_nn::wit::TensorType, usize)> {
-    use sophon_sdk::Datatype as D;
     use wasmtime_wasi_nn::wit::TensorType as T;
-    Some(match dt {
-        D::Fp32 => (T::Fp32, 4),
-        D::Fp64 => (T::Fp64, 8),
-        D::Fp16 | D::Bf16 | D::Int16 | D::Uint16 => (T::Fp16, 2),
-        D::Int64 | D::Uint64 => (T::I64, 8),
-        D::Int32 | D::Uint32 => (T::I32, 4),
-        D::Uint8 | D::Int8 | D::Bool => (T::U8, 1),
-        D::Bytes => return None,
-    })
+    let width = dt.element_size()?;
+    let ty = match (dt, width) {
+        (sophon_sdk::Datatype::Fp32, _) => T::Fp32,
+        (sophon_sdk::Datatype::Fp64, _) => T::Fp64,
+        (_, 1) => T::U8,
+        (_, 2) => T::Fp16,
+        (_, 4) => T::I32,
+        _ => T::I64,
+    };
+    Some((ty, width))
 }
 
 pub fn pack(args: PackArgs) -> anyhow::Result<()> {
