@@ -32,6 +32,10 @@ enum Command {
     /// One backend's part of `pack`'s check, run in a process of its own.
     #[command(hide = true)]
     CheckBackend(cli::bundle::CheckArgs),
+    /// Time one backend on a graph for the node's choice, in a process of its own (the job
+    /// comes on stdin).
+    #[command(hide = true)]
+    MeasureBackend,
     /// Measure the serving path and the control plane (see docs/BENCHMARKS.md).
     Bench(cli::bench::BenchArgs),
     /// Run a coordinator: init a cluster, join one, run, make join tokens.
@@ -75,12 +79,18 @@ fn main() -> std::process::ExitCode {
         .with_env_filter(log_filter)
         .with_writer(std::io::stderr)
         .init();
+    // The node times backends for its choice in children of this program, which a backend
+    // that kills its process cannot take down.
+    if let Ok(exe) = std::env::current_exe() {
+        sophon_node::backend::choose::measure_in_children(exe, vec!["measure-backend".into()]);
+    }
     let result = match cli.command {
         Command::Dev(args) => cli::dev::run(args),
         Command::Keygen(args) => cli::bundle::keygen(args),
         Command::Pack(args) => cli::bundle::pack(args),
         Command::Inspect(args) => cli::bundle::inspect(args),
         Command::CheckBackend(args) => cli::bundle::check_backend(args),
+        Command::MeasureBackend => sophon_node::backend::choose::measure_child(),
         Command::Bench(args) => cli::bench::run(args),
         Command::Coordinator(cmd) => cli::coordinator::run(cmd, &cli.client),
         Command::Node(cmd) => cli::node::run(cmd, &cli.client),

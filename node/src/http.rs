@@ -296,21 +296,37 @@ async fn model_config(
     };
     let mut parameters = serde_json::Map::new();
     parameters.insert("sophon_digest".into(), json!({"string_value": m.digest}));
-    for (graph, how) in &m.graphs {
+    for graph in &m.graphs {
         parameters.insert(
-            format!("sophon_graph_{graph}"),
-            json!({"string_value": how}),
+            format!("sophon_graph_{}", graph.name),
+            json!({"string_value": graph.how}),
         );
     }
+    // Triton's names for the backend that runs the model's (first) graph.
+    let (platform, backend) = match m.graphs.first().map(|g| g.backend) {
+        Some(sophon_sdk::Backend::Ort) => ("onnxruntime_onnx", "onnxruntime"),
+        Some(sophon_sdk::Backend::Openvino) => ("openvino", "openvino"),
+        Some(sophon_sdk::Backend::Tract | sophon_sdk::Backend::TractCuda) => {
+            ("tract_onnx", "tract")
+        }
+        None => ("sophon_wasm", "wasm"),
+    };
+    parameters.insert("sophon_component".into(), json!({"string_value": "wasm"}));
+    let kind = match m.device() {
+        sophon_sdk::Device::Cpu => "KIND_CPU",
+        sophon_sdk::Device::Gpu => "KIND_GPU",
+        // Triton has no kind for NPUs; KIND_MODEL means the model places itself.
+        sophon_sdk::Device::Npu => "KIND_MODEL",
+    };
     Ok(Json(json!({
         "name": m.name,
-        "platform": "sophon_wasm",
-        "backend": "wasm",
+        "platform": platform,
+        "backend": backend,
         "version_policy": {"latest": {"num_versions": 1}},
         "max_batch_size": batch,
         "input": tensors(m.inputs()),
         "output": tensors(m.outputs()),
-        "instance_group": [{"name": m.name, "kind": "KIND_CPU", "count": m.concurrency}],
+        "instance_group": [{"name": m.name, "kind": kind, "count": m.concurrency}],
         "parameters": parameters,
     })))
 }

@@ -146,13 +146,32 @@ pub struct LoadedModel {
     pub perf: crate::perf::PerfWindow,
     /// Requests of this model that may run at once.
     pub concurrency: usize,
-    /// How each graph runs (backend, device, plans), by graph name.
-    pub graphs: Vec<(String, String)>,
+    /// Where and how each graph runs.
+    pub graphs: Vec<GraphRun>,
     /// Manifest outputs by name, to relabel carrier datatypes coming back from wasi-nn.
     outputs_by_name: HashMap<String, Datatype>,
 }
 
+/// Where and how one of a model's graphs runs.
+#[derive(Clone, Debug)]
+pub struct GraphRun {
+    pub name: String,
+    pub backend: sophon_sdk::Backend,
+    pub device: sophon_sdk::Device,
+    /// How it runs, and why there, in words.
+    pub how: String,
+}
+
 impl LoadedModel {
+    /// The device its graphs run on: the GPU or NPU when one of them does, else the CPU.
+    pub fn device(&self) -> sophon_sdk::Device {
+        self.graphs
+            .iter()
+            .map(|g| g.device)
+            .max()
+            .unwrap_or(sophon_sdk::Device::Cpu)
+    }
+
     /// Inputs as the manifest declares them.
     pub fn inputs(&self) -> &[TensorSpec] {
         &self.manifest.inputs
@@ -320,19 +339,37 @@ impl Repository {
         let mut graphs = HashMap::new();
         let mut how = Vec::new();
         for graph in &manifest.graphs {
-            let bytes = bundle.graph_bytes(graph)?;
-            let gpu_first = manifest.hardware.preferred.first() == Some(&sophon_sdk::Device::Gpu);
-            let (loaded, runs) = backend::load_graph_preferring(
-                graph.encoding,
-                bytes,
-                &graph.shapes,
-                &manifest.hardware.backends,
-                gpu_first,
-            )
-            .map_err(|e| fail(format!("graph `{}`: {e}", graph.name)))?;
-            tracing::info!(model = %name, graph = %graph.name, "{runs}");
-            graphs.insert(graph.name.clone(), loaded);
-            how.push((graph.name.clone(), runs));
+            let file = backend::GraphFile {
+                encoding: graph.encoding,
+                bytes: bundle.graph_bytes(graph)?,
+                weights: bundle.weights_bytes(graph)?,
+                shapes: &graph.shapes,
+            };
+            // Candidates are timed on zeros shaped by the manifest, where the graph's inputs
+            // are the model's (as `sophon pack --onnx` makes them).
+            let same_inputs = !graph.shapes.is_empty()
+                && graph.shapes.len() == manifest.inputs.len()
+                && manifest
+                    .inputs
+                    .iter()
+                    .all(|i| graph.shapes.contains_key(&i.name));
+            let probe = same_inputs.then_some(&manifest.inputs[..]);
+            let choice = backend::Choice {
+                backends: &manifest.hardware.backends,
+                preferred: &manifest.hardware.preferred,
+                probe,
+                cache_dir: self.runtime.config.cache_dir.as_deref(),
+            };
+            let loaded = backend::load_graph(&file, &choice)
+                .map_err(|e| fail(format!("graph `{}`: {e}", graph.name)))?;
+            tracing::info!(model = %name, graph = %graph.name, "{}", loaded.how);
+            graphs.insert(graph.name.clone(), loaded.graph);
+            how.push(GraphRun {
+                name: graph.name.clone(),
+                backend: loaded.backend,
+                device: loaded.device,
+                how: loaded.how,
+            });
         }
         let resources = &manifest.resources;
         let limits = ModelLimits {

@@ -137,11 +137,24 @@ impl Bundle {
 
     /// The bytes of a graph's model file.
     pub fn graph_bytes(&self, graph: &GraphSpec) -> Result<&[u8]> {
+        self.file_bytes(&graph.file)
+    }
+
+    /// The bytes of a graph's weights file (OpenVINO IR), if it names one.
+    pub fn weights_bytes(&self, graph: &GraphSpec) -> Result<Option<&[u8]>> {
+        graph
+            .weights
+            .as_deref()
+            .map(|w| self.file_bytes(w))
+            .transpose()
+    }
+
+    fn file_bytes(&self, file: &str) -> Result<&[u8]> {
         self.files
-            .get(&graph.file)
+            .get(file)
             .map(Vec::as_slice)
             .ok_or_else(|| Error::MissingPart {
-                name: format!("{MODELS_PREFIX}{}", graph.file),
+                name: format!("{MODELS_PREFIX}{file}"),
             })
     }
 }
@@ -414,17 +427,19 @@ fn check_files<'a, V>(
     manifest: &Manifest,
     files: BTreeMap<&'a str, V>,
 ) -> Result<BTreeMap<&'a str, V>> {
-    for graph in &manifest.graphs {
-        if !files.contains_key(graph.file.as_str()) {
+    for file in manifest.graphs.iter().flat_map(GraphSpec::files) {
+        if !files.contains_key(file) {
             return Err(Error::MissingPart {
-                name: format!("{MODELS_PREFIX}{}", graph.file),
+                name: format!("{MODELS_PREFIX}{file}"),
             });
         }
     }
-    if let Some(extra) = files
-        .keys()
-        .find(|file| !manifest.graphs.iter().any(|g| g.file == **file))
-    {
+    if let Some(extra) = files.keys().find(|file| {
+        !manifest
+            .graphs
+            .iter()
+            .any(|g| g.files().any(|f| f == **file))
+    }) {
         return Err(Error::UnexpectedPart {
             name: format!("{MODELS_PREFIX}{extra}"),
         });

@@ -81,6 +81,16 @@ pub struct GraphSpec {
     /// `sophon pack --onnx` writes the model's inputs here, with the dimensions `--shape` pins.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub shapes: BTreeMap<String, Vec<i64>>,
+    /// OpenVINO IR: the weights file (`model.bin`) beside the XML that `file` names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights: Option<String>,
+}
+
+impl GraphSpec {
+    /// The files the graph is made of: `file`, and `weights` where it has one.
+    pub fn files(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.file.as_str()).chain(self.weights.as_deref())
+    }
 }
 
 /// How a graph file is encoded.
@@ -159,6 +169,8 @@ pub enum Backend {
     Tract,
     /// ONNX Runtime, loaded at run time where the node has its library.
     Ort,
+    /// OpenVINO, loaded at run time where the node has its library (Intel CPU, GPU, NPU).
+    Openvino,
     /// tract on an NVIDIA GPU (CUDA loaded at run time, where the node has it).
     #[serde(rename = "tract-cuda")]
     TractCuda,
@@ -169,6 +181,7 @@ impl Backend {
         match self {
             Backend::Tract => "tract",
             Backend::Ort => "ort",
+            Backend::Openvino => "openvino",
             Backend::TractCuda => "tract-cuda",
         }
     }
@@ -180,9 +193,10 @@ impl std::str::FromStr for Backend {
         match s {
             "tract" => Ok(Backend::Tract),
             "ort" | "onnxruntime" => Ok(Backend::Ort),
+            "openvino" | "ov" => Ok(Backend::Openvino),
             "tract-cuda" | "cuda" => Ok(Backend::TractCuda),
             other => Err(format!(
-                "unknown backend `{other}`: use tract, ort or tract-cuda"
+                "unknown backend `{other}`: use tract, ort, openvino or tract-cuda"
             )),
         }
     }
@@ -237,6 +251,9 @@ impl Manifest {
                 )));
             }
             check_file(&format!("graph `{}` file", graph.name), &graph.file)?;
+            if let Some(weights) = &graph.weights {
+                check_file(&format!("graph `{}` weights", graph.name), weights)?;
+            }
             for (input, shape) in &graph.shapes {
                 if input.is_empty() || shape.len() > MAX_RANK {
                     return Err(invalid(format!(

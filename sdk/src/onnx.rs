@@ -250,7 +250,28 @@ pub fn onnx_manifest_with(
     version: &str,
     options: &OnnxOptions,
 ) -> Result<Manifest> {
-    let (mut inputs, outputs) = onnx_io(onnx_bytes)?;
+    let (inputs, outputs) = onnx_io(onnx_bytes)?;
+    let graph = GraphSpec {
+        name: ONNX_GRAPH_NAME.to_string(),
+        file: ONNX_GRAPH_FILE.to_string(),
+        encoding: GraphEncoding::Onnx,
+        shapes: BTreeMap::new(),
+        weights: None,
+    };
+    graph_manifest(inputs, outputs, graph, name, version, options)
+}
+
+/// The manifest of a model whose graph (`graph`, named `model` for the passthrough component)
+/// takes `inputs` and gives `outputs`: the pins applied, the graph analysed with the inputs'
+/// shapes, and default resources.
+pub fn graph_manifest(
+    mut inputs: Vec<TensorSpec>,
+    outputs: Vec<TensorSpec>,
+    mut graph: GraphSpec,
+    name: &str,
+    version: &str,
+    options: &OnnxOptions,
+) -> Result<Manifest> {
     for (input, pin) in &options.pins {
         let names: Vec<String> = inputs.iter().map(|i| i.name.clone()).collect();
         let spec = inputs
@@ -283,7 +304,7 @@ pub fn onnx_manifest_with(
             }
         }
     }
-    let shapes = inputs
+    graph.shapes = inputs
         .iter()
         .map(|i| (i.name.clone(), i.shape.clone()))
         .collect();
@@ -295,12 +316,7 @@ pub fn onnx_manifest_with(
         },
         inputs,
         outputs,
-        graphs: vec![GraphSpec {
-            name: ONNX_GRAPH_NAME.to_string(),
-            file: ONNX_GRAPH_FILE.to_string(),
-            encoding: GraphEncoding::Onnx,
-            shapes,
-        }],
+        graphs: vec![graph],
         ..Manifest::default()
     };
     manifest.hardware.backends = options.backends.clone();
@@ -359,8 +375,10 @@ pub fn pack_dir(dir: &Path, key: &SigningKey) -> Result<Vec<u8>> {
     let component = read(&manifest.component.file)?;
     let mut files = BTreeMap::new();
     for graph in &manifest.graphs {
-        if !files.contains_key(&graph.file) {
-            files.insert(graph.file.clone(), read(&graph.file)?);
+        for file in graph.files() {
+            if !files.contains_key(file) {
+                files.insert(file.to_string(), read(file)?);
+            }
         }
     }
     let files: Vec<(String, Vec<u8>)> = files.into_iter().collect();

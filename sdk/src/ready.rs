@@ -70,6 +70,7 @@ pub fn classifier_bundle(key: &SigningKey) -> Result<Vec<u8>> {
             file: "model.onnx".into(),
             encoding: GraphEncoding::Onnx,
             shapes: Default::default(),
+            weights: None,
         }],
         ..Manifest::default()
     };

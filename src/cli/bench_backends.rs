@@ -69,13 +69,13 @@ pub fn backends(
     println!("|---|---|---|---|---|---|---|");
     let key = keys::generate();
     for backend in present {
-        let (graph, _) = sophon_node::backend::load_graph(
-            sophon_sdk::GraphEncoding::Onnx,
-            &bytes,
-            &Default::default(),
-            &[backend],
+        let no_shapes = Default::default();
+        let graph = sophon_node::backend::load_graph_on(
+            &sophon_node::backend::GraphFile::onnx(&bytes, &no_shapes),
+            backend,
         )
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .graph;
         let repo = super::bench::repository_trusting(&key)?;
         let name = format!("bench_{}", backend.as_str());
         let bundle = sophon_sdk::pack_onnx_with(

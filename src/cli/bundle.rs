@@ -52,18 +52,26 @@ pub struct PackArgs {
     /// Pack this plain ONNX file with the generic passthrough component instead.
     #[arg(long, conflicts_with = "dir")]
     onnx: Option<PathBuf>,
-    /// Model name (with --onnx).
-    #[arg(long, requires = "onnx")]
+    /// Pack this OpenVINO IR model (the XML; its weights are the `.bin` beside it, or
+    /// --weights) with the passthrough component instead. Only the openvino backend runs it.
+    #[arg(long, conflicts_with_all = ["dir", "onnx"], value_name = "XML")]
+    openvino: Option<PathBuf>,
+    /// The weights of the --openvino model (default: the XML's path with `.bin`).
+    #[arg(long, requires = "openvino", value_name = "BIN")]
+    weights: Option<PathBuf>,
+    /// Model name (with --onnx or --openvino).
+    #[arg(long)]
     name: Option<String>,
-    /// Model version (with --onnx).
+    /// Model version (with --onnx or --openvino).
     #[arg(long, default_value = "1")]
     version: String,
     /// Pin an input's variable dimensions (with --onnx), as perf_analyzer's --shape does:
     /// NAME:d,d,... with -1 keeping a dimension variable. Repeat for several inputs.
-    #[arg(long = "shape", value_name = "NAME:DIMS", requires = "onnx", value_parser = parse_shape)]
+    #[arg(long = "shape", value_name = "NAME:DIMS", value_parser = parse_shape)]
     shapes: Vec<(String, Vec<i64>)>,
-    /// The wasi-nn backends to run the model on, best first (with --onnx): tract, ort. The
-    /// node uses the first it has that loads the graph; without this, its own order.
+    /// The wasi-nn backends to run the model on, best first (with --onnx): tract, ort,
+    /// openvino, tract-cuda. The node uses the first it has that loads the graph; without
+    /// this, the fastest it measures on the model's preferred device.
     #[arg(long = "backend", value_name = "NAME", requires = "onnx")]
     backends: Vec<sophon_sdk::Backend>,
     /// Output bundle file.
@@ -175,7 +183,7 @@ pub struct CheckArgs {
 /// exits 0 when the backend loaded the graph, 1 when it did not.
 pub fn check_backend(args: CheckArgs) -> anyhow::Result<()> {
     use std::io::Write as _;
-    use wasmtime_wasi_nn::backend::{BackendGraph, NamedTensor};
+    use wasmtime_wasi_nn::backend::BackendGraph;
     let model = std::fs::read(&args.onnx)?;
     let options = sophon_sdk::OnnxOptions {
         pins: args.shapes.into_iter().collect(),
@@ -183,10 +191,9 @@ pub fn check_backend(args: CheckArgs) -> anyhow::Result<()> {
     };
     let manifest = sophon_sdk::onnx::onnx_manifest_with(&model, "check", "1", &options)?;
     let graph = manifest.graphs.first().context("no graph")?;
-    let loaded =
-        sophon_node::backend::load_graph(graph.encoding, &model, &graph.shapes, &[args.backend]);
-    let graph = match loaded {
-        Ok((graph, _)) => graph,
+    let file = sophon_node::backend::GraphFile::onnx(&model, &graph.shapes);
+    let graph = match sophon_node::backend::load_graph_on(&file, args.backend) {
+        Ok(loaded) => loaded.graph,
         Err(e) => {
             println!("cannot load it: {e}");
             std::process::exit(1);
@@ -195,29 +202,9 @@ pub fn check_backend(args: CheckArgs) -> anyhow::Result<()> {
     // Said before running, in case the run kills this process.
     print!("loaded it");
     std::io::stdout().flush()?;
-    let inputs: Option<Vec<NamedTensor>> = manifest
-        .inputs
-        .iter()
-        .map(|spec| {
-            let (ty, width) = carrier(spec.datatype)?;
-            let dims: Vec<u32> = spec
-                .shape
-                .iter()
-                .enumerate()
-                .map(|(axis, d)| match *d {
-                    -1 if axis == 0 => 1,
-                    -1 => 32,
-                    d => d as u32,
-                })
-                .collect();
-            let count: usize = dims.iter().map(|d| *d as usize).product();
-            Some(NamedTensor {
-                name: spec.name.clone(),
-                tensor: wasmtime_wasi_nn::Tensor::new(dims, ty, vec![0; count * width]),
-            })
-        })
-        .collect();
-    let Some(inputs) = inputs else {
+    let Some(inputs) =
+        sophon_node::backend::choose::synthetic_inputs(&manifest.inputs, file.shapes)
+    else {
         println!(" (not run: an input type has no synthetic value)");
         return Ok(());
     };
@@ -240,31 +227,33 @@ pub fn check_backend(args: CheckArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The wasi-nn carrier of a V2 datatype (the type of the same width), and that width
-/// (`None`: BYTES).
-fn carrier(dt: sophon_sdk::Datatype) -> Option<(wasmtime_wasi_nn::wit::TensorType, usize)> {
-    use wasmtime_wasi_nn::wit::TensorType as T;
-    let width = dt.element_size()?;
-    let ty = match (dt, width) {
-        (sophon_sdk::Datatype::Fp32, _) => T::Fp32,
-        (sophon_sdk::Datatype::Fp64, _) => T::Fp64,
-        (_, 1) => T::U8,
-        (_, 2) => T::Fp16,
-        (_, 4) => T::I32,
-        _ => T::I64,
-    };
-    Some((ty, width))
-}
-
 pub fn pack(args: PackArgs) -> anyhow::Result<()> {
-    let key_path = args.key.unwrap_or_else(super::default_key_path);
+    let key_path = args.key.clone().unwrap_or_else(super::default_key_path);
     let key = keys::read_signing_key(&key_path).with_context(|| {
         format!(
             "reading the signing key {} (make one with `sophon keygen`)",
             key_path.display()
         )
     })?;
+    if args.dir.is_some()
+        && (args.name.is_some() || !args.shapes.is_empty() || !args.backends.is_empty())
+    {
+        bail!(
+            "--name, --shape and --backend go with --onnx or --openvino; a directory's sophon.toml says them"
+        );
+    }
     let (bytes, default_out) = match (&args.onnx, &args.dir) {
+        (None, None) if args.openvino.is_some() => {
+            let name = args
+                .name
+                .as_deref()
+                .context("--openvino needs --name NAME")?;
+            let bytes = pack_openvino(&args, name, &key)?;
+            (
+                bytes,
+                PathBuf::from(format!("{name}-{}.sbundle", args.version)),
+            )
+        }
         (Some(onnx), _) => {
             let name = args.name.as_deref().context("--onnx needs --name NAME")?;
             let model =
@@ -299,7 +288,9 @@ pub fn pack(args: PackArgs) -> anyhow::Result<()> {
                 PathBuf::from(format!("{}-{}.sbundle", m.name, m.version)),
             )
         }
-        (None, None) => bail!("give a manifest directory, or --onnx FILE --name NAME"),
+        (None, None) => bail!(
+            "give a manifest directory, or --onnx FILE --name NAME, or --openvino XML --name NAME"
+        ),
     };
     let out = args.out.unwrap_or(default_out);
     std::fs::write(&out, &bytes).with_context(|| format!("writing {}", out.display()))?;
@@ -311,6 +302,54 @@ pub fn pack(args: PackArgs) -> anyhow::Result<()> {
         bundle.digest_hex()
     );
     Ok(())
+}
+
+/// `pack --openvino`: an OpenVINO IR model (XML and weights) with the passthrough component.
+/// OpenVINO reads the model here to write its inputs and outputs into the manifest, so packing
+/// needs the library (the `openvino` wheel); the bundle claims the openvino backend alone.
+fn pack_openvino(
+    args: &PackArgs,
+    name: &str,
+    key: &sophon_sdk::SigningKey,
+) -> anyhow::Result<Vec<u8>> {
+    let xml_path = args.openvino.as_deref().context("--openvino XML")?;
+    let weights_path = args
+        .weights
+        .clone()
+        .unwrap_or_else(|| xml_path.with_extension("bin"));
+    let xml = std::fs::read(xml_path).with_context(|| format!("reading {}", xml_path.display()))?;
+    let weights = std::fs::read(&weights_path).with_context(|| {
+        format!(
+            "reading the weights {} (or give --weights)",
+            weights_path.display()
+        )
+    })?;
+    let (inputs, outputs) =
+        sophon_node::backend::openvino_model_io(&xml, &weights).map_err(anyhow::Error::msg)?;
+    let options = sophon_sdk::OnnxOptions {
+        pins: args.shapes.iter().cloned().collect(),
+        backends: vec![sophon_sdk::Backend::Openvino],
+        loads_on: vec![sophon_sdk::Backend::Openvino],
+    };
+    let graph = sophon_sdk::GraphSpec {
+        name: sophon_sdk::onnx::ONNX_GRAPH_NAME.to_string(),
+        file: "model.xml".to_string(),
+        encoding: sophon_sdk::GraphEncoding::Openvino,
+        shapes: Default::default(),
+        weights: Some("model.bin".to_string()),
+    };
+    let manifest =
+        sophon_sdk::onnx::graph_manifest(inputs, outputs, graph, name, &args.version, &options)?;
+    let files = [
+        ("model.xml".to_string(), xml),
+        ("model.bin".to_string(), weights),
+    ];
+    Ok(sophon_sdk::pack_parts(
+        &manifest,
+        components::PASSTHROUGH,
+        &files,
+        key,
+    )?)
 }
 
 #[derive(clap::Args, Debug)]
@@ -360,6 +399,10 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
             "graph      {} ({:?}, {}, {} bytes)",
             g.name, g.encoding, g.file, size
         );
+        if let Some(weights) = &g.weights {
+            let size = bundle.files.get(weights).map_or(0, Vec::len);
+            println!("  weights {weights} ({size} bytes)");
+        }
         for (input, shape) in &g.shapes {
             println!("  analysed with {input} {shape:?}");
         }

@@ -1,9 +1,10 @@
-"""wasi-nn backends: the same bundles on ONNX Runtime as on tract, the fallback from tract to
-ONNX Runtime, and a node without ONNX Runtime.
+"""wasi-nn backends: the same bundles on ONNX Runtime and OpenVINO as on tract, OpenVINO IR
+bundles, the fallback from tract to the native backends, the node's measured choice, and a node
+without ONNX Runtime or OpenVINO.
 
 The node loads `libonnxruntime` from the `onnxruntime` wheel in `.venv` (scripts/test installs
-it for the reference outputs), so both sides run the same library: outputs must agree within
-1e-4 in every datatype.
+it for the reference outputs) and `libopenvino_c` from the `openvino` wheel: outputs must agree
+with onnxruntime in Python within 1e-4 in every datatype.
 """
 
 from __future__ import annotations
@@ -23,6 +24,22 @@ from conftest import new_publisher, pack, run_cli, start_dev, stop_dev
 from test_triton_client import assert_matches, infer_inputs, make_inputs, reference
 
 MODELS = sorted(gen_models.GENERATED) + sorted(gen_models.PUBLISHED)
+NATIVE = ["ort", "openvino"]
+# The published squeezenet's weights are constant fills, so its 1000 logits tie; OpenVINO itself
+# (in Python too) answers 0 for 8 of them where onnxruntime answers 0.001. There the node's
+# OpenVINO backend must match OpenVINO in Python; `squeezenet_rw` (seeded weights) matches
+# onnxruntime.
+OPENVINO_DIFFERS = {("squeezenet", "openvino")}
+
+
+def openvino_reference(path, feeds: dict) -> dict:
+    import openvino as ov
+
+    core = ov.Core()
+    compiled = core.compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    result = compiled(feeds)
+    return {out.get_any_name(): result[out] for out in compiled.outputs}
+PREFIX = {"ort": "onnxruntime", "openvino": "openvino"}
 
 
 def make_det() -> onnx.ModelProto:
@@ -45,8 +62,11 @@ def backends(tmp_path_factory, sophon_bin):
     onnx.save(make_det(), str(det))
     models, bundles = {}, {}
     for name, path in paths.items():
-        models[f"{name}_ort"] = path
-        bundles[f"{name}_ort"] = pack(sophon_bin, key, path, f"{name}_ort", work / f"{name}_ort.sbundle", "--backend", "ort")
+        for backend in NATIVE:
+            models[f"{name}_{backend}"] = path
+            bundles[f"{name}_{backend}"] = pack(
+                sophon_bin, key, path, f"{name}_{backend}", work / f"{name}_{backend}.sbundle", "--backend", backend
+            )
     # No backend named: tract first, and ONNX Runtime when tract cannot load it.
     models["det"] = det
     bundles["det"] = pack(sophon_bin, key, det, "det", work / "det.sbundle")
@@ -62,14 +82,19 @@ def ort_client(backends):
     c.close()
 
 
+@pytest.mark.parametrize("backend", NATIVE)
 @pytest.mark.parametrize("model", MODELS)
-def test_onnxruntime_backend_matches_onnxruntime_in_every_datatype(backends, ort_client, model):
-    name = f"{model}_ort"
-    how = ort_client.get_model_config(name)["parameters"]["sophon_graph_model"]["string_value"]
-    assert how.startswith("onnxruntime"), how
+def test_native_backend_matches_onnxruntime_in_every_datatype(backends, ort_client, model, backend):
+    name = f"{model}_{backend}"
+    config = ort_client.get_model_config(name)
+    how = config["parameters"]["sophon_graph_model"]["string_value"]
+    assert how.startswith(PREFIX[backend]), how
+    assert config["backend"] == PREFIX[backend] and config["instance_group"][0]["kind"] == "KIND_CPU", config
     for batch, binary in [(1, True), (3, False)]:
         feeds = make_inputs(backends, name, batch=batch, seed=batch)
         want = reference(backends, name, feeds)
+        if (model, backend) in OPENVINO_DIFFERS:
+            want = openvino_reference(backends.models[name], feeds)
         result = ort_client.infer(name, infer_inputs(feeds, binary))
         for output, ref in want.items():
             assert_matches(result.as_numpy(output), ref, f"{name}/{output} batch {batch}")
@@ -88,7 +113,7 @@ def test_a_graph_tract_cannot_load_runs_on_onnxruntime(backends, ort_client, sop
     assert "ort   loaded it and ran it" in packed.stdout, packed.stdout
     assert "warning: tract cannot load this model" in packed.stderr, packed.stderr
     how = ort_client.get_model_config("det")["parameters"]["sophon_graph_model"]["string_value"]
-    assert how.startswith("onnxruntime") and "not tract" in how and "Det" in how, how
+    assert how.startswith(("onnxruntime", "openvino")) and "not tract" in how and "Det" in how, how
     x = np.array([[[2, 0, 0], [0, 3, 0], [0, 0, 4]], [[1, 2, 3], [0, 1, 4], [5, 6, 0]]], np.float32)
     result = ort_client.infer("det", infer_inputs({"x": x}, True))
     np.testing.assert_allclose(result.as_numpy("y"), [24.0, 1.0], rtol=1e-5)
@@ -103,7 +128,7 @@ def test_a_graph_tract_cannot_load_runs_on_onnxruntime(backends, ort_client, sop
     np.testing.assert_allclose(result.as_numpy("y"), [24.0, 1.0], rtol=1e-5)
 
 
-def test_without_onnxruntime_the_node_serves_on_tract_and_says_why(tmp_path, sophon_bin):
+def test_without_native_libraries_the_node_serves_on_tract_and_says_why(tmp_path, sophon_bin):
     key, pub = new_publisher(sophon_bin, tmp_path)
     paths = gen_models.generate(tmp_path / "models")
     det = tmp_path / "det.onnx"
@@ -111,27 +136,31 @@ def test_without_onnxruntime_the_node_serves_on_tract_and_says_why(tmp_path, sop
     mlp = pack(sophon_bin, key, paths["gen_mlp"], "gen_mlp", tmp_path / "mlp.sbundle")
     on_ort = pack(sophon_bin, key, paths["gen_mlp"], "mlp_ort", tmp_path / "mlp_ort.sbundle", "--backend", "ort")
     nowhere = str(tmp_path / "no-such-libonnxruntime.so")
-    env = dict(os.environ, ORT_DYLIB_PATH=nowhere)
+    ov_nowhere = str(tmp_path / "no-such-libopenvino_c.so")
+    hidden = {"ORT_DYLIB_PATH": nowhere, "OPENVINO_DYLIB_PATH": ov_nowhere}
+    env = dict(os.environ, **hidden)
     # A bundle that only ONNX Runtime can run is refused at load, with each backend's reason.
-    for bundle, said in [(on_ort, "ort: ORT_DYLIB_PATH"), (pack(sophon_bin, key, det, "det", tmp_path / "det.sbundle"), "Det")]:
+    for bundle, said in [(on_ort, "ort: absent (ORT_DYLIB_PATH"), (pack(sophon_bin, key, det, "det", tmp_path / "det.sbundle"), "Det")]:
         refused = subprocess.run(
             [sophon_bin, "dev", "--no-coordinator", "--no-examples", "--http", "127.0.0.1:0", "--trust", str(pub),
              "--bundle", str(bundle)],
             capture_output=True, text=True, timeout=120, env=env, stdin=subprocess.DEVNULL,
         )
         assert refused.returncode != 0 and said in refused.stderr, refused.stderr
-    old = os.environ.get("ORT_DYLIB_PATH")
-    os.environ["ORT_DYLIB_PATH"] = nowhere
+    old = {k: os.environ.get(k) for k in hidden}
+    os.environ.update(hidden)
     try:
         n = start_dev(sophon_bin, tmp_path, pub, {"gen_mlp": paths["gen_mlp"]}, {"gen_mlp": mlp})
     finally:
-        if old is None:
-            del os.environ["ORT_DYLIB_PATH"]
-        else:
-            os.environ["ORT_DYLIB_PATH"] = old
+        for k, v in old.items():
+            if v is None:
+                del os.environ[k]
+            else:
+                os.environ[k] = v
     try:
         banner = n.stdout_path.read_text()
         assert "ort: absent (ORT_DYLIB_PATH=" in banner, banner
+        assert "openvino: absent (OPENVINO_DYLIB_PATH=" in banner, banner
         c = httpclient.InferenceServerClient(url=n.url)
         how = c.get_model_config("gen_mlp")["parameters"]["sophon_graph_model"]["string_value"]
         assert how.startswith("tract"), how
@@ -157,4 +186,96 @@ def test_without_cuda_tract_cuda_is_absent_and_says_why(tmp_path, sophon_bin, ba
          "--bundle", str(on_cuda)],
         capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
     )
-    assert refused.returncode != 0 and "tract-cuda: no CUDA" in refused.stderr, refused.stderr
+    assert refused.returncode != 0 and "tract-cuda: absent (no CUDA" in refused.stderr, refused.stderr
+
+
+def test_openvino_ir_bundle_matches_onnxruntime(tmp_path, sophon_bin):
+    # OpenVINO's own format: the model converted to IR (XML and weights) by OpenVINO in Python,
+    # packed with `sophon pack --openvino`, served by the openvino backend.
+    import openvino as ov
+
+    key, pub = new_publisher(sophon_bin, tmp_path)
+    paths = gen_models.generate(tmp_path / "models")
+    xml = tmp_path / "mlp.xml"
+    # Weights kept in f32 (save_model halves them to f16 by default).
+    ov.save_model(ov.convert_model(str(paths["gen_mlp"])), str(xml), compress_to_fp16=False)
+    bundle = tmp_path / "mlp_ir.sbundle"
+    run_cli(sophon_bin, "pack", "--openvino", str(xml), "--name", "mlp_ir", "-o", str(bundle), "--key", str(key))
+    shown = run_cli(sophon_bin, "inspect", str(bundle))
+    assert "openvino" in shown.stdout and "model.bin" in shown.stdout, shown.stdout
+    n = start_dev(sophon_bin, tmp_path, pub, {"mlp_ir": paths["gen_mlp"]}, {"mlp_ir": bundle})
+    try:
+        c = httpclient.InferenceServerClient(url=n.url)
+        config = c.get_model_config("mlp_ir")
+        assert config["backend"] == "openvino", config
+        for batch in [1, 4]:
+            feeds = make_inputs(n, "mlp_ir", batch=batch, seed=batch)
+            want = reference(n, "mlp_ir", feeds)
+            result = c.infer("mlp_ir", infer_inputs(feeds, True))
+            for output, ref in want.items():
+                assert_matches(result.as_numpy(output), ref, f"mlp_ir/{output} batch {batch}")
+    finally:
+        stop_dev(n)
+    # IR is OpenVINO's alone: a node without it refuses the bundle at load, saying why.
+    refused = subprocess.run(
+        [sophon_bin, "dev", "--no-coordinator", "--no-examples", "--http", "127.0.0.1:0", "--trust", str(pub),
+         "--bundle", str(bundle)],
+        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+        env=dict(os.environ, OPENVINO_DYLIB_PATH=str(tmp_path / "nowhere.so")),
+    )
+    assert refused.returncode != 0 and "openvino: absent (OPENVINO_DYLIB_PATH=" in refused.stderr, refused.stderr
+
+
+def test_the_node_measures_the_backends_and_keeps_the_choice(tmp_path, sophon_bin):
+    # No backend named: every CPU backend loads the graph, each runs it on zeros shaped by the
+    # manifest, the fastest serves it, and a restart reuses the measurement.
+    key, pub = new_publisher(sophon_bin, tmp_path)
+    paths = gen_models.generate(tmp_path / "models")
+    bundle = pack(sophon_bin, key, paths["gen_mlp"], "gen_mlp", tmp_path / "mlp.sbundle")
+    hows = []
+    for _ in range(2):
+        n = start_dev(sophon_bin, tmp_path, pub, {"gen_mlp": paths["gen_mlp"]}, {"gen_mlp": bundle})
+        try:
+            c = httpclient.InferenceServerClient(url=n.url)
+            hows.append(c.get_model_config("gen_mlp")["parameters"]["sophon_graph_model"]["string_value"])
+            feeds = make_inputs(n, "gen_mlp", batch=2)
+            want = reference(n, "gen_mlp", feeds)
+            result = c.infer("gen_mlp", infer_inputs(feeds, True))
+            for output, ref in want.items():
+                assert_matches(result.as_numpy(output), ref, f"gen_mlp/{output}")
+        finally:
+            stop_dev(n)
+    first, second = hows
+    if "as measured at an earlier load" not in first:  # a shared SOPHON_E2E_CACHE_DIR may hold it
+        assert "the fastest here on a synthetic input (" in first, first
+        for backend in ["tract", "ort", "openvino"]:
+            assert f"{backend} " in first.split("synthetic input (")[1], first
+    assert "as measured at an earlier load" in second, second
+    assert second.split(";")[0] == first.split(";")[0], (first, second)
+
+
+def test_a_graph_no_backend_runs_is_refused_with_each_reason(tmp_path, sophon_bin):
+    graph = helper.make_graph(
+        [helper.make_node("NoSuchOp", ["x"], ["y"], domain="com.example")],
+        "alien",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("com.example", 1)], ir_version=8
+    )
+    path = tmp_path / "alien.onnx"
+    onnx.save(model, str(path))
+    key, pub = new_publisher(sophon_bin, tmp_path)
+    packed = run_cli(sophon_bin, "pack", "--onnx", str(path), "--name", "alien", "-o", str(tmp_path / "a.sbundle"),
+                     "--key", str(key))
+    assert "warning: no backend here loads this model" in packed.stderr, packed.stderr
+    refused = subprocess.run(
+        [sophon_bin, "dev", "--no-coordinator", "--no-examples", "--http", "127.0.0.1:0", "--trust", str(pub),
+         "--bundle", str(tmp_path / "a.sbundle")],
+        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+    )
+    assert refused.returncode != 0, refused.stderr
+    for backend in ["tract:", "ort:", "openvino:", "tract-cuda: absent"]:
+        assert backend in refused.stderr, (backend, refused.stderr)
+    assert "NoSuchOp" in refused.stderr, refused.stderr

@@ -2,59 +2,116 @@
 //!
 //! Each backend implements wasmtime-wasi-nn's `BackendInner` (load a graph), `BackendGraph`
 //! (make an execution context) and `BackendExecutionContext` (run it), one file per backend. The
-//! default is [`tract`], pure Rust, so a node needs no native library. ONNX Runtime and OpenVINO
-//! plug in beside it behind the same traits (a later issue) and are picked by
-//! the manifest's [`GraphEncoding`] and by what the machine has.
+//! default is [`tract`], pure Rust, so a node needs no native library. ONNX Runtime ([`ort`]) and
+//! OpenVINO ([`openvino`]) are loaded at run time where the machine has them; tract also runs on
+//! NVIDIA GPUs through tract-cuda. [`choose`] picks the backend and device for each graph.
 //!
 //! Tensor types: wasi-nn has fewer types than the V2 protocol, so the guest SDK sends the missing
 //! ones in a carrier of the same element width (see `sophon_guest::nn`); backends reinterpret a
 //! carrier as the model's declared type. Anything else is a clear error, never a panic.
 
+pub mod choose;
 pub mod memory;
+pub mod native;
+#[cfg(feature = "openvino")]
+pub mod openvino;
 #[cfg(feature = "ort")]
 pub mod ort;
 pub mod tract;
 
 use std::cell::RefCell;
+use std::collections::BTreeMap;
 
-use sophon_sdk::{Backend, GraphEncoding};
+use sophon_sdk::{Backend, Device, GraphEncoding};
 use wasmtime_wasi_nn::Graph;
+
+pub use choose::{Choice, Loaded, load_graph, load_graph_on};
 
 /// Errors from loading a model file into a backend.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    /// No backend on this node handles this encoding.
-    #[error(
-        "no backend on this node loads `{0}` graphs (available: onnx via tract or onnxruntime)"
-    )]
-    UnsupportedEncoding(String),
     /// Every backend tried refused the model file; each one's reason.
     #[error("{}", .0.join("; "))]
     Backend(Vec<String>),
 }
 
-/// The backends a node tries when the manifest names none, best first. A model whose
-/// manifest prefers the GPU tries tract on CUDA first.
-pub const DEFAULT_BACKENDS: [Backend; 2] = [Backend::Tract, Backend::Ort];
+/// The backends a node tries on the CPU when the manifest names none, in the order used when
+/// they cannot be measured.
+pub const CPU_BACKENDS: [Backend; 3] = [Backend::Tract, Backend::Ort, Backend::Openvino];
 
 /// Every backend a node may have.
-pub const ALL_BACKENDS: [Backend; 3] = [Backend::Tract, Backend::Ort, Backend::TractCuda];
+pub const ALL_BACKENDS: [Backend; 4] = [
+    Backend::Tract,
+    Backend::Ort,
+    Backend::Openvino,
+    Backend::TractCuda,
+];
+
+/// A model file to load: what the manifest's `[[graphs]]` entry and the bundle give.
+#[derive(Clone, Copy)]
+pub struct GraphFile<'a> {
+    pub encoding: GraphEncoding,
+    pub bytes: &'a [u8],
+    /// OpenVINO IR: the weights beside the XML.
+    pub weights: Option<&'a [u8]>,
+    /// The manifest's `[[graphs]] shapes`.
+    pub shapes: &'a BTreeMap<String, Vec<i64>>,
+}
+
+impl<'a> GraphFile<'a> {
+    /// An ONNX file with its input shapes.
+    pub fn onnx(bytes: &'a [u8], shapes: &'a BTreeMap<String, Vec<i64>>) -> GraphFile<'a> {
+        GraphFile {
+            encoding: GraphEncoding::Onnx,
+            bytes,
+            weights: None,
+            shapes,
+        }
+    }
+}
 
 /// What a node's backends are: each one, and whether it is here (`Err`: why not).
 pub fn inventory() -> Vec<(Backend, Result<String, String>)> {
-    ALL_BACKENDS
-        .iter()
-        .map(|b| {
-            let state = match b {
-                Backend::Tract => Ok(format!("tract {} (CPU)", TRACT_VERSION)),
-                Backend::Ort => ort_available(),
-                Backend::TractCuda => {
-                    tract::cuda().map(|_| format!("tract {} (CUDA)", TRACT_VERSION))
-                }
-            };
-            (*b, state)
-        })
-        .collect()
+    ALL_BACKENDS.iter().map(|b| (*b, describe(*b))).collect()
+}
+
+fn describe(backend: Backend) -> Result<String, String> {
+    match backend {
+        Backend::Tract => Ok(format!("tract {TRACT_VERSION} (CPU)")),
+        Backend::Ort => ort_available().map(|path| format!("onnxruntime ({}) (CPU)", path)),
+        Backend::Openvino => openvino_available().map(|(path, version, devices)| {
+            format!("openvino {version} ({path}) ({})", devices.join(", "))
+        }),
+        Backend::TractCuda => tract::cuda().map(|_| format!("tract {TRACT_VERSION} (CUDA)")),
+    }
+}
+
+/// The devices a backend can run graphs on here (none: the backend is absent).
+pub fn devices_of(backend: Backend) -> Vec<Device> {
+    match backend {
+        Backend::Tract => vec![Device::Cpu],
+        Backend::Ort if ort_available().is_ok() => vec![Device::Cpu],
+        Backend::Openvino => openvino_available()
+            .map(|(_, _, devices)| {
+                let mut kinds: Vec<Device> =
+                    devices.iter().filter_map(|d| device_kind(d)).collect();
+                kinds.dedup();
+                kinds
+            })
+            .unwrap_or_default(),
+        Backend::TractCuda if tract::cuda().is_ok() => vec![Device::Gpu],
+        _ => Vec::new(),
+    }
+}
+
+/// The kind of an OpenVINO device name (`CPU`, `GPU.0`, `NPU`).
+fn device_kind(name: &str) -> Option<Device> {
+    match name.split('.').next()? {
+        "CPU" => Some(Device::Cpu),
+        "GPU" => Some(Device::Gpu),
+        "NPU" => Some(Device::Npu),
+        _ => None,
+    }
 }
 
 /// The tract release the node is built with.
@@ -62,7 +119,7 @@ const TRACT_VERSION: &str = "0.23";
 
 #[cfg(feature = "ort")]
 fn ort_available() -> Result<String, String> {
-    ort::available().map(|path| format!("onnxruntime ({}) (CPU)", path.display()))
+    ort::available().map(|path| path.display().to_string())
 }
 
 #[cfg(not(feature = "ort"))]
@@ -70,67 +127,49 @@ fn ort_available() -> Result<String, String> {
     Err("this sophon was built without the `ort` feature".to_string())
 }
 
-/// Load one model file as a graph on the first of `backends` (the manifest's order, or
-/// [`DEFAULT_BACKENDS`]) that takes it, its inputs shaped by `shapes` (the manifest's
-/// `[[graphs]] shapes`). Also says how it runs. When none does, the error has each backend's
-/// reason.
-pub fn load_graph(
-    encoding: GraphEncoding,
-    bytes: &[u8],
-    shapes: &std::collections::BTreeMap<String, Vec<i64>>,
-    backends: &[Backend],
-) -> Result<(Graph, String), LoadError> {
-    load_graph_preferring(encoding, bytes, shapes, backends, false)
+#[cfg(feature = "openvino")]
+fn openvino_available() -> Result<(String, String, Vec<String>), String> {
+    openvino::available()
+        .map(|(path, version, devices)| (path.display().to_string(), version, devices))
 }
 
-/// [`load_graph`]; with `gpu_first` (the manifest prefers the GPU) and no backends named,
-/// tract on CUDA is tried first.
-pub fn load_graph_preferring(
-    encoding: GraphEncoding,
-    bytes: &[u8],
-    shapes: &std::collections::BTreeMap<String, Vec<i64>>,
-    backends: &[Backend],
-    gpu_first: bool,
-) -> Result<(Graph, String), LoadError> {
-    if encoding == GraphEncoding::Openvino {
-        return Err(LoadError::UnsupportedEncoding("openvino".to_string()));
-    }
-    let gpu_order = [Backend::TractCuda, Backend::Tract, Backend::Ort];
-    let order = match (backends.is_empty(), gpu_first) {
-        (false, _) => backends,
-        (true, true) => &gpu_order[..],
-        (true, false) => &DEFAULT_BACKENDS[..],
-    };
-    let mut refused = Vec::new();
-    for backend in order {
-        match load_on(*backend, bytes, shapes) {
-            Ok((graph, how)) => {
-                let how = if refused.is_empty() {
-                    how
-                } else {
-                    format!("{how} (not {})", refused.join("; "))
-                };
-                return Ok((graph, how));
-            }
-            Err(e) => refused.push(format!("{}: {e}", backend.as_str())),
-        }
-    }
-    Err(LoadError::Backend(refused))
+#[cfg(not(feature = "openvino"))]
+fn openvino_available() -> Result<(String, String, Vec<String>), String> {
+    Err("this sophon was built without the `openvino` feature".to_string())
 }
 
+/// The inputs and outputs of an OpenVINO IR model, as OpenVINO reads them.
+pub fn openvino_model_io(
+    xml: &[u8],
+    weights: &[u8],
+) -> Result<(Vec<sophon_sdk::TensorSpec>, Vec<sophon_sdk::TensorSpec>), String> {
+    #[cfg(feature = "openvino")]
+    return openvino::model_io(xml, weights);
+    #[cfg(not(feature = "openvino"))]
+    {
+        let _ = (xml, weights);
+        Err(openvino_available().unwrap_err())
+    }
+}
+
+/// Load a graph on one backend and device. Also says how it runs.
 fn load_on(
     backend: Backend,
-    bytes: &[u8],
-    shapes: &std::collections::BTreeMap<String, Vec<i64>>,
+    device: Device,
+    file: &GraphFile<'_>,
 ) -> Result<(Graph, String), String> {
     use wasmtime_wasi_nn::backend::BackendGraph;
+    let boxed = |g: Box<dyn BackendGraph>| Graph::from(g);
+    if file.encoding == GraphEncoding::Openvino && backend != Backend::Openvino {
+        return Err("it reads ONNX, not OpenVINO IR".to_string());
+    }
     match backend {
         Backend::Tract | Backend::TractCuda => {
             let (device, on) = match backend {
                 Backend::TractCuda => (tract::Device::Cuda, "tract on CUDA"),
                 _ => (tract::Device::Cpu, "tract on CPU"),
             };
-            let graph = tract::TractGraph::from_onnx_on(bytes, shapes, device)
+            let graph = tract::TractGraph::from_onnx_on(file.bytes, file.shapes, device)
                 .map_err(|e| format!("{e:#}"))?;
             let how = match graph.per_shape() {
                 None => format!("{on}, one plan for every input shape"),
@@ -139,18 +178,31 @@ fn load_on(
                      `sophon pack --shape` to avoid it), because: {why}"
                 ),
             };
-            Ok((Graph::from(Box::new(graph) as Box<dyn BackendGraph>), how))
+            Ok((boxed(Box::new(graph)), how))
         }
         #[cfg(feature = "ort")]
         Backend::Ort => {
-            let graph = ort::OrtGraph::from_onnx(bytes)?;
-            Ok((
-                Graph::from(Box::new(graph) as Box<dyn BackendGraph>),
-                "onnxruntime on CPU".to_string(),
-            ))
+            if device != Device::Cpu {
+                return Err(format!("no {device:?} execution provider here"));
+            }
+            let graph = ort::OrtGraph::from_onnx(file.bytes)?;
+            Ok((boxed(Box::new(graph)), "onnxruntime on CPU".to_string()))
         }
         #[cfg(not(feature = "ort"))]
         Backend::Ort => Err(ort_available().unwrap_err()),
+        #[cfg(feature = "openvino")]
+        Backend::Openvino => {
+            let name = openvino::device_for(device).ok_or_else(|| match openvino_available() {
+                Err(why) => why,
+                Ok((_, _, devices)) => {
+                    format!("no {device:?} device (it has {})", devices.join(", "))
+                }
+            })?;
+            let graph = openvino::OvGraph::load(file.bytes, file.weights, file.shapes, &name)?;
+            Ok((boxed(Box::new(graph)), format!("openvino on {name}")))
+        }
+        #[cfg(not(feature = "openvino"))]
+        Backend::Openvino => Err(openvino_available().unwrap_err()),
     }
 }
 

@@ -31,6 +31,7 @@ fn manifest() -> Manifest {
             file: "m.onnx".into(),
             encoding: GraphEncoding::Onnx,
             shapes: Default::default(),
+            weights: None,
         }],
         ..Manifest::default()
     }
@@ -68,12 +69,14 @@ fn round_trip() {
         file: "m.onnx".into(),
         encoding: GraphEncoding::Onnx,
         shapes: Default::default(),
+        weights: None,
     });
     m.graphs.push(GraphSpec {
         name: "other".into(),
         file: "weights/b.onnx".into(),
         encoding: GraphEncoding::Openvino,
         shapes: Default::default(),
+        weights: None,
     });
     let mut given = files();
     given.push(("weights/b.onnx".into(), vec![7; 1000]));
