@@ -148,6 +148,8 @@ pub struct LoadedModel {
     pub concurrency: usize,
     /// Where and how each graph runs.
     pub graphs: Vec<GraphRun>,
+    /// GPU memory its graphs hold (given back when the model is dropped).
+    pub gpu_memory: Vec<crate::hardware::GpuReservation>,
     /// Manifest outputs by name, to relabel carrier datatypes coming back from wasi-nn.
     outputs_by_name: HashMap<String, Datatype>,
 }
@@ -163,7 +165,7 @@ pub struct GraphRun {
 }
 
 impl LoadedModel {
-    /// The device its graphs run on: the GPU or NPU when one of them does, else the CPU.
+    /// The device its graphs run on: the NPU or GPU when one of them does, else the CPU.
     pub fn device(&self) -> sophon_sdk::Device {
         self.graphs
             .iter()
@@ -338,6 +340,7 @@ impl Repository {
         };
         let mut graphs = HashMap::new();
         let mut how = Vec::new();
+        let mut reservations = Vec::new();
         for graph in &manifest.graphs {
             let file = backend::GraphFile {
                 encoding: graph.encoding,
@@ -359,11 +362,13 @@ impl Repository {
                 preferred: &manifest.hardware.preferred,
                 probe,
                 cache_dir: self.runtime.config.cache_dir.as_deref(),
+                gpu_memory_mb: manifest.hardware.min_gpu_memory_mb,
             };
             let loaded = backend::load_graph(&file, &choice)
                 .map_err(|e| fail(format!("graph `{}`: {e}", graph.name)))?;
             tracing::info!(model = %name, graph = %graph.name, "{}", loaded.how);
             graphs.insert(graph.name.clone(), loaded.graph);
+            reservations.extend(loaded.gpu_memory);
             how.push(GraphRun {
                 name: graph.name.clone(),
                 backend: loaded.backend,
@@ -396,8 +401,16 @@ impl Repository {
             model = %name, version = %version, digest = %bundle.digest_hex(),
             aot = ?model.origin(), "model loaded"
         );
+        let device = how
+            .iter()
+            .map(|g| g.device)
+            .max()
+            .unwrap_or(sophon_sdk::Device::Cpu);
         Ok(LoadedModel {
-            metrics: self.metrics.for_model(&name, &version),
+            metrics: self
+                .metrics
+                .for_model(&name, &version, backend::choose::name(device)),
+            gpu_memory: reservations,
             outputs_by_name: manifest
                 .outputs
                 .iter()

@@ -121,13 +121,14 @@ impl Metrics {
     /// Create and register every family (and the process collector).
     pub fn new() -> anyhow::Result<Metrics> {
         let registry = Registry::new();
-        let labels = &["model", "version"];
+        // `device`: where the model's graphs run (`cpu`, `gpu`, `npu`).
+        let labels = &["model", "version", "device"];
         let requests = IntCounterVec::new(
             Opts::new(
                 "sophon_inference_requests_total",
                 "Inference requests by model, version and outcome",
             ),
-            &["model", "version", "outcome"],
+            &["model", "version", "device", "outcome"],
         )?;
         let hist = |name: &str, help: &str| {
             HistogramVec::new(
@@ -160,6 +161,7 @@ impl Metrics {
         registry.register(Box::new(inflight_model.clone()))?;
         registry.register(Box::new(inflight.clone()))?;
         registry.register(Box::new(models_loaded.clone()))?;
+        register_hardware(&registry)?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
@@ -176,18 +178,20 @@ impl Metrics {
         })
     }
 
-    /// Pre-resolved handles for one model version, so the hot path does no label lookups.
-    pub fn for_model(&self, model: &str, version: &str) -> ModelMetrics {
+    /// Pre-resolved handles for one model version running on `device`, so the hot path does
+    /// no label lookups.
+    pub fn for_model(&self, model: &str, version: &str, device: &str) -> ModelMetrics {
         ModelMetrics {
             model: model.to_string(),
             version: version.to_string(),
+            device: device.to_string(),
             requests: self.requests.clone(),
             success: self
                 .requests
-                .with_label_values(&[model, version, "success"]),
-            queue: self.queue.with_label_values(&[model, version]),
-            compute: self.compute.with_label_values(&[model, version]),
-            total: self.total.with_label_values(&[model, version]),
+                .with_label_values(&[model, version, device, "success"]),
+            queue: self.queue.with_label_values(&[model, version, device]),
+            compute: self.compute.with_label_values(&[model, version, device]),
+            total: self.total.with_label_values(&[model, version, device]),
             inflight: self.inflight_model.with_label_values(&[model]),
         }
     }
@@ -204,10 +208,46 @@ impl Metrics {
     }
 }
 
+/// What the node has, as gauges: each backend (1 here, 0 absent), CPU cores, and each NVIDIA
+/// GPU's memory.
+fn register_hardware(registry: &Registry) -> prometheus::Result<()> {
+    let hw = crate::hardware::hardware();
+    let backends = IntGaugeVec::new(
+        Opts::new(
+            "sophon_node_backend_present",
+            "wasi-nn backends of this node: 1 present, 0 absent",
+        ),
+        &["backend"],
+    )?;
+    for (backend, state) in &hw.backends {
+        backends
+            .with_label_values(&[backend.as_str()])
+            .set(i64::from(state.is_ok()));
+    }
+    let cores = IntGauge::new("sophon_node_cpu_cores", "CPU cores of this node")?;
+    cores.set(hw.cpu_cores as i64);
+    let gpus = IntGaugeVec::new(
+        Opts::new(
+            "sophon_node_gpu_memory_bytes",
+            "Memory of each NVIDIA GPU of this node",
+        ),
+        &["gpu", "name"],
+    )?;
+    for g in &hw.gpus {
+        gpus.with_label_values(&[&g.index.to_string(), &g.name])
+            .set((g.memory_mb << 20) as i64);
+    }
+    registry.register(Box::new(backends))?;
+    registry.register(Box::new(cores))?;
+    registry.register(Box::new(gpus))?;
+    Ok(())
+}
+
 /// One model version's metric handles.
 pub struct ModelMetrics {
     model: String,
     version: String,
+    device: String,
     requests: IntCounterVec,
     success: IntCounter,
     /// Queue wait.
@@ -227,7 +267,7 @@ impl ModelMetrics {
             self.success.inc();
         } else {
             self.requests
-                .with_label_values(&[&self.model, &self.version, outcome])
+                .with_label_values(&[&self.model, &self.version, &self.device, outcome])
                 .inc();
         }
     }

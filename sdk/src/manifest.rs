@@ -149,6 +149,15 @@ pub struct Hardware {
     /// checked, any node.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub loads_on: Vec<Backend>,
+    /// GPU memory the model needs (MiB). A node reserves it on a GPU before loading the model
+    /// there, and runs the model elsewhere when no GPU has that much left. 0: the memory the
+    /// load is seen to take.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub min_gpu_memory_mb: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Default for Hardware {
@@ -157,6 +166,7 @@ impl Default for Hardware {
             preferred: vec![Device::Cpu],
             backends: Vec::new(),
             loads_on: Vec::new(),
+            min_gpu_memory_mb: 0,
         }
     }
 }

@@ -362,14 +362,9 @@ fn print_banner(addr: SocketAddr, repo: &Repository) {
             pixels.join(",")
         );
     }
-    let backends: Vec<String> = sophon_node::backend::inventory()
-        .into_iter()
-        .map(|(backend, here)| match here {
-            Ok(what) => what,
-            Err(why) => format!("{}: absent ({why})", backend.as_str()),
-        })
-        .collect();
-    println!("Backends: {}", backends.join("; "));
+    for line in sophon_node::hardware::hardware().describe() {
+        println!("{line}");
+    }
     println!("Metrics: http://{addr}/metrics   Stop: Ctrl-C");
 }
 

@@ -298,6 +298,8 @@ pub fn run(cmd: NodeCmd, client: &ClientArgs) -> anyhow::Result<()> {
                     ("cores", cell(&n["inventory"]["cpu_cores"])),
                     ("memory (MiB)", cell(&n["inventory"]["memory_mb"])),
                     ("backends", cell(&n["inventory"]["backends"])),
+                    ("gpus", accelerators(&n["inventory"]["gpus"])),
+                    ("npus", accelerators(&n["inventory"]["npus"])),
                     ("heard (ms ago)", cell(&v["live"]["last_heard_ms_ago"])),
                 ]);
                 for r in v["replicas"].as_array().into_iter().flatten() {
@@ -383,8 +385,29 @@ fn serve_node(data: PathBuf, serve: ServeArgs) -> anyhow::Result<()> {
             server.local_addr()?,
             mesh.file.mesh_address
         );
+        for line in sophon_node::hardware::hardware().describe() {
+            println!("{line}");
+        }
         server.run(super::dev::shutdown_signal()).await
     });
     rt.shutdown_timeout(Duration::from_secs(1));
     served
+}
+
+/// A node's GPUs or NPUs, as `model (memory MiB)`, comma-separated; `-` for none.
+fn accelerators(list: &serde_json::Value) -> String {
+    let shown: Vec<String> = list
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|d| match d["memory_mb"].as_u64() {
+            Some(mb) if mb > 0 => format!("{} ({mb} MiB)", d["model"].as_str().unwrap_or("?")),
+            _ => d["model"].as_str().unwrap_or("?").to_string(),
+        })
+        .collect();
+    if shown.is_empty() {
+        "-".to_string()
+    } else {
+        shown.join(", ")
+    }
 }

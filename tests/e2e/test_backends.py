@@ -10,6 +10,7 @@ with onnxruntime in Python within 1e-4 in every datatype.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 
 import numpy as np
@@ -279,3 +280,21 @@ def test_a_graph_no_backend_runs_is_refused_with_each_reason(tmp_path, sophon_bi
     for backend in ["tract:", "ort:", "openvino:", "tract-cuda: absent"]:
         assert backend in refused.stderr, (backend, refused.stderr)
     assert "NoSuchOp" in refused.stderr, refused.stderr
+
+
+def test_the_inventory_is_printed_and_on_metrics(backends, ort_client):
+    # What the node has, at start: CPU, GPUs (none here, and why), OpenVINO's devices, ONNX
+    # Runtime's execution providers, and each backend.
+    banner = backends.stdout_path.read_text()
+    for said in ["CPU: ", "GPUs: none (no NVIDIA driver", "OpenVINO devices: CPU",
+                 "ONNX Runtime execution providers: CPUExecutionProvider", "Backends: tract: tract 0.23 (CPU)"]:
+        assert said in banner, (said, banner)
+    metrics = requests.get(f"{backends.base}/metrics", timeout=30).text
+    for line in ['sophon_node_backend_present{backend="openvino"} 1', 'sophon_node_backend_present{backend="ort"} 1',
+                 'sophon_node_backend_present{backend="tract-cuda"} 0', "sophon_node_cpu_cores "]:
+        assert line in metrics, (line, metrics[:2000])
+    # Each model's metrics say which device it runs on.
+    ort_client.infer("gen_mlp_openvino", infer_inputs(make_inputs(backends, "gen_mlp_openvino", batch=1), True))
+    metrics = requests.get(f"{backends.base}/metrics", timeout=30).text
+    assert re.search(r'sophon_inference_requests_total\{device="cpu",model="gen_mlp_openvino",[^}]*\} [1-9]', metrics), \
+        metrics[:3000]

@@ -22,6 +22,7 @@ use wasmtime_wasi_nn::backend::{BackendGraph, NamedTensor};
 use wasmtime_wasi_nn::wit::TensorType;
 
 use super::{ALL_BACKENDS, CPU_BACKENDS, GraphFile, LoadError, devices_of, load_on};
+use crate::hardware::{GpuReservation, reserve_gpu};
 
 /// How the node may choose.
 #[derive(Clone, Copy, Default)]
@@ -36,6 +37,9 @@ pub struct Choice<'a> {
     pub probe: Option<&'a [TensorSpec]>,
     /// Where measured choices are kept.
     pub cache_dir: Option<&'a Path>,
+    /// The manifest's `min_gpu_memory_mb`: reserved on a GPU before loading there (0: the
+    /// memory the load is seen to take is reserved after it).
+    pub gpu_memory_mb: u64,
 }
 
 /// A graph loaded on its backend.
@@ -45,6 +49,8 @@ pub struct Loaded {
     pub device: Device,
     /// How it runs, and why there, in words (`/config` shows it).
     pub how: String,
+    /// The GPU memory it holds, when it runs on an NVIDIA GPU.
+    pub gpu_memory: Option<GpuReservation>,
 }
 
 /// Timed runs per candidate, after one warm-up run.
@@ -64,8 +70,50 @@ pub fn load_graph_on(file: &GraphFile<'_>, backend: Backend) -> Result<Loaded, L
 }
 
 /// Load a graph where it runs best (see the module's documentation).
+///
+/// GPU memory: with the manifest's `min_gpu_memory_mb`, that much is reserved on an NVIDIA GPU
+/// before the graph is loaded there, and the GPU is passed over, with the reason, when none has
+/// it left. Without it, the memory the load is seen to take (NVML's free memory before and
+/// after) is recorded against GPU 0, where tract-cuda and ONNX Runtime's CUDA provider load.
 pub fn load_graph(file: &GraphFile<'_>, choice: &Choice<'_>) -> Result<Loaded, LoadError> {
-    let devices = device_order(choice.preferred);
+    let wants_gpu = device_order(choice.preferred).contains(&Device::Gpu)
+        || choice.backends.contains(&Backend::TractCuda);
+    let mut held = None;
+    let mut gpu_refused = None;
+    let mut free_before = None;
+    if wants_gpu && !crate::hardware::hardware().gpus.is_empty() {
+        if choice.gpu_memory_mb > 0 {
+            match reserve_gpu(choice.gpu_memory_mb) {
+                Ok(r) => held = Some(r),
+                Err(why) => gpu_refused = Some(why),
+            }
+        } else {
+            free_before = crate::hardware::gpu_free_mb(0);
+        }
+    }
+    let mut loaded = pick(file, choice, gpu_refused.as_deref())?;
+    let nvidia = matches!(loaded.backend, Backend::TractCuda | Backend::Ort);
+    if loaded.device == Device::Gpu && nvidia {
+        loaded.gpu_memory = held.or_else(|| {
+            let after = crate::hardware::gpu_free_mb(0)?;
+            Some(crate::hardware::record_gpu(
+                0,
+                free_before?.saturating_sub(after).max(1),
+            ))
+        });
+    }
+    Ok(loaded)
+}
+
+fn pick(
+    file: &GraphFile<'_>,
+    choice: &Choice<'_>,
+    gpu_refused: Option<&str>,
+) -> Result<Loaded, LoadError> {
+    let devices: Vec<Device> = device_order(choice.preferred)
+        .into_iter()
+        .filter(|d| *d != Device::Gpu || gpu_refused.is_none())
+        .collect();
     let mut refused: Vec<String> = Vec::new();
     if !choice.backends.is_empty() {
         for backend in choice.backends {
@@ -82,6 +130,7 @@ pub fn load_graph(file: &GraphFile<'_>, choice: &Choice<'_>) -> Result<Loaded, L
                             backend: *backend,
                             device: *device,
                             how: with_refusals(how, &refused),
+                            gpu_memory: None,
                         });
                     }
                     Err(e) => refused.push(format!("{}: {e}", backend.as_str())),
@@ -91,6 +140,10 @@ pub fn load_graph(file: &GraphFile<'_>, choice: &Choice<'_>) -> Result<Loaded, L
         return Err(LoadError::Backend(refused));
     }
     let mut passed_over: Vec<String> = Vec::new();
+    if let Some(why) = gpu_refused {
+        passed_over.push(format!("on the gpu: {why}"));
+        refused.push(format!("gpu: {why}"));
+    }
     for device in &devices {
         let candidates: Vec<Backend> = candidates_for(*device)
             .into_iter()
@@ -115,6 +168,7 @@ pub fn load_graph(file: &GraphFile<'_>, choice: &Choice<'_>) -> Result<Loaded, L
                     format!("{how}; the fastest here, as measured at an earlier load ({measured})"),
                     &passed_over,
                 ),
+                gpu_memory: None,
             });
         }
         let mut loaded = Vec::new();
@@ -170,6 +224,7 @@ pub fn load_graph(file: &GraphFile<'_>, choice: &Choice<'_>) -> Result<Loaded, L
                         backend,
                         device: *device,
                         how: with_refusals(how, &passed_over),
+                        gpu_memory: None,
                     });
                 };
                 let measured = timed
@@ -196,6 +251,7 @@ pub fn load_graph(file: &GraphFile<'_>, choice: &Choice<'_>) -> Result<Loaded, L
             backend,
             device: *device,
             how: with_refusals(how, &passed_over),
+            gpu_memory: None,
         });
     }
     for backend in ALL_BACKENDS {
@@ -235,7 +291,7 @@ fn device_order(preferred: &[Device]) -> Vec<Device> {
 fn candidates_for(device: Device) -> Vec<Backend> {
     match device {
         Device::Cpu => CPU_BACKENDS.to_vec(),
-        Device::Gpu => vec![Backend::TractCuda, Backend::Openvino],
+        Device::Gpu => vec![Backend::TractCuda, Backend::Ort, Backend::Openvino],
         Device::Npu => vec![Backend::Openvino],
     }
 }

@@ -90,7 +90,15 @@ fn describe(backend: Backend) -> Result<String, String> {
 pub fn devices_of(backend: Backend) -> Vec<Device> {
     match backend {
         Backend::Tract => vec![Device::Cpu],
-        Backend::Ort if ort_available().is_ok() => vec![Device::Cpu],
+        Backend::Ort if ort_available().is_ok() => {
+            let cuda =
+                ort_providers().is_ok_and(|p| p.iter().any(|p| p == "CUDAExecutionProvider"));
+            if cuda && !crate::hardware::hardware().gpus.is_empty() {
+                vec![Device::Cpu, Device::Gpu]
+            } else {
+                vec![Device::Cpu]
+            }
+        }
         Backend::Openvino => openvino_available()
             .map(|(_, _, devices)| {
                 let mut kinds: Vec<Device> =
@@ -102,6 +110,25 @@ pub fn devices_of(backend: Backend) -> Vec<Device> {
         Backend::TractCuda if tract::cuda().is_ok() => vec![Device::Gpu],
         _ => Vec::new(),
     }
+}
+
+/// The device names a backend has (OpenVINO's `CPU`, `GPU.0`, `NPU`), where it is here.
+pub fn devices_named(backend: Backend) -> Option<Vec<String>> {
+    match backend {
+        Backend::Openvino => openvino_available().ok().map(|(_, _, d)| d),
+        _ => None,
+    }
+}
+
+/// ONNX Runtime's execution providers that can run here (`CPUExecutionProvider`, and
+/// `CUDAExecutionProvider` and `TensorrtExecutionProvider` where the library has them), or why
+/// ONNX Runtime is absent.
+pub fn ort_providers() -> Result<Vec<String>, String> {
+    ort_available()?;
+    #[cfg(feature = "ort")]
+    return Ok(ort::providers());
+    #[cfg(not(feature = "ort"))]
+    Ok(Vec::new())
 }
 
 /// The kind of an OpenVINO device name (`CPU`, `GPU.0`, `NPU`).
@@ -182,11 +209,13 @@ fn load_on(
         }
         #[cfg(feature = "ort")]
         Backend::Ort => {
-            if device != Device::Cpu {
-                return Err(format!("no {device:?} execution provider here"));
-            }
-            let graph = ort::OrtGraph::from_onnx(file.bytes)?;
-            Ok((boxed(Box::new(graph)), "onnxruntime on CPU".to_string()))
+            let (gpu, on) = match device {
+                Device::Cpu => (false, "onnxruntime on CPU"),
+                Device::Gpu => (true, "onnxruntime on CUDA"),
+                Device::Npu => return Err("no NPU execution provider here".to_string()),
+            };
+            let graph = ort::OrtGraph::from_onnx_on(file.bytes, gpu)?;
+            Ok((boxed(Box::new(graph)), on.to_string()))
         }
         #[cfg(not(feature = "ort"))]
         Backend::Ort => Err(ort_available().unwrap_err()),

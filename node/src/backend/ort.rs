@@ -68,6 +68,8 @@ fn find_library() -> Result<PathBuf, String> {
 
 struct Inner {
     bytes: Vec<u8>,
+    /// Sessions run on CUDA (else on the CPU).
+    gpu: bool,
     sessions: Mutex<Vec<Session>>,
     inputs: Vec<NativeInput>,
     types: Vec<TensorElementType>,
@@ -78,22 +80,51 @@ struct Inner {
 #[derive(Clone)]
 pub struct OrtGraph(Arc<Inner>);
 
-fn new_session(bytes: &[u8]) -> ort::Result<Session> {
+fn new_session(bytes: &[u8], gpu: bool) -> ort::Result<Session> {
     let (env, _) = runtime().map_err(ort::Error::new)?;
     // All graph optimisations are on by default (and `Level3` means another level on older
     // libraries, which refuse it).
-    Session::builder(env)?
+    let mut builder = Session::builder(env)?
         .with_intra_threads(1)?
-        .with_inter_threads(1)?
-        .commit_from_memory(bytes)
+        .with_inter_threads(1)?;
+    if gpu {
+        // TensorRT first where the library has it, then CUDA; failing to register either is
+        // an error here, not a quiet fall back to the CPU.
+        use ort::ep::ExecutionProvider as _;
+        let mut providers = Vec::new();
+        if ort::ep::TensorRT::is_available().unwrap_or(false) {
+            providers.push(ort::ep::TensorRT::default().build());
+        }
+        providers.push(ort::ep::CUDA::default().build().error_on_failure());
+        builder = builder.with_execution_providers(providers)?;
+    }
+    builder.commit_from_memory(bytes)
+}
+
+/// The execution providers this ONNX Runtime library can run.
+pub fn providers() -> Vec<String> {
+    use ort::ep::ExecutionProvider as _;
+    let mut found = vec!["CPUExecutionProvider".to_string()];
+    if ort::ep::CUDA::is_available().unwrap_or(false) {
+        found.push("CUDAExecutionProvider".to_string());
+    }
+    if ort::ep::TensorRT::is_available().unwrap_or(false) {
+        found.push("TensorrtExecutionProvider".to_string());
+    }
+    found
 }
 
 impl OrtGraph {
     /// Load an ONNX model (the first session is made now, so a graph ONNX Runtime cannot run
     /// is refused here, not at the first request).
     pub fn from_onnx(bytes: &[u8]) -> Result<OrtGraph, String> {
+        OrtGraph::from_onnx_on(bytes, false)
+    }
+
+    /// [`OrtGraph::from_onnx`], on CUDA where `gpu`.
+    pub fn from_onnx_on(bytes: &[u8], gpu: bool) -> Result<OrtGraph, String> {
         runtime()?;
-        let session = new_session(bytes).map_err(|e| format!("onnxruntime: {e}"))?;
+        let session = new_session(bytes, gpu).map_err(|e| format!("onnxruntime: {e}"))?;
         let mut inputs = Vec::new();
         let mut types = Vec::new();
         for input in session.inputs() {
@@ -129,6 +160,7 @@ impl OrtGraph {
             .collect();
         Ok(OrtGraph(Arc::new(Inner {
             bytes: bytes.to_vec(),
+            gpu,
             sessions: Mutex::new(vec![session]),
             inputs,
             types,
@@ -140,7 +172,8 @@ impl OrtGraph {
         let pooled = self.0.sessions.lock().pop();
         match pooled {
             Some(session) => Ok(session),
-            None => new_session(&self.0.bytes).map_err(|e| invalid(format!("onnxruntime: {e}"))),
+            None => new_session(&self.0.bytes, self.0.gpu)
+                .map_err(|e| invalid(format!("onnxruntime: {e}"))),
         }
     }
 

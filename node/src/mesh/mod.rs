@@ -98,13 +98,32 @@ pub struct JoinOptions {
 
 /// What this machine has: cores, memory, backends.
 pub fn inventory(memory_mb: Option<u64>) -> wire::Inventory {
+    let hw = crate::hardware::hardware();
+    let npus = hw
+        .openvino_devices
+        .iter()
+        .flatten()
+        .filter(|d| d.starts_with("NPU"))
+        .map(|d| wire::Accelerator {
+            model: format!("Intel {d} (OpenVINO)"),
+            memory_mb: 0,
+        })
+        .collect();
     wire::Inventory {
-        cpu_cores: num_cpus::get().max(1) as u32,
+        cpu_cores: hw.cpu_cores as u32,
         memory_mb: memory_mb.unwrap_or_else(machine_memory_mb).max(1),
-        gpus: Vec::new(),
-        npus: Vec::new(),
-        backends: crate::backend::inventory()
-            .into_iter()
+        gpus: hw
+            .gpus
+            .iter()
+            .map(|g| wire::Accelerator {
+                model: g.name.clone(),
+                memory_mb: g.memory_mb,
+            })
+            .collect(),
+        npus,
+        backends: hw
+            .backends
+            .iter()
             .filter(|(_, here)| here.is_ok())
             .map(|(backend, _)| backend.as_str().to_string())
             .collect(),
