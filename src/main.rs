@@ -73,8 +73,10 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let log_filter = tracing_subscriber::EnvFilter::try_from_env("SOPHON_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,raft=warn"));
+    let log_filter =
+        tracing_subscriber::EnvFilter::try_from_env("SOPHON_LOG").unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new("info,raft=warn,openvino_finder=warn")
+        });
     tracing_subscriber::fmt()
         .with_env_filter(log_filter)
         .with_writer(std::io::stderr)

@@ -213,18 +213,26 @@ async fn route_through_mesh(
         .await
 }
 
-fn lookup(state: &ApiState, p: &HashMap<String, String>) -> ApiResult<Arc<LoadedModel>> {
+pub(crate) fn lookup(state: &ApiState, p: &HashMap<String, String>) -> ApiResult<Arc<LoadedModel>> {
     let name = p.get("model").map(String::as_str).unwrap_or_default();
     Ok(state
         .repo
         .lookup(name, p.get("version").map(String::as_str))?)
 }
 
+/// The protocol extensions the node serves (`GET /v2`, gRPC `ServerMetadata`).
+pub(crate) const EXTENSIONS: [&str; 4] = [
+    "binary_tensor_data",
+    "model_configuration",
+    "statistics",
+    "model_repository",
+];
+
 async fn server_metadata() -> Json<Value> {
     Json(json!({
         "name": "sophon",
         "version": env!("CARGO_PKG_VERSION"),
-        "extensions": ["binary_tensor_data", "model_configuration", "statistics", "model_repository"],
+        "extensions": EXTENSIONS,
     }))
 }
 
@@ -233,9 +241,14 @@ async fn live() -> Json<Value> {
 }
 
 /// Ready: serving, and on a mesh node, holding a view of the mesh (so it can route).
-async fn ready(State(state): Shared) -> Response {
+/// Serving, and on a mesh node, holding a view of the mesh (so it can route).
+pub(crate) fn is_ready(state: &ApiState) -> bool {
     let routes = state.mesh.get().is_none_or(|router| router.has_view());
-    if state.ready.load(Ordering::Acquire) && routes {
+    state.ready.load(Ordering::Acquire) && routes
+}
+
+async fn ready(State(state): Shared) -> Response {
+    if is_ready(&state) {
         Json(json!({"ready": true})).into_response()
     } else {
         (
@@ -280,6 +293,11 @@ async fn model_config(
     Path(p): Path<HashMap<String, String>>,
 ) -> ApiResult<Json<Value>> {
     let m = lookup(&state, &p)?;
+    Ok(Json(config_json(&m)))
+}
+
+/// A model's configuration as Triton writes it (`/config`; gRPC's `ModelConfig` from it).
+pub(crate) fn config_json(m: &LoadedModel) -> Value {
     let batch = m.manifest.resources.max_batch_size;
     let tensors = |specs: &[sophon_sdk::TensorSpec]| -> Vec<Value> {
         specs
@@ -318,7 +336,7 @@ async fn model_config(
         // Triton has no kind for NPUs; KIND_MODEL means the model places itself.
         sophon_sdk::Device::Npu => "KIND_MODEL",
     };
-    Ok(Json(json!({
+    json!({
         "name": m.name,
         "platform": platform,
         "backend": backend,
@@ -328,7 +346,7 @@ async fn model_config(
         "output": tensors(m.outputs()),
         "instance_group": [{"name": m.name, "kind": kind, "count": m.concurrency}],
         "parameters": parameters,
-    })))
+    })
 }
 
 async fn model_stats(
@@ -426,9 +444,18 @@ async fn infer(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let started = Instant::now();
     let model = lookup(&state, &p)?;
-    let result = run_infer(&state, &model, &headers, body).await;
+    observed(&model, run_infer(&state, &model, &headers, body)).await
+}
+
+/// Run one inference request of `model` (HTTP or gRPC), counting it in the model's metrics,
+/// statistics and performance window by its outcome.
+pub(crate) async fn observed<T>(
+    model: &LoadedModel,
+    request: impl std::future::Future<Output = Result<T, Outcome>>,
+) -> Result<T, ApiError> {
+    let started = Instant::now();
+    let result = request.await;
     let outcome = match &result {
         Ok(_) => "success",
         Err((_, outcome)) => outcome,
@@ -450,7 +477,8 @@ async fn infer(
     }
 }
 
-type Outcome = (ApiError, &'static str);
+/// A failed request: the error, and its outcome label for the metrics.
+pub(crate) type Outcome = (ApiError, &'static str);
 
 /// Read a request body, holding its bytes against the node-wide in-flight cap while the
 /// request lives: a node under a flood of large bodies sheds with 503 instead of running out of
@@ -553,6 +581,83 @@ async fn run_infer(
     let (bytes, _held) = read_body(state, body).await?;
     let request = v2::decode_request(&bytes, header_len).map_err(bad)?;
     drop(bytes);
+    let answer = execute(state, model, request).await?;
+    let binary = |name: &str| {
+        answer
+            .wants
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or(answer.binary_default, |(_, b)| *b)
+    };
+    let encoded = v2::encode_response(
+        &model.name,
+        Some(&model.version),
+        answer.id.as_ref(),
+        &answer.outputs,
+        binary,
+    )
+    .map_err(|e| {
+        let outcome = if e.status() == 400 {
+            "bad_request"
+        } else {
+            "error"
+        };
+        (ApiError::from(e), outcome)
+    })?;
+    answer.record(model);
+
+    let mut response = Response::new(Body::from(encoded.body));
+    let headers = response.headers_mut();
+    match encoded.header_len {
+        Some(n) => {
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
+            headers.insert(v2::HEADER_CONTENT_LENGTH, HeaderValue::from(n));
+        }
+        None => {
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+        }
+    }
+    Ok(response)
+}
+
+/// A request's answer, before it is encoded for its protocol.
+pub(crate) struct Answer {
+    /// The outputs asked for, in the manifest's datatypes.
+    pub outputs: Vec<v2::Tensor>,
+    pub id: Option<Value>,
+    /// Each output, and whether the request asked for it in binary (HTTP).
+    wants: Vec<(String, bool)>,
+    binary_default: bool,
+    times: crate::runtime::CallTimes,
+    output_started: Instant,
+}
+
+impl Answer {
+    /// Record the request's compute phases, once its answer is encoded. The three are recorded
+    /// together so that their counts always agree (perf_analyzer refuses statistics where they
+    /// do not).
+    pub(crate) fn record(&self, model: &LoadedModel) {
+        model.stats.computed(
+            self.times.instantiate,
+            self.times.call,
+            self.output_started.elapsed(),
+        );
+    }
+}
+
+/// Validate a decoded request against the model, admit it, run it in the sandbox, and return
+/// its outputs: the one path every protocol takes after decoding.
+pub(crate) async fn execute(
+    state: &ApiState,
+    model: &LoadedModel,
+    request: v2::InferRequest,
+) -> Result<Answer, Outcome> {
     v2::validate_inputs(&request.inputs, model.inputs()).map_err(bad)?;
     v2::validate_batch(&request.inputs, model.manifest.resources.max_batch_size).map_err(bad)?;
     v2::select_outputs(&request.outputs, model.outputs()).map_err(bad)?;
@@ -643,49 +748,12 @@ async fn run_infer(
             .map_err(|m| (ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, m), "error"))?;
         response_outputs.push(t);
     }
-    let binary = |name: &str| {
-        wants
-            .iter()
-            .find(|(n, _)| n == name)
-            .map_or(binary_default, |(_, b)| *b)
-    };
-    let encoded = v2::encode_response(
-        &model.name,
-        Some(&model.version),
-        id.as_ref(),
-        &response_outputs,
-        binary,
-    )
-    .map_err(|e| {
-        let outcome = if e.status() == 400 {
-            "bad_request"
-        } else {
-            "error"
-        };
-        (ApiError::from(e), outcome)
-    })?;
-    // The three compute phases of a request are recorded together, once it has an answer, so
-    // their counts always agree (perf_analyzer refuses statistics where they do not).
-    model
-        .stats
-        .computed(times.instantiate, times.call, output_started.elapsed());
-
-    let mut response = Response::new(Body::from(encoded.body));
-    let headers = response.headers_mut();
-    match encoded.header_len {
-        Some(n) => {
-            headers.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/octet-stream"),
-            );
-            headers.insert(v2::HEADER_CONTENT_LENGTH, HeaderValue::from(n));
-        }
-        None => {
-            headers.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
-        }
-    }
-    Ok(response)
+    Ok(Answer {
+        outputs: response_outputs,
+        id,
+        wants,
+        binary_default,
+        times,
+        output_started,
+    })
 }

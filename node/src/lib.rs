@@ -12,6 +12,7 @@
 
 pub mod backend;
 pub mod convert;
+pub mod grpc;
 pub mod hardware;
 pub mod http;
 pub mod mesh;

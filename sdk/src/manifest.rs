@@ -135,6 +135,18 @@ pub enum Device {
     Npu,
 }
 
+impl std::str::FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Device, String> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "gpu" => Ok(Device::Gpu),
+            "npu" => Ok(Device::Npu),
+            other => Err(format!("unknown device `{other}`: use cpu, gpu or npu")),
+        }
+    }
+}
+
 /// `[hardware]`: the devices the model prefers, best first.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]

@@ -239,6 +239,10 @@ pub struct OnnxOptions {
     pub backends: Vec<crate::manifest::Backend>,
     /// The backends that loaded the graph where it was packed (empty: not checked).
     pub loads_on: Vec<crate::manifest::Backend>,
+    /// The devices it prefers, best first (empty: the CPU).
+    pub preferred: Vec<crate::manifest::Device>,
+    /// GPU memory it needs (MiB; 0: what the load takes).
+    pub min_gpu_memory_mb: u64,
 }
 
 /// [`onnx_manifest`] with [`OnnxOptions`]. A pinned input takes requests of that shape only,
@@ -320,6 +324,10 @@ pub fn graph_manifest(
         ..Manifest::default()
     };
     manifest.hardware.backends = options.backends.clone();
+    if !options.preferred.is_empty() {
+        manifest.hardware.preferred = options.preferred.clone();
+    }
+    manifest.hardware.min_gpu_memory_mb = options.min_gpu_memory_mb;
     manifest.hardware.loads_on = options.loads_on.clone();
     manifest.validate()?;
     Ok(manifest)

@@ -74,6 +74,14 @@ pub struct PackArgs {
     /// this, the fastest it measures on the model's preferred device.
     #[arg(long = "backend", value_name = "NAME", requires = "onnx")]
     backends: Vec<sophon_sdk::Backend>,
+    /// The devices the model prefers, best first (with --onnx or --openvino): cpu, gpu, npu.
+    /// A node tries them in this order, then the CPU.
+    #[arg(long = "device", value_name = "DEVICE", value_delimiter = ',')]
+    devices: Vec<sophon_sdk::Device>,
+    /// GPU memory the model needs, in MiB: a node reserves it before loading the model on a
+    /// GPU, and runs it elsewhere when no GPU has that much left.
+    #[arg(long, value_name = "MIB", default_value_t = 0)]
+    min_gpu_memory_mb: u64,
     /// Output bundle file.
     #[arg(short, long)]
     out: Option<PathBuf>,
@@ -262,6 +270,8 @@ pub fn pack(args: PackArgs) -> anyhow::Result<()> {
                 pins: args.shapes.into_iter().collect(),
                 backends: args.backends,
                 loads_on: Vec::new(),
+                preferred: args.devices,
+                min_gpu_memory_mb: args.min_gpu_memory_mb,
             };
             // The file must make a manifest (pins included) before the backends see it.
             sophon_sdk::onnx::onnx_manifest_with(&model, name, &args.version, &options)?;
@@ -330,6 +340,8 @@ fn pack_openvino(
         pins: args.shapes.iter().cloned().collect(),
         backends: vec![sophon_sdk::Backend::Openvino],
         loads_on: vec![sophon_sdk::Backend::Openvino],
+        preferred: args.devices.clone(),
+        min_gpu_memory_mb: args.min_gpu_memory_mb,
     };
     let graph = sophon_sdk::GraphSpec {
         name: sophon_sdk::onnx::ONNX_GRAPH_NAME.to_string(),
@@ -414,6 +426,19 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
     if !m.hardware.backends.is_empty() {
         let names: Vec<&str> = m.hardware.backends.iter().map(|b| b.as_str()).collect();
         println!("backends   {}", names.join(", "));
+    }
+    let devices: Vec<&str> = m
+        .hardware
+        .preferred
+        .iter()
+        .map(|d| sophon_node::backend::choose::name(*d))
+        .collect();
+    if devices != ["cpu"] || m.hardware.min_gpu_memory_mb > 0 {
+        let mut line = format!("devices    {}", devices.join(", "));
+        if m.hardware.min_gpu_memory_mb > 0 {
+            line += &format!(" ({} MiB of GPU memory)", m.hardware.min_gpu_memory_mb);
+        }
+        println!("{line}");
     }
     for (role, specs) in [("input", &m.inputs), ("output", &m.outputs)] {
         for s in specs {

@@ -282,6 +282,7 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
             .await?
             .with_drain_deadline(std::time::Duration::from_secs(args.serve.drain_secs));
         let addr = server.local_addr()?;
+        let grpc = args.serve.start_grpc(server.state().clone()).await?;
         let mut mesh_node = None;
         if let Some((running, token)) = &coordinator {
             // The node joins the coordinator through the mesh and serves what is deployed.
@@ -324,6 +325,9 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
             mesh_node = Some(node);
         }
         print_banner(addr, &repo);
+        if let Some(grpc) = grpc {
+            println!("gRPC (KServe V2 / Triton): {grpc}");
+        }
         if let Some((running, token)) = &coordinator {
             println!(
                 "Coordinator (data in {}) admin API on http://{}",

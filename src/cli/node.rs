@@ -43,9 +43,41 @@ pub struct ServeArgs {
     /// shared with other processes, fewer than the cores can lower latency.
     #[arg(long)]
     pub workers: Option<usize>,
+    /// Address of the V2 gRPC API (`inference.GRPCInferenceService`, and `grpc.health.v1`);
+    /// `off` for none. Default 127.0.0.1:8001, skipped with a warning when that port is taken.
+    #[arg(long, value_name = "ADDR")]
+    pub grpc: Option<String>,
 }
 
 impl ServeArgs {
+    /// Serve gRPC beside HTTP on the node's shared state, in the background; its address.
+    pub async fn start_grpc(
+        &self,
+        state: std::sync::Arc<sophon_node::http::ApiState>,
+    ) -> anyhow::Result<Option<std::net::SocketAddr>> {
+        let (addr, explicit) = match self.grpc.as_deref() {
+            Some("off") => return Ok(None),
+            Some(addr) => (addr, true),
+            None => ("127.0.0.1:8001", false),
+        };
+        let listener = match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => l,
+            Err(e) if !explicit => {
+                tracing::warn!("gRPC not served: {addr}: {e} (pass --grpc ADDR, or --grpc off)");
+                return Ok(None);
+            }
+            Err(e) => return Err(anyhow::anyhow!("gRPC address {addr}: {e}")),
+        };
+        let local = listener.local_addr()?;
+        tokio::spawn(async move {
+            if let Err(e) = sophon_node::grpc::serve(state, listener, std::future::pending()).await
+            {
+                tracing::error!("gRPC server stopped: {e:#}");
+            }
+        });
+        Ok(Some(local))
+    }
+
     /// HTTP settings of the node's V2 API.
     pub fn http(&self) -> HttpConfig {
         HttpConfig {
@@ -379,12 +411,16 @@ fn serve_node(data: PathBuf, serve: ServeArgs) -> anyhow::Result<()> {
             .await
             .context("start the mesh")?;
         let _ = server.state().mesh.set(mesh.router.clone());
+        let grpc = serve.start_grpc(server.state().clone()).await?;
         println!(
             "Sophon node {} serving KServe V2 on http://{} (mesh {})",
             mesh.file.id,
             server.local_addr()?,
             mesh.file.mesh_address
         );
+        if let Some(grpc) = grpc {
+            println!("gRPC: {grpc}");
+        }
         for line in sophon_node::hardware::hardware().describe() {
             println!("{line}");
         }

@@ -39,6 +39,7 @@ class Node:
     proc: subprocess.Popen
     stdout_path: Path
     stderr_path: Path
+    grpc_url: str = ""  # host:port of the gRPC API
 
     def logs(self) -> str:
         out = self.stdout_path.read_text(errors="replace") if self.stdout_path.exists() else ""
@@ -103,8 +104,9 @@ def start_dev(sophon_bin: str, work: Path, pub: Path, models: dict, bundles: dic
     fresh data directory, serving `bundles`; waits until it is ready."""
     cache = os.environ.get("SOPHON_E2E_CACHE_DIR") or str(work / "cache")
     port = _free_port()
-    admin_port, mesh_port, node_mesh_port = _free_port(), _free_port(), _free_port()
-    cmd = [sophon_bin, "dev", "--http", f"127.0.0.1:{port}", "--trust", str(pub), "--cache-dir", cache,
+    admin_port, mesh_port, node_mesh_port, grpc_port = _free_port(), _free_port(), _free_port(), _free_port()
+    cmd = [sophon_bin, "dev", "--http", f"127.0.0.1:{port}", "--grpc", f"127.0.0.1:{grpc_port}",
+           "--trust", str(pub), "--cache-dir", cache,
            "--data", str(work / "coordinator"), "--admin", f"127.0.0.1:{admin_port}",
            "--mesh", f"127.0.0.1:{mesh_port}", "--node-mesh", f"127.0.0.1:{node_mesh_port}"]
     for b in bundles.values():
@@ -124,6 +126,7 @@ def start_dev(sophon_bin: str, work: Path, pub: Path, models: dict, bundles: dic
         proc=proc,
         stdout_path=stdout_path,
         stderr_path=stderr_path,
+        grpc_url=f"127.0.0.1:{grpc_port}",
     )
 
     deadline = time.monotonic() + START_TIMEOUT_S

@@ -26,7 +26,9 @@ def _cudart_dir() -> str:
     return str(Path(nvidia.cuda_runtime.__path__[0]) / "lib")
 
 
-@pytest.mark.parametrize("protocol_args", [[], ["--input-data", "zero"]], ids=["random", "zero"])
+@pytest.mark.parametrize(
+    "protocol_args", [[], ["--input-data", "zero"], ["-i", "grpc"]], ids=["random", "zero", "grpc"]
+)
 def test_perf_analyzer_measures_the_mlp(node, protocol_args):
     binary = _perf_analyzer()
     if not binary.exists():
@@ -38,7 +40,7 @@ def test_perf_analyzer_measures_the_mlp(node, protocol_args):
     cmd = [
         str(binary),
         "-m", "mlp",
-        "-u", node.url,
+        "-u", node.grpc_url if "grpc" in protocol_args else node.url,
         "--shape", "input:1,784",
         "--measurement-interval", "500",
         # This checks that Triton's own load generator drives the node, not that a shared 2-core

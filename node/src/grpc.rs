@@ -1,0 +1,596 @@
+//! The KServe V2 / Triton gRPC endpoint: `inference.GRPCInferenceService` (from
+//! `node/proto/inference.proto`, wire-compatible with Triton's), served by tonic beside HTTP.
+//!
+//! It shares everything after decoding with HTTP: the model lookup, validation against the
+//! manifest, admission, the sandbox call, statistics and metrics ([`crate::http::execute`] and
+//! [`crate::http::observed`]). Errors map to status codes as Triton maps them: a bad request is
+//! `INVALID_ARGUMENT`, an unknown model `NOT_FOUND`, a model or node that cannot take it now
+//! `UNAVAILABLE`, a request over the size limits `RESOURCE_EXHAUSTED`.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use axum::http::StatusCode;
+use serde_json::Value;
+use sophon_sdk::Datatype;
+use tokio_stream::{Stream, StreamExt as _};
+use tonic::{Request, Response, Status};
+
+use crate::http::{ApiError, ApiState, Outcome};
+use crate::repository::LoadedModel;
+use crate::v2;
+
+/// The code generated from `node/proto/inference.proto`.
+#[allow(clippy::all, clippy::pedantic, missing_docs, unreachable_pub)]
+pub mod pb {
+    tonic::include_proto!("inference");
+}
+
+use pb::grpc_inference_service_server::{GrpcInferenceService, GrpcInferenceServiceServer};
+
+/// The gRPC service over a node's shared state.
+pub struct Grpc {
+    state: Arc<ApiState>,
+}
+
+/// The tonic service to serve, with the node's size limit on messages.
+pub fn service(state: Arc<ApiState>) -> GrpcInferenceServiceServer<Grpc> {
+    let limit = state.config.max_body_bytes;
+    GrpcInferenceServiceServer::new(Grpc { state })
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(usize::MAX)
+}
+
+/// Serve gRPC (and `grpc.health.v1`) on `listener` until `shutdown` resolves.
+pub async fn serve(
+    state: Arc<ApiState>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_serving::<GrpcInferenceServiceServer<Grpc>>()
+        .await;
+    tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(service(state))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
+        .await?;
+    Ok(())
+}
+
+fn status(e: &ApiError) -> Status {
+    let message = e.message.clone();
+    match e.status {
+        StatusCode::BAD_REQUEST => Status::invalid_argument(message),
+        StatusCode::NOT_FOUND => Status::not_found(message),
+        StatusCode::PAYLOAD_TOO_LARGE => Status::resource_exhausted(message),
+        StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => {
+            Status::unavailable(message)
+        }
+        StatusCode::GATEWAY_TIMEOUT => Status::deadline_exceeded(message),
+        _ => Status::internal(message),
+    }
+}
+
+fn bad(message: impl Into<String>) -> Outcome {
+    (
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+        },
+        "bad_request",
+    )
+}
+
+impl Grpc {
+    fn model(&self, name: &str, version: &str) -> Result<Arc<LoadedModel>, Status> {
+        let mut p = HashMap::from([("model".to_string(), name.to_string())]);
+        if !version.is_empty() {
+            p.insert("version".to_string(), version.to_string());
+        }
+        crate::http::lookup(&self.state, &p).map_err(|e| status(&e))
+    }
+
+    async fn infer(
+        &self,
+        request: pb::ModelInferRequest,
+    ) -> Result<pb::ModelInferResponse, Status> {
+        let model = self.model(&request.model_name, &request.model_version)?;
+        let state = &self.state;
+        let run = async {
+            // The request's bytes count against the node's in-flight cap while it runs.
+            let size = request
+                .raw_input_contents
+                .iter()
+                .map(Vec::len)
+                .sum::<usize>();
+            let _held = u32::try_from(size)
+                .ok()
+                .and_then(|n| state.inflight_bytes.try_acquire_many(n).ok())
+                .ok_or_else(|| {
+                    (
+                        ApiError {
+                            status: StatusCode::SERVICE_UNAVAILABLE,
+                            message: format!(
+                                "the node is holding its limit of {} bytes of requests in \
+                                 flight; retry later",
+                                state.config.max_inflight_bytes
+                            ),
+                        },
+                        "overloaded",
+                    )
+                })?;
+            let decoded = decode(request)?;
+            let answer = crate::http::execute(state, &model, decoded).await?;
+            let response = encode(&model, &answer);
+            answer.record(&model);
+            Ok(response)
+        };
+        crate::http::observed(&model, run)
+            .await
+            .map_err(|e| status(&e))
+    }
+}
+
+/// A gRPC infer request as the protocol-neutral request: tensors from `raw_input_contents`
+/// (the V2 binary layout, BYTES elements with 4-byte length prefixes) or from typed `contents`.
+fn decode(request: pb::ModelInferRequest) -> Result<v2::InferRequest, Outcome> {
+    let raw = request.raw_input_contents;
+    if !raw.is_empty() && raw.len() != request.inputs.len() {
+        return Err(bad(format!(
+            "raw_input_contents has {} entries for {} inputs: give one per input, or none",
+            raw.len(),
+            request.inputs.len()
+        )));
+    }
+    let mut raw = raw.into_iter();
+    let mut inputs = Vec::with_capacity(request.inputs.len());
+    for input in request.inputs {
+        let datatype: Datatype = input.datatype.parse().map_err(|_| {
+            bad(format!(
+                "input `{}` has an unknown datatype `{}`",
+                input.name, input.datatype
+            ))
+        })?;
+        let shape = input
+            .shape
+            .iter()
+            .map(|d| u64::try_from(*d))
+            .collect::<Result<Vec<u64>, _>>()
+            .map_err(|_| bad(format!("input `{}` has a negative dimension", input.name)))?;
+        let data = match raw.next() {
+            Some(bytes) => bytes,
+            None => typed(&input.name, datatype, input.contents.unwrap_or_default())?,
+        };
+        let tensor = v2::Tensor::new(input.name, datatype, shape, data);
+        tensor
+            .check_data(v2::Role::Input)
+            .map_err(|e| bad(e.to_string()))?;
+        inputs.push(tensor);
+    }
+    let id = (!request.id.is_empty()).then_some(Value::String(request.id));
+    Ok(v2::InferRequest {
+        id,
+        parameters: Default::default(),
+        inputs,
+        outputs: request
+            .outputs
+            .into_iter()
+            .map(|o| v2::RequestedOutput {
+                name: o.name,
+                binary: true,
+            })
+            .collect(),
+        binary_data_output: true,
+    })
+}
+
+/// The bytes of a tensor given in typed `contents`, in its datatype's little-endian layout.
+fn typed(name: &str, datatype: Datatype, c: pb::InferTensorContents) -> Result<Vec<u8>, Outcome> {
+    let mismatch = || {
+        bad(format!(
+            "input `{name}` is {datatype} but its contents are in another field (or empty): \
+             send it in raw_input_contents or the field of its type"
+        ))
+    };
+    fn le<T: Copy, const N: usize>(v: &[T], f: impl Fn(T) -> [u8; N]) -> Vec<u8> {
+        v.iter().flat_map(|x| f(*x)).collect()
+    }
+    let narrow = |v: &[i64], min: i64, max: i64, width: usize| -> Result<Vec<u8>, Outcome> {
+        let mut out = Vec::with_capacity(v.len() * width);
+        for x in v {
+            if *x < min || *x > max {
+                return Err(bad(format!(
+                    "input `{name}` holds {x}, outside the range of {datatype}"
+                )));
+            }
+            out.extend_from_slice(&x.to_le_bytes()[..width]);
+        }
+        Ok(out)
+    };
+    let ints: Vec<i64> = c.int_contents.iter().map(|x| i64::from(*x)).collect();
+    let uints: Vec<i64> = c.uint_contents.iter().map(|x| i64::from(*x)).collect();
+    Ok(match datatype {
+        Datatype::Bool if !c.bool_contents.is_empty() => {
+            c.bool_contents.iter().map(|b| u8::from(*b)).collect()
+        }
+        Datatype::Int8 if !ints.is_empty() => narrow(&ints, i8::MIN.into(), i8::MAX.into(), 1)?,
+        Datatype::Int16 if !ints.is_empty() => narrow(&ints, i16::MIN.into(), i16::MAX.into(), 2)?,
+        Datatype::Int32 if !ints.is_empty() => le(&c.int_contents, i32::to_le_bytes),
+        Datatype::Int64 if !c.int64_contents.is_empty() => le(&c.int64_contents, i64::to_le_bytes),
+        Datatype::Uint8 if !uints.is_empty() => narrow(&uints, 0, u8::MAX.into(), 1)?,
+        Datatype::Uint16 if !uints.is_empty() => narrow(&uints, 0, u16::MAX.into(), 2)?,
+        Datatype::Uint32 if !uints.is_empty() => le(&c.uint_contents, u32::to_le_bytes),
+        Datatype::Uint64 if !c.uint64_contents.is_empty() => {
+            le(&c.uint64_contents, u64::to_le_bytes)
+        }
+        Datatype::Fp32 if !c.fp32_contents.is_empty() => le(&c.fp32_contents, f32::to_le_bytes),
+        Datatype::Fp64 if !c.fp64_contents.is_empty() => le(&c.fp64_contents, f64::to_le_bytes),
+        Datatype::Bytes if !c.bytes_contents.is_empty() => {
+            let mut out = Vec::new();
+            for element in &c.bytes_contents {
+                let len = u32::try_from(element.len())
+                    .map_err(|_| bad(format!("input `{name}` has an element over 4 GiB")))?;
+                out.extend_from_slice(&len.to_le_bytes());
+                out.extend_from_slice(element);
+            }
+            out
+        }
+        // An empty tensor has nothing in any field.
+        _ if c == pb::InferTensorContents::default() => Vec::new(),
+        _ => return Err(mismatch()),
+    })
+}
+
+/// The answer as a gRPC response: every output in `raw_output_contents`, as Triton sends them.
+fn encode(model: &LoadedModel, answer: &crate::http::Answer) -> pb::ModelInferResponse {
+    let mut response = pb::ModelInferResponse {
+        model_name: model.name.clone(),
+        model_version: model.version.clone(),
+        id: match &answer.id {
+            Some(Value::String(s)) => s.clone(),
+            Some(other) => other.to_string(),
+            None => String::new(),
+        },
+        ..Default::default()
+    };
+    for t in &answer.outputs {
+        response
+            .outputs
+            .push(pb::model_infer_response::InferOutputTensor {
+                name: t.name.clone(),
+                datatype: t.datatype.to_string(),
+                shape: t.shape.iter().map(|d| *d as i64).collect(),
+                ..Default::default()
+            });
+        response.raw_output_contents.push(t.data.clone());
+    }
+    response
+}
+
+fn tensor_metadata(
+    specs: &[sophon_sdk::TensorSpec],
+) -> Vec<pb::model_metadata_response::TensorMetadata> {
+    specs
+        .iter()
+        .map(|s| pb::model_metadata_response::TensorMetadata {
+            name: s.name.clone(),
+            datatype: s.datatype.to_string(),
+            shape: s.shape.clone(),
+        })
+        .collect()
+}
+
+fn duration(v: &Value) -> Option<pb::StatisticDuration> {
+    Some(pb::StatisticDuration {
+        count: v["count"].as_u64().unwrap_or(0),
+        ns: v["ns"].as_u64().unwrap_or(0),
+    })
+}
+
+/// A model's statistics, from the JSON that HTTP serves (one source for both).
+fn statistics(json: &Value) -> pb::ModelStatistics {
+    let s = &json["inference_stats"];
+    pb::ModelStatistics {
+        name: json["name"].as_str().unwrap_or_default().to_string(),
+        version: json["version"].as_str().unwrap_or_default().to_string(),
+        last_inference: json["last_inference"].as_u64().unwrap_or(0),
+        inference_count: json["inference_count"].as_u64().unwrap_or(0),
+        execution_count: json["execution_count"].as_u64().unwrap_or(0),
+        inference_stats: Some(pb::InferStatistics {
+            success: duration(&s["success"]),
+            fail: duration(&s["fail"]),
+            queue: duration(&s["queue"]),
+            compute_input: duration(&s["compute_input"]),
+            compute_infer: duration(&s["compute_infer"]),
+            compute_output: duration(&s["compute_output"]),
+            cache_hit: duration(&s["cache_hit"]),
+            cache_miss: duration(&s["cache_miss"]),
+        }),
+        batch_stats: json["batch_stats"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|b| pb::InferBatchStatistics {
+                batch_size: b["batch_size"].as_u64().unwrap_or(0),
+                compute_input: duration(&b["compute_input"]),
+                compute_infer: duration(&b["compute_infer"]),
+                compute_output: duration(&b["compute_output"]),
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+/// A model's configuration, from the JSON that HTTP serves (one source for both).
+fn config(json: &Value) -> pb::ModelConfig {
+    let tensors = |list: &Value| {
+        list.as_array()
+            .into_iter()
+            .flatten()
+            .map(|t| {
+                let data_type = pb::DataType::from_str_name(t["data_type"].as_str().unwrap_or(""))
+                    .unwrap_or(pb::DataType::TypeInvalid) as i32;
+                let dims: Vec<i64> = t["dims"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_i64)
+                    .collect();
+                (
+                    t["name"].as_str().unwrap_or_default().to_string(),
+                    data_type,
+                    dims,
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let group = &json["instance_group"][0];
+    pb::ModelConfig {
+        name: json["name"].as_str().unwrap_or_default().to_string(),
+        platform: json["platform"].as_str().unwrap_or_default().to_string(),
+        backend: json["backend"].as_str().unwrap_or_default().to_string(),
+        max_batch_size: json["max_batch_size"].as_i64().unwrap_or(0) as i32,
+        input: tensors(&json["input"])
+            .into_iter()
+            .map(|(name, data_type, dims)| pb::ModelInput {
+                name,
+                data_type,
+                dims,
+                ..Default::default()
+            })
+            .collect(),
+        output: tensors(&json["output"])
+            .into_iter()
+            .map(|(name, data_type, dims)| pb::ModelOutput {
+                name,
+                data_type,
+                dims,
+                ..Default::default()
+            })
+            .collect(),
+        instance_group: vec![pb::ModelInstanceGroup {
+            name: group["name"].as_str().unwrap_or_default().to_string(),
+            kind: pb::model_instance_group::Kind::from_str_name(
+                group["kind"].as_str().unwrap_or("KIND_CPU"),
+            )
+            .unwrap_or(pb::model_instance_group::Kind::Cpu) as i32,
+            count: group["count"].as_i64().unwrap_or(1) as i32,
+            ..Default::default()
+        }],
+        parameters: json["parameters"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    pb::ModelParameter {
+                        string_value: v["string_value"].as_str().unwrap_or_default().to_string(),
+                    },
+                )
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+type InferStream =
+    Pin<Box<dyn Stream<Item = Result<pb::ModelStreamInferResponse, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl GrpcInferenceService for Grpc {
+    async fn server_live(
+        &self,
+        _: Request<pb::ServerLiveRequest>,
+    ) -> Result<Response<pb::ServerLiveResponse>, Status> {
+        Ok(Response::new(pb::ServerLiveResponse { live: true }))
+    }
+
+    async fn server_ready(
+        &self,
+        _: Request<pb::ServerReadyRequest>,
+    ) -> Result<Response<pb::ServerReadyResponse>, Status> {
+        Ok(Response::new(pb::ServerReadyResponse {
+            ready: crate::http::is_ready(&self.state),
+        }))
+    }
+
+    async fn model_ready(
+        &self,
+        request: Request<pb::ModelReadyRequest>,
+    ) -> Result<Response<pb::ModelReadyResponse>, Status> {
+        let r = request.into_inner();
+        let ready = self.model(&r.name, &r.version).is_ok();
+        Ok(Response::new(pb::ModelReadyResponse { ready }))
+    }
+
+    async fn server_metadata(
+        &self,
+        _: Request<pb::ServerMetadataRequest>,
+    ) -> Result<Response<pb::ServerMetadataResponse>, Status> {
+        Ok(Response::new(pb::ServerMetadataResponse {
+            name: "sophon".to_string(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            extensions: crate::http::EXTENSIONS.map(str::to_string).to_vec(),
+        }))
+    }
+
+    async fn model_metadata(
+        &self,
+        request: Request<pb::ModelMetadataRequest>,
+    ) -> Result<Response<pb::ModelMetadataResponse>, Status> {
+        let r = request.into_inner();
+        let m = self.model(&r.name, &r.version)?;
+        Ok(Response::new(pb::ModelMetadataResponse {
+            name: m.name.clone(),
+            versions: vec![m.version.clone()],
+            platform: crate::http::config_json(&m)["platform"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+            inputs: tensor_metadata(m.inputs()),
+            outputs: tensor_metadata(m.outputs()),
+        }))
+    }
+
+    async fn model_infer(
+        &self,
+        request: Request<pb::ModelInferRequest>,
+    ) -> Result<Response<pb::ModelInferResponse>, Status> {
+        self.infer(request.into_inner()).await.map(Response::new)
+    }
+
+    type ModelStreamInferStream = InferStream;
+
+    /// Each request on the stream is answered on it, in order; a failed request is answered
+    /// with its error and the stream goes on.
+    async fn model_stream_infer(
+        &self,
+        request: Request<tonic::Streaming<pb::ModelInferRequest>>,
+    ) -> Result<Response<InferStream>, Status> {
+        let mut incoming = request.into_inner();
+        let this = Grpc {
+            state: self.state.clone(),
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            while let Some(next) = incoming.next().await {
+                let answer = match next {
+                    Err(e) => {
+                        let _ = tx.send(Err(e)).await;
+                        break;
+                    }
+                    Ok(request) => match this.infer(request).await {
+                        Ok(response) => pb::ModelStreamInferResponse {
+                            error_message: String::new(),
+                            infer_response: Some(response),
+                        },
+                        Err(e) => pb::ModelStreamInferResponse {
+                            error_message: e.message().to_string(),
+                            infer_response: None,
+                        },
+                    },
+                };
+                if tx.send(Ok(answer)).await.is_err() {
+                    break; // the client went away
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn model_config(
+        &self,
+        request: Request<pb::ModelConfigRequest>,
+    ) -> Result<Response<pb::ModelConfigResponse>, Status> {
+        let r = request.into_inner();
+        let m = self.model(&r.name, &r.version)?;
+        Ok(Response::new(pb::ModelConfigResponse {
+            config: Some(config(&crate::http::config_json(&m))),
+        }))
+    }
+
+    async fn model_statistics(
+        &self,
+        request: Request<pb::ModelStatisticsRequest>,
+    ) -> Result<Response<pb::ModelStatisticsResponse>, Status> {
+        let r = request.into_inner();
+        let models: Vec<Arc<LoadedModel>> = if r.name.is_empty() {
+            self.state.repo.loaded()
+        } else if r.version.is_empty() {
+            let versions: Vec<_> = self
+                .state
+                .repo
+                .loaded()
+                .into_iter()
+                .filter(|m| m.name == r.name)
+                .collect();
+            if versions.is_empty() {
+                self.model(&r.name, "")?;
+            }
+            versions
+        } else {
+            vec![self.model(&r.name, &r.version)?]
+        };
+        Ok(Response::new(pb::ModelStatisticsResponse {
+            model_stats: models
+                .iter()
+                .map(|m| statistics(&m.stats.json(&m.name, &m.version)))
+                .collect(),
+        }))
+    }
+
+    async fn repository_index(
+        &self,
+        request: Request<pb::RepositoryIndexRequest>,
+    ) -> Result<Response<pb::RepositoryIndexResponse>, Status> {
+        let ready_only = request.into_inner().ready;
+        let models = self
+            .state
+            .repo
+            .index()
+            .into_iter()
+            .filter(|e| !ready_only || e.state == "READY")
+            .map(|e| pb::repository_index_response::ModelIndex {
+                name: e.name,
+                version: e.version,
+                state: e.state.to_string(),
+                reason: e.reason,
+            })
+            .collect();
+        Ok(Response::new(pb::RepositoryIndexResponse { models }))
+    }
+
+    async fn repository_model_load(
+        &self,
+        request: Request<pb::RepositoryModelLoadRequest>,
+    ) -> Result<Response<pb::RepositoryModelLoadResponse>, Status> {
+        let name = request.into_inner().model_name;
+        let repo = self.state.repo.clone();
+        tokio::task::spawn_blocking(move || repo.load(&name))
+            .await
+            .map_err(|e| Status::internal(format!("load task failed: {e}")))?
+            .map_err(|e| status(&ApiError::from(e)))?;
+        Ok(Response::new(pb::RepositoryModelLoadResponse {}))
+    }
+
+    async fn repository_model_unload(
+        &self,
+        request: Request<pb::RepositoryModelUnloadRequest>,
+    ) -> Result<Response<pb::RepositoryModelUnloadResponse>, Status> {
+        let name = request.into_inner().model_name;
+        self.state
+            .repo
+            .unload(&name)
+            .map_err(|e| status(&ApiError::from(e)))?;
+        Ok(Response::new(pb::RepositoryModelUnloadResponse {}))
+    }
+}

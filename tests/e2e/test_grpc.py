@@ -1,0 +1,140 @@
+"""End to end over gRPC: the real `tritonclient[grpc]` against the same `sophon dev` as the HTTP
+suite, outputs checked against onnxruntime, errors with Triton's status codes, streaming, and
+the `grpc.health.v1` check."""
+
+from __future__ import annotations
+
+import queue
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+from test_triton_client import ONNX_MODELS, assert_matches, make_inputs, reference
+
+
+@pytest.fixture(scope="module")
+def gclient(node):
+    c = grpcclient.InferenceServerClient(url=node.grpc_url)
+    yield c
+    c.close()
+
+
+def grpc_inputs(feeds: dict) -> list:
+    inputs = []
+    for name, arr in feeds.items():
+        inp = grpcclient.InferInput(name, list(arr.shape), np_to_triton_dtype(arr.dtype))
+        inp.set_data_from_numpy(arr)
+        inputs.append(inp)
+    return inputs
+
+
+def expect_grpc_error(fn, code: str, *needles: str):
+    with pytest.raises(InferenceServerException) as info:
+        fn()
+    e = info.value
+    assert e.status() == f"StatusCode.{code}", f"expected {code}, got {e.status()}: {e.message()}"
+    for n in needles:
+        assert n in (e.message() or ""), f"error {e.message()!r} does not mention {n!r}"
+
+
+def test_server_live_ready_metadata(gclient):
+    assert gclient.is_server_live()
+    assert gclient.is_server_ready()
+    meta = gclient.get_server_metadata(as_json=True)
+    assert meta["name"] == "sophon" and "model_configuration" in meta["extensions"], meta
+
+
+@pytest.mark.parametrize("model", ONNX_MODELS)
+def test_metadata_config_and_infer_match_onnxruntime(gclient, node, model):
+    assert gclient.is_model_ready(model)
+    meta = gclient.get_model_metadata(model, as_json=True)
+    assert meta["name"] == model and meta["inputs"], meta
+    config = gclient.get_model_config(model, as_json=True)["config"]
+    assert config["name"] == model and config["instance_group"][0]["kind"] == "KIND_CPU", config
+    for batch in [1, 3]:
+        feeds = make_inputs(node, model, batch=batch, seed=batch)
+        want = reference(node, model, feeds)
+        result = gclient.infer(model, grpc_inputs(feeds), request_id=f"req-{batch}")
+        assert result.get_response().id == f"req-{batch}"
+        for output, ref in want.items():
+            assert_matches(result.as_numpy(output), ref, f"{model}/{output} batch {batch} over gRPC")
+
+
+def test_requested_outputs(gclient, node):
+    feeds = make_inputs(node, "gen_multi", batch=2)
+    want = reference(node, "gen_multi", feeds)
+    first = sorted(want)[0]
+    result = gclient.infer("gen_multi", grpc_inputs(feeds), outputs=[grpcclient.InferRequestedOutput(first)])
+    outputs = [o.name for o in result.get_response().outputs]
+    assert outputs == [first], outputs
+    assert_matches(result.as_numpy(first), want[first], f"gen_multi/{first}")
+
+
+def test_errors_have_triton_codes_and_leave_the_model_serving(gclient, node):
+    expect_grpc_error(lambda: gclient.get_model_metadata("no_such_model"), "NOT_FOUND", "no_such_model")
+    feeds = make_inputs(node, "gen_mlp", batch=2)
+    name = next(iter(feeds))
+    wrong_type = grpcclient.InferInput(name, list(feeds[name].shape), "INT32")
+    wrong_type.set_data_from_numpy(feeds[name].astype(np.int32))
+    expect_grpc_error(lambda: gclient.infer("gen_mlp", [wrong_type]), "INVALID_ARGUMENT", name)
+    short = grpcclient.InferInput(name, [2, 3], "FP32")
+    short.set_data_from_numpy(np.zeros((2, 3), np.float32))
+    expect_grpc_error(lambda: gclient.infer("gen_mlp", [short]), "INVALID_ARGUMENT")
+    expect_grpc_error(lambda: gclient.infer("no_such_model", grpc_inputs(feeds)), "NOT_FOUND")
+    # The bad requests left nothing behind: the next one is answered, and right.
+    want = reference(node, "gen_mlp", feeds)
+    result = gclient.infer("gen_mlp", grpc_inputs(feeds))
+    for output, ref in want.items():
+        assert_matches(result.as_numpy(output), ref, f"gen_mlp/{output} after errors")
+
+
+def test_statistics_count_grpc_requests(gclient, node):
+    before = gclient.get_inference_statistics("gen_mlp", as_json=True)["model_stats"][0]
+    feeds = make_inputs(node, "gen_mlp", batch=1)
+    gclient.infer("gen_mlp", grpc_inputs(feeds))
+    after = gclient.get_inference_statistics("gen_mlp", as_json=True)["model_stats"][0]
+    count = lambda s: int(s.get("inference_stats", {}).get("success", {}).get("count", 0))  # noqa: E731
+    assert count(after) == count(before) + 1, (before, after)
+
+
+def test_repository_index(gclient):
+    index = gclient.get_model_repository_index(as_json=True)["models"]
+    assert any(m["name"] == "gen_mlp" and m["state"] == "READY" for m in index), index
+
+
+def test_stream_answers_each_request(gclient, node):
+    answers: queue.Queue = queue.Queue()
+    gclient.start_stream(callback=lambda result, error: answers.put((result, error)))
+    try:
+        feeds = [make_inputs(node, "gen_mlp", batch=1, seed=s) for s in range(3)]
+        for i, f in enumerate(feeds):
+            gclient.async_stream_infer("gen_mlp", grpc_inputs(f), request_id=str(i))
+        bad = grpcclient.InferInput("nope", [1], "FP32")
+        bad.set_data_from_numpy(np.zeros(1, np.float32))
+        gclient.async_stream_infer("gen_mlp", [bad], request_id="bad")
+        got = [answers.get(timeout=30) for _ in range(4)]
+    finally:
+        gclient.stop_stream()
+    for i, (result, error) in enumerate(got[:3]):
+        assert error is None, error
+        want = reference(node, "gen_mlp", feeds[i])
+        for output, ref in want.items():
+            assert_matches(result.as_numpy(output), ref, f"stream request {i}")
+    result, error = got[3]
+    assert result is None and error is not None and "nope" in str(error), (result, error)
+
+
+def test_health_service(node):
+    # grpc.health.v1.Health/Check with an empty service name: the answer is SERVING (status 1),
+    # encoded by hand (HealthCheckResponse has one enum field, number 1).
+    with grpc.insecure_channel(node.grpc_url) as channel:
+        check = channel.unary_unary(
+            "/grpc.health.v1.Health/Check", request_serializer=lambda b: b, response_deserializer=lambda b: b
+        )
+        assert check(b"", timeout=10) == b"\x08\x01"
+        # The inference service by its full name, too.
+        name = b"inference.GRPCInferenceService"
+        assert check(b"\x0a" + bytes([len(name)]) + name, timeout=10) == b"\x08\x01"
