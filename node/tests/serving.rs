@@ -238,7 +238,7 @@ async fn metadata_config_stats_health_and_metrics() {
     let text = String::from_utf8(text).expect("utf-8");
     assert!(
         text.contains(
-            r#"sophon_inference_requests_total{model="mlp",outcome="success",version="1"} 1"#
+            r#"sophon_inference_requests_total{device="cpu",model="mlp",outcome="success",version="1"} 1"#
         ),
         "{text}"
     );

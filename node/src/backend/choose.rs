@@ -212,36 +212,39 @@ fn pick(
                     }
                 }
                 timed.sort_by_key(|(_, t)| *t);
-                let Some(&(best, _)) = timed.first() else {
+                match timed.first() {
                     // None ran the synthetic input: keep the node's order.
-                    let (backend, (graph, how)) = loaded.remove(0);
-                    let how = format!(
-                        "{how}; first in the node's order (a synthetic input did not run: {})",
-                        failed.join("; ")
-                    );
-                    return Ok(Loaded {
-                        graph,
-                        backend,
-                        device: *device,
-                        how: with_refusals(how, &passed_over),
-                        gpu_memory: None,
-                    });
-                };
-                let measured = timed
-                    .iter()
-                    .map(|(i, t)| {
-                        format!("{} {:.3} ms", loaded[*i].0.as_str(), t.as_secs_f64() * 1e3)
-                    })
-                    .chain(failed)
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                let (backend, (graph, how)) = loaded.swap_remove(best);
-                remember(choice.cache_dir, &key, backend, &measured);
-                (
-                    backend,
-                    graph,
-                    format!("{how}; the fastest here on a synthetic input ({measured})"),
-                )
+                    None => {
+                        let (backend, (graph, how)) = loaded.remove(0);
+                        let why = failed.join("; ");
+                        (
+                            backend,
+                            graph,
+                            format!(
+                                "{how}; first in the node's order (a synthetic input did not \
+                                 run: {why})"
+                            ),
+                        )
+                    }
+                    Some(&(best, _)) => {
+                        let measured = timed
+                            .iter()
+                            .map(|(i, t)| {
+                                let ms = t.as_secs_f64() * 1e3;
+                                format!("{} {ms:.3} ms", loaded[*i].0.as_str())
+                            })
+                            .chain(failed)
+                            .collect::<Vec<_>>()
+                            .join(", ");
+                        let (backend, (graph, how)) = loaded.swap_remove(best);
+                        remember(choice.cache_dir, &key, backend, &measured);
+                        (
+                            backend,
+                            graph,
+                            format!("{how}; the fastest here on a synthetic input ({measured})"),
+                        )
+                    }
+                }
             }
         };
         let (backend, graph, how) = pick;
