@@ -209,38 +209,72 @@ impl Metrics {
 }
 
 /// What the node has, as gauges: each backend (1 here, 0 absent), CPU cores, and each NVIDIA
-/// GPU's memory.
+/// GPU's memory. Filled at the first scrape, so that probing the hardware (loading native
+/// libraries) stays off the start-up path.
+struct HardwareGauges {
+    backends: IntGaugeVec,
+    cores: IntGauge,
+    gpus: IntGaugeVec,
+    filled: std::sync::Once,
+}
+
+impl HardwareGauges {
+    fn new() -> prometheus::Result<HardwareGauges> {
+        Ok(HardwareGauges {
+            backends: IntGaugeVec::new(
+                Opts::new(
+                    "sophon_node_backend_present",
+                    "wasi-nn backends of this node: 1 present, 0 absent",
+                ),
+                &["backend"],
+            )?,
+            cores: IntGauge::new("sophon_node_cpu_cores", "CPU cores of this node")?,
+            gpus: IntGaugeVec::new(
+                Opts::new(
+                    "sophon_node_gpu_memory_bytes",
+                    "Memory of each NVIDIA GPU of this node",
+                ),
+                &["gpu", "name"],
+            )?,
+            filled: std::sync::Once::new(),
+        })
+    }
+
+    fn fill(&self) {
+        let hw = crate::hardware::hardware();
+        for (backend, state) in &hw.backends {
+            self.backends
+                .with_label_values(&[backend.as_str()])
+                .set(i64::from(state.is_ok()));
+        }
+        self.cores.set(hw.cpu_cores as i64);
+        for g in &hw.gpus {
+            self.gpus
+                .with_label_values(&[&g.index.to_string(), &g.name])
+                .set((g.memory_mb << 20) as i64);
+        }
+    }
+}
+
+impl prometheus::core::Collector for HardwareGauges {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        let mut d = self.backends.desc();
+        d.extend(self.cores.desc());
+        d.extend(self.gpus.desc());
+        d
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        self.filled.call_once(|| self.fill());
+        let mut m = self.backends.collect();
+        m.extend(self.cores.collect());
+        m.extend(self.gpus.collect());
+        m
+    }
+}
+
 fn register_hardware(registry: &Registry) -> prometheus::Result<()> {
-    let hw = crate::hardware::hardware();
-    let backends = IntGaugeVec::new(
-        Opts::new(
-            "sophon_node_backend_present",
-            "wasi-nn backends of this node: 1 present, 0 absent",
-        ),
-        &["backend"],
-    )?;
-    for (backend, state) in &hw.backends {
-        backends
-            .with_label_values(&[backend.as_str()])
-            .set(i64::from(state.is_ok()));
-    }
-    let cores = IntGauge::new("sophon_node_cpu_cores", "CPU cores of this node")?;
-    cores.set(hw.cpu_cores as i64);
-    let gpus = IntGaugeVec::new(
-        Opts::new(
-            "sophon_node_gpu_memory_bytes",
-            "Memory of each NVIDIA GPU of this node",
-        ),
-        &["gpu", "name"],
-    )?;
-    for g in &hw.gpus {
-        gpus.with_label_values(&[&g.index.to_string(), &g.name])
-            .set((g.memory_mb << 20) as i64);
-    }
-    registry.register(Box::new(backends))?;
-    registry.register(Box::new(cores))?;
-    registry.register(Box::new(gpus))?;
-    Ok(())
+    registry.register(Box::new(HardwareGauges::new()?))
 }
 
 /// One model version's metric handles.

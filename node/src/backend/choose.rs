@@ -145,19 +145,14 @@ fn pick(
         refused.push(format!("gpu: {why}"));
     }
     for device in &devices {
-        let candidates: Vec<Backend> = candidates_for(*device)
-            .into_iter()
-            .filter(|b| devices_of(*b).contains(device))
-            .collect();
-        if candidates.is_empty() {
-            if *device != Device::Cpu {
-                passed_over.push(format!("no backend here runs on the {}", name(*device)));
-            }
-            continue;
-        }
-        let key = cache_key(file, *device, &candidates);
+        // Whether a backend is here is asked only when it is needed: a native library is
+        // loaded (tens of milliseconds) only for a graph that may run on it.
+        let here = |b: &Backend| devices_of(*b).contains(device);
+        let all = candidates_for(*device);
+        let key = cache_key(file, *device, &all);
         if let Some((winner, measured)) = cached(choice.cache_dir, &key)
-            && candidates.contains(&winner)
+            && all.contains(&winner)
+            && here(&winner)
             && let Ok((graph, how)) = load_on(winner, *device, file)
         {
             return Ok(Loaded {
@@ -173,11 +168,23 @@ fn pick(
         }
         let mut loaded = Vec::new();
         let mut here_refused = Vec::new();
-        for backend in &candidates {
+        let mut present = 0;
+        for backend in all.iter().filter(|b| here(b)) {
+            present += 1;
             match load_on(*backend, *device, file) {
                 Ok(ok) => loaded.push((*backend, ok)),
                 Err(e) => here_refused.push(format!("{}: {e}", backend.as_str())),
             }
+            // Without inputs to time them on, the first that loads the graph runs it.
+            if choice.probe.is_none() && !loaded.is_empty() {
+                break;
+            }
+        }
+        if present == 0 {
+            if *device != Device::Cpu {
+                passed_over.push(format!("no backend here runs on the {}", name(*device)));
+            }
+            continue;
         }
         if loaded.is_empty() {
             refused.extend(here_refused.iter().cloned());
@@ -189,20 +196,20 @@ fn pick(
             continue;
         }
         passed_over.extend(here_refused);
-        let pick = match (loaded.len(), choice.probe) {
-            (1, _) => {
+        let pick = match choice.probe {
+            None => {
+                let (backend, (graph, how)) = loaded.remove(0);
+                let how = format!(
+                    "{how}; the first in the node's order that loads it (not measured: the \
+                     manifest gives no input shapes)"
+                );
+                (backend, graph, how)
+            }
+            Some(_) if loaded.len() == 1 => {
                 let (backend, (graph, how)) = loaded.remove(0);
                 (backend, graph, how)
             }
-            (_, None) => {
-                let (backend, (graph, how)) = loaded.remove(0);
-                (
-                    backend,
-                    graph,
-                    format!("{how}; first in the node's order (not measured: no input shapes)"),
-                )
-            }
-            (_, Some(probe)) => {
+            Some(probe) => {
                 let mut timed = Vec::new();
                 let mut failed = Vec::new();
                 for (i, (backend, (graph, _))) in loaded.iter().enumerate() {
