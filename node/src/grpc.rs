@@ -52,13 +52,19 @@ pub async fn serve(
     reporter
         .set_serving::<GrpcInferenceServiceServer<Grpc>>()
         .await;
+    // Small messages go out at once: without TCP_NODELAY a unary call's response waits on the
+    // peer's delayed ACK (about 40 ms here; perf_analyzer saw 115 infer/s at concurrency 1).
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
+        conn.inspect(|stream| {
+            if let Err(e) = stream.set_nodelay(true) {
+                tracing::debug!("gRPC connection: TCP_NODELAY not set: {e}");
+            }
+        })
+    });
     tonic::transport::Server::builder()
         .add_service(health)
         .add_service(service(state))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown,
-        )
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     Ok(())
 }
