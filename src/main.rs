@@ -86,13 +86,6 @@ fn main() -> std::process::ExitCode {
     if let Ok(exe) = std::env::current_exe() {
         sophon_node::backend::choose::measure_in_children(exe, vec!["measure-backend".into()]);
     }
-    // Serving commands probe the hardware (loading native libraries takes tens of
-    // milliseconds) beside their start-up, not in its path.
-    if matches!(cli.command, Command::Dev(_) | Command::Node(_)) {
-        std::thread::spawn(|| {
-            sophon_node::hardware::hardware();
-        });
-    }
     let result = match cli.command {
         Command::Dev(args) => cli::dev::run(args),
         Command::Keygen(args) => cli::bundle::keygen(args),

@@ -456,10 +456,7 @@ impl GrpcInferenceService for Grpc {
         Ok(Response::new(pb::ModelMetadataResponse {
             name: m.name.clone(),
             versions: vec![m.version.clone()],
-            platform: crate::http::config_json(&m)["platform"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string(),
+            platform: crate::http::triton_platform(&m).0.to_string(),
             inputs: tensor_metadata(m.inputs()),
             outputs: tensor_metadata(m.outputs()),
         }))

@@ -47,6 +47,16 @@ pub fn hardware() -> &'static Hardware {
     HARDWARE.get_or_init(probe)
 }
 
+/// Start probing on a thread of its own, so a serving process's start-up does not wait for the
+/// native libraries to load (tens of milliseconds); the first [`hardware`] call waits for it.
+/// Only for processes that serve: one that exits while the probe is inside a native library's
+/// initialisation can crash on the way out.
+pub fn probe_in_background() {
+    std::thread::spawn(|| {
+        hardware();
+    });
+}
+
 fn probe() -> Hardware {
     let (gpus, nvidia_driver, gpus_absent) = match nvml() {
         Ok((gpus, driver)) => (gpus, Some(driver), None),
@@ -74,25 +84,23 @@ fn probe() -> Hardware {
     }
 }
 
+/// The value of the first `key: value` line of a `/proc` file (`/proc/cpuinfo`'s `model name`,
+/// `/proc/meminfo`'s `MemTotal`).
+pub fn proc_field(file: &str, key: &str) -> Option<String> {
+    let text = std::fs::read_to_string(file).ok()?;
+    text.lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim() == key)
+        .map(|(_, v)| v.trim().to_string())
+}
+
 fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|text| {
-            text.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_string())
-        })
-        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+    proc_field("/proc/cpuinfo", "model name").unwrap_or_else(|| std::env::consts::ARCH.to_string())
 }
 
 #[cfg(target_arch = "x86_64")]
 fn cpuinfo_flag(flag: &str) -> bool {
-    std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|text| {
-        text.lines()
-            .find(|l| l.starts_with("flags"))
-            .is_some_and(|l| l.split_whitespace().any(|f| f == flag))
-    })
+    proc_field("/proc/cpuinfo", "flags").is_some_and(|f| f.split_whitespace().any(|f| f == flag))
 }
 
 #[allow(unused_mut)]
@@ -130,11 +138,21 @@ fn cpu_features() -> Vec<&'static str> {
     found
 }
 
-/// NVIDIA GPUs and the driver version, through NVML (`libnvidia-ml.so`, loaded at run time).
+static NVML: OnceLock<Result<nvml_wrapper::Nvml, String>> = OnceLock::new();
+
+/// NVML (`libnvidia-ml.so`, loaded at run time once), or why there is none.
+fn nvml_handle() -> Result<&'static nvml_wrapper::Nvml, String> {
+    NVML.get_or_init(|| {
+        crate::backend::catch_panic("NVML", nvml_wrapper::Nvml::init)?
+            .map_err(|e| format!("no NVIDIA driver (NVML: {e})"))
+    })
+    .as_ref()
+    .map_err(Clone::clone)
+}
+
+/// NVIDIA GPUs and the driver version, through NVML.
 fn nvml() -> Result<(Vec<Gpu>, String), String> {
-    use nvml_wrapper::Nvml;
-    let nvml = crate::backend::catch_panic("NVML", Nvml::init)?
-        .map_err(|e| format!("no NVIDIA driver (NVML: {e})"))?;
+    let nvml = nvml_handle()?;
     let driver = nvml.sys_driver_version().unwrap_or_default();
     let count = nvml.device_count().map_err(|e| format!("NVML: {e}"))?;
     let mut gpus = Vec::new();
@@ -159,7 +177,7 @@ fn nvml() -> Result<(Vec<Gpu>, String), String> {
 
 /// Free memory on a GPU now (MiB), where NVML answers.
 pub fn gpu_free_mb(index: u32) -> Option<u64> {
-    let nvml = nvml_wrapper::Nvml::init().ok()?;
+    let nvml = nvml_handle().ok()?;
     let device = nvml.device_by_index(index).ok()?;
     device.memory_info().ok().map(|m| m.free >> 20)
 }

@@ -296,6 +296,18 @@ async fn model_config(
     Ok(Json(config_json(&m)))
 }
 
+/// Triton's `platform` and `backend` names for what runs the model's (first) graph.
+pub(crate) fn triton_platform(m: &LoadedModel) -> (&'static str, &'static str) {
+    match m.graphs.first().map(|g| g.backend) {
+        Some(sophon_sdk::Backend::Ort) => ("onnxruntime_onnx", "onnxruntime"),
+        Some(sophon_sdk::Backend::Openvino) => ("openvino", "openvino"),
+        Some(sophon_sdk::Backend::Tract | sophon_sdk::Backend::TractCuda) => {
+            ("tract_onnx", "tract")
+        }
+        None => ("sophon_wasm", "wasm"),
+    }
+}
+
 /// A model's configuration as Triton writes it (`/config`; gRPC's `ModelConfig` from it).
 pub(crate) fn config_json(m: &LoadedModel) -> Value {
     let batch = m.manifest.resources.max_batch_size;
@@ -320,15 +332,7 @@ pub(crate) fn config_json(m: &LoadedModel) -> Value {
             json!({"string_value": graph.how}),
         );
     }
-    // Triton's names for the backend that runs the model's (first) graph.
-    let (platform, backend) = match m.graphs.first().map(|g| g.backend) {
-        Some(sophon_sdk::Backend::Ort) => ("onnxruntime_onnx", "onnxruntime"),
-        Some(sophon_sdk::Backend::Openvino) => ("openvino", "openvino"),
-        Some(sophon_sdk::Backend::Tract | sophon_sdk::Backend::TractCuda) => {
-            ("tract_onnx", "tract")
-        }
-        None => ("sophon_wasm", "wasm"),
-    };
+    let (platform, backend) = triton_platform(m);
     parameters.insert("sophon_component".into(), json!({"string_value": "wasm"}));
     let kind = match m.device() {
         sophon_sdk::Device::Cpu => "KIND_CPU",

@@ -154,6 +154,14 @@ pub struct LoadedModel {
     outputs_by_name: HashMap<String, Datatype>,
 }
 
+fn device_of(graphs: &[GraphRun]) -> sophon_sdk::Device {
+    graphs
+        .iter()
+        .map(|g| g.device)
+        .max()
+        .unwrap_or(sophon_sdk::Device::Cpu)
+}
+
 /// Where and how one of a model's graphs runs.
 #[derive(Clone, Debug)]
 pub struct GraphRun {
@@ -167,11 +175,7 @@ pub struct GraphRun {
 impl LoadedModel {
     /// The device its graphs run on: the NPU or GPU when one of them does, else the CPU.
     pub fn device(&self) -> sophon_sdk::Device {
-        self.graphs
-            .iter()
-            .map(|g| g.device)
-            .max()
-            .unwrap_or(sophon_sdk::Device::Cpu)
+        device_of(&self.graphs)
     }
 
     /// Inputs as the manifest declares them.
@@ -401,11 +405,7 @@ impl Repository {
             model = %name, version = %version, digest = %bundle.digest_hex(),
             aot = ?model.origin(), "model loaded"
         );
-        let device = how
-            .iter()
-            .map(|g| g.device)
-            .max()
-            .unwrap_or(sophon_sdk::Device::Cpu);
+        let device = device_of(&how);
         Ok(LoadedModel {
             metrics: self
                 .metrics

@@ -139,7 +139,11 @@ fn check_backends(
             child.args(["--shape", &format!("{input}:{}", dims.join(","))]);
         }
         let out = child.output()?;
-        let said = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        // Native libraries' messages span lines; the check shows each backend on one.
+        let said = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
         match out.status.code() {
             Some(0) => {
                 loads_on.push(backend);

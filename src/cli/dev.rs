@@ -267,6 +267,7 @@ pub fn build_repository(args: &DevArgs) -> anyhow::Result<Arc<Repository>> {
 }
 
 pub fn run(args: DevArgs) -> anyhow::Result<()> {
+    sophon_node::hardware::probe_in_background();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

@@ -394,6 +394,7 @@ fn action(
 
 /// Run a joined node: its repository, the mesh, then the V2 HTTP API.
 fn serve_node(data: PathBuf, serve: ServeArgs) -> anyhow::Result<()> {
+    sophon_node::hardware::probe_in_background();
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = serve.workers {
         anyhow::ensure!(n > 0, "--workers must be at least 1");

@@ -95,6 +95,40 @@ impl Wheel {
     }
 }
 
+/// Idle library objects of one graph (sessions, infer requests), made on demand: a request
+/// takes one to run on alone, and gives it back unless the pool already keeps `capacity`. The
+/// lock is held only to take or give back.
+pub struct Pool<T> {
+    idle: parking_lot::Mutex<Vec<T>>,
+    capacity: usize,
+}
+
+impl<T> Pool<T> {
+    /// A pool holding `first` (made at load, so a graph the library refuses fails there).
+    pub fn new(first: T, capacity: usize) -> Pool<T> {
+        Pool {
+            idle: parking_lot::Mutex::new(vec![first]),
+            capacity,
+        }
+    }
+
+    /// An idle one, or a new one from `make`.
+    pub fn take<E>(&self, make: impl FnOnce() -> Result<T, E>) -> Result<T, E> {
+        let idle = self.idle.lock().pop();
+        match idle {
+            Some(t) => Ok(t),
+            None => make(),
+        }
+    }
+
+    pub fn give_back(&self, t: T) {
+        let mut idle = self.idle.lock();
+        if idle.len() < self.capacity {
+            idle.push(t);
+        }
+    }
+}
+
 /// A graph input as a native library declares it, in wasi-nn's terms.
 #[derive(Clone, Debug)]
 pub struct NativeInput {

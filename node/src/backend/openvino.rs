@@ -25,7 +25,7 @@ use wasmtime_wasi_nn::backend::{BackendError, BackendGraph};
 use wasmtime_wasi_nn::wit::TensorType;
 
 use super::native::{
-    NativeContext, NativeGraph, NativeInput, invalid, invalid_input, output_tensor,
+    NativeContext, NativeGraph, NativeInput, Pool, invalid, invalid_input, output_tensor,
 };
 
 /// Most idle infer requests kept per graph.
@@ -61,7 +61,7 @@ fn open(path: PathBuf) -> Result<Runtime, String> {
         .iter()
         .map(|d| d.to_string())
         .collect();
-    tracing::info!(library = %path.display(), ?devices, "OpenVINO loaded");
+    tracing::debug!(library = %path.display(), ?devices, "OpenVINO loaded");
     Ok(Runtime {
         core: Mutex::new(core),
         path,
@@ -110,7 +110,7 @@ pub fn device_for(kind: sophon_sdk::Device) -> Option<String> {
 
 struct Inner {
     compiled: Mutex<CompiledModel>,
-    requests: Mutex<Vec<InferRequest>>,
+    requests: Pool<InferRequest>,
     inputs: Vec<NativeInput>,
     types: Vec<ElementType>,
     outputs: Vec<String>,
@@ -158,23 +158,10 @@ impl OvGraph {
     }
 
     fn request(&self) -> Result<InferRequest, BackendError> {
-        let pooled = self.0.requests.lock().pop();
-        match pooled {
-            Some(request) => Ok(request),
-            None => self
-                .0
-                .compiled
-                .lock()
-                .create_infer_request()
-                .map_err(|e| invalid(format!("openvino: {e}"))),
-        }
-    }
-
-    fn give_back(&self, request: InferRequest) {
-        let mut pool = self.0.requests.lock();
-        if pool.len() < POOL_CAPACITY {
-            pool.push(request);
-        }
+        self.0
+            .requests
+            .take(|| self.0.compiled.lock().create_infer_request())
+            .map_err(|e| invalid(format!("openvino: {e}")))
     }
 }
 
@@ -265,7 +252,7 @@ fn compile(
         .map_err(|e| format!("making an infer request: {e}"))?;
     Ok(OvGraph(Arc::new(Inner {
         compiled: Mutex::new(compiled),
-        requests: Mutex::new(vec![first]),
+        requests: Pool::new(first, POOL_CAPACITY),
         inputs,
         types,
         outputs,
@@ -350,7 +337,7 @@ impl NativeGraph for OvGraph {
             }
             Ok(copied)
         })();
-        self.give_back(request);
+        self.0.requests.give_back(request);
         ran
     }
 }

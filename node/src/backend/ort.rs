@@ -18,13 +18,11 @@ use ort::environment::Environment;
 use ort::memory::Allocator;
 use ort::session::{Session, SessionInputValue};
 use ort::value::{DynTensor, DynTensorValueType, TensorElementType, ValueType};
-use parking_lot::Mutex;
 use wasmtime_wasi_nn::backend::{BackendError, BackendGraph};
 use wasmtime_wasi_nn::wit::TensorType;
 
-use super::memory;
 use super::native::{
-    NativeContext, NativeGraph, NativeInput, invalid, invalid_input, output_tensor,
+    NativeContext, NativeGraph, NativeInput, Pool, invalid, invalid_input, output_tensor,
 };
 
 /// Most idle sessions kept per graph.
@@ -43,7 +41,7 @@ fn runtime() -> Result<&'static (Environment, PathBuf), String> {
                 .with_name("sophon")
                 .build()
                 .map_err(|e| format!("{}: {e}", path.display()))?;
-            tracing::info!(library = %path.display(), "ONNX Runtime loaded");
+            tracing::debug!(library = %path.display(), "ONNX Runtime loaded");
             Ok((env, path))
         })
         .as_ref()
@@ -70,7 +68,7 @@ struct Inner {
     bytes: Vec<u8>,
     /// Sessions run on CUDA (else on the CPU).
     gpu: bool,
-    sessions: Mutex<Vec<Session>>,
+    sessions: Pool<Session>,
     inputs: Vec<NativeInput>,
     types: Vec<TensorElementType>,
     outputs: Vec<String>,
@@ -115,13 +113,8 @@ pub fn providers() -> Vec<String> {
 }
 
 impl OrtGraph {
-    /// Load an ONNX model (the first session is made now, so a graph ONNX Runtime cannot run
-    /// is refused here, not at the first request).
-    pub fn from_onnx(bytes: &[u8]) -> Result<OrtGraph, String> {
-        OrtGraph::from_onnx_on(bytes, false)
-    }
-
-    /// [`OrtGraph::from_onnx`], on CUDA where `gpu`.
+    /// Load an ONNX model, on CUDA where `gpu` (the first session is made now, so a graph ONNX
+    /// Runtime cannot run is refused here, not at the first request).
     pub fn from_onnx_on(bytes: &[u8], gpu: bool) -> Result<OrtGraph, String> {
         runtime()?;
         let session = new_session(bytes, gpu).map_err(|e| format!("onnxruntime: {e}"))?;
@@ -161,7 +154,7 @@ impl OrtGraph {
         Ok(OrtGraph(Arc::new(Inner {
             bytes: bytes.to_vec(),
             gpu,
-            sessions: Mutex::new(vec![session]),
+            sessions: Pool::new(session, POOL_CAPACITY),
             inputs,
             types,
             outputs,
@@ -169,24 +162,10 @@ impl OrtGraph {
     }
 
     fn session(&self) -> Result<Session, BackendError> {
-        let pooled = self.0.sessions.lock().pop();
-        match pooled {
-            Some(session) => Ok(session),
-            None => new_session(&self.0.bytes, self.0.gpu)
-                .map_err(|e| invalid(format!("onnxruntime: {e}"))),
-        }
-    }
-
-    fn give_back(&self, session: Session) {
-        let mut pool = self.0.sessions.lock();
-        if pool.len() < POOL_CAPACITY {
-            pool.push(session);
-        }
-    }
-
-    /// A new execution context.
-    pub fn context(&self) -> Result<NativeContext<OrtGraph>, memory::Exceeded> {
-        NativeContext::new(self.clone())
+        self.0
+            .sessions
+            .take(|| new_session(&self.0.bytes, self.0.gpu))
+            .map_err(|e| invalid(format!("onnxruntime: {e}")))
     }
 }
 
@@ -293,7 +272,7 @@ impl NativeGraph for OrtGraph {
             }
             Ok(copied)
         })();
-        self.give_back(session);
+        self.0.sessions.give_back(session);
         ran
     }
 }

@@ -131,14 +131,8 @@ pub fn inventory(memory_mb: Option<u64>) -> wire::Inventory {
 }
 
 fn machine_memory_mb() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|text| {
-            text.lines()
-                .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
+    crate::hardware::proc_field("/proc/meminfo", "MemTotal")
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
         .map(|kb| kb / 1024)
         .unwrap_or(1024)
 }
