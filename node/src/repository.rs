@@ -351,6 +351,7 @@ impl Repository {
                 bytes: bundle.graph_bytes(graph)?,
                 weights: bundle.weights_bytes(graph)?,
                 shapes: &graph.shapes,
+                threads: manifest.resources.threads,
             };
             // Candidates are timed on zeros shaped by the manifest, where the graph's inputs
             // are the model's (as `sophon pack --onnx` makes them).

@@ -113,6 +113,15 @@ pub struct Resources {
     pub max_concurrency: u32,
     /// Greater than 0 means the first dimension of every tensor is a batch dimension.
     pub max_batch_size: u32,
+    /// Threads one request of this model computes on, in the native backends (ONNX Runtime's
+    /// intra-op threads, OpenVINO's threads per stream); 0 leaves it to the node (1). tract
+    /// computes on the request's own thread.
+    #[serde(skip_serializing_if = "is_zero_u32")]
+    pub threads: u32,
+}
+
+fn is_zero_u32(n: &u32) -> bool {
+    *n == 0
 }
 
 impl Default for Resources {
@@ -122,6 +131,7 @@ impl Default for Resources {
             timeout_ms: 10_000,
             max_concurrency: 0,
             max_batch_size: 0,
+            threads: 0,
         }
     }
 }
@@ -302,6 +312,12 @@ impl Manifest {
         }
         if r.timeout_ms == 0 {
             return Err(invalid("resources.timeout_ms = 0: use at least 1"));
+        }
+        if r.threads > 256 {
+            return Err(invalid(format!(
+                "resources.threads = {} is out of range: use 0 (the node's default) to 256",
+                r.threads
+            )));
         }
         if self.hardware.preferred.is_empty() {
             return Err(invalid(

@@ -243,6 +243,8 @@ pub struct OnnxOptions {
     pub preferred: Vec<crate::manifest::Device>,
     /// GPU memory it needs (MiB; 0: what the load takes).
     pub min_gpu_memory_mb: u64,
+    /// Threads per request in the native backends (0: the node's default).
+    pub threads: u32,
 }
 
 /// [`onnx_manifest`] with [`OnnxOptions`]. A pinned input takes requests of that shape only,
@@ -328,6 +330,7 @@ pub fn graph_manifest(
         manifest.hardware.preferred = options.preferred.clone();
     }
     manifest.hardware.min_gpu_memory_mb = options.min_gpu_memory_mb;
+    manifest.resources.threads = options.threads;
     manifest.hardware.loads_on = options.loads_on.clone();
     manifest.validate()?;
     Ok(manifest)

@@ -82,6 +82,10 @@ pub struct PackArgs {
     /// GPU, and runs it elsewhere when no GPU has that much left.
     #[arg(long, value_name = "MIB", default_value_t = 0)]
     min_gpu_memory_mb: u64,
+    /// Threads one request computes on in ONNX Runtime and OpenVINO (default 1; tract uses the
+    /// request's own thread).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    threads: u32,
     /// Output bundle file.
     #[arg(short, long)]
     out: Option<PathBuf>,
@@ -276,6 +280,7 @@ pub fn pack(args: PackArgs) -> anyhow::Result<()> {
                 loads_on: Vec::new(),
                 preferred: args.devices,
                 min_gpu_memory_mb: args.min_gpu_memory_mb,
+                threads: args.threads,
             };
             // The file must make a manifest (pins included) before the backends see it.
             sophon_sdk::onnx::onnx_manifest_with(&model, name, &args.version, &options)?;
@@ -346,6 +351,7 @@ fn pack_openvino(
         loads_on: vec![sophon_sdk::Backend::Openvino],
         preferred: args.devices.clone(),
         min_gpu_memory_mb: args.min_gpu_memory_mb,
+        threads: args.threads,
     };
     let graph = sophon_sdk::GraphSpec {
         name: sophon_sdk::onnx::ONNX_GRAPH_NAME.to_string(),
@@ -450,8 +456,12 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
         }
     }
     let r = &m.resources;
+    let threads = match r.threads {
+        0 => String::new(),
+        n => format!(", {n} thread(s) per request"),
+    };
     println!(
-        "limits     memory {} MiB, timeout {} ms",
+        "limits     memory {} MiB, timeout {} ms{threads}",
         r.memory_mb, r.timeout_ms
     );
     if !m.capabilities.env.is_empty() {

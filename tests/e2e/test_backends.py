@@ -298,3 +298,38 @@ def test_the_inventory_is_printed_and_on_metrics(backends, ort_client):
     metrics = requests.get(f"{backends.base}/metrics", timeout=30).text
     assert re.search(r'sophon_inference_requests_total\{device="cpu",model="gen_mlp_openvino",[^}]*\} [1-9]', metrics), \
         metrics[:3000]
+
+
+def test_threads_per_request_reach_the_native_backends(tmp_path, sophon_bin):
+    # `pack --threads 2`: ONNX Runtime's sessions and OpenVINO's streams compute each request on
+    # two threads, and say so; a manifest asking for more than 256 is refused at pack time.
+    key, pub = new_publisher(sophon_bin, tmp_path)
+    paths = gen_models.generate(tmp_path / "models")
+    models, bundles = {}, {}
+    for backend in NATIVE:
+        name = f"mlp_{backend}_t2"
+        models[name] = paths["gen_mlp"]
+        bundles[name] = pack(
+            sophon_bin, key, paths["gen_mlp"], name, tmp_path / f"{name}.sbundle", "--backend", backend, "--threads", "2"
+        )
+    shown = run_cli(sophon_bin, "inspect", str(bundles["mlp_ort_t2"]))
+    assert "2 thread(s) per request" in shown.stdout, shown.stdout
+    refused = subprocess.run(
+        [sophon_bin, "pack", "--onnx", str(paths["gen_mlp"]), "--name", "x", "--threads", "1000", "--key", str(key),
+         "-o", str(tmp_path / "x.sbundle")],
+        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+    )
+    assert refused.returncode != 0 and "resources.threads = 1000" in refused.stderr, refused.stderr
+    n = start_dev(sophon_bin, tmp_path, pub, models, bundles)
+    try:
+        c = httpclient.InferenceServerClient(url=n.url)
+        for name, said in [("mlp_ort_t2", "2 intra-op thread(s) per request"), ("mlp_openvino_t2", "2 thread(s) per request")]:
+            how = c.get_model_config(name)["parameters"]["sophon_graph_model"]["string_value"]
+            assert said in how, how
+            feeds = make_inputs(n, name, batch=3)
+            want = reference(n, name, feeds)
+            result = c.infer(name, infer_inputs(feeds, True))
+            for output, ref in want.items():
+                assert_matches(result.as_numpy(output), ref, f"{name}/{output}")
+    finally:
+        stop_dev(n)

@@ -336,6 +336,7 @@ struct Job {
     inputs: Vec<TensorSpec>,
     model_len: usize,
     weights_len: Option<usize>,
+    threads: u32,
 }
 
 fn measure(
@@ -359,6 +360,7 @@ fn measure(
         inputs: inputs.to_vec(),
         model_len: file.bytes.len(),
         weights_len: file.weights.map(<[u8]>::len),
+        threads: file.threads,
     };
     let mut child = std::process::Command::new(program)
         .args(args)
@@ -419,6 +421,7 @@ pub fn measure_child() -> ! {
             bytes: &model,
             weights: weights.as_deref(),
             shapes: &job.shapes,
+            threads: job.threads,
         };
         let (graph, _) = load_on(job.backend, job.device, &file)?;
         let probe = synthetic_inputs(&job.inputs, &job.shapes)
@@ -474,6 +477,7 @@ fn cache_key(file: &GraphFile<'_>, device: Device, candidates: &[Backend]) -> St
         h.update(w);
     }
     h.update(format!("{:?}", file.shapes));
+    h.update(file.threads.to_le_bytes());
     h.update(name(device));
     for b in candidates {
         h.update(b.as_str());

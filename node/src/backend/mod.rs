@@ -56,6 +56,8 @@ pub struct GraphFile<'a> {
     pub weights: Option<&'a [u8]>,
     /// The manifest's `[[graphs]] shapes`.
     pub shapes: &'a BTreeMap<String, Vec<i64>>,
+    /// The manifest's `[resources] threads`: threads per request in the native backends (0: 1).
+    pub threads: u32,
 }
 
 impl<'a> GraphFile<'a> {
@@ -66,6 +68,7 @@ impl<'a> GraphFile<'a> {
             bytes,
             weights: None,
             shapes,
+            threads: 0,
         }
     }
 }
@@ -214,8 +217,10 @@ fn load_on(
                 Device::Gpu => (true, "onnxruntime on CUDA"),
                 Device::Npu => return Err("no NPU execution provider here".to_string()),
             };
-            let graph = ort::OrtGraph::from_onnx_on(file.bytes, gpu)?;
-            Ok((boxed(Box::new(graph)), on.to_string()))
+            let threads = file.threads.max(1);
+            let graph = ort::OrtGraph::from_onnx_on(file.bytes, gpu, threads)?;
+            let how = format!("{on}, {threads} intra-op thread(s) per request");
+            Ok((boxed(Box::new(graph)), how))
         }
         #[cfg(not(feature = "ort"))]
         Backend::Ort => Err(ort_available().unwrap_err()),
@@ -227,8 +232,14 @@ fn load_on(
                     format!("no {device:?} device (it has {})", devices.join(", "))
                 }
             })?;
-            let graph = openvino::OvGraph::load(file.bytes, file.weights, file.shapes, &name)?;
-            Ok((boxed(Box::new(graph)), format!("openvino on {name}")))
+            let threads = file.threads.max(1);
+            let graph =
+                openvino::OvGraph::load(file.bytes, file.weights, file.shapes, &name, threads)?;
+            let how = match name.as_str() {
+                "CPU" => format!("openvino on CPU, {threads} thread(s) per request"),
+                _ => format!("openvino on {name}"),
+            };
+            Ok((boxed(Box::new(graph)), how))
         }
         #[cfg(not(feature = "openvino"))]
         Backend::Openvino => Err(openvino_available().unwrap_err()),

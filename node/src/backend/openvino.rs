@@ -144,10 +144,11 @@ impl OvGraph {
         weights: Option<&[u8]>,
         shapes: &BTreeMap<String, Vec<i64>>,
         device: &str,
+        threads: u32,
     ) -> Result<OvGraph, String> {
         let runtime = runtime()?;
         super::catch_panic("openvino", || {
-            compile(runtime, model, weights, shapes, device)
+            compile(runtime, model, weights, shapes, device, threads)
         })?
         .map_err(|e| format!("openvino: {e}"))
     }
@@ -184,6 +185,7 @@ fn compile(
     weights: Option<&[u8]>,
     shapes: &BTreeMap<String, Vec<i64>>,
     device: &str,
+    threads: u32,
 ) -> Result<OvGraph, String> {
     let weights = weights.map(bytes_tensor).transpose()?;
     let mut core = runtime.core.lock();
@@ -209,11 +211,14 @@ fn compile(
     }
     let kind = DeviceType::from(device).to_owned();
     if device == "CPU" {
-        let streams = num_cpus::get().max(1).to_string();
+        // `threads` per request: as many streams of that many threads as the cores hold.
+        let threads = threads.max(1) as usize;
+        let streams = (num_cpus::get().max(1) / threads).max(1);
+        let (streams, total) = (streams.to_string(), (streams * threads).to_string());
         for (key, value) in [
             (RwPropertyKey::HintInferencePrecision, "f32"),
             (RwPropertyKey::NumStreams, streams.as_str()),
-            (RwPropertyKey::InferenceNumThreads, streams.as_str()),
+            (RwPropertyKey::InferenceNumThreads, total.as_str()),
         ] {
             core.set_property(&kind, &key, value)
                 .map_err(|e| format!("setting {key:?}={value}: {e}"))?;

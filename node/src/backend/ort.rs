@@ -68,6 +68,8 @@ struct Inner {
     bytes: Vec<u8>,
     /// Sessions run on CUDA (else on the CPU).
     gpu: bool,
+    /// Intra-op threads of each session.
+    threads: u32,
     sessions: Pool<Session>,
     inputs: Vec<NativeInput>,
     types: Vec<TensorElementType>,
@@ -78,12 +80,12 @@ struct Inner {
 #[derive(Clone)]
 pub struct OrtGraph(Arc<Inner>);
 
-fn new_session(bytes: &[u8], gpu: bool) -> ort::Result<Session> {
+fn new_session(bytes: &[u8], gpu: bool, threads: u32) -> ort::Result<Session> {
     let (env, _) = runtime().map_err(ort::Error::new)?;
     // All graph optimisations are on by default (and `Level3` means another level on older
     // libraries, which refuse it).
     let mut builder = Session::builder(env)?
-        .with_intra_threads(1)?
+        .with_intra_threads(threads.max(1) as usize)?
         .with_inter_threads(1)?;
     if gpu {
         // TensorRT first where the library has it, then CUDA; failing to register either is
@@ -115,9 +117,9 @@ pub fn providers() -> Vec<String> {
 impl OrtGraph {
     /// Load an ONNX model, on CUDA where `gpu` (the first session is made now, so a graph ONNX
     /// Runtime cannot run is refused here, not at the first request).
-    pub fn from_onnx_on(bytes: &[u8], gpu: bool) -> Result<OrtGraph, String> {
+    pub fn from_onnx_on(bytes: &[u8], gpu: bool, threads: u32) -> Result<OrtGraph, String> {
         runtime()?;
-        let session = new_session(bytes, gpu).map_err(|e| format!("onnxruntime: {e}"))?;
+        let session = new_session(bytes, gpu, threads).map_err(|e| format!("onnxruntime: {e}"))?;
         let mut inputs = Vec::new();
         let mut types = Vec::new();
         for input in session.inputs() {
@@ -154,6 +156,7 @@ impl OrtGraph {
         Ok(OrtGraph(Arc::new(Inner {
             bytes: bytes.to_vec(),
             gpu,
+            threads,
             sessions: Pool::new(session, POOL_CAPACITY),
             inputs,
             types,
@@ -164,7 +167,7 @@ impl OrtGraph {
     fn session(&self) -> Result<Session, BackendError> {
         self.0
             .sessions
-            .take(|| new_session(&self.0.bytes, self.0.gpu))
+            .take(|| new_session(&self.0.bytes, self.0.gpu, self.0.threads))
             .map_err(|e| invalid(format!("onnxruntime: {e}")))
     }
 }
