@@ -1,5 +1,6 @@
-//! Generates the gRPC service from `proto/inference.proto`, with the protoc that the
-//! `protoc-bin-vendored` crate ships, so that nobody installs one.
+//! Generates the gRPC service (and the client that the mesh tests call it with) from
+//! `proto/inference.proto`, with the protoc that the `protoc-bin-vendored` crate ships, so that
+//! nobody installs one.
 
 #[allow(unsafe_code)]
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -7,7 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // SAFETY: a build script runs on one thread; nothing else reads the environment meanwhile.
     unsafe { std::env::set_var("PROTOC", protoc) };
     tonic_prost_build::configure()
-        .build_client(false)
+        .build_client(true)
         .compile_protos(&["proto/inference.proto"], &["proto"])?;
     println!("cargo:rerun-if-changed=proto/inference.proto");
     Ok(())

@@ -25,6 +25,7 @@ use udp_proxy::Faults;
 struct NodeProc {
     id: String,
     http: std::net::SocketAddr,
+    grpc: std::net::SocketAddr,
     child: Option<Child>,
     log: PathBuf,
 }
@@ -35,6 +36,7 @@ impl NodeProc {
         let id = format!("n{n}");
         let data = root.join(&id);
         let http = free_tcp();
+        let grpc = free_tcp();
         let mesh = free_udp();
         let log = root.join(format!("{id}.log"));
         let file = std::fs::File::create(&log).expect("log");
@@ -42,6 +44,7 @@ impl NodeProc {
             .args(["node", "join", "--join-token", token, "--data"])
             .arg(&data)
             .args(["--id", &id, "--http", &http.to_string()])
+            .args(["--grpc", &grpc.to_string()])
             .args(["--mesh", &mesh.to_string(), "--zone", &format!("z{n}")])
             .args(["--memory-mb", "4096", "--run", "--cache-dir"])
             .arg(root.join("aot-cache"))
@@ -53,6 +56,7 @@ impl NodeProc {
         NodeProc {
             id,
             http,
+            grpc,
             child: Some(child),
             log,
         }
@@ -135,6 +139,45 @@ fn predict_binary(agent: &ureq::Agent, node: &str, x: &[f32]) -> Result<Vec<f32>
         .send(&body[..])
         .map_err(|e| e.to_string())?;
     first_output(resp)
+}
+
+/// The MLP's output for one row of `width` values, through the node's gRPC API.
+fn predict_grpc(
+    node: std::net::SocketAddr,
+    x: &[f32],
+    width: i64,
+) -> Result<Vec<f32>, tonic::Status> {
+    use sophon_node::grpc::pb;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let mut client = pb::grpc_inference_service_client::GrpcInferenceServiceClient::connect(
+            format!("http://{node}"),
+        )
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        let request = pb::ModelInferRequest {
+            model_name: "mlp".into(),
+            id: "grpc-1".into(),
+            inputs: vec![pb::model_infer_request::InferInputTensor {
+                name: "input".into(),
+                datatype: "FP32".into(),
+                shape: vec![1, width],
+                ..Default::default()
+            }],
+            raw_input_contents: vec![x.iter().flat_map(|v| v.to_le_bytes()).collect()],
+            ..Default::default()
+        };
+        let response = client.model_infer(request).await?.into_inner();
+        assert_eq!(response.id, "grpc-1");
+        assert_eq!(response.outputs[0].shape, [1, 10]);
+        Ok(response.raw_output_contents[0]
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect())
+    })
 }
 
 fn close(got: &[f32], want: &[f32]) -> bool {
@@ -393,6 +436,16 @@ fn three_coordinators_and_three_nodes_serve_route_and_survive_losses() {
         .expect("send");
     assert_eq!(bad.status().as_u16(), 400);
     assert!(predict(&agent, &nodes[spare].url(), &input(1)).is_ok());
+    // Over gRPC too: the node without a replica forwards, a bad request gets the serving
+    // node's INVALID_ARGUMENT, and the next good one is answered.
+    let x = input(5);
+    let got = predict_grpc(nodes[spare].grpc, &x, 784).expect("gRPC through the spare node");
+    assert!(close(&got, &mlp.forward(&x)), "gRPC forwarded: {got:?}");
+    let bad = predict_grpc(nodes[spare].grpc, &x[..3], 3).expect_err("3 values");
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument, "{bad:?}");
+    assert!(bad.message().contains("input"), "{bad:?}");
+    let got = predict_grpc(nodes[spare].grpc, &x, 784).expect("gRPC after a bad request");
+    assert!(close(&got, &mlp.forward(&x)));
 
     // An operator unloads the model on one host through Triton's repository API: the mesh
     // hears it at once, routes that node's requests to the other replica, and does not move
@@ -484,24 +537,32 @@ fn three_coordinators_and_three_nodes_serve_route_and_survive_losses() {
         top.status.success() && shown.contains("mlp@1") && shown.contains("2/2"),
         "{shown}"
     );
-    let leader = wait_for_leader(&api, &coordinators, Duration::from_secs(10)).expect("a leader");
-    let leader_url = coordinators
-        .iter()
-        .find(|m| m.id == leader)
-        .map(|m| m.url())
-        .expect("leader");
-    let metrics = ureq::get(format!("{leader_url}/metrics"))
-        .call()
-        .expect("metrics")
-        .body_mut()
-        .read_to_string()
-        .expect("metrics text");
-    assert!(
-        metrics.contains(&format!(
-            "sophon_deployment_replicas{{deployment=\"{deployment}\",model=\"mlp@1\",state=\"ready\"}} 2"
-        )),
-        "{metrics}"
+    // The leader's gauges follow its placement view, which a new leader rebuilds from the
+    // nodes' reports: read them until they show both replicas (or the deadline passes).
+    let want = format!(
+        "sophon_deployment_replicas{{deployment=\"{deployment}\",model=\"mlp@1\",state=\"ready\"}} 2"
     );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let leader =
+            wait_for_leader(&api, &coordinators, Duration::from_secs(10)).expect("a leader");
+        let leader_url = coordinators
+            .iter()
+            .find(|m| m.id == leader)
+            .map(|m| m.url())
+            .expect("leader");
+        let metrics = ureq::get(format!("{leader_url}/metrics"))
+            .call()
+            .expect("metrics")
+            .body_mut()
+            .read_to_string()
+            .expect("metrics text");
+        if metrics.contains(&want) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{want} not in:\n{metrics}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
 
     // kill -9 a node that holds a replica, under load on the other two.
     let victim = nodes

@@ -106,7 +106,22 @@ impl Grpc {
         &self,
         request: pb::ModelInferRequest,
     ) -> Result<pb::ModelInferResponse, Status> {
-        let model = self.model(&request.model_name, &request.model_version)?;
+        let model = match self.model(&request.model_name, &request.model_version) {
+            Ok(model) => model,
+            Err(not_here) => {
+                // On a mesh node, a model with a ready replica elsewhere is served there, as
+                // HTTP's requests are.
+                let version = (!request.model_version.is_empty()).then_some(&request.model_version);
+                return match self.state.mesh.get() {
+                    Some(router)
+                        if router.knows(&request.model_name, version.map(|v| v.as_str())) =>
+                    {
+                        self.forward(router, request).await
+                    }
+                    _ => Err(not_here),
+                };
+            }
+        };
         let state = &self.state;
         let run = async {
             // The request's bytes count against the node's in-flight cap while it runs.
@@ -140,6 +155,100 @@ impl Grpc {
         crate::http::observed(&model, run)
             .await
             .map_err(|e| status(&e))
+    }
+}
+
+impl Grpc {
+    /// Serve a request on a node with a replica, through the mesh's router: the request goes as
+    /// a V2 binary body, as an HTTP one would, and the answer comes back as this protocol's.
+    async fn forward(
+        &self,
+        router: &crate::mesh::router::Router,
+        request: pb::ModelInferRequest,
+    ) -> Result<pb::ModelInferResponse, Status> {
+        let name = request.model_name.clone();
+        let version = (!request.model_version.is_empty()).then(|| request.model_version.clone());
+        let decoded = decode(request).map_err(|(e, _)| status(&e))?;
+        let encoded = v2::encode_request(&decoded, |_| true)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        drop(decoded);
+        // The request's bytes count against this node's in-flight cap until it is answered.
+        let _held = u32::try_from(encoded.body.len())
+            .ok()
+            .and_then(|n| self.state.inflight_bytes.try_acquire_many(n).ok())
+            .ok_or_else(|| {
+                Status::unavailable(format!(
+                    "the node is holding its limit of {} bytes of requests in flight; retry later",
+                    self.state.config.max_inflight_bytes
+                ))
+            })?;
+        let mut headers = axum::http::HeaderMap::new();
+        if let Some(n) = encoded.header_len {
+            headers.insert(
+                axum::http::header::CONTENT_TYPE,
+                axum::http::HeaderValue::from_static("application/octet-stream"),
+            );
+            headers.insert(v2::HEADER_CONTENT_LENGTH, axum::http::HeaderValue::from(n));
+        }
+        let path = match &version {
+            Some(v) => format!("/v2/models/{name}/versions/{v}/infer"),
+            None => format!("/v2/models/{name}/infer"),
+        };
+        let response = router
+            .forward(
+                &name,
+                version.as_deref(),
+                "POST",
+                &path,
+                &headers,
+                bytes::Bytes::from(encoded.body),
+            )
+            .await;
+        let code = response.status();
+        let header_len = response
+            .headers()
+            .get(v2::HEADER_CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        let body = axum::body::to_bytes(response.into_body(), router.max_body_bytes)
+            .await
+            .map_err(|e| {
+                Status::unavailable(format!("the serving node's answer broke off: {e}"))
+            })?;
+        if !code.is_success() {
+            let message = serde_json::from_slice::<Value>(&body)
+                .ok()
+                .and_then(|v| v["error"].as_str().map(str::to_string))
+                .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
+            return Err(status(&ApiError {
+                status: code,
+                message,
+            }));
+        }
+        let answer = v2::decode_response(&body, header_len)
+            .map_err(|e| Status::internal(format!("the serving node's answer is not V2: {e}")))?;
+        let mut response = pb::ModelInferResponse {
+            model_name: answer.model_name,
+            model_version: answer.model_version.unwrap_or_default(),
+            id: match answer.id {
+                Some(Value::String(s)) => s,
+                Some(other) => other.to_string(),
+                None => String::new(),
+            },
+            ..Default::default()
+        };
+        for t in answer.outputs {
+            response
+                .outputs
+                .push(pb::model_infer_response::InferOutputTensor {
+                    name: t.name,
+                    datatype: t.datatype.to_string(),
+                    shape: t.shape.iter().map(|d| *d as i64).collect(),
+                    ..Default::default()
+                });
+            response.raw_output_contents.push(t.data);
+        }
+        Ok(response)
     }
 }
 
@@ -380,6 +489,20 @@ fn config(json: &Value) -> pb::ModelConfig {
                 ..Default::default()
             })
             .collect(),
+        scheduling_choice: json.get("dynamic_batching").map(|b| {
+            pb::model_config::SchedulingChoice::DynamicBatching(pb::ModelDynamicBatching {
+                preferred_batch_size: b["preferred_batch_size"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|p| p.as_i64().map(|p| p as i32))
+                    .collect(),
+                max_queue_delay_microseconds: b["max_queue_delay_microseconds"]
+                    .as_u64()
+                    .unwrap_or(0),
+                ..Default::default()
+            })
+        }),
         instance_group: vec![pb::ModelInstanceGroup {
             name: group["name"].as_str().unwrap_or_default().to_string(),
             kind: pb::model_instance_group::Kind::from_str_name(

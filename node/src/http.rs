@@ -340,7 +340,7 @@ pub(crate) fn config_json(m: &LoadedModel) -> Value {
         // Triton has no kind for NPUs; KIND_MODEL means the model places itself.
         sophon_sdk::Device::Npu => "KIND_MODEL",
     };
-    json!({
+    let mut config = json!({
         "name": m.name,
         "platform": platform,
         "backend": backend,
@@ -350,7 +350,17 @@ pub(crate) fn config_json(m: &LoadedModel) -> Value {
         "output": tensors(m.outputs()),
         "instance_group": [{"name": m.name, "kind": kind, "count": m.concurrency}],
         "parameters": parameters,
-    })
+    });
+    if let Some(b) = &m.batcher {
+        let s = b.settings();
+        config["dynamic_batching"] = json!({
+            "preferred_batch_size": s.preferred,
+            "max_queue_delay_microseconds": s.delay.as_micros() as u64,
+        });
+        // Triton's max_batch_size is also the batcher's limit.
+        config["parameters"]["sophon_batch_limit"] = json!({"string_value": s.limit.to_string()});
+    }
+    config
 }
 
 async fn model_stats(
@@ -640,6 +650,10 @@ pub(crate) struct Answer {
     binary_default: bool,
     times: crate::runtime::CallTimes,
     output_started: Instant,
+    /// The rows this request inferred.
+    rows: u64,
+    /// The batch size of the model call this request reports (`None`: a batch-mate reports it).
+    execution: Option<u64>,
 }
 
 impl Answer {
@@ -647,10 +661,12 @@ impl Answer {
     /// together so that their counts always agree (perf_analyzer refuses statistics where they
     /// do not).
     pub(crate) fn record(&self, model: &LoadedModel) {
-        model.stats.computed(
+        model.stats.answered(
             self.times.instantiate,
             self.times.call,
             self.output_started.elapsed(),
+            self.rows,
+            self.execution,
         );
     }
 }
@@ -670,25 +686,20 @@ pub(crate) async fn execute(
     model.metrics.inflight.inc();
     all_inflight.inc();
     let _inflight = InFlight(model, all_inflight);
-    let queued_at = Instant::now();
-    let _permit = model.admission.enter().await.map_err(|o| {
+    let overloaded = |queued: usize| {
         (
             ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 format!(
-                    "model `{}` is overloaded: {} requests are already queued; retry later",
-                    model.name, o.queued
+                    "model `{}` is overloaded: {queued} requests are already queued; retry later",
+                    model.name
                 ),
             ),
             "overloaded",
         )
-    })?;
-    let queue = queued_at.elapsed();
-    model.stats.queue.record(queue);
-    model.perf.queue(queue);
-    model.metrics.queue.observe(queue.as_secs_f64());
+    };
 
-    let batch = if model.manifest.resources.max_batch_size > 0 {
+    let rows = if model.manifest.resources.max_batch_size > 0 {
         request
             .inputs
             .first()
@@ -711,16 +722,43 @@ pub(crate) async fn execute(
     let binary_default = request.binary_data_output;
     let inputs: Vec<_> = request.inputs.into_iter().map(convert::to_guest).collect();
 
-    let result = tokio::task::block_in_place(|| {
-        crate::backend::catch_panic("the model call", || model.model.predict(&inputs))
-    })
-    .unwrap_or_else(|panicked| {
-        Err(InvokeError::Failed {
-            model: model.name.clone(),
-            message: panicked,
-        })
-    });
-    drop(inputs);
+    let batching = model
+        .batcher
+        .as_ref()
+        .and_then(|b| crate::batcher::joinable(&inputs, b.settings().limit).map(|rows| (b, rows)));
+    let (result, queue, execution) = match batching {
+        Some((batcher, rows)) => {
+            let queued = batcher.queued();
+            if queued >= model.admission.max_queue() {
+                return Err(overloaded(queued));
+            }
+            let done = batcher.submit(inputs, rows).await;
+            (done.result, done.queue, done.executed)
+        }
+        None => {
+            let queued_at = Instant::now();
+            let _permit = model
+                .admission
+                .enter()
+                .await
+                .map_err(|o| overloaded(o.queued))?;
+            let queue = queued_at.elapsed();
+            let result = tokio::task::block_in_place(|| {
+                crate::backend::catch_panic("the model call", || model.model.predict(&inputs))
+            })
+            .unwrap_or_else(|panicked| {
+                Err(InvokeError::Failed {
+                    model: model.name.clone(),
+                    message: panicked,
+                })
+            });
+            drop(inputs);
+            (result, queue, Some(rows))
+        }
+    };
+    model.stats.queue.record(queue);
+    model.perf.queue(queue);
+    model.metrics.queue.observe(queue.as_secs_f64());
     let (outputs, times) = result.map_err(|e| {
         let outcome = match e {
             InvokeError::InvalidInput { .. } => "bad_request",
@@ -738,7 +776,6 @@ pub(crate) async fn execute(
         .metrics
         .compute
         .observe((times.instantiate + times.call).as_secs_f64());
-    model.stats.executed(batch);
 
     let output_started = Instant::now();
     let mut response_outputs = Vec::with_capacity(outputs.len());
@@ -759,5 +796,7 @@ pub(crate) async fn execute(
         binary_default,
         times,
         output_started,
+        rows,
+        execution,
     })
 }

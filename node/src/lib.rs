@@ -11,6 +11,7 @@
 //! what a client or a component does.
 
 pub mod backend;
+pub mod batcher;
 pub mod convert;
 pub mod grpc;
 pub mod hardware;

@@ -57,6 +57,9 @@ pub struct ServingLimits {
     pub max_queue: usize,
     /// Most output bytes one request may return.
     pub max_output_bytes: usize,
+    /// The node's dynamic batching by model name (`*`: every model that batches), over the
+    /// manifests': `None` turns it off.
+    pub batching: BTreeMap<String, Option<sophon_sdk::Batching>>,
 }
 
 impl Default for ServingLimits {
@@ -65,6 +68,7 @@ impl Default for ServingLimits {
             default_concurrency: std::thread::available_parallelism().map_or(2, |n| n.get()),
             max_queue: 256,
             max_output_bytes: 64 << 20,
+            batching: BTreeMap::new(),
         }
     }
 }
@@ -72,7 +76,7 @@ impl Default for ServingLimits {
 /// A bounded queue in front of a model's concurrency limit.
 pub struct Admission {
     concurrency: usize,
-    slots: Semaphore,
+    slots: Arc<Semaphore>,
     waiting: AtomicUsize,
     max_queue: usize,
 }
@@ -87,7 +91,7 @@ impl Admission {
     fn new(concurrency: usize, max_queue: usize) -> Admission {
         Admission {
             concurrency: concurrency.max(1),
-            slots: Semaphore::new(concurrency.max(1)),
+            slots: Arc::new(Semaphore::new(concurrency.max(1))),
             waiting: AtomicUsize::new(0),
             max_queue,
         }
@@ -109,6 +113,16 @@ impl Admission {
             .acquire()
             .await
             .map_err(|_| Overloaded { queued })
+    }
+
+    /// Requests that may wait before new ones get 429.
+    pub fn max_queue(&self) -> usize {
+        self.max_queue
+    }
+
+    /// The slots themselves (the batcher takes one per batch).
+    pub fn slots(&self) -> Arc<Semaphore> {
+        self.slots.clone()
     }
 
     /// Requests holding a slot right now.
@@ -138,7 +152,9 @@ pub struct LoadedModel {
     pub version: String,
     pub digest: String,
     pub manifest: Manifest,
-    pub model: Model,
+    pub model: Arc<Model>,
+    /// Dynamic batching, where the manifest or the node turns it on.
+    pub batcher: Option<crate::batcher::Batcher>,
     pub stats: ModelStats,
     pub metrics: ModelMetrics,
     pub admission: Admission,
@@ -173,6 +189,11 @@ pub struct GraphRun {
 }
 
 impl LoadedModel {
+    /// Requests waiting for a slot or a batch right now.
+    pub fn queued(&self) -> usize {
+        self.admission.queued() + self.batcher.as_ref().map_or(0, |b| b.queued())
+    }
+
     /// The device its graphs run on: the NPU or GPU when one of them does, else the CPU.
     pub fn device(&self) -> sophon_sdk::Device {
         device_of(&self.graphs)
@@ -407,6 +428,12 @@ impl Repository {
             aot = ?model.origin(), "model loaded"
         );
         let device = device_of(&how);
+        let model = Arc::new(model);
+        let admission = Admission::new(concurrency, self.limits.max_queue);
+        let batcher = self.batching_of(&name, manifest).map(|settings| {
+            tracing::info!(model = %name, ?settings, "dynamic batching");
+            crate::batcher::Batcher::new(settings, model.clone(), admission.slots())
+        });
         Ok(LoadedModel {
             metrics: self
                 .metrics
@@ -422,12 +449,36 @@ impl Repository {
             digest: bundle.digest_hex(),
             manifest: manifest.clone(),
             model,
+            batcher,
             stats: ModelStats::default(),
-            admission: Admission::new(concurrency, self.limits.max_queue),
+            admission,
             perf: crate::perf::PerfWindow::default(),
             concurrency,
             graphs: how,
         })
+    }
+
+    /// A model's dynamic batching: the node's override for it (or for `*`), else its
+    /// manifest's. A model that does not batch (`max_batch_size` 0) never does.
+    fn batching_of(
+        &self,
+        name: &str,
+        manifest: &Manifest,
+    ) -> Option<crate::batcher::BatchSettings> {
+        let model_max = manifest.resources.max_batch_size;
+        let batching = match self.limits.batching.get(name) {
+            Some(b) => b.as_ref(),
+            None => match self.limits.batching.get("*") {
+                // Every model that batches; the others are not meant.
+                Some(b) if model_max > 0 => b.as_ref(),
+                _ => manifest.batching.as_ref(),
+            },
+        }?;
+        if let Err(e) = sophon_sdk::manifest::check_batching(batching, model_max) {
+            tracing::warn!(model = %name, "dynamic batching stays off: {e}");
+            return None;
+        }
+        Some(crate::batcher::BatchSettings::new(batching, model_max))
     }
 
     /// The version to serve: the one asked for, or the newest loaded.

@@ -46,25 +46,39 @@ pub struct ModelStats {
     pub inference_count: AtomicU64,
     pub execution_count: AtomicU64,
     pub last_inference_ms: AtomicU64,
+    /// Per batch size: executions of the model and their compute phases (Triton's
+    /// `batch_stats`).
+    batches: parking_lot::Mutex<std::collections::BTreeMap<u64, [Phase; 3]>>,
     /// Held while a request's compute phases are recorded and while the statistics are read,
     /// so a reader never sees one phase counted and the next not yet.
     consistent: parking_lot::Mutex<()>,
 }
 
 impl ModelStats {
-    /// Record one answered request's compute phases: input (instantiating the guest), infer
-    /// (the guest's call) and output (encoding the response).
-    pub fn computed(&self, input: Duration, infer: Duration, output: Duration) {
+    /// Record one answered request: its compute phases (input: instantiating the guest; infer:
+    /// the guest's call; output: encoding the response), the `rows` it inferred, and, for the
+    /// request that carries its batch's execution, the batch size that call computed.
+    pub fn answered(
+        &self,
+        input: Duration,
+        infer: Duration,
+        output: Duration,
+        rows: u64,
+        execution: Option<u64>,
+    ) {
         let _one_at_a_time = self.consistent.lock();
         self.compute_input.record(input);
         self.compute_infer.record(infer);
         self.compute_output.record(output);
-    }
-
-    /// Mark an inference of `batch` items as done now.
-    pub fn executed(&self, batch: u64) {
-        self.inference_count.fetch_add(batch, Ordering::Relaxed);
-        self.execution_count.fetch_add(1, Ordering::Relaxed);
+        self.inference_count.fetch_add(rows, Ordering::Relaxed);
+        if let Some(batch) = execution {
+            self.execution_count.fetch_add(1, Ordering::Relaxed);
+            let mut batches = self.batches.lock();
+            let phases = batches.entry(batch).or_default();
+            phases[0].record(input);
+            phases[1].record(infer);
+            phases[2].record(output);
+        }
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
@@ -91,7 +105,12 @@ impl ModelStats {
                 "cache_hit": {"count": 0, "ns": 0},
                 "cache_miss": {"count": 0, "ns": 0},
             },
-            "batch_stats": [],
+            "batch_stats": self.batches.lock().iter().map(|(size, [input, infer, output])| json!({
+                "batch_size": size,
+                "compute_input": input.json(),
+                "compute_infer": infer.json(),
+                "compute_output": output.json(),
+            })).collect::<Vec<_>>(),
             "memory_usage": [],
         })
     }

@@ -23,8 +23,8 @@ pub use bundle::{Bundle, pack_parts};
 pub use ed25519_dalek::{SigningKey, VerifyingKey};
 pub use error::{Error, Result};
 pub use manifest::{
-    Backend, Capabilities, ComponentSpec, Device, GraphEncoding, GraphSpec, Hardware, Manifest,
-    ModelInfo, Resources,
+    Backend, Batching, Capabilities, ComponentSpec, Device, GraphEncoding, GraphSpec, Hardware,
+    Manifest, ModelInfo, Resources,
 };
 #[cfg(feature = "onnx")]
 pub use onnx::{OnnxOptions, onnx_io, pack_dir, pack_onnx, pack_onnx_with};

@@ -39,6 +39,9 @@ pub struct Manifest {
     pub hardware: Hardware,
     #[serde(default)]
     pub capabilities: Capabilities,
+    /// Dynamic batching; absent: each request runs alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batching: Option<Batching>,
 }
 
 /// `[model]`: the model's name and version, `[a-zA-Z0-9_.-]{1,64}` each.
@@ -132,6 +135,42 @@ impl Default for Resources {
             max_concurrency: 0,
             max_batch_size: 0,
             threads: 0,
+        }
+    }
+}
+
+/// Longest `max_queue_delay_us` a manifest may ask for (one second).
+pub const MAX_QUEUE_DELAY_US: u64 = 1_000_000;
+
+/// `[batching]`: dynamic batching, as Triton's `dynamic_batching`. Requests wait at most
+/// `max_queue_delay_us` for others whose shapes match; the node concatenates them along dim 0
+/// into one call of the model and splits the outputs back. The model must batch
+/// (`resources.max_batch_size` > 0).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Batching {
+    /// The most rows one batch holds; 0: `resources.max_batch_size`, up to
+    /// [`DEFAULT_BATCH_LIMIT`]. Never more than `resources.max_batch_size`.
+    #[serde(skip_serializing_if = "is_zero_u32")]
+    pub max_batch_size: u32,
+    /// Batch sizes to cut at, when the queue holds requests that add up to one of them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub preferred_batch_sizes: Vec<u32>,
+    /// How long the oldest request waits for others, in microseconds (0: only those already
+    /// waiting join it). At most one second.
+    pub max_queue_delay_us: u64,
+}
+
+/// The most rows a batch holds when `[batching]` does not say: bigger batches of small requests
+/// gain little more and hold every request in them for longer.
+pub const DEFAULT_BATCH_LIMIT: u32 = 64;
+
+impl Batching {
+    /// The most rows one batch holds, given the model's `max_batch_size`.
+    pub fn limit(&self, model_max: u32) -> u32 {
+        match self.max_batch_size {
+            0 => model_max.min(DEFAULT_BATCH_LIMIT),
+            n => n.min(model_max),
         }
     }
 }
@@ -319,6 +358,9 @@ impl Manifest {
                 r.threads
             )));
         }
+        if let Some(b) = &self.batching {
+            check_batching(b, r.max_batch_size)?;
+        }
         if self.hardware.preferred.is_empty() {
             return Err(invalid(
                 "hardware.preferred is empty: list at least one of \"cpu\", \"gpu\", \"npu\"",
@@ -339,6 +381,39 @@ impl Manifest {
         }
         Ok(())
     }
+}
+
+/// A `[batching]` table against the model's `max_batch_size`.
+pub fn check_batching(b: &Batching, model_max: u32) -> Result<()> {
+    if model_max == 0 {
+        return Err(invalid(
+            "[batching] needs a model that batches: set resources.max_batch_size above 0 \
+             (dim 0 of every input and output is then the batch)",
+        ));
+    }
+    if b.max_batch_size > model_max {
+        return Err(invalid(format!(
+            "batching.max_batch_size = {} is over resources.max_batch_size = {model_max}",
+            b.max_batch_size
+        )));
+    }
+    if b.max_queue_delay_us > MAX_QUEUE_DELAY_US {
+        return Err(invalid(format!(
+            "batching.max_queue_delay_us = {} is over one second ({MAX_QUEUE_DELAY_US})",
+            b.max_queue_delay_us
+        )));
+    }
+    let limit = b.limit(model_max);
+    if let Some(p) = b
+        .preferred_batch_sizes
+        .iter()
+        .find(|p| **p == 0 || **p > limit)
+    {
+        return Err(invalid(format!(
+            "batching.preferred_batch_sizes holds {p}: use sizes from 1 to {limit}"
+        )));
+    }
+    Ok(())
 }
 
 fn invalid(message: impl Into<String>) -> Error {

@@ -245,6 +245,24 @@ pub struct OnnxOptions {
     pub min_gpu_memory_mb: u64,
     /// Threads per request in the native backends (0: the node's default).
     pub threads: u32,
+    /// The model's `max_batch_size`: `None` detects it (see [`detect_batch`]), `Some(0)` says
+    /// the model does not batch.
+    pub max_batch_size: Option<u32>,
+    /// Dynamic batching to write into the manifest (`[batching]`).
+    pub batching: Option<crate::manifest::Batching>,
+}
+
+/// The `max_batch_size` packing gives a model whose inputs and outputs all lead with a variable
+/// dimension, when none is asked for.
+pub const DEFAULT_MAX_BATCH_SIZE: u32 = 1024;
+
+/// Whether a model batches, the way Triton's auto-complete decides it: every input and every
+/// output has a variable leading dimension (after the pins). Those are the batch.
+pub fn detect_batch(inputs: &[TensorSpec], outputs: &[TensorSpec]) -> bool {
+    inputs
+        .iter()
+        .chain(outputs)
+        .all(|t| t.shape.first() == Some(&-1))
 }
 
 /// [`onnx_manifest`] with [`OnnxOptions`]. A pinned input takes requests of that shape only,
@@ -331,6 +349,29 @@ pub fn graph_manifest(
     }
     manifest.hardware.min_gpu_memory_mb = options.min_gpu_memory_mb;
     manifest.resources.threads = options.threads;
+    manifest.resources.max_batch_size = match options.max_batch_size {
+        Some(n) => n,
+        None if detect_batch(&manifest.inputs, &manifest.outputs) => DEFAULT_MAX_BATCH_SIZE,
+        None => 0,
+    };
+    if manifest.resources.max_batch_size > 0 && !detect_batch(&manifest.inputs, &manifest.outputs) {
+        return Err(Error::Onnx(format!(
+            "max_batch_size {} needs every input and output to lead with a variable (batch) \
+             dimension; this model's are {:?} and {:?}",
+            manifest.resources.max_batch_size,
+            manifest
+                .inputs
+                .iter()
+                .map(|t| (&t.name, &t.shape))
+                .collect::<Vec<_>>(),
+            manifest
+                .outputs
+                .iter()
+                .map(|t| (&t.name, &t.shape))
+                .collect::<Vec<_>>(),
+        )));
+    }
+    manifest.batching = options.batching.clone();
     manifest.hardware.loads_on = options.loads_on.clone();
     manifest.validate()?;
     Ok(manifest)
@@ -568,7 +609,11 @@ mod tests {
         assert_eq!(bundle.manifest.model.name, "mlp");
         assert_eq!(bundle.manifest.model.version, "2");
         assert_eq!(bundle.manifest.inputs[0].shape, vec![-1, 4]);
-        assert_eq!(bundle.manifest.resources.max_batch_size, 0);
+        // Every input and output leads with a variable dimension: that is the batch.
+        assert_eq!(
+            bundle.manifest.resources.max_batch_size,
+            DEFAULT_MAX_BATCH_SIZE
+        );
         assert_eq!(bundle.component, b"passthrough");
         let graph = &bundle.manifest.graphs[0];
         assert_eq!(

@@ -86,12 +86,37 @@ pub struct PackArgs {
     /// request's own thread).
     #[arg(long, value_name = "N", default_value_t = 0)]
     threads: u32,
+    /// The most rows one request may hold (with --onnx or --openvino). Default: 1024 when every
+    /// input and output leads with a variable dimension (that is then the batch), as Triton's
+    /// auto-complete decides; 0 says the model does not batch.
+    #[arg(long, value_name = "N")]
+    max_batch_size: Option<u32>,
+    /// Turn on dynamic batching: requests wait up to this many microseconds for others to run
+    /// with them, in one call of the model (0: only those already waiting join).
+    #[arg(long, value_name = "US")]
+    max_queue_delay_us: Option<u64>,
+    /// With dynamic batching: a batch size to cut at (repeat for several).
+    #[arg(
+        long = "preferred-batch-size",
+        value_name = "N",
+        requires = "max_queue_delay_us"
+    )]
+    preferred_batch_sizes: Vec<u32>,
     /// Output bundle file.
     #[arg(short, long)]
     out: Option<PathBuf>,
     /// Signing key (default: the one `sophon keygen` wrote).
     #[arg(long)]
     key: Option<PathBuf>,
+}
+
+/// The `[batching]` the flags ask for.
+fn batching(args: &PackArgs) -> Option<sophon_sdk::Batching> {
+    args.max_queue_delay_us.map(|delay| sophon_sdk::Batching {
+        max_batch_size: 0,
+        preferred_batch_sizes: args.preferred_batch_sizes.clone(),
+        max_queue_delay_us: delay,
+    })
 }
 
 /// `NAME:d,d,...` (the name may hold colons: the dims follow the last one).
@@ -252,10 +277,15 @@ pub fn pack(args: PackArgs) -> anyhow::Result<()> {
         )
     })?;
     if args.dir.is_some()
-        && (args.name.is_some() || !args.shapes.is_empty() || !args.backends.is_empty())
+        && (args.name.is_some()
+            || !args.shapes.is_empty()
+            || !args.backends.is_empty()
+            || args.max_batch_size.is_some()
+            || args.max_queue_delay_us.is_some())
     {
         bail!(
-            "--name, --shape and --backend go with --onnx or --openvino; a directory's sophon.toml says them"
+            "--name, --shape, --backend, --max-batch-size and --max-queue-delay-us go with --onnx \
+             or --openvino; a directory's sophon.toml says them"
         );
     }
     let (bytes, default_out) = match (&args.onnx, &args.dir) {
@@ -274,6 +304,7 @@ pub fn pack(args: PackArgs) -> anyhow::Result<()> {
             let name = args.name.as_deref().context("--onnx needs --name NAME")?;
             let model =
                 std::fs::read(onnx).with_context(|| format!("reading {}", onnx.display()))?;
+            let batching = batching(&args);
             let mut options = sophon_sdk::OnnxOptions {
                 pins: args.shapes.into_iter().collect(),
                 backends: args.backends,
@@ -281,6 +312,8 @@ pub fn pack(args: PackArgs) -> anyhow::Result<()> {
                 preferred: args.devices,
                 min_gpu_memory_mb: args.min_gpu_memory_mb,
                 threads: args.threads,
+                max_batch_size: args.max_batch_size,
+                batching,
             };
             // The file must make a manifest (pins included) before the backends see it.
             sophon_sdk::onnx::onnx_manifest_with(&model, name, &args.version, &options)?;
@@ -352,6 +385,8 @@ fn pack_openvino(
         preferred: args.devices.clone(),
         min_gpu_memory_mb: args.min_gpu_memory_mb,
         threads: args.threads,
+        max_batch_size: args.max_batch_size,
+        batching: batching(args),
     };
     let graph = sophon_sdk::GraphSpec {
         name: sophon_sdk::onnx::ONNX_GRAPH_NAME.to_string(),
@@ -464,6 +499,20 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
         "limits     memory {} MiB, timeout {} ms{threads}",
         r.memory_mb, r.timeout_ms
     );
+    if r.max_batch_size > 0 {
+        println!("batch      dim 0, at most {} rows", r.max_batch_size);
+    }
+    if let Some(b) = &m.batching {
+        let mut line = format!(
+            "batching   dynamic, up to {} rows, waiting at most {} µs",
+            b.limit(r.max_batch_size),
+            b.max_queue_delay_us
+        );
+        if !b.preferred_batch_sizes.is_empty() {
+            line += &format!(", preferring {:?}", b.preferred_batch_sizes);
+        }
+        println!("{line}");
+    }
     if !m.capabilities.env.is_empty() {
         let names: Vec<&String> = m.capabilities.env.keys().collect();
         println!("grants     env {names:?}");

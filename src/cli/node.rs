@@ -47,6 +47,53 @@ pub struct ServeArgs {
     /// `off` for none. Default 127.0.0.1:8001, skipped with a warning when that port is taken.
     #[arg(long, value_name = "ADDR")]
     pub grpc: Option<String>,
+    /// Dynamic batching for a model, over its manifest: MODEL=DELAY_US (the most a request
+    /// waits for others, in microseconds), MODEL=DELAY_US/MAX (batches of at most MAX rows),
+    /// or MODEL=off. `*` names every model that batches. Repeat for several.
+    #[arg(long = "dynamic-batching", value_name = "MODEL=DELAY_US", value_parser = parse_batching)]
+    pub dynamic_batching: Vec<(String, Option<sophon_sdk::Batching>)>,
+}
+
+/// `MODEL=DELAY_US[/MAX]` or `MODEL=off`.
+fn parse_batching(text: &str) -> Result<(String, Option<sophon_sdk::Batching>), String> {
+    let (model, how) = text.split_once('=').ok_or_else(|| {
+        format!("`{text}`: write MODEL=DELAY_US, MODEL=DELAY_US/MAX or MODEL=off")
+    })?;
+    if model.is_empty() {
+        return Err(format!(
+            "`{text}`: the model name is missing (`*` for every model)"
+        ));
+    }
+    if how == "off" {
+        return Ok((model.to_string(), None));
+    }
+    let (delay, max) = match how.split_once('/') {
+        Some((d, m)) => (d, Some(m)),
+        None => (how, None),
+    };
+    let delay: u64 = delay
+        .trim()
+        .parse()
+        .ok()
+        .filter(|d| *d <= sophon_sdk::manifest::MAX_QUEUE_DELAY_US)
+        .ok_or_else(|| format!("`{text}`: `{delay}` is not a delay from 0 to 1000000 µs"))?;
+    let max_batch_size = match max {
+        None => 0,
+        Some(m) => m
+            .trim()
+            .parse()
+            .ok()
+            .filter(|m| *m > 0)
+            .ok_or_else(|| format!("`{text}`: `{m}` is not a batch size above 0"))?,
+    };
+    Ok((
+        model.to_string(),
+        Some(sophon_sdk::Batching {
+            max_batch_size,
+            preferred_batch_sizes: Vec::new(),
+            max_queue_delay_us: delay,
+        }),
+    ))
 }
 
 impl ServeArgs {
@@ -103,6 +150,7 @@ pub fn repository(
     }
     let mut limits = ServingLimits {
         max_queue: serve.max_queue,
+        batching: serve.dynamic_batching.iter().cloned().collect(),
         ..ServingLimits::default()
     };
     if let Some(n) = serve.concurrency {

@@ -99,7 +99,7 @@ def pack(sophon_bin: str, key: Path, onnx_path: Path, name: str, out: Path, *ext
     return out
 
 
-def start_dev(sophon_bin: str, work: Path, pub: Path, models: dict, bundles: dict) -> Node:
+def start_dev(sophon_bin: str, work: Path, pub: Path, models: dict, bundles: dict, *extra: str) -> Node:
     """`sophon dev` (its coordinator and node, joined through the mesh) on free ports and a
     fresh data directory, serving `bundles`; waits until it is ready."""
     cache = os.environ.get("SOPHON_E2E_CACHE_DIR") or str(work / "cache")
@@ -111,6 +111,7 @@ def start_dev(sophon_bin: str, work: Path, pub: Path, models: dict, bundles: dic
            "--mesh", f"127.0.0.1:{mesh_port}", "--node-mesh", f"127.0.0.1:{node_mesh_port}"]
     for b in bundles.values():
         cmd += ["--bundle", str(b)]
+    cmd += list(extra)
     stdout_path, stderr_path = work / "dev.stdout", work / "dev.stderr"
     env = dict(os.environ)
     env.setdefault("RUST_BACKTRACE", "1")

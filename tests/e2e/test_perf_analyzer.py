@@ -41,7 +41,6 @@ def test_perf_analyzer_measures_the_mlp(node, protocol_args):
         str(binary),
         "-m", "mlp",
         "-u", node.grpc_url if "grpc" in protocol_args else node.url,
-        "--shape", "input:1,784",
         "--measurement-interval", "500",
         # This checks that Triton's own load generator drives the node, not that a shared 2-core
         # VM is quiet: accept windows within 50% of each other, and try longer before giving up.

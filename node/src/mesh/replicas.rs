@@ -279,7 +279,7 @@ impl Replicas {
     /// last call (across all cores) and its resident memory.
     pub fn load(&self) -> wire::NodeLoad {
         let loaded = self.repo.loaded();
-        let queued: usize = loaded.iter().map(|m| m.admission.queued()).sum();
+        let queued: usize = loaded.iter().map(|m| m.queued()).sum();
         let inflight: usize = loaded.iter().map(|m| m.admission.running()).sum();
         let (cpu_percent, memory_used_mb) = self.process.lock().sample();
         wire::NodeLoad {

@@ -291,7 +291,7 @@ pub struct ModelLimits {
 }
 
 /// Why a call into a model failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum InvokeError {
     /// The call ran past its deadline.
     #[error("model `{model}` ran past its deadline of {limit_ms} ms and was stopped")]
@@ -388,6 +388,11 @@ impl Model {
             deadline_ticks,
             origin,
         })
+    }
+
+    /// The model's name.
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// Whether the component came from the AOT cache.

@@ -1,0 +1,262 @@
+//! Dynamic batching: requests sent together are computed in fewer calls of the model, and each
+//! gets exactly what it gets alone. A property test sends random mixes of row counts at once;
+//! a request that fails (ids past the embedding table) fails alone while its batch-mates get
+//! their answers; requests that cannot join (their inputs disagree on dim 0) run alone.
+
+mod common;
+
+use axum::http::StatusCode;
+use common::*;
+use proptest::prelude::*;
+use serde_json::{Value, json};
+use sophon_node::ServingLimits;
+use sophon_node::http::HttpConfig;
+use sophon_sdk::onnx::onnx_manifest;
+use sophon_sdk::{Batching, components, examples, pack_parts};
+
+fn load(n: &Node, name: &str, onnx: Vec<u8>, batching: Option<Batching>) {
+    let mut manifest = onnx_manifest(&onnx, name, "1").expect("manifest");
+    manifest.resources.max_batch_size = 16;
+    manifest.batching = batching;
+    let bundle = pack_parts(
+        &manifest,
+        components::PASSTHROUGH,
+        &[("model.onnx".to_string(), onnx)],
+        &n.key,
+    )
+    .expect("pack");
+    n.repo.add_bundle(&bundle).expect("load");
+}
+
+/// A node with an MLP and an embedding, each twice: batched (requests wait up to 20 ms for
+/// others) and plain.
+fn models() -> Node {
+    // One instance slot per model: concurrent requests must queue, and batch.
+    let n = node_with(
+        ServingLimits {
+            default_concurrency: 1,
+            ..ServingLimits::default()
+        },
+        HttpConfig::default(),
+    );
+    let batching = Batching {
+        max_batch_size: 0,
+        preferred_batch_sizes: Vec::new(),
+        max_queue_delay_us: 20_000,
+    };
+    let mlp = sophon_sdk::ready::mlp().to_onnx();
+    load(&n, "mlp_batched", mlp.clone(), Some(batching.clone()));
+    load(&n, "mlp", mlp, None);
+    let embed = examples::embedding_onnx(10, 3, false);
+    load(&n, "embed_batched", embed.clone(), Some(batching));
+    load(&n, "embed", embed, None);
+    n
+}
+
+fn mlp_body(rows: usize, seed: u64) -> Value {
+    let data: Vec<f32> = (0..rows * 784)
+        .map(|i| ((i as u64 * 7 + seed * 31) % 97) as f32 / 97.0)
+        .collect();
+    json!({"inputs": [{"name": "input", "datatype": "FP32", "shape": [rows, 784], "data": data}]})
+}
+
+fn embed_body(ids: &[i64]) -> Value {
+    json!({"inputs": [{"name": "ids", "datatype": "INT64", "shape": [ids.len()], "data": ids}]})
+}
+
+async fn infer(n: &Node, model: &str, body: &Value) -> (StatusCode, Value) {
+    post_json(&n.app, &format!("/v2/models/{model}/infer"), body).await
+}
+
+async fn counts(n: &Node, model: &str) -> (u64, u64) {
+    let (status, stats) = get_json(&n.app, &format!("/v2/models/{model}/stats")).await;
+    assert_eq!(status, StatusCode::OK, "{stats}");
+    let s = &stats["model_stats"][0];
+    (
+        s["inference_count"].as_u64().expect("inference_count"),
+        s["execution_count"].as_u64().expect("execution_count"),
+    )
+}
+
+fn close(got: &[f32], want: &[f32]) -> bool {
+    got.len() == want.len() && got.iter().zip(want).all(|(g, w)| (g - w).abs() <= 1e-5)
+}
+
+#[test]
+fn batched_answers_are_what_each_request_gets_alone() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let n = models();
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+        cases: 24,
+        ..ProptestConfig::default()
+    });
+    let requests = prop::collection::vec((1usize..=5, 0u64..1000), 1..10);
+    runner
+        .run(&requests, |requests| {
+            rt.block_on(async {
+                let batched =
+                    futures_util::future::join_all(requests.iter().map(|(rows, seed)| async {
+                        infer(&n, "mlp_batched", &mlp_body(*rows, *seed)).await
+                    }))
+                    .await;
+                for ((rows, seed), (status, body)) in requests.iter().zip(batched) {
+                    prop_assert_eq!(status, StatusCode::OK, "{}", body);
+                    let (status, alone) = infer(&n, "mlp", &mlp_body(*rows, *seed)).await;
+                    prop_assert_eq!(status, StatusCode::OK, "{}", alone);
+                    let out = &body["outputs"][0];
+                    prop_assert_eq!(&out["shape"], &json!([rows, 10]));
+                    let (got, want) = (f32s(&out["data"]), f32s(&alone["outputs"][0]["data"]));
+                    prop_assert!(close(&got, &want), "rows {}: {:?} != {:?}", rows, got, want);
+                }
+                Ok(())
+            })
+        })
+        .expect("each batched request answers as it does alone");
+    let (inferences, executions) = rt.block_on(counts(&n, "mlp_batched"));
+    assert!(
+        executions < inferences,
+        "requests sent together were batched: {executions} executions for {inferences} rows"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_bad_request_fails_alone_and_its_batch_mates_get_their_answers() {
+    let n = models();
+    for round in 0..3 {
+        let sets: Vec<Vec<i64>> = vec![
+            vec![1, 2],
+            vec![3],
+            vec![4, 99], // 99 is past the table of 10 rows
+            vec![0, 9, 5],
+            vec![-1],
+        ];
+        let answers = futures_util::future::join_all(
+            sets.iter()
+                .map(|ids| async { infer(&n, "embed_batched", &embed_body(ids)).await }),
+        )
+        .await;
+        for (ids, (status, body)) in sets.iter().zip(answers) {
+            let (alone_status, alone) = infer(&n, "embed", &embed_body(ids)).await;
+            assert_eq!(status, alone_status, "round {round}, ids {ids:?}: {body}");
+            if ids.contains(&99) {
+                assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+                // Word for word what it gets alone (element 1 of its own ids, not of the batch).
+                let batched = body["error"].as_str().expect("error");
+                let alone = alone["error"].as_str().expect("error");
+                assert_eq!(batched.replace("embed_batched", "embed"), alone);
+                continue;
+            }
+            assert_eq!(status, StatusCode::OK, "ids {ids:?}: {body}");
+            assert_eq!(body["outputs"], alone["outputs"], "ids {ids:?}");
+        }
+    }
+    // After the failures, a batch of good requests still runs as one call.
+    let n = &n;
+    let (before, executions_before) = counts(n, "embed_batched").await;
+    let answers = futures_util::future::join_all(
+        (0..6).map(|i| async move { infer(n, "embed_batched", &embed_body(&[i, i + 1])).await }),
+    )
+    .await;
+    for (i, (status, body)) in answers.into_iter().enumerate() {
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let got = f32s(&body["outputs"][0]["data"]);
+        let i = i as f32;
+        assert_eq!(got, vec![i, i, i, i + 1.0, i + 1.0, i + 1.0]);
+    }
+    let (after, executions_after) = counts(n, "embed_batched").await;
+    assert_eq!(after - before, 12, "12 rows inferred");
+    assert!(
+        executions_after - executions_before < 6,
+        "6 requests sent together ran in fewer calls: {}",
+        executions_after - executions_before
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn config_and_statistics_report_the_batching() {
+    let n = models();
+    let (status, config) = get_json(&n.app, "/v2/models/mlp_batched/config").await;
+    assert_eq!(status, StatusCode::OK, "{config}");
+    assert_eq!(config["max_batch_size"], 16);
+    assert_eq!(
+        config["dynamic_batching"]["max_queue_delay_microseconds"],
+        20_000
+    );
+    assert_eq!(config["input"][0]["dims"], json!([784]));
+    let (_, plain) = get_json(&n.app, "/v2/models/mlp/config").await;
+    assert!(plain.get("dynamic_batching").is_none(), "{plain}");
+
+    let n = &n;
+    let answers = futures_util::future::join_all(
+        (0..4).map(|i| async move { infer(n, "mlp_batched", &mlp_body(2, i)).await }),
+    )
+    .await;
+    assert!(answers.iter().all(|(s, _)| *s == StatusCode::OK));
+    let (_, stats) = get_json(&n.app, "/v2/models/mlp_batched/stats").await;
+    let s = &stats["model_stats"][0];
+    assert_eq!(s["inference_count"], 8);
+    let batches = s["batch_stats"].as_array().expect("batch_stats");
+    let rows: u64 = batches
+        .iter()
+        .map(|b| {
+            b["batch_size"].as_u64().expect("count")
+                * b["compute_infer"]["count"].as_u64().expect("count")
+        })
+        .sum();
+    assert_eq!(rows, 8, "batch_stats count every row once: {batches:?}");
+    let executions: u64 = batches
+        .iter()
+        .map(|b| b["compute_infer"]["count"].as_u64().expect("count"))
+        .sum();
+    assert_eq!(s["execution_count"].as_u64(), Some(executions));
+    assert_eq!(s["inference_stats"]["success"]["count"], 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_node_overrides_the_manifest() {
+    let mut limits = ServingLimits {
+        default_concurrency: 1,
+        ..ServingLimits::default()
+    };
+    limits.batching.insert(
+        "*".into(),
+        Some(Batching {
+            max_batch_size: 4,
+            preferred_batch_sizes: Vec::new(),
+            max_queue_delay_us: 10_000,
+        }),
+    );
+    limits.batching.insert("embed".into(), None);
+    let n = node_with(limits, HttpConfig::default());
+    load(&n, "mlp", sophon_sdk::ready::mlp().to_onnx(), None);
+    let embed = examples::embedding_onnx(10, 3, false);
+    load(
+        &n,
+        "embed",
+        embed,
+        Some(Batching {
+            max_batch_size: 0,
+            preferred_batch_sizes: Vec::new(),
+            max_queue_delay_us: 10,
+        }),
+    );
+    let (_, config) = get_json(&n.app, "/v2/models/mlp/config").await;
+    assert_eq!(
+        config["dynamic_batching"]["max_queue_delay_microseconds"], 10_000,
+        "{config}"
+    );
+    assert_eq!(
+        config["parameters"]["sophon_batch_limit"]["string_value"],
+        "4"
+    );
+    let (_, config) = get_json(&n.app, "/v2/models/embed/config").await;
+    assert!(config.get("dynamic_batching").is_none(), "{config}");
+    // A request of more rows than the batcher's limit (but within the model's) runs alone.
+    let (status, body) = infer(&n, "mlp", &mlp_body(6, 1)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["outputs"][0]["shape"], json!([6, 10]));
+}
