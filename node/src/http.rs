@@ -726,8 +726,16 @@ pub(crate) async fn execute(
         .batcher
         .as_ref()
         .and_then(|b| crate::batcher::joinable(&inputs, b.settings().limit).map(|rows| (b, rows)));
-    let (result, queue, execution) = match batching {
-        Some((batcher, rows)) => {
+    // With no delay to wait out, nothing queued to join and a slot free, a batching model's
+    // request has no batch-mates to wait for: it runs at once, as a lone batch would.
+    let free_now = match &batching {
+        Some((b, _)) if b.settings().delay.is_zero() && b.queued() == 0 => {
+            model.admission.try_enter()
+        }
+        _ => None,
+    };
+    let (result, queue, execution) = match (batching, free_now) {
+        (Some((batcher, rows)), None) => {
             let queued = batcher.queued();
             if queued >= model.admission.max_queue() {
                 return Err(overloaded(queued));
@@ -735,13 +743,16 @@ pub(crate) async fn execute(
             let done = batcher.submit(inputs, rows).await;
             (done.result, done.queue, done.executed)
         }
-        None => {
+        (_, free_now) => {
             let queued_at = Instant::now();
-            let _permit = model
-                .admission
-                .enter()
-                .await
-                .map_err(|o| overloaded(o.queued))?;
+            let _permit = match free_now {
+                Some(permit) => permit,
+                None => model
+                    .admission
+                    .enter()
+                    .await
+                    .map_err(|o| overloaded(o.queued))?,
+            };
             let queue = queued_at.elapsed();
             let result = tokio::task::block_in_place(|| {
                 crate::backend::catch_panic("the model call", || model.model.predict(&inputs))

@@ -115,6 +115,11 @@ impl Admission {
             .map_err(|_| Overloaded { queued })
     }
 
+    /// A slot, when one is free right now.
+    pub fn try_enter(&self) -> Option<SemaphorePermit<'_>> {
+        self.slots.try_acquire().ok()
+    }
+
     /// Requests that may wait before new ones get 429.
     pub fn max_queue(&self) -> usize {
         self.max_queue

@@ -18,6 +18,8 @@ fn load(n: &Node, name: &str, onnx: Vec<u8>, batching: Option<Batching>) {
     let mut manifest = onnx_manifest(&onnx, name, "1").expect("manifest");
     manifest.resources.max_batch_size = 16;
     manifest.batching = batching;
+    // One backend for every copy, so that batched and plain answers (and errors) compare.
+    manifest.hardware.backends = vec![sophon_sdk::Backend::Tract];
     let bundle = pack_parts(
         &manifest,
         components::PASSTHROUGH,
@@ -259,4 +261,58 @@ async fn the_node_overrides_the_manifest() {
     let (status, body) = infer(&n, "mlp", &mlp_body(6, 1)).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["outputs"][0]["shape"], json!([6, 10]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_no_delay_a_busy_model_still_batches() {
+    let n = node_with(
+        ServingLimits {
+            default_concurrency: 1,
+            ..ServingLimits::default()
+        },
+        HttpConfig::default(),
+    );
+    let now = Batching {
+        max_batch_size: 0,
+        preferred_batch_sizes: Vec::new(),
+        max_queue_delay_us: 0,
+    };
+    load(&n, "mlp", sophon_sdk::ready::mlp().to_onnx(), Some(now));
+    // Alone, a request runs at once: nothing to wait for.
+    let (status, body) = infer(&n, "mlp", &mlp_body(1, 7)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let mlp = sophon_sdk::ready::mlp();
+    for _ in 0..5 {
+        let (before, executions_before) = counts(&n, "mlp").await;
+        let tasks: Vec<_> = (0..24u64)
+            .map(|seed| {
+                let app = n.app.clone();
+                tokio::spawn(async move {
+                    let body = mlp_body(2, seed);
+                    let answer = post_json(&app, "/v2/models/mlp/infer", &body).await;
+                    (seed, answer)
+                })
+            })
+            .collect();
+        for task in tasks {
+            let (seed, (status, body)) = task.await.expect("task");
+            assert_eq!(status, StatusCode::OK, "{body}");
+            let data: Vec<f32> = mlp_body(2, seed)["inputs"][0]["data"]
+                .as_array()
+                .expect("data")
+                .iter()
+                .map(|v| v.as_f64().expect("number") as f32)
+                .collect();
+            assert!(close(
+                &f32s(&body["outputs"][0]["data"]),
+                &mlp.forward(&data)
+            ));
+        }
+        let (after, executions_after) = counts(&n, "mlp").await;
+        assert_eq!(after - before, 48);
+        if executions_after - executions_before < 24 {
+            return;
+        }
+    }
+    panic!("24 requests at once on one slot never batched in 5 tries");
 }
