@@ -22,7 +22,7 @@ from onnx import TensorProto, helper
 
 import gen_models
 from conftest import new_publisher, pack, run_cli, start_dev, stop_dev
-from test_triton_client import assert_matches, infer_inputs, make_inputs, reference
+from test_triton_client import assert_matches, infer_inputs, make_inputs, openvino_reference, reference
 
 MODELS = sorted(gen_models.GENERATED) + sorted(gen_models.PUBLISHED)
 NATIVE = ["ort", "openvino"]
@@ -33,13 +33,6 @@ NATIVE = ["ort", "openvino"]
 OPENVINO_DIFFERS = {("squeezenet", "openvino")}
 
 
-def openvino_reference(path, feeds: dict) -> dict:
-    import openvino as ov
-
-    core = ov.Core()
-    compiled = core.compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    result = compiled(feeds)
-    return {out.get_any_name(): result[out] for out in compiled.outputs}
 PREFIX = {"ort": "onnxruntime", "openvino": "openvino"}
 
 
