@@ -36,15 +36,20 @@ def batching(tmp_path_factory, sophon_bin):
         # Batching from the manifest: requests wait up to 20 ms for others.
         "mlp_b": pack(sophon_bin, key, paths["gen_mlp"], "mlp_b", work / "mlp_b.sbundle",
                       "--max-queue-delay-us", "20000"),
-        # Batching from the node's flag (below).
+        # The concurrency test's: a batch forms when its 16 rows have arrived (the preferred
+        # size), or after half a second, so a slow machine still batches them.
+        "mlp_16": pack(sophon_bin, key, paths["gen_mlp"], "mlp_16", work / "mlp_16.sbundle",
+                       "--max-queue-delay-us", "500000", "--preferred-batch-size", "16"),
+        # Batching from the node's flag (below): at most 16 rows, so it cuts at 16 too.
         "types_b": pack(sophon_bin, key, paths["gen_types"], "types_b", work / "types_b.sbundle"),
         # Batching in the manifest, turned off by the node.
         "mlp_off": pack(sophon_bin, key, paths["gen_mlp"], "mlp_off", work / "mlp_off.sbundle",
                         "--max-queue-delay-us", "100"),
     }
-    models = {"mlp_b": paths["gen_mlp"], "types_b": paths["gen_types"], "mlp_off": paths["gen_mlp"]}
+    models = {"mlp_b": paths["gen_mlp"], "mlp_16": paths["gen_mlp"], "types_b": paths["gen_types"],
+              "mlp_off": paths["gen_mlp"]}
     n = start_dev(sophon_bin, work, pub, models, bundles,
-                  "--dynamic-batching", "types_b=20000/8", "--dynamic-batching", "mlp_off=off",
+                  "--dynamic-batching", "types_b=500000/16", "--dynamic-batching", "mlp_off=off",
                   "--concurrency", "1")
     yield n
     stop_dev(n)
@@ -84,8 +89,10 @@ def test_config_reports_dynamic_batching(batching):
         # Triton's dims leave the batch dimension out.
         assert all(-1 not in i["dims"][:1] or len(i["dims"]) > 1 for i in config["input"]), config
         types = c.get_model_config("types_b")
-        assert types["dynamic_batching"]["max_queue_delay_microseconds"] == 20000
-        assert types["parameters"]["sophon_batch_limit"]["string_value"] == "8"
+        assert types["dynamic_batching"]["max_queue_delay_microseconds"] == 500000
+        assert types["parameters"]["sophon_batch_limit"]["string_value"] == "16"
+        preferred = c.get_model_config("mlp_16")["dynamic_batching"]["preferred_batch_size"]
+        assert preferred == [16], preferred
         assert "dynamic_batching" not in c.get_model_config("mlp_off")
         grpc_config = g.get_model_config("mlp_b", as_json=True)["config"]
         assert grpc_config["dynamic_batching"]["max_queue_delay_microseconds"] == "20000", grpc_config
@@ -99,7 +106,7 @@ def _counts(n, model):
     return stats["inference_count"], stats["execution_count"]
 
 
-@pytest.mark.parametrize("model", ["mlp_b", "types_b"])
+@pytest.mark.parametrize("model", ["mlp_16", "types_b"])
 def test_concurrent_requests_batch_and_match_onnxruntime(batching, model):
     before = _counts(batching, model)
     sizes = [1, 3, 2, 1, 4, 1, 2, 2]
