@@ -72,6 +72,7 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    quiet_on_closed_stdout();
     let cli = Cli::parse();
     let log_filter =
         tracing_subscriber::EnvFilter::try_from_env("SOPHON_LOG").unwrap_or_else(|_| {
@@ -113,4 +114,23 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// A reader that stops early (`sophon inspect b.sbundle | head -1`) closes the pipe, and the next
+/// print panics (Rust ignores SIGPIPE). Exit quietly then, with the status a process killed by
+/// SIGPIPE has (141), as other command-line tools do.
+fn quiet_on_closed_stdout() {
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default_hook(info);
+    }));
 }

@@ -61,6 +61,23 @@ fn keygen_pack_inspect_and_refuse_tampering() {
     assert!(shown.contains("model      tiny version 1"), "{shown}");
     assert!(shown.contains("input      input FP32 [-1, 4]"), "{shown}");
     assert!(shown.contains("signature  valid"));
+    // `sophon inspect b | head -1`: the reader goes away; the command stops quietly.
+    let mut early = Command::new(env!("CARGO_BIN_EXE_sophon"))
+        .args(["inspect", bundle.to_str().expect("utf-8")])
+        .env("SOPHON_HOME", &home)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run sophon");
+    drop(early.stdout.take());
+    let out = early.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        matches!(out.status.code(), Some(0 | 141)),
+        "{:?}",
+        out.status
+    );
     let json = ok(&sophon(
         &home,
         &["inspect", "--json", bundle.to_str().expect("utf-8")],
