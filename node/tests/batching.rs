@@ -11,41 +11,43 @@ use proptest::prelude::*;
 use serde_json::{Value, json};
 use sophon_node::ServingLimits;
 use sophon_node::http::HttpConfig;
-use sophon_sdk::onnx::onnx_manifest;
-use sophon_sdk::{Batching, components, examples, pack_parts};
+use sophon_sdk::{Batching, examples};
 
 fn load(n: &Node, name: &str, onnx: Vec<u8>, batching: Option<Batching>) {
-    let mut manifest = onnx_manifest(&onnx, name, "1").expect("manifest");
-    manifest.resources.max_batch_size = 16;
-    manifest.batching = batching;
-    // One backend for every copy, so that batched and plain answers (and errors) compare.
-    manifest.hardware.backends = vec![sophon_sdk::Backend::Tract];
-    let bundle = pack_parts(
-        &manifest,
-        components::PASSTHROUGH,
-        &[("model.onnx".to_string(), onnx)],
-        &n.key,
+    load_onnx(n, name, onnx, |m| {
+        m.resources.max_batch_size = 16;
+        m.batching = batching;
+        // One backend for every copy, so that batched and plain answers (and errors) compare.
+        m.hardware.backends = vec![sophon_sdk::Backend::Tract];
+    });
+}
+
+/// Batching that waits up to `delay_us` for batches of up to `max` rows (0: the model's).
+fn batching(delay_us: u64, max: u32) -> Batching {
+    Batching {
+        max_batch_size: max,
+        preferred_batch_sizes: Vec::new(),
+        max_queue_delay_us: delay_us,
+    }
+}
+
+/// A node whose models run one request at a time, so that concurrent ones queue and batch.
+fn one_slot(limits: ServingLimits) -> Node {
+    node_with(
+        ServingLimits {
+            default_concurrency: 1,
+            ..limits
+        },
+        HttpConfig::default(),
     )
-    .expect("pack");
-    n.repo.add_bundle(&bundle).expect("load");
 }
 
 /// A node with an MLP and an embedding, each twice: batched (requests wait up to 20 ms for
 /// others) and plain.
 fn models() -> Node {
     // One instance slot per model: concurrent requests must queue, and batch.
-    let n = node_with(
-        ServingLimits {
-            default_concurrency: 1,
-            ..ServingLimits::default()
-        },
-        HttpConfig::default(),
-    );
-    let batching = Batching {
-        max_batch_size: 0,
-        preferred_batch_sizes: Vec::new(),
-        max_queue_delay_us: 20_000,
-    };
+    let n = one_slot(ServingLimits::default());
+    let batching = batching(20_000, 0);
     let mlp = sophon_sdk::ready::mlp().to_onnx();
     load(&n, "mlp_batched", mlp.clone(), Some(batching.clone()));
     load(&n, "mlp", mlp, None);
@@ -220,32 +222,15 @@ async fn config_and_statistics_report_the_batching() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_node_overrides_the_manifest() {
-    let mut limits = ServingLimits {
-        default_concurrency: 1,
-        ..ServingLimits::default()
-    };
-    limits.batching.insert(
-        "*".into(),
-        Some(Batching {
-            max_batch_size: 4,
-            preferred_batch_sizes: Vec::new(),
-            max_queue_delay_us: 10_000,
-        }),
-    );
+    let mut limits = ServingLimits::default();
+    limits
+        .batching
+        .insert("*".into(), Some(batching(10_000, 4)));
     limits.batching.insert("embed".into(), None);
-    let n = node_with(limits, HttpConfig::default());
+    let n = one_slot(limits);
     load(&n, "mlp", sophon_sdk::ready::mlp().to_onnx(), None);
     let embed = examples::embedding_onnx(10, 3, false);
-    load(
-        &n,
-        "embed",
-        embed,
-        Some(Batching {
-            max_batch_size: 0,
-            preferred_batch_sizes: Vec::new(),
-            max_queue_delay_us: 10,
-        }),
-    );
+    load(&n, "embed", embed, Some(batching(10, 0)));
     let (_, config) = get_json(&n.app, "/v2/models/mlp/config").await;
     assert_eq!(
         config["dynamic_batching"]["max_queue_delay_microseconds"], 10_000,
@@ -265,18 +250,8 @@ async fn the_node_overrides_the_manifest() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn with_no_delay_a_busy_model_still_batches() {
-    let n = node_with(
-        ServingLimits {
-            default_concurrency: 1,
-            ..ServingLimits::default()
-        },
-        HttpConfig::default(),
-    );
-    let now = Batching {
-        max_batch_size: 0,
-        preferred_batch_sizes: Vec::new(),
-        max_queue_delay_us: 0,
-    };
+    let n = one_slot(ServingLimits::default());
+    let now = batching(0, 0);
     load(&n, "mlp", sophon_sdk::ready::mlp().to_onnx(), Some(now));
     // Alone, a request runs at once: nothing to wait for.
     let (status, body) = infer(&n, "mlp", &mlp_body(1, 7)).await;

@@ -107,3 +107,23 @@ pub async fn assert_mlp_answers(app: &axum::Router) {
         assert!((g - w).abs() < 1e-5, "mlp output {g} != reference {w}");
     }
 }
+
+/// Load `onnx` as model `name` (version 1) through the passthrough component, with its manifest
+/// as `edit` leaves it.
+pub fn load_onnx(
+    n: &Node,
+    name: &str,
+    onnx: Vec<u8>,
+    edit: impl FnOnce(&mut sophon_sdk::Manifest),
+) {
+    let mut manifest = sophon_sdk::onnx::onnx_manifest(&onnx, name, "1").expect("manifest");
+    edit(&mut manifest);
+    let bundle = sophon_sdk::pack_parts(
+        &manifest,
+        sophon_sdk::components::PASSTHROUGH,
+        &[("model.onnx".to_string(), onnx)],
+        &n.key,
+    )
+    .expect("pack");
+    n.repo.add_bundle(&bundle).expect("load");
+}

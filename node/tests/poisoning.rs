@@ -8,20 +8,12 @@ mod common;
 use axum::http::StatusCode;
 use common::*;
 use serde_json::{Value, json};
-use sophon_sdk::onnx::onnx_manifest;
-use sophon_sdk::{components, examples, pack_parts};
+use sophon_sdk::examples;
 
 fn load(n: &Node, name: &str, onnx: Vec<u8>, max_batch_size: u32) {
-    let mut manifest = onnx_manifest(&onnx, name, "1").expect("manifest");
-    manifest.resources.max_batch_size = max_batch_size;
-    let bundle = pack_parts(
-        &manifest,
-        components::PASSTHROUGH,
-        &[("model.onnx".to_string(), onnx)],
-        &n.key,
-    )
-    .expect("pack");
-    n.repo.add_bundle(&bundle).expect("load");
+    load_onnx(n, name, onnx, |m| {
+        m.resources.max_batch_size = max_batch_size
+    });
 }
 
 fn rows(name: &str, batch: usize, width: usize, value: f32) -> Value {
