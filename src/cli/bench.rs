@@ -59,6 +59,13 @@ pub struct BenchArgs {
     /// The --onnx model's input, NAME:d,d,... (the first dimension is the batch).
     #[arg(long)]
     shape: Option<String>,
+    /// Batch sizes for the sandbox measurement (default: 1 and 32), for example `--batch 1`
+    /// to profile one of them alone.
+    #[arg(long, value_delimiter = ',')]
+    batch: Vec<usize>,
+    /// Where `json-floor` listens.
+    #[arg(long, default_value = "127.0.0.1:18300")]
+    serve: std::net::SocketAddr,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,12 +81,14 @@ enum Which {
     Mesh,
     Heartbeats,
     Backends,
+    /// Not a measurement: serves the bare JSON baseline on `--serve` until killed.
+    JsonFloor,
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let all = args.what == Which::All;
     if all || args.what == Which::Sandbox {
-        sandbox(args.iters)?;
+        sandbox(args.iters, &args.batch)?;
     }
     if all || args.what == Which::Http {
         http(args.iters)?;
@@ -104,6 +113,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if all || args.what == Which::Backends {
         super::bench_backends::backends(args.iters, args.onnx.as_deref(), args.shape.as_deref())?;
+    }
+    // Not part of `all`: a server for scripts/bench-mlserver, which runs until it is killed.
+    if args.what == Which::JsonFloor {
+        super::bench_floor::json_floor(args.serve)?;
     }
     // Not part of `all`: it joins thousands of simulated nodes (minutes on 2 cores).
     if args.what == Which::Heartbeats {
@@ -150,7 +163,7 @@ fn mlp_repository() -> anyhow::Result<(Arc<Repository>, sophon_sdk::SigningKey)>
     Ok((repo, key))
 }
 
-fn sandbox(iters: usize) -> anyhow::Result<()> {
+fn sandbox(iters: usize, batches: &[usize]) -> anyhow::Result<()> {
     let onnx = ready::mlp().to_onnx();
     let native = sophon_node::backend::tract::TractGraph::from_onnx(&onnx)?;
     let (repo, _key) = mlp_repository()?;
@@ -160,7 +173,12 @@ fn sandbox(iters: usize) -> anyhow::Result<()> {
         "| batch | native p50 | native p99 | wasm p50 | wasm p99 | ratio p50 | ratio p99 | instantiate p50 | call p50 | teardown p50 |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|");
-    for batch in [1usize, 32] {
+    let batches = if batches.is_empty() {
+        &[1, 32][..]
+    } else {
+        batches
+    };
+    for &batch in batches {
         let data = input_data(batch);
         let bytes = le_bytes(&data);
         let inputs = vec![GuestTensor {

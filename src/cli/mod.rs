@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod bench;
 pub mod bench_backends;
+pub mod bench_floor;
 pub mod bench_heartbeats;
 pub mod bench_mesh;
 pub mod bench_raft;

@@ -33,7 +33,13 @@ const MAX_CONTEXTS: usize = 16;
 
 /// What a request's store holds.
 pub(crate) struct Sandbox {
-    wasi: WasiCtx,
+    /// WASI, built on the guest's first WASI call: a guest that never reads its environment,
+    /// the clocks or random, and never writes a log, does not pay for building it.
+    wasi: Option<WasiCtx>,
+    /// The environment the manifest grants, for building `wasi`.
+    env: Arc<[(String, String)]>,
+    /// The guest's stdout and stderr, made with `wasi`.
+    logs: Option<[MemoryOutputPipe; 2]>,
     table: ResourceTable,
     nn: WasiNnCtx,
     /// When the call must end: blocking host calls (sleep, poll) give up here.
@@ -53,11 +59,32 @@ pub(crate) struct Sandbox {
 
 impl WasiView for Sandbox {
     fn ctx(&mut self) -> WasiCtxView<'_> {
+        let ctx = self
+            .wasi
+            .get_or_insert_with(|| build_wasi(&self.env, &mut self.logs));
         WasiCtxView {
-            ctx: &mut self.wasi,
+            ctx,
             table: &mut self.table,
         }
     }
+}
+
+/// A request's WASI context: no file system, no network, no inherited environment; only the
+/// granted variables, clocks, random, and stdout and stderr kept in memory for the node's log.
+fn build_wasi(env: &[(String, String)], logs: &mut Option<[MemoryOutputPipe; 2]>) -> WasiCtx {
+    let stdout = MemoryOutputPipe::new(LOG_CAPACITY);
+    let stderr = MemoryOutputPipe::new(LOG_CAPACITY);
+    let mut wasi = WasiCtxBuilder::new();
+    wasi.stdout(stdout.clone())
+        .stderr(stderr.clone())
+        .allow_tcp(false)
+        .allow_udp(false)
+        .allow_ip_name_lookup(false);
+    for (k, v) in env {
+        wasi.env(k, v);
+    }
+    *logs = Some([stdout, stderr]);
+    wasi.build()
 }
 
 /// Caps linear memory and tables through the call's memory account, which also counts the host
@@ -402,14 +429,14 @@ impl Model {
 
     /// The component's own metadata.
     pub fn metadata(&self) -> Result<GuestMetadata, InvokeError> {
-        let (mut store, logs) = self.store();
+        let mut store = self.store();
         let serving = self
             .pre
             .instantiate(&mut store)
-            .map_err(|e| self.classify(e, &store, &logs))?;
+            .map_err(|e| self.classify(e, &store))?;
         let result = serving.sophon_model_predictor().call_metadata(&mut store);
-        self.flush_logs(&logs);
-        result.map_err(|e| self.classify(e, &store, &logs))
+        self.flush_logs(&store);
+        result.map_err(|e| self.classify(e, &store))
     }
 
     /// Run one request in a fresh instance.
@@ -419,11 +446,11 @@ impl Model {
     ) -> Result<(Vec<GuestTensor>, CallTimes), InvokeError> {
         let started = Instant::now();
         crate::backend::take_last_error();
-        let (mut store, logs) = self.store();
+        let mut store = self.store();
         let serving = self
             .pre
             .instantiate(&mut store)
-            .map_err(|e| self.classify(e, &store, &logs))?;
+            .map_err(|e| self.classify(e, &store))?;
         let instantiated = Instant::now();
         let result = serving
             .sophon_model_predictor()
@@ -434,9 +461,9 @@ impl Model {
             call: called - instantiated,
             teardown: Duration::ZERO,
         };
-        self.flush_logs(&logs);
+        self.flush_logs(&store);
         let outputs = match result {
-            Err(e) => return Err(self.classify(e, &store, &logs)),
+            Err(e) => return Err(self.classify(e, &store)),
             // A backend refused memory to the guest: whatever the guest made of that, the call
             // ran into its limit.
             Ok(_) if store.data().limiter.memory.exceeded() => {
@@ -483,20 +510,11 @@ impl Model {
         Ok((outputs, times))
     }
 
-    fn store(&self) -> (Store<Sandbox>, [MemoryOutputPipe; 2]) {
-        let stdout = MemoryOutputPipe::new(LOG_CAPACITY);
-        let stderr = MemoryOutputPipe::new(LOG_CAPACITY);
-        let mut wasi = WasiCtxBuilder::new();
-        wasi.stdout(stdout.clone())
-            .stderr(stderr.clone())
-            .allow_tcp(false)
-            .allow_udp(false)
-            .allow_ip_name_lookup(false);
-        for (k, v) in self.env.iter() {
-            wasi.env(k, v);
-        }
+    fn store(&self) -> Store<Sandbox> {
         let sandbox = Sandbox {
-            wasi: wasi.build(),
+            wasi: None,
+            env: self.env.clone(),
+            logs: None,
             table: ResourceTable::new(),
             nn: WasiNnCtx::new([], SharedGraphs(self.graphs.clone()).into()),
             deadline: Instant::now() + self.limits.timeout,
@@ -513,10 +531,13 @@ impl Model {
         bound_copies(&mut store);
         store.set_epoch_deadline(self.deadline_ticks);
         store.epoch_deadline_trap();
-        (store, [stdout, stderr])
+        store
     }
 
-    fn flush_logs(&self, logs: &[MemoryOutputPipe; 2]) {
+    fn flush_logs(&self, store: &Store<Sandbox>) {
+        let Some(logs) = &store.data().logs else {
+            return;
+        };
         for (stream, pipe) in ["stdout", "stderr"].into_iter().zip(logs) {
             let bytes = pipe.contents();
             if bytes.is_empty() {
@@ -528,12 +549,7 @@ impl Model {
         }
     }
 
-    fn classify(
-        &self,
-        error: wasmtime::Error,
-        store: &Store<Sandbox>,
-        logs: &[MemoryOutputPipe; 2],
-    ) -> InvokeError {
+    fn classify(&self, error: wasmtime::Error, store: &Store<Sandbox>) -> InvokeError {
         let model = self.name.clone();
         if error
             .downcast_ref::<wasmtime::PoolConcurrencyLimitError>()
@@ -580,7 +596,10 @@ impl Model {
             None => format!("{error:#}"),
         };
         // A Rust guest prints its panic (location, then message) to stderr just before it traps.
-        let stderr = logs[1].contents();
+        let stderr = match &store.data().logs {
+            Some(logs) => logs[1].contents(),
+            None => Default::default(),
+        };
         let text = String::from_utf8_lossy(&stderr);
         let said: Vec<&str> = text
             .lines()
