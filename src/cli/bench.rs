@@ -59,9 +59,8 @@ pub struct BenchArgs {
     /// The --onnx model's input, NAME:d,d,... (the first dimension is the batch).
     #[arg(long)]
     shape: Option<String>,
-    /// Batch sizes for the sandbox measurement (default: 1 and 32), for example `--batch 1`
-    /// to profile one of them alone.
-    #[arg(long, value_delimiter = ',')]
+    /// Batch sizes for the sandbox measurement, for example `--batch 1` to profile one alone.
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 32])]
     batch: Vec<usize>,
     /// Where `json-floor` listens.
     #[arg(long, default_value = "127.0.0.1:18300")]
@@ -173,11 +172,6 @@ fn sandbox(iters: usize, batches: &[usize]) -> anyhow::Result<()> {
         "| batch | native p50 | native p99 | wasm p50 | wasm p99 | ratio p50 | ratio p99 | instantiate p50 | call p50 | teardown p50 |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|");
-    let batches = if batches.is_empty() {
-        &[1, 32][..]
-    } else {
-        batches
-    };
     for &batch in batches {
         let data = input_data(batch);
         let bytes = le_bytes(&data);

@@ -35,11 +35,9 @@ const MAX_CONTEXTS: usize = 16;
 pub(crate) struct Sandbox {
     /// WASI, built on the guest's first WASI call: a guest that never reads its environment,
     /// the clocks or random, and never writes a log, does not pay for building it.
-    wasi: Option<WasiCtx>,
+    wasi: Option<Wasi>,
     /// The environment the manifest grants, for building `wasi`.
     env: Arc<[(String, String)]>,
-    /// The guest's stdout and stderr, made with `wasi`.
-    logs: Option<[MemoryOutputPipe; 2]>,
     table: ResourceTable,
     nn: WasiNnCtx,
     /// When the call must end: blocking host calls (sleep, poll) give up here.
@@ -59,32 +57,49 @@ pub(crate) struct Sandbox {
 
 impl WasiView for Sandbox {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        let ctx = self
-            .wasi
-            .get_or_insert_with(|| build_wasi(&self.env, &mut self.logs));
+        let wasi = self.wasi.get_or_insert_with(|| Wasi::new(&self.env));
         WasiCtxView {
-            ctx,
+            ctx: &mut wasi.ctx,
             table: &mut self.table,
         }
     }
 }
 
-/// A request's WASI context: no file system, no network, no inherited environment; only the
-/// granted variables, clocks, random, and stdout and stderr kept in memory for the node's log.
-fn build_wasi(env: &[(String, String)], logs: &mut Option<[MemoryOutputPipe; 2]>) -> WasiCtx {
-    let stdout = MemoryOutputPipe::new(LOG_CAPACITY);
-    let stderr = MemoryOutputPipe::new(LOG_CAPACITY);
-    let mut wasi = WasiCtxBuilder::new();
-    wasi.stdout(stdout.clone())
-        .stderr(stderr.clone())
-        .allow_tcp(false)
-        .allow_udp(false)
-        .allow_ip_name_lookup(false);
-    for (k, v) in env {
-        wasi.env(k, v);
+impl Sandbox {
+    /// The guest's stdout and stderr, if it made a WASI call (else it wrote nothing).
+    fn logs(&self) -> Option<&[MemoryOutputPipe; 2]> {
+        self.wasi.as_ref().map(|w| &w.logs)
     }
-    *logs = Some([stdout, stderr]);
-    wasi.build()
+}
+
+/// A request's WASI context and the pipes its stdout and stderr write to.
+struct Wasi {
+    ctx: WasiCtx,
+    logs: [MemoryOutputPipe; 2],
+}
+
+impl Wasi {
+    /// No file system, no network, no inherited environment: only the granted variables,
+    /// clocks, random, and stdout and stderr kept in memory for the node's log.
+    fn new(env: &[(String, String)]) -> Wasi {
+        let logs = [
+            MemoryOutputPipe::new(LOG_CAPACITY),
+            MemoryOutputPipe::new(LOG_CAPACITY),
+        ];
+        let mut wasi = WasiCtxBuilder::new();
+        wasi.stdout(logs[0].clone())
+            .stderr(logs[1].clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false);
+        for (k, v) in env {
+            wasi.env(k, v);
+        }
+        Wasi {
+            ctx: wasi.build(),
+            logs,
+        }
+    }
 }
 
 /// Caps linear memory and tables through the call's memory account, which also counts the host
@@ -514,7 +529,6 @@ impl Model {
         let sandbox = Sandbox {
             wasi: None,
             env: self.env.clone(),
-            logs: None,
             table: ResourceTable::new(),
             nn: WasiNnCtx::new([], SharedGraphs(self.graphs.clone()).into()),
             deadline: Instant::now() + self.limits.timeout,
@@ -535,7 +549,7 @@ impl Model {
     }
 
     fn flush_logs(&self, store: &Store<Sandbox>) {
-        let Some(logs) = &store.data().logs else {
+        let Some(logs) = store.data().logs() else {
             return;
         };
         for (stream, pipe) in ["stdout", "stderr"].into_iter().zip(logs) {
@@ -596,10 +610,11 @@ impl Model {
             None => format!("{error:#}"),
         };
         // A Rust guest prints its panic (location, then message) to stderr just before it traps.
-        let stderr = match &store.data().logs {
-            Some(logs) => logs[1].contents(),
-            None => Default::default(),
-        };
+        let stderr = store
+            .data()
+            .logs()
+            .map(|logs| logs[1].contents())
+            .unwrap_or_default();
         let text = String::from_utf8_lossy(&stderr);
         let said: Vec<&str> = text
             .lines()
