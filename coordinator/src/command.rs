@@ -149,6 +149,9 @@ pub struct WriteId {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ReplicaKey {
     pub deployment: u64,
+    /// The deployment's revision the replica runs.
+    #[serde(default = "crate::scheduler::first_revision")]
+    pub revision: u32,
     pub replica: u32,
 }
 
@@ -180,6 +183,8 @@ pub struct NodeSpec {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplicaUpdate {
     pub deployment: u64,
+    #[serde(default = "crate::scheduler::first_revision")]
+    pub revision: u32,
     pub replica: u32,
     pub phase: ReplicaPhase,
     /// Why it failed.
@@ -338,6 +343,22 @@ pub enum Command {
     DeleteDeployment {
         deployment: u64,
     },
+    /// A rolling update to another version: new replicas first (at most `max_surge` beyond
+    /// the replica count; default a quarter, at least one), each ready before an old one goes.
+    /// The version must be deployable in the environment, approvals included.
+    UpdateDeployment {
+        deployment: u64,
+        version: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_surge: Option<u32>,
+    },
+    /// Abandon a running update, or roll out an earlier revision's version again (`to`;
+    /// default: the revision that served before the current one).
+    RollbackDeployment {
+        deployment: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        to: Option<u32>,
+    },
 
     // --- tokens ---
     /// Store a token; the secret itself never enters the log, only its SHA-256
@@ -391,7 +412,9 @@ impl Command {
             | MarkNodeDown { .. }
             | CreateDeployment { .. }
             | ScaleDeployment { .. }
-            | DeleteDeployment { .. } => Role::Operator,
+            | DeleteDeployment { .. }
+            | UpdateDeployment { .. }
+            | RollbackDeployment { .. } => Role::Operator,
             // An operator mints node join tokens; every other token is an admin's business.
             CreateLimitedToken {
                 role: Role::NodeJoin,
@@ -437,6 +460,8 @@ impl Command {
             CreateDeployment { .. } => "create-deployment",
             ScaleDeployment { .. } => "scale-deployment",
             DeleteDeployment { .. } => "delete-deployment",
+            UpdateDeployment { .. } => "update-deployment",
+            RollbackDeployment { .. } => "rollback-deployment",
             CreateToken { .. } | CreateLimitedToken { .. } => "create-token",
             RevokeToken { .. } => "revoke-token",
         }

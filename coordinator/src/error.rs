@@ -156,6 +156,10 @@ pub enum Error {
         environment: String,
     },
     #[error(
+        "deployment {id} is rolling out revision {revision}: wait for it, or `sophon deploy rollback {id}` to abandon it"
+    )]
+    UpdateInProgress { id: u64, revision: u32 },
+    #[error(
         "{model}@{version} is already deployed to {environment} as deployment {id}: scale it instead"
     )]
     DeploymentExists {
@@ -279,6 +283,7 @@ impl Error {
             Error::NotSubmitter { .. } => "not_submitter",
             Error::NotApproved { .. } => "not_approved",
             Error::DeploymentExists { .. } => "deployment_exists",
+            Error::UpdateInProgress { .. } => "update_in_progress",
             Error::UnknownDeployment { .. } => "unknown_deployment",
             Error::TokenExists { .. } => "token_exists",
             Error::DuplicateSecret => "duplicate_secret",
@@ -336,6 +341,7 @@ impl Error {
             | Error::AlreadyDecided { .. }
             | Error::NotApproved { .. }
             | Error::DeploymentExists { .. }
+            | Error::UpdateInProgress { .. }
             | Error::TokenExists { .. }
             | Error::DuplicateSecret => ErrorKind::Conflict,
             Error::Snapshot { .. }

@@ -150,6 +150,9 @@ impl ReplicaState {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ReplicaId {
     pub deployment: u64,
+    /// The deployment's revision (its version at the time): a rolling update runs two.
+    #[serde(default = "first_revision")]
+    pub revision: u32,
     pub replica: u32,
 }
 
@@ -157,6 +160,9 @@ pub struct ReplicaId {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplicaReport {
     pub deployment: u64,
+    /// The deployment's revision (its version at the time): a rolling update runs two.
+    #[serde(default = "first_revision")]
+    pub revision: u32,
     pub replica: u32,
     pub state: ReplicaState,
     /// Why it failed (the backend's error, a verification failure...).
@@ -256,6 +262,9 @@ pub struct WatchRequest {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Assignment {
     pub deployment: u64,
+    /// The deployment's revision (its version at the time): a rolling update runs two.
+    #[serde(default = "first_revision")]
+    pub revision: u32,
     pub replica: u32,
     pub model: String,
     pub version: String,
@@ -272,10 +281,18 @@ pub struct Endpoint {
     pub ready: u32,
 }
 
+fn first_revision() -> u32 {
+    1
+}
+
 /// A deployment as the routers see it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Route {
     pub deployment: u64,
+    /// One route per revision: during a rolling update the old and the new both serve, and a
+    /// request that names no version goes to the newest revision with a ready replica.
+    #[serde(default = "first_revision")]
+    pub revision: u32,
     pub model: String,
     pub version: String,
     pub environment: String,
@@ -370,6 +387,7 @@ mod tests {
         let view = View {
             index: 7,
             assignments: vec![Assignment {
+                revision: 1,
                 deployment: 1,
                 replica: 0,
                 model: "mlp".into(),

@@ -104,8 +104,15 @@ impl Grpc {
 
     async fn infer(
         &self,
-        request: pb::ModelInferRequest,
+        mut request: pb::ModelInferRequest,
     ) -> Result<pb::ModelInferResponse, Status> {
+        // A request that names no version goes where the mesh routes the model (as HTTP's).
+        if request.model_version.is_empty()
+            && let Some(router) = self.state.mesh.get()
+            && let Some(v) = router.version_for(&request.model_name)
+        {
+            request.model_version = v;
+        }
         let model = match self.model(&request.model_name, &request.model_version) {
             Ok(model) => model,
             Err(not_here) => {

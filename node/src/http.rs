@@ -173,7 +173,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
 /// one (see [`crate::mesh::router`]); a request forwarded here is always served here.
 async fn route_through_mesh(
     State(state): Shared,
-    request: axum::extract::Request,
+    mut request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
     use crate::mesh::router::{FORWARDED, model_of};
@@ -183,9 +183,29 @@ async fn route_through_mesh(
     if request.headers().contains_key(FORWARDED) {
         return next.run(request).await;
     }
-    let Some((model, version)) = model_of(request.uri().path()) else {
+    let Some((model, mut version)) = model_of(request.uri().path()) else {
         return next.run(request).await;
     };
+    // An inference request that names no version goes to the version the mesh routes the
+    // model's requests to: its newest revision with a ready replica (during a rolling update,
+    // the new one as soon as a replica of it is ready; after a rollback, the old one again).
+    let mut path = request
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    if version.is_none()
+        && request.uri().path().ends_with("/infer")
+        && let Some(v) = router.version_for(&model)
+    {
+        path = path.replacen(
+            &format!("/v2/models/{model}/"),
+            &format!("/v2/models/{model}/versions/{v}/"),
+            1,
+        );
+        request.extensions_mut().insert(PinnedVersion(v.clone()));
+        version = Some(v);
+    }
     let local = state.repo.lookup(&model, version.as_deref()).is_ok();
     if local || !router.knows(&model, version.as_deref()) {
         return next.run(request).await;
@@ -196,22 +216,21 @@ async fn route_through_mesh(
         Ok(read) => read,
         Err((e, _)) => return e.into_response(),
     };
-    let path = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
     router
         .forward(
             &model,
             version.as_deref(),
             parts.method.as_str(),
-            path,
+            &path,
             &parts.headers,
             bytes,
         )
         .await
 }
+
+/// The version the mesh chose for a request that named none (see `route_through_mesh`).
+#[derive(Clone)]
+struct PinnedVersion(String);
 
 pub(crate) fn lookup(state: &ApiState, p: &HashMap<String, String>) -> ApiResult<Arc<LoadedModel>> {
     let name = p.get("model").map(String::as_str).unwrap_or_default();
@@ -454,10 +473,14 @@ impl Drop for InFlight<'_> {
 
 async fn infer(
     State(state): Shared,
-    Path(p): Path<HashMap<String, String>>,
+    Path(mut p): Path<HashMap<String, String>>,
+    pinned: Option<axum::Extension<PinnedVersion>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    if let Some(axum::Extension(PinnedVersion(v))) = pinned {
+        p.entry("version".into()).or_insert(v);
+    }
     let model = lookup(&state, &p)?;
     observed(&model, run_infer(&state, &model, &headers, body)).await
 }

@@ -123,6 +123,40 @@ pub enum DeployCmd {
     Delete {
         id: u64,
     },
+    /// Rolling update to another version: new replicas first, each ready before an old one
+    /// goes, so requests never fail. Refused unless the version is approved where the
+    /// environment's policy requires it.
+    Update {
+        id: u64,
+        #[arg(long)]
+        version: String,
+        /// Replicas added beyond the replica count at once (default: a quarter, at least 1).
+        #[arg(long)]
+        max_surge: Option<u32>,
+        /// Show progress until the update completes; fail if it is rolled back.
+        #[arg(long)]
+        wait: bool,
+        /// How long `--wait` waits, like `90s` or `5m`.
+        #[arg(long, default_value = "5m", value_parser = super::coordinator::parse_duration)]
+        timeout: std::time::Duration,
+    },
+    /// The deployment's revisions: which version each ran, who made it, and how it ended.
+    History {
+        id: u64,
+    },
+    /// Abandon a running update, or roll out an earlier revision's version again (a rolling
+    /// update too; default: the revision that served before the current one).
+    Rollback {
+        id: u64,
+        #[arg(long)]
+        to: Option<u32>,
+        /// Show progress until the rollback completes.
+        #[arg(long)]
+        wait: bool,
+        /// How long `--wait` waits, like `90s` or `5m`.
+        #[arg(long, default_value = "5m", value_parser = super::coordinator::parse_duration)]
+        timeout: std::time::Duration,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -554,7 +588,10 @@ pub fn deploy(args: &ClientArgs, cmd: DeployCmd) -> anyhow::Result<()> {
     let row = |d: &Value| {
         vec![
             cell(&d["id"]),
-            format!("{}@{}", cell(&d["model"]), cell(&d["version"])),
+            match d["update"]["version"].as_str() {
+                Some(to) => format!("{}@{} → {to}", cell(&d["model"]), cell(&d["version"])),
+                None => format!("{}@{}", cell(&d["model"]), cell(&d["version"])),
+            },
             cell(&d["environment"]),
             cell(&d["replicas"]),
             cell(&d["rollout"]["state"]),
@@ -623,9 +660,10 @@ pub fn deploy(args: &ClientArgs, cmd: DeployCmd) -> anyhow::Result<()> {
             c.print(&v, |v| {
                 let mut t = Table::new(&headers);
                 t.row(row(&v["deployment"]));
-                let mut p = Table::new(&["replica", "node", "device", "state"]);
+                let mut p = Table::new(&["revision", "replica", "node", "device", "state"]);
                 for pl in v["placements"].as_array().into_iter().flatten() {
                     p.row(vec![
+                        cell(&pl["revision"]),
                         cell(&pl["replica"]),
                         cell(&pl["node"]),
                         cell(&pl["device"]),
@@ -638,6 +676,7 @@ pub fn deploy(args: &ClientArgs, cmd: DeployCmd) -> anyhow::Result<()> {
                     .flatten()
                 {
                     p.row(vec![
+                        "-".into(),
                         "-".into(),
                         node.clone(),
                         "-".into(),
@@ -669,8 +708,114 @@ pub fn deploy(args: &ClientArgs, cmd: DeployCmd) -> anyhow::Result<()> {
             let v = c.send("DELETE", &format!("/v1/deployments/{id}"), None)?;
             done(&c, &v, &format!("deployment {id} deleted"));
         }
+        DeployCmd::Update {
+            id,
+            version,
+            max_surge,
+            wait,
+            timeout,
+        } => {
+            let v = c.send(
+                "POST",
+                &format!("/v1/deployments/{id}/update"),
+                Some(json!({"version": version, "max_surge": max_surge})),
+            )?;
+            done(&c, &v, &format!("deployment {id}: rolling out {version}"));
+            if wait {
+                wait_update(&c, id, timeout)?;
+            }
+        }
+        DeployCmd::Rollback {
+            id,
+            to,
+            wait,
+            timeout,
+        } => {
+            let body = to.map(|to| json!({"to": to}));
+            let v = c.send("POST", &format!("/v1/deployments/{id}/rollback"), body)?;
+            done(&c, &v, &format!("deployment {id}: rolling back"));
+            if wait {
+                wait_update(&c, id, timeout)?;
+            }
+        }
+        DeployCmd::History { id } => {
+            let v = c.get(&format!("/v1/deployments/{id}/history"))?;
+            c.print(&v, |v| {
+                let mut t = Table::new(&[
+                    "revision", "version", "status", "cause", "by", "at", "reason",
+                ]);
+                for r in v["history"].as_array().into_iter().flatten() {
+                    t.row(vec![
+                        cell(&r["revision"]),
+                        cell(&r["version"]),
+                        cell(&r["status"]),
+                        cell(&r["cause"]),
+                        cell(&r["created_by"]),
+                        super::client::time(&r["created_at_ms"]),
+                        cell(&r["reason"]),
+                    ]);
+                }
+                t
+            });
+        }
     }
     Ok(())
+}
+
+/// Print a rolling update's progress until it ends: Ok once its revision serves, an error
+/// if it was rolled back (with the reason) or time runs out.
+fn wait_update(c: &Client, id: u64, timeout: std::time::Duration) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + timeout;
+    let started = c.get(&format!("/v1/deployments/{id}/history"))?;
+    let Some(revision) = started["update"]["revision"].as_u64() else {
+        // Nothing rolling (an abandoned update): the serving revision never stopped.
+        return wait_ready(c, id, timeout);
+    };
+    let mut last = String::new();
+    loop {
+        let v = c.get(&format!("/v1/deployments/{id}"))?;
+        let d = &v["deployment"];
+        let count = |rev: u64| {
+            let of = |p: &&Value| p["revision"].as_u64() == Some(rev);
+            let all = v["placements"].as_array().into_iter().flatten();
+            let ready = all
+                .clone()
+                .filter(of)
+                .filter(|p| p["ready"] == json!(true))
+                .count();
+            (all.filter(of).count(), ready)
+        };
+        let (new_placed, new_ready) = count(revision);
+        let line = format!(
+            "deployment {id}: revision {revision} {new_ready}/{} ready ({new_placed} placed)",
+            cell(&d["replicas"])
+        );
+        if line != last {
+            eprintln!("{line}");
+            last = line;
+        }
+        if d["revision"].as_u64() == Some(revision) {
+            return Ok(());
+        }
+        if d["update"]["revision"].as_u64() != Some(revision) {
+            let h = c.get(&format!("/v1/deployments/{id}/history"))?;
+            let reason = h["history"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|r| r["revision"].as_u64() == Some(revision))
+                .map(|r| cell(&r["reason"]))
+                .unwrap_or_default();
+            anyhow::bail!(
+                "revision {revision} of deployment {id} was rolled back: {reason}; revision {} serves",
+                cell(&d["revision"])
+            );
+        }
+        if std::time::Instant::now() >= deadline {
+            anyhow::bail!("the update of deployment {id} has not finished after {timeout:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
 }
 
 /// Print each change of a deployment's replicas until all are ready; an error if some cannot

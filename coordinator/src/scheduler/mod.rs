@@ -143,6 +143,10 @@ pub struct DeploymentView {
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Placement {
     pub deployment: u64,
+    /// The deployment's revision this replica runs (its version): during a rolling update a
+    /// deployment has replicas of two revisions. The scheduler itself never reads it.
+    #[serde(default = "first_revision")]
+    pub revision: u32,
     pub replica: u32,
     pub node: String,
     pub device: Device,
@@ -155,6 +159,11 @@ pub struct Placement {
     /// Why it failed, when it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+}
+
+/// The revision a deployment starts at, and the one old records without one mean.
+pub fn first_revision() -> u32 {
+    1
 }
 
 /// Where a placed replica stands on its node.
@@ -224,6 +233,9 @@ impl UnplacedReason {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Unplaced {
     pub deployment: u64,
+    /// As [`Placement::revision`].
+    #[serde(default = "first_revision")]
+    pub revision: u32,
     /// Replica numbers, ascending.
     pub replicas: Vec<u32>,
     pub reason: UnplacedReason,
@@ -478,6 +490,7 @@ pub fn place(nodes: &[NodeView], deployments: &[DeploymentView], current: &[Plac
                 in_zone[z as usize] += 1;
                 placements.push(Placement {
                     deployment: d.id,
+                    revision: first_revision(),
                     replica: missing[next],
                     node: used[ni as usize].id.clone(),
                     device: Device::ALL[device],
@@ -506,6 +519,7 @@ pub fn place(nodes: &[NodeView], deployments: &[DeploymentView], current: &[Plac
                 UnplacedReason::InsufficientMemory
             };
             unplaced.push(Unplaced {
+                revision: first_revision(),
                 deployment: d.id,
                 replicas: missing[next..].to_vec(),
                 reason,

@@ -125,6 +125,7 @@ fn memory_must_fit() {
     assert_eq!(
         plan.unplaced,
         [Unplaced {
+            revision: 1,
             deployment: 3,
             replicas: vec![0],
             reason: UnplacedReason::InsufficientMemory,
@@ -150,6 +151,7 @@ fn spreads_over_nodes_then_reports_the_rest() {
     assert_eq!(
         plan.unplaced,
         [Unplaced {
+            revision: 1,
             deployment: 1,
             replicas: vec![3],
             reason: UnplacedReason::TooFewNodes,
@@ -249,6 +251,7 @@ fn scale_down_drops_the_highest_replicas_and_invalid_ones() {
     // replicas on one node) is dropped or placed again.
     let stale = [
         Placement {
+            revision: 1,
             deployment: 9,
             replica: 0,
             node: "n1".into(),
@@ -258,6 +261,7 @@ fn scale_down_drops_the_highest_replicas_and_invalid_ones() {
             reason: None,
         },
         Placement {
+            revision: 1,
             deployment: 1,
             replica: 0,
             node: "gone".into(),
@@ -267,6 +271,7 @@ fn scale_down_drops_the_highest_replicas_and_invalid_ones() {
             reason: None,
         },
         Placement {
+            revision: 1,
             deployment: 1,
             replica: 1,
             node: "n1".into(),
@@ -284,6 +289,7 @@ fn scale_down_drops_the_highest_replicas_and_invalid_ones() {
     let same_node = [
         plan.placements[0].clone(),
         Placement {
+            revision: 1,
             replica: 1,
             ..plan.placements[0].clone()
         },

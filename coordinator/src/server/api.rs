@@ -163,6 +163,9 @@ pub fn router(core: Shared) -> Router {
             get(show_deployment).delete(delete_deployment),
         )
         .route("/v1/deployments/{id}/scale", post(scale_deployment))
+        .route("/v1/deployments/{id}/update", post(update_deployment))
+        .route("/v1/deployments/{id}/rollback", post(rollback_deployment))
+        .route("/v1/deployments/{id}/history", get(deployment_history))
         .route("/v1/tokens", get(list_tokens).post(create_token))
         .route("/v1/tokens/{id}", axum::routing::delete(revoke_token))
         .route("/v1/keys", get(list_keys).post(trust_key))
@@ -922,6 +925,74 @@ async fn scale_deployment(
         replicas: b.replicas,
     };
     Ok(outcome(write(&core, &headers, command).await?))
+}
+
+async fn update_deployment(
+    AxState(core): AxState<Shared>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> ApiResult {
+    let deployment = parse_id("deployment id", &id)?;
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct UpdateBody {
+        version: String,
+        #[serde(default)]
+        max_surge: Option<u32>,
+    }
+    let b: UpdateBody = json_body(&body)?;
+    let command = Command::UpdateDeployment {
+        deployment,
+        version: b.version,
+        max_surge: b.max_surge,
+    };
+    Ok(outcome(write(&core, &headers, command).await?))
+}
+
+async fn rollback_deployment(
+    AxState(core): AxState<Shared>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> ApiResult {
+    let deployment = parse_id("deployment id", &id)?;
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    struct RollbackBody {
+        #[serde(default)]
+        to: Option<u32>,
+    }
+    let b: RollbackBody = if body.is_empty() {
+        RollbackBody::default()
+    } else {
+        json_body(&body)?
+    };
+    let command = Command::RollbackDeployment {
+        deployment,
+        to: b.to,
+    };
+    Ok(outcome(write(&core, &headers, command).await?))
+}
+
+async fn deployment_history(
+    AxState(core): AxState<Shared>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(opts): Query<ReadOptions>,
+) -> ApiResult {
+    let id = parse_id("deployment id", &id)?;
+    read(&core, &headers, &opts, Role::Viewer, move |state, _| {
+        let d = state
+            .deployments()
+            .get(&id)
+            .ok_or(Error::UnknownDeployment { id })?;
+        Ok(
+            json!({"deployment": id, "revision": d.revision, "update": d.update,
+                  "history": d.history}),
+        )
+    })
+    .await
 }
 
 async fn delete_deployment(

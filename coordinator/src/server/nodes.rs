@@ -38,7 +38,7 @@ use crate::{Error, Result, State};
 const TICK: Duration = Duration::from_millis(100);
 
 /// The committed phase (and failure reason) of each replica on one node.
-pub type Phases = BTreeMap<(u64, u32), (ReplicaPhase, Option<String>)>;
+pub type Phases = BTreeMap<(u64, u32, u32), (ReplicaPhase, Option<String>)>;
 
 /// A node in the directory: what admission and routing need.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -94,9 +94,12 @@ impl Directory {
             .collect();
         let mut assignments: HashMap<String, Vec<wire::Assignment>> = HashMap::new();
         let mut phases: HashMap<String, Phases> = HashMap::new();
-        let mut ready: BTreeMap<u64, BTreeMap<&str, u32>> = BTreeMap::new();
+        let mut ready: BTreeMap<(u64, u32), BTreeMap<&str, u32>> = BTreeMap::new();
         for p in s.placements() {
             let Some(d) = s.deployments().get(&p.deployment) else {
+                continue;
+            };
+            let Some(version) = d.version_of(p.revision) else {
                 continue;
             };
             assignments
@@ -104,38 +107,35 @@ impl Directory {
                 .or_default()
                 .push(wire::Assignment {
                     deployment: p.deployment,
+                    revision: p.revision,
                     replica: p.replica,
                     model: d.model.clone(),
-                    version: d.version.clone(),
-                    digest: digest_of(&d.model, &d.version),
+                    version: version.to_string(),
+                    digest: digest_of(&d.model, version),
                 });
-            phases
-                .entry(p.node.clone())
-                .or_default()
-                .insert((p.deployment, p.replica), (p.phase, p.reason.clone()));
+            phases.entry(p.node.clone()).or_default().insert(
+                (p.deployment, p.revision, p.replica),
+                (p.phase, p.reason.clone()),
+            );
             let up = nodes
                 .get(&p.node)
                 .is_some_and(|n| n.health == NodeHealth::Up);
             if p.ready && up {
                 *ready
-                    .entry(p.deployment)
+                    .entry((p.deployment, p.revision))
                     .or_default()
                     .entry(p.node.as_str())
                     .or_default() += 1;
             }
         }
-        let routes = s
-            .deployments()
-            .values()
-            .map(|d| wire::Route {
-                deployment: d.id,
-                model: d.model.clone(),
-                version: d.version.clone(),
-                environment: d.environment.clone(),
-                digest: digest_of(&d.model, &d.version),
-                replicas: d.replicas,
-                endpoints: ready
-                    .get(&d.id)
+        // One route per revision a deployment runs: its serving one, and a rolling update's.
+        let mut routes = Vec::new();
+        for d in s.deployments().values() {
+            let revisions = std::iter::once((d.revision, d.version.as_str()))
+                .chain(d.update.iter().map(|u| (u.revision, u.version.as_str())));
+            for (revision, version) in revisions {
+                let endpoints = ready
+                    .get(&(d.id, revision))
                     .map(|by_node| {
                         by_node
                             .iter()
@@ -149,9 +149,19 @@ impl Directory {
                             })
                             .collect()
                     })
-                    .unwrap_or_default(),
-            })
-            .collect();
+                    .unwrap_or_default();
+                routes.push(wire::Route {
+                    deployment: d.id,
+                    revision,
+                    model: d.model.clone(),
+                    version: version.to_string(),
+                    environment: d.environment.clone(),
+                    digest: digest_of(&d.model, version),
+                    replicas: d.replicas,
+                    endpoints,
+                });
+            }
+        }
         Directory {
             index,
             grace_ms: s.heartbeat_grace_ms(),
@@ -348,7 +358,7 @@ pub fn transitions(
     reports
         .iter()
         .filter_map(|r| {
-            let (phase, reason) = committed.get(&(r.deployment, r.replica))?;
+            let (phase, reason) = committed.get(&(r.deployment, r.revision, r.replica))?;
             let new = phase_of(r.state);
             let new_reason = if matches!(new, ReplicaPhase::Failed | ReplicaPhase::Unloaded) {
                 r.reason.clone().map(|s| truncate(&s, 2048))
@@ -358,6 +368,7 @@ pub fn transitions(
             let changed = new != *phase || new_reason != *reason;
             changed.then_some(ReplicaUpdate {
                 deployment: r.deployment,
+                revision: r.revision,
                 replica: r.replica,
                 phase: new,
                 reason: new_reason,
@@ -777,12 +788,13 @@ mod tests {
     #[test]
     fn transitions_are_what_changed_for_replicas_placed_on_the_node() {
         let committed: Phases = [
-            ((1, 0), (ReplicaPhase::Pending, None)),
-            ((2, 1), (ReplicaPhase::Ready, None)),
+            ((1, 1, 0), (ReplicaPhase::Pending, None)),
+            ((2, 1, 1), (ReplicaPhase::Ready, None)),
         ]
         .into();
         let report = |deployment, replica, state, reason: Option<&str>| wire::ReplicaReport {
             deployment,
+            revision: 1,
             replica,
             state,
             reason: reason.map(str::to_string),

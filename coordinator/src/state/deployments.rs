@@ -18,6 +18,7 @@ use super::validate;
 use super::{Change, Ctx, State};
 use crate::command::Created;
 use crate::error::{Error, Result, invalid};
+use crate::scheduler::first_revision;
 use crate::scheduler::{DeploymentView, Device};
 
 /// The most replicas one deployment may ask for.
@@ -59,6 +60,18 @@ impl RolloutStatus {
     }
 }
 
+impl RolloutStatus {
+    /// A deployment's status from its counted replicas (both revisions during an update, which
+    /// is `progressing` until it ends).
+    pub(crate) fn of(d: &Deployment, placed: u32, ready: u32, unplaced: u32) -> RolloutStatus {
+        let mut status = RolloutStatus::new(d.replicas, placed, ready, unplaced);
+        if d.update.is_some() && status.state == RolloutState::Available {
+            status.state = RolloutState::Progressing;
+        }
+        status
+    }
+}
+
 /// A version running in an environment.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Deployment {
@@ -79,19 +92,172 @@ pub struct Deployment {
     /// Cleared when the deployment is scaled.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub failed_on: BTreeMap<String, String>,
+    /// The revision serving: it runs `version`. Every update or rollback makes a new one.
+    #[serde(default = "first_revision")]
+    pub revision: u32,
+    /// Every revision made, oldest first (`sophon deploy history`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<Revision>,
+    /// A rolling update in progress, to a new revision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update: Option<Update>,
+}
+
+/// One revision of a deployment: a version, and how it came to be.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revision {
+    pub revision: u32,
+    pub version: String,
+    pub created_by: String,
+    pub created_at_ms: u64,
+    /// `create`, `update` or `rollback`.
+    pub cause: String,
+    /// `rolling` while its update runs, `serving`, `superseded` once another took over,
+    /// `aborted` if its update was rolled back before it finished.
+    pub status: RevisionStatus,
+    /// Why it ended (an abort's reason).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+}
+
+/// Where a revision stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RevisionStatus {
+    Rolling,
+    Serving,
+    Superseded,
+    Aborted,
+}
+
+/// A rolling update in progress: replicas of `revision` (running `version`) are added, at
+/// most `max_surge` beyond the deployment's replica count, and each one that becomes ready
+/// takes the place of one replica of the serving revision. When all are ready the update
+/// completes: `revision` serves, and the old replicas are gone.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Update {
+    pub revision: u32,
+    pub version: String,
+    /// Per replica, from the new version's manifest.
+    pub memory_mb: u64,
+    pub max_surge: u32,
+    pub started_at_ms: u64,
+    /// Nodes that failed to load the new version (the update is then rolled back).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub failed_on: BTreeMap<String, String>,
+}
+
+impl Update {
+    /// How many replicas each revision wants, given how many of the new one are ready:
+    /// (serving revision, new revision).
+    pub fn wanted(&self, replicas: u32, new_ready: u32) -> (u32, u32) {
+        let new_ready = new_ready.min(replicas);
+        (
+            replicas - new_ready,
+            replicas.min(new_ready.saturating_add(self.max_surge.max(1))),
+        )
+    }
+}
+
+/// Kubernetes' default surge: a quarter of the replicas, rounded up, at least one.
+pub fn default_surge(replicas: u32) -> u32 {
+    replicas.div_ceil(4).max(1)
 }
 
 impl Deployment {
-    /// The scheduler's view; `excluded` lists the nodes that may not run it, sorted.
-    pub(crate) fn view(&self, excluded: Vec<String>) -> DeploymentView {
-        DeploymentView {
-            id: self.id,
-            replicas: self.replicas,
-            memory_mb: self.memory_mb,
-            hardware: self.hardware.clone(),
-            excluded,
+    /// The version revision `revision` runs (`None`: neither serving nor rolling out).
+    pub fn version_of(&self, revision: u32) -> Option<&str> {
+        if revision == self.revision {
+            return Some(&self.version);
         }
+        self.update
+            .as_ref()
+            .filter(|u| u.revision == revision)
+            .map(|u| u.version.as_str())
     }
+
+    fn revision_mut(&mut self, revision: u32) -> Option<&mut Revision> {
+        self.history.iter_mut().find(|r| r.revision == revision)
+    }
+
+    /// The update's new revision serves; the old one is superseded.
+    pub(crate) fn complete_update(&mut self, now: u64) {
+        let Some(u) = self.update.take() else { return };
+        let old = self.revision;
+        if let Some(r) = self.revision_mut(old) {
+            r.status = RevisionStatus::Superseded;
+        }
+        if let Some(r) = self.revision_mut(u.revision) {
+            r.status = RevisionStatus::Serving;
+        }
+        self.revision = u.revision;
+        self.version = u.version;
+        self.memory_mb = u.memory_mb;
+        self.updated_at_ms = now;
+    }
+
+    /// The update ends unfinished: its new revision's replicas go, the serving one stays.
+    pub(crate) fn abort_update(&mut self, now: u64, reason: String) {
+        let Some(u) = self.update.take() else { return };
+        if let Some(r) = self.revision_mut(u.revision) {
+            r.status = RevisionStatus::Aborted;
+            r.reason = reason;
+        }
+        self.updated_at_ms = now;
+    }
+
+    fn next_revision(&self) -> u32 {
+        let newest = self.history.iter().map(|r| r.revision).max();
+        newest
+            .unwrap_or(self.revision)
+            .max(self.revision)
+            .max(self.update.as_ref().map_or(0, |u| u.revision))
+            + 1
+    }
+}
+
+/// The scheduler sees each revision a deployment runs as a deployment of its own, keyed
+/// `2 × id` (the serving revision) and `2 × id + 1` (a rolling update's new revision), so the
+/// two may share a node and each keeps its own replica numbers.
+pub(crate) fn track_key(deployment: u64, new: bool) -> u64 {
+    deployment * 2 + u64::from(new)
+}
+
+/// The deployment and whether it is the new revision, from a scheduler key.
+pub(crate) fn track_of(key: u64) -> (u64, bool) {
+    (key / 2, key % 2 == 1)
+}
+
+/// The scheduler's views of a deployment: its serving revision, and a rolling update's new
+/// one; `new_ready` counts the new revision's ready replicas.
+pub(crate) fn track_views(
+    d: &Deployment,
+    excluded: Vec<String>,
+    new_excluded: Vec<String>,
+    new_ready: u32,
+) -> Vec<DeploymentView> {
+    let mut views = Vec::with_capacity(2);
+    let (serving, new) = match &d.update {
+        Some(u) => u.wanted(d.replicas, new_ready),
+        None => (d.replicas, 0),
+    };
+    views.push(DeploymentView {
+        id: track_key(d.id, false),
+        replicas: serving,
+        memory_mb: d.memory_mb,
+        hardware: d.hardware.clone(),
+        excluded,
+    });
+    if let Some(u) = &d.update {
+        views.push(DeploymentView {
+            id: track_key(d.id, true),
+            replicas: new,
+            memory_mb: u.memory_mb,
+            hardware: d.hardware.clone(),
+            excluded: new_excluded,
+        });
+    }
+    views
 }
 
 fn check_replicas(replicas: u32) -> Result<()> {
@@ -117,17 +283,8 @@ impl State {
     ) -> Result<Change> {
         validate::id("environment", environment)?;
         check_replicas(replicas)?;
-        let needs_approval = self.policy(environment)?.required_approvals > 0;
-        let v = self.offerable_version(model, version)?;
+        let v = self.deployable(model, version, environment)?;
         let named = || (model.to_string(), version.to_string());
-        if needs_approval && !matches!(v.stage(environment), Some(Stage::Approved { .. })) {
-            let (model, version) = named();
-            return Err(Error::NotApproved {
-                model,
-                version,
-                environment: environment.to_string(),
-            });
-        }
         let hardware = hardware.unwrap_or(&v.manifest.preferred).to_vec();
         validate_hardware(&hardware)?;
         let memory_mb = v.manifest.memory_mb;
@@ -164,11 +321,190 @@ impl State {
                 updated_at_ms: ctx.now,
                 rollout: RolloutStatus::new(replicas, 0, 0, 0),
                 failed_on: BTreeMap::new(),
+                revision: first_revision(),
+                history: vec![Revision {
+                    revision: first_revision(),
+                    version: version.to_string(),
+                    created_by: ctx.actor.name.clone(),
+                    created_at_ms: ctx.now,
+                    cause: "create".into(),
+                    status: RevisionStatus::Serving,
+                    reason: String::new(),
+                }],
+                update: None,
             },
         );
         let mut change = Change::new(format!("deployment {id}"), detail).replan();
         change.created = Some(Created::Deployment(id));
         Ok(change)
+    }
+
+    /// A version that may run in `environment`: on the shelf, not deprecated, and approved
+    /// there when the environment's policy needs approvals.
+    fn deployable(
+        &self,
+        model: &str,
+        version: &str,
+        environment: &str,
+    ) -> Result<&super::shelf::ModelVersion> {
+        let needs_approval = self.policy(environment)?.required_approvals > 0;
+        let v = self.offerable_version(model, version)?;
+        if needs_approval && !matches!(v.stage(environment), Some(Stage::Approved { .. })) {
+            return Err(Error::NotApproved {
+                model: model.to_string(),
+                version: version.to_string(),
+                environment: environment.to_string(),
+            });
+        }
+        Ok(v)
+    }
+
+    /// A rolling update of deployment `id` to `version` (see [`Update`]).
+    pub(crate) fn update_deployment(
+        &mut self,
+        ctx: Ctx<'_>,
+        id: u64,
+        version: &str,
+        max_surge: Option<u32>,
+    ) -> Result<Change> {
+        self.start_update(ctx, id, version, max_surge, "update".into())
+    }
+
+    /// Roll deployment `id` back: a running update is abandoned (its new replicas go, the
+    /// serving revision never stopped); otherwise a rolling update to the version of revision
+    /// `to`, by default the one that served before the current one.
+    pub(crate) fn rollback_deployment(
+        &mut self,
+        ctx: Ctx<'_>,
+        id: u64,
+        to: Option<u32>,
+    ) -> Result<Change> {
+        let d = self
+            .deployments
+            .get(&id)
+            .ok_or(Error::UnknownDeployment { id })?;
+        if let Some(u) = &d.update {
+            if to.is_some_and(|to| to != d.revision) {
+                return Err(Error::UpdateInProgress {
+                    id,
+                    revision: u.revision,
+                });
+            }
+            let detail = format!(
+                "update to revision {} ({}) abandoned by {}; revision {} ({}) serves",
+                u.revision, u.version, ctx.actor.name, d.revision, d.version
+            );
+            let reason = format!("rolled back by {}", ctx.actor.name);
+            let d = self.deployments.get_mut(&id).expect("looked up above");
+            d.abort_update(ctx.now, reason);
+            return Ok(Change::new(format!("deployment {id}"), detail).replan());
+        }
+        let target = match to {
+            Some(to) => d.history.iter().find(|r| r.revision == to).ok_or_else(|| {
+                invalid(
+                    "to",
+                    to.to_string(),
+                    format!("deployment {id} has no revision {to}; see its history"),
+                )
+            })?,
+            None => d
+                .history
+                .iter()
+                .rev()
+                .find(|r| r.revision < d.revision && r.status == RevisionStatus::Superseded)
+                .ok_or_else(|| {
+                    invalid(
+                        "to",
+                        "",
+                        format!("deployment {id} has no earlier revision to roll back to"),
+                    )
+                })?,
+        };
+        let (revision, version) = (target.revision, target.version.clone());
+        self.start_update(
+            ctx,
+            id,
+            &version,
+            None,
+            format!("rollback to revision {revision}"),
+        )
+    }
+
+    fn start_update(
+        &mut self,
+        ctx: Ctx<'_>,
+        id: u64,
+        version: &str,
+        max_surge: Option<u32>,
+        cause: String,
+    ) -> Result<Change> {
+        let d = self
+            .deployments
+            .get(&id)
+            .ok_or(Error::UnknownDeployment { id })?;
+        if let Some(u) = &d.update {
+            return Err(Error::UpdateInProgress {
+                id,
+                revision: u.revision,
+            });
+        }
+        if d.version == version {
+            return Err(invalid(
+                "version",
+                version,
+                format!("deployment {id} already runs {version}"),
+            ));
+        }
+        if let Some(surge) = max_surge
+            && !(1..=MAX_REPLICAS).contains(&surge)
+        {
+            return Err(invalid(
+                "max_surge",
+                surge.to_string(),
+                format!("between 1 and {MAX_REPLICAS}"),
+            ));
+        }
+        let v = self.deployable(&d.model, version, &d.environment)?;
+        let memory_mb = v.manifest.memory_mb;
+        if let Some(other) = self.deployments.values().find(|o| {
+            o.id != id
+                && o.model == d.model
+                && o.version == version
+                && o.environment == d.environment
+        }) {
+            return Err(Error::DeploymentExists {
+                id: other.id,
+                model: d.model.clone(),
+                version: version.to_string(),
+                environment: d.environment.clone(),
+            });
+        }
+        let revision = d.next_revision();
+        let max_surge = max_surge.unwrap_or_else(|| default_surge(d.replicas));
+        let detail = format!(
+            "{cause}: revision {revision} runs {}@{version} (was revision {}, {}); {} replicas, surge {max_surge}",
+            d.model, d.revision, d.version, d.replicas
+        );
+        let d = self.deployments.get_mut(&id).expect("looked up above");
+        d.history.push(Revision {
+            revision,
+            version: version.to_string(),
+            created_by: ctx.actor.name.clone(),
+            created_at_ms: ctx.now,
+            cause,
+            status: RevisionStatus::Rolling,
+            reason: String::new(),
+        });
+        d.update = Some(Update {
+            revision,
+            version: version.to_string(),
+            memory_mb,
+            max_surge,
+            started_at_ms: ctx.now,
+            failed_on: BTreeMap::new(),
+        });
+        d.updated_at_ms = ctx.now;
+        Ok(Change::new(format!("deployment {id}"), detail).replan())
     }
 
     pub(crate) fn scale_deployment(

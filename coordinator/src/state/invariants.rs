@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use super::State;
 use super::approvals::RequestStatus;
+use super::deployments::RevisionStatus;
 use super::shelf::Stage;
 use crate::command::{ReplicaKey, Role};
 use crate::scheduler::Plan;
@@ -26,19 +27,25 @@ impl State {
     /// - no revoked coordinator is a member; every join token expires and counts its uses.
     pub fn check_invariants(&self) -> Result<(), String> {
         let plan = Plan {
-            placements: self.placements.clone(),
-            unplaced: self.unplaced.clone(),
+            placements: self.tracked_placements(),
+            unplaced: self.tracked_unplaced(),
         };
+        if plan.placements.len() != self.placements.len() {
+            return Err("a placement runs a revision its deployment does not".into());
+        }
         check_plan(&self.node_views(), &self.deployment_views(), &plan)?;
         let mut assigned: BTreeMap<&str, Vec<ReplicaKey>> = BTreeMap::new();
         for w in self.placements.windows(2) {
-            if (w[0].deployment, w[0].replica) >= (w[1].deployment, w[1].replica) {
+            if (w[0].deployment, w[0].revision, w[0].replica)
+                >= (w[1].deployment, w[1].revision, w[1].replica)
+            {
                 return Err("placements are not sorted".into());
             }
         }
         for p in &self.placements {
             assigned.entry(&p.node).or_default().push(ReplicaKey {
                 deployment: p.deployment,
+                revision: p.revision,
                 replica: p.replica,
             });
         }
@@ -108,17 +115,52 @@ impl State {
             }
         }
 
+        for (id, d) in &self.deployments {
+            let serving = d
+                .history
+                .iter()
+                .filter(|r| r.status == RevisionStatus::Serving);
+            let rolling = d
+                .history
+                .iter()
+                .filter(|r| r.status == RevisionStatus::Rolling);
+            let serving: Vec<_> = serving.map(|r| (r.revision, r.version.as_str())).collect();
+            let rolling: Vec<_> = rolling.map(|r| (r.revision, r.version.as_str())).collect();
+            // Deployments made before revisions were recorded have no history.
+            if !d.history.is_empty() && serving != [(d.revision, d.version.as_str())] {
+                return Err(format!(
+                    "deployment {id}'s history does not match its revision"
+                ));
+            }
+            let want: Vec<_> = d
+                .update
+                .iter()
+                .map(|u| (u.revision, u.version.as_str()))
+                .collect();
+            if !d.history.is_empty() && rolling != want {
+                return Err(format!(
+                    "deployment {id}'s history does not match its update"
+                ));
+            }
+            if let Some(u) = &d.update {
+                let v = self
+                    .version(&d.model, &u.version)
+                    .map_err(|e| e.to_string())?;
+                if u.revision <= d.revision || v.manifest.memory_mb != u.memory_mb {
+                    return Err(format!("deployment {id}'s update is inconsistent"));
+                }
+            }
+        }
         let mut counts: BTreeMap<u64, (u32, u32)> = BTreeMap::new();
         for p in &self.placements {
             let c = counts.entry(p.deployment).or_default();
             c.0 += 1;
             c.1 += u32::from(p.ready);
         }
-        let unplaced: BTreeMap<u64, u32> = self
-            .unplaced
-            .iter()
-            .map(|u| (u.deployment, u.replicas.len() as u32))
-            .collect();
+        let mut unplaced: BTreeMap<u64, u32> = BTreeMap::new();
+        for u in &self.unplaced {
+            *unplaced.entry(u.deployment).or_default() += u.replicas.len() as u32;
+        }
         for (id, d) in &self.deployments {
             if *id >= self.next_deployment || d.id != *id {
                 return Err(format!("deployment id {id} is out of sequence"));
@@ -132,8 +174,8 @@ impl State {
                 ));
             }
             let (placed, ready) = counts.get(id).copied().unwrap_or_default();
-            let want = super::deployments::RolloutStatus::new(
-                d.replicas,
+            let want = super::deployments::RolloutStatus::of(
+                d,
                 placed,
                 ready,
                 unplaced.get(id).copied().unwrap_or(0),

@@ -320,6 +320,7 @@ impl State {
         for key in &node.assigned {
             let Ok(i) = self.placements.binary_search_by_key(key, |p| ReplicaKey {
                 deployment: p.deployment,
+                revision: p.revision,
                 replica: p.replica,
             }) else {
                 continue;
@@ -384,7 +385,9 @@ impl State {
             // A replica no longer placed on this node (a plan it has not seen yet) is ignored.
             let Ok(i) = self
                 .placements
-                .binary_search_by_key(&(u.deployment, u.replica), |p| (p.deployment, p.replica))
+                .binary_search_by_key(&(u.deployment, u.revision, u.replica), |p| {
+                    (p.deployment, p.revision, p.replica)
+                })
             else {
                 continue;
             };
@@ -402,12 +405,26 @@ impl State {
                 u.phase.as_str()
             ));
             if u.phase == ReplicaPhase::Failed {
-                failed.push((u.deployment, u.reason.clone().unwrap_or_default()));
+                failed.push((
+                    u.deployment,
+                    u.revision,
+                    u.reason.clone().unwrap_or_default(),
+                ));
             }
         }
-        for (deployment, reason) in &failed {
-            if let Some(d) = self.deployments.get_mut(deployment) {
-                d.failed_on.insert(id.to_string(), reason.clone());
+        let any_failed = !failed.is_empty();
+        for (deployment, revision, reason) in failed {
+            if let Some(d) = self.deployments.get_mut(&deployment) {
+                // A rolling update's new revision failing rolls the update back (see
+                // `advance_updates`); the serving revision's failures move it elsewhere.
+                match &mut d.update {
+                    Some(u) if u.revision == revision => {
+                        u.failed_on.insert(id.to_string(), reason);
+                    }
+                    _ => {
+                        d.failed_on.insert(id.to_string(), reason);
+                    }
+                }
             }
         }
         let node = self.node_mut(id)?;
@@ -423,7 +440,7 @@ impl State {
             parts.push(format!("replicas: {}", changed.join(", ")));
             change.rollout = true;
         }
-        if !failed.is_empty() {
+        if any_failed {
             change.replan = Replan::Always;
         }
         change.detail = parts.join("; ");

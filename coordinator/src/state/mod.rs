@@ -67,7 +67,7 @@ pub struct State {
     next_request: u64,
     deployments: BTreeMap<u64, Deployment>,
     next_deployment: u64,
-    /// Sorted by (deployment, replica).
+    /// Sorted by (deployment, revision, replica).
     placements: Vec<Placement>,
     unplaced: Vec<Unplaced>,
     tokens: BTreeMap<String, Token>,
@@ -195,11 +195,15 @@ impl State {
             detail.push_str(&format!("; token {id} used, {left} use(s) left"));
         }
         let mut placements_changed = false;
-        let replan = match change.replan {
+        let mut replan = match change.replan {
             Replan::No => false,
             Replan::IfUnplaced => !self.unplaced.is_empty(),
             Replan::Always => true,
         };
+        // Readiness moves rolling updates on, and each step changes what they want placed.
+        if (replan || change.rollout) && self.advance_updates(ctx.now, &mut detail) {
+            replan = true;
+        }
         if replan {
             placements_changed = self.replan(&mut detail);
         }
@@ -320,6 +324,14 @@ impl State {
                 replicas,
             } => self.scale_deployment(ctx, *deployment, *replicas),
             DeleteDeployment { deployment } => self.delete_deployment(*deployment),
+            UpdateDeployment {
+                deployment,
+                version,
+                max_surge,
+            } => self.update_deployment(ctx, *deployment, version, *max_surge),
+            RollbackDeployment { deployment, to } => {
+                self.rollback_deployment(ctx, *deployment, *to)
+            }
             CreateToken {
                 id,
                 name,
@@ -343,61 +355,169 @@ impl State {
         self.nodes.values().map(Node::view).collect()
     }
 
-    /// The scheduler's view of the deployments, in id order. A deployment excludes the nodes
-    /// that serve only other environments, and those that failed to load it.
+    /// The scheduler's view of the deployments, in id order: one per revision a deployment
+    /// runs (see [`deployments::track_key`]). A revision excludes the nodes that serve only
+    /// other environments, those whose backends cannot load its version, and those that
+    /// failed to load it.
     pub fn deployment_views(&self) -> Vec<DeploymentView> {
         let dedicated: Vec<&Node> = self
             .nodes
             .values()
             .filter(|n| !n.environments.is_empty())
             .collect();
+        let excluded = |d: &Deployment, version: &str, failed: &BTreeMap<String, String>| {
+            // A model checked at pack time goes only to nodes with a backend that loaded it
+            // (a node that reports none has tract, as every node does).
+            let loads_on = self
+                .version(&d.model, version)
+                .map(|v| v.manifest.loads_on.as_slice())
+                .unwrap_or_default();
+            let lacking = self.nodes.values().filter(|n| {
+                !loads_on.is_empty()
+                    && !loads_on.iter().any(|b| {
+                        n.inventory.backends.contains(b)
+                            || (n.inventory.backends.is_empty() && b == "tract")
+                    })
+            });
+            let mut out: Vec<String> = dedicated
+                .iter()
+                .copied()
+                .filter(|n| !n.environments.contains(&d.environment))
+                .chain(lacking)
+                .map(|n| n.id.clone())
+                .chain(failed.keys().cloned())
+                .collect();
+            out.sort();
+            out.dedup();
+            out
+        };
+        let new_ready = self.new_revision_ready();
         self.deployments
             .values()
-            .map(|d| {
-                // A model checked at pack time goes only to nodes with a backend that loaded it
-                // (a node that reports none has tract, as every node does).
-                let loads_on = self
-                    .version(&d.model, &d.version)
-                    .map(|v| v.manifest.loads_on.as_slice())
+            .flat_map(|d| {
+                let new_excluded = d
+                    .update
+                    .as_ref()
+                    .map(|u| excluded(d, &u.version, &u.failed_on))
                     .unwrap_or_default();
-                let lacking: Vec<String> = if loads_on.is_empty() {
-                    Vec::new()
-                } else {
-                    self.nodes
-                        .values()
-                        .filter(|n| {
-                            !loads_on.iter().any(|b| {
-                                n.inventory.backends.contains(b)
-                                    || (n.inventory.backends.is_empty() && b == "tract")
-                            })
-                        })
-                        .map(|n| n.id.clone())
-                        .collect()
-                };
-                let mut excluded: Vec<String> = dedicated
-                    .iter()
-                    .filter(|n| !n.environments.contains(&d.environment))
-                    .map(|n| n.id.clone())
-                    .chain(lacking)
-                    .chain(d.failed_on.keys().cloned())
-                    .collect();
-                excluded.sort();
-                excluded.dedup();
-                d.view(excluded)
+                deployments::track_views(
+                    d,
+                    excluded(d, &d.version, &d.failed_on),
+                    new_excluded,
+                    new_ready.get(&d.id).copied().unwrap_or(0),
+                )
             })
             .collect()
+    }
+
+    /// Ready replicas of each rolling update's new revision, by deployment.
+    fn new_revision_ready(&self) -> BTreeMap<u64, u32> {
+        let mut out = BTreeMap::new();
+        for p in &self.placements {
+            if p.ready
+                && let Some(d) = self.deployments.get(&p.deployment)
+                && d.update.as_ref().is_some_and(|u| u.revision == p.revision)
+            {
+                *out.entry(p.deployment).or_default() += 1;
+            }
+        }
+        out
+    }
+
+    /// The placements as the scheduler sees them (keyed by revision track); a placement of a
+    /// revision its deployment no longer runs is left out.
+    fn tracked_placements(&self) -> Vec<Placement> {
+        self.placements
+            .iter()
+            .filter_map(|p| {
+                let d = self.deployments.get(&p.deployment)?;
+                let new = if p.revision == d.revision {
+                    false
+                } else if d.update.as_ref().is_some_and(|u| u.revision == p.revision) {
+                    true
+                } else {
+                    return None;
+                };
+                Some(Placement {
+                    deployment: deployments::track_key(p.deployment, new),
+                    ..p.clone()
+                })
+            })
+            .collect()
+    }
+
+    /// The unplaced replicas as the scheduler sees them (keyed by revision track).
+    fn tracked_unplaced(&self) -> Vec<Unplaced> {
+        self.unplaced
+            .iter()
+            .filter_map(|u| {
+                let d = self.deployments.get(&u.deployment)?;
+                let new = u.revision != d.revision;
+                Some(Unplaced {
+                    deployment: deployments::track_key(u.deployment, new),
+                    ..u.clone()
+                })
+            })
+            .collect()
+    }
+
+    /// The revision a scheduler key stands for, as (deployment, revision).
+    fn untrack(&self, key: u64) -> (u64, u32) {
+        let (id, new) = deployments::track_of(key);
+        let d = self.deployments.get(&id);
+        let revision = match (d, new) {
+            (Some(d), false) => d.revision,
+            (Some(d), true) => d.update.as_ref().map_or(d.revision, |u| u.revision),
+            (None, _) => scheduler::first_revision(),
+        };
+        (id, revision)
+    }
+
+    /// Moves rolling updates on: one whose new revision failed on a node is rolled back, one
+    /// whose new replicas are all ready completes. Says in `detail` what happened; returns
+    /// whether any update is running or ended (the plan depends on them).
+    fn advance_updates(&mut self, now: u64, detail: &mut String) -> bool {
+        let new_ready = self.new_revision_ready();
+        let mut any = false;
+        for d in self.deployments.values_mut() {
+            let Some(u) = &d.update else { continue };
+            any = true;
+            if let Some((node, reason)) = u.failed_on.iter().next() {
+                let reason = format!("failed on node {node}: {reason}");
+                detail.push_str(&format!(
+                    "; deployment {}: revision {} ({}) {reason}; rolled back to revision {} ({})",
+                    d.id, u.revision, u.version, d.revision, d.version
+                ));
+                d.abort_update(now, reason);
+            } else if new_ready.get(&d.id).copied().unwrap_or(0) >= d.replicas {
+                detail.push_str(&format!(
+                    "; deployment {}: revision {} ({}) rolled out, revision {} ({}) retired",
+                    d.id, u.revision, u.version, d.revision, d.version
+                ));
+                d.complete_update(now);
+            }
+        }
+        any
     }
 
     /// Runs the scheduler and stores its plan; says in `detail` what moved. Returns whether any
     /// placement changed.
     fn replan(&mut self, detail: &mut String) -> bool {
-        let plan = scheduler::place(
+        let mut plan = scheduler::place(
             &self.node_views(),
             &self.deployment_views(),
-            &self.placements,
+            &self.tracked_placements(),
         );
-        // Both lists are sorted by (deployment, replica): walk them together.
-        let key = |p: &Placement| (p.deployment, p.replica);
+        for p in &mut plan.placements {
+            (p.deployment, p.revision) = self.untrack(p.deployment);
+        }
+        for u in &mut plan.unplaced {
+            (u.deployment, u.revision) = self.untrack(u.deployment);
+        }
+        plan.placements
+            .sort_by_key(|p| (p.deployment, p.revision, p.replica));
+        // Both lists are sorted by (deployment, revision, replica): walk them together.
+        let key = |p: &Placement| (p.deployment, p.revision, p.replica);
         let (mut added, mut moved, mut removed) = (0, 0, 0);
         let (mut old, mut new) = (
             self.placements.iter().peekable(),
@@ -438,6 +558,7 @@ impl State {
                 .or_default()
                 .push(crate::command::ReplicaKey {
                     deployment: p.deployment,
+                    revision: p.revision,
                     replica: p.replica,
                 });
         }
@@ -459,7 +580,7 @@ impl State {
         }
         for (id, d) in &mut self.deployments {
             let (placed, ready, unplaced) = counts.get(id).copied().unwrap_or_default();
-            d.rollout = deployments::RolloutStatus::new(d.replicas, placed, ready, unplaced);
+            d.rollout = deployments::RolloutStatus::of(d, placed, ready, unplaced);
         }
     }
 
@@ -520,7 +641,7 @@ impl State {
     pub fn deployments(&self) -> &BTreeMap<u64, Deployment> {
         &self.deployments
     }
-    /// Every placed replica, sorted by (deployment, replica).
+    /// Every placed replica, sorted by (deployment, revision, replica).
     pub fn placements(&self) -> &[Placement] {
         &self.placements
     }

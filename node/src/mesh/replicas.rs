@@ -18,6 +18,10 @@ use sophon_mesh::wire::{self, ReplicaId, ReplicaState};
 use super::control::Coordinators;
 use crate::Repository;
 
+/// How long a version whose last replica here was taken away keeps serving (see
+/// `Replicas::unload_if_unused`).
+pub const DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The largest bundle a node fetches.
 pub const MAX_BUNDLE_BYTES: usize = 2 << 30;
 
@@ -84,6 +88,7 @@ impl Replicas {
                 (
                     ReplicaId {
                         deployment: a.deployment,
+                        revision: a.revision,
                         replica: a.replica,
                     },
                     a,
@@ -118,7 +123,7 @@ impl Replicas {
             }
         }
         for a in dropped {
-            self.unload_if_unused(&a);
+            self.unload_if_unused(a);
         }
         for (id, a) in start {
             let me = self.clone();
@@ -126,16 +131,22 @@ impl Replicas {
         }
     }
 
-    /// Drop a model version no replica here needs any more.
-    fn unload_if_unused(&self, gone: &wire::Assignment) {
-        let needed = self
-            .replicas
-            .lock()
-            .values()
-            .any(|r| r.assignment.model == gone.model && r.assignment.version == gone.version);
-        if !needed && self.repo.remove_version(&gone.model, &gone.version) {
-            tracing::info!(model = %gone.model, version = %gone.version, "replica moved away: unloaded");
-        }
+    /// Drop a model version no replica here needs any more, after [`DRAIN`]: the view that
+    /// took the replica away also took its route away, but a request this node or another
+    /// routed to it just before (with a view a moment older) still finds it. Requests in flight
+    /// hold the model and finish in any case.
+    fn unload_if_unused(self: &Arc<Self>, gone: wire::Assignment) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(DRAIN).await;
+            let needed =
+                me.replicas.lock().values().any(|r| {
+                    r.assignment.model == gone.model && r.assignment.version == gone.version
+                });
+            if !needed && me.repo.remove_version(&gone.model, &gone.version) {
+                tracing::info!(model = %gone.model, version = %gone.version, "replica moved away: unloaded");
+            }
+        });
     }
 
     fn set(&self, id: ReplicaId, state: ReplicaState, reason: Option<String>) -> bool {
@@ -161,7 +172,7 @@ impl Replicas {
                     tracing::info!(deployment = id.deployment, replica = id.replica, model = %a.model, version = %a.version, "replica ready");
                 } else {
                     // Moved away while it loaded.
-                    self.unload_if_unused(&a);
+                    self.unload_if_unused(a.clone());
                 }
             }
             Err(e) => {
@@ -246,6 +257,7 @@ impl Replicas {
                         .is_ok_and(|m| m.digest == a.digest);
                 wire::ReplicaReport {
                     deployment: id.deployment,
+                    revision: id.revision,
                     replica: id.replica,
                     state: if unloaded {
                         ReplicaState::Unloaded

@@ -11,7 +11,9 @@
 //! - Retry: once, on another node, and only when the request provably reached no guest: the
 //!   connection or the stream could not be opened, or the serving node answered that it has no
 //!   replica (`ran: false`). Never after a guest ran.
-//! - `/v2/models/{m}/infer` goes to the newest deployment of `m` with a ready replica;
+//! - `/v2/models/{m}/infer` goes to the newest revision of the newest deployment of `m` with a
+//!   ready replica, here or elsewhere ([`Router::version_for`]; during a rolling update the new
+//!   revision takes the traffic once one of its replicas is ready);
 //!   `/v2/models/{m}/versions/{v}/infer` to the deployment of that version.
 
 use std::collections::{BTreeMap, HashMap};
@@ -134,7 +136,7 @@ impl Router {
             .iter()
             .filter(|r| r.model == model && version.is_none_or(|v| r.version == v))
             .filter(|r| r.endpoints.iter().any(|e| e.node != self.me))
-            .max_by_key(|r| r.deployment);
+            .max_by_key(|r| (r.deployment, r.revision));
         route
             .map(|r| {
                 r.endpoints
@@ -147,6 +149,36 @@ impl Router {
                     .collect()
             })
             .unwrap_or_default()
+    }
+
+    /// The version a request for `model` that names none goes to: of the newest deployment
+    /// with a ready replica anywhere, one of its revisions, drawn in proportion to their ready
+    /// replicas (so a rolling update moves traffic as its new replicas become ready). `None`:
+    /// none is ready.
+    pub fn version_for(&self, model: &str) -> Option<String> {
+        let table = self.table.read();
+        let ready = |r: &wire::Route| r.endpoints.iter().map(|e| e.ready).sum::<u32>();
+        let live = || {
+            table
+                .routes
+                .iter()
+                .filter(move |r| r.model == model && ready(r) > 0)
+        };
+        let deployment = live().map(|r| r.deployment).max()?;
+        let revisions: Vec<&wire::Route> = live().filter(|r| r.deployment == deployment).collect();
+        if let [only] = revisions.as_slice() {
+            return Some(only.version.clone());
+        }
+        let total: u32 = revisions.iter().map(|r| ready(r)).sum();
+        let mut draw = rand::thread_rng().gen_range(0..total);
+        for r in &revisions {
+            let n = ready(r);
+            if draw < n {
+                return Some(r.version.clone());
+            }
+            draw -= n;
+        }
+        revisions.last().map(|r| r.version.clone())
     }
 
     /// Whether the mesh has `model` (at `version`, if given) deployed in an environment this
@@ -583,6 +615,7 @@ mod tests {
     fn route(deployment: u64, version: &str, nodes: &[(&str, String)]) -> wire::Route {
         wire::Route {
             deployment,
+            revision: 1,
             model: "mlp".into(),
             version: version.into(),
             environment: "staging".into(),

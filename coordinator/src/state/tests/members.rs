@@ -62,6 +62,7 @@ fn deployments_are_placed_and_become_available() {
     assert_eq!(
         w.state.nodes()["n1"].assigned,
         [ReplicaKey {
+            revision: 1,
             deployment: 1,
             replica: 0
         }]
@@ -82,6 +83,7 @@ fn deployments_are_placed_and_become_available() {
         heartbeat(
             "n3",
             vec![ReplicaKey {
+                revision: 1,
                 deployment: 1,
                 replica: 0,
             }],
@@ -93,6 +95,7 @@ fn deployments_are_placed_and_become_available() {
         heartbeat(
             "n1",
             vec![ReplicaKey {
+                revision: 1,
                 deployment: 1,
                 replica: 0,
             }],
@@ -104,6 +107,7 @@ fn deployments_are_placed_and_become_available() {
         heartbeat(
             "n2",
             vec![ReplicaKey {
+                revision: 1,
                 deployment: 1,
                 replica: 1,
             }],
@@ -277,6 +281,7 @@ fn report(node: &str, deployment: u64, replica: u32, phase: ReplicaPhase) -> Com
     Command::ReportReplicas {
         node: node.into(),
         replicas: vec![crate::command::ReplicaUpdate {
+            revision: 1,
             deployment,
             replica,
             phase,

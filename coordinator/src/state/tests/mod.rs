@@ -4,6 +4,7 @@ mod approvals;
 mod credentials;
 mod members;
 mod props;
+mod rollouts;
 mod scale;
 mod shelf_tokens;
 mod writes;

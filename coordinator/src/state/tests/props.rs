@@ -107,11 +107,11 @@ fn command() -> impl Strategy<Value = Command> {
                 node: node_spec(&id, &format!("z{zone}"), mem, gpu)
             }
         ),
-        4 => (node_id(), prop::collection::vec((1..5u64, 0..4u32), 0..4)).prop_map(|(node, r)| {
+        4 => (node_id(), prop::collection::vec((1..5u64, 1..4u32, 0..4u32), 0..4)).prop_map(|(node, r)| {
             Command::Heartbeat {
                 node,
                 load: NodeLoad::default(),
-                ready: r.into_iter().map(|(deployment, replica)| ReplicaKey { deployment, replica }).collect(),
+                ready: r.into_iter().map(|(deployment, revision, replica)| ReplicaKey { deployment, revision, replica }).collect(),
             }
         }),
         1 => node_id().prop_map(|node| Command::DrainNode { node }),
@@ -154,6 +154,10 @@ fn command() -> impl Strategy<Value = Command> {
         ),
         2 => (1..4u64, 0..6u32).prop_map(|(deployment, replicas)| Command::ScaleDeployment { deployment, replicas }),
         1 => (1..4u64).prop_map(|deployment| Command::DeleteDeployment { deployment }),
+        2 => (1..4u64, model_version(), prop::option::of(1..3u32)).prop_map(
+            |(deployment, (_, version), max_surge)| Command::UpdateDeployment { deployment, version, max_surge }
+        ),
+        1 => (1..4u64, prop::option::of(1..4u32)).prop_map(|(deployment, to)| Command::RollbackDeployment { deployment, to }),
     ];
     let tokens = pick(&["t1", "t2"]).prop_map(|id| Command::RevokeToken { id: id.into() });
     prop_oneof![30 => member, 20 => shelf, 30 => approvals, 20 => deployments, 1 => tokens]

@@ -85,6 +85,9 @@ fn big_state(nodes: usize, replicas: usize) -> State {
             updated_at_ms: 0,
             rollout: RolloutStatus::new(d.replicas, 0, 0, 0),
             failed_on: BTreeMap::new(),
+            revision: 1,
+            history: Vec::new(),
+            update: None,
         };
         state.deployments.insert(id, deployment);
         state.next_deployment = id + 1;
