@@ -298,6 +298,96 @@ fn the_readme_tour_works_in_a_fresh_home() {
             std::thread::sleep(Duration::from_millis(200));
         }
     }
+    // Put a new version online and take it back, under load (a client sends requests to n1
+    // without pause all along): no request fails.
+    tour.ok(&[
+        "pack",
+        "--onnx",
+        "model.onnx",
+        "--name",
+        "mymodel",
+        "--version",
+        "2",
+        "-o",
+        "mymodel-2.sbundle",
+    ]);
+    tour.ok(&["model", "push", "mymodel-2.sbundle"]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let url = format!("http://127.0.0.1:{}/v2/models/mymodel/infer", node_http[0]);
+    let infer = move || -> Result<String, String> {
+        let out = Command::new("curl")
+            .args([
+                "-s",
+                "-w",
+                "\n%{http_code}",
+                &url,
+                "-d",
+                r#"{"inputs":[{"name":"input","datatype":"FP32","shape":[1,4],"data":[1,2,3,4]}]}"#,
+            ])
+            .output()
+            .map_err(|e| e.to_string())?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let (body, code) = text.rsplit_once('\n').unwrap_or((&text, ""));
+        let answer: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+        match answer["model_version"].as_str() {
+            Some(v)
+                if code == "200" && answer["outputs"][0]["shape"] == serde_json::json!([1, 3]) =>
+            {
+                Ok(v.to_string())
+            }
+            _ => Err(format!("{code}: {body}")),
+        }
+    };
+    let load = {
+        let (stop, infer) = (stop.clone(), infer.clone());
+        std::thread::spawn(move || {
+            let mut seen: Vec<Result<String, String>> = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                seen.push(infer());
+            }
+            seen
+        })
+    };
+    let answers_with = |version: &str| {
+        let started = Instant::now();
+        while infer().as_deref() != Ok(version) {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "mymodel@{version} answers"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let refused = tour.sophon(&["deploy", "update", "4", "--version", "2"]);
+    assert!(!refused.status.success(), "unapproved update: refused");
+    let request = tour.json(&["approval", "request", "mymodel", "2", "production"]);
+    let id = request["created"]["approval_request"].to_string();
+    for (who, comment) in [(&ann, "eval ok"), (&bob, "load test ok")] {
+        let secret = who["secret"].as_str().expect("secret");
+        tour.ok(&["approval", "approve", &id, "-c", comment, "--token", secret]);
+    }
+    tour.ok(&["deploy", "update", "4", "--version", "2", "--wait"]);
+    answers_with("2");
+    let history = tour.ok(&["deploy", "history", "4"]);
+    assert!(
+        history.contains("superseded") && history.contains("serving"),
+        "{history}"
+    );
+    tour.ok(&["deploy", "rollback", "4", "--wait"]);
+    answers_with("1");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let seen = load.join().expect("the load thread");
+    let failed: Vec<&String> = seen.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {failed:?}",
+        failed.len(),
+        seen.len()
+    );
+    assert!(seen.len() > 10, "the load ran: {} requests", seen.len());
+    let shown = tour.ok(&["deploy", "show", "4"]);
+    assert!(shown.contains("mymodel@1"), "{shown}");
+
     let top = tour.ok(&["top", "--once"]);
     assert!(
         top.contains("mymodel@1") && top.contains("classifier@1"),
