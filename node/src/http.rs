@@ -186,25 +186,17 @@ async fn route_through_mesh(
     let Some((model, mut version)) = model_of(request.uri().path()) else {
         return next.run(request).await;
     };
-    // An inference request that names no version goes to the version the mesh routes the
-    // model's requests to: its newest revision with a ready replica (during a rolling update,
-    // the new one as soon as a replica of it is ready; after a rollback, the old one again).
-    let mut path = request
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "/".into());
+    // An inference request that names no version goes to a version the mesh chooses for the
+    // model (`Router::version_for`: during a rolling update, either revision in proportion to
+    // their ready replicas), pinned here so that a node it is forwarded to cannot choose again.
+    let mut pinned = false;
     if version.is_none()
         && request.uri().path().ends_with("/infer")
         && let Some(v) = router.version_for(&model)
     {
-        path = path.replacen(
-            &format!("/v2/models/{model}/"),
-            &format!("/v2/models/{model}/versions/{v}/"),
-            1,
-        );
         request.extensions_mut().insert(PinnedVersion(v.clone()));
         version = Some(v);
+        pinned = true;
     }
     let local = state.repo.lookup(&model, version.as_deref()).is_ok();
     if local || !router.knows(&model, version.as_deref()) {
@@ -216,6 +208,18 @@ async fn route_through_mesh(
         Ok(read) => read,
         Err((e, _)) => return e.into_response(),
     };
+    let mut path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    if pinned && let Some(v) = &version {
+        path = path.replacen(
+            &format!("/v2/models/{model}/"),
+            &format!("/v2/models/{model}/versions/{v}/"),
+            1,
+        );
+    }
     router
         .forward(
             &model,

@@ -856,11 +856,7 @@ async fn show_deployment(
 ) -> ApiResult {
     let id = parse_id("deployment id", &id)?;
     read(&core, &headers, &opts, Role::Viewer, move |state, _| {
-        let deployment = state
-            .deployments()
-            .get(&id)
-            .cloned()
-            .ok_or(Error::UnknownDeployment { id })?;
+        let deployment = state.deployment(id)?.clone();
         let placements: Vec<_> = state
             .placements()
             .iter()
@@ -983,10 +979,7 @@ async fn deployment_history(
 ) -> ApiResult {
     let id = parse_id("deployment id", &id)?;
     read(&core, &headers, &opts, Role::Viewer, move |state, _| {
-        let d = state
-            .deployments()
-            .get(&id)
-            .ok_or(Error::UnknownDeployment { id })?;
+        let d = state.deployment(id)?;
         Ok(
             json!({"deployment": id, "revision": d.revision, "update": d.update,
                   "history": d.history}),

@@ -379,10 +379,7 @@ impl State {
         id: u64,
         to: Option<u32>,
     ) -> Result<Change> {
-        let d = self
-            .deployments
-            .get(&id)
-            .ok_or(Error::UnknownDeployment { id })?;
+        let d = self.deployment(id)?;
         if let Some(u) = &d.update {
             if to.is_some_and(|to| to != d.revision) {
                 return Err(Error::UpdateInProgress {
@@ -438,10 +435,7 @@ impl State {
         max_surge: Option<u32>,
         cause: String,
     ) -> Result<Change> {
-        let d = self
-            .deployments
-            .get(&id)
-            .ok_or(Error::UnknownDeployment { id })?;
+        let d = self.deployment(id)?;
         if let Some(u) = &d.update {
             return Err(Error::UpdateInProgress {
                 id,

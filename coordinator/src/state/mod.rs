@@ -477,6 +477,9 @@ impl State {
     /// whose new replicas are all ready completes. Says in `detail` what happened; returns
     /// whether any update is running or ended (the plan depends on them).
     fn advance_updates(&mut self, now: u64, detail: &mut String) -> bool {
+        if !self.deployments.values().any(|d| d.update.is_some()) {
+            return false;
+        }
         let new_ready = self.new_revision_ready();
         let mut any = false;
         for d in self.deployments.values_mut() {
@@ -640,6 +643,12 @@ impl State {
     }
     pub fn deployments(&self) -> &BTreeMap<u64, Deployment> {
         &self.deployments
+    }
+    /// One deployment, or [`Error::UnknownDeployment`].
+    pub fn deployment(&self, id: u64) -> Result<&Deployment> {
+        self.deployments
+            .get(&id)
+            .ok_or(Error::UnknownDeployment { id })
     }
     /// Every placed replica, sorted by (deployment, revision, replica).
     pub fn placements(&self) -> &[Placement] {
