@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const COMPONENTS: [&str; 9] = [
+const COMPONENTS: [&str; 10] = [
     "passthrough",
     "classifier",
     "spin",
@@ -14,6 +14,7 @@ const COMPONENTS: [&str; 9] = [
     "probe",
     "sleeper",
     "tensorbomb",
+    "flaky",
 ];
 
 fn main() {

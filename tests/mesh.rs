@@ -8,81 +8,20 @@
 
 #[path = "support/harness.rs"]
 mod harness;
+#[path = "support/nodes.rs"]
+mod nodes;
 #[path = "support/udp_proxy.rs"]
 mod udp_proxy;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use harness::{Api, Reply, free_tcp, free_udp, ok, three_coordinators, wait_for_leader};
+use harness::{Api, Reply, ok, three_coordinators, wait_for_leader};
+use nodes::{NodeProc, agent};
 use serde_json::{Value, json};
 use udp_proxy::Faults;
-
-/// A mesh node process.
-struct NodeProc {
-    id: String,
-    http: std::net::SocketAddr,
-    grpc: std::net::SocketAddr,
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl NodeProc {
-    /// `sophon node join --run`: enrolls and keeps serving.
-    fn join(root: &Path, n: usize, token: &str) -> NodeProc {
-        let id = format!("n{n}");
-        let data = root.join(&id);
-        let http = free_tcp();
-        let grpc = free_tcp();
-        let mesh = free_udp();
-        let log = root.join(format!("{id}.log"));
-        let file = std::fs::File::create(&log).expect("log");
-        let child = Command::new(env!("CARGO_BIN_EXE_sophon"))
-            .args(["node", "join", "--join-token", token, "--data"])
-            .arg(&data)
-            .args(["--id", &id, "--http", &http.to_string()])
-            .args(["--grpc", &grpc.to_string()])
-            .args(["--mesh", &mesh.to_string(), "--zone", &format!("z{n}")])
-            .args(["--memory-mb", "4096", "--run", "--cache-dir"])
-            .arg(root.join("aot-cache"))
-            .env("SOPHON_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .expect("start a node");
-        NodeProc {
-            id,
-            http,
-            grpc,
-            child: Some(child),
-            log,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.http)
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    fn logs(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for NodeProc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 fn input(seed: usize) -> Vec<f32> {
     (0..784)
@@ -182,15 +121,6 @@ fn predict_grpc(
 
 fn close(got: &[f32], want: &[f32]) -> bool {
     got.len() == want.len() && got.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-3)
-}
-
-fn agent() -> ureq::Agent {
-    ureq::Agent::new_with_config(
-        ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(30)))
-            .build(),
-    )
 }
 
 /// Sends predictions round-robin to `targets` until stopped; counts successes and failures

@@ -375,6 +375,22 @@ fn the_readme_tour_works_in_a_fresh_home() {
     );
     tour.ok(&["deploy", "rollback", "4", "--wait"]);
     answers_with("1");
+    // Then a canary of it, judged on the load, and promoted.
+    tour.ok(&[
+        "deploy",
+        "canary",
+        "4",
+        "--version",
+        "2",
+        "--steps",
+        "50,100",
+        "--interval",
+        "5s",
+        "--slo",
+        "p99<100ms,errors<1%",
+        "--wait",
+    ]);
+    answers_with("2");
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let seen = load.join().expect("the load thread");
     let failed: Vec<&String> = seen.iter().filter_map(|r| r.as_ref().err()).collect();
@@ -386,7 +402,10 @@ fn the_readme_tour_works_in_a_fresh_home() {
     );
     assert!(seen.len() > 10, "the load ran: {} requests", seen.len());
     let shown = tour.ok(&["deploy", "show", "4"]);
-    assert!(shown.contains("mymodel@1"), "{shown}");
+    assert!(
+        shown.contains("mymodel@2") && shown.contains("promote"),
+        "{shown}"
+    );
 
     let top = tour.ok(&["top", "--once"]);
     assert!(

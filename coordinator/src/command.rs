@@ -18,6 +18,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::scheduler::{Device, ReplicaPhase};
+use crate::state::canary::{CanarySpec, Figures, Verdict};
 use crate::state::members::{Inventory, NodeLoad};
 use crate::state::shelf::ManifestSummary;
 
@@ -359,6 +360,28 @@ pub enum Command {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         to: Option<u32>,
     },
+    /// Start a canary of `version`: a rolling update that holds at each step's share of the
+    /// traffic until the leader's analysis (or an operator) moves it on or rolls it back.
+    CanaryDeployment {
+        deployment: u64,
+        version: String,
+        spec: CanarySpec,
+    },
+    /// A decision on a canary's step, with the figures it was made on (the leader's analysis
+    /// commits these).
+    JudgeCanary {
+        deployment: u64,
+        revision: u32,
+        step: u32,
+        verdict: Verdict,
+        canary: Figures,
+        stable: Figures,
+        reason: String,
+    },
+    /// Promote a canary now, skipping its remaining steps.
+    PromoteCanary {
+        deployment: u64,
+    },
 
     // --- tokens ---
     /// Store a token; the secret itself never enters the log, only its SHA-256
@@ -414,7 +437,10 @@ impl Command {
             | ScaleDeployment { .. }
             | DeleteDeployment { .. }
             | UpdateDeployment { .. }
-            | RollbackDeployment { .. } => Role::Operator,
+            | RollbackDeployment { .. }
+            | CanaryDeployment { .. }
+            | JudgeCanary { .. }
+            | PromoteCanary { .. } => Role::Operator,
             // An operator mints node join tokens; every other token is an admin's business.
             CreateLimitedToken {
                 role: Role::NodeJoin,
@@ -462,6 +488,9 @@ impl Command {
             DeleteDeployment { .. } => "delete-deployment",
             UpdateDeployment { .. } => "update-deployment",
             RollbackDeployment { .. } => "rollback-deployment",
+            CanaryDeployment { .. } => "canary-deployment",
+            JudgeCanary { .. } => "judge-canary",
+            PromoteCanary { .. } => "promote-canary",
             CreateToken { .. } | CreateLimitedToken { .. } => "create-token",
             RevokeToken { .. } => "revoke-token",
         }

@@ -301,6 +301,14 @@ pub struct Route {
     pub replicas: u32,
     /// The nodes with ready replicas.
     pub endpoints: Vec<Endpoint>,
+    /// During a canary, this revision's share of the requests that name no version, in percent
+    /// (`None`: no canary; revisions share in proportion to their ready replicas).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
+    /// A mirrored canary: `weight` is the share of requests copied here, whose answers are
+    /// dropped; clients are answered by the other revision.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub mirror: bool,
 }
 
 /// What a node should know, as of the coordinators' applied index `index`.

@@ -199,27 +199,53 @@ async fn route_through_mesh(
         pinned = true;
     }
     let local = state.repo.lookup(&model, version.as_deref()).is_ok();
-    if local || !router.knows(&model, version.as_deref()) {
+    let shadow = if pinned {
+        router.mirror_for(&model)
+    } else {
+        None
+    };
+    if shadow.is_none() && (local || !router.knows(&model, version.as_deref())) {
         return next.run(request).await;
     }
     let (parts, body) = request.into_parts();
-    // A forwarded body counts against this node's bytes in flight too, until it is answered.
+    // A forwarded or mirrored body counts against this node's bytes in flight too, until it is
+    // answered.
     let (bytes, _held) = match read_body(&state, body).await {
         Ok(read) => read,
         Err((e, _)) => return e.into_response(),
     };
-    let mut path = parts
-        .uri
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_string();
-    if pinned && let Some(v) = &version {
-        path = path.replacen(
+    let path_to = |v: &str| {
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        path.replacen(
             &format!("/v2/models/{model}/"),
             &format!("/v2/models/{model}/versions/{v}/"),
             1,
+        )
+    };
+    // A mirrored canary gets a copy of the request, and its answer is dropped.
+    if let Some(shadow) = shadow {
+        mirror(
+            state.clone(),
+            router.clone(),
+            model.clone(),
+            path_to(&shadow),
+            shadow,
+            parts.headers.clone(),
+            bytes.clone(),
         );
     }
+    if local || !router.knows(&model, version.as_deref()) {
+        let request = axum::extract::Request::from_parts(parts, Body::from(bytes));
+        return next.run(request).await;
+    }
+    let path = match (&version, pinned) {
+        (Some(v), true) => path_to(v),
+        _ => parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string(),
+    };
     router
         .forward(
             &model,
@@ -230,6 +256,32 @@ async fn route_through_mesh(
             bytes,
         )
         .await
+}
+
+/// Send a copy of a request to `version` of `model` (a mirrored canary), here if it is loaded
+/// here, else through the mesh; the answer is dropped, and only the canary's performance
+/// reports count it.
+fn mirror(
+    state: Arc<ApiState>,
+    router: Arc<crate::mesh::router::Router>,
+    model: String,
+    path: String,
+    version: String,
+    headers: HeaderMap,
+    bytes: bytes::Bytes,
+) {
+    tokio::spawn(async move {
+        match state.repo.lookup(&model, Some(&version)) {
+            Ok(m) => {
+                let _ = observed(&m, run_infer(&state, &m, &headers, Body::from(bytes))).await;
+            }
+            Err(_) => {
+                let _ = router
+                    .forward(&model, Some(&version), "POST", &path, &headers, bytes)
+                    .await;
+            }
+        }
+    });
 }
 
 /// The version the mesh chose for a request that named none (see `route_through_mesh`).

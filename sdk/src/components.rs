@@ -22,4 +22,6 @@ pub mod hostile {
     pub const SLEEPER: &str = concat!(env!("OUT_DIR"), "/sleeper.wasm");
     /// Creates wasi-nn tensors (host memory) without end.
     pub const TENSORBOMB: &str = concat!(env!("OUT_DIR"), "/tensorbomb.wasm");
+    /// The passthrough, failing `FAIL_PERCENT` % of requests and sleeping `DELAY_MS` each.
+    pub const FLAKY: &str = concat!(env!("OUT_DIR"), "/flaky.wasm");
 }

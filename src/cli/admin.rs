@@ -140,6 +140,44 @@ pub enum DeployCmd {
         #[arg(long, default_value = "5m", value_parser = super::coordinator::parse_duration)]
         timeout: std::time::Duration,
     },
+    /// Try a version on a share of the traffic, step by step. At each step the coordinators
+    /// compare its performance with the SLO and with the serving revision, then move it on,
+    /// promote it or roll it back on their own.
+    Canary {
+        id: u64,
+        #[arg(long)]
+        version: String,
+        /// Traffic weights in percent, rising.
+        #[arg(long, default_value = "5,25,50,100", value_delimiter = ',')]
+        steps: Vec<u32>,
+        /// How long each step runs before it is judged, like `30s` or `5m`.
+        #[arg(long, default_value = "30s", value_parser = super::coordinator::parse_duration)]
+        interval: std::time::Duration,
+        /// Objectives the canary must meet, like `p99<50ms,p50<10ms,errors<1%`.
+        #[arg(long, default_value = "errors<1%")]
+        slo: String,
+        /// Send the canary a copy of each step's share of requests, and drop its answers
+        /// (a shadow); clients move to it only once it is promoted.
+        #[arg(long)]
+        mirror: bool,
+        /// The fewest canary requests a step needs to be judged.
+        #[arg(long, default_value_t = 20)]
+        min_requests: u64,
+        /// How many times slower than the serving revision its median latency may be.
+        #[arg(long, default_value_t = 2.0)]
+        max_slowdown: f64,
+        /// Show each step until the canary is promoted (and rolled out) or rolled back; fail
+        /// if it is rolled back.
+        #[arg(long)]
+        wait: bool,
+        /// How long `--wait` waits.
+        #[arg(long, default_value = "30m", value_parser = super::coordinator::parse_duration)]
+        timeout: std::time::Duration,
+    },
+    /// Promote a running canary now, skipping its remaining steps.
+    Promote {
+        id: u64,
+    },
     /// The deployment's revisions: which version each ran, who made it, and how it ended.
     History {
         id: u64,
@@ -684,7 +722,7 @@ pub fn deploy(args: &ClientArgs, cmd: DeployCmd) -> anyhow::Result<()> {
                     ]);
                 }
                 let mut out = Table::new(&[""]);
-                out.row(vec![format!("{t}\n{p}")]);
+                out.row(vec![format!("{t}\n{p}{}", canary_lines(&v["deployment"]))]);
                 out
             });
         }
@@ -738,6 +776,36 @@ pub fn deploy(args: &ClientArgs, cmd: DeployCmd) -> anyhow::Result<()> {
                 wait_update(&c, id, timeout)?;
             }
         }
+        DeployCmd::Canary {
+            id,
+            version,
+            steps,
+            interval,
+            slo,
+            mirror,
+            min_requests,
+            max_slowdown,
+            wait,
+            timeout,
+        } => {
+            let v = c.send(
+                "POST",
+                &format!("/v1/deployments/{id}/canary"),
+                Some(json!({
+                    "version": version, "steps": steps,
+                    "interval_ms": interval.as_millis() as u64, "slo": slo, "mirror": mirror,
+                    "min_requests": min_requests, "max_slowdown": max_slowdown,
+                })),
+            )?;
+            done(&c, &v, &format!("deployment {id}: canary of {version}"));
+            if wait {
+                wait_update(&c, id, timeout)?;
+            }
+        }
+        DeployCmd::Promote { id } => {
+            let v = c.send("POST", &format!("/v1/deployments/{id}/promote"), None)?;
+            done(&c, &v, &format!("deployment {id}: canary promoted"));
+        }
         DeployCmd::History { id } => {
             let v = c.get(&format!("/v1/deployments/{id}/history"))?;
             c.print(&v, |v| {
@@ -764,6 +832,97 @@ pub fn deploy(args: &ClientArgs, cmd: DeployCmd) -> anyhow::Result<()> {
 
 /// Print a rolling update's progress until it ends: Ok once its revision serves, an error
 /// if it was rolled back (with the reason) or time runs out.
+/// `deploy show`'s canary part: the running canary's step, and the decisions on the newest
+/// revision that had any, with the figures behind each.
+fn canary_lines(d: &Value) -> String {
+    let mut out = String::new();
+    let canary = &d["update"]["canary"];
+    if let Some(step) = canary["step"].as_u64() {
+        let steps: Vec<String> = canary["steps"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|s| format!("{}%", cell(s)))
+            .collect();
+        out.push_str(&format!(
+            "\ncanary: revision {} ({}) at step {}/{} ({}){}, steps {}, every {} s, SLO min {} requests, median at most {}× the serving one\n",
+            cell(&d["update"]["revision"]),
+            cell(&d["update"]["version"]),
+            step + 1,
+            steps.len(),
+            steps.get(step as usize).cloned().unwrap_or_default(),
+            if canary["mirror"] == json!(true) { ", mirrored" } else { "" },
+            steps.join(" → "),
+            canary["interval_ms"].as_u64().unwrap_or(0) / 1000,
+            cell(&canary["min_requests"]),
+            canary["max_slowdown_pct"].as_u64().unwrap_or(200) as f64 / 100.0,
+        ));
+        out.push_str(&format!("  objectives: {}\n", slo_text(&canary["slo"])));
+    }
+    let judged = d["history"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .rev()
+        .find(|r| r["decisions"].as_array().is_some_and(|a| !a.is_empty()));
+    if let Some(r) = judged {
+        let mut t = Table::new(&[
+            "at", "step", "weight", "verdict", "by", "canary", "serving", "reason",
+        ]);
+        for x in r["decisions"].as_array().into_iter().flatten() {
+            t.row(vec![
+                super::client::time(&x["at_ms"]),
+                (x["step"].as_u64().unwrap_or(0) + 1).to_string(),
+                format!("{}%", cell(&x["weight"])),
+                cell(&x["verdict"]),
+                cell(&x["by"]),
+                figures_text(&x["canary"]),
+                figures_text(&x["stable"]),
+                cell(&x["reason"]),
+            ]);
+        }
+        out.push_str(&format!(
+            "\ncanary decisions on revision {} ({}, {}):\n{t}",
+            cell(&r["revision"]),
+            cell(&r["version"]),
+            cell(&r["status"])
+        ));
+    }
+    out
+}
+
+fn slo_text(slo: &Value) -> String {
+    let mut parts = Vec::new();
+    for (key, name) in [("p50_us", "p50"), ("p99_us", "p99")] {
+        if let Some(us) = slo[key].as_u64() {
+            parts.push(format!("{name} < {:.1} ms", us as f64 / 1000.0));
+        }
+    }
+    if let Some(bp) = slo["errors_bp"].as_u64() {
+        parts.push(format!("errors < {}%", bp as f64 / 100.0));
+    }
+    parts.join(", ")
+}
+
+/// `412 req, 0.2% err, p50 1.1 ms, p99 3.0 ms`.
+fn figures_text(f: &Value) -> String {
+    let requests = f["requests"].as_u64().unwrap_or(0);
+    if requests == 0 {
+        return "-".into();
+    }
+    let errors = f["errors"].as_u64().unwrap_or(0);
+    let ms = |k: &str| {
+        f[k].as_u64()
+            .map_or("-".into(), |us| format!("{:.1} ms", us as f64 / 1000.0))
+    };
+    format!(
+        "{requests} req, {:.1}% err, p50 {}, p99 {}",
+        errors as f64 * 100.0 / requests as f64,
+        ms("p50_us"),
+        ms("p99_us")
+    )
+}
+
 fn wait_update(c: &Client, id: u64, timeout: std::time::Duration) -> anyhow::Result<()> {
     let deadline = std::time::Instant::now() + timeout;
     let started = c.get(&format!("/v1/deployments/{id}/history"))?;
@@ -786,10 +945,25 @@ fn wait_update(c: &Client, id: u64, timeout: std::time::Duration) -> anyhow::Res
             (all.filter(of).count(), ready)
         };
         let (new_placed, new_ready) = count(revision);
-        let line = format!(
+        let mut line = format!(
             "deployment {id}: revision {revision} {new_ready}/{} ready ({new_placed} placed)",
             cell(&d["replicas"])
         );
+        let canary = &d["update"]["canary"];
+        if let Some(step) = canary["step"].as_u64() {
+            let steps = canary["steps"].as_array().map_or(0, Vec::len);
+            let weight = &canary["steps"][step as usize];
+            line.push_str(&format!(
+                "; canary step {}/{steps} at {}%{}",
+                step + 1,
+                cell(weight),
+                if canary["mirror"] == json!(true) {
+                    " (mirrored)"
+                } else {
+                    ""
+                }
+            ));
+        }
         if line != last {
             eprintln!("{line}");
             last = line;

@@ -165,6 +165,8 @@ pub fn router(core: Shared) -> Router {
         .route("/v1/deployments/{id}/scale", post(scale_deployment))
         .route("/v1/deployments/{id}/update", post(update_deployment))
         .route("/v1/deployments/{id}/rollback", post(rollback_deployment))
+        .route("/v1/deployments/{id}/canary", post(canary_deployment))
+        .route("/v1/deployments/{id}/promote", post(promote_canary))
         .route("/v1/deployments/{id}/history", get(deployment_history))
         .route("/v1/tokens", get(list_tokens).post(create_token))
         .route("/v1/tokens/{id}", axum::routing::delete(revoke_token))
@@ -944,6 +946,73 @@ async fn update_deployment(
         max_surge: b.max_surge,
     };
     Ok(outcome(write(&core, &headers, command).await?))
+}
+
+async fn canary_deployment(
+    AxState(core): AxState<Shared>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> ApiResult {
+    use crate::state::canary::{self, CanarySpec, Slo};
+    let deployment = parse_id("deployment id", &id)?;
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct CanaryBody {
+        version: String,
+        #[serde(default)]
+        steps: Option<Vec<u32>>,
+        #[serde(default)]
+        interval_ms: Option<u64>,
+        /// Like `p99<50ms,errors<1%`.
+        #[serde(default)]
+        slo: Option<String>,
+        #[serde(default)]
+        mirror: bool,
+        #[serde(default)]
+        min_requests: Option<u64>,
+        /// How many times slower than the serving revision the canary's median may be.
+        #[serde(default)]
+        max_slowdown: Option<f64>,
+    }
+    let b: CanaryBody = json_body(&body)?;
+    let slo = Slo::parse(b.slo.as_deref().unwrap_or(canary::DEFAULT_SLO))?;
+    let max_slowdown_pct = match b.max_slowdown {
+        None => canary::DEFAULT_MAX_SLOWDOWN_PCT,
+        Some(f) if f.is_finite() && (1.0..=100.0).contains(&f) => (f * 100.0).round() as u32,
+        Some(f) => {
+            return Err(crate::error::invalid(
+                "max_slowdown",
+                f.to_string(),
+                "a factor from 1 to 100",
+            )
+            .into());
+        }
+    };
+    let command = Command::CanaryDeployment {
+        deployment,
+        version: b.version,
+        spec: CanarySpec {
+            steps: b.steps.unwrap_or_else(|| canary::DEFAULT_STEPS.to_vec()),
+            interval_ms: b.interval_ms.unwrap_or(canary::DEFAULT_INTERVAL_MS),
+            slo,
+            mirror: b.mirror,
+            min_requests: b.min_requests.unwrap_or(canary::DEFAULT_MIN_REQUESTS),
+            max_slowdown_pct,
+        },
+    };
+    Ok(outcome(write(&core, &headers, command).await?))
+}
+
+async fn promote_canary(
+    AxState(core): AxState<Shared>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult {
+    let deployment = parse_id("deployment id", &id)?;
+    Ok(outcome(
+        write(&core, &headers, Command::PromoteCanary { deployment }).await?,
+    ))
 }
 
 async fn rollback_deployment(

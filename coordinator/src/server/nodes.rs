@@ -64,6 +64,20 @@ pub struct Directory {
     pub phases: HashMap<String, Phases>,
     pub coordinators: BTreeMap<u64, String>,
     pub trusted_keys: Vec<String>,
+    /// The canaries running, for the leader's analysis.
+    pub canaries: Vec<CanaryPlan>,
+}
+
+/// A canary as the leader's analysis needs it.
+#[derive(Clone, Debug)]
+pub struct CanaryPlan {
+    pub deployment: u64,
+    pub model: String,
+    /// The serving revision's version, and the canary's.
+    pub stable: String,
+    pub version: String,
+    pub revision: u32,
+    pub canary: crate::state::canary::Canary,
 }
 
 impl Directory {
@@ -129,11 +143,33 @@ impl Directory {
             }
         }
         // One route per revision a deployment runs: its serving one, and a rolling update's.
+        // A canary's routes carry their weights.
         let mut routes = Vec::new();
+        let mut canaries = Vec::new();
         for d in s.deployments().values() {
-            let revisions = std::iter::once((d.revision, d.version.as_str()))
-                .chain(d.update.iter().map(|u| (u.revision, u.version.as_str())));
-            for (revision, version) in revisions {
+            let canary = d.update.as_ref().and_then(|u| {
+                let c = u.canary.as_ref()?;
+                canaries.push(CanaryPlan {
+                    deployment: d.id,
+                    model: d.model.clone(),
+                    stable: d.version.clone(),
+                    version: u.version.clone(),
+                    revision: u.revision,
+                    canary: c.clone(),
+                });
+                Some((c.weight(), c.spec.mirror))
+            });
+            let revisions = std::iter::once((d.revision, d.version.as_str(), false)).chain(
+                d.update
+                    .iter()
+                    .map(|u| (u.revision, u.version.as_str(), true)),
+            );
+            for (revision, version, new) in revisions {
+                let (weight, mirror) = match canary {
+                    None => (None, false),
+                    Some((w, true)) => (Some(if new { w } else { 100 }), new),
+                    Some((w, false)) => (Some(if new { w } else { 100 - w }), false),
+                };
                 let endpoints = ready
                     .get(&(d.id, revision))
                     .map(|by_node| {
@@ -159,6 +195,8 @@ impl Directory {
                     digest: digest_of(&d.model, version),
                     replicas: d.replicas,
                     endpoints,
+                    weight,
+                    mirror,
                 });
             }
         }
@@ -175,6 +213,7 @@ impl Directory {
                 .map(|c| (c.id, c.address.clone()))
                 .collect(),
             trusted_keys: s.trusted_keys().keys().cloned().collect(),
+            canaries,
         }
     }
 
@@ -225,8 +264,9 @@ impl Directory {
 pub struct Seen {
     pub at: Instant,
     pub load: wire::NodeLoad,
-    pub perf: Vec<wire::PerfReport>,
-    pub perf_at: Option<Instant>,
+    /// The latest report of each model version, with when it came (a node reports the versions
+    /// under a canary's analysis every heartbeat, the others every five).
+    pub perf: Vec<(Instant, wire::PerfReport)>,
 }
 
 /// The leader's soft view of node liveness: never replicated, rebuilt by each new leader.
@@ -240,6 +280,8 @@ pub struct Liveness {
     seen: HashMap<String, Seen>,
     /// Nodes with a transition proposal in flight (one at a time per node).
     in_flight: HashSet<String>,
+    /// The running canaries' figures since their step began, by deployment.
+    pub canaries: HashMap<u64, super::canary::Window>,
 }
 
 impl Liveness {
@@ -252,6 +294,7 @@ impl Liveness {
         self.term = term;
         self.seen.clear();
         self.in_flight.clear();
+        self.canaries.clear();
         self.since = term.map(|_| now);
     }
 
@@ -265,14 +308,24 @@ impl Liveness {
             at: now,
             load: wire::NodeLoad::default(),
             perf: Vec::new(),
-            perf_at: None,
         });
         seen.at = now;
         seen.load = hb.load.clone();
-        if !hb.perf.is_empty() {
-            seen.perf = hb.perf.clone();
-            seen.perf_at = Some(now);
+        for r in &hb.perf {
+            match seen
+                .perf
+                .iter_mut()
+                .find(|(_, p)| p.model == r.model && p.version == r.version)
+            {
+                Some(slot) => *slot = (now, r.clone()),
+                None => seen.perf.push((now, r.clone())),
+            }
+            for w in self.canaries.values_mut() {
+                w.add(r);
+            }
         }
+        seen.perf
+            .retain(|(at, _)| now.saturating_duration_since(*at) < super::perf::FRESH);
     }
 
     /// The nodes among `up` silent for at least `grace` at `now` (none unless leading).
@@ -422,6 +475,9 @@ pub(super) async fn node_loop(core: Arc<Core>) {
         }
         let now = Instant::now();
         let dir = core.nodes.directory();
+        if ticks.is_multiple_of(5) && !dir.canaries.is_empty() {
+            super::canary::analyse(&core, &dir);
+        }
         let overdue = {
             let mut liveness = core.nodes.liveness.lock();
             liveness.lead(status.is_leader.then_some(status.term), now);

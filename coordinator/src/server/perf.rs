@@ -57,12 +57,12 @@ impl Core {
 }
 
 /// A report older than this is stale.
-const FRESH: Duration = Duration::from_secs(15);
+pub(super) const FRESH: Duration = Duration::from_secs(15);
 
 use sophon_mesh::wire::latency_histogram as histogram;
 
 /// Merged reports of one model version.
-struct Merged {
+pub(super) struct Merged {
     count: u64,
     errors: u64,
     /// Sum over reports of count / period: requests per second.
@@ -74,7 +74,7 @@ struct Merged {
 }
 
 impl Merged {
-    fn new() -> Merged {
+    pub(super) fn new() -> Merged {
         Merged {
             count: 0,
             errors: 0,
@@ -86,7 +86,18 @@ impl Merged {
         }
     }
 
-    fn add(&mut self, r: &wire::PerfReport) {
+    /// The figures a canary is judged on: counts, and the total latency's p50 and p99.
+    pub(super) fn figures(&self) -> crate::state::canary::Figures {
+        let q = |p| (!self.total.is_empty()).then(|| self.total.value_at_quantile(p));
+        crate::state::canary::Figures {
+            requests: self.count,
+            errors: self.errors,
+            p50_us: q(0.5),
+            p99_us: q(0.99),
+        }
+    }
+
+    pub(super) fn add(&mut self, r: &wire::PerfReport) {
         self.count += r.count;
         self.errors += r.errors;
         let secs = (r.period_ms.max(1) as f64) / 1000.0;
@@ -127,13 +138,12 @@ fn reports<'a>(
 ) -> impl Iterator<Item = &'a wire::PerfReport> + 'a {
     liveness
         .seen(node)
-        .filter(|s| {
-            s.perf_at
-                .is_some_and(|at| now.saturating_duration_since(at) < FRESH)
-        })
         .into_iter()
         .flat_map(|s| s.perf.iter())
-        .filter(move |r| r.model == model && r.version == version)
+        .filter(move |(at, r)| {
+            now.saturating_duration_since(*at) < FRESH && r.model == model && r.version == version
+        })
+        .map(|(_, r)| r)
 }
 
 /// A deployment's performance across the nodes that run it (`None`: no such deployment).
@@ -159,7 +169,29 @@ pub fn deployment(dir: &Directory, liveness: &Liveness, id: u64, now: Instant) -
         nodes.push(v);
     }
     let ready: u32 = route.endpoints.iter().map(|e| e.ready).sum();
+    // Every revision it runs, each with its own figures and share (a canary's weight).
+    let revisions: Vec<Value> = dir
+        .routes
+        .iter()
+        .filter(|r| r.deployment == id)
+        .map(|r| {
+            let mut m = Merged::new();
+            for node in dir.assignments.keys() {
+                for rep in reports(liveness, node, &r.model, &r.version, now) {
+                    m.add(rep);
+                }
+            }
+            let mut v = m.json();
+            v["revision"] = json!(r.revision);
+            v["version"] = json!(r.version);
+            v["weight"] = json!(r.weight);
+            v["mirror"] = json!(r.mirror);
+            v["ready"] = json!(r.endpoints.iter().map(|e| e.ready).sum::<u32>());
+            v
+        })
+        .collect();
     let mut v = all.json();
+    v["revisions"] = json!(revisions);
     v["deployment"] = json!(id);
     v["model"] = json!(route.model);
     v["version"] = json!(route.version);
@@ -174,15 +206,12 @@ pub fn deployment(dir: &Directory, liveness: &Liveness, id: u64, now: Instant) -
 pub fn node(dir: &Directory, liveness: &Liveness, id: &str, now: Instant) -> Option<Value> {
     dir.nodes.get(id)?;
     let seen = liveness.seen(id);
-    let fresh = seen
-        .and_then(|s| s.perf_at)
-        .is_some_and(|at| now.saturating_duration_since(at) < FRESH);
     let models: Vec<Value> = seen
-        .filter(|_| fresh)
         .map(|s| {
             s.perf
                 .iter()
-                .map(|r| {
+                .filter(|(at, _)| now.saturating_duration_since(*at) < FRESH)
+                .map(|(_, r)| {
                     let mut m = Merged::new();
                     m.add(r);
                     let mut v = m.json();

@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use super::canary::{Canary, CanarySpec, Decision, Figures, Verdict};
 use super::shelf::{Stage, validate_hardware};
 use super::validate;
 use super::{Change, Ctx, State};
@@ -118,6 +119,9 @@ pub struct Revision {
     /// Why it ended (an abort's reason).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub reason: String,
+    /// A canary's decisions, oldest first, with the figures behind each.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub decisions: Vec<Decision>,
 }
 
 /// Where a revision stands.
@@ -145,12 +149,19 @@ pub struct Update {
     /// Nodes that failed to load the new version (the update is then rolled back).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub failed_on: BTreeMap<String, String>,
+    /// A canary: the update holds at a share of the traffic until judged ([`super::canary`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<Canary>,
 }
 
 impl Update {
     /// How many replicas each revision wants, given how many of the new one are ready:
-    /// (serving revision, new revision).
+    /// (serving revision, new revision). A canary keeps every serving replica and runs its
+    /// step's share of new ones.
     pub fn wanted(&self, replicas: u32, new_ready: u32) -> (u32, u32) {
+        if let Some(c) = &self.canary {
+            return (replicas, c.replicas(replicas));
+        }
         let new_ready = new_ready.min(replicas);
         (
             replicas - new_ready,
@@ -330,6 +341,7 @@ impl State {
                     cause: "create".into(),
                     status: RevisionStatus::Serving,
                     reason: String::new(),
+                    decisions: Vec::new(),
                 }],
                 update: None,
             },
@@ -367,7 +379,145 @@ impl State {
         version: &str,
         max_surge: Option<u32>,
     ) -> Result<Change> {
-        self.start_update(ctx, id, version, max_surge, "update".into())
+        self.start_update(ctx, id, version, max_surge, "update".into(), None)
+    }
+
+    /// A canary of deployment `id` at `version` (see [`super::canary`]).
+    pub(crate) fn canary_deployment(
+        &mut self,
+        ctx: Ctx<'_>,
+        id: u64,
+        version: &str,
+        spec: &CanarySpec,
+    ) -> Result<Change> {
+        spec.check()?;
+        let canary = Canary::new(spec.clone(), ctx.now);
+        let mut change =
+            self.start_update(ctx, id, version, None, "canary".into(), Some(canary))?;
+        change.detail.push_str(&format!(
+            "; canary steps {:?}% every {} s, SLO {}{}",
+            spec.steps,
+            spec.interval_ms / 1000,
+            spec.slo,
+            if spec.mirror { ", mirrored" } else { "" }
+        ));
+        Ok(change)
+    }
+
+    /// An operator promotes deployment `id`'s canary without waiting for its steps.
+    pub(crate) fn promote_canary(&mut self, ctx: Ctx<'_>, id: u64) -> Result<Change> {
+        let d = self.deployment(id)?;
+        let Some((revision, step)) = d
+            .update
+            .as_ref()
+            .and_then(|u| u.canary.as_ref().map(|c| (u.revision, c.step)))
+        else {
+            return Err(invalid(
+                "deployment",
+                id.to_string(),
+                format!("deployment {id} runs no canary"),
+            ));
+        };
+        let reason = format!("promoted by {}", ctx.actor.name);
+        let none = Figures::default();
+        self.judge_canary(
+            ctx,
+            id,
+            revision,
+            step,
+            Verdict::Promote,
+            (&none, &none),
+            &reason,
+        )
+    }
+
+    /// A decision on deployment `id`'s canary, for its revision `revision` at step `step` (a
+    /// decision about a step the canary already left is refused).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn judge_canary(
+        &mut self,
+        ctx: Ctx<'_>,
+        id: u64,
+        revision: u32,
+        step: u32,
+        verdict: Verdict,
+        figures: (&Figures, &Figures),
+        reason: &str,
+    ) -> Result<Change> {
+        let d = self.deployment(id)?;
+        let current = d
+            .update
+            .as_ref()
+            .and_then(|u| u.canary.as_ref().map(|c| (u.revision, c.step)));
+        if current != Some((revision, step)) {
+            return Err(invalid(
+                "step",
+                format!("revision {revision} step {}", step + 1),
+                match current {
+                    Some((r, s)) => {
+                        format!("deployment {id}'s canary is revision {r} at step {}", s + 1)
+                    }
+                    None => format!("deployment {id} runs no canary"),
+                },
+            ));
+        }
+        let d = self.deployments.get_mut(&id).expect("looked up above");
+        let u = d.update.as_mut().expect("checked above");
+        let c = u.canary.as_mut().expect("checked above");
+        let decision = Decision {
+            at_ms: ctx.now,
+            step,
+            weight: c.weight(),
+            verdict,
+            by: ctx.actor.name.clone(),
+            canary: figures.0.clone(),
+            stable: figures.1.clone(),
+            reason: reason.to_string(),
+        };
+        let (new_revision, new_version) = (u.revision, u.version.clone());
+        let mut detail = format!(
+            "canary revision {new_revision} ({new_version}) step {} ({}%): {}: {reason}; canary: {}; serving: {}",
+            step + 1,
+            c.weight(),
+            verdict.as_str(),
+            figures.0,
+            figures.1
+        );
+        match verdict {
+            Verdict::Advance => {
+                c.step += 1;
+                c.step_started_at_ms = ctx.now;
+                detail.push_str(&format!("; now {}%", c.weight()));
+            }
+            Verdict::Hold => c.step_started_at_ms = ctx.now,
+            Verdict::Promote => {
+                // A plain rolling update from here: it completes once every new replica is
+                // ready.
+                u.canary = None;
+                detail.push_str("; promoted: the new revision takes all the traffic");
+            }
+            Verdict::Rollback => {}
+        }
+        d.updated_at_ms = ctx.now;
+        if let Some(r) = d.revision_mut(new_revision) {
+            // Holds repeat while traffic is thin: keep the latest of a run of them.
+            if verdict == Verdict::Hold
+                && r.decisions
+                    .last()
+                    .is_some_and(|l| l.verdict == Verdict::Hold && l.step == step)
+            {
+                r.decisions.pop();
+            }
+            r.decisions.push(decision);
+        }
+        if verdict == Verdict::Rollback {
+            d.abort_update(ctx.now, format!("canary rolled back: {reason}"));
+            detail.push_str(&format!(
+                "; rolled back to revision {} ({})",
+                d.revision, d.version
+            ));
+        }
+        Ok(Change::new(format!("deployment {id}"), detail).replan())
     }
 
     /// Roll deployment `id` back: a running update is abandoned (its new replicas go, the
@@ -424,6 +574,7 @@ impl State {
             &version,
             None,
             format!("rollback to revision {revision}"),
+            None,
         )
     }
 
@@ -434,6 +585,7 @@ impl State {
         version: &str,
         max_surge: Option<u32>,
         cause: String,
+        canary: Option<Canary>,
     ) -> Result<Change> {
         let d = self.deployment(id)?;
         if let Some(u) = &d.update {
@@ -488,6 +640,7 @@ impl State {
             cause,
             status: RevisionStatus::Rolling,
             reason: String::new(),
+            decisions: Vec::new(),
         });
         d.update = Some(Update {
             revision,
@@ -496,6 +649,7 @@ impl State {
             max_surge,
             started_at_ms: ctx.now,
             failed_on: BTreeMap::new(),
+            canary,
         });
         d.updated_at_ms = ctx.now;
         Ok(Change::new(format!("deployment {id}"), detail).replan())

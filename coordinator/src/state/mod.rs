@@ -25,6 +25,7 @@
 
 pub mod approvals;
 pub mod audit;
+pub mod canary;
 pub mod deployments;
 mod invariants;
 pub mod members;
@@ -332,6 +333,29 @@ impl State {
             RollbackDeployment { deployment, to } => {
                 self.rollback_deployment(ctx, *deployment, *to)
             }
+            CanaryDeployment {
+                deployment,
+                version,
+                spec,
+            } => self.canary_deployment(ctx, *deployment, version, spec),
+            JudgeCanary {
+                deployment,
+                revision,
+                step,
+                verdict,
+                canary,
+                stable,
+                reason,
+            } => self.judge_canary(
+                ctx,
+                *deployment,
+                *revision,
+                *step,
+                *verdict,
+                (canary, stable),
+                reason,
+            ),
+            PromoteCanary { deployment } => self.promote_canary(ctx, *deployment),
             CreateToken {
                 id,
                 name,
@@ -492,7 +516,8 @@ impl State {
                     d.id, u.revision, u.version, d.revision, d.version
                 ));
                 d.abort_update(now, reason);
-            } else if new_ready.get(&d.id).copied().unwrap_or(0) >= d.replicas {
+            } else if u.canary.is_none() && new_ready.get(&d.id).copied().unwrap_or(0) >= d.replicas
+            {
                 detail.push_str(&format!(
                     "; deployment {}: revision {} ({}) rolled out, revision {} ({}) retired",
                     d.id, u.revision, u.version, d.revision, d.version

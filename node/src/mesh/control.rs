@@ -24,8 +24,10 @@ use super::{NodeFile, decode_answer};
 /// How often a node heartbeats.
 pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
 
-/// Performance reports ride on every this-many heartbeats (a report period of 5 s). A report
-/// whose heartbeat is lost is lost with it: the next one covers its own period only.
+/// Performance reports ride on every this-many heartbeats (a report period of 5 s); those of the
+/// versions under a canary's analysis ride on every heartbeat, so that the leader judges a
+/// canary within a second or two. A report whose heartbeat is lost is lost with it: the next one
+/// covers its own period only.
 const PERF_EVERY: u64 = 5;
 
 /// Connections to the coordinators, by mesh address.
@@ -228,9 +230,10 @@ impl Control {
                 load: self.replicas.load(),
                 replicas: self.replicas.reports(),
                 perf: if beat % PERF_EVERY == PERF_EVERY - 1 {
-                    self.replicas.perf()
+                    self.replicas.perf(|_, _| true)
                 } else {
-                    Vec::new()
+                    self.replicas
+                        .perf(|model, version| self.router.analysed(model, version))
                 },
             };
             // The believed leader first, then each coordinator in turn; one redirect followed.

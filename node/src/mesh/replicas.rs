@@ -279,10 +279,11 @@ impl Replicas {
     }
 
     /// Each loaded model version's performance since the last call (its window restarts).
-    pub fn perf(&self) -> Vec<wire::PerfReport> {
+    pub fn perf(&self, only: impl Fn(&str, &str) -> bool) -> Vec<wire::PerfReport> {
         self.repo
             .loaded()
             .iter()
+            .filter(|m| only(&m.name, &m.version))
             .map(|m| m.perf.take(&m.name, &m.version))
             .collect()
     }

@@ -152,33 +152,74 @@ impl Router {
     }
 
     /// The version a request for `model` that names none goes to: of the newest deployment
-    /// with a ready replica anywhere, one of its revisions, drawn in proportion to their ready
-    /// replicas (so a rolling update moves traffic as its new replicas become ready). `None`:
+    /// with a ready replica anywhere, one of its revisions. During a canary they share by the
+    /// routes' weights; otherwise (a rolling update) in proportion to their ready replicas, so
+    /// that traffic moves as new replicas become ready. A mirrored canary never answers. `None`:
     /// none is ready.
     pub fn version_for(&self, model: &str) -> Option<String> {
         let table = self.table.read();
-        let ready = |r: &wire::Route| r.endpoints.iter().map(|e| e.ready).sum::<u32>();
-        let live = || {
-            table
-                .routes
-                .iter()
-                .filter(move |r| r.model == model && ready(r) > 0)
-        };
-        let deployment = live().map(|r| r.deployment).max()?;
-        let revisions: Vec<&wire::Route> = live().filter(|r| r.deployment == deployment).collect();
+        let revisions = Self::answering(&table.routes, model);
         if let [only] = revisions.as_slice() {
             return Some(only.version.clone());
         }
-        let total: u32 = revisions.iter().map(|r| ready(r)).sum();
+        let weighted = revisions.iter().any(|r| r.weight.is_some());
+        let share = |r: &wire::Route| {
+            if weighted {
+                r.weight.unwrap_or(0)
+            } else {
+                ready(r)
+            }
+        };
+        let total: u32 = revisions.iter().map(|r| share(r)).sum();
+        if total == 0 {
+            return revisions.last().map(|r| r.version.clone());
+        }
         let mut draw = rand::thread_rng().gen_range(0..total);
         for r in &revisions {
-            let n = ready(r);
+            let n = share(r);
             if draw < n {
                 return Some(r.version.clone());
             }
             draw -= n;
         }
         revisions.last().map(|r| r.version.clone())
+    }
+
+    /// The revisions of `model`'s newest deployment with a ready replica that answer requests
+    /// (not a mirror), each with a ready replica.
+    fn answering<'a>(routes: &'a [wire::Route], model: &str) -> Vec<&'a wire::Route> {
+        let live = || {
+            routes
+                .iter()
+                .filter(move |r| r.model == model && !r.mirror && ready(r) > 0)
+        };
+        let Some(deployment) = live().map(|r| r.deployment).max() else {
+            return Vec::new();
+        };
+        live().filter(|r| r.deployment == deployment).collect()
+    }
+
+    /// The version a copy of a request for `model` (that names no version) should also go to:
+    /// a mirrored canary of the deployment that answers, drawn at its weight.
+    pub fn mirror_for(&self, model: &str) -> Option<String> {
+        let table = self.table.read();
+        let deployment = Self::answering(&table.routes, model).first()?.deployment;
+        let mirror = table
+            .routes
+            .iter()
+            .find(|r| r.deployment == deployment && r.mirror && ready(r) > 0)?;
+        let weight = mirror.weight.unwrap_or(0);
+        (rand::thread_rng().gen_range(0..100) < weight).then(|| mirror.version.clone())
+    }
+
+    /// Whether `model@version` is under a canary's analysis (its performance is reported with
+    /// every heartbeat).
+    pub fn analysed(&self, model: &str, version: &str) -> bool {
+        self.table
+            .read()
+            .routes
+            .iter()
+            .any(|r| r.model == model && r.version == version && r.weight.is_some())
     }
 
     /// Whether the mesh has `model` (at `version`, if given) deployed in an environment this
@@ -371,6 +412,11 @@ enum Sent {
     NotThere(Response),
     /// The node could not be reached: nothing ran.
     Unreached(Response),
+}
+
+/// A route's ready replicas.
+fn ready(r: &wire::Route) -> u32 {
+    r.endpoints.iter().map(|e| e.ready).sum()
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
@@ -629,6 +675,8 @@ mod tests {
                     ready: 1,
                 })
                 .collect(),
+            weight: None,
+            mirror: false,
         }
     }
 
@@ -645,6 +693,49 @@ mod tests {
         let addr = s.local_addr().expect("addr");
         drop(s);
         addr.to_string()
+    }
+
+    #[tokio::test]
+    async fn a_canary_takes_its_weight_and_a_mirror_gets_copies_but_never_answers() {
+        let ca = Ca::generate("t").expect("ca");
+        let router = Router::new("me".into(), endpoint(&ca, "me"), repo());
+        let weighted = |version: &str, revision, weight, mirror| wire::Route {
+            revision,
+            weight: Some(weight),
+            mirror,
+            ..route(1, version, &[("n1", dead_address())])
+        };
+        let draws = |router: &Router, f: &dyn Fn(&Router) -> Option<String>| {
+            let mut counts: BTreeMap<Option<String>, u32> = BTreeMap::new();
+            for _ in 0..4000 {
+                *counts.entry(f(router)).or_default() += 1;
+            }
+            counts
+        };
+        router.update(&view(vec![
+            weighted("1", 1, 75, false),
+            weighted("2", 2, 25, false),
+        ]));
+        assert!(router.analysed("mlp", "2") && router.analysed("mlp", "1"));
+        let got = draws(&router, &|r| r.version_for("mlp"));
+        let canary = got.get(&Some("2".to_string())).copied().unwrap_or(0);
+        assert!((800..1200).contains(&canary), "{got:?}");
+        assert_eq!(router.mirror_for("mlp"), None);
+        // Mirrored at 30 %: every answer from version 1, a copy of about 30 % to version 2.
+        router.update(&view(vec![
+            weighted("1", 1, 100, false),
+            weighted("2", 2, 30, true),
+        ]));
+        let got = draws(&router, &|r| r.version_for("mlp"));
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got.get(&Some("1".to_string())), Some(&4000));
+        let copies = draws(&router, &|r| r.mirror_for("mlp"));
+        let copied = copies.get(&Some("2".to_string())).copied().unwrap_or(0);
+        assert!((1000..1400).contains(&copied), "{copies:?}");
+        // Without a canary nothing is analysed or mirrored.
+        router.update(&view(vec![route(1, "1", &[("n1", dead_address())])]));
+        assert!(!router.analysed("mlp", "1"));
+        assert_eq!(router.mirror_for("mlp"), None);
     }
 
     #[tokio::test]

@@ -261,3 +261,183 @@ fn a_snapshot_with_an_update_running_restores_the_same_state() {
     let back = State::restore(&bytes).expect("restore");
     assert_eq!(back, w.state);
 }
+
+mod canaries {
+    use super::*;
+    use crate::state::canary::{CanarySpec, Figures, Slo, Verdict};
+
+    fn canary(deployment: u64, version: &str, steps: &[u32]) -> Command {
+        Command::CanaryDeployment {
+            deployment,
+            version: version.into(),
+            spec: CanarySpec {
+                steps: steps.to_vec(),
+                interval_ms: 10_000,
+                slo: Slo::parse("p99<50ms,errors<1%").expect("present"),
+                mirror: false,
+                min_requests: 20,
+                max_slowdown_pct: 200,
+            },
+        }
+    }
+
+    fn judge(revision: u32, step: u32, verdict: Verdict, errors: u64) -> Command {
+        Command::JudgeCanary {
+            deployment: 1,
+            revision,
+            step,
+            verdict,
+            canary: Figures {
+                requests: 100,
+                errors,
+                p50_us: Some(900),
+                p99_us: Some(2_000),
+            },
+            stable: Figures {
+                requests: 1900,
+                errors: 0,
+                p50_us: Some(800),
+                p99_us: Some(1_900),
+            },
+            reason: "judged".into(),
+        }
+    }
+
+    fn count(w: &World, revision: u32) -> usize {
+        placed(w).iter().filter(|p| p.0 == revision).count()
+    }
+
+    /// Three replicas of `fraud@1` (deployment 1), ready, one per node.
+    fn three() -> World {
+        let mut w = serving();
+        w.ok(
+            operator(),
+            Command::ScaleDeployment {
+                deployment: 1,
+                replicas: 3,
+            },
+        );
+        report_all(&mut w, 1, ReplicaPhase::Ready);
+        w
+    }
+
+    #[test]
+    fn a_canary_steps_up_its_share_and_is_promoted_after_the_last_step() {
+        let mut w = three();
+        w.ok(operator(), canary(1, "2", &[25, 50, 100]));
+        // Every serving replica stays; the canary runs its share of new ones.
+        assert_eq!((count(&w, 1), count(&w, 2)), (3, 1));
+        report_all(&mut w, 2, ReplicaPhase::Ready);
+        // Ready is not done: a canary waits for its judgement.
+        let d = &w.state.deployments()[&1];
+        assert_eq!(d.revision, 1);
+        assert_eq!(
+            d.update
+                .as_ref()
+                .expect("present")
+                .canary
+                .as_ref()
+                .expect("present")
+                .weight(),
+            25
+        );
+        // A judgement of another step is stale, and changes nothing.
+        let e = w.refused(leader(), judge(2, 1, Verdict::Advance, 0));
+        assert!(e.to_string().contains("at step 1"), "{e}");
+        w.ok(leader(), judge(2, 0, Verdict::Advance, 0));
+        assert_eq!((count(&w, 1), count(&w, 2)), (3, 2));
+        report_all(&mut w, 2, ReplicaPhase::Ready);
+        w.ok(leader(), judge(2, 1, Verdict::Hold, 0));
+        w.ok(leader(), judge(2, 1, Verdict::Hold, 0));
+        w.ok(leader(), judge(2, 1, Verdict::Advance, 0));
+        assert_eq!((count(&w, 1), count(&w, 2)), (3, 3));
+        report_all(&mut w, 2, ReplicaPhase::Ready);
+        w.ok(leader(), judge(2, 2, Verdict::Promote, 0));
+        let d = &w.state.deployments()[&1];
+        assert_eq!((d.revision, d.version.as_str()), (2, "2"));
+        assert!(d.update.is_none());
+        assert_eq!(count(&w, 1), 0);
+        let r = d.history.iter().find(|r| r.revision == 2).expect("present");
+        let verdicts: Vec<Verdict> = r.decisions.iter().map(|d| d.verdict).collect();
+        // Two holds in a row keep only the latest.
+        assert_eq!(
+            verdicts,
+            [
+                Verdict::Advance,
+                Verdict::Hold,
+                Verdict::Advance,
+                Verdict::Promote
+            ]
+        );
+        let audit = w.state.audit().last().expect("present");
+        assert_eq!(audit.action, "judge-canary");
+        assert!(audit.detail.contains("promote"), "{}", audit.detail);
+        assert!(audit.detail.contains("100 requests"), "{}", audit.detail);
+    }
+
+    #[test]
+    fn a_rolled_back_canary_leaves_the_serving_revision_untouched() {
+        let mut w = three();
+        w.ok(operator(), canary(1, "2", &[5, 100]));
+        report_all(&mut w, 2, ReplicaPhase::Ready);
+        w.ok(leader(), judge(2, 0, Verdict::Rollback, 30));
+        let d = &w.state.deployments()[&1];
+        assert_eq!((d.revision, d.version.as_str()), (1, "1"));
+        assert!(d.update.is_none());
+        assert_eq!((count(&w, 1), count(&w, 2)), (3, 0));
+        assert!(
+            placed(&w).iter().all(|p| p.3),
+            "serving replicas stay ready"
+        );
+        let r = d.history.iter().find(|r| r.revision == 2).expect("present");
+        assert_eq!(r.status, RevisionStatus::Aborted);
+        assert!(r.reason.starts_with("canary rolled back"), "{}", r.reason);
+        assert_eq!(r.decisions[0].canary.errors, 30);
+        let audit = w.state.audit().last().expect("present");
+        assert!(audit.detail.contains("30% errors"), "{}", audit.detail);
+        // Nothing runs now: a further judgement is refused.
+        w.refused(leader(), judge(2, 0, Verdict::Advance, 0));
+    }
+
+    #[test]
+    fn operators_may_promote_or_abandon_and_the_rules_of_updates_hold() {
+        let mut w = three();
+        // An invalid spec changes nothing.
+        w.refused(operator(), canary(1, "2", &[50, 25]));
+        // Only an operator starts one.
+        w.refused(actor("pat", Role::Publisher), canary(1, "2", &[50]));
+        w.ok(operator(), canary(1, "2", &[5, 50, 100]));
+        // One update at a time.
+        let e = w.refused(operator(), update(1, "2", None));
+        assert!(matches!(e, Error::UpdateInProgress { .. }), "{e}");
+        w.ok(operator(), Command::PromoteCanary { deployment: 1 });
+        // A plain rolling update from here: it completes once all new replicas are ready.
+        let d = &w.state.deployments()[&1];
+        assert!(d.update.as_ref().is_some_and(|u| u.canary.is_none()));
+        for _ in 0..3 {
+            report_all(&mut w, 2, ReplicaPhase::Ready);
+        }
+        assert_eq!(w.state.deployments()[&1].revision, 2);
+        w.refused(operator(), Command::PromoteCanary { deployment: 1 });
+        // A canary back to 1, abandoned by an operator's rollback.
+        w.ok(operator(), canary(1, "1", &[10]));
+        w.ok(operator(), rollback(1, None));
+        let d = &w.state.deployments()[&1];
+        assert_eq!((d.revision, d.update.is_none()), (2, true));
+    }
+
+    #[test]
+    fn a_canary_needs_the_version_approved_where_it_runs() {
+        let mut w = serving();
+        w.ok(
+            actor("pat", Role::Publisher),
+            request("fraud", "1", "production"),
+        );
+        let r = w.state.requests().keys().max().copied().expect("a request");
+        w.ok(actor("ann", Role::Approver), decide(r, true, "ok"));
+        w.ok(actor("bob", Role::Approver), decide(r, true, "ok"));
+        w.ok(operator(), deploy("fraud", "1", "production", 1));
+        let e = w.refused(operator(), canary(2, "2", &[5, 100]));
+        assert!(matches!(e, Error::NotApproved { .. }), "{e}");
+    }
+}
