@@ -149,6 +149,11 @@ impl State {
                 if u.revision <= d.revision || v.manifest.memory_mb != u.memory_mb {
                     return Err(format!("deployment {id}'s update is inconsistent"));
                 }
+                if let Some(c) = &u.canary
+                    && (c.step as usize >= c.spec.steps.len() || c.spec.check().is_err())
+                {
+                    return Err(format!("deployment {id}'s canary is inconsistent"));
+                }
             }
         }
         let mut counts: BTreeMap<u64, (u32, u32)> = BTreeMap::new();

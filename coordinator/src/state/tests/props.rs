@@ -147,7 +147,7 @@ fn command() -> impl Strategy<Value = Command> {
         1 => (1..4u64).prop_map(|request| Command::Withdraw { request }),
     ];
     let deployments = prop_oneof![
-        4 => (model_version(), env(), 0..5u32, prop::option::of(hardware())).prop_map(
+        6 => (model_version(), env(), 0..5u32, prop::option::of(hardware())).prop_map(
             |((model, version), environment, replicas, hardware)| Command::CreateDeployment {
                 model, version, environment, replicas, hardware
             }
@@ -158,6 +158,30 @@ fn command() -> impl Strategy<Value = Command> {
             |(deployment, (_, version), max_surge)| Command::UpdateDeployment { deployment, version, max_surge }
         ),
         1 => (1..4u64, prop::option::of(1..4u32)).prop_map(|(deployment, to)| Command::RollbackDeployment { deployment, to }),
+        1 => (1..4u64, model_version(), prop::bool::ANY).prop_map(|(deployment, (_, version), mirror)| {
+            Command::CanaryDeployment {
+                deployment,
+                version,
+                spec: crate::state::canary::CanarySpec {
+                    steps: vec![10, 50, 100],
+                    interval_ms: 10_000,
+                    slo: crate::state::canary::Slo { errors_bp: Some(100), ..Default::default() },
+                    mirror,
+                    min_requests: 20,
+                    max_slowdown_pct: 200,
+                },
+            }
+        }),
+        1 => (1..4u64, 2..6u32, 0..3u32, pick(&[
+            crate::state::canary::Verdict::Advance,
+            crate::state::canary::Verdict::Promote,
+            crate::state::canary::Verdict::Rollback,
+            crate::state::canary::Verdict::Hold,
+        ])).prop_map(|(deployment, revision, step, verdict)| Command::JudgeCanary {
+            deployment, revision, step, verdict,
+            canary: Default::default(), stable: Default::default(), reason: "judged".into(),
+        }),
+        1 => (1..4u64).prop_map(|deployment| Command::PromoteCanary { deployment }),
     ];
     let tokens = pick(&["t1", "t2"]).prop_map(|id| Command::RevokeToken { id: id.into() });
     prop_oneof![30 => member, 20 => shelf, 30 => approvals, 20 => deployments, 1 => tokens]
