@@ -382,6 +382,18 @@ pub enum Command {
     PromoteCanary {
         deployment: u64,
     },
+    /// Autoscale a deployment within bounds (`None`: stop; its replica count stays).
+    SetAutoscale {
+        deployment: u64,
+        autoscale: Option<crate::state::autoscale::Autoscale>,
+    },
+    /// The autoscaler resizes a deployment, or a request activates one at zero (the leader
+    /// commits these, with the figures in `reason`).
+    Autoscale {
+        deployment: u64,
+        replicas: u32,
+        reason: String,
+    },
 
     // --- tokens ---
     /// Store a token; the secret itself never enters the log, only its SHA-256
@@ -440,7 +452,9 @@ impl Command {
             | RollbackDeployment { .. }
             | CanaryDeployment { .. }
             | JudgeCanary { .. }
-            | PromoteCanary { .. } => Role::Operator,
+            | PromoteCanary { .. }
+            | SetAutoscale { .. }
+            | Autoscale { .. } => Role::Operator,
             // An operator mints node join tokens; every other token is an admin's business.
             CreateLimitedToken {
                 role: Role::NodeJoin,
@@ -491,6 +505,8 @@ impl Command {
             CanaryDeployment { .. } => "canary-deployment",
             JudgeCanary { .. } => "judge-canary",
             PromoteCanary { .. } => "promote-canary",
+            SetAutoscale { .. } => "set-autoscale",
+            Autoscale { .. } => "autoscale",
             CreateToken { .. } | CreateLimitedToken { .. } => "create-token",
             RevokeToken { .. } => "revoke-token",
         }

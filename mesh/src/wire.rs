@@ -32,6 +32,8 @@ pub mod kind {
     pub const WATCH: u8 = 22;
     /// A pushed [`View`](super::View).
     pub const VIEW: u8 = 23;
+    /// A node asks the leader to activate a deployment at zero replicas ([`Activate`](super::Activate)).
+    pub const ACTIVATE: u8 = 24;
     pub const INFER: u8 = 30;
     pub const DATA: u8 = 31;
     /// An answer that carries a JSON body.
@@ -188,6 +190,10 @@ pub struct PerfReport {
     pub compute_us: Vec<[u64; 2]>,
     /// Time from the request's arrival to its answer.
     pub total_us: Vec<[u64; 2]>,
+    /// The requests' total time summed: over `period_ms`, the average number in flight
+    /// (Little's law), which the autoscaler sizes deployments by.
+    #[serde(default)]
+    pub busy_us: u64,
 }
 
 /// Latencies in reports are kept from 1 µs to 10 minutes, with 2 significant digits.
@@ -252,6 +258,12 @@ pub struct HeartbeatAnswer {
     pub grace_ms: u64,
 }
 
+/// A request arrived for a deployment with no ready replica: give it one.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Activate {
+    pub deployment: u64,
+}
+
 /// Start (or resume) watching: views already seen up to `after_index` need not be sent again.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WatchRequest {
@@ -309,6 +321,10 @@ pub struct Route {
     /// dropped; clients are answered by the other revision.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub mirror: bool,
+    /// The deployment is autoscaled: nodes report its performance every heartbeat, and a
+    /// request for it while no replica is ready is held while it is activated.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub autoscaled: bool,
 }
 
 /// What a node should know, as of the coordinators' applied index `index`.

@@ -106,6 +106,22 @@ impl Grpc {
         &self,
         mut request: pb::ModelInferRequest,
     ) -> Result<pb::ModelInferResponse, Status> {
+        // An autoscaled deployment with no ready replica is activated first (as for HTTP).
+        if let Some(router) = self.state.mesh.get() {
+            let version = (!request.model_version.is_empty()).then_some(&request.model_version);
+            if self
+                .model(&request.model_name, &request.model_version)
+                .is_err()
+                && let Some(dormant) =
+                    router.dormant(&request.model_name, version.map(|v| v.as_str()))
+                && router.activate(dormant, &request.model_name).await.is_err()
+            {
+                return Err(Status::unavailable(format!(
+                    "model `{}` has no ready replica and did not activate in time; retry later",
+                    request.model_name
+                )));
+            }
+        }
         // A request that names no version goes where the mesh routes the model (as HTTP's).
         if request.model_version.is_empty()
             && let Some(router) = self.state.mesh.get()

@@ -186,6 +186,15 @@ async fn route_through_mesh(
     let Some((model, mut version)) = model_of(request.uri().path()) else {
         return next.run(request).await;
     };
+    // An inference request for an autoscaled deployment with no ready replica (at zero, or
+    // activating) waits here until one is ready.
+    if request.uri().path().ends_with("/infer")
+        && state.repo.lookup(&model, version.as_deref()).is_err()
+        && let Some(dormant) = router.dormant(&model, version.as_deref())
+        && let Err(refused) = router.activate(dormant, &model).await
+    {
+        return refused;
+    }
     // An inference request that names no version goes to a version the mesh chooses for the
     // model (`Router::version_for`: during a rolling update, either revision in proportion to
     // their ready replicas), pinned here so that a node it is forwarded to cannot choose again.

@@ -15,6 +15,7 @@ struct Window {
     started: Instant,
     count: u64,
     errors: u64,
+    busy_us: u64,
     queue: Histogram<u64>,
     compute: Histogram<u64>,
     total: Histogram<u64>,
@@ -30,6 +31,7 @@ impl Window {
             started: Instant::now(),
             count: 0,
             errors: 0,
+            busy_us: 0,
             queue: histogram(),
             compute: histogram(),
             total: histogram(),
@@ -62,6 +64,7 @@ impl PerfWindow {
         if !ok {
             w.errors += 1;
         }
+        w.busy_us += d.as_micros() as u64;
         let _ = w.total.record(micros(d));
     }
 
@@ -77,6 +80,7 @@ impl PerfWindow {
             queue_us: wire::histogram_pairs(&w.queue),
             compute_us: wire::histogram_pairs(&w.compute),
             total_us: wire::histogram_pairs(&w.total),
+            busy_us: w.busy_us,
         }
     }
 }

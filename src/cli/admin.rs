@@ -174,6 +174,31 @@ pub enum DeployCmd {
         #[arg(long, default_value = "30m", value_parser = super::coordinator::parse_duration)]
         timeout: std::time::Duration,
     },
+    /// Let the coordinators size the deployment from the concurrency its nodes measure
+    /// (Knative's KPA): between --min-replicas and --max-replicas, aiming at
+    /// --target-concurrency requests in flight per replica. With --min-replicas 0 it goes to
+    /// zero after --scale-to-zero-after without a request, and a request activates it again.
+    Autoscale {
+        id: u64,
+        #[arg(long, required_unless_present = "off")]
+        min_replicas: Option<u32>,
+        #[arg(long, required_unless_present = "off")]
+        max_replicas: Option<u32>,
+        #[arg(long, default_value_t = 1.0)]
+        target_concurrency: f64,
+        /// The average that sizes it in steady state.
+        #[arg(long, default_value = "60s", value_parser = super::coordinator::parse_duration)]
+        stable_window: std::time::Duration,
+        /// The short average that scales up at once in a burst.
+        #[arg(long, default_value = "6s", value_parser = super::coordinator::parse_duration)]
+        panic_window: std::time::Duration,
+        /// With --min-replicas 0: idle time before going to zero (default 5m).
+        #[arg(long, value_parser = super::coordinator::parse_duration)]
+        scale_to_zero_after: Option<std::time::Duration>,
+        /// Stop autoscaling (the replica count stays where it is).
+        #[arg(long, conflicts_with_all = ["min_replicas", "max_replicas"])]
+        off: bool,
+    },
     /// Promote a running canary now, skipping its remaining steps.
     Promote {
         id: u64,
@@ -802,6 +827,35 @@ pub fn deploy(args: &ClientArgs, cmd: DeployCmd) -> anyhow::Result<()> {
                 wait_update(&c, id, timeout)?;
             }
         }
+        DeployCmd::Autoscale {
+            id,
+            min_replicas,
+            max_replicas,
+            target_concurrency,
+            stable_window,
+            panic_window,
+            scale_to_zero_after,
+            off,
+        } => {
+            let path = format!("/v1/deployments/{id}/autoscale");
+            if off {
+                let v = c.send("DELETE", &path, None)?;
+                done(&c, &v, &format!("deployment {id}: autoscaling off"));
+            } else {
+                let v = c.send(
+                    "PUT",
+                    &path,
+                    Some(json!({
+                        "min_replicas": min_replicas, "max_replicas": max_replicas,
+                        "target_concurrency": target_concurrency,
+                        "stable_window_ms": stable_window.as_millis() as u64,
+                        "panic_window_ms": panic_window.as_millis() as u64,
+                        "scale_to_zero_after_ms": scale_to_zero_after.map(|d| d.as_millis() as u64),
+                    })),
+                )?;
+                done(&c, &v, &format!("deployment {id}: autoscaled"));
+            }
+        }
         DeployCmd::Promote { id } => {
             let v = c.send("POST", &format!("/v1/deployments/{id}/promote"), None)?;
             done(&c, &v, &format!("deployment {id}: canary promoted"));
@@ -836,6 +890,24 @@ pub fn deploy(args: &ClientArgs, cmd: DeployCmd) -> anyhow::Result<()> {
 /// revision that had any, with the figures behind each.
 fn canary_lines(d: &Value) -> String {
     let mut out = String::new();
+    let a = &d["autoscale"];
+    if let Some(min) = a["min_replicas"].as_u64() {
+        out.push_str(&format!(
+            "\nautoscale: {min}..{} replicas, target {} in flight per replica, windows {} s (stable) / {} s (panic){}\n",
+            cell(&a["max_replicas"]),
+            a["target_concurrency_milli"].as_u64().unwrap_or(0) as f64 / 1000.0,
+            a["stable_window_ms"].as_u64().unwrap_or(0) / 1000,
+            a["panic_window_ms"].as_u64().unwrap_or(0) / 1000,
+            if min == 0 {
+                format!(
+                    ", to zero after {} s idle",
+                    a["scale_to_zero_after_ms"].as_u64().unwrap_or(300_000) / 1000
+                )
+            } else {
+                String::new()
+            }
+        ));
+    }
     let canary = &d["update"]["canary"];
     if let Some(step) = canary["step"].as_u64() {
         let steps: Vec<String> = canary["steps"]

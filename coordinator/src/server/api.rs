@@ -167,6 +167,10 @@ pub fn router(core: Shared) -> Router {
         .route("/v1/deployments/{id}/rollback", post(rollback_deployment))
         .route("/v1/deployments/{id}/canary", post(canary_deployment))
         .route("/v1/deployments/{id}/promote", post(promote_canary))
+        .route(
+            "/v1/deployments/{id}/autoscale",
+            axum::routing::put(set_autoscale).delete(clear_autoscale),
+        )
         .route("/v1/deployments/{id}/history", get(deployment_history))
         .route("/v1/tokens", get(list_tokens).post(create_token))
         .route("/v1/tokens/{id}", axum::routing::delete(revoke_token))
@@ -1000,6 +1004,76 @@ async fn canary_deployment(
             min_requests: b.min_requests.unwrap_or(canary::DEFAULT_MIN_REQUESTS),
             max_slowdown_pct,
         },
+    };
+    Ok(outcome(write(&core, &headers, command).await?))
+}
+
+async fn set_autoscale(
+    AxState(core): AxState<Shared>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> ApiResult {
+    use crate::state::autoscale::{self, Autoscale};
+    let deployment = parse_id("deployment id", &id)?;
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct AutoscaleBody {
+        min_replicas: u32,
+        max_replicas: u32,
+        /// Requests in flight per replica to aim at (default 1).
+        #[serde(default)]
+        target_concurrency: Option<f64>,
+        #[serde(default)]
+        stable_window_ms: Option<u64>,
+        #[serde(default)]
+        panic_window_ms: Option<u64>,
+        #[serde(default)]
+        panic_threshold_pct: Option<u32>,
+        #[serde(default)]
+        scale_to_zero_after_ms: Option<u64>,
+    }
+    let b: AutoscaleBody = json_body(&body)?;
+    let target = b.target_concurrency.unwrap_or(1.0);
+    if !target.is_finite() || target <= 0.0 || target > 10_000.0 {
+        return Err(crate::error::invalid(
+            "target_concurrency",
+            target.to_string(),
+            "above 0 and at most 10000 requests in flight per replica",
+        )
+        .into());
+    }
+    let a = Autoscale {
+        min_replicas: b.min_replicas,
+        max_replicas: b.max_replicas,
+        target_concurrency_milli: (target * 1000.0).round().max(1.0) as u32,
+        stable_window_ms: b
+            .stable_window_ms
+            .unwrap_or(autoscale::DEFAULT_STABLE_WINDOW_MS),
+        panic_window_ms: b
+            .panic_window_ms
+            .unwrap_or(autoscale::DEFAULT_PANIC_WINDOW_MS),
+        panic_threshold_pct: b
+            .panic_threshold_pct
+            .unwrap_or(autoscale::DEFAULT_PANIC_THRESHOLD_PCT),
+        scale_to_zero_after_ms: b.scale_to_zero_after_ms,
+    };
+    let command = Command::SetAutoscale {
+        deployment,
+        autoscale: Some(a),
+    };
+    Ok(outcome(write(&core, &headers, command).await?))
+}
+
+async fn clear_autoscale(
+    AxState(core): AxState<Shared>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult {
+    let deployment = parse_id("deployment id", &id)?;
+    let command = Command::SetAutoscale {
+        deployment,
+        autoscale: None,
     };
     Ok(outcome(write(&core, &headers, command).await?))
 }

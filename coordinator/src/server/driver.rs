@@ -129,6 +129,8 @@ pub trait Outbox: Send + 'static {
 pub struct Driver {
     inbox: Sender<Event>,
     status: Arc<RwLock<RaftStatus>>,
+    /// Woken whenever entries are applied (the node loop rebuilds the directory at once).
+    pub applied: Arc<tokio::sync::Notify>,
 }
 
 fn unavailable(reason: impl Into<String>) -> Error {
@@ -156,7 +158,9 @@ impl Driver {
             node.campaign()?;
         }
         let status = Arc::new(RwLock::new(RaftStatus::default()));
+        let applied = Arc::new(tokio::sync::Notify::new());
         let mut thread = DriverThread {
+            applied: applied.clone(),
             node,
             config,
             outbox,
@@ -181,7 +185,14 @@ impl Driver {
             .name("raft".into())
             .spawn(move || thread.run())
             .map_err(|e| unavailable(format!("cannot start the raft thread: {e}")))?;
-        Ok((Driver { inbox, status }, handle))
+        Ok((
+            Driver {
+                inbox,
+                status,
+                applied,
+            },
+            handle,
+        ))
     }
 
     /// Sends an event to the thread (false when the thread has stopped).
@@ -289,6 +300,7 @@ struct DriverThread {
     metrics: Metrics,
     rx: Receiver<Event>,
     status: Arc<RwLock<RaftStatus>>,
+    applied: Arc<tokio::sync::Notify>,
     /// This process's incarnation (in every context).
     incarnation: u64,
     /// Ticks since the thread started.
@@ -709,6 +721,9 @@ impl DriverThread {
             let _ = reply.send(Ok(()));
         }
         *self.status.write() = status;
+        if applied {
+            self.applied.notify_one();
+        }
         if !applied {
             return;
         }

@@ -17,6 +17,7 @@
 pub mod admission;
 pub mod api;
 pub mod artifacts;
+mod autoscale;
 mod canary;
 #[cfg(test)]
 mod cluster_tests;

@@ -66,6 +66,19 @@ pub struct Directory {
     pub trusted_keys: Vec<String>,
     /// The canaries running, for the leader's analysis.
     pub canaries: Vec<CanaryPlan>,
+    /// The autoscaled deployments, for the leader's autoscaler.
+    pub autoscaled: Vec<ScalePlan>,
+}
+
+/// An autoscaled deployment as the leader's autoscaler needs it.
+#[derive(Clone, Debug)]
+pub struct ScalePlan {
+    pub deployment: u64,
+    pub model: String,
+    /// The versions it runs (the serving revision's, and an update's).
+    pub versions: Vec<String>,
+    pub replicas: u32,
+    pub autoscale: crate::state::autoscale::Autoscale,
 }
 
 /// A canary as the leader's analysis needs it.
@@ -146,7 +159,19 @@ impl Directory {
         // A canary's routes carry their weights.
         let mut routes = Vec::new();
         let mut canaries = Vec::new();
+        let mut autoscaled = Vec::new();
         for d in s.deployments().values() {
+            if let Some(a) = &d.autoscale {
+                autoscaled.push(ScalePlan {
+                    deployment: d.id,
+                    model: d.model.clone(),
+                    versions: std::iter::once(d.version.clone())
+                        .chain(d.update.iter().map(|u| u.version.clone()))
+                        .collect(),
+                    replicas: d.replicas,
+                    autoscale: a.clone(),
+                });
+            }
             let canary = d.update.as_ref().and_then(|u| {
                 let c = u.canary.as_ref()?;
                 canaries.push(CanaryPlan {
@@ -197,6 +222,7 @@ impl Directory {
                     endpoints,
                     weight,
                     mirror,
+                    autoscaled: d.autoscale.is_some(),
                 });
             }
         }
@@ -214,6 +240,7 @@ impl Directory {
                 .collect(),
             trusted_keys: s.trusted_keys().keys().cloned().collect(),
             canaries,
+            autoscaled,
         }
     }
 
@@ -282,6 +309,8 @@ pub struct Liveness {
     in_flight: HashSet<String>,
     /// The running canaries' figures since their step began, by deployment.
     pub canaries: HashMap<u64, super::canary::Window>,
+    /// The autoscaled deployments' samples, by deployment.
+    pub scales: HashMap<u64, super::autoscale::ScaleWindow>,
 }
 
 impl Liveness {
@@ -295,11 +324,17 @@ impl Liveness {
         self.seen.clear();
         self.in_flight.clear();
         self.canaries.clear();
+        self.scales.clear();
         self.since = term.map(|_| now);
     }
 
     pub fn leads(&self) -> bool {
         self.term.is_some()
+    }
+
+    /// Every node's latest report of each model version, with when it came.
+    pub fn reports(&self) -> impl Iterator<Item = &(Instant, wire::PerfReport)> {
+        self.seen.values().flat_map(|s| s.perf.iter())
     }
 
     /// A heartbeat from `node`.
@@ -451,10 +486,16 @@ pub(super) async fn node_loop(core: Arc<Core>) {
     let mut interval = tokio::time::interval(TICK);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut ticks = 0u64;
+    let applied = core.driver.applied.clone();
     loop {
-        interval.tick().await;
-        ticks += 1;
-        if ticks.is_multiple_of(10) {
+        // Every tick, and at once when entries are applied (so a committed change reaches the
+        // nodes' views without waiting for the tick).
+        let ticked = tokio::select! {
+            _ = interval.tick() => true,
+            _ = applied.notified() => false,
+        };
+        ticks += u64::from(ticked);
+        if ticked && ticks.is_multiple_of(10) {
             let dir = core.nodes.directory();
             let liveness = core.nodes.liveness.lock();
             super::perf::export(&core.metrics, &dir, &liveness, Instant::now());
@@ -475,8 +516,11 @@ pub(super) async fn node_loop(core: Arc<Core>) {
         }
         let now = Instant::now();
         let dir = core.nodes.directory();
-        if ticks.is_multiple_of(5) && !dir.canaries.is_empty() {
+        if ticked && ticks.is_multiple_of(5) && !dir.canaries.is_empty() {
             super::canary::analyse(&core, &dir);
+        }
+        if ticked && ticks.is_multiple_of(5) && !dir.autoscaled.is_empty() {
+            super::autoscale::autoscale(&core, &dir);
         }
         let overdue = {
             let mut liveness = core.nodes.liveness.lock();
@@ -759,6 +803,7 @@ pub(super) async fn serve_node_stream(
     }
     let result = match first {
         (wkind::HEARTBEAT, body) => core.serve_heartbeat(&node, &body).await,
+        (wkind::ACTIVATE, body) => core.serve_activate(&node, &body).await,
         (wkind::WATCH, body) => {
             if let Err(e) = core
                 .serve_watch(&node, serial.as_deref(), &body, &mut send)

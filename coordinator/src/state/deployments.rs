@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use super::autoscale::Autoscale;
 use super::canary::{Canary, CanarySpec, Decision, Figures, Verdict};
 use super::shelf::{Stage, validate_hardware};
 use super::validate;
@@ -102,6 +103,9 @@ pub struct Deployment {
     /// A rolling update in progress, to a new revision.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub update: Option<Update>,
+    /// Autoscaling bounds: the leader sets `replicas` within them ([`super::autoscale`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscale: Option<Autoscale>,
 }
 
 /// One revision of a deployment: a version, and how it came to be.
@@ -344,6 +348,7 @@ impl State {
                     decisions: Vec::new(),
                 }],
                 update: None,
+                autoscale: None,
             },
         );
         let mut change = Change::new(format!("deployment {id}"), detail).replan();
@@ -666,6 +671,16 @@ impl State {
             .deployments
             .get_mut(&id)
             .ok_or(Error::UnknownDeployment { id })?;
+        if let Some(a) = &d.autoscale {
+            return Err(invalid(
+                "replicas",
+                replicas.to_string(),
+                format!(
+                    "deployment {id} is autoscaled between {} and {} replicas: change its bounds with `sophon deploy autoscale`, or turn it off",
+                    a.min_replicas, a.max_replicas
+                ),
+            ));
+        }
         if d.replicas == replicas {
             return Err(invalid(
                 "replicas",
@@ -680,6 +695,85 @@ impl State {
         Ok(Change::new(
             format!("deployment {id}"),
             format!("scaled from {old} to {replicas} replicas"),
+        )
+        .replan())
+    }
+
+    /// Set or clear deployment `id`'s autoscaling; its replicas are brought within the bounds.
+    pub(crate) fn set_autoscale(
+        &mut self,
+        ctx: Ctx<'_>,
+        id: u64,
+        autoscale: Option<&Autoscale>,
+    ) -> Result<Change> {
+        if let Some(a) = autoscale {
+            a.check()?;
+        }
+        let d = self
+            .deployments
+            .get_mut(&id)
+            .ok_or(Error::UnknownDeployment { id })?;
+        let old = d.replicas;
+        let detail = match autoscale {
+            Some(a) => {
+                // At zero it stays at zero (a request activates it); else within the bounds.
+                if d.replicas > 0 || a.min_replicas > 0 {
+                    d.replicas = d.replicas.clamp(a.min_replicas.max(1), a.max_replicas);
+                }
+                format!(
+                    "autoscaled between {} and {} replicas, target {} in flight per replica, windows {} s / {} s{}; {old} → {} replicas",
+                    a.min_replicas,
+                    a.max_replicas,
+                    f64::from(a.target_concurrency_milli) / 1000.0,
+                    a.stable_window_ms / 1000,
+                    a.panic_window_ms / 1000,
+                    a.zero_after_ms()
+                        .map(|ms| format!(", to zero after {} s idle", ms / 1000))
+                        .unwrap_or_default(),
+                    d.replicas
+                )
+            }
+            None => format!("autoscaling off; {} replicas", d.replicas),
+        };
+        d.autoscale = autoscale.cloned();
+        d.updated_at_ms = ctx.now;
+        Ok(Change::new(format!("deployment {id}"), detail).replan())
+    }
+
+    /// The autoscaler (or an activation) resizes deployment `id` within its bounds.
+    pub(crate) fn autoscale_deployment(
+        &mut self,
+        ctx: Ctx<'_>,
+        id: u64,
+        replicas: u32,
+        reason: &str,
+    ) -> Result<Change> {
+        let d = self
+            .deployments
+            .get_mut(&id)
+            .ok_or(Error::UnknownDeployment { id })?;
+        let Some(a) = &d.autoscale else {
+            return Err(invalid(
+                "deployment",
+                id.to_string(),
+                format!("deployment {id} is not autoscaled"),
+            ));
+        };
+        if replicas > a.max_replicas || replicas < a.min_replicas || replicas == d.replicas {
+            return Err(invalid(
+                "replicas",
+                replicas.to_string(),
+                format!(
+                    "deployment {id} has {} replicas, within {}..={}",
+                    d.replicas, a.min_replicas, a.max_replicas
+                ),
+            ));
+        }
+        let old = std::mem::replace(&mut d.replicas, replicas);
+        d.updated_at_ms = ctx.now;
+        Ok(Change::new(
+            format!("deployment {id}"),
+            format!("autoscaled from {old} to {replicas} replicas: {reason}"),
         )
         .replan())
     }

@@ -142,6 +142,13 @@ impl State {
                     "deployment {id}'s history does not match its update"
                 ));
             }
+            if let Some(a) = &d.autoscale
+                && (a.check().is_err()
+                    || d.replicas > a.max_replicas
+                    || d.replicas < a.min_replicas)
+            {
+                return Err(format!("deployment {id} is outside its autoscaling bounds"));
+            }
             if let Some(u) = &d.update {
                 let v = self
                     .version(&d.model, &u.version)

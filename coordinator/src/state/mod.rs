@@ -25,6 +25,7 @@
 
 pub mod approvals;
 pub mod audit;
+pub mod autoscale;
 pub mod canary;
 pub mod deployments;
 mod invariants;
@@ -356,6 +357,15 @@ impl State {
                 reason,
             ),
             PromoteCanary { deployment } => self.promote_canary(ctx, *deployment),
+            SetAutoscale {
+                deployment,
+                autoscale,
+            } => self.set_autoscale(ctx, *deployment, autoscale.as_ref()),
+            Autoscale {
+                deployment,
+                replicas,
+                reason,
+            } => self.autoscale_deployment(ctx, *deployment, *replicas, reason),
             CreateToken {
                 id,
                 name,

@@ -130,6 +130,8 @@ pub struct Control {
     /// A view has been applied (from a coordinator or from disk).
     pub has_view: AtomicBool,
     beats: AtomicU64,
+    /// When each deployment's activation was last asked for.
+    activations: Mutex<std::collections::HashMap<u64, std::time::Instant>>,
 }
 
 impl Control {
@@ -154,7 +156,55 @@ impl Control {
             removed: AtomicBool::new(false),
             has_view: AtomicBool::new(false),
             beats: AtomicU64::new(0),
+            activations: Mutex::new(std::collections::HashMap::new()),
         }
+    }
+
+    /// Ask the leader to activate `deployment` (a request waits for it here); at most once a
+    /// second per deployment.
+    pub fn activate(self: &Arc<Self>, deployment: u64) {
+        {
+            let mut asked = self.activations.lock();
+            let now = std::time::Instant::now();
+            if asked
+                .get(&deployment)
+                .is_some_and(|at| now.duration_since(*at) < Duration::from_millis(900))
+            {
+                return;
+            }
+            asked.insert(deployment, now);
+        }
+        let control = self.clone();
+        tokio::spawn(async move {
+            let payload = match serde_json::to_vec(&wire::Activate { deployment }) {
+                Ok(p) => p,
+                Err(_) => return,
+            };
+            // The believed leader first, then every coordinator.
+            let mut targets: Vec<String> = control.leader.lock().iter().cloned().collect();
+            targets.extend(control.coordinators.addresses());
+            for target in targets {
+                let call = async {
+                    let conn = control.coordinators.connection(&target).await?;
+                    let (k, bytes) = tokio::time::timeout(
+                        Duration::from_secs(5),
+                        sophon_mesh::call(&conn, kind::ACTIVATE, &payload, 1 << 20),
+                    )
+                    .await
+                    .context("the activation timed out")??;
+                    decode_answer::<serde_json::Value>(k, &bytes)
+                };
+                match call.await {
+                    Ok(_) => {
+                        tracing::info!(deployment, coordinator = %target, "activation asked");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::debug!(deployment, coordinator = %target, error = %e, "activation refused")
+                    }
+                }
+            }
+        });
     }
 
     /// The index of the last view applied.

@@ -315,6 +315,12 @@ impl MeshNode {
             replicas.clone(),
             router.clone(),
         ));
+        let weak = Arc::downgrade(&control);
+        let _ = router.activator.set(Box::new(move |deployment| {
+            if let Some(control) = weak.upgrade() {
+                control.activate(deployment);
+            }
+        }));
         // The last known view, so the node serves and routes before (or without) coordinators.
         if let Some(view) = control::load_view(dir) {
             control.apply(view).await;

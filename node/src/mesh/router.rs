@@ -64,7 +64,17 @@ pub struct Router {
     pub retries: std::sync::atomic::AtomicU64,
     /// A view has been taken: the node knows the mesh and can route.
     view: std::sync::atomic::AtomicBool,
+    /// Asks the leader to activate a deployment at zero (set once the control plane runs).
+    pub activator: std::sync::OnceLock<Box<dyn Fn(u64) + Send + Sync>>,
+    /// Requests held here while their deployment is activated.
+    held: std::sync::atomic::AtomicUsize,
 }
+
+/// The most requests a node holds at once while deployments activate; more get a 503.
+pub const MAX_HELD: usize = 1024;
+
+/// How long a request is held for its deployment to activate.
+pub const ACTIVATION_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Where a request goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -102,6 +112,85 @@ impl Router {
             attempts: Default::default(),
             retries: Default::default(),
             view: Default::default(),
+            activator: std::sync::OnceLock::new(),
+            held: Default::default(),
+        }
+    }
+
+    /// An autoscaled deployment of `model` (at `version`, if given) with no ready replica
+    /// anywhere, which a request must wait for: (deployment, the version it runs, whether it is
+    /// at zero replicas). `None` when a replica is ready or the model is not autoscaled.
+    pub fn dormant(&self, model: &str, version: Option<&str>) -> Option<(u64, String, bool)> {
+        let table = self.table.read();
+        let mine = || {
+            table
+                .routes
+                .iter()
+                .filter(move |r| r.model == model && version.is_none_or(|v| r.version == v))
+        };
+        if mine().any(|r| ready(r) > 0) {
+            return None;
+        }
+        let route = mine()
+            .filter(|r| r.autoscaled && !r.mirror)
+            .max_by_key(|r| (r.deployment, std::cmp::Reverse(r.revision)))?;
+        Some((route.deployment, route.version.clone(), route.replicas == 0))
+    }
+
+    /// Hold a request for `model@version` of `deployment` until a replica of it is ready
+    /// (here, or anywhere in the view), asking the leader to activate it if it is at zero.
+    /// Bounded: at most [`MAX_HELD`] requests wait, each at most [`ACTIVATION_TIMEOUT`].
+    pub async fn activate(
+        &self,
+        (deployment, version, at_zero): (u64, String, bool),
+        model: &str,
+    ) -> Result<(), Response> {
+        struct Held<'a>(&'a std::sync::atomic::AtomicUsize);
+        impl Drop for Held<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        let _held = Held(&self.held);
+        if self.held.fetch_add(1, Ordering::Relaxed) >= MAX_HELD {
+            return Err(error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "{MAX_HELD} requests already wait here for deployments to activate; retry later"
+                ),
+            ));
+        }
+        let started = Instant::now();
+        let mut asked = None::<Instant>;
+        loop {
+            let ready_here = self.repo.lookup(model, Some(&version)).is_ok();
+            if ready_here || self.dormant(model, Some(&version)).is_none() {
+                return Ok(());
+            }
+            // Ask (again every second while it is still at zero: a leader may have changed).
+            let zero = self
+                .table
+                .read()
+                .routes
+                .iter()
+                .any(|r| r.deployment == deployment && r.replicas == 0);
+            if (at_zero || zero)
+                && asked.is_none_or(|at| at.elapsed() >= Duration::from_secs(1))
+                && let Some(activate) = self.activator.get()
+            {
+                activate(deployment);
+                asked = Some(Instant::now());
+            }
+            if started.elapsed() >= ACTIVATION_TIMEOUT {
+                return Err(error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "deployment {deployment} ({model}@{version}) did not become ready within {} s of this request; retry later",
+                        ACTIVATION_TIMEOUT.as_secs()
+                    ),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
 
@@ -215,11 +304,9 @@ impl Router {
     /// Whether `model@version` is under a canary's analysis (its performance is reported with
     /// every heartbeat).
     pub fn analysed(&self, model: &str, version: &str) -> bool {
-        self.table
-            .read()
-            .routes
-            .iter()
-            .any(|r| r.model == model && r.version == version && r.weight.is_some())
+        self.table.read().routes.iter().any(|r| {
+            r.model == model && r.version == version && (r.weight.is_some() || r.autoscaled)
+        })
     }
 
     /// Whether the mesh has `model` (at `version`, if given) deployed in an environment this
@@ -677,6 +764,7 @@ mod tests {
                 .collect(),
             weight: None,
             mirror: false,
+            autoscaled: false,
         }
     }
 

@@ -1,6 +1,7 @@
 //! State machine tests: fixtures here, one file per area, proptests in `props`.
 
 mod approvals;
+mod autoscaling;
 mod credentials;
 mod members;
 mod props;

@@ -147,7 +147,7 @@ fn command() -> impl Strategy<Value = Command> {
         1 => (1..4u64).prop_map(|request| Command::Withdraw { request }),
     ];
     let deployments = prop_oneof![
-        6 => (model_version(), env(), 0..5u32, prop::option::of(hardware())).prop_map(
+        9 => (model_version(), env(), 0..5u32, prop::option::of(hardware())).prop_map(
             |((model, version), environment, replicas, hardware)| Command::CreateDeployment {
                 model, version, environment, replicas, hardware
             }
@@ -182,6 +182,21 @@ fn command() -> impl Strategy<Value = Command> {
             canary: Default::default(), stable: Default::default(), reason: "judged".into(),
         }),
         1 => (1..4u64).prop_map(|deployment| Command::PromoteCanary { deployment }),
+        1 => (1..4u64, 0..3u32, 1..4u32).prop_map(|(deployment, min, max)| Command::SetAutoscale {
+            deployment,
+            autoscale: Some(crate::state::autoscale::Autoscale {
+                min_replicas: min,
+                max_replicas: max,
+                target_concurrency_milli: 1000,
+                stable_window_ms: 60_000,
+                panic_window_ms: 6_000,
+                panic_threshold_pct: 200,
+                scale_to_zero_after_ms: None,
+            }),
+        }),
+        1 => (1..4u64, 0..4u32).prop_map(|(deployment, replicas)| Command::Autoscale {
+            deployment, replicas, reason: "load".into(),
+        }),
     ];
     let tokens = pick(&["t1", "t2"]).prop_map(|id| Command::RevokeToken { id: id.into() });
     prop_oneof![30 => member, 20 => shelf, 30 => approvals, 20 => deployments, 1 => tokens]

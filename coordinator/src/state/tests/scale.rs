@@ -88,6 +88,7 @@ fn big_state(nodes: usize, replicas: usize) -> State {
             revision: 1,
             history: Vec::new(),
             update: None,
+            autoscale: None,
         };
         state.deployments.insert(id, deployment);
         state.next_deployment = id + 1;

@@ -1,0 +1,110 @@
+//! Autoscaling bounds, resizes and activations.
+
+use super::*;
+use crate::error::Error;
+use crate::state::autoscale::Autoscale;
+
+fn operator() -> Actor {
+    actor("olga", Role::Operator)
+}
+
+fn kpa(min: u32, max: u32) -> Autoscale {
+    Autoscale {
+        min_replicas: min,
+        max_replicas: max,
+        target_concurrency_milli: 1000,
+        stable_window_ms: 60_000,
+        panic_window_ms: 6_000,
+        panic_threshold_pct: 200,
+        scale_to_zero_after_ms: (min == 0).then_some(60_000),
+    }
+}
+
+fn set(deployment: u64, a: Option<Autoscale>) -> Command {
+    Command::SetAutoscale {
+        deployment,
+        autoscale: a,
+    }
+}
+
+fn resize(replicas: u32) -> Command {
+    Command::Autoscale {
+        deployment: 1,
+        replicas,
+        reason: "3.2 in flight".into(),
+    }
+}
+
+fn serving() -> World {
+    let mut w = World::with_shelf();
+    for (id, zone) in [("n1", "a"), ("n2", "b"), ("n3", "c")] {
+        w.ok(
+            operator(),
+            Command::JoinNode {
+                node: node_spec(id, zone, 8000, 0),
+            },
+        );
+    }
+    w.ok(operator(), deploy("fraud", "1", "staging", 3));
+    w
+}
+
+#[test]
+fn bounds_clamp_the_replicas_and_the_autoscaler_moves_within_them() {
+    let mut w = serving();
+    w.refused(operator(), set(1, Some(kpa(3, 2))));
+    w.refused(actor("vic", Role::Viewer), set(1, Some(kpa(1, 2))));
+    w.ok(operator(), set(1, Some(kpa(1, 2))));
+    assert_eq!(w.state.deployments()[&1].replicas, 2);
+    // A manual scale is refused while autoscaled.
+    let e = w.refused(
+        operator(),
+        Command::ScaleDeployment {
+            deployment: 1,
+            replicas: 3,
+        },
+    );
+    assert!(e.to_string().contains("autoscaled"), "{e}");
+    // The autoscaler: within the bounds, and a change.
+    w.refused(operator(), resize(3));
+    w.refused(operator(), resize(2));
+    w.refused(operator(), resize(0));
+    w.ok(operator(), resize(1));
+    assert_eq!(w.state.placements().len(), 1);
+    let audit = w.state.audit().last().expect("audited");
+    assert_eq!(audit.action, "autoscale");
+    assert!(audit.detail.contains("3.2 in flight"), "{}", audit.detail);
+    // Off: the count stays, and manual scaling works again.
+    w.ok(operator(), set(1, None));
+    assert_eq!(w.state.deployments()[&1].replicas, 1);
+    w.ok(
+        operator(),
+        Command::ScaleDeployment {
+            deployment: 1,
+            replicas: 2,
+        },
+    );
+    let e = w.refused(operator(), resize(1));
+    assert!(e.to_string().contains("not autoscaled"), "{e}");
+}
+
+#[test]
+fn min_zero_goes_to_zero_and_an_activation_brings_one_back() {
+    let mut w = serving();
+    w.ok(operator(), set(1, Some(kpa(0, 3))));
+    assert_eq!(w.state.deployments()[&1].replicas, 3);
+    w.ok(operator(), resize(0));
+    let d = &w.state.deployments()[&1];
+    assert_eq!(d.replicas, 0);
+    assert!(w.state.placements().is_empty());
+    // Setting bounds again at zero keeps it at zero; an activation brings one back.
+    w.ok(operator(), set(1, Some(kpa(0, 2))));
+    assert_eq!(w.state.deployments()[&1].replicas, 0);
+    w.ok(operator(), resize(1));
+    assert_eq!(w.state.placements().len(), 1);
+    // Scale to zero needs min 0.
+    let mut bad = kpa(1, 2);
+    bad.scale_to_zero_after_ms = Some(1000);
+    let e = w.refused(operator(), set(1, Some(bad)));
+    assert!(matches!(e, Error::Invalid { .. }), "{e}");
+}
