@@ -129,7 +129,19 @@ impl Grpc {
         {
             request.model_version = v;
         }
-        let model = match self.model(&request.model_name, &request.model_version) {
+        let mut found = self.model(&request.model_name, &request.model_version);
+        if found.is_err()
+            && let Some(router) = self.state.mesh.get()
+        {
+            let version = (!request.model_version.is_empty()).then_some(&request.model_version);
+            if router
+                .reload_evicted(&request.model_name, version.map(|v| v.as_str()))
+                .await
+            {
+                found = self.model(&request.model_name, &request.model_version);
+            }
+        }
+        let model = match found {
             Ok(model) => model,
             Err(not_here) => {
                 // On a mesh node, a model with a ready replica elsewhere is served there, as

@@ -94,6 +94,16 @@ pub fn proc_field(file: &str, key: &str) -> Option<String> {
         .map(|(_, v)| v.trim().to_string())
 }
 
+/// The default model memory of a node: 75 % of its RAM, in bytes (`None` where unknown).
+pub fn default_model_memory() -> Option<u64> {
+    let kb: u64 = proc_field("/proc/meminfo", "MemTotal")?
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024 / 4 * 3)
+}
+
 fn cpu_model() -> String {
     proc_field("/proc/cpuinfo", "model name").unwrap_or_else(|| std::env::consts::ARCH.to_string())
 }

@@ -207,7 +207,8 @@ async fn route_through_mesh(
         version = Some(v);
         pinned = true;
     }
-    let local = state.repo.lookup(&model, version.as_deref()).is_ok();
+    let local = state.repo.lookup(&model, version.as_deref()).is_ok()
+        || router.reload_evicted(&model, version.as_deref()).await;
     let shadow = if pinned {
         router.mirror_for(&model)
     } else {

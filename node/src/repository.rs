@@ -173,6 +173,17 @@ pub struct LoadedModel {
     pub gpu_memory: Vec<crate::hardware::GpuReservation>,
     /// Manifest outputs by name, to relabel carrier datatypes coming back from wasi-nn.
     outputs_by_name: HashMap<String, Datatype>,
+    /// When it was last looked up, in ms of the process's clock (for LRU eviction).
+    pub last_used: std::sync::atomic::AtomicU64,
+}
+
+/// Milliseconds since this process first asked: a cheap monotonic clock for `last_used`.
+pub fn clock_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
 }
 
 fn device_of(graphs: &[GraphRun]) -> sophon_sdk::Device {
@@ -305,6 +316,22 @@ impl Repository {
     fn release(&self, n: usize) {
         let mut reserved = self.reserved.lock();
         *reserved = reserved.saturating_sub(n);
+    }
+
+    /// Instance slots a model needs at most when its manifest does not say (the node's default
+    /// concurrency), and the slots free now.
+    pub fn free_slots(&self) -> (usize, usize) {
+        let pool = (self.runtime.config.max_instances as usize).saturating_sub(1);
+        (
+            self.limits.default_concurrency,
+            pool.saturating_sub(*self.reserved.lock()),
+        )
+    }
+
+    /// Whether a load failed only because the instance pool is full (evicting another model,
+    /// or waiting for one being dropped, makes room).
+    pub fn pool_full(e: &RepoError) -> bool {
+        matches!(e, RepoError::Load { reason, .. } if reason.contains("does not fit this node's instance pool"))
     }
 
     /// Instance slots reserved by loaded models.
@@ -458,6 +485,7 @@ impl Repository {
             stats: ModelStats::default(),
             admission,
             perf: crate::perf::PerfWindow::default(),
+            last_used: std::sync::atomic::AtomicU64::new(clock_ms()),
             concurrency,
             graphs: how,
         })
@@ -492,10 +520,17 @@ impl Repository {
         let slot = models.get(name).ok_or_else(|| RepoError::UnknownModel {
             name: name.to_string(),
         })?;
+        let touch = |m: &Arc<LoadedModel>| {
+            let now = clock_ms();
+            if m.last_used.load(Ordering::Relaxed) != now {
+                m.last_used.store(now, Ordering::Relaxed);
+            }
+            m.clone()
+        };
         match version {
             Some(v) => {
                 if let Some(m) = slot.loaded.get(v) {
-                    return Ok(m.clone());
+                    return Ok(touch(m));
                 }
                 if slot.bundles.contains_key(v) {
                     return Err(RepoError::NotReady {
@@ -509,7 +544,7 @@ impl Repository {
                 })
             }
             None => newest(&slot.loaded)
-                .cloned()
+                .map(touch)
                 .ok_or_else(|| RepoError::NotReady {
                     name: name.to_string(),
                 }),

@@ -288,9 +288,14 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
         if let Some((running, token)) = &coordinator {
             // The node joins the coordinator through the mesh and serves what is deployed.
             let dir = join_dev_node(&args, running, token).await?;
-            let node = sophon_node::mesh::MeshNode::start(&dir, repo.clone(), server.app())
-                .await
-                .context("start the dev node's mesh")?;
+            let node = sophon_node::mesh::MeshNode::start(
+                &dir,
+                repo.clone(),
+                server.app(),
+                args.serve.model_memory(),
+            )
+            .await
+            .context("start the dev node's mesh")?;
             let _ = server.state().mesh.set(node.router.clone());
             let key = examples_key(&args)?;
             let mut bundles = Vec::new();

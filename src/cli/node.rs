@@ -52,6 +52,20 @@ pub struct ServeArgs {
     /// or MODEL=off. `*` names every model that batches. Repeat for several.
     #[arg(long = "dynamic-batching", value_name = "MODEL=DELAY_US", value_parser = parse_batching)]
     pub dynamic_batching: Vec<(String, Option<sophon_sdk::Batching>)>,
+    /// MiB the models placed here may take (weights and the backends' copies); past it the
+    /// least recently used are evicted, and loaded again from disk on their next request.
+    /// Default: 75 % of the RAM.
+    #[arg(long, value_name = "MIB")]
+    pub model_memory: Option<u64>,
+}
+
+impl ServeArgs {
+    /// `--model-memory` in bytes, or its default.
+    pub fn model_memory(&self) -> Option<u64> {
+        self.model_memory
+            .map(|mib| mib << 20)
+            .or_else(sophon_node::hardware::default_model_memory)
+    }
 }
 
 /// `MODEL=DELAY_US[/MAX]` or `MODEL=off`.
@@ -456,7 +470,7 @@ fn serve_node(data: PathBuf, serve: ServeArgs) -> anyhow::Result<()> {
         let server = NodeServer::bind(file.http_listen, repo.clone(), serve.http())
             .await?
             .with_drain_deadline(Duration::from_secs(serve.drain_secs));
-        let mesh = MeshNode::start(&data, repo.clone(), server.app())
+        let mesh = MeshNode::start(&data, repo.clone(), server.app(), serve.model_memory())
             .await
             .context("start the mesh")?;
         let _ = server.state().mesh.set(mesh.router.clone());

@@ -19,6 +19,11 @@ pub struct NodeProc {
 impl NodeProc {
     /// `sophon node join --run`: enrolls and keeps serving.
     pub fn join(root: &Path, n: usize, token: &str) -> NodeProc {
+        NodeProc::join_with(root, n, token, &["--memory-mb", "4096"])
+    }
+
+    /// `join`, with these options as well (`--memory-mb` among them).
+    pub fn join_with(root: &Path, n: usize, token: &str, extra: &[&str]) -> NodeProc {
         let id = format!("n{n}");
         let data = root.join(&id);
         let http = free_tcp();
@@ -32,7 +37,8 @@ impl NodeProc {
             .args(["--id", &id, "--http", &http.to_string()])
             .args(["--grpc", &grpc.to_string()])
             .args(["--mesh", &mesh.to_string(), "--zone", &format!("z{n}")])
-            .args(["--memory-mb", "4096", "--run", "--cache-dir"])
+            .args(extra)
+            .args(["--run", "--cache-dir"])
             .arg(root.join("aot-cache"))
             .env("SOPHON_LOG", "info")
             .stdout(Stdio::null())
@@ -46,6 +52,11 @@ impl NodeProc {
             child: Some(child),
             log,
         }
+    }
+
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     pub fn url(&self) -> String {

@@ -287,6 +287,7 @@ impl MeshNode {
         dir: &Path,
         repo: Arc<Repository>,
         app: axum::Router,
+        model_memory: Option<u64>,
     ) -> anyhow::Result<MeshNode> {
         let file = NodeFile::read(dir)?;
         let identity = Identity::load(&dir.join("identity"))?;
@@ -307,7 +308,8 @@ impl MeshNode {
             endpoint.clone(),
             repo.clone(),
         ));
-        let replicas = Arc::new(replicas::Replicas::new(dir, repo.clone())?);
+        let replicas =
+            Arc::new(replicas::Replicas::new(dir, repo.clone())?.with_budget(model_memory));
         let control = Arc::new(control::Control::new(
             dir,
             file.clone(),
@@ -315,6 +317,19 @@ impl MeshNode {
             replicas.clone(),
             router.clone(),
         ));
+        let evicting = Arc::downgrade(&replicas);
+        let _ = router.reloader.set(Box::new(move |model, version| {
+            let replicas = evicting.upgrade();
+            Box::pin(async move {
+                let Some(replicas) = replicas else {
+                    return false;
+                };
+                match replicas.evicted(&model, version.as_deref()) {
+                    Some((m, v)) => replicas.reload(&m, &v).await,
+                    None => false,
+                }
+            })
+        }));
         let weak = Arc::downgrade(&control);
         let _ = router.activator.set(Box::new(move |deployment| {
             if let Some(control) = weak.upgrade() {

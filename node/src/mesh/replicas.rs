@@ -42,6 +42,29 @@ pub struct Replicas {
     /// Woken when a replica changes state: the next heartbeat goes at once, so a replica
     /// ready now is routed to now, not at the next second.
     pub changed: tokio::sync::Notify,
+    /// The memory the loaded models may take (`--model-memory`; `None`: no limit).
+    budget: Option<u64>,
+    /// Each loaded version's estimated memory, and the versions evicted to stay within the
+    /// budget (their replicas stay ready: the next request loads them again from disk).
+    memory: Mutex<Memory>,
+    /// One load at a time: loads are CPU-bound, and many at once would overshoot the budget.
+    loading: tokio::sync::Mutex<()>,
+}
+
+#[derive(Default)]
+struct Memory {
+    footprint: std::collections::HashMap<(String, String), u64>,
+    evicted: std::collections::HashMap<(String, String), String>,
+    evictions: u64,
+    reloads: u64,
+}
+
+/// A loaded version's memory, estimated from its bundle: the weights as read and the
+/// backend's copy of them, plus 1 MiB of plans and buffers. Compiled components are shared
+/// between bundles that carry the same one (the runtime keeps one copy), so they do not count
+/// per model.
+fn footprint(bundle_bytes: usize) -> u64 {
+    2 * bundle_bytes as u64 + (1 << 20)
 }
 
 impl Replicas {
@@ -56,7 +79,162 @@ impl Replicas {
             coordinators: Mutex::new(None),
             process: Mutex::new(ProcessSampler::default()),
             changed: tokio::sync::Notify::new(),
+            budget: None,
+            memory: Mutex::new(Memory::default()),
+            loading: tokio::sync::Mutex::new(()),
         })
+    }
+
+    /// Keep the loaded models within `bytes`, evicting the least recently used.
+    pub fn with_budget(mut self, bytes: Option<u64>) -> Replicas {
+        self.budget = bytes;
+        self
+    }
+
+    /// (loaded estimate in bytes, budget, versions evicted now, evictions, reloads).
+    pub fn memory(&self) -> (u64, Option<u64>, usize, u64, u64) {
+        let m = self.memory.lock();
+        let loaded = self
+            .repo
+            .loaded()
+            .iter()
+            .filter_map(|l| m.footprint.get(&(l.name.clone(), l.version.clone())))
+            .sum();
+        (loaded, self.budget, m.evicted.len(), m.evictions, m.reloads)
+    }
+
+    /// Whether `model@version` (or, with no version, any version of it) was evicted here.
+    pub fn evicted(&self, model: &str, version: Option<&str>) -> Option<(String, String)> {
+        self.memory
+            .lock()
+            .evicted
+            .keys()
+            .find(|(m, v)| m == model && version.is_none_or(|want| want == v))
+            .cloned()
+    }
+
+    /// Load an evicted version again, from the bundle on disk (once, however many requests
+    /// ask at the same time). True once it is loaded.
+    pub async fn reload(&self, model: &str, version: &str) -> bool {
+        let _one = self.loading.lock().await;
+        self.make_room();
+        let key = (model.to_string(), version.to_string());
+        let Some(digest) = self.memory.lock().evicted.get(&key).cloned() else {
+            // Loaded meanwhile by another request (or never evicted).
+            return self.repo.lookup(model, Some(version)).is_ok();
+        };
+        let path = self.bundles.join(format!("{digest}.sophon"));
+        let loaded = match tokio::fs::read(&path).await {
+            Ok(bytes) => {
+                let len = bytes.len();
+                self.load_making_room(Arc::new(bytes), digest)
+                    .await
+                    .map(|_| len)
+            }
+            Err(e) => Err(anyhow::Error::from(e)),
+        };
+        match loaded {
+            Ok(len) => {
+                {
+                    let mut m = self.memory.lock();
+                    m.evicted.remove(&key);
+                    m.footprint.insert(key.clone(), footprint(len));
+                    m.reloads += 1;
+                }
+                self.evict_over_budget(&key);
+                true
+            }
+            Err(e) => {
+                tracing::warn!(%model, %version, error = %e, "could not load an evicted model again");
+                false
+            }
+        }
+    }
+
+    /// Load a bundle; when the instance pool is full, evict the least recently used model not
+    /// in use (or give one being dropped a moment) and try again.
+    async fn load_making_room(
+        &self,
+        bytes: Arc<Vec<u8>>,
+        digest: String,
+    ) -> anyhow::Result<Arc<crate::repository::LoadedModel>> {
+        let mut tries = 0;
+        loop {
+            let (repo, bytes, digest) = (self.repo.clone(), bytes.clone(), digest.clone());
+            let loaded = tokio::task::spawn_blocking(move || {
+                repo.add_bundle_expecting(&bytes, Some(&digest))
+            })
+            .await
+            .context("the loader stopped")?;
+            match loaded {
+                Err(e) if Repository::pool_full(&e) && tries < 20 => {
+                    tries += 1;
+                    self.evict_one(&(String::new(), String::new()));
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+                other => return Ok(other?),
+            }
+        }
+    }
+
+    /// Evict the least recently used versions not in use until the loaded ones fit the
+    /// budget; `keep` (just loaded) stays.
+    fn evict_over_budget(&self, keep: &(String, String)) {
+        let Some(budget) = self.budget else { return };
+        loop {
+            let total: u64 = {
+                let m = self.memory.lock();
+                self.repo
+                    .loaded()
+                    .iter()
+                    .filter_map(|l| m.footprint.get(&(l.name.clone(), l.version.clone())))
+                    .sum()
+            };
+            if total <= budget || !self.evict_one(keep) {
+                return;
+            }
+        }
+    }
+
+    /// Before a load: free the instance slots a model takes by default (the node's pool holds
+    /// a fixed number of instances, each loaded model reserving its concurrency), evicting the
+    /// least recently used versions not in use.
+    fn make_room(&self) {
+        let none = (String::new(), String::new());
+        loop {
+            let (needed, free) = self.repo.free_slots();
+            if free >= needed || !self.evict_one(&none) {
+                return;
+            }
+        }
+    }
+
+    /// Evict the least recently used loaded version that no request holds, other than `keep`
+    /// (one this node placed and can load again); false when there is none.
+    fn evict_one(&self, keep: &(String, String)) -> bool {
+        let loaded = self.repo.loaded();
+        let mut m = self.memory.lock();
+        // In use: held by a request besides the repository and this list.
+        let victim = loaded
+            .iter()
+            .filter(|l| (&l.name, &l.version) != (&keep.0, &keep.1))
+            .filter(|l| {
+                m.footprint
+                    .contains_key(&(l.name.clone(), l.version.clone()))
+            })
+            .filter(|l| Arc::strong_count(l) <= 2)
+            .min_by_key(|l| l.last_used.load(std::sync::atomic::Ordering::Relaxed));
+        let Some(victim) = victim else { return false };
+        let key = (victim.name.clone(), victim.version.clone());
+        let digest = victim.digest.clone();
+        drop(loaded);
+        if !self.repo.remove_version(&key.0, &key.1) {
+            return false;
+        }
+        tracing::info!(model = %key.0, version = %key.1, "evicted (least recently used)");
+        m.evicted.insert(key, digest);
+        m.evictions += 1;
+        true
     }
 
     /// The repository the replicas load into.
@@ -143,6 +321,12 @@ impl Replicas {
                 me.replicas.lock().values().any(|r| {
                     r.assignment.model == gone.model && r.assignment.version == gone.version
                 });
+            if !needed {
+                let key = (gone.model.clone(), gone.version.clone());
+                let mut m = me.memory.lock();
+                m.evicted.remove(&key);
+                m.footprint.remove(&key);
+            }
             if !needed && me.repo.remove_version(&gone.model, &gone.version) {
                 tracing::info!(model = %gone.model, version = %gone.version, "replica moved away: unloaded");
             }
@@ -184,11 +368,18 @@ impl Replicas {
     }
 
     async fn fetch_and_load(&self, id: ReplicaId, a: &wire::Assignment) -> anyhow::Result<()> {
-        // Already loaded (another deployment of the same version, or a restart that kept it).
+        // Already loaded (another deployment of the same version, or a restart that kept it),
+        // or evicted (its next request loads it again).
         if self
             .repo
             .lookup(&a.model, Some(&a.version))
             .is_ok_and(|m| m.digest == a.digest)
+            || self
+                .memory
+                .lock()
+                .evicted
+                .get(&(a.model.clone(), a.version.clone()))
+                .is_some_and(|d| *d == a.digest)
         {
             return Ok(());
         }
@@ -213,21 +404,28 @@ impl Replicas {
             }
         };
         self.set(id, ReplicaState::Loading, None);
-        let repo = self.repo.clone();
-        let digest = a.digest.clone();
+        let _one = self.loading.lock().await;
+        self.make_room();
+        let len = bytes.len();
         // The repository checks the digest, the signature and every file before loading.
-        let loaded =
-            tokio::task::spawn_blocking(move || repo.add_bundle_expecting(&bytes, Some(&digest)))
-                .await
-                .context("the loader stopped")?;
-        let loaded = match loaded {
+        let loaded = match self
+            .load_making_room(Arc::new(bytes), a.digest.clone())
+            .await
+        {
             Ok(loaded) => loaded,
             Err(e) => {
                 // A damaged copy on disk is fetched again next time.
                 let _ = std::fs::remove_file(&path);
-                return Err(e.into());
+                return Err(e);
             }
         };
+        let key = (loaded.name.clone(), loaded.version.clone());
+        {
+            let mut m = self.memory.lock();
+            m.evicted.remove(&key);
+            m.footprint.insert(key.clone(), footprint(len));
+        }
+        self.evict_over_budget(&key);
         if loaded.name != a.model || loaded.version != a.version {
             self.repo.remove_version(&loaded.name, &loaded.version);
             bail!(
@@ -254,7 +452,8 @@ impl Replicas {
                     && !self
                         .repo
                         .lookup(&a.model, Some(&a.version))
-                        .is_ok_and(|m| m.digest == a.digest);
+                        .is_ok_and(|m| m.digest == a.digest)
+                    && self.evicted(&a.model, Some(&a.version)).is_none();
                 wire::ReplicaReport {
                     deployment: id.deployment,
                     revision: id.revision,

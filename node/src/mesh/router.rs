@@ -68,7 +68,19 @@ pub struct Router {
     pub activator: std::sync::OnceLock<Box<dyn Fn(u64) + Send + Sync>>,
     /// Requests held here while their deployment is activated.
     held: std::sync::atomic::AtomicUsize,
+    /// Loads a version evicted here again (set once the replicas run).
+    pub reloader: std::sync::OnceLock<Reloader>,
 }
+
+/// Loads `model` (at a version, or any) again if it was evicted here; true once loaded.
+pub type Reloader = Box<
+    dyn Fn(
+            String,
+            Option<String>,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>
+        + Send
+        + Sync,
+>;
 
 /// The most requests a node holds at once while deployments activate; more get a 503.
 pub const MAX_HELD: usize = 1024;
@@ -114,6 +126,16 @@ impl Router {
             view: Default::default(),
             activator: std::sync::OnceLock::new(),
             held: Default::default(),
+            reloader: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Load `model` (at `version`, or any) again if it was evicted from this node to keep
+    /// within its model memory; true once it is loaded here.
+    pub async fn reload_evicted(&self, model: &str, version: Option<&str>) -> bool {
+        match self.reloader.get() {
+            Some(reload) => reload(model.to_string(), version.map(str::to_string)).await,
+            None => false,
         }
     }
 
@@ -650,8 +672,13 @@ async fn serve_stream(
     if request.body_length != body.len() {
         bail!("a forwarded body that does not match its announced length");
     }
-    let here =
-        model_of(&request.path).is_some_and(|(m, v)| router.repo.lookup(&m, v.as_deref()).is_ok());
+    let here = match model_of(&request.path) {
+        Some((m, v)) => {
+            router.repo.lookup(&m, v.as_deref()).is_ok()
+                || router.reload_evicted(&m, v.as_deref()).await
+        }
+        None => false,
+    };
     let (answer, body) = if !here {
         let body = serde_json::to_vec(&serde_json::json!({
             "error": format!("node {} has no ready replica for {}", router.me, request.path)

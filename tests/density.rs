@@ -1,0 +1,209 @@
+//! Many models on one node, within a memory budget: three coordinators and one node started
+//! with `--model-memory 48` (MiB; `SOPHON_MODEL_MEMORY` to change it), and `SOPHON_MODELS` distinct MLP deployments (40 by default;
+//! the benchmark runs 1,000) pushed and deployed to it. More than fit: the node keeps the least
+//! recently used within the budget, evicts the others, and loads an evicted one again from its
+//! disk when a request comes. Every model answers correctly; the test prints the p50 of a hit
+//! (loaded) and of a miss (loaded on demand), and the node's RSS.
+
+#[path = "support/harness.rs"]
+mod harness;
+#[path = "support/nodes.rs"]
+mod nodes;
+#[path = "support/udp_proxy.rs"]
+mod udp_proxy;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use harness::{Api, ok, three_coordinators};
+use nodes::{NodeProc, agent};
+use serde_json::{Value, json};
+use udp_proxy::Faults;
+
+fn rss_mib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb / 1024)
+}
+
+fn predict(agent: &ureq::Agent, node: &str, model: &str, x: &[f32]) -> Result<Vec<f32>, String> {
+    let body =
+        json!({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 784], "data": x}]});
+    let mut r = agent
+        .post(format!("{node}/v2/models/{model}/infer"))
+        .send_json(body)
+        .map_err(|e| e.to_string())?;
+    let status = r.status().as_u16();
+    let text = r.body_mut().read_to_string().unwrap_or_default();
+    if status != 200 {
+        return Err(format!("HTTP {status}: {text}"));
+    }
+    let v: Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+    Ok(v["outputs"][0]["data"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_f64)
+        .map(|f| f as f32)
+        .collect())
+}
+
+fn p50(v: &mut [Duration]) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+#[test]
+fn a_node_serves_more_models_than_its_memory_holds_by_evicting_and_reloading() {
+    let models: usize = std::env::var("SOPHON_MODELS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(40);
+    let budget_mib: u64 = std::env::var("SOPHON_MODEL_MEMORY")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(48);
+    let root = tempfile::tempdir().expect("tempdir");
+    let faults = Faults::new();
+    let (coordinators, token) = three_coordinators(root.path(), &faults, |_| {});
+    let api = Api::new(&token, Duration::from_secs(30));
+    let c1 = coordinators[0].url();
+    let key = sophon_sdk::keys::generate();
+    ok(
+        api.send(
+            "POST",
+            &c1,
+            "/v1/keys",
+            json!({"key": sophon_sdk::keys::public_key_hex(&key.verifying_key()), "name": "ci"}),
+        ),
+        "trust the publisher",
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_sophon"))
+        .args(["node", "join-token", "--raw"])
+        .env("SOPHON_SERVER", &c1)
+        .env("SOPHON_TOKEN", &token)
+        .output()
+        .expect("join token");
+    let join = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let node = NodeProc::join_with(
+        root.path(),
+        1,
+        &join,
+        &[
+            "--memory-mb",
+            "20000",
+            "--model-memory",
+            &budget_mib.to_string(),
+        ],
+    );
+    let url = node.url();
+    let pid = node.pid().expect("running");
+
+    // N distinct MLPs (each its own name and digest), each asking 8 MiB of the node.
+    let mlp = sophon_sdk::ready::mlp();
+    let onnx = mlp.to_onnx();
+    let started = Instant::now();
+    let mut bundle_bytes = 0;
+    for i in 0..models {
+        let name = format!("m{i}");
+        let mut manifest = sophon_sdk::onnx::onnx_manifest(&onnx, &name, "1").expect("manifest");
+        manifest.resources.memory_mb = 8;
+        let bundle = sophon_sdk::pack_parts(
+            &manifest,
+            sophon_sdk::components::PASSTHROUGH,
+            &[("model.onnx".to_string(), onnx.clone())],
+            &key,
+        )
+        .expect("pack");
+        bundle_bytes = bundle.len();
+        ok(api.push(&c1, &bundle), "push");
+        ok(
+            api.send(
+                "POST",
+                &c1,
+                "/v1/deployments",
+                json!({"model": name, "version": "1", "environment": "staging", "replicas": 1}),
+            ),
+            "deploy",
+        );
+    }
+    eprintln!(
+        "{models} models of {} KiB pushed and deployed in {:?}",
+        bundle_bytes / 1024,
+        started.elapsed()
+    );
+    let deadline = Instant::now() + Duration::from_secs(60 + models as u64 / 2);
+    loop {
+        let v = ok(api.get(&c1, "/v1/deployments"), "list");
+        let available = v
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|d| d["rollout"]["state"] == json!("available"))
+            .count();
+        if available == models {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{available} of {models} available\n{}",
+            node.logs()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    eprintln!(
+        "all {models} ready {:?} after the first push; node RSS {} MiB",
+        started.elapsed(),
+        rss_mib(pid)
+    );
+
+    let agent = agent();
+    let x: Vec<f32> = (0..784).map(|i| (i % 255) as f32 / 255.0).collect();
+    let want = mlp.forward(&x);
+    let right = |got: &[f32]| {
+        got.len() == want.len() && got.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-3)
+    };
+    // Every model in turn, twice: more than the budget holds, so least-recently-used order
+    // makes each request a miss (loaded again from disk).
+    let mut misses = Vec::new();
+    for round in 0..2 {
+        for i in 0..models {
+            let t = Instant::now();
+            let got = predict(&agent, &url, &format!("m{i}"), &x)
+                .unwrap_or_else(|e| panic!("round {round}, m{i}: {e}\n{}", node.logs()));
+            misses.push(t.elapsed());
+            assert!(right(&got), "m{i}");
+        }
+    }
+    // One model again and again: loaded, so each request is a hit.
+    let mut hits = Vec::new();
+    for _ in 0..50 {
+        let t = Instant::now();
+        let got = predict(&agent, &url, "m0", &x).expect("hit");
+        hits.push(t.elapsed());
+        assert!(right(&got));
+    }
+    let rss = rss_mib(pid);
+    let logs = node.logs();
+    let evicted = logs.matches("evicted").count();
+    eprintln!(
+        "{models} models, budget {budget_mib} MiB: hit p50 {:?}, miss p50 {:?} (ratio {:.1}); node RSS {rss} MiB ({:.2} MiB per model)",
+        p50(&mut hits),
+        p50(&mut misses),
+        p50(&mut misses).as_secs_f64() / p50(&mut hits).as_secs_f64(),
+        rss as f64 / models as f64
+    );
+    // 40 models of about 1.9 MiB each (the estimate) do not fit 48 MiB.
+    if (models as u64) * 2 > budget_mib {
+        assert!(evicted > 0, "nothing was evicted");
+    }
+    eprintln!("evictions: {evicted}");
+    assert!(!logs.contains("could not load an evicted"), "{logs}");
+    drop(node);
+    drop(coordinators);
+}
