@@ -90,6 +90,20 @@ fn a_node_serves_more_models_than_its_memory_holds_by_evicting_and_reloading() {
         .output()
         .expect("join token");
     let join = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    // The node evicts, so the scheduler may promise it more than its memory.
+    let out = Command::new(env!("CARGO_BIN_EXE_sophon"))
+        .args(["cluster", "overcommit", "400"])
+        .env("SOPHON_SERVER", &c1)
+        .env("SOPHON_TOKEN", &token)
+        .output()
+        .expect("overcommit");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = ok(api.get(&c1, "/v1/cluster/status"), "status");
+    assert_eq!(status["memory_overcommit_pct"], json!(400), "{status}");
     let node = NodeProc::join_with(
         root.path(),
         1,

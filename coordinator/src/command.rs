@@ -236,6 +236,10 @@ pub enum Command {
     SetHeartbeatGrace {
         grace_ms: u64,
     },
+    /// How much host memory the scheduler may promise each node, in percent (100: none).
+    SetMemoryOvercommit {
+        percent: u32,
+    },
     /// Record a coordinator (the Raft membership change itself is the driver's business). An
     /// admin may issue it, or a join token's holder (which uses the token up).
     AddCoordinator {
@@ -461,6 +465,7 @@ impl Command {
                 ..
             } => Role::Operator,
             SetHeartbeatGrace { .. }
+            | SetMemoryOvercommit { .. }
             | AddCoordinator { .. }
             | RemoveCoordinator { .. }
             | SetPolicy { .. }
@@ -483,6 +488,7 @@ impl Command {
             LeaveNode { .. } => "leave-node",
             MarkNodeDown { .. } => "mark-node-down",
             SetHeartbeatGrace { .. } => "set-heartbeat-grace",
+            SetMemoryOvercommit { .. } => "set-memory-overcommit",
             AddCoordinator { .. } => "add-coordinator",
             RemoveCoordinator { .. } => "remove-coordinator",
             RegisterModelVersion { .. } => "register-model-version",

@@ -228,6 +228,10 @@ pub enum ClusterCmd {
     Status,
     /// Coordinators and nodes.
     Members,
+    /// Let the scheduler promise each node this percent of its host memory (default 100).
+    /// Above 100, nodes hold more models than fit at once and evict the least recently used
+    /// (see `--model-memory`).
+    Overcommit { percent: u32 },
 }
 
 #[derive(Subcommand, Debug)]
@@ -1145,6 +1149,14 @@ pub fn cluster(args: &ClientArgs, cmd: ClusterCmd) -> anyhow::Result<()> {
                     ("audit records", cell(&v["audit_records"])),
                 ])
             });
+        }
+        ClusterCmd::Overcommit { percent } => {
+            let v = c.send(
+                "PUT",
+                "/v1/cluster/overcommit",
+                Some(json!({ "percent": percent })),
+            )?;
+            done(&c, &v, &format!("memory overcommit {percent}%"));
         }
         ClusterCmd::Members => {
             let v = c.get("/v1/cluster/members")?;

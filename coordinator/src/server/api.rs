@@ -128,6 +128,7 @@ pub fn router(core: Shared) -> Router {
         .route("/v1/cluster/status", get(cluster_status))
         .route("/v1/cluster/members", get(cluster_members))
         .route("/v1/cluster/heartbeat-grace", axum::routing::put(set_grace))
+        .route("/v1/cluster/overcommit", axum::routing::put(set_overcommit))
         .route(
             "/v1/cluster/coordinators/{id}",
             axum::routing::delete(remove_coordinator),
@@ -415,6 +416,7 @@ async fn cluster_status(
             "unplaced": state.unplaced().len(),
             "audit_records": state.audit().len(),
             "heartbeat_grace_ms": state.heartbeat_grace_ms(),
+            "memory_overcommit_pct": state.memory_overcommit_pct(),
             // Only with `?digest=true`: hashing the whole state is not free.
             "state_digest": if digest { Some(state.digest()?) } else { None },
         }))
@@ -464,6 +466,21 @@ async fn set_grace(
     let command = Command::SetHeartbeatGrace {
         grace_ms: b.grace_ms,
     };
+    Ok(outcome(write(&core, &headers, command).await?))
+}
+
+async fn set_overcommit(
+    AxState(core): AxState<Shared>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> ApiResult {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct OvercommitBody {
+        percent: u32,
+    }
+    let b: OvercommitBody = json_body(&body)?;
+    let command = Command::SetMemoryOvercommit { percent: b.percent };
     Ok(outcome(write(&core, &headers, command).await?))
 }
 

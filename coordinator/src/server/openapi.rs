@@ -92,6 +92,14 @@ pub const ROUTES: &[Route] = &[
         200,
     ),
     r(
+        "put",
+        "/v1/cluster/overcommit",
+        ADM,
+        "How much host memory the scheduler may promise each node, in percent (nodes evict past their model memory)",
+        Some("Overcommit"),
+        200,
+    ),
+    r(
         "post",
         "/v1/bundles",
         P,
@@ -353,6 +361,8 @@ fn schemas() -> Value {
             "hardware": {"type": "array", "items": {"enum": ["cpu", "gpu", "npu"]}}}),
             &["model", "version", "environment"]),
         "Grace": s(json!({"grace_ms": {"type": "integer", "minimum": 1}}), &["grace_ms"]),
+        "Overcommit": s(json!({"percent": {"type": "integer", "minimum": 100, "maximum": 10000}}),
+            &["percent"]),
         "JoinToken": s(json!({"expires_in_s": {"type": "integer", "minimum": 1,
             "maximum": 604800, "default": 3600}}), &[]),
         "Scale": s(json!({"replicas": {"type": "integer", "minimum": 0}}), &["replicas"]),

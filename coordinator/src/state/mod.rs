@@ -83,6 +83,14 @@ pub struct State {
     /// Certificates the mesh refuses, by principal (`coordinator/3`): removed coordinators.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     revoked: BTreeMap<String, Revoked>,
+    /// How much host memory the scheduler may promise a node, in percent of what it has
+    /// (nodes evict the least recently used models past their model memory).
+    #[serde(default = "default_overcommit")]
+    memory_overcommit_pct: u32,
+}
+
+fn default_overcommit() -> u32 {
+    100
 }
 
 impl Default for State {
@@ -105,6 +113,7 @@ impl Default for State {
             trusted_keys: BTreeMap::new(),
             writes: AppliedWrites::default(),
             revoked: BTreeMap::new(),
+            memory_overcommit_pct: default_overcommit(),
         }
     }
 }
@@ -266,6 +275,7 @@ impl State {
             LeaveNode { node } => self.leave_node(node),
             MarkNodeDown { node } => self.mark_node_down(ctx, node),
             SetHeartbeatGrace { grace_ms } => self.set_heartbeat_grace(*grace_ms),
+            SetMemoryOvercommit { percent } => self.set_memory_overcommit(*percent),
             AddCoordinator {
                 id,
                 address,
@@ -384,9 +394,38 @@ impl State {
         }
     }
 
-    /// The scheduler's view of the nodes, in id order.
+    /// The scheduler's view of the nodes, in id order; host memory scaled by the overcommit.
     pub fn node_views(&self) -> Vec<NodeView> {
-        self.nodes.values().map(Node::view).collect()
+        let pct = u64::from(self.memory_overcommit_pct);
+        self.nodes
+            .values()
+            .map(|n| {
+                let mut v = n.view();
+                v.capacity.cpu_mb = v.capacity.cpu_mb.saturating_mul(pct) / 100;
+                v
+            })
+            .collect()
+    }
+
+    /// Host memory the scheduler may promise nodes, in percent of what they have.
+    pub fn memory_overcommit_pct(&self) -> u32 {
+        self.memory_overcommit_pct
+    }
+
+    fn set_memory_overcommit(&mut self, percent: u32) -> Result<Change> {
+        if !(100..=10_000).contains(&percent) {
+            return Err(crate::error::invalid(
+                "percent",
+                percent.to_string(),
+                "from 100 (no overcommit) to 10000",
+            ));
+        }
+        let old = std::mem::replace(&mut self.memory_overcommit_pct, percent);
+        Ok(Change::new(
+            "memory overcommit",
+            format!("{old}% -> {percent}% of each node's host memory"),
+        )
+        .replan())
     }
 
     /// The scheduler's view of the deployments, in id order: one per revision a deployment

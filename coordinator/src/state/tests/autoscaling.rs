@@ -108,3 +108,31 @@ fn min_zero_goes_to_zero_and_an_activation_brings_one_back() {
     let e = w.refused(operator(), set(1, Some(bad)));
     assert!(matches!(e, Error::Invalid { .. }), "{e}");
 }
+
+#[test]
+fn an_overcommit_lets_nodes_take_more_than_their_memory() {
+    let mut w = World::with_shelf();
+    w.ok(
+        operator(),
+        Command::JoinNode {
+            node: node_spec("n1", "a", 3000, 0),
+        },
+    );
+    // fraud@1 asks 1000 MiB per replica: three fit in 3000 MiB, not four.
+    for env in ["staging", "dev", "qa", "lab"] {
+        w.ok(admin(), policy(env, 0, Role::Approver));
+        w.ok(operator(), deploy("fraud", "1", env, 1));
+    }
+    assert_eq!(
+        (w.state.placements().len(), w.state.unplaced().len()),
+        (3, 1)
+    );
+    w.refused(admin(), Command::SetMemoryOvercommit { percent: 50 });
+    w.refused(operator(), Command::SetMemoryOvercommit { percent: 200 });
+    w.ok(admin(), Command::SetMemoryOvercommit { percent: 200 });
+    assert_eq!(w.state.memory_overcommit_pct(), 200);
+    assert_eq!(
+        (w.state.placements().len(), w.state.unplaced().len()),
+        (4, 0)
+    );
+}

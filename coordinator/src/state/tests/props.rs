@@ -182,6 +182,7 @@ fn command() -> impl Strategy<Value = Command> {
             canary: Default::default(), stable: Default::default(), reason: "judged".into(),
         }),
         1 => (1..4u64).prop_map(|deployment| Command::PromoteCanary { deployment }),
+        1 => pick(&[100u32, 150, 400]).prop_map(|percent| Command::SetMemoryOvercommit { percent }),
         1 => (1..4u64, 0..3u32, 1..4u32).prop_map(|(deployment, min, max)| Command::SetAutoscale {
             deployment,
             autoscale: Some(crate::state::autoscale::Autoscale {
