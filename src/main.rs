@@ -7,6 +7,10 @@
 
 mod cli;
 
+/// Counts each thread's allocations, so that a node can measure what a model load keeps.
+#[global_allocator]
+static ALLOCATOR: sophon_node::heap::Counting = sophon_node::heap::Counting;
+
 use clap::{Parser, Subcommand};
 
 /// Sophon: deploy ML models as signed Wasm bundles and serve them over KServe V2.

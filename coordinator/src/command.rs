@@ -340,6 +340,18 @@ pub enum Command {
         environment: String,
         replicas: u32,
         hardware: Option<Vec<Device>>,
+        /// Nodes load its replicas at once and evict them last (otherwise on first request).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        hot: bool,
+        /// Autoscale it from the start (`replicas` is then kept within the bounds).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        autoscale: Option<crate::state::autoscale::Autoscale>,
+    },
+    /// Mark a deployment hot (its nodes load it at once and evict it last) or cold (loaded on
+    /// its first request, evicted first).
+    SetDeploymentHot {
+        deployment: u64,
+        hot: bool,
     },
     ScaleDeployment {
         deployment: u64,
@@ -398,6 +410,23 @@ pub enum Command {
         replicas: u32,
         reason: String,
     },
+    /// A command the approval rules refused (a version not approved for the environment),
+    /// recorded in the audit log by the coordinator that refused it, as its actor.
+    RecordRefusal {
+        /// The refused command's action, like `update-deployment`.
+        action: String,
+        target: String,
+        reason: String,
+    },
+    /// What a model version keeps in memory once loaded, as a node measured it (the leader
+    /// commits it when a node reports more than recorded): the scheduler counts it instead of
+    /// the manifest's estimate.
+    RecordModelMemory {
+        model: String,
+        version: String,
+        node: String,
+        memory_mb: u64,
+    },
 
     // --- tokens ---
     /// Store a token; the secret itself never enters the log, only its SHA-256
@@ -432,7 +461,8 @@ impl Command {
     pub fn required_role(&self) -> Role {
         use Command::*;
         match self {
-            RevokeToken { .. } => Role::Viewer,
+            // Recorded on behalf of whoever was refused (already authorized for the command).
+            RevokeToken { .. } | RecordRefusal { .. } => Role::Viewer,
             RegisterModelVersion { .. }
             | PutOnShelf { .. }
             | TakeOffShelf { .. }
@@ -445,6 +475,8 @@ impl Command {
             JoinNode { .. }
             | Heartbeat { .. }
             | ReportReplicas { .. }
+            | RecordModelMemory { .. }
+            | SetDeploymentHot { .. }
             | DrainNode { .. }
             | ResumeNode { .. }
             | LeaveNode { .. }
@@ -513,6 +545,9 @@ impl Command {
             PromoteCanary { .. } => "promote-canary",
             SetAutoscale { .. } => "set-autoscale",
             Autoscale { .. } => "autoscale",
+            SetDeploymentHot { .. } => "set-hot",
+            RecordRefusal { .. } => "refused",
+            RecordModelMemory { .. } => "record-model-memory",
             CreateToken { .. } | CreateLimitedToken { .. } => "create-token",
             RevokeToken { .. } => "revoke-token",
         }

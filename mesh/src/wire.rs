@@ -244,6 +244,18 @@ pub struct Heartbeat {
     /// Sent every few heartbeats, empty otherwise.
     #[serde(default)]
     pub perf: Vec<PerfReport>,
+    /// The memory each model version placed here took when it loaded, as measured: new
+    /// figures for a few heartbeats, all of them now and then.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub memory: Vec<ModelMemory>,
+}
+
+/// What one model version holds in memory once loaded on a node, measured there.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelMemory {
+    pub model: String,
+    pub version: String,
+    pub bytes: u64,
 }
 
 /// A coordinator's answer to a heartbeat.
@@ -282,6 +294,9 @@ pub struct Assignment {
     pub version: String,
     /// The bundle's digest (sha256 of the bundle file, hex).
     pub digest: String,
+    /// Load the model at once and evict it last; otherwise it loads on its first request.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hot: bool,
 }
 
 /// A node that serves a deployment.
@@ -417,6 +432,7 @@ mod tests {
                 model: "mlp".into(),
                 version: "1".into(),
                 digest: "ab".into(),
+                hot: false,
             }],
             routes: Vec::new(),
             coordinators: vec!["127.0.0.1:7000".into()],

@@ -15,6 +15,7 @@ pub mod batcher;
 pub mod convert;
 pub mod grpc;
 pub mod hardware;
+pub mod heap;
 pub mod http;
 pub mod mesh;
 pub mod perf;

@@ -356,21 +356,7 @@ impl Repository {
         bytes: &[u8],
         digest: Option<&str>,
     ) -> Result<Arc<LoadedModel>, RepoError> {
-        let bundle = Arc::new(Bundle::read(bytes)?);
-        if let Some(want) = digest
-            && bundle.digest_hex() != want
-        {
-            let manifest = &bundle.manifest;
-            return Err(RepoError::Load {
-                name: manifest.model.name.clone(),
-                version: manifest.model.version.clone(),
-                reason: format!(
-                    "the bundle's digest is {}, not {want} as placed",
-                    bundle.digest_hex()
-                ),
-            });
-        }
-        bundle.verify_publisher(&self.trusted.read())?;
+        let bundle = Arc::new(self.checked(bytes, digest)?);
         let loaded = Arc::new(self.instantiate(&bundle)?);
         let mut models = self.models.write();
         let slot = models.entry(loaded.name.clone()).or_insert_with(|| Slot {
@@ -385,6 +371,45 @@ impl Repository {
         }
         slot.reason = None;
         Ok(loaded)
+    }
+
+    /// Checks a bundle placed here cold, without loading it: its digest (must be `digest`),
+    /// its signature and files, and its component, compiled into the AOT cache and linked.
+    /// Answers its model and version. Its first request loads it
+    /// ([`add_bundle_expecting`](Self::add_bundle_expecting)).
+    pub fn prepare(&self, bytes: &[u8], digest: &str) -> Result<(String, String), RepoError> {
+        let bundle = self.checked(bytes, Some(digest))?;
+        let model = &bundle.manifest.model;
+        let (name, version) = (model.name.clone(), model.version.clone());
+        match Model::prepare(&self.runtime, &bundle.component) {
+            Ok(_) => Ok((name, version)),
+            Err(e) => Err(RepoError::Load {
+                name,
+                version,
+                reason: format!("{e:#}"),
+            }),
+        }
+    }
+
+    /// A bundle read and verified (files, signature by a trusted publisher), refused unless
+    /// its digest is `digest` where one is given.
+    fn checked(&self, bytes: &[u8], digest: Option<&str>) -> Result<Bundle, RepoError> {
+        let bundle = Bundle::read(bytes)?;
+        if let Some(want) = digest
+            && bundle.digest_hex() != want
+        {
+            let manifest = &bundle.manifest;
+            return Err(RepoError::Load {
+                name: manifest.model.name.clone(),
+                version: manifest.model.version.clone(),
+                reason: format!(
+                    "the bundle's digest is {}, not {want} as placed",
+                    bundle.digest_hex()
+                ),
+            });
+        }
+        bundle.verify_publisher(&self.trusted.read())?;
+        Ok(bundle)
     }
 
     fn instantiate(&self, bundle: &Bundle) -> Result<LoadedModel, RepoError> {

@@ -86,6 +86,47 @@ pub enum PolicyCmd {
     Show { environment: Option<String> },
 }
 
+/// Autoscaling bounds (`deploy autoscale`, and `deploy create` with --max-replicas).
+#[derive(clap::Args, Debug)]
+pub struct Bounds {
+    /// The fewest replicas (0: scale to zero when idle; default 1).
+    #[arg(long)]
+    min_replicas: Option<u32>,
+    #[arg(long)]
+    max_replicas: Option<u32>,
+    /// Requests in flight per replica to aim at.
+    #[arg(long, default_value_t = 1.0)]
+    target_concurrency: f64,
+    /// The average that sizes it in steady state.
+    #[arg(long, default_value = "60s", value_parser = super::coordinator::parse_duration)]
+    stable_window: std::time::Duration,
+    /// The short average that scales up at once in a burst.
+    #[arg(long, default_value = "6s", value_parser = super::coordinator::parse_duration)]
+    panic_window: std::time::Duration,
+    /// With --min-replicas 0: idle time before going to zero (default 5m).
+    #[arg(long, value_parser = super::coordinator::parse_duration)]
+    scale_to_zero_after: Option<std::time::Duration>,
+}
+
+impl Bounds {
+    /// The body of `PUT /v1/deployments/{id}/autoscale`; `None` without --max-replicas.
+    fn body(&self) -> anyhow::Result<Option<Value>> {
+        let Some(max) = self.max_replicas else {
+            if self.min_replicas.is_some() {
+                anyhow::bail!("--min-replicas needs --max-replicas");
+            }
+            return Ok(None);
+        };
+        Ok(Some(json!({
+            "min_replicas": self.min_replicas.unwrap_or(1), "max_replicas": max,
+            "target_concurrency": self.target_concurrency,
+            "stable_window_ms": self.stable_window.as_millis() as u64,
+            "panic_window_ms": self.panic_window.as_millis() as u64,
+            "scale_to_zero_after_ms": self.scale_to_zero_after.map(|d| d.as_millis() as u64),
+        })))
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum DeployCmd {
     /// Deploy a version to an environment.
@@ -105,6 +146,19 @@ pub enum DeployCmd {
         /// How long `--wait` waits, like `90s` or `5m`.
         #[arg(long, default_value = "5m", value_parser = super::coordinator::parse_duration)]
         timeout: std::time::Duration,
+        /// Nodes load it at once and evict it last (default: cold, loaded on its first
+        /// request and evicted first).
+        #[arg(long)]
+        hot: bool,
+        /// Autoscale it from the start (with --max-replicas; see `deploy autoscale`).
+        #[command(flatten)]
+        bounds: Bounds,
+    },
+    /// Mark a deployment hot (loaded at once on its nodes, evicted last) or, with --off, cold.
+    Hot {
+        id: u64,
+        #[arg(long)]
+        off: bool,
     },
     List,
     Show {
@@ -180,21 +234,8 @@ pub enum DeployCmd {
     /// zero after --scale-to-zero-after without a request, and a request activates it again.
     Autoscale {
         id: u64,
-        #[arg(long, required_unless_present = "off")]
-        min_replicas: Option<u32>,
-        #[arg(long, required_unless_present = "off")]
-        max_replicas: Option<u32>,
-        #[arg(long, default_value_t = 1.0)]
-        target_concurrency: f64,
-        /// The average that sizes it in steady state.
-        #[arg(long, default_value = "60s", value_parser = super::coordinator::parse_duration)]
-        stable_window: std::time::Duration,
-        /// The short average that scales up at once in a burst.
-        #[arg(long, default_value = "6s", value_parser = super::coordinator::parse_duration)]
-        panic_window: std::time::Duration,
-        /// With --min-replicas 0: idle time before going to zero (default 5m).
-        #[arg(long, value_parser = super::coordinator::parse_duration)]
-        scale_to_zero_after: Option<std::time::Duration>,
+        #[command(flatten)]
+        bounds: Bounds,
         /// Stop autoscaling (the replica count stays where it is).
         #[arg(long, conflicts_with_all = ["min_replicas", "max_replicas"])]
         off: bool,
@@ -379,7 +420,17 @@ pub fn model(args: &ClientArgs, cmd: ModelCmd) -> anyhow::Result<()> {
                         ("stages", stages(&v["stages"])),
                         (
                             "memory",
-                            format!("{} MiB", cell(&v["manifest"]["memory_mb"])),
+                            match v["measured"]["memory_mb"].as_u64() {
+                                Some(mb) => format!(
+                                    "{mb} MiB, measured on node {} (manifest: {} MiB)",
+                                    cell(&v["measured"]["node"]),
+                                    cell(&v["manifest"]["memory_mb"])
+                                ),
+                                None => format!(
+                                    "{} MiB (manifest; not measured yet)",
+                                    cell(&v["manifest"]["memory_mb"])
+                                ),
+                            },
                         ),
                         ("hardware", cell(&v["manifest"]["preferred"])),
                         ("inputs", tensors(&v["manifest"]["inputs"])),
@@ -689,6 +740,8 @@ pub fn deploy(args: &ClientArgs, cmd: DeployCmd) -> anyhow::Result<()> {
             hardware,
             wait,
             timeout,
+            hot,
+            bounds,
         } => {
             let hw = if hardware.is_empty() {
                 Value::Null
@@ -700,7 +753,8 @@ pub fn deploy(args: &ClientArgs, cmd: DeployCmd) -> anyhow::Result<()> {
                 "/v1/deployments",
                 Some(
                     json!({"model": model, "version": version, "environment": environment,
-                            "replicas": replicas, "hardware": hw}),
+                            "replicas": replicas, "hardware": hw, "hot": hot,
+                            "autoscale": bounds.body()?}),
                 ),
             )?;
             done(
@@ -831,34 +885,24 @@ pub fn deploy(args: &ClientArgs, cmd: DeployCmd) -> anyhow::Result<()> {
                 wait_update(&c, id, timeout)?;
             }
         }
-        DeployCmd::Autoscale {
-            id,
-            min_replicas,
-            max_replicas,
-            target_concurrency,
-            stable_window,
-            panic_window,
-            scale_to_zero_after,
-            off,
-        } => {
+        DeployCmd::Autoscale { id, bounds, off } => {
             let path = format!("/v1/deployments/{id}/autoscale");
             if off {
                 let v = c.send("DELETE", &path, None)?;
                 done(&c, &v, &format!("deployment {id}: autoscaling off"));
             } else {
-                let v = c.send(
-                    "PUT",
-                    &path,
-                    Some(json!({
-                        "min_replicas": min_replicas, "max_replicas": max_replicas,
-                        "target_concurrency": target_concurrency,
-                        "stable_window_ms": stable_window.as_millis() as u64,
-                        "panic_window_ms": panic_window.as_millis() as u64,
-                        "scale_to_zero_after_ms": scale_to_zero_after.map(|d| d.as_millis() as u64),
-                    })),
-                )?;
+                if bounds.min_replicas.is_none() || bounds.max_replicas.is_none() {
+                    anyhow::bail!("give --min-replicas and --max-replicas, or --off");
+                }
+                let v = c.send("PUT", &path, bounds.body()?)?;
                 done(&c, &v, &format!("deployment {id}: autoscaled"));
             }
+        }
+        DeployCmd::Hot { id, off } => {
+            let path = format!("/v1/deployments/{id}/hot");
+            let v = c.send(if off { "DELETE" } else { "PUT" }, &path, None)?;
+            let what = if off { "cold" } else { "hot" };
+            done(&c, &v, &format!("deployment {id}: {what}"));
         }
         DeployCmd::Promote { id } => {
             let v = c.send("POST", &format!("/v1/deployments/{id}/promote"), None)?;
@@ -888,12 +932,23 @@ pub fn deploy(args: &ClientArgs, cmd: DeployCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Print a rolling update's progress until it ends: Ok once its revision serves, an error
-/// if it was rolled back (with the reason) or time runs out.
-/// `deploy show`'s canary part: the running canary's step, and the decisions on the newest
-/// revision that had any, with the figures behind each.
+/// `deploy show`'s lines below the table: hot or cold, autoscaling, the running canary's
+/// step, and the decisions on the newest revision that had any, with the figures behind each.
 fn canary_lines(d: &Value) -> String {
     let mut out = String::new();
+    if d["hot"] == true {
+        out.push_str(
+            "
+hot: its nodes load it at once and evict it last
+",
+        );
+    } else {
+        out.push_str(
+            "
+cold: its nodes load it on its first request and evict it first
+",
+        );
+    }
     let a = &d["autoscale"];
     if let Some(min) = a["min_replicas"].as_u64() {
         out.push_str(&format!(
@@ -999,6 +1054,8 @@ fn figures_text(f: &Value) -> String {
     )
 }
 
+/// Print a rolling update's progress until it ends: Ok once its revision serves, an error
+/// if it was rolled back (with the reason) or time runs out.
 fn wait_update(c: &Client, id: u64, timeout: std::time::Duration) -> anyhow::Result<()> {
     let deadline = std::time::Instant::now() + timeout;
     let started = c.get(&format!("/v1/deployments/{id}/history"))?;

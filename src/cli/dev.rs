@@ -192,7 +192,7 @@ async fn join_dev_node(
     Ok(dir)
 }
 
-/// Push `bundle` and deploy it to staging with one replica, through the admin API as a user
+/// Push `bundle` and deploy it hot to staging with one replica, through the admin API as a user
 /// would (a version already on the shelf, or already deployed, is left as it is). Returns the
 /// model's name and version.
 fn push_and_deploy(admin: &str, token: &str, bundle: &[u8]) -> anyhow::Result<(String, String)> {
@@ -222,6 +222,8 @@ fn push_and_deploy(admin: &str, token: &str, bundle: &[u8]) -> anyhow::Result<(S
     }
     let body = serde_json::json!({
         "model": name, "version": version, "environment": "staging", "replicas": 1,
+        // Loaded at once: `sophon dev` lists what it serves, and its first request is fast.
+        "hot": true,
     });
     let mut deployed = agent
         .post(format!("http://{admin}/v1/deployments"))
@@ -319,7 +321,11 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
             .await??;
             let started = std::time::Instant::now();
             for (name, version) in &wanted {
-                while repo.lookup(name, Some(version)).is_err() {
+                // Loaded, or ready to load on its first request (a cold deployment an earlier
+                // run made in the same data directory).
+                while repo.lookup(name, Some(version)).is_err()
+                    && node.replicas.evicted(name, Some(version)).is_none()
+                {
                     if started.elapsed() > std::time::Duration::from_secs(120) {
                         anyhow::bail!(
                             "{name}@{version} was deployed but did not become ready on the dev node"

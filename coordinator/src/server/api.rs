@@ -172,6 +172,10 @@ pub fn router(core: Shared) -> Router {
             "/v1/deployments/{id}/autoscale",
             axum::routing::put(set_autoscale).delete(clear_autoscale),
         )
+        .route(
+            "/v1/deployments/{id}/hot",
+            axum::routing::put(set_hot).delete(set_cold),
+        )
         .route("/v1/deployments/{id}/history", get(deployment_history))
         .route("/v1/tokens", get(list_tokens).post(create_token))
         .route("/v1/tokens/{id}", axum::routing::delete(revoke_token))
@@ -350,7 +354,20 @@ pub(super) async fn write(
     command: Command,
 ) -> ApiResult<Outcome> {
     let actor = authenticate(core, headers, command.required_role()).await?;
-    Ok(core.write(actor, command).await?)
+    let action = command.action();
+    let result = core.write(actor.clone(), command).await;
+    // What the approval rules refuse is audited too: who tried to run what, and where.
+    if let Err(e @ crate::Error::NotApproved { model, version, .. }) = &result {
+        let record = Command::RecordRefusal {
+            action: action.to_string(),
+            target: format!("model {model}@{version}"),
+            reason: e.to_string(),
+        };
+        if let Err(failed) = core.write(actor, record).await {
+            tracing::warn!(error = %failed, "could not audit a refusal");
+        }
+    }
+    Ok(result?)
 }
 
 pub(super) async fn authenticate(
@@ -900,6 +917,12 @@ struct DeploymentBody {
     replicas: u32,
     #[serde(default)]
     hardware: Option<Vec<Device>>,
+    /// Load at once on its nodes and evict last (default: on first request).
+    #[serde(default)]
+    hot: bool,
+    /// Autoscale from the start (the body of `PUT /v1/deployments/{id}/autoscale`).
+    #[serde(default)]
+    autoscale: Option<AutoscaleBody>,
 }
 
 fn one() -> u32 {
@@ -921,6 +944,8 @@ async fn create_deployment(
             environment: b.environment,
             replicas: b.replicas,
             hardware: b.hardware,
+            hot: b.hot,
+            autoscale: b.autoscale.map(AutoscaleBody::bounds).transpose()?,
         },
     )
     .await?;
@@ -1025,61 +1050,90 @@ async fn canary_deployment(
     Ok(outcome(write(&core, &headers, command).await?))
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AutoscaleBody {
+    min_replicas: u32,
+    max_replicas: u32,
+    /// Requests in flight per replica to aim at (default 1).
+    #[serde(default)]
+    target_concurrency: Option<f64>,
+    #[serde(default)]
+    stable_window_ms: Option<u64>,
+    #[serde(default)]
+    panic_window_ms: Option<u64>,
+    #[serde(default)]
+    panic_threshold_pct: Option<u32>,
+    #[serde(default)]
+    scale_to_zero_after_ms: Option<u64>,
+}
+
+impl AutoscaleBody {
+    fn bounds(self) -> ApiResult<crate::state::autoscale::Autoscale> {
+        use crate::state::autoscale::{self, Autoscale};
+        let target = self.target_concurrency.unwrap_or(1.0);
+        if !target.is_finite() || target <= 0.0 || target > 10_000.0 {
+            return Err(crate::error::invalid(
+                "target_concurrency",
+                target.to_string(),
+                "above 0 and at most 10000 requests in flight per replica",
+            )
+            .into());
+        }
+        Ok(Autoscale {
+            min_replicas: self.min_replicas,
+            max_replicas: self.max_replicas,
+            target_concurrency_milli: (target * 1000.0).round().max(1.0) as u32,
+            stable_window_ms: self
+                .stable_window_ms
+                .unwrap_or(autoscale::DEFAULT_STABLE_WINDOW_MS),
+            panic_window_ms: self
+                .panic_window_ms
+                .unwrap_or(autoscale::DEFAULT_PANIC_WINDOW_MS),
+            panic_threshold_pct: self
+                .panic_threshold_pct
+                .unwrap_or(autoscale::DEFAULT_PANIC_THRESHOLD_PCT),
+            scale_to_zero_after_ms: self.scale_to_zero_after_ms,
+        })
+    }
+}
+
 async fn set_autoscale(
     AxState(core): AxState<Shared>,
     headers: HeaderMap,
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> ApiResult {
-    use crate::state::autoscale::{self, Autoscale};
     let deployment = parse_id("deployment id", &id)?;
-    #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
-    struct AutoscaleBody {
-        min_replicas: u32,
-        max_replicas: u32,
-        /// Requests in flight per replica to aim at (default 1).
-        #[serde(default)]
-        target_concurrency: Option<f64>,
-        #[serde(default)]
-        stable_window_ms: Option<u64>,
-        #[serde(default)]
-        panic_window_ms: Option<u64>,
-        #[serde(default)]
-        panic_threshold_pct: Option<u32>,
-        #[serde(default)]
-        scale_to_zero_after_ms: Option<u64>,
-    }
     let b: AutoscaleBody = json_body(&body)?;
-    let target = b.target_concurrency.unwrap_or(1.0);
-    if !target.is_finite() || target <= 0.0 || target > 10_000.0 {
-        return Err(crate::error::invalid(
-            "target_concurrency",
-            target.to_string(),
-            "above 0 and at most 10000 requests in flight per replica",
-        )
-        .into());
-    }
-    let a = Autoscale {
-        min_replicas: b.min_replicas,
-        max_replicas: b.max_replicas,
-        target_concurrency_milli: (target * 1000.0).round().max(1.0) as u32,
-        stable_window_ms: b
-            .stable_window_ms
-            .unwrap_or(autoscale::DEFAULT_STABLE_WINDOW_MS),
-        panic_window_ms: b
-            .panic_window_ms
-            .unwrap_or(autoscale::DEFAULT_PANIC_WINDOW_MS),
-        panic_threshold_pct: b
-            .panic_threshold_pct
-            .unwrap_or(autoscale::DEFAULT_PANIC_THRESHOLD_PCT),
-        scale_to_zero_after_ms: b.scale_to_zero_after_ms,
-    };
+    let a = b.bounds()?;
     let command = Command::SetAutoscale {
         deployment,
         autoscale: Some(a),
     };
     Ok(outcome(write(&core, &headers, command).await?))
+}
+
+async fn set_hot(
+    AxState(core): AxState<Shared>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult {
+    mark_hot(&core, &headers, &id, true).await
+}
+
+async fn set_cold(
+    AxState(core): AxState<Shared>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult {
+    mark_hot(&core, &headers, &id, false).await
+}
+
+async fn mark_hot(core: &Core, headers: &HeaderMap, id: &str, hot: bool) -> ApiResult {
+    let deployment = parse_id("deployment id", id)?;
+    let command = Command::SetDeploymentHot { deployment, hot };
+    Ok(outcome(write(core, headers, command).await?))
 }
 
 async fn clear_autoscale(

@@ -68,6 +68,9 @@ pub struct Directory {
     pub canaries: Vec<CanaryPlan>,
     /// The autoscaled deployments, for the leader's autoscaler.
     pub autoscaled: Vec<ScalePlan>,
+    /// The memory recorded as measured for each placed version (0: none yet), so that the
+    /// leader commits a node's measurement only when it is new or larger.
+    pub measured: HashMap<(String, String), u64>,
 }
 
 /// An autoscaled deployment as the leader's autoscaler needs it.
@@ -121,6 +124,7 @@ impl Directory {
             .collect();
         let mut assignments: HashMap<String, Vec<wire::Assignment>> = HashMap::new();
         let mut phases: HashMap<String, Phases> = HashMap::new();
+        let mut measured = HashMap::new();
         let mut ready: BTreeMap<(u64, u32), BTreeMap<&str, u32>> = BTreeMap::new();
         for p in s.placements() {
             let Some(d) = s.deployments().get(&p.deployment) else {
@@ -139,6 +143,15 @@ impl Directory {
                     model: d.model.clone(),
                     version: version.to_string(),
                     digest: digest_of(&d.model, version),
+                    hot: d.hot,
+                });
+            measured
+                .entry((d.model.clone(), version.to_string()))
+                .or_insert_with(|| {
+                    s.version(&d.model, version)
+                        .ok()
+                        .and_then(|v| v.measured.as_ref())
+                        .map_or(0, |m| m.memory_mb)
                 });
             phases.entry(p.node.clone()).or_default().insert(
                 (p.deployment, p.revision, p.replica),
@@ -241,6 +254,7 @@ impl Directory {
             trusted_keys: s.trusted_keys().keys().cloned().collect(),
             canaries,
             autoscaled,
+            measured,
         }
     }
 
@@ -668,6 +682,7 @@ impl Core {
             liveness.heard(node, Instant::now(), &hb);
             (down || !updates.is_empty()) && liveness.begin(node)
         };
+        self.record_memory(node, &dir, &hb.memory);
         if propose {
             let core = self.clone();
             let node = node.to_string();
@@ -688,6 +703,40 @@ impl Core {
             grace_ms: dir.grace_ms,
         })
         .map_err(|e| io("encode", e))
+    }
+
+    /// Commits what `node` measured of the versions placed on it, where a figure is new or
+    /// more than a tenth above the one recorded (the largest measured is what counts).
+    fn record_memory(self: &Arc<Self>, node: &str, dir: &Directory, memory: &[wire::ModelMemory]) {
+        for m in memory {
+            let key = (m.model.clone(), m.version.clone());
+            let Some(&recorded) = dir.measured.get(&key) else {
+                // Not placed (any more): nothing to schedule by it.
+                continue;
+            };
+            let mb = m.bytes.div_ceil(1 << 20).max(1);
+            if recorded > 0 && mb * 10 <= recorded * 11 {
+                continue;
+            }
+            let claim = format!("memory {}@{}", m.model, m.version);
+            if !self.nodes.liveness.lock().begin(&claim) {
+                continue;
+            }
+            let core = self.clone();
+            let node = node.to_string();
+            tokio::spawn(async move {
+                let command = Command::RecordModelMemory {
+                    model: key.0,
+                    version: key.1,
+                    node: node.clone(),
+                    memory_mb: mb,
+                };
+                if let Err(e) = core.write(node_actor(&node), command).await {
+                    tracing::debug!(%node, error = %e, "could not record a measured memory");
+                }
+                core.nodes.liveness.lock().end(&claim);
+            });
+        }
     }
 
     /// Push `node`'s view on `send` whenever it changes, until either side stops.

@@ -392,6 +392,24 @@ async fn push_approve_deploy_through_the_api_with_the_approval_rules() {
         .json("POST", "/v1/deployments", &ops, deploy.clone())
         .await;
     assert_eq!((s, code(&v)), (StatusCode::CONFLICT, "not_approved"), "{v}");
+    // The refusal is in the audit log: who tried to deploy what, and why it was refused.
+    let (s, v) = f.get("/v1/audit", &ops).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let last = v["records"]
+        .as_array()
+        .and_then(|a| a.last())
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        (&last["action"], &last["actor"], &last["target"]),
+        (&json!("refused"), &json!("ops"), &json!("model fraud@1")),
+        "{v}"
+    );
+    let detail = last["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.starts_with("create-deployment refused: fraud@1 is not approved for production"),
+        "{detail}"
+    );
     let (s, v) = f
         .json(
             "POST",

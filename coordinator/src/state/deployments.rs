@@ -106,6 +106,10 @@ pub struct Deployment {
     /// Autoscaling bounds: the leader sets `replicas` within them ([`super::autoscale`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscale: Option<Autoscale>,
+    /// Its nodes load it at once and evict it last; otherwise a node loads it on its first
+    /// request and evicts it first.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hot: bool,
 }
 
 /// One revision of a deployment: a version, and how it came to be.
@@ -290,19 +294,29 @@ impl State {
     pub(crate) fn create_deployment(
         &mut self,
         ctx: Ctx<'_>,
-        model: &str,
-        version: &str,
-        environment: &str,
+        (model, version, environment): (&str, &str, &str),
         replicas: u32,
         hardware: Option<&[Device]>,
+        hot: bool,
+        autoscale: Option<&Autoscale>,
     ) -> Result<Change> {
         validate::id("environment", environment)?;
         check_replicas(replicas)?;
+        if let Some(a) = autoscale {
+            a.check()?;
+        }
         let v = self.deployable(model, version, environment)?;
         let named = || (model.to_string(), version.to_string());
         let hardware = hardware.unwrap_or(&v.manifest.preferred).to_vec();
         validate_hardware(&hardware)?;
-        let memory_mb = v.manifest.memory_mb;
+        let memory_mb = v.memory_mb();
+        // Autoscaled from the start: the replicas asked for, within the bounds.
+        let replicas = match autoscale {
+            Some(a) if replicas > 0 || a.min_replicas > 0 => {
+                replicas.clamp(a.min_replicas.max(1), a.max_replicas)
+            }
+            _ => replicas,
+        };
         if let Some(d) = self
             .deployments
             .values()
@@ -318,9 +332,18 @@ impl State {
         }
         let id = self.next_deployment;
         self.next_deployment += 1;
-        let detail = format!(
+        let mut detail = format!(
             "{model}@{version} to {environment}: {replicas} replicas on {hardware:?}, {memory_mb} MiB each"
         );
+        if hot {
+            detail.push_str(", hot");
+        }
+        if let Some(a) = autoscale {
+            detail.push_str(&format!(
+                ", autoscaled {}..{}",
+                a.min_replicas, a.max_replicas
+            ));
+        }
         self.deployments.insert(
             id,
             Deployment {
@@ -348,7 +371,8 @@ impl State {
                     decisions: Vec::new(),
                 }],
                 update: None,
-                autoscale: None,
+                autoscale: autoscale.cloned(),
+                hot,
             },
         );
         let mut change = Change::new(format!("deployment {id}"), detail).replan();
@@ -616,7 +640,7 @@ impl State {
             ));
         }
         let v = self.deployable(&d.model, version, &d.environment)?;
-        let memory_mb = v.manifest.memory_mb;
+        let memory_mb = v.memory_mb();
         if let Some(other) = self.deployments.values().find(|o| {
             o.id != id
                 && o.model == d.model
@@ -738,6 +762,34 @@ impl State {
         d.autoscale = autoscale.cloned();
         d.updated_at_ms = ctx.now;
         Ok(Change::new(format!("deployment {id}"), detail).replan())
+    }
+
+    /// Mark deployment `id` hot or cold (what its nodes load at once, and evict last).
+    pub(crate) fn set_hot(&mut self, ctx: Ctx<'_>, id: u64, hot: bool) -> Result<Change> {
+        let d = self
+            .deployments
+            .get_mut(&id)
+            .ok_or(Error::UnknownDeployment { id })?;
+        if d.hot == hot {
+            return Err(invalid(
+                "hot",
+                hot.to_string(),
+                format!(
+                    "deployment {id} is {} already",
+                    if hot { "hot" } else { "cold" }
+                ),
+            ));
+        }
+        d.hot = hot;
+        d.updated_at_ms = ctx.now;
+        Ok(Change::new(
+            format!("deployment {id}"),
+            if hot {
+                "hot: its nodes load it at once and evict it last"
+            } else {
+                "cold: its nodes load it on its first request and evict it first"
+            },
+        ))
     }
 
     /// The autoscaler (or an activation) resizes deployment `id` within its bounds.

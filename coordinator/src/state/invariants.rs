@@ -153,7 +153,7 @@ impl State {
                 let v = self
                     .version(&d.model, &u.version)
                     .map_err(|e| e.to_string())?;
-                if u.revision <= d.revision || v.manifest.memory_mb != u.memory_mb {
+                if u.revision <= d.revision || v.memory_mb() != u.memory_mb {
                     return Err(format!("deployment {id}'s update is inconsistent"));
                 }
                 if let Some(c) = &u.canary
@@ -180,9 +180,9 @@ impl State {
             let v = self
                 .version(&d.model, &d.version)
                 .map_err(|e| e.to_string())?;
-            if v.manifest.memory_mb != d.memory_mb {
+            if v.memory_mb() != d.memory_mb {
                 return Err(format!(
-                    "deployment {id}'s memory differs from its manifest"
+                    "deployment {id}'s memory differs from its version's"
                 ));
             }
             let (placed, ready) = counts.get(id).copied().unwrap_or_default();

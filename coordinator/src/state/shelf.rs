@@ -132,9 +132,29 @@ pub struct ModelVersion {
     pub tags: BTreeSet<String>,
     /// Approval stage per environment; an environment not listed is draft.
     pub stages: BTreeMap<String, Stage>,
+    /// What it keeps in memory once loaded, as the nodes measured it (the largest figure
+    /// reported), with the node that measured it; `None` until one loads it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub measured: Option<Measured>,
+}
+
+/// A model version's memory as a node measured it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Measured {
+    pub memory_mb: u64,
+    pub node: String,
+    pub at_ms: u64,
 }
 
 impl ModelVersion {
+    /// The memory the scheduler charges a replica: measured where a node has loaded it, the
+    /// manifest's estimate (its declared memory plus its weights) until then.
+    pub fn memory_mb(&self) -> u64 {
+        self.measured
+            .as_ref()
+            .map_or(self.manifest.memory_mb, |m| m.memory_mb)
+    }
+
     /// The stage in an environment (`None`: draft).
     pub fn stage(&self, environment: &str) -> Option<Stage> {
         self.stages.get(environment).copied()
@@ -278,6 +298,7 @@ impl State {
                 deprecated: false,
                 tags: BTreeSet::new(),
                 stages: BTreeMap::new(),
+                measured: None,
             },
         );
         Ok(Change::new(
@@ -321,6 +342,66 @@ impl State {
             format!("model {model}@{version}"),
             "deprecated",
         ))
+    }
+
+    /// A node measured what `model@version` keeps in memory once loaded. The figure replaces
+    /// the manifest's estimate in the scheduler, for the deployments that run the version (their
+    /// placements are planned again: a node the figure no longer fits sheds a replica).
+    pub(crate) fn record_model_memory(
+        &mut self,
+        ctx: Ctx<'_>,
+        model: &str,
+        version: &str,
+        node: &str,
+        memory_mb: u64,
+    ) -> Result<Change> {
+        if memory_mb == 0 || memory_mb > MAX_MEMORY_MB {
+            return Err(invalid(
+                "memory_mb",
+                memory_mb.to_string(),
+                format!("from 1 to {MAX_MEMORY_MB} MiB"),
+            ));
+        }
+        if !self.nodes.contains_key(node) {
+            return Err(Error::UnknownNode {
+                id: node.to_string(),
+            });
+        }
+        let v = self.version_mut(model, version)?;
+        if let Some(m) = &v.measured
+            && memory_mb * 10 <= m.memory_mb * 11
+        {
+            return Err(invalid(
+                "memory_mb",
+                memory_mb.to_string(),
+                format!(
+                    "{model}@{version} was measured at {} MiB already; only a larger figure (by more than a tenth) replaces it",
+                    m.memory_mb
+                ),
+            ));
+        }
+        let before = v.memory_mb();
+        v.measured = Some(Measured {
+            memory_mb,
+            node: node.to_string(),
+            at_ms: ctx.now,
+        });
+        for d in self.deployments.values_mut() {
+            if d.model != model {
+                continue;
+            }
+            if d.version == version {
+                d.memory_mb = memory_mb;
+            }
+            if let Some(u) = d.update.as_mut().filter(|u| u.version == version) {
+                u.memory_mb = memory_mb;
+            }
+        }
+        Ok(Change::new(
+            format!("model {model}@{version}"),
+            format!("node {node} measured {memory_mb} MiB once loaded (was {before} MiB)"),
+        )
+        .replan())
     }
 
     pub(crate) fn tag(&mut self, model: &str, version: &str, tag: &str) -> Result<Change> {

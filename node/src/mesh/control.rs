@@ -30,6 +30,10 @@ pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
 /// covers its own period only.
 const PERF_EVERY: u64 = 5;
 
+/// Every this many heartbeats, the memory measured for every version placed here goes too (a
+/// new leader learns them); a new measurement rides on the next few in any case.
+pub const MEMORY_EVERY: u64 = 30;
+
 /// Connections to the coordinators, by mesh address.
 pub struct Coordinators {
     addresses: Mutex<Vec<String>>,
@@ -279,6 +283,9 @@ impl Control {
             let heartbeat = wire::Heartbeat {
                 load: self.replicas.load(),
                 replicas: self.replicas.reports(),
+                memory: self
+                    .replicas
+                    .measurements(beat % MEMORY_EVERY == MEMORY_EVERY - 1),
                 perf: if beat % PERF_EVERY == PERF_EVERY - 1 {
                     self.replicas.perf(|_, _| true)
                 } else {

@@ -2,12 +2,23 @@
 //! are placed elsewhere. Each replica's state (pending, fetching, loading, ready, failed with
 //! the reason) goes to the leader with every heartbeat.
 //!
+//! **Cold and hot.** A replica placed cold (the default) is fetched and verified, and its
+//! component compiled into the AOT cache and linked, but its graphs are not loaded: it is ready
+//! at once, and its first request loads it. A hot replica loads at once. Both stay within the
+//! memory budget: past it, the least recently used version that no request holds is evicted,
+//! cold ones before hot ones, and loads again from disk on its next request. A load that fails
+//! then marks the version's replicas failed, with the reason.
+//!
+//! **Measured memory.** Each version's first load here is measured ([`crate::heap`]): the heap
+//! it keeps, plus the weights of graphs on a native backend (which allocate on their own).
+//! That figure counts against the budget and goes to the leader, whose scheduler uses it.
+//!
 //! A bundle is checked before it serves: its digest must be the one the view names, its
 //! signature must be by a publisher the cluster trusts (the view carries the list), and every
 //! file must match its digest. Fetched bundles are kept under `bundles/<digest>`, so a
 //! restart or a replica moving back does not fetch again.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -44,26 +55,40 @@ pub struct Replicas {
     pub changed: tokio::sync::Notify,
     /// The memory the loaded models may take (`--model-memory`; `None`: no limit).
     budget: Option<u64>,
-    /// Each loaded version's estimated memory, and the versions evicted to stay within the
-    /// budget (their replicas stay ready: the next request loads them again from disk).
+    /// Each loaded version's memory, and the versions placed here but not loaded (their
+    /// replicas stay ready: the next request loads them from disk).
     memory: Mutex<Memory>,
     /// One load at a time: loads are CPU-bound, and many at once would overshoot the budget.
     loading: tokio::sync::Mutex<()>,
 }
 
+type Key = (String, String);
+
 #[derive(Default)]
 struct Memory {
-    footprint: std::collections::HashMap<(String, String), u64>,
-    evicted: std::collections::HashMap<(String, String), String>,
+    /// Each loaded version's memory (measured, else estimated).
+    footprint: HashMap<Key, u64>,
+    /// Placed here and not loaded now (placed cold, or evicted), with the bundle's digest.
+    evicted: HashMap<Key, String>,
+    /// The versions a hot replica here runs.
+    hot: HashSet<Key>,
+    /// The measured figure of each bundle loaded here (by digest), and the heartbeats that
+    /// still carry it as new.
+    measured: HashMap<String, (Key, u64)>,
+    unreported: HashMap<Key, u8>,
     evictions: u64,
     reloads: u64,
 }
 
-/// A loaded version's memory, estimated from its bundle: the weights as read and the
-/// backend's copy of them, plus 1 MiB of plans and buffers. Compiled components are shared
-/// between bundles that carry the same one (the runtime keeps one copy), so they do not count
-/// per model.
-fn footprint(bundle_bytes: usize) -> u64 {
+/// How many heartbeats carry a new measurement (all of them are sent every
+/// `control::MEMORY_EVERY` heartbeats besides).
+const REPORT_NEW: u8 = 3;
+
+/// A loaded version's memory, estimated from its bundle where it could not be measured: the
+/// weights as read and the backend's copy of them, plus 1 MiB of plans and buffers. Compiled
+/// components are shared between bundles that carry the same one (the runtime keeps one
+/// copy), so they do not count per model.
+fn estimate(bundle_bytes: usize) -> u64 {
     2 * bundle_bytes as u64 + (1 << 20)
 }
 
@@ -125,44 +150,80 @@ impl Replicas {
         };
         let path = self.bundles.join(format!("{digest}.sophon"));
         let loaded = match tokio::fs::read(&path).await {
-            Ok(bytes) => {
-                let len = bytes.len();
-                self.load_making_room(Arc::new(bytes), digest)
-                    .await
-                    .map(|_| len)
-            }
-            Err(e) => Err(anyhow::Error::from(e)),
+            Ok(bytes) => self.load_making_room(Arc::new(bytes), digest).await,
+            Err(e) => Err(anyhow::Error::from(e).context(format!("read {}", path.display()))),
         };
         match loaded {
-            Ok(len) => {
-                {
-                    let mut m = self.memory.lock();
-                    m.evicted.remove(&key);
-                    m.footprint.insert(key.clone(), footprint(len));
-                    m.reloads += 1;
-                }
+            Ok(_) => {
+                self.memory.lock().reloads += 1;
                 self.evict_over_budget(&key);
                 true
             }
             Err(e) => {
-                tracing::warn!(%model, %version, error = %e, "could not load an evicted model again");
+                let reason = format!("load on demand: {e:#}");
+                tracing::warn!(%model, %version, %reason, "could not load a model placed here");
+                // Its replicas here fail, so that the mesh routes around them and the leader
+                // sees why; the bundle on disk is fetched again if it is placed again.
+                self.memory.lock().evicted.remove(&key);
+                let _ = std::fs::remove_file(&path);
+                let ids: Vec<ReplicaId> = self
+                    .replicas
+                    .lock()
+                    .iter()
+                    .filter(|(_, r)| r.assignment.model == model && r.assignment.version == version)
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in ids {
+                    self.set(id, ReplicaState::Failed, Some(reason.clone()));
+                }
                 false
             }
         }
     }
 
+    /// The memory figures measured here since the last call (`all`: every one kept), for the
+    /// heartbeat.
+    pub fn measurements(&self, all: bool) -> Vec<wire::ModelMemory> {
+        let mut m = self.memory.lock();
+        let Memory {
+            measured,
+            unreported,
+            ..
+        } = &mut *m;
+        let mut out = Vec::new();
+        for ((model, version), bytes) in measured.values() {
+            let key = (model.clone(), version.clone());
+            let fresh = unreported.get_mut(&key).filter(|n| **n > 0);
+            if let Some(n) = fresh {
+                *n -= 1;
+            } else if !all {
+                continue;
+            }
+            out.push(wire::ModelMemory {
+                model: model.clone(),
+                version: version.clone(),
+                bytes: *bytes,
+            });
+        }
+        out
+    }
+
     /// Load a bundle; when the instance pool is full, evict the least recently used model not
     /// in use (or give one being dropped a moment) and try again.
+    ///
+    /// The load's memory is measured (on its first load here) and recorded as the version's
+    /// footprint; the version is no longer evicted.
     async fn load_making_room(
         &self,
         bytes: Arc<Vec<u8>>,
         digest: String,
     ) -> anyhow::Result<Arc<crate::repository::LoadedModel>> {
         let mut tries = 0;
+        let len = bytes.len();
         loop {
-            let (repo, bytes, digest) = (self.repo.clone(), bytes.clone(), digest.clone());
-            let loaded = tokio::task::spawn_blocking(move || {
-                repo.add_bundle_expecting(&bytes, Some(&digest))
+            let (repo, bytes, want) = (self.repo.clone(), bytes.clone(), digest.clone());
+            let (loaded, kept) = tokio::task::spawn_blocking(move || {
+                crate::heap::measure(|| repo.add_bundle_expecting(&bytes, Some(&want)))
             })
             .await
             .context("the loader stopped")?;
@@ -172,7 +233,39 @@ impl Replicas {
                     self.evict_one(&(String::new(), String::new()));
                     tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                 }
-                other => return Ok(other?),
+                Err(e) => return Err(e.into()),
+                Ok(loaded) => {
+                    let key = (loaded.name.clone(), loaded.version.clone());
+                    // Native backends allocate their copy of the weights on their own.
+                    let native = loaded.graphs.iter().any(|g| {
+                        matches!(
+                            g.backend,
+                            sophon_sdk::Backend::Ort | sophon_sdk::Backend::Openvino
+                        )
+                    });
+                    // A load that compiled its component allocated on the compiler's threads
+                    // too: its count says nothing, and a later load measures.
+                    let compiled = loaded.model.origin() == crate::runtime::cache::Origin::Compiled;
+                    let mut m = self.memory.lock();
+                    let bytes = match m.measured.get(&digest) {
+                        Some((_, bytes)) => *bytes,
+                        None => match kept.filter(|_| !compiled) {
+                            Some(kept) => {
+                                // It holds its bundle at least (read and kept whole).
+                                let bytes =
+                                    kept.max(len as u64) + if native { len as u64 } else { 0 };
+                                m.measured.insert(digest.clone(), (key.clone(), bytes));
+                                m.unreported.insert(key.clone(), REPORT_NEW);
+                                tracing::info!(model = %key.0, version = %key.1, bytes, "measured the memory a load keeps");
+                                bytes
+                            }
+                            None => estimate(len),
+                        },
+                    };
+                    m.evicted.remove(&key);
+                    m.footprint.insert(key, bytes);
+                    return Ok(loaded);
+                }
             }
         }
     }
@@ -223,7 +316,13 @@ impl Replicas {
                     .contains_key(&(l.name.clone(), l.version.clone()))
             })
             .filter(|l| Arc::strong_count(l) <= 2)
-            .min_by_key(|l| l.last_used.load(std::sync::atomic::Ordering::Relaxed));
+            // Cold before hot, then the least recently used.
+            .min_by_key(|l| {
+                (
+                    m.hot.contains(&(l.name.clone(), l.version.clone())),
+                    l.last_used.load(std::sync::atomic::Ordering::Relaxed),
+                )
+            });
         let Some(victim) = victim else { return false };
         let key = (victim.name.clone(), victim.version.clone());
         let digest = victim.digest.clone();
@@ -275,12 +374,30 @@ impl Replicas {
             .collect();
         let mut start = Vec::new();
         let mut dropped = Vec::new();
+        let hot: HashSet<Key> = wanted
+            .values()
+            .filter(|a| a.hot)
+            .map(|a| (a.model.clone(), a.version.clone()))
+            .collect();
+        // Versions placed here cold that a replica now wants hot: load them now.
+        let warm: Vec<Key> = {
+            let mut m = self.memory.lock();
+            m.hot = hot;
+            m.hot
+                .iter()
+                .filter(|k| m.evicted.contains_key(*k))
+                .cloned()
+                .collect()
+        };
         {
             let mut replicas = self.replicas.lock();
             replicas.retain(|id, r| {
                 let keep = wanted
                     .get(id)
                     .is_some_and(|a| a.digest == r.assignment.digest);
+                if keep && let Some(a) = wanted.get(id) {
+                    r.assignment.hot = a.hot;
+                }
                 if !keep {
                     dropped.push(r.assignment.clone());
                 }
@@ -306,6 +423,10 @@ impl Replicas {
         for (id, a) in start {
             let me = self.clone();
             tokio::spawn(async move { me.bring_up(id, a).await });
+        }
+        for (model, version) in warm {
+            let me = self.clone();
+            tokio::spawn(async move { me.reload(&model, &version).await });
         }
     }
 
@@ -368,19 +489,26 @@ impl Replicas {
     }
 
     async fn fetch_and_load(&self, id: ReplicaId, a: &wire::Assignment) -> anyhow::Result<()> {
+        let key = (a.model.clone(), a.version.clone());
         // Already loaded (another deployment of the same version, or a restart that kept it),
-        // or evicted (its next request loads it again).
+        // or placed here but not loaded (its next request loads it; a hot replica's now).
         if self
             .repo
             .lookup(&a.model, Some(&a.version))
             .is_ok_and(|m| m.digest == a.digest)
-            || self
-                .memory
-                .lock()
-                .evicted
-                .get(&(a.model.clone(), a.version.clone()))
-                .is_some_and(|d| *d == a.digest)
         {
+            return Ok(());
+        }
+        if self
+            .memory
+            .lock()
+            .evicted
+            .get(&key)
+            .is_some_and(|d| *d == a.digest)
+        {
+            if a.hot && !self.reload(&a.model, &a.version).await {
+                bail!("{}@{} could not be loaded", a.model, a.version);
+            }
             return Ok(());
         }
         let path = self.bundles.join(format!("{}.sophon", a.digest));
@@ -404,9 +532,31 @@ impl Replicas {
             }
         };
         self.set(id, ReplicaState::Loading, None);
+        if !a.hot {
+            // Cold: verified, compiled and linked now; loaded on its first request.
+            let (repo, digest) = (self.repo.clone(), a.digest.clone());
+            let prepared = tokio::task::spawn_blocking(move || repo.prepare(&bytes, &digest))
+                .await
+                .context("the loader stopped")?;
+            let (name, version) = match prepared {
+                Ok(found) => found,
+                Err(e) => {
+                    let _ = std::fs::remove_file(&path);
+                    return Err(e.into());
+                }
+            };
+            if (name.as_str(), version.as_str()) != (a.model.as_str(), a.version.as_str()) {
+                bail!(
+                    "the bundle holds {name}@{version}, not {}@{} as placed",
+                    a.model,
+                    a.version
+                );
+            }
+            self.memory.lock().evicted.insert(key, a.digest.clone());
+            return Ok(());
+        }
         let _one = self.loading.lock().await;
         self.make_room();
-        let len = bytes.len();
         // The repository checks the digest, the signature and every file before loading.
         let loaded = match self
             .load_making_room(Arc::new(bytes), a.digest.clone())
@@ -420,11 +570,6 @@ impl Replicas {
             }
         };
         let key = (loaded.name.clone(), loaded.version.clone());
-        {
-            let mut m = self.memory.lock();
-            m.evicted.remove(&key);
-            m.footprint.insert(key.clone(), footprint(len));
-        }
         self.evict_over_budget(&key);
         if loaded.name != a.model || loaded.version != a.version {
             self.repo.remove_version(&loaded.name, &loaded.version);

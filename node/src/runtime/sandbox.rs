@@ -404,19 +404,7 @@ impl Model {
         env: Vec<(String, String)>,
         limits: ModelLimits,
     ) -> anyhow::Result<Model> {
-        let (component, origin) = cache::load_component(
-            &runtime.engine,
-            &runtime.components,
-            runtime.config.cache_dir.as_deref(),
-            &runtime.cache_key,
-            component,
-        )?;
-        let instance_pre = runtime.linker.instantiate_pre(&component).map_err(|e| {
-            anyhow::anyhow!("the component's imports cannot be satisfied by this node: {e:#}")
-        })?;
-        let pre = bindings::ServingPre::new(instance_pre).map_err(|e| {
-            anyhow::anyhow!("the component does not export sophon:model/predictor: {e:#}")
-        })?;
+        let (pre, origin) = Model::link(runtime, component)?;
         let tick = runtime.config.epoch_tick.as_nanos().max(1);
         let deadline_ticks = (limits.timeout.as_nanos().div_ceil(tick) as u64).saturating_add(1);
         Ok(Model {
@@ -430,6 +418,33 @@ impl Model {
             deadline_ticks,
             origin,
         })
+    }
+
+    /// Compile (or load from the AOT cache) a component and check that it links on this node
+    /// and exports the predictor, without loading any graph: what a node does for a model
+    /// placed on it cold, so that its first request pays a load, not a compile.
+    pub fn prepare(runtime: &Runtime, component: &[u8]) -> anyhow::Result<Origin> {
+        Model::link(runtime, component).map(|(_, origin)| origin)
+    }
+
+    fn link(
+        runtime: &Runtime,
+        component: &[u8],
+    ) -> anyhow::Result<(bindings::ServingPre<Sandbox>, Origin)> {
+        let (component, origin) = cache::load_component(
+            &runtime.engine,
+            &runtime.components,
+            runtime.config.cache_dir.as_deref(),
+            &runtime.cache_key,
+            component,
+        )?;
+        let instance_pre = runtime.linker.instantiate_pre(&component).map_err(|e| {
+            anyhow::anyhow!("the component's imports cannot be satisfied by this node: {e:#}")
+        })?;
+        let pre = bindings::ServingPre::new(instance_pre).map_err(|e| {
+            anyhow::anyhow!("the component does not export sophon:model/predictor: {e:#}")
+        })?;
+        Ok((pre, origin))
     }
 
     /// The model's name.

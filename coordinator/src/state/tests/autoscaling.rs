@@ -136,3 +136,99 @@ fn an_overcommit_lets_nodes_take_more_than_their_memory() {
         (4, 0)
     );
 }
+
+#[test]
+fn a_measured_memory_replaces_the_manifests_figure_in_the_scheduler() {
+    let mut w = World::with_shelf();
+    w.ok(
+        operator(),
+        Command::JoinNode {
+            node: node_spec("n1", "a", 3000, 0),
+        },
+    );
+    for env in ["dev", "qa", "lab", "demo"] {
+        w.ok(admin(), policy(env, 0, Role::Approver));
+        w.ok(operator(), deploy("fraud", "1", env, 1));
+    }
+    // The manifest asks 1000 MiB: three fit, the fourth waits.
+    assert_eq!(w.state.unplaced().len(), 1);
+    let record = |memory_mb, node: &str| Command::RecordModelMemory {
+        model: "fraud".into(),
+        version: "1".into(),
+        node: node.into(),
+        memory_mb,
+    };
+    // Only nodes' reports (the leader commits them as the node), of members, with a figure.
+    w.refused(actor("vic", Role::Viewer), record(300, "n1"));
+    w.refused(operator(), record(300, "n9"));
+    w.refused(operator(), record(0, "n1"));
+    let seq = w
+        .ok(operator(), record(300, "n1"))
+        .audit_seq
+        .expect("audited");
+    let v = &w.state.models()["fraud"].versions["1"];
+    assert_eq!(v.memory_mb(), 300);
+    assert_eq!(v.measured.as_ref().map(|m| m.node.as_str()), Some("n1"));
+    // Every deployment of the version takes the figure, and the fourth replica now fits.
+    assert!(w.state.deployments().values().all(|d| d.memory_mb == 300));
+    assert_eq!(
+        (w.state.placements().len(), w.state.unplaced().len()),
+        (4, 0)
+    );
+    assert!(
+        w.state.audit()[seq as usize]
+            .detail
+            .contains("measured 300 MiB once loaded (was 1000 MiB)")
+    );
+    // The largest figure counts: a smaller or barely larger one is refused.
+    w.refused(operator(), record(200, "n1"));
+    w.refused(operator(), record(320, "n1"));
+    // A much larger one moves replicas off a node it no longer fits.
+    w.ok(operator(), record(1500, "n1"));
+    assert_eq!(
+        (w.state.placements().len(), w.state.unplaced().len()),
+        (2, 2)
+    );
+}
+
+#[test]
+fn a_deployment_may_start_hot_and_autoscaled() {
+    let mut w = serving();
+    w.refused(
+        operator(),
+        Command::CreateDeployment {
+            model: "fraud".into(),
+            version: "1".into(),
+            environment: "dev".into(),
+            replicas: 1,
+            hardware: None,
+            hot: true,
+            autoscale: Some(kpa(3, 2)),
+        },
+    );
+    w.ok(admin(), policy("dev", 0, Role::Approver));
+    w.ok(
+        operator(),
+        Command::CreateDeployment {
+            model: "fraud".into(),
+            version: "1".into(),
+            environment: "dev".into(),
+            replicas: 1,
+            hardware: None,
+            hot: true,
+            autoscale: Some(kpa(2, 3)),
+        },
+    );
+    let d = &w.state.deployments()[&2];
+    assert!(d.hot);
+    // Within the bounds from the start.
+    assert_eq!(
+        (d.replicas, d.autoscale.as_ref().map(|a| a.max_replicas)),
+        (2, Some(3))
+    );
+    let hot = |hot| Command::SetDeploymentHot { deployment: 2, hot };
+    w.refused(operator(), hot(true));
+    w.refused(actor("vic", Role::Viewer), hot(false));
+    w.ok(operator(), hot(false));
+    assert!(!w.state.deployments()[&2].hot);
+}

@@ -192,5 +192,7 @@ pub fn deploy(model: &str, version: &str, environment: &str, replicas: u32) -> C
         environment: environment.into(),
         replicas,
         hardware: None,
+        hot: false,
+        autoscale: None,
     }
 }

@@ -147,10 +147,14 @@ fn command() -> impl Strategy<Value = Command> {
         1 => (1..4u64).prop_map(|request| Command::Withdraw { request }),
     ];
     let deployments = prop_oneof![
-        9 => (model_version(), env(), 0..5u32, prop::option::of(hardware())).prop_map(
-            |((model, version), environment, replicas, hardware)| Command::CreateDeployment {
-                model, version, environment, replicas, hardware
+        9 => (model_version(), env(), 0..5u32, prop::option::of(hardware()), prop::bool::weighted(0.2)).prop_map(
+            |((model, version), environment, replicas, hardware, hot)| Command::CreateDeployment {
+                model, version, environment, replicas, hardware, hot, autoscale: None,
             }
+        ),
+        1 => (1..4u64, prop::bool::ANY).prop_map(|(deployment, hot)| Command::SetDeploymentHot { deployment, hot }),
+        1 => (model_version(), node_id(), pick(&[1u64, 40, 900, 5_000])).prop_map(
+            |((model, version), node, memory_mb)| Command::RecordModelMemory { model, version, node, memory_mb }
         ),
         2 => (1..4u64, 0..6u32).prop_map(|(deployment, replicas)| Command::ScaleDeployment { deployment, replicas }),
         1 => (1..4u64).prop_map(|deployment| Command::DeleteDeployment { deployment }),

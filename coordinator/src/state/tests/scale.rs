@@ -64,6 +64,7 @@ fn big_state(nodes: usize, replicas: usize) -> State {
             deprecated: false,
             tags: Default::default(),
             stages: BTreeMap::new(),
+            measured: None,
         };
         let model = Model {
             name: name.clone(),
@@ -89,6 +90,7 @@ fn big_state(nodes: usize, replicas: usize) -> State {
             history: Vec::new(),
             update: None,
             autoscale: None,
+            hot: false,
         };
         state.deployments.insert(id, deployment);
         state.next_deployment = id + 1;
