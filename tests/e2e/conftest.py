@@ -40,6 +40,7 @@ class Node:
     stdout_path: Path
     stderr_path: Path
     grpc_url: str = ""  # host:port of the gRPC API
+    admin_base: str = ""  # http://host:port of the coordinator's admin API
 
     def logs(self) -> str:
         out = self.stdout_path.read_text(errors="replace") if self.stdout_path.exists() else ""
@@ -128,6 +129,7 @@ def start_dev(sophon_bin: str, work: Path, pub: Path, models: dict, bundles: dic
         stdout_path=stdout_path,
         stderr_path=stderr_path,
         grpc_url=f"127.0.0.1:{grpc_port}",
+        admin_base=f"http://127.0.0.1:{admin_port}",
     )
 
     deadline = time.monotonic() + START_TIMEOUT_S

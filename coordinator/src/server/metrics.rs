@@ -1,8 +1,8 @@
 //! A coordinator's Prometheus metrics: Raft progress, proposals, and admin API latency.
 
 use prometheus::{
-    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 use super::driver::RaftStatus;
@@ -30,6 +30,9 @@ pub struct Metrics {
     pub deployment_rate: GaugeVec,
     pub deployment_latency: GaugeVec,
     pub deployment_replicas: GaugeVec,
+    /// Per mesh node, as the leader sees it: 1 up, 0 down (and whether it is draining).
+    pub node_up: IntGaugeVec,
+    pub node_draining: IntGaugeVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -138,8 +141,30 @@ impl Metrics {
                 &["deployment", "model", "state"],
             ),
         );
+        let node_up = registered(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "sophon_cluster_node_up",
+                    "Mesh nodes as the leader sees them: 1 up, 0 down (set on the leader only).",
+                ),
+                &["node"],
+            ),
+        );
+        let node_draining = registered(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "sophon_cluster_node_draining",
+                    "Mesh nodes being drained: 1 draining (set on the leader only).",
+                ),
+                &["node"],
+            ),
+        );
         Metrics {
             registry,
+            node_up,
+            node_draining,
             deployment_rate,
             deployment_latency,
             deployment_replicas,

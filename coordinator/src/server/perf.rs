@@ -240,8 +240,18 @@ pub fn export(
     metrics.deployment_rate.reset();
     metrics.deployment_latency.reset();
     metrics.deployment_replicas.reset();
+    metrics.node_up.reset();
+    metrics.node_draining.reset();
     if !liveness.leads() {
         return;
+    }
+    for (id, n) in &dir.nodes {
+        let up = n.health == crate::state::members::NodeHealth::Up;
+        metrics.node_up.with_label_values(&[id]).set(i64::from(up));
+        metrics
+            .node_draining
+            .with_label_values(&[id])
+            .set(i64::from(n.draining));
     }
     for route in &dir.routes {
         let Some(v) = deployment(dir, liveness, route.deployment, now) else {
