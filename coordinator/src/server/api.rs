@@ -125,6 +125,7 @@ pub fn router(core: Shared) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(|| async { Json(openapi::document()) }))
+        .route("/v1/whoami", get(whoami))
         .route("/v1/cluster/status", get(cluster_status))
         .route("/v1/cluster/members", get(cluster_members))
         .route("/v1/cluster/heartbeat-grace", axum::routing::put(set_grace))
@@ -183,6 +184,7 @@ pub fn router(core: Shared) -> Router {
         .route("/v1/keys/{key}", axum::routing::delete(distrust_key))
         .route("/v1/audit", get(audit))
         .merge(super::node_api::routes())
+        .merge(super::console::routes())
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -209,7 +211,9 @@ async fn authenticate_first(
     let public = request
         .extensions()
         .get::<axum::extract::MatchedPath>()
-        .is_some_and(|p| PUBLIC.contains(&p.as_str()));
+        .is_some_and(|p| {
+            PUBLIC.contains(&p.as_str()) || super::console::PATHS.contains(&p.as_str())
+        });
     if !public && let Err(e) = authenticate(&core, request.headers(), Role::Viewer).await {
         return e.into_response();
     }
@@ -245,6 +249,16 @@ async fn observe(AxState(core): AxState<Shared>, request: Request, next: Next) -
         .with_label_values(&[route.as_str(), method.as_str(), response.status().as_str()])
         .observe(start.elapsed().as_secs_f64());
     response
+}
+
+/// Who the token is: its name, role and id (the console shapes its pages by the role).
+async fn whoami(AxState(core): AxState<Shared>, headers: HeaderMap) -> ApiResult {
+    let actor = authenticate(&core, &headers, Role::Viewer).await?;
+    Ok(Json(json!({
+        "name": actor.name,
+        "role": actor.role,
+        "token_id": actor.token_id,
+    })))
 }
 
 async fn metrics(AxState(core): AxState<Shared>) -> impl IntoResponse {

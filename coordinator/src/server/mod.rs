@@ -3,7 +3,7 @@
 //! # What it owns
 //! - [`driver`]: the thread that runs the ready loop on the wall clock and the redb log.
 //! - [`transport`]: coordinator ↔ coordinator QUIC (mutual TLS, from `sophon-mesh`).
-//! - [`api`]: the admin HTTP API; [`openapi`]: its document.
+//! - [`api`]: the admin HTTP API; [`openapi`]: its document; [`console`]: the web console at `/ui/`.
 //! - [`artifacts`]: bundles by digest on disk, replicated to a quorum before they are shelved.
 //! - `bootstrap`: [`init`] (bootstrapping a cluster) and the data directory's files
 //!   (`coordinator.json`, the CA key); [`admission`]: join tokens, [`join`], `JOIN`, and who
@@ -29,6 +29,7 @@ mod bootstrap;
 mod canary;
 #[cfg(test)]
 mod cluster_tests;
+pub mod console;
 pub mod driver;
 pub mod metrics;
 pub mod node_api;

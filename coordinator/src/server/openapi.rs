@@ -285,6 +285,14 @@ pub const ROUTES: &[Route] = &[
         200,
     ),
     r(
+        "get",
+        "/v1/whoami",
+        V,
+        "The token's name, role and id",
+        None,
+        200,
+    ),
+    r(
         "put",
         "/v1/deployments/{id}/hot",
         O,

@@ -674,3 +674,44 @@ async fn tokens_are_checked_before_bodies_and_bodies_are_capped_per_route() {
         .await;
     assert_eq!(status, StatusCode::CREATED);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_is_public_and_locked_down_and_whoami_needs_a_token() {
+    let f = fixture().await;
+    for (path, kind) in [
+        ("/ui/", "text/html"),
+        ("/ui/app.js", "text/javascript"),
+        ("/ui/app.css", "text/css"),
+    ] {
+        let resp = router(f.running.core.clone())
+            .oneshot(
+                Request::builder()
+                    .uri(path)
+                    .body(Body::empty())
+                    .unwrap_or_else(|e| panic!("{e}")),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(resp.status(), StatusCode::OK, "{path}");
+        let h = resp.headers();
+        let get = |name: &str| {
+            h.get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string()
+        };
+        assert!(get("content-type").starts_with(kind), "{path}");
+        assert_eq!(get("content-security-policy"), super::console::CSP);
+        assert_eq!(get("x-content-type-options"), "nosniff");
+        assert_eq!(get("x-frame-options"), "DENY");
+    }
+    // The console's data is not public.
+    let (s, _) = f.call("GET", "/v1/whoami", None, Body::empty()).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, v) = f.get("/v1/whoami", &f.admin).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!((&v["name"], &v["role"]), (&json!("admin"), &json!("admin")));
+    let vic = f.token("vic", "viewer").await;
+    let (_, v) = f.get("/v1/whoami", &vic).await;
+    assert_eq!((&v["name"], &v["role"]), (&json!("vic"), &json!("viewer")));
+}
