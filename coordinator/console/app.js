@@ -6,8 +6,7 @@
 (() => {
   const ROLES = ['viewer', 'publisher', 'approver', 'operator', 'admin'];
   const REFRESH_MS = 2000;
-  const HISTORY_POINTS = 1800; // an hour at one point every 2 s
-  const S = { token: sessionStorage.getItem('sophon.token') || '', me: null, timer: null, history: {} };
+  const S = { token: sessionStorage.getItem('sophon.token') || '', me: null, timer: null };
   const main = document.getElementById('main');
 
   // --- helpers ---
@@ -89,12 +88,16 @@
   function pill(text, kind) { return h('span', { class: `pill ${kind || ''}` }, text); }
 
   // --- charts: time series on a canvas ---
-  function record(key, point) {
-    const series = (S.history[key] = S.history[key] || []);
-    series.push(point);
-    if (series.length > HISTORY_POINTS) series.splice(0, series.length - HISTORY_POINTS);
-    return series;
+  // The leader samples every deployment every 5 s and keeps an hour (`/v1/.../series`).
+  const ms = (us) => (us === null || us === undefined ? null : us / 1000);
+  function seriesPoints(series) {
+    return ((series && series.points) || []).map((p) => {
+      const point = { t: p.t_ms, rate: p.rate, errors: p.errors, p50: ms(p.p50_us), p99: ms(p.p99_us) };
+      for (const [node, rate] of Object.entries(p.nodes || {})) point[`node:${node}`] = rate;
+      return point;
+    });
   }
+  const PALETTE = ['#2f6fde', '#1f8a4c', '#b7791f', '#8a3fd1', '#c93636', '#0f8b8d', '#6b7280'];
 
   function chart(title, points, lines, unit) {
     const canvas = h('canvas', { class: 'chart', 'data-points': points.length, 'aria-label': title });
@@ -190,10 +193,12 @@
   async function overview() {
     const [status, members, deps] = await Promise.all([
       api('GET', '/v1/cluster/status'), api('GET', '/v1/cluster/members'), api('GET', '/v1/deployments')]);
-    const stats = await Promise.all(deps.map((d) => api('GET', `/v1/deployments/${d.id}/stats`).catch(() => null)));
-    let rate = 0, errors = 0;
-    for (const s of stats) if (s) { rate += s.rate_per_s || 0; errors += s.error_rate_per_s || 0; }
-    const points = record('overview', { t: Date.now(), rate, errors });
+    const [stats, series] = await Promise.all([
+      Promise.all(deps.map((d) => api('GET', `/v1/deployments/${d.id}/stats`).catch(() => null))),
+      api('GET', '/v1/cluster/series').catch(() => null)]);
+    let rate = 0;
+    for (const s of stats) if (s) rate += s.rate_per_s || 0;
+    const points = seriesPoints(series);
     const up = members.nodes.filter((n) => n.health === 'up').length;
     const raft = status.raft || {};
     return [
@@ -205,7 +210,7 @@
         card('Nodes up', `${up} / ${members.nodes.length}`, 'nodes-up'),
         card('Deployments', deps.length),
         card('Requests/s', fmtNum(rate), 'rate')),
-      chart('Requests and errors (since this page opened, up to an hour)', points,
+      chart('Requests and errors, last hour', points,
         [{ key: 'rate', label: 'requests/s', color: '#2f6fde' }, { key: 'errors', label: 'errors/s', color: '#c93636' }], '/s'),
       h('h2', {}, 'Coordinators'),
       table(['id', 'role', 'mesh', 'admin API'], members.coordinators.map((c) => [
@@ -407,17 +412,17 @@
   }
 
   async function deployment(id) {
-    const [shown, s] = await Promise.all([api('GET', `/v1/deployments/${id}`), api('GET', `/v1/deployments/${id}/stats`).catch(() => null)]);
+    const [shown, s, series] = await Promise.all([api('GET', `/v1/deployments/${id}`),
+      api('GET', `/v1/deployments/${id}/stats`).catch(() => null),
+      api('GET', `/v1/deployments/${id}/series`).catch(() => null)]);
     const d = shown.deployment;
     const placements = (shown.placements || []).map((p) => [p.replica, p.revision, p.node,
       pill(p.phase || (p.ready ? 'ready' : 'pending'), p.ready ? 'ok' : (p.phase === 'failed' ? 'bad' : 'warn')),
       h('td', { class: 'wrap' }, p.reason || '')]);
     const tot = (s && s.total_us) || {};
-    const points = record(`deployment-${id}`, {
-      t: Date.now(), rate: s ? s.rate_per_s : null, errors: s ? s.error_rate_per_s : null,
-      p50: tot.p50 === null || tot.p50 === undefined ? null : tot.p50 / 1000,
-      p99: tot.p99 === null || tot.p99 === undefined ? null : tot.p99 / 1000,
-    });
+    const points = seriesPoints(series);
+    const nodeNames = [...new Set(points.flatMap((p) => Object.keys(p).filter((k) => k.startsWith('node:'))))].sort();
+    const perNode = nodeNames.map((k, i) => ({ key: k, label: k.slice(5), color: PALETTE[i % PALETTE.length] }));
     const r = d.rollout || {};
     const nodesRows = ((s && s.nodes) || []).map((n) => [n.node, fmtNum(n.rate_per_s), fmtNum(n.error_rate_per_s, 2),
       fmtUs(n.total_us && n.total_us.p50), fmtUs(n.total_us && n.total_us.p99), fmtUs(n.queue_us && n.queue_us.p99), fmtUs(n.compute_us && n.compute_us.p99)]);
@@ -437,6 +442,7 @@
       h('div', { class: 'grid2' },
         chart('Requests and errors', points, [{ key: 'rate', label: 'requests/s', color: '#2f6fde' }, { key: 'errors', label: 'errors/s', color: '#c93636' }], '/s'),
         chart('Latency', points, [{ key: 'p50', label: 'p50', color: '#1f8a4c' }, { key: 'p99', label: 'p99', color: '#b7791f' }], 'ms')),
+      chart('Requests per replica (node)', points, perNode, '/s'),
       h('h2', {}, 'Replicas'),
       table(['replica', 'revision', 'node', 'phase', 'reason'], placements, 'No replica is placed.'),
       h('h2', {}, 'Performance per node'),

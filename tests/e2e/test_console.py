@@ -41,6 +41,11 @@ def admin_token(node) -> str:
     return m.group(1)
 
 
+def series_rates(node, token, deployment):
+    v = admin_call(node, token, "GET", f"/v1/deployments/{deployment}/series")
+    return [p["rate"] for p in v["points"] if p["rate"] is not None]
+
+
 def admin_call(node, token, method, path, body=None):
     r = requests.request(method, f"{node.admin_base}{path}", json=body, timeout=30,
                          headers={"Authorization": f"Bearer {token}"})
@@ -206,8 +211,14 @@ def test_publish_approve_deploy_and_watch_it_in_the_console(node, browser, shots
         wait(d, lambda: "ready" in d.find_element("id", "main").text.split("Replicas", 1)[1], "a ready replica")
         wait(d, lambda: float(d.find_element("css selector", "#card-deployment-rate .value").text) > 0,
              "a request rate from the nodes' reports", timeout=40)
-        wait(d, lambda: int(d.find_element("css selector", "canvas.chart").get_attribute("data-points")) >= 3,
-             "the chart's points", timeout=30)
+        # The leader samples every 5 s: two samples with traffic draw a line.
+        wait(d, lambda: int(d.find_element("css selector", "canvas.chart").get_attribute("data-points")) >= 2,
+             "the chart's points", timeout=40)
+        wait(d, lambda: any(json_rate > 0 for json_rate in series_rates(node, admin, deployment)),
+             "a sample with traffic in the leader's series", timeout=40)
+        d.refresh()
+        wait(d, lambda: d.find_element("css selector", "canvas.chart"), "the charts")
+        time.sleep(0.5)
         drawn = d.execute_script(
             "const c = document.querySelector('canvas.chart');"
             "const px = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"

@@ -410,7 +410,7 @@ pub(super) fn json_body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> ApiResu
     })
 }
 
-fn parse_id(what: &str, s: &str) -> ApiResult<u64> {
+pub(super) fn parse_id(what: &str, s: &str) -> ApiResult<u64> {
     s.parse().map_err(|_| {
         ApiError::new(
             StatusCode::BAD_REQUEST,

@@ -133,7 +133,7 @@ pub(super) fn replica_config(id: u64, driver: &DriverConfig) -> ReplicaConfig {
     }
 }
 
-fn system_time_ms() -> u64 {
+pub(super) fn system_time_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)

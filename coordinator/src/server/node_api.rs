@@ -31,6 +31,8 @@ pub fn routes() -> Router<Shared> {
         .route("/v1/nodes/{id}/{action}", post(node_action))
         .route("/v1/nodes/{id}/stats", get(node_stats))
         .route("/v1/deployments/{id}/stats", get(deployment_stats))
+        .route("/v1/deployments/{id}/series", get(deployment_series))
+        .route("/v1/cluster/series", get(cluster_series))
 }
 
 /// What the leader alone knows about each node, as JSON (`None` on a follower).
@@ -136,6 +138,23 @@ async fn deployment_stats(
         })
     })?;
     Ok(Json(core.stats(StatsQuery::Deployment(id)).await?))
+}
+
+/// The last hour of a deployment's figures, sampled every 5 s on the leader.
+async fn deployment_series(
+    AxState(core): AxState<Shared>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult {
+    authenticate(&core, &headers, Role::Viewer).await?;
+    let id = super::api::parse_id("deployment id", &id)?;
+    Ok(Json(core.stats(StatsQuery::Series(Some(id))).await?))
+}
+
+/// The last hour of the cluster's request and error rates.
+async fn cluster_series(AxState(core): AxState<Shared>, headers: HeaderMap) -> ApiResult {
+    authenticate(&core, &headers, Role::Viewer).await?;
+    Ok(Json(core.stats(StatsQuery::Series(None)).await?))
 }
 
 async fn node_stats(

@@ -325,6 +325,8 @@ pub struct Liveness {
     pub canaries: HashMap<u64, super::canary::Window>,
     /// The autoscaled deployments' samples, by deployment.
     pub scales: HashMap<u64, super::autoscale::ScaleWindow>,
+    /// The last hour of each deployment's figures, for the console's charts.
+    pub series: super::perf::Series,
 }
 
 impl Liveness {
@@ -339,6 +341,7 @@ impl Liveness {
         self.in_flight.clear();
         self.canaries.clear();
         self.scales.clear();
+        self.series = Default::default();
         self.since = term.map(|_| now);
     }
 
@@ -511,8 +514,14 @@ pub(super) async fn node_loop(core: Arc<Core>) {
         ticks += u64::from(ticked);
         if ticked && ticks.is_multiple_of(10) {
             let dir = core.nodes.directory();
-            let liveness = core.nodes.liveness.lock();
-            super::perf::export(&core.metrics, &dir, &liveness, Instant::now());
+            let mut liveness = core.nodes.liveness.lock();
+            let now = Instant::now();
+            super::perf::export(&core.metrics, &dir, &liveness, now);
+            if ticks.is_multiple_of(super::perf::SAMPLE_TICKS) && liveness.leads() {
+                let mut series = std::mem::take(&mut liveness.series);
+                series.sample(&dir, &liveness, now, super::bootstrap::system_time_ms());
+                liveness.series = series;
+            }
         }
         let status = core.driver.status();
         if status.applied_index != core.nodes.directory.borrow().index {

@@ -286,6 +286,22 @@ pub const ROUTES: &[Route] = &[
     ),
     r(
         "get",
+        "/v1/deployments/{id}/series",
+        V,
+        "The last hour of a deployment's rate, errors, p50, p99 and replicas, sampled every 5 s on the leader",
+        None,
+        200,
+    ),
+    r(
+        "get",
+        "/v1/cluster/series",
+        V,
+        "The last hour of the cluster's request and error rates, sampled every 5 s on the leader",
+        None,
+        200,
+    ),
+    r(
+        "get",
         "/v1/whoami",
         V,
         "The token's name, role and id",

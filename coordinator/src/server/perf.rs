@@ -3,6 +3,10 @@
 //! `[value, count]` pairs), never percentiles averaged. Reports older than three periods are
 //! left out. Served at `/v1/deployments/{id}/stats` and `/v1/nodes/{id}/stats` (a follower asks
 //! the leader), and as the leader's Prometheus gauges.
+//!
+//! The leader also keeps the last hour of each deployment's figures, sampled every 5 s
+//! ([`Series`]), for the console's charts: `/v1/deployments/{id}/series` and
+//! `/v1/cluster/series`. Like the reports, it is soft state: a new leader starts an empty hour.
 
 use std::time::{Duration, Instant};
 
@@ -21,6 +25,76 @@ use crate::{Error, Result};
 pub enum StatsQuery {
     Deployment(u64),
     Node(String),
+    /// The last hour of a deployment's figures (`None`: the whole cluster's).
+    Series(Option<u64>),
+}
+
+/// The node loop's ticks (100 ms) between two samples of the series: 5 s.
+pub(super) const SAMPLE_TICKS: u64 = 50;
+/// Samples kept: an hour.
+pub(super) const SAMPLES: usize = 720;
+
+/// The last hour of figures, per deployment and for the cluster, sampled on the leader.
+#[derive(Debug, Default)]
+pub struct Series {
+    deployments: std::collections::HashMap<u64, std::collections::VecDeque<Value>>,
+    cluster: std::collections::VecDeque<Value>,
+}
+
+fn push(points: &mut std::collections::VecDeque<Value>, point: Value) {
+    if points.len() == SAMPLES {
+        points.pop_front();
+    }
+    points.push_back(point);
+}
+
+impl Series {
+    /// One sample of every deployment (its rate, errors, p50 and p99, replicas, and each node's
+    /// rate) and of the cluster's totals, at wall-clock time `at_ms`.
+    pub fn sample(&mut self, dir: &Directory, liveness: &Liveness, now: Instant, at_ms: u64) {
+        let ids: std::collections::BTreeSet<u64> =
+            dir.routes.iter().map(|r| r.deployment).collect();
+        self.deployments.retain(|id, _| ids.contains(id));
+        let (mut rate, mut errors) = (0.0, 0.0);
+        for id in &ids {
+            let Some(v) = deployment(dir, liveness, *id, now) else {
+                continue;
+            };
+            let nodes: serde_json::Map<String, Value> = v["nodes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|n| Some((n["node"].as_str()?.to_string(), n["rate_per_s"].clone())))
+                .collect();
+            rate += v["rate_per_s"].as_f64().unwrap_or(0.0);
+            errors += v["error_rate_per_s"].as_f64().unwrap_or(0.0);
+            let point = json!({
+                "t_ms": at_ms,
+                "rate": v["rate_per_s"],
+                "errors": v["error_rate_per_s"],
+                "p50_us": v["total_us"]["p50"],
+                "p99_us": v["total_us"]["p99"],
+                "ready": v["ready"],
+                "wanted": v["replicas"],
+                "nodes": nodes,
+            });
+            push(self.deployments.entry(*id).or_default(), point);
+        }
+        let point =
+            json!({"t_ms": at_ms, "rate": rate, "errors": errors, "deployments": ids.len()});
+        push(&mut self.cluster, point);
+    }
+
+    fn json(&self, deployment: Option<u64>) -> Option<Value> {
+        let points = match deployment {
+            Some(id) => self.deployments.get(&id)?,
+            None => &self.cluster,
+        };
+        Some(json!({
+            "interval_ms": SAMPLE_TICKS * 100,
+            "points": points,
+        }))
+    }
 }
 
 impl Core {
@@ -38,10 +112,22 @@ impl Core {
         let found = match query {
             StatsQuery::Deployment(id) => deployment(&dir, &liveness, *id, now),
             StatsQuery::Node(id) => node(&dir, &liveness, id, now),
+            // A deployment not sampled yet (new, or a new leader) has an empty hour.
+            StatsQuery::Series(Some(id)) if dir.routes.iter().any(|r| r.deployment == *id) => {
+                liveness
+                    .series
+                    .json(Some(*id))
+                    .or_else(|| Some(json!({"interval_ms": SAMPLE_TICKS * 100, "points": []})))
+            }
+            StatsQuery::Series(None) => liveness.series.json(None),
+            StatsQuery::Series(Some(_)) => None,
         };
         let mut v = found.ok_or_else(|| match query {
-            StatsQuery::Deployment(id) => Error::UnknownDeployment { id: *id },
+            StatsQuery::Deployment(id) | StatsQuery::Series(Some(id)) => {
+                Error::UnknownDeployment { id: *id }
+            }
             StatsQuery::Node(id) => Error::UnknownNode { id: id.clone() },
+            StatsQuery::Series(None) => Error::UnknownDeployment { id: 0 },
         })?;
         v["reported_by"] = json!(format!("coordinator {} (leader)", self.id));
         Ok(v)
