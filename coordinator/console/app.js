@@ -269,14 +269,27 @@
         const stages = Object.entries(v.stages || {}).map(([env, st]) => `${env}: ${typeof st === 'string' ? st : Object.keys(st)[0]}`);
         rows.push([m.name, v.version, h('code', { title: v.digest }, short(v.digest)), h('code', { title: v.publisher_key }, short(v.publisher_key)),
           v.created_by, v.on_shelf ? pill('on shelf', 'ok') : pill('off shelf'), v.deprecated ? pill('deprecated', 'warn') : '',
-          stages.join(', ') || 'draft', (v.tags || []).join(', '), v.measured ? `${v.measured.memory_mb} MiB measured` : `${v.manifest.memory_mb} MiB (manifest)`]);
+          stages.join(', ') || 'draft', (v.tags || []).join(', '), v.measured ? `${v.measured.memory_mb} MiB measured` : `${v.manifest.memory_mb} MiB (manifest)`,
+          can('publisher') ? curation(m.name, v) : null]);
       }
     }
     return [
       h('h1', {}, 'Shelf'),
       can('publisher') ? uploadForm() : null,
-      table(['model', 'version', 'digest', 'publisher', 'by', 'shelf', '', 'stages', 'tags', 'memory'], rows, 'The shelf is empty.'),
+      table(['model', 'version', 'digest', 'publisher', 'by', 'shelf', '', 'stages', 'tags', 'memory', ''], rows, 'The shelf is empty.'),
     ];
+  }
+
+  // A publisher's curation of one version: on or off the shelf, deprecate, tag.
+  function curation(model, v) {
+    const path = (act) => `/v1/models/${encodeURIComponent(model)}/versions/${encodeURIComponent(v.version)}/${act}`;
+    const tag = h('input', { placeholder: 'tag', size: 8, class: 'tag' });
+    return h('td', {}, h('div', { class: 'actions' },
+      v.on_shelf
+        ? action('Take off shelf', () => api('POST', path('unshelve')), 'secondary')
+        : action('Put on shelf', () => api('POST', path('shelve')), 'secondary'),
+      v.deprecated ? null : action('Deprecate', () => api('POST', path('deprecate')), 'secondary'),
+      tag, action('Tag', () => api('POST', path('tag'), { tag: tag.value.trim() }), 'secondary')));
   }
 
   function uploadForm() {

@@ -154,6 +154,12 @@ def test_publish_approve_deploy_and_watch_it_in_the_console(node, browser, shots
     d.find_element("id", "upload").click()
     wait(d, lambda: "console_mlp" in d.find_element("id", "main").text, "the uploaded version on the shelf")
     d.save_screenshot(str(shots / "02-shelf-uploaded.png"))
+    # Curation from the shelf: a tag on the new version.
+    row = next(r for r in d.find_elements("css selector", "main tr") if r.text.startswith("console_mlp"))
+    row.find_element("css selector", "input.tag").send_keys("candidate")
+    next(b for b in row.find_elements("css selector", "button") if b.text == "Tag").click()
+    wait(d, lambda: "candidate" in next(r for r in d.find_elements("css selector", "main tr")
+                                        if r.text.startswith("console_mlp")).text, "the tag")
     go(d, node, "approvals", "Request approval")
     from selenium.webdriver.support.ui import Select
 
