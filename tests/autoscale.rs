@@ -8,6 +8,8 @@
 //!   is held there while the deployment is activated, and answered. The test prints each
 //!   activation's latency, from the request to its answer.
 
+#[path = "support/cluster.rs"]
+mod cluster;
 #[path = "support/harness.rs"]
 mod harness;
 #[path = "support/nodes.rs"]
@@ -15,29 +17,14 @@ mod nodes;
 #[path = "support/udp_proxy.rs"]
 mod udp_proxy;
 
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use harness::{Api, ok, three_coordinators};
+use cluster::Cluster;
+use harness::{Api, ok};
 use nodes::{NodeProc, agent};
 use serde_json::{Value, json};
-use udp_proxy::Faults;
-
-fn cli(server: &str, token: &str, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_sophon"))
-        .args(args)
-        .env("SOPHON_SERVER", server)
-        .env("SOPHON_TOKEN", token)
-        .output()
-        .expect("run sophon");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 fn input(seed: usize) -> Vec<f32> {
     (0..784)
@@ -97,24 +84,11 @@ fn wait_replicas(api: &Api, base: &str, id: u64, replicas: u64, within: Duration
 #[test]
 fn deployments_scale_with_their_load_and_down_to_zero_and_a_request_wakes_them() {
     let root = tempfile::tempdir().expect("tempdir");
-    let faults = Faults::new();
-    let (coordinators, token) = three_coordinators(root.path(), &faults, |_| {});
-    let api = Api::new(&token, Duration::from_secs(10));
-    let c1 = coordinators[0].url();
-    let key = sophon_sdk::keys::generate();
-    ok(
-        api.send(
-            "POST",
-            &c1,
-            "/v1/keys",
-            json!({"key": sophon_sdk::keys::public_key_hex(&key.verifying_key()), "name": "ci"}),
-        ),
-        "trust the publisher",
-    );
-    let (made, join, said) = cli(&c1, &token, &["node", "join-token", "--uses", "2", "--raw"]);
-    assert!(made, "{said}");
+    let cluster = Cluster::start(root.path(), Duration::from_secs(10));
+    let (api, c1, key) = (&cluster.api, cluster.c1.clone(), &cluster.key);
+    let join = cluster.node_join_token(2);
     let nodes: Vec<NodeProc> = (1..=2)
-        .map(|n| NodeProc::join(root.path(), n, join.trim()))
+        .map(|n| NodeProc::join(root.path(), n, &join))
         .collect();
     let logs = || nodes.iter().map(NodeProc::logs).collect::<String>();
 
@@ -130,14 +104,14 @@ fn deployments_scale_with_their_load_and_down_to_zero_and_a_request_wakes_them()
         &manifest,
         &component,
         &[("model.onnx".to_string(), onnx)],
-        &key,
+        key,
     )
     .expect("pack");
     ok(api.push(&c1, &slow), "push slow");
     ok(
         api.push(
             &c1,
-            &sophon_sdk::ready::mlp_bundle("mlp", &key).expect("pack"),
+            &sophon_sdk::ready::mlp_bundle("mlp", key).expect("pack"),
         ),
         "push mlp",
     );
@@ -152,8 +126,8 @@ fn deployments_scale_with_their_load_and_down_to_zero_and_a_request_wakes_them()
             "deploy",
         );
     }
-    wait_replicas(&api, &c1, 1, 1, Duration::from_secs(120));
-    wait_replicas(&api, &c1, 2, 1, Duration::from_secs(120));
+    wait_replicas(api, &c1, 1, 1, Duration::from_secs(120));
+    wait_replicas(api, &c1, 2, 1, Duration::from_secs(120));
     for args in [
         vec![
             "deploy",
@@ -186,10 +160,10 @@ fn deployments_scale_with_their_load_and_down_to_zero_and_a_request_wakes_them()
             "2s",
         ],
     ] {
-        let (set, out, err) = cli(&c1, &token, &args);
+        let (set, out, err) = cluster.cli(&args);
         assert!(set, "{out}{err}");
     }
-    let (_, shown, _) = cli(&c1, &token, &["deploy", "show", "2"]);
+    let (_, shown, _) = cluster.cli(&["deploy", "show", "2"]);
     assert!(shown.contains("autoscale: 0..2 replicas"), "{shown}");
 
     // Four clients without pause on `slow`: about four requests in flight, one replica aims at
@@ -212,14 +186,14 @@ fn deployments_scale_with_their_load_and_down_to_zero_and_a_request_wakes_them()
             })
         })
         .collect();
-    let up = wait_replicas(&api, &c1, 1, 2, Duration::from_secs(30));
+    let up = wait_replicas(api, &c1, 1, 2, Duration::from_secs(30));
     eprintln!("slow: scaled up to 2 replicas {up:?} after the load started");
     stop.store(true, Ordering::Relaxed);
     for t in load {
         let _ = t.join();
     }
     assert_eq!(failed.load(Ordering::Relaxed), 0, "{}", logs());
-    let down = wait_replicas(&api, &c1, 1, 1, Duration::from_secs(30));
+    let down = wait_replicas(api, &c1, 1, 1, Duration::from_secs(30));
     eprintln!("slow: back to 1 replica {down:?} after the load stopped");
 
     // `mlp`, idle, goes to zero; a request wakes it, again and again (`SOPHON_ACTIVATIONS`
@@ -232,7 +206,7 @@ fn deployments_scale_with_their_load_and_down_to_zero_and_a_request_wakes_them()
     let mut activations = Vec::new();
     let mut warm = Vec::new();
     for round in 0..rounds {
-        let idle = wait_replicas(&api, &c1, 2, 0, Duration::from_secs(30));
+        let idle = wait_replicas(api, &c1, 2, 0, Duration::from_secs(30));
         // The node keeps the version loaded 2 s after its replica goes: wait until it is gone.
         std::thread::sleep(Duration::from_millis(2500));
         let node = &targets[round % 2];
@@ -243,7 +217,7 @@ fn deployments_scale_with_their_load_and_down_to_zero_and_a_request_wakes_them()
         eprintln!("mlp: at zero {idle:?} after it was last used; activation answered in {took:?}");
         activations.push(took);
         // Answered while held: the deployment is active again, with one replica.
-        let v = deployment(&api, &c1, 2);
+        let v = deployment(api, &c1, 2);
         assert_eq!(v["deployment"]["replicas"], json!(1), "{v}");
         // The same request once active: the baseline.
         for i in 0..5 {
@@ -280,5 +254,5 @@ fn deployments_scale_with_their_load_and_down_to_zero_and_a_request_wakes_them()
         "{scaled:?}"
     );
     drop(nodes);
-    drop(coordinators);
+    drop(cluster);
 }

@@ -12,6 +12,8 @@
 //! rollback took; the coordinators' decisions, with their figures, are in `deploy show` and the
 //! audit log.
 
+#[path = "support/cluster.rs"]
+mod cluster;
 #[path = "support/harness.rs"]
 mod harness;
 #[path = "support/nodes.rs"]
@@ -19,15 +21,14 @@ mod nodes;
 #[path = "support/udp_proxy.rs"]
 mod udp_proxy;
 
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use harness::{Api, ok, three_coordinators};
+use cluster::Cluster;
+use harness::{Api, ok};
 use nodes::{NodeProc, agent};
 use serde_json::{Value, json};
-use udp_proxy::Faults;
 
 const PHASES: usize = 5;
 
@@ -141,21 +142,6 @@ impl Load {
     }
 }
 
-/// `sophon ARGS` against coordinator `server`: (succeeded, stdout, stderr).
-fn cli(server: &str, token: &str, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_sophon"))
-        .args(args)
-        .env("SOPHON_SERVER", server)
-        .env("SOPHON_TOKEN", token)
-        .output()
-        .expect("run sophon");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 /// The MLP as `version`, run by the flaky component with `env` granted (its failure rate and
 /// delay).
 fn flaky_bundle(version: &str, env: &[(&str, &str)], key: &sophon_sdk::SigningKey) -> Vec<u8> {
@@ -200,23 +186,9 @@ fn wait_serving(api: &Api, base: &str, version: &str, within: Duration) -> Value
 #[test]
 fn canaries_are_judged_on_live_traffic_and_rolled_back_or_promoted_on_their_own() {
     let root = tempfile::tempdir().expect("tempdir");
-    let faults = Faults::new();
-    let (coordinators, token) = three_coordinators(root.path(), &faults, |_| {});
-    let api = Api::new(&token, Duration::from_secs(10));
-    let c1 = coordinators[0].url();
-    let key = sophon_sdk::keys::generate();
-    ok(
-        api.send(
-            "POST",
-            &c1,
-            "/v1/keys",
-            json!({"key": sophon_sdk::keys::public_key_hex(&key.verifying_key()), "name": "ci"}),
-        ),
-        "trust the publisher",
-    );
-    let (made, join, said) = cli(&c1, &token, &["node", "join-token", "--uses", "2", "--raw"]);
-    assert!(made, "{said}");
-    let join = join.trim().to_string();
+    let cluster = Cluster::start(root.path(), Duration::from_secs(10));
+    let (api, c1, key) = (&cluster.api, cluster.c1.clone(), &cluster.key);
+    let join = cluster.node_join_token(2);
     let nodes: Vec<NodeProc> = (1..=2)
         .map(|n| NodeProc::join(root.path(), n, &join))
         .collect();
@@ -226,7 +198,7 @@ fn canaries_are_judged_on_live_traffic_and_rolled_back_or_promoted_on_their_own(
     ok(
         api.push(
             &c1,
-            &sophon_sdk::ready::mlp_bundle("mlp", &key).expect("pack"),
+            &sophon_sdk::ready::mlp_bundle("mlp", key).expect("pack"),
         ),
         "push mlp 1",
     );
@@ -240,13 +212,13 @@ fn canaries_are_judged_on_live_traffic_and_rolled_back_or_promoted_on_their_own(
         "deploy",
     );
     for bundle in [
-        flaky_bundle("2", &[("FAIL_PERCENT", "30")], &key),
-        flaky_bundle("3", &[("DELAY_MS", "2")], &key),
-        flaky_bundle("4", &[], &key),
+        flaky_bundle("2", &[("FAIL_PERCENT", "30")], key),
+        flaky_bundle("3", &[("DELAY_MS", "2")], key),
+        flaky_bundle("4", &[], key),
     ] {
         ok(api.push(&c1, &bundle), "push a release");
     }
-    wait_serving(&api, &c1, "1", Duration::from_secs(120));
+    wait_serving(api, &c1, "1", Duration::from_secs(120));
     let load = Load::start(nodes.iter().map(NodeProc::url).collect(), 2);
     std::thread::sleep(Duration::from_secs(1));
 
@@ -269,7 +241,7 @@ fn canaries_are_judged_on_live_traffic_and_rolled_back_or_promoted_on_their_own(
         ];
         args.extend_from_slice(extra);
         let started = Instant::now();
-        let (succeeded, _, stderr) = cli(&c1, &token, &args);
+        let (succeeded, _, stderr) = cluster.cli(&args);
         (succeeded, stderr, started.elapsed())
     };
     let mut timings = Vec::new();
@@ -291,7 +263,7 @@ fn canaries_are_judged_on_live_traffic_and_rolled_back_or_promoted_on_their_own(
     );
     let failures = load.seen.lock().expect("lock").failures[1];
     timings.push(("failing 30%", took, failures));
-    wait_serving(&api, &c1, "1", Duration::from_secs(30));
+    wait_serving(api, &c1, "1", Duration::from_secs(30));
     settle();
 
     // 2. The same release mirrored: rolled back, and no client sees its failures.
@@ -303,7 +275,7 @@ fn canaries_are_judged_on_live_traffic_and_rolled_back_or_promoted_on_their_own(
     );
     assert!(said.contains("errors"), "{said}");
     timings.push(("failing 30%, mirrored", took, None));
-    wait_serving(&api, &c1, "1", Duration::from_secs(30));
+    wait_serving(api, &c1, "1", Duration::from_secs(30));
     settle();
 
     // 3. Several times slower, yet within the SLO: rolled back against the serving revision.
@@ -312,7 +284,7 @@ fn canaries_are_judged_on_live_traffic_and_rolled_back_or_promoted_on_their_own(
     assert!(!promoted, "the slow canary was promoted: {said}");
     assert!(said.contains("the serving revision's"), "{said}");
     timings.push(("2 ms slower", took, None));
-    wait_serving(&api, &c1, "1", Duration::from_secs(30));
+    wait_serving(api, &c1, "1", Duration::from_secs(30));
     settle();
 
     // 4. A good release: promoted through every step, then serving alone.
@@ -324,12 +296,12 @@ fn canaries_are_judged_on_live_traffic_and_rolled_back_or_promoted_on_their_own(
         logs()
     );
     timings.push(("good, promoted", took, None));
-    wait_serving(&api, &c1, "4", Duration::from_secs(30));
+    wait_serving(api, &c1, "4", Duration::from_secs(30));
     std::thread::sleep(Duration::from_millis(500));
     let seen = load.finish();
 
     // What the operator sees: every decision with its figures.
-    let (shown, show, _) = cli(&c1, &token, &["deploy", "show", "1"]);
+    let (shown, show, _) = cluster.cli(&["deploy", "show", "1"]);
     assert!(shown);
     eprintln!("{show}");
     assert!(show.contains("canary decisions on revision"), "{show}");
@@ -396,5 +368,5 @@ fn canaries_are_judged_on_live_traffic_and_rolled_back_or_promoted_on_their_own(
     assert!(seen.answers[3].contains_key("3"), "{:?}", seen.answers[3]);
     assert!(seen.answers[4].contains_key("4"), "{:?}", seen.answers[4]);
     drop(nodes);
-    drop(coordinators);
+    drop(cluster);
 }

@@ -8,6 +8,8 @@
 //! Placements are cold but one: no model but the hot `m0` is loaded before its first request.
 //! The node measures what each load keeps, and the shelf records it for the scheduler.
 
+#[path = "support/cluster.rs"]
+mod cluster;
 #[path = "support/harness.rs"]
 mod harness;
 #[path = "support/nodes.rs"]
@@ -15,13 +17,12 @@ mod nodes;
 #[path = "support/udp_proxy.rs"]
 mod udp_proxy;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use harness::{Api, ok, three_coordinators};
+use cluster::Cluster;
+use harness::ok;
 use nodes::{NodeProc, agent};
 use serde_json::{Value, json};
-use udp_proxy::Faults;
 
 fn rss_mib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -91,39 +92,12 @@ fn a_node_serves_more_models_than_its_memory_holds_by_evicting_and_reloading() {
         .and_then(|n| n.parse().ok())
         .unwrap_or(24);
     let root = tempfile::tempdir().expect("tempdir");
-    let faults = Faults::new();
-    let (coordinators, token) = three_coordinators(root.path(), &faults, |_| {});
-    let api = Api::new(&token, Duration::from_secs(30));
-    let c1 = coordinators[0].url();
-    let key = sophon_sdk::keys::generate();
-    ok(
-        api.send(
-            "POST",
-            &c1,
-            "/v1/keys",
-            json!({"key": sophon_sdk::keys::public_key_hex(&key.verifying_key()), "name": "ci"}),
-        ),
-        "trust the publisher",
-    );
-    let out = Command::new(env!("CARGO_BIN_EXE_sophon"))
-        .args(["node", "join-token", "--raw"])
-        .env("SOPHON_SERVER", &c1)
-        .env("SOPHON_TOKEN", &token)
-        .output()
-        .expect("join token");
-    let join = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let cluster = Cluster::start(root.path(), Duration::from_secs(30));
+    let (api, c1, key) = (&cluster.api, cluster.c1.clone(), &cluster.key);
+    let join = cluster.node_join_token(1);
     // The node evicts, so the scheduler may promise it more than its memory.
-    let out = Command::new(env!("CARGO_BIN_EXE_sophon"))
-        .args(["cluster", "overcommit", "400"])
-        .env("SOPHON_SERVER", &c1)
-        .env("SOPHON_TOKEN", &token)
-        .output()
-        .expect("overcommit");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (set, _, said) = cluster.cli(&["cluster", "overcommit", "400"]);
+    assert!(set, "{said}");
     let status = ok(api.get(&c1, "/v1/cluster/status"), "status");
     assert_eq!(status["memory_overcommit_pct"], json!(400), "{status}");
     let node = NodeProc::join_with(
@@ -153,7 +127,7 @@ fn a_node_serves_more_models_than_its_memory_holds_by_evicting_and_reloading() {
             &manifest,
             sophon_sdk::components::PASSTHROUGH,
             &[("model.onnx".to_string(), onnx.clone())],
-            &key,
+            key,
         )
         .expect("pack");
         bundle_bytes = bundle.len();
@@ -280,5 +254,5 @@ fn a_node_serves_more_models_than_its_memory_holds_by_evicting_and_reloading() {
     }
 
     drop(node);
-    drop(coordinators);
+    drop(cluster);
 }

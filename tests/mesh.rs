@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use harness::{Api, Reply, ok, three_coordinators, wait_for_leader};
+use harness::{Api, Reply, ok, three_coordinators, trusted_key, wait_for_leader};
 use nodes::{NodeProc, agent};
 use serde_json::{Value, json};
 use udp_proxy::Faults;
@@ -254,16 +254,7 @@ fn three_coordinators_and_three_nodes_serve_route_and_survive_losses() {
         ),
         "set the heartbeat grace",
     );
-    let key = sophon_sdk::keys::generate();
-    ok(
-        api.send(
-            "POST",
-            &c1,
-            "/v1/keys",
-            json!({"key": sophon_sdk::keys::public_key_hex(&key.verifying_key()), "name": "ci"}),
-        ),
-        "trust the publisher",
-    );
+    let key = trusted_key(&api, &c1);
 
     // A node join token for three nodes, through the CLI as the README shows.
     let out = Command::new(env!("CARGO_BIN_EXE_sophon"))

@@ -458,3 +458,18 @@ impl Rng {
         Duration::from_millis(lo + self.below(hi - lo + 1))
     }
 }
+
+/// A fresh publisher key, trusted by the cluster behind `base` (through the admin API).
+pub fn trusted_key(api: &Api, base: &str) -> sophon_sdk::SigningKey {
+    let key = sophon_sdk::keys::generate();
+    ok(
+        api.send(
+            "POST",
+            base,
+            "/v1/keys",
+            json!({"key": sophon_sdk::keys::public_key_hex(&key.verifying_key()), "name": "ci"}),
+        ),
+        "trust the publisher",
+    );
+    key
+}
