@@ -442,6 +442,7 @@
     const revisions = ((s && s.revisions) || []).map((v) => [v.revision, v.version, v.weight === null || v.weight === undefined ? '-' : `${v.weight} %`,
       v.mirror ? 'mirror' : '', v.ready, fmtNum(v.rate_per_s), fmtUs(v.total_us && v.total_us.p99)]);
     const canary = d.update && d.update.canary;
+    const models = can('operator') ? await api('GET', `/v1/models/${encodeURIComponent(d.model)}`).catch(() => null) : null;
     return [
       h('h1', { id: 'deployment-title' }, `Deployment ${d.id}: ${d.model}@${d.version} in ${d.environment}`),
       h('div', { class: 'cards' },
@@ -452,6 +453,8 @@
         card('Placement', d.hot ? 'hot' : 'cold'),
         card('Autoscale', d.autoscale ? `${d.autoscale.min_replicas}..${d.autoscale.max_replicas}` : 'off')),
       canary ? h('p', {}, pill('canary', 'warn'), ` revision ${d.update.revision} (${d.update.version}) at step ${canary.step + 1} of ${canary.spec.steps.length}`) : null,
+      d.update && !canary ? h('p', {}, pill('rolling update', 'warn'), ` to revision ${d.update.revision} (${d.update.version})`) : null,
+      can('operator') ? rollout(d, models) : null,
       h('div', { class: 'grid2' },
         chart('Requests and errors', points, [{ key: 'rate', label: 'requests/s', color: '#2f6fde' }, { key: 'errors', label: 'errors/s', color: '#c93636' }], '/s'),
         chart('Latency', points, [{ key: 'p50', label: 'p50', color: '#1f8a4c' }, { key: 'p99', label: 'p99', color: '#b7791f' }], 'ms')),
@@ -466,6 +469,24 @@
       table(['revision', 'version', 'cause', 'by', 'at', 'status', 'reason'], (d.history || []).slice().reverse().map((x) => [
         x.revision, x.version, x.cause, x.created_by, fmtTime(x.created_at_ms), x.status, h('td', { class: 'wrap' }, x.reason || '')])),
     ];
+  }
+
+  // An operator's rollout controls: a rolling update or a canary to another version, and
+  // promote or roll back what is running. The API applies the approval rules.
+  function rollout(d, model) {
+    const versions = Object.keys((model && model.versions) || {}).filter((v) => v !== d.version);
+    const pick = h('select', { class: 'rollout-version' }, versions.map((v) => h('option', { value: v }, v)));
+    const steps = h('input', { value: '10,50,100', size: 10, class: 'steps', title: 'canary steps, % of traffic' });
+    const path = (a) => `/v1/deployments/${d.id}/${a}`;
+    return h('div', { class: 'actions' },
+      d.update ? null : [h('strong', {}, 'Roll out'), pick,
+        action('Rolling update', () => api('POST', path('update'), { version: pick.value }), 'secondary'),
+        steps,
+        action('Canary', () => api('POST', path('canary'), {
+          version: pick.value, steps: steps.value.split(',').map((x) => Number(x.trim())).filter((x) => x > 0),
+        }), 'secondary')],
+      d.update && d.update.canary ? action('Promote', () => api('POST', path('promote'))) : null,
+      action(d.update ? 'Abandon (roll back)' : 'Roll back', () => api('POST', path('rollback')), 'danger'));
   }
 
   async function audit() {
@@ -489,7 +510,7 @@
   const PAGES = { overview: [overview, true], nodes: [nodes, false], shelf: [shelf, false], approvals: [approvals, false],
     deployments: [deployments, false], audit: [audit, false] };
 
-  async function render() {
+  async function render(refresh) {
     clearTimeout(S.timer);
     // Only the newest render shows its page and schedules the next refresh.
     const gen = (S.gen = (S.gen || 0) + 1);
@@ -502,6 +523,12 @@
     who.replaceChildren(`${S.me.name} (${S.me.role})`, h('button', { type: 'button', class: 'secondary', id: 'signout', onclick: signout }, 'Sign out'));
     const [name, arg] = (location.hash.replace(/^#\//, '') || 'overview').split('/');
     for (const a of document.querySelectorAll('nav a')) a.classList.toggle('active', a.getAttribute('href') === `#/${name}`);
+    const active = document.activeElement;
+    if (refresh === true && main.contains(active) && ['INPUT', 'SELECT', 'TEXTAREA'].includes(active.tagName)) {
+      // Someone is typing or choosing on a live page: refresh later.
+      S.timer = setTimeout(() => render(true), REFRESH_MS);
+      return;
+    }
     let page = PAGES[name] || PAGES.overview;
     let live = page[1];
     if (name === 'deployments' && arg) { page = [() => deployment(Number(arg)), true]; live = true; }
@@ -514,9 +541,9 @@
       if (e.status === 401) { S.token = ''; S.me = null; sessionStorage.removeItem('sophon.token'); return signin('Your token is no longer valid.'); }
       main.replaceChildren(h('p', { class: 'error' }, `Could not load this page: ${e.message}`));
     }
-    if (live && gen === S.gen) S.timer = setTimeout(render, REFRESH_MS);
+    if (live && gen === S.gen) S.timer = setTimeout(() => render(true), REFRESH_MS);
   }
 
-  window.addEventListener('hashchange', render);
+  window.addEventListener('hashchange', () => render());
   render();
 })();

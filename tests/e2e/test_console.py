@@ -215,6 +215,7 @@ def test_publish_approve_deploy_and_watch_it_in_the_console(node, browser, shots
         wait(d, lambda: d.find_element("id", "deployment-title").text
              == f"Deployment {deployment}: console_mlp@1 in console", "the deployment's title")
         wait(d, lambda: "ready" in d.find_element("id", "main").text.split("Replicas", 1)[1], "a ready replica")
+        assert {"Rolling update", "Canary", "Roll back"} <= buttons(d), buttons(d)
         wait(d, lambda: float(d.find_element("css selector", "#card-deployment-rate .value").text) > 0,
              "a request rate from the nodes' reports", timeout=40)
         # The leader samples every 5 s: two samples with traffic draw a line.
@@ -252,6 +253,10 @@ def test_publish_approve_deploy_and_watch_it_in_the_console(node, browser, shots
         assert buttons(d) == set(), f"{page}: a viewer was offered {buttons(d)}"
         assert not d.find_elements("css selector", "main form"), f"{page}: a viewer was offered a form"
     d.save_screenshot(str(shots / "08-viewer-audit.png"))
+    d.get(f"{node.admin_base}/ui/#/deployments/{deployment}")
+    d.refresh()
+    wait(d, lambda: d.find_element("id", "deployment-title"), "the deployment page")
+    assert buttons(d) == set(), f"a viewer was offered {buttons(d)} on the deployment page"
     # And the API refuses a viewer's action anyway.
     r = requests.post(f"{node.admin_base}/v1/deployments/{deployment}/scale", json={"replicas": 2}, timeout=10,
                       headers={"Authorization": f"Bearer {secrets['vic']}"})
