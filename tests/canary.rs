@@ -3,7 +3,8 @@
 //! started through the CLI as an operator would (`sophon deploy canary ... --wait`):
 //!
 //! 1. a release whose component fails 30 % of requests: rolled back on its own;
-//! 2. the same release mirrored (`--mirror`): rolled back, and no client saw a failure;
+//! 2. the same release mirrored (`--mirror`), with the clients on gRPC: rolled back on the
+//!    mirrored copies alone, and no client saw a failure;
 //! 3. a release 2 ms slower per request (about 7× the MLP's median), within its SLO: rolled
 //!    back for falling behind the serving revision;
 //! 4. a good release: promoted step by step, then serving all the traffic.
@@ -46,6 +47,8 @@ struct Seen {
 struct Load {
     stop: Arc<AtomicBool>,
     phase: Arc<AtomicUsize>,
+    /// Send over gRPC (to the nodes' gRPC ports) instead of HTTP.
+    grpc: Arc<AtomicBool>,
     seen: Arc<Mutex<Seen>>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
@@ -56,53 +59,120 @@ fn input(seed: usize) -> Vec<f32> {
         .collect()
 }
 
+/// One unversioned V2 JSON request over HTTP: (the version that answered, the output).
+fn predict_http(agent: &ureq::Agent, node: &str, x: &[f32]) -> Result<(String, Vec<f32>), String> {
+    let body = json!({"inputs": [{"name": "input", "datatype": "FP32",
+        "shape": [1, 784], "data": x}]});
+    let v = agent
+        .post(format!("{node}/v2/models/mlp/infer"))
+        .send_json(body)
+        .map_err(|e| e.to_string())
+        .and_then(|mut r| {
+            let status = r.status().as_u16();
+            let text = r.body_mut().read_to_string().unwrap_or_default();
+            if status != 200 {
+                return Err(format!("HTTP {status}: {text}"));
+            }
+            serde_json::from_str::<Value>(&text).map_err(|e| e.to_string())
+        })?;
+    let got = v["outputs"][0]["data"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_f64)
+        .map(|f| f as f32)
+        .collect();
+    Ok((v["model_version"].as_str().unwrap_or("?").to_string(), got))
+}
+
+type GrpcClient = sophon_node::grpc::pb::grpc_inference_service_client::GrpcInferenceServiceClient<
+    tonic::transport::Channel,
+>;
+
+/// The same request over gRPC (`ModelInfer`, raw contents), on a client kept per node.
+async fn predict_grpc(
+    client: &mut Option<GrpcClient>,
+    node: std::net::SocketAddr,
+    x: &[f32],
+) -> Result<(String, Vec<f32>), String> {
+    use sophon_node::grpc::pb;
+    if client.is_none() {
+        *client = Some(
+            GrpcClient::connect(format!("http://{node}"))
+                .await
+                .map_err(|e| e.to_string())?,
+        );
+    }
+    let c = client.as_mut().expect("connected");
+    let request = pb::ModelInferRequest {
+        model_name: "mlp".into(),
+        inputs: vec![pb::model_infer_request::InferInputTensor {
+            name: "input".into(),
+            datatype: "FP32".into(),
+            shape: vec![1, 784],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![x.iter().flat_map(|v| v.to_le_bytes()).collect()],
+        ..Default::default()
+    };
+    let r = c
+        .model_infer(request)
+        .await
+        .map_err(|e| format!("gRPC {:?}: {}", e.code(), e.message()))?
+        .into_inner();
+    let got = r
+        .raw_output_contents
+        .first()
+        .map(|b| {
+            b.chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok((r.model_version, got))
+}
+
 impl Load {
-    fn start(targets: Vec<String>, threads: usize) -> Load {
+    fn start(
+        targets: Vec<String>,
+        grpc_targets: Vec<std::net::SocketAddr>,
+        threads: usize,
+    ) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let phase = Arc::new(AtomicUsize::new(0));
+        let grpc = Arc::new(AtomicBool::new(false));
         let seen = Arc::new(Mutex::new(Seen::default()));
         let mlp = sophon_sdk::ready::mlp();
         let threads = (0..threads)
             .map(|t| {
-                let (stop, phase, seen) = (stop.clone(), phase.clone(), seen.clone());
-                let (targets, mlp) = (targets.clone(), mlp.clone());
+                let (stop, phase, seen, grpc) =
+                    (stop.clone(), phase.clone(), seen.clone(), grpc.clone());
+                let (targets, grpc_targets, mlp) =
+                    (targets.clone(), grpc_targets.clone(), mlp.clone());
                 std::thread::spawn(move || {
                     let agent = agent();
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .expect("runtime");
+                    let mut clients: Vec<Option<GrpcClient>> = vec![None; grpc_targets.len()];
                     let mut i = t;
                     while !stop.load(Ordering::Relaxed) {
                         let x = input(i);
-                        let node = &targets[i % targets.len()];
-                        let body = json!({"inputs": [{"name": "input", "datatype": "FP32",
-                            "shape": [1, 784], "data": x}]});
-                        let answer = agent
-                            .post(format!("{node}/v2/models/mlp/infer"))
-                            .send_json(body)
-                            .map_err(|e| e.to_string())
-                            .and_then(|mut r| {
-                                let status = r.status().as_u16();
-                                let text = r.body_mut().read_to_string().unwrap_or_default();
-                                if status != 200 {
-                                    return Err(format!("HTTP {status}: {text}"));
-                                }
-                                serde_json::from_str::<Value>(&text).map_err(|e| e.to_string())
-                            });
+                        let k = i % targets.len();
+                        let answer = if grpc.load(Ordering::Relaxed) {
+                            rt.block_on(predict_grpc(&mut clients[k], grpc_targets[k], &x))
+                        } else {
+                            predict_http(&agent, &targets[k], &x)
+                        };
                         let p = phase.load(Ordering::Relaxed);
                         let mut s = seen.lock().expect("lock");
                         match answer {
-                            Ok(v) => {
-                                let got: Vec<f32> = v["outputs"][0]["data"]
-                                    .as_array()
-                                    .into_iter()
-                                    .flatten()
-                                    .filter_map(Value::as_f64)
-                                    .map(|f| f as f32)
-                                    .collect();
+                            Ok((version, got)) => {
                                 let want = mlp.forward(&x);
                                 let right = got.len() == want.len()
                                     && got.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-3);
                                 if right {
-                                    let version =
-                                        v["model_version"].as_str().unwrap_or("?").to_string();
                                     *s.answers[p].entry(version).or_default() += 1;
                                 } else {
                                     s.failed[p] += 1;
@@ -128,6 +198,7 @@ impl Load {
         Load {
             stop,
             phase,
+            grpc,
             seen,
             threads,
         }
@@ -219,7 +290,11 @@ fn canaries_are_judged_on_live_traffic_and_rolled_back_or_promoted_on_their_own(
         ok(api.push(&c1, &bundle), "push a release");
     }
     wait_serving(api, &c1, "1", Duration::from_secs(120));
-    let load = Load::start(nodes.iter().map(NodeProc::url).collect(), 2);
+    let load = Load::start(
+        nodes.iter().map(NodeProc::url).collect(),
+        nodes.iter().map(|n| n.grpc).collect(),
+        2,
+    );
     std::thread::sleep(Duration::from_secs(1));
 
     let canary = |version: &str, extra: &[&str]| {
@@ -266,17 +341,20 @@ fn canaries_are_judged_on_live_traffic_and_rolled_back_or_promoted_on_their_own(
     wait_serving(api, &c1, "1", Duration::from_secs(30));
     settle();
 
-    // 2. The same release mirrored: rolled back, and no client sees its failures.
+    // 2. The same release mirrored, with clients on gRPC: rolled back on the copies alone, and
+    // no client sees its failures.
     load.phase.store(2, Ordering::Relaxed);
+    load.grpc.store(true, Ordering::Relaxed);
     let (promoted, said, took) = canary("2", &["--mirror"]);
     assert!(
         !promoted,
         "the mirrored failing canary was promoted: {said}"
     );
     assert!(said.contains("errors"), "{said}");
-    timings.push(("failing 30%, mirrored", took, None));
+    timings.push(("failing 30%, mirrored (gRPC clients)", took, None));
     wait_serving(api, &c1, "1", Duration::from_secs(30));
     settle();
+    load.grpc.store(false, Ordering::Relaxed);
 
     // 3. Several times slower, yet within the SLO: rolled back against the serving revision.
     load.phase.store(3, Ordering::Relaxed);

@@ -128,6 +128,10 @@ impl Grpc {
             && let Some(v) = router.version_for(&request.model_name)
         {
             request.model_version = v;
+            // A mirrored canary gets a copy at its weight, as HTTP's requests do.
+            if let Some(shadow) = router.mirror_for(&request.model_name) {
+                self.mirror(router, &request, shadow);
+            }
         }
         let mut found = self.model(&request.model_name, &request.model_version);
         if found.is_err()
@@ -194,6 +198,41 @@ impl Grpc {
 }
 
 impl Grpc {
+    /// Send a copy of `request` to `version` (a mirrored canary), here or through the mesh, and
+    /// drop its answer. A request that cannot be encoded is not copied.
+    fn mirror(
+        &self,
+        router: &Arc<crate::mesh::router::Router>,
+        request: &pb::ModelInferRequest,
+        version: String,
+    ) {
+        let Ok(decoded) = decode(request.clone()) else {
+            return;
+        };
+        let Ok(encoded) = v2::encode_request(&decoded, |_| true) else {
+            return;
+        };
+        let mut headers = axum::http::HeaderMap::new();
+        if let Some(n) = encoded.header_len {
+            headers.insert(
+                axum::http::header::CONTENT_TYPE,
+                axum::http::HeaderValue::from_static("application/octet-stream"),
+            );
+            headers.insert(v2::HEADER_CONTENT_LENGTH, axum::http::HeaderValue::from(n));
+        }
+        let name = request.model_name.clone();
+        let path = format!("/v2/models/{name}/versions/{version}/infer");
+        crate::http::mirror(
+            self.state.clone(),
+            router.clone(),
+            name,
+            path,
+            version,
+            headers,
+            bytes::Bytes::from(encoded.body),
+        );
+    }
+
     /// Serve a request on a node with a replica, through the mesh's router: the request goes as
     /// a V2 binary body, as an HTTP one would, and the answer comes back as this protocol's.
     async fn forward(

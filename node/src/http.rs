@@ -271,7 +271,7 @@ async fn route_through_mesh(
 /// Send a copy of a request to `version` of `model` (a mirrored canary), here if it is loaded
 /// here, else through the mesh; the answer is dropped, and only the canary's performance
 /// reports count it.
-fn mirror(
+pub(crate) fn mirror(
     state: Arc<ApiState>,
     router: Arc<crate::mesh::router::Router>,
     model: String,
