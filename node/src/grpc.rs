@@ -197,6 +197,20 @@ impl Grpc {
     }
 }
 
+/// The headers of a V2 body made by `v2::encode_request`: binary when it has a JSON header of
+/// `header_len` bytes followed by raw tensors.
+fn binary_headers(header_len: Option<usize>) -> axum::http::HeaderMap {
+    let mut headers = axum::http::HeaderMap::new();
+    if let Some(n) = header_len {
+        headers.insert(
+            axum::http::header::CONTENT_TYPE,
+            axum::http::HeaderValue::from_static("application/octet-stream"),
+        );
+        headers.insert(v2::HEADER_CONTENT_LENGTH, axum::http::HeaderValue::from(n));
+    }
+    headers
+}
+
 impl Grpc {
     /// Send a copy of `request` to `version` (a mirrored canary), here or through the mesh, and
     /// drop its answer. A request that cannot be encoded is not copied.
@@ -212,14 +226,7 @@ impl Grpc {
         let Ok(encoded) = v2::encode_request(&decoded, |_| true) else {
             return;
         };
-        let mut headers = axum::http::HeaderMap::new();
-        if let Some(n) = encoded.header_len {
-            headers.insert(
-                axum::http::header::CONTENT_TYPE,
-                axum::http::HeaderValue::from_static("application/octet-stream"),
-            );
-            headers.insert(v2::HEADER_CONTENT_LENGTH, axum::http::HeaderValue::from(n));
-        }
+        let headers = binary_headers(encoded.header_len);
         let name = request.model_name.clone();
         let path = format!("/v2/models/{name}/versions/{version}/infer");
         crate::http::mirror(
@@ -256,14 +263,7 @@ impl Grpc {
                     self.state.config.max_inflight_bytes
                 ))
             })?;
-        let mut headers = axum::http::HeaderMap::new();
-        if let Some(n) = encoded.header_len {
-            headers.insert(
-                axum::http::header::CONTENT_TYPE,
-                axum::http::HeaderValue::from_static("application/octet-stream"),
-            );
-            headers.insert(v2::HEADER_CONTENT_LENGTH, axum::http::HeaderValue::from(n));
-        }
+        let headers = binary_headers(encoded.header_len);
         let path = match &version {
             Some(v) => format!("/v2/models/{name}/versions/{v}/infer"),
             None => format!("/v2/models/{name}/infer"),

@@ -175,7 +175,7 @@ pub fn router(core: Shared) -> Router {
         )
         .route(
             "/v1/deployments/{id}/hot",
-            axum::routing::put(set_hot).delete(set_cold),
+            axum::routing::put(mark_hot).delete(mark_hot),
         )
         .route("/v1/deployments/{id}/history", get(deployment_history))
         .route("/v1/tokens", get(list_tokens).post(create_token))
@@ -1128,26 +1128,17 @@ async fn set_autoscale(
     Ok(outcome(write(&core, &headers, command).await?))
 }
 
-async fn set_hot(
+/// `PUT` marks a deployment hot, `DELETE` cold.
+async fn mark_hot(
     AxState(core): AxState<Shared>,
+    method: axum::http::Method,
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> ApiResult {
-    mark_hot(&core, &headers, &id, true).await
-}
-
-async fn set_cold(
-    AxState(core): AxState<Shared>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> ApiResult {
-    mark_hot(&core, &headers, &id, false).await
-}
-
-async fn mark_hot(core: &Core, headers: &HeaderMap, id: &str, hot: bool) -> ApiResult {
-    let deployment = parse_id("deployment id", id)?;
+    let deployment = parse_id("deployment id", &id)?;
+    let hot = method == axum::http::Method::PUT;
     let command = Command::SetDeploymentHot { deployment, hot };
-    Ok(outcome(write(core, headers, command).await?))
+    Ok(outcome(write(&core, &headers, command).await?))
 }
 
 async fn clear_autoscale(
