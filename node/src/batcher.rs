@@ -248,17 +248,17 @@ impl Inner {
         let total: u64 = jobs.iter().map(|j| j.rows).sum();
         if jobs.len() == 1 {
             let job = jobs.into_iter().next().expect("one job");
-            let result = self.predict(&job.inputs);
+            let enqueued = job.enqueued;
+            let result = self.predict(job.inputs);
             let _ = job.reply.send(Done {
                 result,
-                queue: started - job.enqueued,
+                queue: started - enqueued,
                 executed: Some(total),
             });
             return;
         }
         let inputs = concat(&jobs, total);
-        let result = self.predict(&inputs);
-        drop(inputs);
+        let result = self.predict(inputs);
         let parts = match result {
             Ok((outputs, times)) => split(outputs, &jobs).map(|parts| (parts, times)),
             // The batch as a whole ran out of time, or the node out of slots: each request
@@ -293,11 +293,12 @@ impl Inner {
                     "a batch failed ({why}); running its requests one by one"
                 );
                 for job in jobs {
-                    let result = self.predict(&job.inputs);
+                    let (enqueued, rows) = (job.enqueued, job.rows);
+                    let result = self.predict(job.inputs);
                     let _ = job.reply.send(Done {
                         result,
-                        queue: started - job.enqueued,
-                        executed: Some(job.rows),
+                        queue: started - enqueued,
+                        executed: Some(rows),
                     });
                 }
             }
@@ -306,7 +307,7 @@ impl Inner {
 
     fn predict(
         &self,
-        inputs: &[GuestTensor],
+        inputs: Vec<GuestTensor>,
     ) -> Result<(Vec<GuestTensor>, CallTimes), InvokeError> {
         crate::backend::catch_panic("the model call", || self.model.predict(inputs)).unwrap_or_else(
             |panicked| {

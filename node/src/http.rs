@@ -844,7 +844,7 @@ pub(crate) async fn execute(
             };
             let queue = queued_at.elapsed();
             let result = tokio::task::block_in_place(|| {
-                crate::backend::catch_panic("the model call", || model.model.predict(&inputs))
+                crate::backend::catch_panic("the model call", || model.model.predict(inputs))
             })
             .unwrap_or_else(|panicked| {
                 Err(InvokeError::Failed {
@@ -852,7 +852,6 @@ pub(crate) async fn execute(
                     message: panicked,
                 })
             });
-            drop(inputs);
             (result, queue, Some(rows))
         }
     };

@@ -184,6 +184,21 @@ pub fn embedding_onnx(rows: usize, dim: usize, summed: bool) -> Vec<u8> {
     model_bytes(graph)
 }
 
+/// `y = Identity(x)` on a tensor of ONNX element type `elem_type` (the `TensorProto.DataType`
+/// number) and shape `[n]`: what a tensor of each datatype looks like after a round trip.
+pub fn identity_onnx(elem_type: i32) -> Vec<u8> {
+    let elem = pb::tensor_proto::DataType::try_from(elem_type)
+        .unwrap_or(pb::tensor_proto::DataType::Undefined);
+    let graph = pb::GraphProto {
+        name: "identity".into(),
+        node: vec![node("Identity", &["x"], "y", "identity")],
+        input: vec![value("x", elem, &[None])],
+        output: vec![value("y", elem, &[None])],
+        ..Default::default()
+    };
+    model_bytes(graph)
+}
+
 fn model_bytes(graph: pb::GraphProto) -> Vec<u8> {
     pb::ModelProto {
         ir_version: IR_VERSION,

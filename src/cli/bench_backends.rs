@@ -132,15 +132,16 @@ pub fn backends(
             }
             for _ in 0..(runs / 10).max(5) {
                 native()?;
-                model.model.predict(&guest)?;
+                model.model.predict(guest.clone())?;
             }
             let (mut n, mut w) = (Vec::with_capacity(runs), Vec::with_capacity(runs));
             for _ in 0..runs {
                 let t = Instant::now();
                 native()?;
                 n.push(t.elapsed());
+                let request = guest.clone();
                 let t = Instant::now();
-                black_box(model.model.predict(&guest)?);
+                black_box(model.model.predict(request)?);
                 w.push(t.elapsed());
             }
             let (n50, n99) = percentiles(&mut n);

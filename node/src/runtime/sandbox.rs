@@ -6,7 +6,7 @@ use crate::backend::memory::CallMemory;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use wasmtime::component::{Linker, ResourceTable};
+use wasmtime::component::{ComponentExportIndex, Instance, Linker, Resource, ResourceTable};
 use wasmtime::{Engine, Store};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
@@ -386,6 +386,8 @@ pub struct Model {
     /// Keeps the epoch ticker running while the model lives.
     _ticker: Arc<super::Ticker>,
     pre: bindings::ServingPre<Sandbox>,
+    /// `sophon:model/direct#predict`, when the component exports it.
+    direct: Option<ComponentExportIndex>,
     graphs: Arc<HashMap<String, Graph>>,
     env: Arc<[(String, String)]>,
     limits: ModelLimits,
@@ -405,6 +407,7 @@ impl Model {
         limits: ModelLimits,
     ) -> anyhow::Result<Model> {
         let (pre, origin) = Model::link(runtime, component)?;
+        let direct = direct_predict(&pre);
         let tick = runtime.config.epoch_tick.as_nanos().max(1);
         let deadline_ticks = (limits.timeout.as_nanos().div_ceil(tick) as u64).saturating_add(1);
         Ok(Model {
@@ -412,6 +415,7 @@ impl Model {
             engine: runtime.engine.clone(),
             _ticker: runtime.ticker.clone(),
             pre,
+            direct,
             graphs: Arc::new(graphs),
             env: env.into(),
             limits,
@@ -470,21 +474,71 @@ impl Model {
     }
 
     /// Run one request in a fresh instance.
+    ///
+    /// A component that exports `sophon:model/direct` gets the request's tensors as wasi-nn
+    /// handles that stay in host memory (unless an input is `BYTES`, which wasi-nn cannot
+    /// carry); any other gets them copied into its memory through `predictor.predict`.
     pub fn predict(
         &self,
-        inputs: &[GuestTensor],
+        inputs: Vec<GuestTensor>,
+    ) -> Result<(Vec<GuestTensor>, CallTimes), InvokeError> {
+        self.call(inputs, true)
+    }
+
+    /// Run one request in a fresh instance through `predictor.predict`, the tensors copied
+    /// into the guest's memory and out again, even when the component takes them by handle:
+    /// the baseline `sophon bench sandbox` measures against, and what tests compare with.
+    pub fn predict_by_value(
+        &self,
+        inputs: Vec<GuestTensor>,
+    ) -> Result<(Vec<GuestTensor>, CallTimes), InvokeError> {
+        self.call(inputs, false)
+    }
+
+    /// Whether the component exports `sophon:model/direct` (takes requests by handle).
+    pub fn takes_handles(&self) -> bool {
+        self.direct.is_some()
+    }
+
+    fn call(
+        &self,
+        inputs: Vec<GuestTensor>,
+        by_handle: bool,
     ) -> Result<(Vec<GuestTensor>, CallTimes), InvokeError> {
         let started = Instant::now();
         crate::backend::take_last_error();
         let mut store = self.store();
-        let serving = self
-            .pre
-            .instantiate(&mut store)
-            .map_err(|e| self.classify(e, &store))?;
-        let instantiated = Instant::now();
-        let result = serving
-            .sophon_model_predictor()
-            .call_predict(&mut store, inputs);
+        let direct = self
+            .direct
+            .as_ref()
+            .filter(|_| by_handle && inputs.iter().all(|t| carrier(t.datatype).is_some()));
+        let (result, instantiated) = match direct {
+            Some(predict) => {
+                let instance = self
+                    .pre
+                    .instance_pre()
+                    .instantiate(&mut store)
+                    .map_err(|e| self.classify(e, &store))?;
+                let instantiated = Instant::now();
+                (
+                    call_direct(&mut store, &instance, predict, inputs),
+                    instantiated,
+                )
+            }
+            None => {
+                let serving = self
+                    .pre
+                    .instantiate(&mut store)
+                    .map_err(|e| self.classify(e, &store))?;
+                let instantiated = Instant::now();
+                (
+                    serving
+                        .sophon_model_predictor()
+                        .call_predict(&mut store, &inputs),
+                    instantiated,
+                )
+            }
+        };
         let called = Instant::now();
         let mut times = CallTimes {
             instantiate: instantiated - started,
@@ -642,4 +696,98 @@ impl Model {
         }
         InvokeError::Trap { model, message }
     }
+}
+
+/// `sophon:model/direct#predict` in a component, if it exports it.
+fn direct_predict(pre: &bindings::ServingPre<Sandbox>) -> Option<ComponentExportIndex> {
+    let component = pre.instance_pre().component();
+    let direct = component.get_export_index(None, "sophon:model/direct@0.1.0")?;
+    component.get_export_index(Some(&direct), "predict")
+}
+
+/// A wasi-nn tensor the host holds, and one handed to a guest by handle.
+type NnTensor = wasmtime_wasi_nn::Tensor;
+type Handles = Vec<(String, Resource<NnTensor>)>;
+
+/// The wasi-nn carrier of a V2 datatype, as the guest SDK picks it (`sophon_guest::nn`), so a
+/// request by handle reaches the backend exactly as one copied through the guest would.
+fn carrier(datatype: GuestDatatype) -> Option<wasmtime_wasi_nn::wit::TensorType> {
+    use wasmtime_wasi_nn::wit::TensorType as T;
+    Some(match datatype {
+        GuestDatatype::Fp16 | GuestDatatype::Int16 | GuestDatatype::Uint16 => T::Fp16,
+        GuestDatatype::Fp32 => T::Fp32,
+        GuestDatatype::Fp64 => T::Fp64,
+        GuestDatatype::Bf16 => T::Bf16,
+        GuestDatatype::Uint8 | GuestDatatype::Int8 | GuestDatatype::Bool => T::U8,
+        GuestDatatype::Int32 | GuestDatatype::Uint32 => T::I32,
+        GuestDatatype::Int64 | GuestDatatype::Uint64 => T::I64,
+        GuestDatatype::Bytes => return None,
+    })
+}
+
+/// The V2 datatype of a wasi-nn output (the node relabels it by the manifest afterwards).
+fn from_carrier(ty: wasmtime_wasi_nn::wit::TensorType) -> GuestDatatype {
+    use wasmtime_wasi_nn::wit::TensorType as T;
+    match ty {
+        T::Fp16 => GuestDatatype::Fp16,
+        T::Fp32 => GuestDatatype::Fp32,
+        T::Fp64 => GuestDatatype::Fp64,
+        T::Bf16 => GuestDatatype::Bf16,
+        T::U8 => GuestDatatype::Uint8,
+        T::I32 => GuestDatatype::Int32,
+        T::I64 => GuestDatatype::Int64,
+    }
+}
+
+/// One request through `sophon:model/direct`: each input moves into the store's table as a
+/// wasi-nn tensor (its bytes counted against the call's memory, as a guest-made tensor's are),
+/// the guest gets the handles, and the outputs come back out of the table without a copy.
+fn call_direct(
+    store: &mut Store<Sandbox>,
+    instance: &Instance,
+    predict: &ComponentExportIndex,
+    inputs: Vec<GuestTensor>,
+) -> wasmtime::Result<Result<Vec<GuestTensor>, PredictError>> {
+    let mut handles: Handles = Vec::with_capacity(inputs.len());
+    for t in inputs {
+        let ty = carrier(t.datatype).expect("checked before the call");
+        let Ok(dimensions) = t
+            .shape
+            .iter()
+            .map(|&d| u32::try_from(d))
+            .collect::<Result<Vec<u32>, _>>()
+        else {
+            return Ok(Err(PredictError::InvalidInput(format!(
+                "input `{}` is too large",
+                t.name
+            ))));
+        };
+        crate::backend::memory::charge_call(t.data.len(), "wasi-nn tensors")
+            .map_err(|e| wasmtime::format_err!("{e}"))?;
+        let tensor = NnTensor {
+            dimensions,
+            ty,
+            data: t.data,
+        };
+        handles.push((t.name, store.data_mut().table.push(tensor)?));
+    }
+    let func = instance
+        .get_typed_func::<(Handles,), (Result<Handles, PredictError>,)>(&mut *store, predict)?;
+    let (result,) = func.call(&mut *store, (handles,))?;
+    let outputs = match result {
+        Ok(outputs) => outputs,
+        Err(e) => return Ok(Err(e)),
+    };
+    let table = &mut store.data_mut().table;
+    let mut tensors = Vec::with_capacity(outputs.len());
+    for (name, handle) in outputs {
+        let t = table.delete(handle)?;
+        tensors.push(GuestTensor {
+            name,
+            datatype: from_carrier(t.ty),
+            shape: t.dimensions.into_iter().map(u64::from).collect(),
+            data: t.data,
+        });
+    }
+    Ok(Ok(tensors))
 }

@@ -81,11 +81,8 @@ impl Context {
                 .map_err(|_| crate::invalid_input(format!("input `{}` is too large", t.name)))?;
             named.push((t.name, tensor::Tensor::new(&dims, ty, &t.data)));
         }
-        let outputs = self
-            .0
-            .compute(named)
-            .map_err(|e| nn_error("running inference", e))?;
-        Ok(outputs
+        Ok(self
+            .compute_handles(named)?
             .into_iter()
             .map(|(name, t)| Tensor {
                 name,
@@ -94,5 +91,17 @@ impl Context {
                 data: t.data(),
             })
             .collect())
+    }
+
+    /// Run the graph on wasi-nn tensors the host holds: handles in, handles out, no tensor data
+    /// copied through this component's memory. What a `direct-model` component's
+    /// `direct.predict` calls.
+    pub fn compute_handles(
+        &self,
+        inputs: Vec<inference::NamedTensor>,
+    ) -> Result<Vec<inference::NamedTensor>, PredictError> {
+        self.0
+            .compute(inputs)
+            .map_err(|e| nn_error("running inference", e))
     }
 }

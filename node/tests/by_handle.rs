@@ -1,0 +1,186 @@
+//! Requests by handle (`sophon:model/direct`): the ONNX passthrough takes each request's tensors
+//! as wasi-nn tensors the host holds. Its answers must be exactly those of the by-value path
+//! (`predictor.predict`, tensors copied through the guest), for every datatype wasi-nn carries,
+//! and its errors must leave the model serving.
+
+mod common;
+
+use common::*;
+use sophon_node::runtime::{GuestDatatype, GuestTensor, InvokeError};
+use sophon_sdk::examples::identity_onnx;
+
+/// ONNX element types, their V2 datatype, and three elements' bytes (1, 2, 3).
+fn cases() -> Vec<(i32, GuestDatatype, Vec<u8>)> {
+    let ints = |width: usize| -> Vec<u8> {
+        (1u8..=3)
+            .flat_map(|v| {
+                let mut e = vec![0u8; width];
+                e[0] = v;
+                e
+            })
+            .collect()
+    };
+    let f32s: Vec<u8> = [1.0f32, 2.0, 3.0]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    let f64s: Vec<u8> = [1.0f64, 2.0, 3.0]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    // 1.0, 2.0 and 3.0 in IEEE half precision.
+    let f16s: Vec<u8> = [0x3c00u16, 0x4000, 0x4200]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    vec![
+        (1, GuestDatatype::Fp32, f32s),
+        (2, GuestDatatype::Uint8, ints(1)),
+        (3, GuestDatatype::Int8, vec![1, 0xff, 3]),
+        (4, GuestDatatype::Uint16, ints(2)),
+        (5, GuestDatatype::Int16, ints(2)),
+        (6, GuestDatatype::Int32, ints(4)),
+        (7, GuestDatatype::Int64, ints(8)),
+        (9, GuestDatatype::Bool, vec![1, 0, 1]),
+        (10, GuestDatatype::Fp16, f16s),
+        (11, GuestDatatype::Fp64, f64s),
+        (12, GuestDatatype::Uint32, ints(4)),
+        (13, GuestDatatype::Uint64, ints(8)),
+    ]
+}
+
+fn input(datatype: GuestDatatype, data: Vec<u8>) -> Vec<GuestTensor> {
+    let width = data.len() / 3;
+    vec![GuestTensor {
+        name: "x".into(),
+        datatype,
+        shape: vec![(data.len() / width) as u64],
+        data,
+    }]
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_datatype_answers_the_same_by_handle_and_by_value() {
+    let n = node();
+    for (elem, datatype, data) in cases() {
+        let name = format!("identity{elem}");
+        load_onnx(&n, &name, identity_onnx(elem), |_| {});
+        let model = n.repo.lookup(&name, None).expect("loaded");
+        assert!(
+            model.model.takes_handles(),
+            "{name}: the passthrough exports direct"
+        );
+        let (by_handle, _) = model
+            .model
+            .predict(input(datatype, data.clone()))
+            .unwrap_or_else(|e| panic!("{name} ({datatype:?}) by handle: {e}"));
+        let (by_value, _) = model
+            .model
+            .predict_by_value(input(datatype, data.clone()))
+            .unwrap_or_else(|e| panic!("{name} ({datatype:?}) by value: {e}"));
+        assert_eq!(by_handle.len(), 1, "{name}");
+        assert_eq!(by_value.len(), 1, "{name}");
+        let (h, v) = (&by_handle[0], &by_value[0]);
+        assert_eq!(h.name, v.name, "{name}");
+        assert_eq!(h.datatype, v.datatype, "{name}: the same carrier both ways");
+        assert_eq!(h.shape, v.shape, "{name}");
+        assert_eq!(h.data, v.data, "{name}");
+        assert_eq!(h.name, "y");
+        assert_eq!(h.shape, vec![3], "{name}");
+        assert_eq!(h.data, data, "{name}: identity");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_component_without_direct_is_called_by_value() {
+    let n = node();
+    n.repo
+        .add_bundle(&sophon_sdk::ready::classifier_bundle(&n.key).expect("pack"))
+        .expect("load classifier");
+    let model = n.repo.lookup("classifier", None).expect("loaded");
+    assert!(!model.model.takes_handles());
+    let pixels = vec![7u8; 64];
+    let (out, _) = model
+        .model
+        .predict(vec![GuestTensor {
+            name: "image".into(),
+            datatype: GuestDatatype::Uint8,
+            shape: vec![1, 64],
+            data: pixels,
+        }])
+        .expect("classifier answers");
+    assert!(!out.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn inputs_by_handle_count_toward_the_memory_limit() {
+    let n = node();
+    // 4 MiB for the call: the instance's 2 MiB of linear memory plus the request's tensors.
+    load_onnx(&n, "small", identity_onnx(1), |m| m.resources.memory_mb = 4);
+    let model = n.repo.lookup("small", None).expect("loaded");
+    let big = vec![0u8; 3 << 20];
+    let err = model
+        .model
+        .predict(vec![GuestTensor {
+            name: "x".into(),
+            datatype: GuestDatatype::Fp32,
+            shape: vec![(big.len() / 4) as u64],
+            data: big,
+        }])
+        .expect_err("3 MiB of input over a 4 MiB limit");
+    assert!(
+        matches!(err, InvokeError::MemoryExceeded { limit_mib: 4, .. }),
+        "{err}"
+    );
+    // The next request is served.
+    let (out, _) = model
+        .model
+        .predict(input(
+            GuestDatatype::Fp32,
+            vec![0, 0, 128, 63, 0, 0, 0, 64, 0, 0, 64, 64],
+        ))
+        .expect("a small request after the refused one");
+    assert_eq!(out[0].data, vec![0, 0, 128, 63, 0, 0, 0, 64, 0, 0, 64, 64]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_shape_the_graph_refuses_fails_by_handle_and_the_next_request_is_served() {
+    let n = node();
+    load_onnx(&n, "mlp", sophon_sdk::ready::mlp().to_onnx(), |_| {});
+    let model = n.repo.lookup("mlp", None).expect("loaded");
+    // The manifest's checks run in the HTTP layer; called directly, a wrong width reaches the
+    // backend, which refuses it as the caller's fault.
+    let wrong = GuestTensor {
+        name: "input".into(),
+        datatype: GuestDatatype::Fp32,
+        shape: vec![1, 3],
+        data: vec![0; 12],
+    };
+    let err = model.model.predict(vec![wrong]).expect_err("wrong width");
+    assert!(
+        matches!(
+            err,
+            InvokeError::InvalidInput { .. } | InvokeError::Failed { .. }
+        ),
+        "{err}"
+    );
+    let x = mlp_input(1);
+    let (out, _) = model
+        .model
+        .predict(vec![GuestTensor {
+            name: "input".into(),
+            datatype: GuestDatatype::Fp32,
+            shape: vec![1, 784],
+            data: x.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        }])
+        .expect("the next request");
+    let got: Vec<f32> = out[0]
+        .data
+        .chunks(4)
+        .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+        .collect();
+    let want = sophon_sdk::ready::mlp().forward(&x);
+    for (g, w) in got.iter().zip(&want) {
+        assert!((g - w).abs() < 1e-5, "{g} != {w}");
+    }
+}
