@@ -36,9 +36,24 @@ fn main() {
         .unwrap_or_else(|| out_dir.join("sophon-guests"));
 
     ensure_wasm_target();
+    // The guest workspace, then the passthrough, a workspace of its own (built without std).
+    for dir in [guest_dir.clone(), guest_dir.join("components/passthrough")] {
+        build_guests(&dir, &target_dir);
+    }
+    let built = target_dir.join("wasm32-wasip2").join("release");
+    for name in COMPONENTS {
+        copy(
+            &built.join(format!("sophon_{name}.wasm")),
+            &out_dir.join(format!("{name}.wasm")),
+        );
+    }
+}
+
+/// Build the guest workspace in `dir` for `wasm32-wasip2` into `target_dir`.
+fn build_guests(dir: &Path, target_dir: &Path) {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
     let mut cmd = Command::new(cargo);
-    cmd.current_dir(&guest_dir)
+    cmd.current_dir(dir)
         .args([
             "build",
             "--release",
@@ -46,7 +61,7 @@ fn main() {
             "wasm32-wasip2",
             "--target-dir",
         ])
-        .arg(&target_dir);
+        .arg(target_dir);
     // Components start with 2 MiB of linear memory and a 256 KiB stack. With copy-on-write
     // images the untouched pages cost nothing, and a typical request (the MLP at batch 32
     // included) never calls `memory.grow` (a host call plus an `mprotect`, which on a
@@ -75,14 +90,7 @@ fn main() {
         panic!(
             "building the guest components in {} failed; is the wasm32-wasip2 target installed? \
              (`rustup target add wasm32-wasip2`)",
-            guest_dir.display()
-        );
-    }
-    let built = target_dir.join("wasm32-wasip2").join("release");
-    for name in COMPONENTS {
-        copy(
-            &built.join(format!("sophon_{name}.wasm")),
-            &out_dir.join(format!("{name}.wasm")),
+            dir.display()
         );
     }
 }

@@ -18,6 +18,14 @@
 //! sophon_guest::export_model!(Doubler);
 //! ```
 
+#![cfg_attr(not(feature = "std"), no_std)]
+
+extern crate alloc;
+
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+
 #[doc(hidden)]
 pub mod bindings {
     wit_bindgen::generate!({

@@ -7,6 +7,8 @@
 
 use crate::bindings::wasi::nn::{errors, graph, inference, tensor};
 use crate::{Datatype, PredictError, Tensor};
+use alloc::format;
+use alloc::vec::Vec;
 
 /// A graph the node preloaded from the bundle (`[[graphs]]` in the manifest).
 pub struct Graph(graph::Graph);

@@ -1,6 +1,9 @@
 //! Helpers to build and read [`Tensor`]s without touching the byte layout by hand.
 
 use crate::{Datatype, PredictError, Tensor, TensorSpec, invalid_input};
+use alloc::format;
+use alloc::string::ToString;
+use alloc::vec::Vec;
 
 impl Datatype {
     /// Size of one element in bytes; `None` for `bytes`.
