@@ -45,14 +45,25 @@ pub(crate) fn decode_data(
         expected,
         failure: None,
     };
-    let mut de = serde_json::Deserializer::from_str(raw);
-    let parsed = Elements { sink: &mut sink }
-        .deserialize(&mut de)
-        .and_then(|()| de.end());
-    if let Some(reason) = sink.failure {
+    // Numbers and booleans in nested arrays, the common case, by hand; anything else (strings,
+    // null, malformed text) through serde_json from the start, which words the errors.
+    let fast =
+        fast_path() && datatype != Datatype::Bytes && Scan::new(raw).all(&mut sink).is_some();
+    if !fast {
+        sink.out.clear();
+        sink.count = 0;
+        sink.failure = None;
+        let mut de = serde_json::Deserializer::from_str(raw);
+        let parsed = Elements { sink: &mut sink }
+            .deserialize(&mut de)
+            .and_then(|()| de.end());
+        if let Some(reason) = sink.failure {
+            return Err(V2Error::tensor(role, name, reason));
+        }
+        parsed.map_err(|e| V2Error::tensor(role, name, format!("cannot read data: {e}")))?;
+    } else if let Some(reason) = sink.failure {
         return Err(V2Error::tensor(role, name, reason));
     }
-    parsed.map_err(|e| V2Error::tensor(role, name, format!("cannot read data: {e}")))?;
     if sink.count != expected {
         return Err(V2Error::tensor(
             role,
@@ -101,20 +112,199 @@ struct Sink {
 impl Sink {
     /// Appends one element, or records why it is wrong and returns a placeholder parser error.
     fn push<E: de::Error>(&mut self, value: Scalar<'_>) -> Result<(), E> {
+        if self.accept(value) {
+            Ok(())
+        } else {
+            Err(E::custom("invalid tensor element"))
+        }
+    }
+
+    /// Appends one element; `false` (with the reason recorded) when it is wrong.
+    fn accept(&mut self, value: Scalar<'_>) -> bool {
         let index = self.count;
         self.count += 1;
         // Past the expected count the elements are only counted, for the error message.
         if index >= self.expected {
-            return Ok(());
+            return true;
         }
-        push_scalar(self.datatype, value, &mut self.out)
-            .map_err(|reason| self.fail(format!("element {index}: {reason}")))
+        match push_scalar(self.datatype, value, &mut self.out) {
+            Ok(()) => true,
+            Err(reason) => {
+                self.failure = Some(format!("element {index}: {reason}"));
+                false
+            }
+        }
     }
 
     fn fail<E: de::Error>(&mut self, reason: String) -> E {
         self.failure = Some(reason);
         E::custom("invalid tensor element")
     }
+}
+
+/// Whether [`decode_data`] tries [`Scan`] first: always, but for tests that check the two
+/// paths agree.
+fn fast_path() -> bool {
+    #[cfg(test)]
+    return tests::FAST_PATH.with(std::cell::Cell::get);
+    #[cfg(not(test))]
+    true
+}
+
+/// serde_json's nesting limit, which the fast path leaves to serde_json to report.
+const MAX_DEPTH: usize = 128;
+
+/// The fast path: nested arrays of JSON numbers and booleans, scanned by hand, each number
+/// parsed by `fast-float2` (correctly rounded, as serde_json with `float_roundtrip` is) or as an
+/// integer exactly as serde_json classifies it. serde_json spends most of a large JSON request
+/// here. `None` means "not this path's case": anything but numbers, booleans, arrays and
+/// whitespace, text that is not valid JSON, or a number serde_json would refuse.
+struct Scan<'a> {
+    text: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Scan<'a> {
+    fn new(raw: &'a str) -> Scan<'a> {
+        Scan {
+            text: raw.as_bytes(),
+            at: 0,
+        }
+    }
+
+    /// The whole text as one value; `Some(())` also when the sink refused an element (its
+    /// `failure` says why, as serde_json's path would have).
+    fn all(mut self, sink: &mut Sink) -> Option<()> {
+        if self.value(sink, 0)? {
+            self.blank();
+            (self.at == self.text.len()).then_some(())
+        } else {
+            Some(())
+        }
+    }
+
+    fn peek(&self) -> Option<u8> {
+        self.text.get(self.at).copied()
+    }
+
+    fn blank(&mut self) {
+        while matches!(self.peek(), Some(b' ' | b'\n' | b'\r' | b'\t')) {
+            self.at += 1;
+        }
+    }
+
+    fn digits(&mut self) -> usize {
+        let start = self.at;
+        while matches!(self.peek(), Some(b'0'..=b'9')) {
+            self.at += 1;
+        }
+        self.at - start
+    }
+
+    /// One value; `Some(false)` when the sink refused an element.
+    fn value(&mut self, sink: &mut Sink, depth: usize) -> Option<bool> {
+        self.blank();
+        match self.peek()? {
+            b'[' => {
+                if depth >= MAX_DEPTH {
+                    return None;
+                }
+                self.at += 1;
+                self.blank();
+                if self.peek() == Some(b']') {
+                    self.at += 1;
+                    return Some(true);
+                }
+                loop {
+                    if !self.value(sink, depth + 1)? {
+                        return Some(false);
+                    }
+                    self.blank();
+                    match self.peek()? {
+                        b',' => self.at += 1,
+                        b']' => {
+                            self.at += 1;
+                            return Some(true);
+                        }
+                        _ => return None,
+                    }
+                }
+            }
+            b't' if self.text[self.at..].starts_with(b"true") => {
+                self.at += 4;
+                Some(sink.accept(Scalar::Bool(true)))
+            }
+            b'f' if self.text[self.at..].starts_with(b"false") => {
+                self.at += 5;
+                Some(sink.accept(Scalar::Bool(false)))
+            }
+            b'-' | b'0'..=b'9' => {
+                let number = self.number()?;
+                Some(sink.accept(number))
+            }
+            _ => None,
+        }
+    }
+
+    /// A JSON number, as serde_json reports it: `U64` for a non-negative integer that fits,
+    /// `I64` for a negative one (`-0` and anything below `i64::MIN` are `F64`), `F64` for the
+    /// rest; `None` for what serde_json refuses (bad grammar, out of the f64 range).
+    fn number(&mut self) -> Option<Scalar<'static>> {
+        let start = self.at;
+        let negative = self.peek() == Some(b'-');
+        if negative {
+            self.at += 1;
+        }
+        let int_start = self.at;
+        match self.peek()? {
+            b'0' => self.at += 1,
+            b'1'..=b'9' => {
+                self.digits();
+            }
+            _ => return None,
+        }
+        let int_end = self.at;
+        let mut float = false;
+        if self.peek() == Some(b'.') {
+            self.at += 1;
+            if self.digits() == 0 {
+                return None;
+            }
+            float = true;
+        }
+        if matches!(self.peek(), Some(b'e' | b'E')) {
+            self.at += 1;
+            if matches!(self.peek(), Some(b'+' | b'-')) {
+                self.at += 1;
+            }
+            if self.digits() == 0 {
+                return None;
+            }
+            float = true;
+        }
+        let text = &self.text[start..self.at];
+        if !float && let Some(magnitude) = parse_u64(&self.text[int_start..int_end]) {
+            return Some(if !negative {
+                Scalar::U64(magnitude)
+            } else {
+                let value = (magnitude as i64).wrapping_neg();
+                if value >= 0 {
+                    Scalar::F64(-(magnitude as f64))
+                } else {
+                    Scalar::I64(value)
+                }
+            });
+        }
+        let value: f64 = fast_float2::parse(text).ok()?;
+        value.is_finite().then_some(Scalar::F64(value))
+    }
+}
+
+/// Decimal digits as a `u64`, `None` on overflow.
+fn parse_u64(digits: &[u8]) -> Option<u64> {
+    digits.iter().try_fold(0u64, |n, d| {
+        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    })
 }
 
 /// Parses nested arrays of scalars into a [`Sink`], row-major.
@@ -393,6 +583,154 @@ fn floats<S: Serializer>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    thread_local! {
+        pub(super) static FAST_PATH: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+    }
+
+    /// `decode_data` through serde_json alone.
+    fn by_serde(raw: &str, datatype: Datatype, shape: &[u64]) -> Result<Vec<u8>> {
+        FAST_PATH.with(|f| f.set(false));
+        let got = decode(raw, datatype, shape);
+        FAST_PATH.with(|f| f.set(true));
+        got
+    }
+
+    fn agree(raw: &str, datatype: Datatype, shape: &[u64]) {
+        let fast = decode(raw, datatype, shape).map_err(|e| e.to_string());
+        let slow = by_serde(raw, datatype, shape).map_err(|e| e.to_string());
+        assert_eq!(fast, slow, "{raw} as {datatype:?} {shape:?}");
+    }
+
+    const ALL: [Datatype; 13] = [
+        Datatype::Bool,
+        Datatype::Uint8,
+        Datatype::Uint16,
+        Datatype::Uint32,
+        Datatype::Uint64,
+        Datatype::Int8,
+        Datatype::Int16,
+        Datatype::Int32,
+        Datatype::Int64,
+        Datatype::Fp16,
+        Datatype::Fp32,
+        Datatype::Fp64,
+        Datatype::Bf16,
+    ];
+
+    #[test]
+    fn the_fast_path_reads_numbers_exactly_as_serde_json() {
+        let cases = [
+            "-0",
+            "0",
+            "-0.0",
+            "1",
+            "-1",
+            "01",
+            "1.",
+            ".5",
+            "+1",
+            "1e",
+            "1e+",
+            "1E-2",
+            "1e400",
+            "-1e400",
+            "1e-400",
+            "18446744073709551615",
+            "18446744073709551616",
+            "-9223372036854775808",
+            "-9223372036854775809",
+            "-18446744073709551616",
+            "123456789012345678901234567890",
+            "0.1",
+            "0.30000000000000004",
+            "2.5e-308",
+            "4.9e-324",
+            "1.7976931348623157e308",
+            "255",
+            "256",
+            "-128",
+            "-129",
+            "65504",
+            "65520",
+            "3.4028235e38",
+            "3.5e38",
+            "true",
+            "false",
+            "null",
+            "\"1\"",
+            "tru",
+            "1x",
+            "[1,]",
+            "[1 2]",
+            "[,1]",
+            "[]",
+            "[[]]",
+            " [ 1 , [ 2 ] ] ",
+            "[1]]",
+            "[[1]",
+            "[1]\n",
+            "[1] 2",
+            "{}",
+            "[true, 0, 1]",
+            "[0.5, 1.5]",
+            "\t[\r1\n]",
+        ];
+        for raw in cases {
+            for datatype in ALL {
+                for shape in [&[][..], &[1], &[2], &[3]] {
+                    agree(raw, datatype, shape);
+                }
+            }
+        }
+        let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
+        agree(&deep, Datatype::Fp32, &[]);
+        let edge = format!("{}1{}", "[".repeat(127), "]".repeat(127));
+        agree(&edge, Datatype::Fp32, &[]);
+    }
+
+    fn number_text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<f64>().prop_map(|v| format!("{v:?}")),
+            any::<f32>().prop_map(|v| format!("{v}")),
+            any::<i64>().prop_map(|v| v.to_string()),
+            any::<u64>().prop_map(|v| v.to_string()),
+            (-400i32..400, 0u64..1_000_000, any::<bool>())
+                .prop_map(|(e, m, upper)| format!("{m}{}{e}", if upper { "E" } else { "e" })),
+            (0u64..100_000, 0u64..100_000).prop_map(|(a, b)| format!("-{a}.{b:05}")),
+            Just("true".to_string()),
+            Just("false".to_string()),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn the_fast_path_agrees_with_serde_json(
+            numbers in prop::collection::vec(number_text(), 0..12),
+            rows in 1usize..4,
+            pick in 0usize..13,
+            spaces in any::<bool>(),
+        ) {
+            let sep = if spaces { " , " } else { "," };
+            let per = numbers.len().div_ceil(rows).max(1);
+            let nested: Vec<String> = numbers
+                .chunks(per)
+                .map(|c| format!("[{}]", c.join(sep)))
+                .collect();
+            let flat = format!("[{}]", numbers.join(sep));
+            let nested = format!("[{}]", nested.join(sep));
+            let datatype = ALL[pick];
+            let count = numbers.len() as u64;
+            for raw in [&flat, &nested] {
+                for shape in [vec![count], vec![count + 1]] {
+                    let fast = decode(raw, datatype, &shape).map_err(|e| e.to_string());
+                    let slow = by_serde(raw, datatype, &shape).map_err(|e| e.to_string());
+                    prop_assert_eq!(fast, slow, "{} as {:?}", raw, datatype);
+                }
+            }
+        }
+    }
 
     fn decode(raw: &str, datatype: Datatype, shape: &[u64]) -> Result<Vec<u8>> {
         decode_data(raw, datatype, shape, Role::Input, "x")
