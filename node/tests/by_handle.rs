@@ -184,3 +184,42 @@ async fn a_shape_the_graph_refuses_fails_by_handle_and_the_next_request_is_serve
         assert!((g - w).abs() < 1e-5, "{g} != {w}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn outputs_by_handle_are_held_to_the_output_limit() {
+    let n = node_with(
+        sophon_node::ServingLimits {
+            max_output_bytes: 1 << 10,
+            ..sophon_node::ServingLimits::default()
+        },
+        sophon_node::http::HttpConfig::default(),
+    );
+    load_onnx(&n, "identity", identity_onnx(1), |_| {});
+    let model = n.repo.lookup("identity", None).expect("loaded");
+    let floats = 1024usize;
+    let err = model
+        .model
+        .predict(vec![GuestTensor {
+            name: "x".into(),
+            datatype: GuestDatatype::Fp32,
+            shape: vec![floats as u64],
+            data: vec![0; floats * 4],
+        }])
+        .expect_err("4 KiB of output over a 1 KiB limit");
+    assert!(
+        matches!(
+            err,
+            InvokeError::OutputTooLarge {
+                bytes: Some(4096),
+                limit: 1024,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let (out, _) = model
+        .model
+        .predict(input(GuestDatatype::Fp32, vec![0; 12]))
+        .expect("a small request after the refused one");
+    assert_eq!(out[0].data.len(), 12);
+}
