@@ -603,22 +603,6 @@ mod tests {
         assert_eq!(fast, slow, "{raw} as {datatype:?} {shape:?}");
     }
 
-    const ALL: [Datatype; 13] = [
-        Datatype::Bool,
-        Datatype::Uint8,
-        Datatype::Uint16,
-        Datatype::Uint32,
-        Datatype::Uint64,
-        Datatype::Int8,
-        Datatype::Int16,
-        Datatype::Int32,
-        Datatype::Int64,
-        Datatype::Fp16,
-        Datatype::Fp32,
-        Datatype::Fp64,
-        Datatype::Bf16,
-    ];
-
     #[test]
     fn the_fast_path_reads_numbers_exactly_as_serde_json() {
         let cases = [
@@ -678,7 +662,7 @@ mod tests {
             "\t[\r1\n]",
         ];
         for raw in cases {
-            for datatype in ALL {
+            for datatype in Datatype::ALL {
                 for shape in [&[][..], &[1], &[2], &[3]] {
                     agree(raw, datatype, shape);
                 }
@@ -709,7 +693,7 @@ mod tests {
         fn the_fast_path_agrees_with_serde_json(
             numbers in prop::collection::vec(number_text(), 0..12),
             rows in 1usize..4,
-            pick in 0usize..13,
+            pick in 0usize..Datatype::ALL.len(),
             spaces in any::<bool>(),
         ) {
             let sep = if spaces { " , " } else { "," };
@@ -720,7 +704,7 @@ mod tests {
                 .collect();
             let flat = format!("[{}]", numbers.join(sep));
             let nested = format!("[{}]", nested.join(sep));
-            let datatype = ALL[pick];
+            let datatype = Datatype::ALL[pick];
             let count = numbers.len() as u64;
             for raw in [&flat, &nested] {
                 for shape in [vec![count], vec![count + 1]] {
