@@ -366,20 +366,31 @@
   }
 
   function requestForm(models) {
+    return versionForm(models, {
+      title: 'Request approval', label: 'Request', button: 'request-approval', environment: 'production', refused: 'Request refused',
+      send: async (body) => {
+        const out = await api('POST', '/v1/approvals', body);
+        return `Approval request ${out.created ? out.created.approval_request : ''} opened`;
+      },
+    });
+  }
+
+  // A form that picks a version from the shelf and an environment and sends them (`send` answers
+  // the toast's text); `extra` are more fields, placed before the button.
+  function versionForm(models, { title, label, button, environment, refused, extra = [], send }) {
     const pick = versionPicker(models);
-    const env = h('input', { placeholder: 'environment', value: 'production', size: 12, class: 'environment' });
+    const env = h('input', { placeholder: 'environment', value: environment, size: 12, class: 'environment' });
     return h('form', {
       class: 'inline',
       onsubmit: async (ev) => {
         ev.preventDefault();
         const [model, version] = pick.value.split('@');
         try {
-          const out = await api('POST', '/v1/approvals', { model, version, environment: env.value.trim() });
-          toast(`Approval request ${out.created ? out.created.approval_request : ''} opened`);
+          toast(await send({ model, version, environment: env.value.trim() }));
           render();
-        } catch (e) { toast(`Request refused: ${e.message}`, true); }
+        } catch (e) { toast(`${refused}: ${e.message}`, true); }
       },
-    }, h('strong', {}, 'Request approval'), pick, env, h('button', { type: 'submit', id: 'request-approval' }, 'Request'));
+    }, h('strong', {}, title), pick, env, ...extra, h('button', { type: 'submit', id: button }, label));
   }
 
   async function deployments() {
@@ -405,23 +416,16 @@
   }
 
   function createForm(models) {
-    const pick = versionPicker(models);
-    const env = h('input', { placeholder: 'environment', value: 'staging', size: 12, class: 'environment' });
     const replicas = h('input', { type: 'number', min: 1, max: 1000, value: 1, class: 'replicas' });
     const hot = h('input', { type: 'checkbox', id: 'hot' });
-    return h('form', {
-      class: 'inline',
-      onsubmit: async (ev) => {
-        ev.preventDefault();
-        const [model, version] = pick.value.split('@');
-        try {
-          const out = await api('POST', '/v1/deployments',
-            { model, version, environment: env.value.trim(), replicas: Number(replicas.value), hot: hot.checked });
-          toast(`Deployment ${out.created ? out.created.deployment : ''} created`);
-          render();
-        } catch (e) { toast(`Deploy refused: ${e.message}`, true); }
+    return versionForm(models, {
+      title: 'Deploy', label: 'Deploy', button: 'deploy', environment: 'staging', refused: 'Deploy refused',
+      extra: [replicas, h('label', {}, hot, ' hot')],
+      send: async (body) => {
+        const out = await api('POST', '/v1/deployments', { ...body, replicas: Number(replicas.value), hot: hot.checked });
+        return `Deployment ${out.created ? out.created.deployment : ''} created`;
       },
-    }, h('strong', {}, 'Deploy'), pick, env, replicas, h('label', {}, hot, ' hot'), h('button', { type: 'submit', id: 'deploy' }, 'Deploy'));
+    });
   }
 
   async function deployment(id) {

@@ -113,6 +113,18 @@ def buttons(d) -> set[str]:
     return {b.text for b in d.find_elements("css selector", "main button") if b.is_displayed()}
 
 
+def submit_version(d, button, version, environment):
+    """Pick `version` and `environment` in the form whose submit button is `button`, and submit it."""
+    from selenium.webdriver.support.ui import Select
+
+    form = d.find_element("id", button).find_element("xpath", "./ancestor::form")
+    Select(form.find_element("css selector", "select.version")).select_by_value(version)
+    env = form.find_element("css selector", "input.environment")
+    env.clear()
+    env.send_keys(environment)
+    d.find_element("id", button).click()
+
+
 def test_the_console_serves_its_assets_with_a_strict_policy(node):
     r = requests.get(f"{node.admin_base}/ui/", timeout=10)
     assert r.status_code == 200 and "Sophon console" in r.text
@@ -161,13 +173,7 @@ def test_publish_approve_deploy_and_watch_it_in_the_console(node, browser, shots
     wait(d, lambda: "candidate" in next(r for r in d.find_elements("css selector", "main tr")
                                         if r.text.startswith("console_mlp")).text, "the tag")
     go(d, node, "approvals", "Request approval")
-    from selenium.webdriver.support.ui import Select
-
-    Select(d.find_element("css selector", "select.version")).select_by_value("console_mlp@1")
-    env = d.find_element("css selector", "input.environment")
-    env.clear()
-    env.send_keys("console")
-    d.find_element("id", "request-approval").click()
+    submit_version(d, "request-approval", "console_mlp@1", "console")
     wait(d, lambda: "console_mlp@1" in d.find_element("id", "main").text, "the open request")
     assert "Approve" not in buttons(d), "a publisher is not offered approvals"
     assert "Withdraw" in buttons(d), "the submitter may withdraw"
@@ -186,11 +192,7 @@ def test_publish_approve_deploy_and_watch_it_in_the_console(node, browser, shots
     # The operator deploys it, and the chart draws live predictions.
     sign_in(d, node, secrets["ops"])
     go(d, node, "deployments", "Deploy")
-    Select(d.find_element("css selector", "form select.version")).select_by_value("console_mlp@1")
-    env = d.find_element("css selector", "form input.environment")
-    env.clear()
-    env.send_keys("console")
-    d.find_element("id", "deploy").click()
+    submit_version(d, "deploy", "console_mlp@1", "console")
     row = wait(d, lambda: next(r for r in d.find_elements("css selector", "main tr")
                                if "console_mlp@1" in r.text and r.find_elements("css selector", "a")),
                "the new deployment")

@@ -49,21 +49,21 @@ pub(crate) fn decode_data(
     // null, malformed text) through serde_json from the start, which words the errors.
     let fast =
         fast_path() && datatype != Datatype::Bytes && Scan::new(raw).all(&mut sink).is_some();
-    if !fast {
+    let parsed = if fast {
+        Ok(())
+    } else {
         sink.out.clear();
         sink.count = 0;
         sink.failure = None;
         let mut de = serde_json::Deserializer::from_str(raw);
-        let parsed = Elements { sink: &mut sink }
+        Elements { sink: &mut sink }
             .deserialize(&mut de)
-            .and_then(|()| de.end());
-        if let Some(reason) = sink.failure {
-            return Err(V2Error::tensor(role, name, reason));
-        }
-        parsed.map_err(|e| V2Error::tensor(role, name, format!("cannot read data: {e}")))?;
-    } else if let Some(reason) = sink.failure {
+            .and_then(|()| de.end())
+    };
+    if let Some(reason) = sink.failure {
         return Err(V2Error::tensor(role, name, reason));
     }
+    parsed.map_err(|e| V2Error::tensor(role, name, format!("cannot read data: {e}")))?;
     if sink.count != expected {
         return Err(V2Error::tensor(
             role,

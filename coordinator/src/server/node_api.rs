@@ -130,13 +130,7 @@ async fn deployment_stats(
     Path(id): Path<String>,
 ) -> ApiResult {
     authenticate(&core, &headers, Role::Viewer).await?;
-    let id: u64 = id.parse().map_err(|_| {
-        super::api::ApiError(super::api::WireError {
-            status: 400,
-            code: "invalid".into(),
-            message: format!("{id:?} is no deployment id"),
-        })
-    })?;
+    let id = super::api::parse_id("deployment id", &id)?;
     Ok(Json(core.stats(StatsQuery::Deployment(id)).await?))
 }
 
