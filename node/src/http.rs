@@ -760,6 +760,16 @@ impl Answer {
     }
 }
 
+/// Drop a request's spent instance and make the model's next one after this task yields, that
+/// is once the answer is on its way: the task spawned from a worker runs on the same worker,
+/// after the connection's task has written the response. Only a quick model's instances are
+/// made here, on the worker (its calls, instantiation included, took under
+/// [`crate::handoff::QUICK`]).
+fn tidy_later(model: &LoadedModel, spent: crate::runtime::Spent) {
+    let model = model.model.clone();
+    tokio::spawn(async move { model.tidy(spent) });
+}
+
 /// Validate a decoded request against the model, admit it, run it in the sandbox, and return
 /// its outputs: the one path every protocol takes after decoding.
 pub(crate) async fn execute(
@@ -843,15 +853,36 @@ pub(crate) async fn execute(
                     .map_err(|o| overloaded(o.queued))?,
             };
             let queue = queued_at.elapsed();
-            let result = tokio::task::block_in_place(|| {
-                crate::backend::catch_panic("the model call", || model.model.predict(inputs))
-            })
-            .unwrap_or_else(|panicked| {
-                Err(InvokeError::Failed {
-                    model: model.name.clone(),
-                    message: panicked,
+            // A lone request of a quick model that imports nothing but wasi-nn runs on the
+            // worker (see `handoff`), and leaves its instance's teardown, and the making of the
+            // next request's, until its answer is out. Under load there is no idle moment to
+            // move them to, so they stay in the call, which hands the worker off.
+            let alone = all_inflight.get() <= 1 && model.model.wasi_free();
+            let defer = alone && model.pace.quick();
+            let (answered, _) = crate::handoff::run(&model.pace, alone, || {
+                crate::backend::catch_panic("the model call", || {
+                    let (result, spent) = model.model.answer(inputs);
+                    let spent = if defer {
+                        Some(spent)
+                    } else {
+                        drop(spent);
+                        None
+                    };
+                    (result, spent)
                 })
             });
+            let result = match answered {
+                Ok((result, spent)) => {
+                    if let Some(spent) = spent {
+                        tidy_later(model, spent);
+                    }
+                    result
+                }
+                Err(panicked) => Err(InvokeError::Failed {
+                    model: model.name.clone(),
+                    message: panicked,
+                }),
+            };
             (result, queue, Some(rows))
         }
     };

@@ -14,6 +14,7 @@ pub mod backend;
 pub mod batcher;
 pub mod convert;
 pub mod grpc;
+pub mod handoff;
 pub mod hardware;
 pub mod heap;
 pub mod http;

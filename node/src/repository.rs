@@ -165,6 +165,8 @@ pub struct LoadedModel {
     pub admission: Admission,
     /// This version's performance since the last mesh report.
     pub perf: crate::perf::PerfWindow,
+    /// Whether its calls have been quick enough to run on a Tokio worker.
+    pub pace: Arc<crate::handoff::Pace>,
     /// Requests of this model that may run at once.
     pub concurrency: usize,
     /// Where and how each graph runs.
@@ -510,6 +512,7 @@ impl Repository {
             stats: ModelStats::default(),
             admission,
             perf: crate::perf::PerfWindow::default(),
+            pace: Arc::default(),
             last_used: std::sync::atomic::AtomicU64::new(clock_ms()),
             concurrency,
             graphs: how,

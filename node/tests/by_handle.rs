@@ -99,6 +99,10 @@ async fn a_component_without_direct_is_called_by_value() {
         .expect("load classifier");
     let model = n.repo.lookup("classifier", None).expect("loaded");
     assert!(!model.model.takes_handles());
+    assert!(
+        !model.model.wasi_free(),
+        "a component built with std imports WASI, so its calls hand the worker off"
+    );
     let pixels = vec![7u8; 64];
     let (out, _) = model
         .model
@@ -222,4 +226,92 @@ async fn outputs_by_handle_are_held_to_the_output_limit() {
         .predict(input(GuestDatatype::Fp32, vec![0; 12]))
         .expect("a small request after the refused one");
     assert_eq!(out[0].data.len(), 12);
+}
+
+/// Wait until the node has made `model`'s next instance ahead of its request (a lone request of
+/// a component that imports wasi-nn alone leaves that for after its answer).
+async fn spare_ready(n: &Node, model: &str) {
+    let loaded = n.repo.lookup(model, None).expect("loaded");
+    for _ in 0..200 {
+        if loaded.model.has_spare() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("{model}: no instance was made ahead of the next request");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_instance_made_ahead_on_another_thread_keeps_the_memory_limit() {
+    let n = node();
+    // 4 MiB for the call: the instance's 2 MiB of linear memory plus the request's tensors.
+    load_onnx(&n, "small", identity_onnx(1), |m| m.resources.memory_mb = 4);
+    let model = n.repo.lookup("small", None).expect("loaded");
+    assert!(
+        model.model.wasi_free(),
+        "the passthrough imports wasi-nn alone"
+    );
+    let small = || {
+        input(
+            GuestDatatype::Fp32,
+            vec![0, 0, 128, 63, 0, 0, 0, 64, 0, 0, 64, 64],
+        )
+    };
+    let (answer, spent) = model.model.answer(small());
+    answer.expect("a small request");
+    // The next instance is made on another thread, as a node's worker may.
+    std::thread::scope(|s| {
+        s.spawn(|| model.model.tidy(spent));
+    });
+    assert!(model.model.has_spare());
+    // 3 MiB of input fits 4 MiB only if the instance's memory, made on the other thread, is
+    // forgotten: it must not be.
+    let big = vec![0u8; 3 << 20];
+    let (answer, spent) = model.model.answer(vec![GuestTensor {
+        name: "x".into(),
+        datatype: GuestDatatype::Fp32,
+        shape: vec![(big.len() / 4) as u64],
+        data: big,
+    }]);
+    assert!(
+        !model.model.has_spare(),
+        "the request took the instance made for it"
+    );
+    let err = answer.expect_err("3 MiB of input over a 4 MiB limit");
+    assert!(
+        matches!(err, InvokeError::MemoryExceeded { limit_mib: 4, .. }),
+        "{err}"
+    );
+    std::thread::scope(|s| {
+        s.spawn(|| model.model.tidy(spent));
+    });
+    let (answer, _spent) = model.model.answer(small());
+    let (out, times) = answer.expect("a small request after the refused one");
+    assert_eq!(out[0].data, vec![0, 0, 128, 63, 0, 0, 0, 64, 0, 0, 64, 64]);
+    assert!(times.instantiate < std::time::Duration::from_secs(1));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn lone_requests_run_in_instances_made_ahead_and_bad_ones_leave_them_clean() {
+    let n = node();
+    load_onnx(&n, "mlp", sophon_sdk::ready::mlp().to_onnx(), |_| {});
+    let x = mlp_input(1);
+    let good = serde_json::json!({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 784], "data": x}]});
+    let bad = serde_json::json!({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3], "data": [1.0, 2.0, 3.0]}]});
+    let want = sophon_sdk::ready::mlp().forward(&x);
+    for round in 0..3 {
+        let (status, body) = post_json(&n.app, "/v2/models/mlp/infer", &good).await;
+        assert_eq!(status, axum::http::StatusCode::OK, "round {round}: {body}");
+        let got = f32s(&body["outputs"][0]["data"]);
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() < 1e-5, "round {round}: {g} != {w}");
+        }
+        spare_ready(&n, "mlp").await;
+        let (status, body) = post_json(&n.app, "/v2/models/mlp/infer", &bad).await;
+        assert_eq!(
+            status,
+            axum::http::StatusCode::BAD_REQUEST,
+            "round {round}: {body}"
+        );
+    }
 }

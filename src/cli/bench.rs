@@ -173,9 +173,14 @@ fn sandbox(iters: usize, batches: &[usize]) -> anyhow::Result<()> {
          through `predictor.predict`, the tensors copied through its memory."
     );
     println!(
-        "| batch | native p50 | native p99 | wasm p50 | wasm p99 | ratio p50 | ratio p99 | instantiate p50 | call p50 | teardown p50 | by value p50 | by value ratio p50 |"
+        "Ready: the request's path when its instance was made ahead of it and its teardown \
+         waits until after the answer (`Model::answer`, as a lone request on a node runs); \
+         tidy: that teardown plus making the next instance, off the request's path."
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!(
+        "| batch | native p50 | native p99 | wasm p50 | wasm p99 | ratio p50 | ratio p99 | instantiate p50 | call p50 | teardown p50 | by value p50 | by value ratio p50 | ready p50 | ready ratio p50 | tidy p50 |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for &batch in batches {
         let data = input_data(batch);
         let bytes = le_bytes(&data);
@@ -198,6 +203,7 @@ fn sandbox(iters: usize, batches: &[usize]) -> anyhow::Result<()> {
         }
         let (mut n, mut w, mut v) = (Vec::new(), Vec::new(), Vec::new());
         let (mut inst, mut call, mut down) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut ready, mut tidy) = (Vec::new(), Vec::new());
         for _ in 0..iters {
             let t = Instant::now();
             run_native()?;
@@ -216,6 +222,14 @@ fn sandbox(iters: usize, batches: &[usize]) -> anyhow::Result<()> {
             let t = Instant::now();
             black_box(model.model.predict_by_value(request)?);
             v.push(t.elapsed());
+            let request = inputs.clone();
+            let t = Instant::now();
+            let (out, spent) = model.model.answer(request);
+            ready.push(t.elapsed());
+            black_box(out?);
+            let t = Instant::now();
+            model.model.tidy(spent);
+            tidy.push(t.elapsed());
         }
         let (n50, n99) = percentiles(&mut n);
         let (w50, w99) = percentiles(&mut w);
@@ -223,8 +237,10 @@ fn sandbox(iters: usize, batches: &[usize]) -> anyhow::Result<()> {
         let (i50, _) = percentiles(&mut inst);
         let (c50, _) = percentiles(&mut call);
         let (t50, _) = percentiles(&mut down);
+        let (r50, _) = percentiles(&mut ready);
+        let (d50, _) = percentiles(&mut tidy);
         println!(
-            "| {batch} | {} | {} | {} | {} | {:.2}× | {:.2}× | {} | {} | {} | {} | {:.2}× |",
+            "| {batch} | {} | {} | {} | {} | {:.2}× | {:.2}× | {} | {} | {} | {} | {:.2}× | {} | {:.2}× | {} |",
             us(n50),
             us(n99),
             us(w50),
@@ -236,6 +252,9 @@ fn sandbox(iters: usize, batches: &[usize]) -> anyhow::Result<()> {
             us(t50),
             us(v50),
             v50.as_secs_f64() / n50.as_secs_f64(),
+            us(r50),
+            r50.as_secs_f64() / n50.as_secs_f64(),
+            us(d50),
         );
     }
     Ok(())

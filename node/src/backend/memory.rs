@@ -54,22 +54,56 @@ pub struct Exceeded {
 /// another thread it sees no account (its id is not that thread's) and changes nothing.
 pub struct CallMemory {
     id: u64,
+    max: usize,
+    /// The linear memory counted when the account was last detached.
+    linear: usize,
 }
 
 impl CallMemory {
     /// Open the account of a call that may hold `max` bytes, on this thread.
     pub fn open(max: usize) -> CallMemory {
-        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        let mut call = CallMemory {
+            id: 0,
+            max,
+            linear: 0,
+        };
+        call.attach();
+        call
+    }
+
+    /// Open a new account on this thread for the store this account belongs to, counting the
+    /// linear memory it had when it was detached: a store instantiated ahead of its request (on
+    /// another thread, or before another call) is charged for its memory from the start.
+    pub fn attach(&mut self) {
+        self.id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         ACCOUNT.with(|a| {
             *a.borrow_mut() = Some(Account {
-                id,
-                max,
-                linear: 0,
+                id: self.id,
+                max: self.max,
+                linear: self.linear,
                 host: 0,
                 exceeded: false,
             })
         });
-        CallMemory { id }
+    }
+
+    /// End the account on this thread, keeping the linear memory it counts, so that its store
+    /// can be dropped later, anywhere, or attached again. Whatever was held for the call (its
+    /// execution contexts) gives back nothing once detached.
+    pub fn detach(&mut self) {
+        if let Some(linear) = self.with(|a| a.linear) {
+            self.linear = linear;
+        }
+        self.close();
+    }
+
+    fn close(&self) {
+        ACCOUNT.with(|a| {
+            let mut a = a.borrow_mut();
+            if a.as_ref().is_some_and(|a| a.id == self.id) {
+                *a = None;
+            }
+        });
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut Account) -> T) -> Option<T> {
@@ -113,12 +147,7 @@ impl CallMemory {
 
 impl Drop for CallMemory {
     fn drop(&mut self) {
-        ACCOUNT.with(|a| {
-            let mut a = a.borrow_mut();
-            if a.as_ref().is_some_and(|a| a.id == self.id) {
-                *a = None;
-            }
-        });
+        self.close();
     }
 }
 
@@ -244,6 +273,27 @@ mod tests {
         drop(held);
         assert_eq!(second.host(), 100);
         assert!(!second.exceeded());
+    }
+
+    #[test]
+    fn a_detached_account_keeps_its_linear_memory_for_the_next_thread() {
+        let mut call = CallMemory::open(1000);
+        call.grow_linear(600).expect("charge");
+        call.detach();
+        charge_call(usize::MAX, "tensor").expect("detached: nothing is charged here");
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                call.attach();
+                assert_eq!(call.room(), 400, "the memory made before is counted");
+                assert!(charge_call(401, "tensor").is_err());
+                assert!(call.exceeded());
+            });
+        });
+        assert_eq!(
+            call.room(),
+            0,
+            "the account lives on the thread it was attached to"
+        );
     }
 
     #[test]

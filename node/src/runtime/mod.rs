@@ -16,7 +16,7 @@ mod sandbox;
 
 pub use sandbox::{
     CallTimes, GuestDatatype, GuestMetadata, GuestTensor, GuestTensorSpec, InvokeError, Model,
-    ModelLimits, PredictError,
+    ModelLimits, PredictError, Spent,
 };
 
 use std::path::PathBuf;
@@ -128,6 +128,8 @@ pub struct Runtime {
     pub(crate) cache_key: Arc<cache::CacheKey>,
     /// Held by the runtime and by every model, so deadlines advance while any of them lives.
     pub(crate) ticker: Arc<Ticker>,
+    /// The instances models may make ahead of their requests.
+    pub(crate) spares: Arc<sandbox::Spares>,
 }
 
 impl Runtime {
@@ -169,12 +171,14 @@ impl Runtime {
                     tick_engine.increment_epoch();
                 }
             })?;
+        let spares = sandbox::Spares::new(config.max_instances);
         Ok(Runtime {
             engine,
             config,
             linker: Arc::new(linker),
             components: Arc::default(),
             cache_key,
+            spares,
             ticker: Arc::new(Ticker {
                 stop,
                 thread: parking_lot::Mutex::new(Some(thread)),

@@ -379,6 +379,66 @@ pub struct CallTimes {
     pub teardown: Duration,
 }
 
+/// A request's store after its call: dropping it tears the instance down (its slot goes back
+/// to the pool, its dirty pages are reset). It holds nothing of the call's account.
+pub struct Spent {
+    _store: Store<Sandbox>,
+}
+
+/// Drop a spent instance now, and count the time it took as the call's teardown.
+fn finish(
+    result: Result<(Vec<GuestTensor>, CallTimes), InvokeError>,
+    spent: Spent,
+) -> Result<(Vec<GuestTensor>, CallTimes), InvokeError> {
+    let started = Instant::now();
+    drop(spent);
+    result.map(|(outputs, mut times)| {
+        times.teardown = started.elapsed();
+        (outputs, times)
+    })
+}
+
+/// A fresh instance made before its request came, and its place in the node's budget.
+struct Ready {
+    store: Store<Sandbox>,
+    instance: Instance,
+    _permit: SparePermit,
+}
+
+/// How many instances the node's models may hold ready ahead of their requests, across all of
+/// them: a slice of the instance pool, so that spares never crowd out requests.
+pub(crate) struct Spares {
+    left: std::sync::atomic::AtomicUsize,
+}
+
+impl Spares {
+    /// A budget of one instance in eight of the pool's `instances`.
+    pub(crate) fn new(instances: u32) -> Arc<Spares> {
+        Arc::new(Spares {
+            left: (instances as usize / 8).into(),
+        })
+    }
+
+    fn take(self: &Arc<Spares>) -> Option<SparePermit> {
+        use std::sync::atomic::Ordering;
+        self.left
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .ok()
+            .map(|_| SparePermit(self.clone()))
+    }
+}
+
+/// One spare instance's place in the budget, given back when the spare is used or dropped.
+struct SparePermit(Arc<Spares>);
+
+impl Drop for SparePermit {
+    fn drop(&mut self) {
+        self.0
+            .left
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 /// A model ready to serve: its component pre-linked, its graphs loaded.
 pub struct Model {
     name: String,
@@ -388,6 +448,13 @@ pub struct Model {
     pre: bindings::ServingPre<Sandbox>,
     /// `sophon:model/direct#predict`, when the component exports it.
     direct: Option<ComponentExportIndex>,
+    /// The exports `predictor.predict` needs, found once.
+    indices: bindings::ServingIndices,
+    /// The component imports wasi-nn alone: no WASI call of its can block on the Tokio runtime.
+    wasi_free: bool,
+    /// The next request's instance, made after the last request was answered.
+    spare: parking_lot::Mutex<Option<Ready>>,
+    spares: Arc<Spares>,
     graphs: Arc<HashMap<String, Graph>>,
     env: Arc<[(String, String)]>,
     limits: ModelLimits,
@@ -408,6 +475,15 @@ impl Model {
     ) -> anyhow::Result<Model> {
         let (pre, origin) = Model::link(runtime, component)?;
         let direct = direct_predict(&pre);
+        let component = pre.instance_pre().component();
+        let wasi_free = component
+            .component_type()
+            .imports(&runtime.engine)
+            .all(|(name, item)| {
+                name.starts_with("wasi:nn/") || !has_functions(&runtime.engine, &item.ty)
+            });
+        let indices = bindings::ServingIndices::new(pre.instance_pre())
+            .map_err(|e| anyhow::anyhow!("the component does not export the predictor: {e:#}"))?;
         let tick = runtime.config.epoch_tick.as_nanos().max(1);
         let deadline_ticks = (limits.timeout.as_nanos().div_ceil(tick) as u64).saturating_add(1);
         Ok(Model {
@@ -416,6 +492,10 @@ impl Model {
             _ticker: runtime.ticker.clone(),
             pre,
             direct,
+            indices,
+            wasi_free,
+            spare: parking_lot::Mutex::new(None),
+            spares: runtime.spares.clone(),
             graphs: Arc::new(graphs),
             env: env.into(),
             limits,
@@ -473,7 +553,7 @@ impl Model {
         result.map_err(|e| self.classify(e, &store))
     }
 
-    /// Run one request in a fresh instance.
+    /// Run one request in an instance made for it, and drop it before returning.
     ///
     /// A component that exports `sophon:model/direct` gets the request's tensors as wasi-nn
     /// handles that stay in host memory (unless an input is `BYTES`, which wasi-nn cannot
@@ -482,17 +562,57 @@ impl Model {
         &self,
         inputs: Vec<GuestTensor>,
     ) -> Result<(Vec<GuestTensor>, CallTimes), InvokeError> {
-        self.call(inputs, true)
+        let (result, spent) = self.call(inputs, true, false);
+        finish(result, spent)
     }
 
-    /// Run one request in a fresh instance through `predictor.predict`, the tensors copied
+    /// Run one request in an instance made for it through `predictor.predict`, the tensors copied
     /// into the guest's memory and out again, even when the component takes them by handle:
     /// the baseline `sophon bench sandbox` measures against, and what tests compare with.
     pub fn predict_by_value(
         &self,
         inputs: Vec<GuestTensor>,
     ) -> Result<(Vec<GuestTensor>, CallTimes), InvokeError> {
-        self.call(inputs, false)
+        let (result, spent) = self.call(inputs, false, false);
+        finish(result, spent)
+    }
+
+    /// Run one request as [`Model::predict`] does, in an instance made ahead of it when
+    /// [`Model::tidy`] left one, and leave the instance's teardown to the caller: the answer goes
+    /// out first, then [`Model::tidy`] drops the instance and makes the next request's. Each
+    /// instance still serves exactly one request; what moves is when it is made and dropped.
+    pub fn answer(
+        &self,
+        inputs: Vec<GuestTensor>,
+    ) -> (Result<(Vec<GuestTensor>, CallTimes), InvokeError>, Spent) {
+        self.call(inputs, true, true)
+    }
+
+    /// Drop a request's spent instance and, when the model has none ready and the node's
+    /// budget of spare instances allows, instantiate the next request's now.
+    pub fn tidy(&self, spent: Spent) {
+        drop(spent);
+        if self.spare.lock().is_some() {
+            return;
+        }
+        let Some(permit) = self.spares.take() else {
+            return;
+        };
+        let mut store = self.store();
+        let Ok(instance) = self.pre.instance_pre().instantiate(&mut store) else {
+            // Whatever stopped it (every slot in use, a trap in the component's start) will
+            // meet the next request too, which reports it.
+            return;
+        };
+        store.data_mut().limiter.memory.detach();
+        let mut spare = self.spare.lock();
+        if spare.is_none() {
+            *spare = Some(Ready {
+                store,
+                instance,
+                _permit: permit,
+            });
+        }
     }
 
     /// Whether the component exports `sophon:model/direct` (takes requests by handle).
@@ -500,54 +620,90 @@ impl Model {
         self.direct.is_some()
     }
 
+    /// Whether the component imports nothing but wasi-nn, so that it may run on a thread that
+    /// drives a Tokio runtime: WASI's blocking calls (sleep, poll, streams) block on the runtime,
+    /// which is only allowed once the worker has been handed off.
+    pub fn wasi_free(&self) -> bool {
+        self.wasi_free
+    }
+
+    /// Whether an instance is ready for the next request.
+    pub fn has_spare(&self) -> bool {
+        self.spare.lock().is_some()
+    }
+
+    /// A store with a fresh instance for one request: the spare (if `spare` allows), armed for
+    /// this call on this thread, or one made now.
+    fn instance(&self, spare: bool) -> (Store<Sandbox>, wasmtime::Result<Instance>) {
+        if let Some(Ready {
+            mut store,
+            instance,
+            _permit,
+        }) = spare.then(|| self.spare.lock().take()).flatten()
+        {
+            let sandbox = store.data_mut();
+            sandbox.deadline = Instant::now() + self.limits.timeout;
+            sandbox.output_fuel = self.limits.max_output_bytes.saturating_add(METADATA_FUEL);
+            sandbox.limiter.memory.attach();
+            store.set_epoch_deadline(self.deadline_ticks);
+            return (store, Ok(instance));
+        }
+        let mut store = self.store();
+        let instance = self.pre.instance_pre().instantiate(&mut store);
+        (store, instance)
+    }
+
     fn call(
         &self,
         inputs: Vec<GuestTensor>,
         by_handle: bool,
-    ) -> Result<(Vec<GuestTensor>, CallTimes), InvokeError> {
+        spare: bool,
+    ) -> (Result<(Vec<GuestTensor>, CallTimes), InvokeError>, Spent) {
         let started = Instant::now();
         crate::backend::take_last_error();
-        let mut store = self.store();
+        let (mut store, instance) = self.instance(spare);
+        let result = match instance {
+            Ok(instance) => self.run(&mut store, &instance, inputs, by_handle, started),
+            Err(e) => Err(self.classify(e, &store)),
+        };
+        // The call is over: whatever the store still holds is dropped outside its account.
+        store.data_mut().limiter.memory.detach();
+        (result, Spent { _store: store })
+    }
+
+    fn run(
+        &self,
+        store: &mut Store<Sandbox>,
+        instance: &Instance,
+        inputs: Vec<GuestTensor>,
+        by_handle: bool,
+        started: Instant,
+    ) -> Result<(Vec<GuestTensor>, CallTimes), InvokeError> {
+        let instantiated = Instant::now();
         let direct = self
             .direct
             .as_ref()
             .filter(|_| by_handle && inputs.iter().all(|t| carrier(t.datatype).is_some()));
-        let (result, instantiated) = match direct {
-            Some(predict) => {
-                let instance = self
-                    .pre
-                    .instance_pre()
-                    .instantiate(&mut store)
-                    .map_err(|e| self.classify(e, &store))?;
-                let instantiated = Instant::now();
-                (
-                    call_direct(&mut store, &instance, predict, inputs),
-                    instantiated,
-                )
-            }
-            None => {
-                let serving = self
-                    .pre
-                    .instantiate(&mut store)
-                    .map_err(|e| self.classify(e, &store))?;
-                let instantiated = Instant::now();
-                (
+        let result = match direct {
+            Some(predict) => call_direct(store, instance, predict, inputs),
+            None => self
+                .indices
+                .load(&mut *store, instance)
+                .and_then(|serving| {
                     serving
                         .sophon_model_predictor()
-                        .call_predict(&mut store, &inputs),
-                    instantiated,
-                )
-            }
+                        .call_predict(&mut *store, &inputs)
+                }),
         };
         let called = Instant::now();
-        let mut times = CallTimes {
+        let times = CallTimes {
             instantiate: instantiated - started,
             call: called - instantiated,
             teardown: Duration::ZERO,
         };
-        self.flush_logs(&store);
+        self.flush_logs(store);
         let outputs = match result {
-            Err(e) => return Err(self.classify(e, &store)),
+            Err(e) => return Err(self.classify(e, store)),
             // A backend refused memory to the guest: whatever the guest made of that, the call
             // ran into its limit.
             Ok(_) if store.data().limiter.memory.exceeded() => {
@@ -579,8 +735,6 @@ impl Model {
             }
             Ok(Ok(outputs)) => outputs,
         };
-        drop(store);
-        times.teardown = called.elapsed();
         // The copy out of the guest was bounded before it was made (`bound_copies`): by
         // `max_output_bytes` plus room for names and shapes. Count the data bytes exactly.
         let bytes: usize = outputs.iter().map(|t| t.data.len()).sum();
@@ -695,6 +849,19 @@ impl Model {
             message.push_str(&format!(" (guest stderr: {})", tail.join(" ")));
         }
         InvokeError::Trap { model, message }
+    }
+}
+
+/// Whether an import brings functions (an interface of types alone, such as
+/// `sophon:model/types`, brings none).
+fn has_functions(engine: &Engine, item: &wasmtime::component::types::ComponentItem) -> bool {
+    use wasmtime::component::types::ComponentItem;
+    match item {
+        ComponentItem::ComponentInstance(instance) => instance
+            .exports(engine)
+            .any(|(_, item)| has_functions(engine, &item.ty)),
+        ComponentItem::Type(_) | ComponentItem::Resource(_) => false,
+        _ => true,
     }
 }
 
