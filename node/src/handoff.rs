@@ -16,8 +16,9 @@
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-/// The longest call that keeps its model's next calls on the worker.
-pub const QUICK: Duration = Duration::from_micros(250);
+/// The longest call that keeps its model's next calls on the worker. Well above a small
+/// model's call (tens of µs), so that a preemption on a busy machine does not count as slow.
+pub const QUICK: Duration = Duration::from_millis(1);
 /// How many of a model's calls after a slow one hand the worker off.
 pub const COOL_DOWN: u32 = 256;
 
@@ -37,9 +38,14 @@ impl Pace {
         self.hand_off.load(Ordering::Relaxed) == 0
     }
 
+    /// Hand the worker off for the next [`COOL_DOWN`] calls.
+    pub fn strike(&self) {
+        self.hand_off.store(COOL_DOWN, Ordering::Relaxed);
+    }
+
     fn observe(&self, took: Duration) {
         if took > QUICK {
-            self.hand_off.store(COOL_DOWN, Ordering::Relaxed);
+            self.strike();
         } else {
             // A lost update between racing calls only shortens or lengthens the cool-down by one.
             let left = self.hand_off.load(Ordering::Relaxed);
@@ -48,6 +54,24 @@ impl Pace {
             }
         }
     }
+}
+
+/// An instance whose making took longer than this (a component's start function runs then)
+/// makes its model hand the worker off as a slow call does. Looser than [`QUICK`]: the first
+/// use of a pool slot costs more than a call, and a miss here only delays detection.
+pub const SLOW_MAKING: Duration = Duration::from_millis(5);
+
+/// Run `work` (a short piece of sandbox upkeep) on this Tokio worker if a worker slot is free,
+/// as a quick call would run; else skip it and return `None`.
+pub fn on_worker<T>(work: impl FnOnce() -> T) -> Option<T> {
+    let workers = match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            h.metrics().num_workers()
+        }
+        _ => return None,
+    };
+    let _slot = WorkerSlot::take(workers)?;
+    Some(work())
 }
 
 /// Where [`run`] ran a call.

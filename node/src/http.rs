@@ -766,8 +766,22 @@ impl Answer {
 /// made here, on the worker (its calls, instantiation included, took under
 /// [`crate::handoff::QUICK`]).
 fn tidy_later(model: &LoadedModel, spent: crate::runtime::Spent) {
-    let model = model.model.clone();
-    tokio::spawn(async move { model.tidy(spent) });
+    let (pace, model) = (model.pace.clone(), model.model.clone());
+    tokio::spawn(async move {
+        // The call that left this may have turned the model slow: then it makes no instance
+        // here (a component's start could be what is slow), and its next request makes its own.
+        // Like a call on the worker, the making needs a free worker slot.
+        if pace.quick() {
+            let made = crate::handoff::on_worker(|| {
+                let started = std::time::Instant::now();
+                model.tidy(spent);
+                started.elapsed()
+            });
+            if made.is_some_and(|took| took > crate::handoff::SLOW_MAKING) {
+                pace.strike();
+            }
+        }
+    });
 }
 
 /// Validate a decoded request against the model, admit it, run it in the sandbox, and return

@@ -57,6 +57,8 @@ pub struct CallMemory {
     max: usize,
     /// The linear memory counted when the account was last detached.
     linear: usize,
+    /// The host memory counted when the account was last detached.
+    host: usize,
 }
 
 impl CallMemory {
@@ -66,14 +68,17 @@ impl CallMemory {
             id: 0,
             max,
             linear: 0,
+            host: 0,
         };
         call.attach();
         call
     }
 
     /// Open a new account on this thread for the store this account belongs to, counting the
-    /// linear memory it had when it was detached: a store instantiated ahead of its request (on
-    /// another thread, or before another call) is charged for its memory from the start.
+    /// memory it held when it was detached: a store instantiated ahead of its request (on
+    /// another thread, or before another call) is charged for its memory from the start. What
+    /// was held then (tensors a component's start made) stays counted for the whole call, even
+    /// if the call frees it: the new account cannot tell its release from another call's.
     pub fn attach(&mut self) {
         self.id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         ACCOUNT.with(|a| {
@@ -81,18 +86,18 @@ impl CallMemory {
                 id: self.id,
                 max: self.max,
                 linear: self.linear,
-                host: 0,
+                host: self.host,
                 exceeded: false,
             })
         });
     }
 
-    /// End the account on this thread, keeping the linear memory it counts, so that its store
-    /// can be dropped later, anywhere, or attached again. Whatever was held for the call (its
+    /// End the account on this thread, keeping the memory it counts, so that its store can be
+    /// dropped later, anywhere, or attached again. Whatever was held for the call (its
     /// execution contexts) gives back nothing once detached.
     pub fn detach(&mut self) {
-        if let Some(linear) = self.with(|a| a.linear) {
-            self.linear = linear;
+        if let Some((linear, host)) = self.with(|a| (a.linear, a.host)) {
+            (self.linear, self.host) = (linear, host);
         }
         self.close();
     }
@@ -276,15 +281,17 @@ mod tests {
     }
 
     #[test]
-    fn a_detached_account_keeps_its_linear_memory_for_the_next_thread() {
+    fn a_detached_account_keeps_its_memory_for_the_next_thread() {
         let mut call = CallMemory::open(1000);
-        call.grow_linear(600).expect("charge");
+        call.grow_linear(500).expect("charge");
+        charge_call(100, "tensor").expect("charge");
         call.detach();
         charge_call(usize::MAX, "tensor").expect("detached: nothing is charged here");
         std::thread::scope(|s| {
             s.spawn(|| {
                 call.attach();
                 assert_eq!(call.room(), 400, "the memory made before is counted");
+                assert_eq!(call.host(), 100, "so are the tensors held before");
                 assert!(charge_call(401, "tensor").is_err());
                 assert!(call.exceeded());
             });
