@@ -5,8 +5,10 @@
 //! of a small model's request on two cores), which a call of a few tens of microseconds does
 //! not need: Tokio's guidance is that a task may run that long between awaits. A call runs on
 //! the worker when three things hold:
-//! - it is the node's only request in flight: under load, the worker's other tasks (some of
-//!   which only it may run) would wait behind the guest, which costs more than the hand-off;
+//! - the caller says it may (`alone`): the node serves no other request, and the component
+//!   imports nothing but wasi-nn (WASI's blocking calls need the hand-off). Under load, the
+//!   worker's other tasks (some of which only it may run) would wait behind the guest, which
+//!   costs more than the hand-off;
 //! - its model's recent calls were all quick: a model whose call took longer than [`QUICK`]
 //!   hands the worker off for its next [`COOL_DOWN`] calls, so a slow model (or a hostile
 //!   request that makes one slow) holds a worker at most once, until its deadline;
@@ -64,14 +66,18 @@ pub const SLOW_MAKING: Duration = Duration::from_millis(5);
 /// Run `work` (a short piece of sandbox upkeep) on this Tokio worker if a worker slot is free,
 /// as a quick call would run; else skip it and return `None`.
 pub fn on_worker<T>(work: impl FnOnce() -> T) -> Option<T> {
-    let workers = match tokio::runtime::Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-            h.metrics().num_workers()
-        }
-        _ => return None,
-    };
-    let _slot = WorkerSlot::take(workers)?;
+    let _slot = WorkerSlot::take(workers()?)?;
     Some(work())
+}
+
+/// The workers of the multi-threaded Tokio runtime this thread is in, if it is in one.
+fn workers() -> Option<usize> {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            Some(h.metrics().num_workers())
+        }
+        _ => None,
+    }
 }
 
 /// Where [`run`] ran a call.
@@ -88,13 +94,10 @@ pub enum Ran {
 /// Run a guest call `call` for a model with pace `pace`, on the worker or handing it off;
 /// `alone` says whether it is the node's only request in flight.
 pub fn run<T>(pace: &Pace, alone: bool, call: impl FnOnce() -> T) -> (T, Ran) {
-    let workers = match tokio::runtime::Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-            h.metrics().num_workers()
-        }
-        // `block_in_place` is refused on a current-thread runtime, and outside any runtime
-        // there is nothing to hand off.
-        _ => return (timed(pace, call), Ran::Outside),
+    // `block_in_place` is refused on a current-thread runtime, and outside any runtime there
+    // is nothing to hand off.
+    let Some(workers) = workers() else {
+        return (timed(pace, call), Ran::Outside);
     };
     if alone
         && pace.quick()
