@@ -63,11 +63,24 @@ impl Pace {
 /// use of a pool slot costs more than a call, and a miss here only delays detection.
 pub const SLOW_MAKING: Duration = Duration::from_millis(5);
 
-/// Run `work` (a short piece of sandbox upkeep) on this Tokio worker if a worker slot is free,
-/// as a quick call would run; else skip it and return `None`.
-pub fn on_worker<T>(work: impl FnOnce() -> T) -> Option<T> {
-    let _slot = WorkerSlot::take(workers()?)?;
-    Some(work())
+/// Run `upkeep` (making a model's next instance) on this worker once the current task yields,
+/// that is after the connection's task has written its response: a task spawned from a worker
+/// lands in its LIFO slot. It runs only while the model is quick and a worker slot is free, as a
+/// call would; otherwise it is dropped unrun. Upkeep over [`SLOW_MAKING`] makes the model slow.
+pub fn after_answer(pace: std::sync::Arc<Pace>, upkeep: impl FnOnce() + Send + 'static) {
+    tokio::spawn(async move {
+        if !pace.quick() {
+            return;
+        }
+        let Some(_slot) = workers().and_then(WorkerSlot::take) else {
+            return;
+        };
+        let started = Instant::now();
+        upkeep();
+        if started.elapsed() > SLOW_MAKING {
+            pace.strike();
+        }
+    });
 }
 
 /// The workers of the multi-threaded Tokio runtime this thread is in, if it is in one.

@@ -760,30 +760,6 @@ impl Answer {
     }
 }
 
-/// Drop a request's spent instance and make the model's next one after this task yields, that
-/// is once the answer is on its way: the task spawned from a worker runs on the same worker,
-/// after the connection's task has written the response. Only a quick model's instances are
-/// made here, on the worker (its calls, instantiation included, took under
-/// [`crate::handoff::QUICK`]).
-fn tidy_later(model: &LoadedModel, spent: crate::runtime::Spent) {
-    let (pace, model) = (model.pace.clone(), model.model.clone());
-    tokio::spawn(async move {
-        // The call that left this may have turned the model slow: then it makes no instance
-        // here (a component's start could be what is slow), and its next request makes its own.
-        // Like a call on the worker, the making needs a free worker slot.
-        if pace.quick() {
-            let made = crate::handoff::on_worker(|| {
-                let started = std::time::Instant::now();
-                model.tidy(spent);
-                started.elapsed()
-            });
-            if made.is_some_and(|took| took > crate::handoff::SLOW_MAKING) {
-                pace.strike();
-            }
-        }
-    });
-}
-
 /// Validate a decoded request against the model, admit it, run it in the sandbox, and return
 /// its outputs: the one path every protocol takes after decoding.
 pub(crate) async fn execute(
@@ -876,19 +852,15 @@ pub(crate) async fn execute(
             let (answered, _) = crate::handoff::run(&model.pace, alone, || {
                 crate::backend::catch_panic("the model call", || {
                     let (result, spent) = model.model.answer(inputs);
-                    let spent = if defer {
-                        Some(spent)
-                    } else {
-                        drop(spent);
-                        None
-                    };
-                    (result, spent)
+                    // Not deferred: the instance is dropped here, inside the call.
+                    (result, defer.then_some(spent))
                 })
             });
             let result = match answered {
                 Ok((result, spent)) => {
                     if let Some(spent) = spent {
-                        tidy_later(model, spent);
+                        let next = model.model.clone();
+                        crate::handoff::after_answer(model.pace.clone(), move || next.tidy(spent));
                     }
                     result
                 }

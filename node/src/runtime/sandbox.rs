@@ -598,8 +598,8 @@ impl Model {
         let Some(permit) = self.spares.take() else {
             return;
         };
-        let mut store = self.store();
-        let Ok(instance) = self.pre.instance_pre().instantiate(&mut store) else {
+        let (mut store, instance) = self.fresh();
+        let Ok(instance) = instance else {
             // Whatever stopped it (every slot in use, a trap in the component's start) will
             // meet the next request too, which reports it.
             return;
@@ -641,16 +641,11 @@ impl Model {
             _permit,
         }) = spare.then(|| self.spare.lock().take()).flatten()
         {
-            let sandbox = store.data_mut();
-            sandbox.deadline = Instant::now() + self.limits.timeout;
-            sandbox.output_fuel = self.limits.max_output_bytes.saturating_add(METADATA_FUEL);
-            sandbox.limiter.memory.attach();
-            store.set_epoch_deadline(self.deadline_ticks);
+            store.data_mut().limiter.memory.attach();
+            self.arm(&mut store);
             return (store, Ok(instance));
         }
-        let mut store = self.store();
-        let instance = self.pre.instance_pre().instantiate(&mut store);
-        (store, instance)
+        self.fresh()
     }
 
     fn call(
@@ -754,10 +749,10 @@ impl Model {
             env: self.env.clone(),
             table: ResourceTable::new(),
             nn: WasiNnCtx::new([], SharedGraphs(self.graphs.clone()).into()),
-            deadline: Instant::now() + self.limits.timeout,
+            deadline: Instant::now(),
             blocked_past_deadline: false,
             contexts: 0,
-            output_fuel: self.limits.max_output_bytes.saturating_add(METADATA_FUEL),
+            output_fuel: 0,
             lifting_outputs: false,
             limiter: Limiter {
                 memory: CallMemory::open(self.limits.memory_bytes),
@@ -766,9 +761,25 @@ impl Model {
         let mut store = Store::new(&self.engine, sandbox);
         store.limiter(|s| &mut s.limiter);
         bound_copies(&mut store);
-        store.set_epoch_deadline(self.deadline_ticks);
         store.epoch_deadline_trap();
+        self.arm(&mut store);
         store
+    }
+
+    /// Start a store's clock and output allowance for a call (again, for an instance made
+    /// ahead of its request).
+    fn arm(&self, store: &mut Store<Sandbox>) {
+        let sandbox = store.data_mut();
+        sandbox.deadline = Instant::now() + self.limits.timeout;
+        sandbox.output_fuel = self.limits.max_output_bytes.saturating_add(METADATA_FUEL);
+        store.set_epoch_deadline(self.deadline_ticks);
+    }
+
+    /// A new store with an instance made in it now.
+    fn fresh(&self) -> (Store<Sandbox>, wasmtime::Result<Instance>) {
+        let mut store = self.store();
+        let instance = self.pre.instance_pre().instantiate(&mut store);
+        (store, instance)
     }
 
     fn flush_logs(&self, store: &Store<Sandbox>) {
