@@ -22,6 +22,7 @@ pub mod mesh;
 pub mod perf;
 pub mod repository;
 pub mod runtime;
+pub mod serve;
 pub mod stats;
 /// The KServe V2 codec, its own crate (`v2/`) so that the fuzz targets build without wasmtime.
 pub use sophon_v2 as v2;
@@ -93,31 +94,22 @@ impl NodeServer {
         state.ready.store(true, Ordering::Release);
         let app = http::router(self.state.clone());
         let ready = self.state.clone();
-        use axum::serve::ListenerExt;
-        // Responses go out as soon as they are written: no Nagle delay on small answers.
-        let listener = self.listener.tap_io(|tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!("could not set TCP_NODELAY: {e}");
-            }
-        });
         let (stopping_tx, stopping) = tokio::sync::oneshot::channel::<()>();
-        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+        let serve = serve::serve(self.listener, app, async move {
             shutdown.await;
             ready.ready.store(false, Ordering::Release);
             tracing::info!("shutting down: finishing requests in flight");
             let _ = stopping_tx.send(());
         });
-        let serve = serve.into_future();
         tokio::pin!(serve);
         let drain = self.drain;
         tokio::select! {
-            served = &mut serve => served?,
+            () = &mut serve => {}
             Ok(()) = stopping => {
-                match tokio::time::timeout(drain, &mut serve).await {
-                    Ok(served) => served?,
-                    Err(_) => tracing::warn!(
+                if tokio::time::timeout(drain, &mut serve).await.is_err() {
+                    tracing::warn!(
                         "requests still in flight after the drain deadline of {drain:?}: cancelled"
-                    ),
+                    );
                 }
             }
         }

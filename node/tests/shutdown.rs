@@ -1,5 +1,6 @@
-//! Graceful shutdown over a real socket: a request in flight when shutdown begins still gets its
-//! whole answer, and the server then stops.
+//! The accept loop over a real socket: a request in flight when shutdown begins still gets its
+//! whole answer, and the server then stops; a kept-alive connection serves good requests after
+//! bad ones, and when idle it does not hold shutdown.
 
 mod common;
 
@@ -101,4 +102,111 @@ async fn shutdown_cancels_what_is_left_at_the_drain_deadline() {
         .expect("task")
         .expect("server stops cleanly");
     assert!(asked.elapsed() < Duration::from_secs(3));
+}
+
+/// One request over a kept-alive connection; the answer's status line and body.
+fn exchange(s: &mut std::net::TcpStream, body: &str) -> (String, String) {
+    write!(
+        s,
+        "POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).expect("head");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).expect("utf-8 head");
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse().expect("length"))
+        })
+        .expect("content-length");
+    let mut answer = vec![0u8; length];
+    s.read_exact(&mut answer).expect("body");
+    let status = head.lines().next().unwrap_or_default().to_string();
+    (status, String::from_utf8(answer).expect("utf-8 body"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_alive_connection_serves_bad_then_good_requests_and_does_not_hold_shutdown() {
+    let n = node();
+    n.repo
+        .add_bundle(&ready::mlp_bundle("mlp", &n.key).expect("pack"))
+        .expect("load");
+    let server = NodeServer::bind(
+        "127.0.0.1:0".parse().expect("addr"),
+        n.repo.clone(),
+        HttpConfig::default(),
+    )
+    .await
+    .expect("bind");
+    let addr = server.local_addr().expect("addr");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(server.run(async {
+        let _ = stopped.await;
+    }));
+
+    let good = mlp_request(1).to_string();
+    let bad = r#"{"inputs":[{"name":"input","datatype":"FP32","shape":[1,3],"data":[1,2,3]}]}"#;
+    let (idle, answers) = tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(addr).expect("connect");
+        let mut answers = Vec::new();
+        for body in [
+            good.as_str(),
+            bad,
+            "{not json",
+            good.as_str(),
+            good.as_str(),
+        ] {
+            answers.push(exchange(&mut s, body));
+        }
+        (s, answers)
+    })
+    .await
+    .expect("client");
+    let statuses: Vec<&str> = answers.iter().map(|(s, _)| s.as_str()).collect();
+    assert_eq!(
+        statuses,
+        [
+            "HTTP/1.1 200 OK",
+            "HTTP/1.1 400 Bad Request",
+            "HTTP/1.1 400 Bad Request",
+            "HTTP/1.1 200 OK",
+            "HTTP/1.1 200 OK"
+        ],
+        "{answers:?}"
+    );
+    let first: serde_json::Value = serde_json::from_str(&answers[0].1).expect("json answer");
+    let got = f32s(&first["outputs"][0]["data"]);
+    let want = sophon_sdk::ready::mlp().forward(&mlp_input(1));
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(&want) {
+        assert!((g - w).abs() < 1e-5, "mlp output {g} != reference {w}");
+    }
+    assert_eq!(
+        answers[0].1, answers[3].1,
+        "the same answer after the bad ones"
+    );
+    assert_eq!(answers[3].1, answers[4].1);
+
+    // The connection stays open and idle; shutdown closes it instead of waiting for the drain
+    // deadline (30 s).
+    let asked = Instant::now();
+    stop.send(()).expect("signal");
+    tokio::time::timeout(Duration::from_secs(10), serving)
+        .await
+        .expect("an idle connection does not hold shutdown")
+        .expect("task")
+        .expect("server stops cleanly");
+    assert!(asked.elapsed() < Duration::from_secs(5));
+    let mut idle = idle;
+    let mut rest = Vec::new();
+    let _ = idle.read_to_end(&mut rest);
+    assert!(rest.is_empty(), "closed without a word: {rest:?}");
 }
