@@ -196,6 +196,23 @@ fn the_readme_tour_works_in_a_fresh_home() {
     tour.ok(&["model", "push", "mymodel.sbundle"]);
     let models = tour.ok(&["model", "list"]);
     assert!(models.contains("mymodel"), "{models}");
+    // `model pull <digest> -o copy.sbundle`, the digest as `model list --json` gives it: the
+    // same bytes come back, verified.
+    let listed = tour.json(&["model", "list"]);
+    let digest = listed
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|m| m["name"] == "mymodel")
+        .flat_map(|m| m["versions"].as_object().into_iter().flatten())
+        .find_map(|(_, v)| v["digest"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| panic!("mymodel's digest in {listed}"));
+    tour.ok(&["model", "pull", &digest, "-o", "copy.sbundle"]);
+    assert_eq!(
+        std::fs::read(tour.cwd.join("copy.sbundle")).expect("pulled"),
+        std::fs::read(tour.cwd.join("mymodel.sbundle")).expect("packed"),
+        "the pulled bundle is the pushed one"
+    );
     let ann = tour.json(&["token", "create", "--name", "ann", "--role", "approver"]);
     let bob = tour.json(&["token", "create", "--name", "bob", "--role", "approver"]);
     let request = tour.json(&["approval", "request", "mymodel", "1", "production"]);
@@ -218,6 +235,11 @@ fn the_readme_tour_works_in_a_fresh_home() {
     let deployments = tour.ok(&["deploy", "list"]);
     assert!(deployments.contains("mymodel"), "{deployments}");
     tour.ok(&["cluster", "status"]);
+    let members = tour.ok(&["cluster", "members"]);
+    assert!(
+        !members.trim().is_empty(),
+        "cluster members lists the dev coordinator"
+    );
     let audit = tour.ok(&["audit"]);
     for needle in ["eval ok", "load test ok", "mymodel"] {
         assert!(audit.contains(needle), "audit lacks {needle}: {audit}");
@@ -233,7 +255,7 @@ fn the_readme_tour_works_in_a_fresh_home() {
     let mut nodes = Vec::new();
     let mut node_http = Vec::new();
     for n in 1..=2 {
-        let (http, mesh) = (free_port(), free_port());
+        let (http, grpc, mesh) = (free_port(), free_port(), free_port());
         node_http.push(http);
         let child = tour
             .command(BIN)
@@ -248,6 +270,8 @@ fn the_readme_tour_works_in_a_fresh_home() {
                 &format!("n{n}"),
                 "--http",
                 &format!("127.0.0.1:{http}"),
+                "--grpc",
+                &format!("127.0.0.1:{grpc}"),
                 "--mesh",
                 &format!("127.0.0.1:{mesh}"),
                 "--run",
