@@ -29,6 +29,14 @@ pub struct HttpConfig {
     /// Bytes of request bodies the whole node holds at once; past it, new requests get 503
     /// instead of the node running out of memory.
     pub max_inflight_bytes: usize,
+    /// How long a request's whole body may take to arrive after its head (408 past it).
+    pub body_timeout: std::time::Duration,
+    /// How long a connection may take to send a request's head, counted from when the server
+    /// starts waiting for it: also how long a kept-alive connection may stay idle.
+    pub header_timeout: std::time::Duration,
+    /// Connections served at once; past it, new ones wait in the listen backlog until one
+    /// closes, so that slow or idle clients cannot take all of the process's file descriptors.
+    pub max_connections: usize,
 }
 
 impl Default for HttpConfig {
@@ -36,6 +44,9 @@ impl Default for HttpConfig {
         HttpConfig {
             max_body_bytes: 64 << 20,
             max_inflight_bytes: 1 << 30,
+            body_timeout: std::time::Duration::from_secs(60),
+            header_timeout: std::time::Duration::from_secs(30),
+            max_connections: crate::serve::default_max_connections(),
         }
     }
 }
@@ -585,7 +596,8 @@ pub(crate) type Outcome = (ApiError, &'static str);
 
 /// Read a request body, holding its bytes against the node-wide in-flight cap while the
 /// request lives: a node under a flood of large bodies sheds with 503 instead of running out of
-/// memory. The cap is taken chunk by chunk, so a body without a length costs what it sends.
+/// memory. The cap is taken chunk by chunk, so a body costs what it has sent, whatever it
+/// announced; a body that does not arrive within `body_timeout` gets 408.
 async fn read_body(
     state: &ApiState,
     body: Body,
@@ -622,16 +634,37 @@ async fn read_body(
             .try_acquire_many(n32)
             .map_err(|_| shed(n))
     };
+    let timed_out = || {
+        (
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the request body did not arrive within {} s",
+                    state.config.body_timeout.as_secs_f64()
+                ),
+            ),
+            "bad_request",
+        )
+    };
     let mut body = body;
-    // Reserve what the client announced at once; the rest as it arrives.
     let announced = body.size_hint().exact().map(|n| n as usize);
     if announced.is_some_and(|n| n > limit) {
         return Err(too_large());
     }
-    let mut held = take(announced.unwrap_or(0))?;
-    let mut reserved = announced.unwrap_or(0);
-    let mut buf = bytes::BytesMut::with_capacity(reserved);
-    while let Some(frame) = body.frame().await {
+    // The cap is taken as the bytes arrive, not as announced: a client that announces a large
+    // body and sends nothing holds nothing, and the whole body has a deadline.
+    let mut held = take(0)?;
+    let deadline = tokio::time::Instant::now() + state.config.body_timeout;
+    // A body that arrives in one chunk is kept as it came, without a copy.
+    let mut whole: Option<bytes::Bytes> = None;
+    let mut parts: Option<bytes::BytesMut> = None;
+    let mut size = 0usize;
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => break,
+            Err(_) => return Err(timed_out()),
+        };
         let frame = frame.map_err(|e| {
             (
                 ApiError::new(
@@ -644,17 +677,30 @@ async fn read_body(
         let Ok(data) = frame.into_data() else {
             continue;
         };
-        let size = buf.len() + data.len();
+        size += data.len();
         if size > limit {
             return Err(too_large());
         }
-        if size > reserved {
-            held.merge(take(size - reserved)?);
-            reserved = size;
+        held.merge(take(data.len())?);
+        if let Some(parts) = parts.as_mut() {
+            parts.extend_from_slice(&data);
+        } else if let Some(first) = whole.take() {
+            // Room for what was announced, up to 1 MiB ahead; past that it grows as it arrives.
+            let room = announced.map_or(size, |n| n.min(size.max(1 << 20)));
+            let mut joined = bytes::BytesMut::with_capacity(room.max(size));
+            joined.extend_from_slice(&first);
+            joined.extend_from_slice(&data);
+            parts = Some(joined);
+        } else {
+            whole = Some(data);
         }
-        buf.extend_from_slice(&data);
     }
-    Ok((buf.freeze(), held))
+    let bytes = match (parts, whole) {
+        (Some(parts), _) => parts.freeze(),
+        (None, Some(whole)) => whole,
+        (None, None) => bytes::Bytes::new(),
+    };
+    Ok((bytes, held))
 }
 
 fn bad(e: impl Into<ApiError>) -> Outcome {

@@ -95,7 +95,8 @@ impl NodeServer {
         let app = http::router(self.state.clone());
         let ready = self.state.clone();
         let (stopping_tx, stopping) = tokio::sync::oneshot::channel::<()>();
-        let serve = serve::serve(self.listener, app, async move {
+        let limits = serve::Limits::from(&self.state.config);
+        let serve = serve::serve(self.listener, app, limits, async move {
             shutdown.await;
             ready.ready.store(false, Ordering::Release);
             tracing::info!("shutting down: finishing requests in flight");

@@ -1,6 +1,7 @@
 //! The node's HTTP accept loop: one task per connection, served by hyper's HTTP/1.1 connection
-//! with the node's axum router, graceful shutdown, and a connection future that does not
-//! reschedule itself when it wakes itself ([`PollAgain`]).
+//! with the node's axum router, graceful shutdown, bounds on what slow or idle clients may hold
+//! (a deadline for each request's head, a cap on connections), and a connection future that
+//! does not reschedule itself when it wakes itself ([`PollAgain`]).
 //!
 //! Why not `axum::serve`: it spawns hyper's connection future as it is, and on every request
 //! with a body that future wakes its own task while it runs. Hyper's body channel wakes the
@@ -113,20 +114,79 @@ impl<F: Future> Future for PollAgain<F> {
     }
 }
 
+/// How many connections a node serves at once by default: half of the process's limit on open
+/// files (the rest is for models, caches and the mesh), at most 10,000; 512 where the limit
+/// cannot be read.
+pub fn default_max_connections() -> usize {
+    open_files_limit().map_or(512, |n| (n / 2).clamp(16, 10_000))
+}
+
+/// The soft limit on open files, from `/proc/self/limits`.
+fn open_files_limit() -> Option<usize> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line["Max open files".len()..]
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// What bounds the connections of [`serve`].
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// How long a connection may take to send a request's head (and stay idle between
+    /// requests); past it the connection is closed.
+    pub header_timeout: std::time::Duration,
+    /// Connections served at once; further ones wait in the listen backlog.
+    pub max_connections: usize,
+}
+
+impl From<&crate::http::HttpConfig> for Limits {
+    fn from(config: &crate::http::HttpConfig) -> Limits {
+        Limits {
+            header_timeout: config.header_timeout,
+            max_connections: config.max_connections,
+        }
+    }
+}
+
 /// Accept connections on `listener` and serve `app` on each until `shutdown` resolves; then stop
 /// accepting, ask each connection to finish its request in flight and close, and return once all
 /// have (the caller bounds that wait).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: axum::Router,
+    limits: Limits,
     shutdown: impl Future<Output = ()>,
 ) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(
+        limits
+            .max_connections
+            .clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
+    ));
     // Connections wait for `stop` to close (its receiver is dropped on shutdown), and hold a
     // receiver of `live` until they end.
     let (stop, stopping) = tokio::sync::watch::channel(());
     let (live, alive) = tokio::sync::watch::channel(());
     tokio::pin!(shutdown);
     loop {
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                tracing::warn!(
+                    "serving the limit of {} connections: new ones wait until one closes",
+                    limits.max_connections
+                );
+                tokio::select! {
+                    slot = slots.clone().acquire_owned() => match slot {
+                        Ok(slot) => slot,
+                        Err(_) => break,
+                    },
+                    () = &mut shutdown => break,
+                }
+            }
+        };
         let tcp = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((tcp, _)) => tcp,
@@ -145,7 +205,10 @@ pub async fn serve(
         let stop = stop.clone();
         let alive = alive.clone();
         tokio::spawn(PollAgain::new(async move {
+            let _slot = slot;
             let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.header_timeout)
                 .serve_connection(TokioIo::new(tcp), service);
             tokio::pin!(conn);
             let mut stopped = std::pin::pin!(stop.closed());

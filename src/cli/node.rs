@@ -32,6 +32,17 @@ pub struct ServeArgs {
     /// Bytes of request bodies the node holds at once before it sheds with 503.
     #[arg(long, default_value_t = 1 << 30)]
     pub max_inflight_bytes: usize,
+    /// How long a request's body may take to arrive after its head (408 past it).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub body_timeout: std::time::Duration,
+    /// How long a connection may take to send a request's head, and stay idle between requests;
+    /// past it the connection is closed.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub header_timeout: std::time::Duration,
+    /// HTTP connections served at once; further ones wait until one closes (default: half the
+    /// process's limit on open files, at most 10,000).
+    #[arg(long)]
+    pub max_connections: Option<usize>,
     /// Seconds a shutdown waits for requests in flight before it cancels them.
     #[arg(long, default_value_t = 30)]
     pub drain_secs: u64,
@@ -144,6 +155,11 @@ impl ServeArgs {
         HttpConfig {
             max_body_bytes: self.max_body_bytes,
             max_inflight_bytes: self.max_inflight_bytes,
+            body_timeout: self.body_timeout,
+            header_timeout: self.header_timeout,
+            max_connections: self
+                .max_connections
+                .unwrap_or_else(sophon_node::serve::default_max_connections),
         }
     }
 }

@@ -1,0 +1,185 @@
+//! Clients that are slow or hold back, over a real socket: a head that does not arrive, a body
+//! that does not arrive, a body announced but never sent, and more connections than the node
+//! serves at once. Each is bounded, and each time a good request is served afterwards.
+
+mod common;
+
+use common::*;
+use sophon_node::NodeServer;
+use sophon_node::http::HttpConfig;
+use sophon_sdk::ready;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+/// A node serving the MLP with `config`; its address, and the sender that stops it.
+async fn serve(config: HttpConfig) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
+    let n = node();
+    n.repo
+        .add_bundle(&ready::mlp_bundle("mlp", &n.key).expect("pack"))
+        .expect("load");
+    let server = NodeServer::bind("127.0.0.1:0".parse().expect("addr"), n.repo, config)
+        .await
+        .expect("bind");
+    let addr = server.local_addr().expect("addr");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(server.run(async {
+        let _ = stopped.await;
+    }));
+    (addr, stop)
+}
+
+/// What the server sends until it closes the connection or `wait` passes.
+fn read_all(s: &mut TcpStream, wait: Duration) -> String {
+    s.set_read_timeout(Some(wait)).expect("timeout");
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// A good MLP request on a new connection; its status line.
+fn good_request(addr: SocketAddr) -> String {
+    let body = mlp_request(1).to_string();
+    let mut s = TcpStream::connect(addr).expect("connect");
+    write!(
+        s,
+        "POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send");
+    let answer = read_all(&mut s, Duration::from_secs(20));
+    answer.lines().next().unwrap_or_default().to_string()
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.expect("client thread")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_that_does_not_arrive_in_time_closes_the_connection() {
+    let (addr, _stop) = serve(HttpConfig {
+        header_timeout: Duration::from_millis(300),
+        ..HttpConfig::default()
+    })
+    .await;
+    let (closed_after, idle_closed_after, answer) = blocking(move || {
+        let mut slow = TcpStream::connect(addr).expect("connect");
+        slow.write_all(b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\n")
+            .expect("half a head");
+        let started = Instant::now();
+        let said = read_all(&mut slow, Duration::from_secs(10));
+        let closed_after = started.elapsed();
+        assert!(!said.contains("200"), "{said}");
+        // A kept-alive connection left idle is closed the same way.
+        let mut idle = TcpStream::connect(addr).expect("connect");
+        let started = Instant::now();
+        let said = read_all(&mut idle, Duration::from_secs(10));
+        assert!(
+            said.is_empty() || said.starts_with("HTTP/1.1 408"),
+            "{said}"
+        );
+        (closed_after, started.elapsed(), good_request(addr))
+    })
+    .await;
+    assert!(closed_after < Duration::from_secs(5), "{closed_after:?}");
+    assert!(
+        idle_closed_after < Duration::from_secs(5),
+        "{idle_closed_after:?}"
+    );
+    assert_eq!(answer, "HTTP/1.1 200 OK");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_does_not_arrive_in_time_gets_408() {
+    let (addr, _stop) = serve(HttpConfig {
+        body_timeout: Duration::from_millis(300),
+        ..HttpConfig::default()
+    })
+    .await;
+    let (said, answer) = blocking(move || {
+        let mut slow = TcpStream::connect(addr).expect("connect");
+        slow.write_all(
+            b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"inputs\"",
+        )
+        .expect("a head and a little body");
+        let said = read_all(&mut slow, Duration::from_secs(10));
+        (said, good_request(addr))
+    })
+    .await;
+    assert!(said.starts_with("HTTP/1.1 408"), "{said}");
+    assert!(
+        said.contains("the request body did not arrive within 0.3 s"),
+        "{said}"
+    );
+    assert_eq!(answer, "HTTP/1.1 200 OK");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_announced_but_not_sent_holds_none_of_the_bytes_in_flight() {
+    // Room for one MLP request (3 KB) in flight; the hostile clients announce the largest body
+    // allowed and send nothing. Before, each reserved what it announced, and the good request
+    // got 503 until they left.
+    let (addr, _stop) = serve(HttpConfig {
+        max_body_bytes: 16 << 10,
+        max_inflight_bytes: 16 << 10,
+        ..HttpConfig::default()
+    })
+    .await;
+    let answer = blocking(move || {
+        let mut holders = Vec::new();
+        for _ in 0..4 {
+            let mut s = TcpStream::connect(addr).expect("connect");
+            s.write_all(
+                b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 16384\r\n\r\n",
+            )
+            .expect("head");
+            holders.push(s);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        let answer = good_request(addr);
+        drop(holders);
+        answer
+    })
+    .await;
+    assert_eq!(answer, "HTTP/1.1 200 OK");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_limit_wait_until_one_closes() {
+    let (addr, _stop) = serve(HttpConfig {
+        max_connections: 2,
+        ..HttpConfig::default()
+    })
+    .await;
+    let (waiting, served) = blocking(move || {
+        let idle: Vec<TcpStream> = (0..2)
+            .map(|_| TcpStream::connect(addr).expect("connect"))
+            .collect();
+        std::thread::sleep(Duration::from_millis(200));
+        // The kernel completes the handshake, but the node does not read a third connection.
+        let body = mlp_request(1).to_string();
+        let mut third = TcpStream::connect(addr).expect("connect");
+        write!(
+            third,
+            "POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .expect("send");
+        let waiting = read_all(&mut third, Duration::from_millis(500));
+        drop(idle);
+        let served = read_all(&mut third, Duration::from_secs(20));
+        (waiting, served)
+    })
+    .await;
+    assert!(
+        waiting.is_empty(),
+        "no answer while at the limit: {waiting}"
+    );
+    assert!(served.starts_with("HTTP/1.1 200 OK"), "{served}");
+}
