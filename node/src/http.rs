@@ -61,6 +61,8 @@ pub struct ApiState {
     pub inflight_bytes: tokio::sync::Semaphore,
     /// A mesh node's router: requests for models without a ready replica here go elsewhere.
     pub mesh: std::sync::OnceLock<Arc<crate::mesh::router::Router>>,
+    /// The connections HTTP and gRPC may hold at once, `config.max_connections` in all.
+    pub connections: crate::serve::Slots,
 }
 
 impl ApiState {
@@ -69,12 +71,14 @@ impl ApiState {
         let permits = config
             .max_inflight_bytes
             .min(tokio::sync::Semaphore::MAX_PERMITS);
+        let connections = crate::serve::Slots::new(config.max_connections);
         ApiState {
             repo,
             config,
             ready: AtomicBool::new(false),
             inflight_bytes: tokio::sync::Semaphore::new(permits),
             mesh: std::sync::OnceLock::new(),
+            connections,
         }
     }
 }

@@ -95,8 +95,9 @@ impl NodeServer {
         let app = http::router(self.state.clone());
         let ready = self.state.clone();
         let (stopping_tx, stopping) = tokio::sync::oneshot::channel::<()>();
-        let limits = serve::Limits::from(&self.state.config);
-        let serve = serve::serve(self.listener, app, limits, async move {
+        let slots = self.state.connections.clone();
+        let header_timeout = self.state.config.header_timeout;
+        let serve = serve::serve(self.listener, app, slots, header_timeout, async move {
             shutdown.await;
             ready.ready.store(false, Ordering::Release);
             tracing::info!("shutting down: finishing requests in flight");

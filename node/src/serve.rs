@@ -17,6 +17,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::task::{Context, Poll, Wake, Waker};
+use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
@@ -132,75 +133,87 @@ fn open_files_limit() -> Option<usize> {
         .ok()
 }
 
-/// What bounds the connections of [`serve`].
-#[derive(Clone, Copy, Debug)]
-pub struct Limits {
-    /// How long a connection may take to send a request's head (and stay idle between
-    /// requests); past it the connection is closed.
-    pub header_timeout: std::time::Duration,
-    /// Connections served at once; further ones wait in the listen backlog.
-    pub max_connections: usize,
+/// The node's connection slots, shared by its HTTP and gRPC listeners: open connections are
+/// open files, and the process's other files (models, the cache, the mesh) need some too.
+#[derive(Clone, Debug)]
+pub struct Slots {
+    free: Arc<tokio::sync::Semaphore>,
+    max: usize,
 }
 
-impl From<&crate::http::HttpConfig> for Limits {
-    fn from(config: &crate::http::HttpConfig) -> Limits {
-        Limits {
-            header_timeout: config.header_timeout,
-            max_connections: config.max_connections,
+impl Slots {
+    /// Room for `max` connections at once.
+    pub fn new(max: usize) -> Slots {
+        let max = max.clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
+        Slots {
+            free: Arc::new(tokio::sync::Semaphore::new(max)),
+            max,
+        }
+    }
+
+    /// The next connection on `listener` (with `TCP_NODELAY`) and the slot it holds. While every
+    /// slot is taken, the connection just accepted waits for one and no other is accepted, so
+    /// further connections wait in the listen backlog. The slot is taken after the accept, so that
+    /// a listener with nobody connecting holds none. Dropping the future while it waits for a
+    /// slot closes the connection it accepted.
+    pub async fn accept(
+        &self,
+        listener: &tokio::net::TcpListener,
+    ) -> (tokio::net::TcpStream, tokio::sync::OwnedSemaphorePermit) {
+        loop {
+            let tcp = match listener.accept().await {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    accept_failed(e).await;
+                    continue;
+                }
+            };
+            // Responses go out as soon as they are written: no Nagle delay on small answers
+            // (for gRPC, a unary call's answer waited on the peer's delayed ACK).
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!("could not set TCP_NODELAY: {e}");
+            }
+            let slot = match self.free.clone().try_acquire_owned() {
+                Ok(slot) => slot,
+                Err(_) => {
+                    tracing::warn!(
+                        "serving the limit of {} connections: new ones wait until one closes",
+                        self.max
+                    );
+                    match self.free.clone().acquire_owned().await {
+                        Ok(slot) => slot,
+                        // The semaphore is never closed.
+                        Err(_) => continue,
+                    }
+                }
+            };
+            return (tcp, slot);
         }
     }
 }
 
 /// Accept connections on `listener` and serve `app` on each until `shutdown` resolves; then stop
 /// accepting, ask each connection to finish its request in flight and close, and return once all
-/// have (the caller bounds that wait).
+/// have (the caller bounds that wait). A connection holds one of `slots` while it lives, and
+/// must send each request's head within `header_timeout` of the server waiting for it (which
+/// is also how long it may stay idle between requests).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: axum::Router,
-    limits: Limits,
+    slots: Slots,
+    header_timeout: Duration,
     shutdown: impl Future<Output = ()>,
 ) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(
-        limits
-            .max_connections
-            .clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
-    ));
     // Connections wait for `stop` to close (its receiver is dropped on shutdown), and hold a
     // receiver of `live` until they end.
     let (stop, stopping) = tokio::sync::watch::channel(());
     let (live, alive) = tokio::sync::watch::channel(());
     tokio::pin!(shutdown);
     loop {
-        let slot = match slots.clone().try_acquire_owned() {
-            Ok(slot) => slot,
-            Err(_) => {
-                tracing::warn!(
-                    "serving the limit of {} connections: new ones wait until one closes",
-                    limits.max_connections
-                );
-                tokio::select! {
-                    slot = slots.clone().acquire_owned() => match slot {
-                        Ok(slot) => slot,
-                        Err(_) => break,
-                    },
-                    () = &mut shutdown => break,
-                }
-            }
-        };
-        let tcp = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((tcp, _)) => tcp,
-                Err(e) => {
-                    accept_failed(e).await;
-                    continue;
-                }
-            },
+        let (tcp, slot) = tokio::select! {
+            accepted = slots.accept(&listener) => accepted,
             () = &mut shutdown => break,
         };
-        // Responses go out as soon as they are written: no Nagle delay on small answers.
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!("could not set TCP_NODELAY: {e}");
-        }
         let service = TowerToHyperService::new(app.clone());
         let stop = stop.clone();
         let alive = alive.clone();
@@ -208,7 +221,7 @@ pub async fn serve(
             let _slot = slot;
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(limits.header_timeout)
+                .header_read_timeout(header_timeout)
                 .serve_connection(TokioIo::new(tcp), service);
             tokio::pin!(conn);
             let mut stopped = std::pin::pin!(stop.closed());
@@ -231,6 +244,96 @@ pub async fn serve(
     live.closed().await;
 }
 
+/// A connection that holds one of the node's [`Slots`] while it lives, and is closed when its
+/// first byte does not arrive within a deadline (for gRPC, whose HTTP/2 server has no deadline
+/// for a client's preface).
+pub struct Held {
+    tcp: tokio::net::TcpStream,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+    first_byte: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Held {
+    /// `tcp` holding `slot`, closed unless it sends something within `deadline`.
+    pub fn new(
+        tcp: tokio::net::TcpStream,
+        slot: tokio::sync::OwnedSemaphorePermit,
+        deadline: Duration,
+    ) -> Held {
+        Held {
+            tcp,
+            _slot: slot,
+            first_byte: Some(Box::pin(tokio::time::sleep(deadline))),
+        }
+    }
+
+    /// The connection.
+    pub fn tcp(&self) -> &tokio::net::TcpStream {
+        &self.tcp
+    }
+}
+
+impl tokio::io::AsyncRead for Held {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        match Pin::new(&mut self.tcp).poll_read(cx, buf) {
+            Poll::Ready(read) => {
+                if buf.filled().len() > before {
+                    self.first_byte = None;
+                }
+                Poll::Ready(read)
+            }
+            Poll::Pending => {
+                let late = self
+                    .first_byte
+                    .as_mut()
+                    .is_some_and(|deadline| deadline.as_mut().poll(cx).is_ready());
+                if late {
+                    return Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "the client sent nothing within the header timeout",
+                    )));
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Held {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.tcp).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+}
+
 /// After a failed `accept`: errors of one connection are skipped; others (such as running out of
 /// file descriptors) wait a moment before the next try, so that the loop does not spin.
 async fn accept_failed(e: std::io::Error) {
@@ -242,7 +345,7 @@ async fn accept_failed(e: std::io::Error) {
         return;
     }
     tracing::warn!("accepting a connection failed: {e}; retrying in 1 s");
-    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! Clients that are slow or hold back, over a real socket: a head that does not arrive, a body
-//! that does not arrive, a body announced but never sent, and more connections than the node
-//! serves at once. Each is bounded, and each time a good request is served afterwards.
+//! that does not arrive, a body announced but never sent, more connections than the node serves
+//! at once, and a gRPC client that sends nothing (the two ports share the connection limit).
+//! Each is bounded, and each time a good request is served afterwards.
 
 mod common;
 
@@ -180,6 +181,67 @@ async fn connections_past_the_limit_wait_until_one_closes() {
     assert!(
         waiting.is_empty(),
         "no answer while at the limit: {waiting}"
+    );
+    assert!(served.starts_with("HTTP/1.1 200 OK"), "{served}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_shares_the_connection_limit_and_closes_a_client_that_sends_nothing() {
+    let n = node();
+    n.repo
+        .add_bundle(&ready::mlp_bundle("mlp", &n.key).expect("pack"))
+        .expect("load");
+    let server = NodeServer::bind(
+        "127.0.0.1:0".parse().expect("addr"),
+        n.repo,
+        HttpConfig {
+            max_connections: 1,
+            header_timeout: Duration::from_millis(500),
+            ..HttpConfig::default()
+        },
+    )
+    .await
+    .expect("bind");
+    let addr = server.local_addr().expect("addr");
+    let grpc_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind gRPC");
+    let grpc = grpc_listener.local_addr().expect("addr");
+    tokio::spawn(sophon_node::grpc::serve(
+        server.state().clone(),
+        grpc_listener,
+        std::future::pending(),
+    ));
+    tokio::spawn(server.run(std::future::pending()));
+
+    let (silent_closed_after, waiting, served) = blocking(move || {
+        // A gRPC client that connects and sends nothing takes the node's only connection slot.
+        let mut silent = TcpStream::connect(grpc).expect("connect gRPC");
+        let started = Instant::now();
+        std::thread::sleep(Duration::from_millis(100));
+        let body = mlp_request(1).to_string();
+        let mut http = TcpStream::connect(addr).expect("connect HTTP");
+        write!(
+            http,
+            "POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .expect("send");
+        let waiting = read_all(&mut http, Duration::from_millis(200));
+        // The silent client is closed at the header timeout, and its slot serves the request.
+        let _ = read_all(&mut silent, Duration::from_secs(10));
+        let silent_closed_after = started.elapsed();
+        let served = read_all(&mut http, Duration::from_secs(20));
+        (silent_closed_after, waiting, served)
+    })
+    .await;
+    assert!(
+        waiting.is_empty(),
+        "no answer while gRPC holds the slot: {waiting}"
+    );
+    assert!(
+        silent_closed_after < Duration::from_secs(5),
+        "{silent_closed_after:?}"
     );
     assert!(served.starts_with("HTTP/1.1 200 OK"), "{served}");
 }

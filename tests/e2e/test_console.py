@@ -110,7 +110,16 @@ def go(d, node, page, marker):
 
 
 def buttons(d) -> set[str]:
-    return {b.text for b in d.find_elements("css selector", "main button") if b.is_displayed()}
+    # One script, so that the console's re-render (it polls the API) cannot swap the elements
+    # between finding them and reading them (selenium's StaleElementReferenceException).
+    return set(
+        d.execute_script(
+            """return [...document.querySelectorAll('main button')]
+                 .filter(b => b.getClientRects().length > 0
+                              && getComputedStyle(b).visibility !== 'hidden')
+                 .map(b => b.innerText.trim());"""
+        )
+    )
 
 
 def submit_version(d, button, version, environment):
