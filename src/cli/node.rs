@@ -39,8 +39,8 @@ pub struct ServeArgs {
     /// past it the connection is closed.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub header_timeout: std::time::Duration,
-    /// HTTP connections served at once; further ones wait until one closes (default: half the
-    /// process's limit on open files, at most 10,000).
+    /// Connections served at once, HTTP and gRPC together; further ones wait until one closes
+    /// (default: half the process's limit on open files, at most 10,000).
     #[arg(long)]
     pub max_connections: Option<usize>,
     /// Seconds a shutdown waits for requests in flight before it cancels them.
