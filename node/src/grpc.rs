@@ -42,6 +42,11 @@ pub fn service(state: Arc<ApiState>) -> GrpcInferenceServiceServer<Grpc> {
         .max_encoding_message_size(usize::MAX)
 }
 
+/// How long a gRPC connection may be silent before the node pings it.
+const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(60);
+/// How long the node waits for a ping's answer before it closes the connection.
+const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// Serve gRPC (and `grpc.health.v1`) on `listener` until `shutdown` resolves.
 pub async fn serve(
     state: Arc<ApiState>,
@@ -52,8 +57,8 @@ pub async fn serve(
     reporter
         .set_serving::<GrpcInferenceServiceServer<Grpc>>()
         .await;
-    // Connections hold the node's connection slots (shared with HTTP), and one that sends nothing
-    // within the header timeout is closed. `Slots::accept` sets TCP_NODELAY: without it a unary
+    // Connections hold the node's connection slots (shared with HTTP), and one that does not open
+    // HTTP/2 within the header timeout is closed. `Slots::accept` sets TCP_NODELAY: without it a unary
     // call's response waited on the peer's delayed ACK (perf_analyzer saw 115 infer/s).
     let (slots, deadline) = (state.connections.clone(), state.config.header_timeout);
     let incoming =
@@ -63,6 +68,10 @@ pub async fn serve(
             Some((Ok::<_, std::io::Error>(held), (listener, slots)))
         });
     tonic::transport::Server::builder()
+        // An open channel that stops answering pings (a client that stopped reading, or is
+        // gone) is closed, and its slot freed.
+        .http2_keepalive_interval(Some(KEEPALIVE))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .add_service(health)
         .add_service(service(state))
         .serve_with_incoming_shutdown(incoming, shutdown)

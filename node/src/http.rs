@@ -29,7 +29,9 @@ pub struct HttpConfig {
     /// Bytes of request bodies the whole node holds at once; past it, new requests get 503
     /// instead of the node running out of memory.
     pub max_inflight_bytes: usize,
-    /// How long a request's whole body may take to arrive after its head (408 past it).
+    /// How long a request's whole body may take to arrive after its head (408 past it); also
+    /// how long a response may wait on a client that takes none of it (the connection is
+    /// closed past it).
     pub body_timeout: std::time::Duration,
     /// How long a connection may take to send a request's head, counted from when the server
     /// starts waiting for it: also how long a kept-alive connection may stay idle.
@@ -499,7 +501,9 @@ async fn all_stats(State(state): Shared) -> Json<Value> {
     Json(json!({"model_stats": stats}))
 }
 
-async fn repository_index(State(state): Shared, body: axum::body::Bytes) -> ApiResult<Json<Value>> {
+async fn repository_index(State(state): Shared, body: Body) -> ApiResult<Json<Value>> {
+    // Through `read_body`, as every body: its deadline and the in-flight cap hold here too.
+    let (body, _held) = read_body(&state, body).await.map_err(|(e, _)| e)?;
     let ready_only = if body.is_empty() {
         false
     } else {

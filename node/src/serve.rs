@@ -53,13 +53,20 @@ impl Wake for Hook {
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        match self
-            .state
-            .compare_exchange(POLLING, WOKEN, Ordering::AcqRel, Ordering::Acquire)
-        {
-            // The poll under way will see WOKEN and poll again.
-            Ok(_) | Err(WOKEN) => {}
-            _ => self.task.lock().wake_by_ref(),
+        let mut now = self.state.load(Ordering::Acquire);
+        loop {
+            if now == IDLE {
+                return self.task.lock().wake_by_ref();
+            }
+            // The poll under way will see WOKEN and poll again. A write even when it already
+            // says WOKEN, so that the poll sees what every waker did before it woke.
+            match self
+                .state
+                .compare_exchange_weak(now, WOKEN, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return,
+                Err(seen) => now = seen,
+            }
         }
     }
 }
@@ -194,14 +201,16 @@ impl Slots {
 
 /// Accept connections on `listener` and serve `app` on each until `shutdown` resolves; then stop
 /// accepting, ask each connection to finish its request in flight and close, and return once all
-/// have (the caller bounds that wait). A connection holds one of `slots` while it lives, and
-/// must send each request's head within `header_timeout` of the server waiting for it (which
-/// is also how long it may stay idle between requests).
+/// have (the caller bounds that wait). A connection holds one of `slots` while it lives, must
+/// send each request's head within `header_timeout` of the server waiting for it (which is also
+/// how long it may stay idle between requests), and is closed when it takes nothing of a
+/// response for `send_timeout`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: axum::Router,
     slots: Slots,
     header_timeout: Duration,
+    send_timeout: Duration,
     shutdown: impl Future<Output = ()>,
 ) {
     // Connections wait for `stop` to close (its receiver is dropped on shutdown), and hold a
@@ -222,39 +231,144 @@ pub async fn serve(
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(header_timeout)
-                .serve_connection(TokioIo::new(tcp), service);
+                .serve_connection(TokioIo::new(Sending::new(tcp, send_timeout)), service);
             tokio::pin!(conn);
-            let mut stopped = std::pin::pin!(stop.closed());
-            loop {
-                tokio::select! {
-                    served = conn.as_mut() => {
-                        if let Err(e) = served {
-                            tracing::trace!("connection ended: {e}");
-                        }
-                        break;
-                    }
-                    () = &mut stopped => conn.as_mut().graceful_shutdown(),
+            let served = tokio::select! {
+                served = conn.as_mut() => served,
+                () = stop.closed() => {
+                    // Finish the request under way (its body may still be arriving), then close.
+                    conn.as_mut().graceful_shutdown();
+                    conn.as_mut().await
                 }
+            };
+            if let Err(e) = served {
+                tracing::trace!("connection ended: {e}");
             }
             drop(alive);
         }));
     }
+    // Refuse new connections at once, so that clients try elsewhere while the drain goes on.
+    drop(listener);
     drop(stopping);
     drop(alive);
     live.closed().await;
 }
 
-/// A connection that holds one of the node's [`Slots`] while it lives, and is closed when its
-/// first byte does not arrive within a deadline (for gRPC, whose HTTP/2 server has no deadline
-/// for a client's preface).
+/// An HTTP connection that is closed when a write waits longer than its deadline: a client
+/// that asks for a response and never reads it would otherwise hold its slot, and the response,
+/// forever. Each write that goes through starts the wait afresh, so a slow client that keeps
+/// reading is served (as nginx's `send_timeout`).
+pub struct Sending {
+    tcp: tokio::net::TcpStream,
+    timeout: Duration,
+    /// Set while a write waits on a full socket buffer.
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Sending {
+    /// `tcp`, whose writes may wait at most `timeout` each.
+    pub fn new(tcp: tokio::net::TcpStream, timeout: Duration) -> Sending {
+        Sending {
+            tcp,
+            timeout,
+            stalled: None,
+        }
+    }
+
+    /// After a write polled `Pending`: an error once it has waited past the deadline.
+    fn waited<T>(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<T>> {
+        let timeout = self.timeout;
+        let stalled = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        if stalled.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "the client took nothing of the response for {} s",
+                    timeout.as_secs_f64()
+                ),
+            )));
+        }
+        Poll::Pending
+    }
+
+    fn wrote<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
+        match polled {
+            Poll::Ready(done) => {
+                self.stalled = None;
+                Poll::Ready(done)
+            }
+            Poll::Pending => self.waited(cx),
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for Sending {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Sending {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.tcp).poll_write(cx, buf);
+        self.wrote(cx, polled)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs);
+        self.wrote(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let polled = Pin::new(&mut self.tcp).poll_flush(cx);
+        self.wrote(cx, polled)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+}
+
+/// What an HTTP/2 client sends first: the 24-byte preface and the 9-byte head of its SETTINGS
+/// frame.
+const HTTP2_OPENING: usize = 24 + 9;
+
+/// A connection that holds one of the node's [`Slots`] while it lives, and is closed unless it
+/// opens HTTP/2 (its preface and the head of its SETTINGS frame) within a deadline: tonic's
+/// HTTP/2 server waits for a client's preface forever, and a deadline that any first byte met
+/// let a client hold its slot by sending one byte.
 pub struct Held {
     tcp: tokio::net::TcpStream,
     _slot: tokio::sync::OwnedSemaphorePermit,
-    first_byte: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Bytes received so far, until the opening is in.
+    received: usize,
+    opening: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl Held {
-    /// `tcp` holding `slot`, closed unless it sends something within `deadline`.
+    /// `tcp` holding `slot`, closed unless it opens HTTP/2 within `deadline`.
     pub fn new(
         tcp: tokio::net::TcpStream,
         slot: tokio::sync::OwnedSemaphorePermit,
@@ -263,7 +377,8 @@ impl Held {
         Held {
             tcp,
             _slot: slot,
-            first_byte: Some(Box::pin(tokio::time::sleep(deadline))),
+            received: 0,
+            opening: Some(Box::pin(tokio::time::sleep(deadline))),
         }
     }
 
@@ -282,20 +397,23 @@ impl tokio::io::AsyncRead for Held {
         let before = buf.filled().len();
         match Pin::new(&mut self.tcp).poll_read(cx, buf) {
             Poll::Ready(read) => {
-                if buf.filled().len() > before {
-                    self.first_byte = None;
+                if self.opening.is_some() {
+                    self.received += buf.filled().len() - before;
+                    if self.received >= HTTP2_OPENING {
+                        self.opening = None;
+                    }
                 }
                 Poll::Ready(read)
             }
             Poll::Pending => {
                 let late = self
-                    .first_byte
+                    .opening
                     .as_mut()
                     .is_some_and(|deadline| deadline.as_mut().poll(cx).is_ready());
                 if late {
                     return Poll::Ready(Err(std::io::Error::new(
                         std::io::ErrorKind::TimedOut,
-                        "the client sent nothing within the header timeout",
+                        "the client did not open HTTP/2 within the header timeout",
                     )));
                 }
                 Poll::Pending

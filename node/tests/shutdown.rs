@@ -1,6 +1,7 @@
 //! The accept loop over a real socket: a request in flight when shutdown begins still gets its
 //! whole answer, and the server then stops; a kept-alive connection serves good requests after
-//! bad ones, and when idle it does not hold shutdown.
+//! bad ones, and when idle it does not hold shutdown; a request whose body is still arriving when
+//! shutdown begins is answered, and no new connection is accepted meanwhile.
 
 mod common;
 
@@ -48,6 +49,11 @@ async fn in_flight_requests_finish_on_shutdown() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let asked = Instant::now();
     stop.send(()).expect("signal");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        std::net::TcpStream::connect(addr).is_err(),
+        "new connections are refused while the request in flight finishes"
+    );
     let answer = tokio::task::spawn_blocking(move || client.join().expect("client"))
         .await
         .expect("join");
@@ -209,4 +215,62 @@ async fn a_kept_alive_connection_serves_bad_then_good_requests_and_does_not_hold
     let mut rest = Vec::new();
     let _ = idle.read_to_end(&mut rest);
     assert!(rest.is_empty(), "closed without a word: {rest:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_body_is_still_arriving_at_shutdown_is_answered() {
+    let n = node();
+    n.repo
+        .add_bundle(&ready::mlp_bundle("mlp", &n.key).expect("pack"))
+        .expect("load");
+    let server = NodeServer::bind(
+        "127.0.0.1:0".parse().expect("addr"),
+        n.repo.clone(),
+        HttpConfig::default(),
+    )
+    .await
+    .expect("bind");
+    let addr = server.local_addr().expect("addr");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(server.run(async {
+        let _ = stopped.await;
+    }));
+
+    let body = mlp_request(1).to_string();
+    let (half, rest) = body.split_at(body.len() / 2);
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    write!(
+        s,
+        "POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{half}",
+        body.len()
+    )
+    .expect("send the head and half the body");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.send(()).expect("signal");
+    // The connection has seen the stop (and been asked to finish) before the rest arrives.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let rest = rest.to_string();
+    let answer = tokio::task::spawn_blocking(move || {
+        s.write_all(rest.as_bytes()).expect("send the rest");
+        let mut answer = String::new();
+        s.read_to_string(&mut answer)
+            .expect("read the answer, then the close");
+        answer
+    })
+    .await
+    .expect("client");
+    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+    let json = answer.split("\r\n\r\n").nth(1).expect("a body");
+    let got =
+        f32s(&serde_json::from_str::<serde_json::Value>(json).expect("json")["outputs"][0]["data"]);
+    let want = sophon_sdk::ready::mlp().forward(&mlp_input(1));
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(&want) {
+        assert!((g - w).abs() < 1e-5, "mlp output {g} != reference {w}");
+    }
+    tokio::time::timeout(Duration::from_secs(10), serving)
+        .await
+        .expect("the server stops once the answer is out")
+        .expect("task")
+        .expect("server stops cleanly");
 }

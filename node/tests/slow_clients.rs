@@ -1,7 +1,8 @@
 //! Clients that are slow or hold back, over a real socket: a head that does not arrive, a body
-//! that does not arrive, a body announced but never sent, more connections than the node serves
-//! at once, and a gRPC client that sends nothing (the two ports share the connection limit).
-//! Each is bounded, and each time a good request is served afterwards.
+//! that does not arrive, a body announced but never sent, answers never read, more connections
+//! than the node serves at once, and a gRPC client that does not open HTTP/2 (the two ports
+//! share the connection limit). Each is bounded, and each time a good request is served
+//! afterwards.
 
 mod common;
 
@@ -103,21 +104,29 @@ async fn a_body_that_does_not_arrive_in_time_gets_408() {
         ..HttpConfig::default()
     })
     .await;
-    let (said, answer) = blocking(move || {
+    let (said, index_said, answer) = blocking(move || {
         let mut slow = TcpStream::connect(addr).expect("connect");
         slow.write_all(
             b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"inputs\"",
         )
         .expect("a head and a little body");
         let said = read_all(&mut slow, Duration::from_secs(10));
-        (said, good_request(addr))
+        // The repository's index reads its body under the same deadline.
+        let mut index = TcpStream::connect(addr).expect("connect");
+        index
+            .write_all(b"POST /v2/repository/index HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{")
+            .expect("a head and a little body");
+        let index_said = read_all(&mut index, Duration::from_secs(10));
+        (said, index_said, good_request(addr))
     })
     .await;
-    assert!(said.starts_with("HTTP/1.1 408"), "{said}");
-    assert!(
-        said.contains("the request body did not arrive within 0.3 s"),
-        "{said}"
-    );
+    for said in [&said, &index_said] {
+        assert!(said.starts_with("HTTP/1.1 408"), "{said}");
+        assert!(
+            said.contains("the request body did not arrive within 0.3 s"),
+            "{said}"
+        );
+    }
     assert_eq!(answer, "HTTP/1.1 200 OK");
 }
 
@@ -186,7 +195,42 @@ async fn connections_past_the_limit_wait_until_one_closes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn grpc_shares_the_connection_limit_and_closes_a_client_that_sends_nothing() {
+async fn a_client_that_reads_none_of_its_answers_is_closed() {
+    let (addr, _stop) = serve(HttpConfig {
+        max_connections: 1,
+        body_timeout: Duration::from_millis(300),
+        ..HttpConfig::default()
+    })
+    .await;
+    let (served_after, answer) = blocking(move || {
+        // Pipelined requests whose answers fill the socket buffers, and are never read: the
+        // connection holds the node's only slot while its writes wait.
+        let greedy = TcpStream::connect(addr).expect("connect");
+        let mut writer = greedy.try_clone().expect("clone");
+        let asking = std::thread::spawn(move || {
+            let asks = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".repeat(1000);
+            for _ in 0..1000 {
+                if writer.write_all(&asks).is_err() {
+                    break;
+                }
+            }
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let started = Instant::now();
+        let answer = good_request(addr);
+        let served_after = started.elapsed();
+        // Ends the asking thread's write, should the node still be waiting on it.
+        let _ = greedy.shutdown(std::net::Shutdown::Both);
+        asking.join().expect("asking thread");
+        (served_after, answer)
+    })
+    .await;
+    assert_eq!(answer, "HTTP/1.1 200 OK", "the slot came free");
+    assert!(served_after < Duration::from_secs(10), "{served_after:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_shares_the_connection_limit_and_closes_a_client_that_does_not_open_http2() {
     let n = node();
     n.repo
         .add_bundle(&ready::mlp_bundle("mlp", &n.key).expect("pack"))
@@ -215,8 +259,10 @@ async fn grpc_shares_the_connection_limit_and_closes_a_client_that_sends_nothing
     tokio::spawn(server.run(std::future::pending()));
 
     let (silent_closed_after, waiting, served) = blocking(move || {
-        // A gRPC client that connects and sends nothing takes the node's only connection slot.
+        // A gRPC client that connects, starts its preface and stops takes the node's only
+        // connection slot.
         let mut silent = TcpStream::connect(grpc).expect("connect gRPC");
+        silent.write_all(b"PRI * HTTP/2.0").expect("part of a preface");
         let started = Instant::now();
         std::thread::sleep(Duration::from_millis(100));
         let body = mlp_request(1).to_string();

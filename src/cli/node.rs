@@ -32,7 +32,8 @@ pub struct ServeArgs {
     /// Bytes of request bodies the node holds at once before it sheds with 503.
     #[arg(long, default_value_t = 1 << 30)]
     pub max_inflight_bytes: usize,
-    /// How long a request's body may take to arrive after its head (408 past it).
+    /// How long a request's body may take to arrive after its head (408 past it), and how long
+    /// a response may wait on a client that reads none of it (the connection is closed).
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub body_timeout: std::time::Duration,
     /// How long a connection may take to send a request's head, and stay idle between requests;
