@@ -127,3 +127,25 @@ pub fn load_onnx(
     .expect("pack");
     n.repo.add_bundle(&bundle).expect("load");
 }
+
+/// A node serving the MLP (`mlp`) with `config`, bound to a free port on 127.0.0.1 and not yet
+/// running.
+pub async fn mlp_server(config: HttpConfig) -> sophon_node::NodeServer {
+    let n = node();
+    n.repo
+        .add_bundle(&sophon_sdk::ready::mlp_bundle("mlp", &n.key).expect("pack"))
+        .expect("load");
+    sophon_node::NodeServer::bind("127.0.0.1:0".parse().expect("addr"), n.repo, config)
+        .await
+        .expect("bind")
+}
+
+/// Check a V2 JSON answer for one MLP row of `mlp_input(1)` against the reference forward pass.
+pub fn assert_mlp_answer(answer: &Value) {
+    let got = f32s(&answer["outputs"][0]["data"]);
+    let want = sophon_sdk::ready::mlp().forward(&mlp_input(1));
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(&want) {
+        assert!((g - w).abs() < 1e-5, "mlp output {g} != reference {w}");
+    }
+}

@@ -141,17 +141,7 @@ fn exchange(s: &mut std::net::TcpStream, body: &str) -> (String, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kept_alive_connection_serves_bad_then_good_requests_and_does_not_hold_shutdown() {
-    let n = node();
-    n.repo
-        .add_bundle(&ready::mlp_bundle("mlp", &n.key).expect("pack"))
-        .expect("load");
-    let server = NodeServer::bind(
-        "127.0.0.1:0".parse().expect("addr"),
-        n.repo.clone(),
-        HttpConfig::default(),
-    )
-    .await
-    .expect("bind");
+    let server = mlp_server(HttpConfig::default()).await;
     let addr = server.local_addr().expect("addr");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let serving = tokio::spawn(server.run(async {
@@ -188,13 +178,7 @@ async fn a_kept_alive_connection_serves_bad_then_good_requests_and_does_not_hold
         ],
         "{answers:?}"
     );
-    let first: serde_json::Value = serde_json::from_str(&answers[0].1).expect("json answer");
-    let got = f32s(&first["outputs"][0]["data"]);
-    let want = sophon_sdk::ready::mlp().forward(&mlp_input(1));
-    assert_eq!(got.len(), want.len());
-    for (g, w) in got.iter().zip(&want) {
-        assert!((g - w).abs() < 1e-5, "mlp output {g} != reference {w}");
-    }
+    assert_mlp_answer(&serde_json::from_str(&answers[0].1).expect("json answer"));
     assert_eq!(
         answers[0].1, answers[3].1,
         "the same answer after the bad ones"
@@ -219,17 +203,7 @@ async fn a_kept_alive_connection_serves_bad_then_good_requests_and_does_not_hold
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_whose_body_is_still_arriving_at_shutdown_is_answered() {
-    let n = node();
-    n.repo
-        .add_bundle(&ready::mlp_bundle("mlp", &n.key).expect("pack"))
-        .expect("load");
-    let server = NodeServer::bind(
-        "127.0.0.1:0".parse().expect("addr"),
-        n.repo.clone(),
-        HttpConfig::default(),
-    )
-    .await
-    .expect("bind");
+    let server = mlp_server(HttpConfig::default()).await;
     let addr = server.local_addr().expect("addr");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let serving = tokio::spawn(server.run(async {
@@ -261,13 +235,7 @@ async fn a_request_whose_body_is_still_arriving_at_shutdown_is_answered() {
     .expect("client");
     assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
     let json = answer.split("\r\n\r\n").nth(1).expect("a body");
-    let got =
-        f32s(&serde_json::from_str::<serde_json::Value>(json).expect("json")["outputs"][0]["data"]);
-    let want = sophon_sdk::ready::mlp().forward(&mlp_input(1));
-    assert_eq!(got.len(), want.len());
-    for (g, w) in got.iter().zip(&want) {
-        assert!((g - w).abs() < 1e-5, "mlp output {g} != reference {w}");
-    }
+    assert_mlp_answer(&serde_json::from_str(json).expect("json"));
     tokio::time::timeout(Duration::from_secs(10), serving)
         .await
         .expect("the server stops once the answer is out")

@@ -7,22 +7,14 @@
 mod common;
 
 use common::*;
-use sophon_node::NodeServer;
 use sophon_node::http::HttpConfig;
-use sophon_sdk::ready;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 /// A node serving the MLP with `config`; its address, and the sender that stops it.
 async fn serve(config: HttpConfig) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
-    let n = node();
-    n.repo
-        .add_bundle(&ready::mlp_bundle("mlp", &n.key).expect("pack"))
-        .expect("load");
-    let server = NodeServer::bind("127.0.0.1:0".parse().expect("addr"), n.repo, config)
-        .await
-        .expect("bind");
+    let server = mlp_server(config).await;
     let addr = server.local_addr().expect("addr");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(server.run(async {
@@ -231,21 +223,12 @@ async fn a_client_that_reads_none_of_its_answers_is_closed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_shares_the_connection_limit_and_closes_a_client_that_does_not_open_http2() {
-    let n = node();
-    n.repo
-        .add_bundle(&ready::mlp_bundle("mlp", &n.key).expect("pack"))
-        .expect("load");
-    let server = NodeServer::bind(
-        "127.0.0.1:0".parse().expect("addr"),
-        n.repo,
-        HttpConfig {
-            max_connections: 1,
-            header_timeout: Duration::from_millis(500),
-            ..HttpConfig::default()
-        },
-    )
-    .await
-    .expect("bind");
+    let server = mlp_server(HttpConfig {
+        max_connections: 1,
+        header_timeout: Duration::from_millis(500),
+        ..HttpConfig::default()
+    })
+    .await;
     let addr = server.local_addr().expect("addr");
     let grpc_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
