@@ -57,9 +57,10 @@ pub async fn serve(
     reporter
         .set_serving::<GrpcInferenceServiceServer<Grpc>>()
         .await;
-    // Connections hold the node's connection slots (shared with HTTP), and one that does not open
-    // HTTP/2 within the header timeout is closed. `Slots::accept` sets TCP_NODELAY: without it a unary
-    // call's response waited on the peer's delayed ACK (perf_analyzer saw 115 infer/s).
+    // Connections hold the node's connection slots (shared with HTTP), and one that does not
+    // open HTTP/2 within the header timeout is closed. `Slots::accept` sets TCP_NODELAY: without
+    // it a unary call's response waited on the peer's delayed ACK (perf_analyzer saw 115
+    // infer/s).
     let (slots, deadline) = (state.connections.clone(), state.config.header_timeout);
     let incoming =
         futures_util::stream::unfold((listener, slots), move |(listener, slots)| async move {

@@ -95,24 +95,12 @@ impl NodeServer {
         let app = http::router(self.state.clone());
         let ready = self.state.clone();
         let (stopping_tx, stopping) = tokio::sync::oneshot::channel::<()>();
-        let slots = self.state.connections.clone();
-        let (header_timeout, send_timeout) = (
-            self.state.config.header_timeout,
-            self.state.config.body_timeout,
-        );
-        let serve = serve::serve(
-            self.listener,
-            app,
-            slots,
-            header_timeout,
-            send_timeout,
-            async move {
-                shutdown.await;
-                ready.ready.store(false, Ordering::Release);
-                tracing::info!("shutting down: finishing requests in flight");
-                let _ = stopping_tx.send(());
-            },
-        );
+        let serve = serve::serve(self.listener, app, &state, async move {
+            shutdown.await;
+            ready.ready.store(false, Ordering::Release);
+            tracing::info!("shutting down: finishing requests in flight");
+            let _ = stopping_tx.send(());
+        });
         tokio::pin!(serve);
         let drain = self.drain;
         tokio::select! {

@@ -201,18 +201,18 @@ impl Slots {
 
 /// Accept connections on `listener` and serve `app` on each until `shutdown` resolves; then stop
 /// accepting, ask each connection to finish its request in flight and close, and return once all
-/// have (the caller bounds that wait). A connection holds one of `slots` while it lives, must
-/// send each request's head within `header_timeout` of the server waiting for it (which is also
-/// how long it may stay idle between requests), and is closed when it takes nothing of a
-/// response for `send_timeout`.
+/// have (the caller bounds that wait). A connection holds one of the node's connection slots
+/// while it lives, must send each request's head within the header timeout of the server waiting
+/// for it (which is also how long it may stay idle between requests), and is closed when it takes
+/// nothing of a response for the body timeout.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: axum::Router,
-    slots: Slots,
-    header_timeout: Duration,
-    send_timeout: Duration,
+    state: &crate::http::ApiState,
     shutdown: impl Future<Output = ()>,
 ) {
+    let slots = &state.connections;
+    let (header_timeout, send_timeout) = (state.config.header_timeout, state.config.body_timeout);
     // Connections wait for `stop` to close (its receiver is dropped on shutdown), and hold a
     // receiver of `live` until they end.
     let (stop, stopping) = tokio::sync::watch::channel(());
