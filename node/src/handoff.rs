@@ -11,11 +11,15 @@
 //!   costs more than the hand-off;
 //! - its model's recent calls were all quick: a model whose call took longer than [`QUICK`]
 //!   hands the worker off for its next [`COOL_DOWN`] calls, so a slow model (or a hostile
-//!   request that makes one slow) holds a worker at most once, until its deadline;
+//!   request that makes one slow) holds a worker at most once, until its deadline. The host's
+//!   upkeep inside a call (making its instance, dropping it) is judged apart, against the looser
+//!   [`SLOW_MAKING`], as upkeep moved after the answer is: otherwise a model handed off would
+//!   make its instances inside its calls, and a machine that slows instance making (page
+//!   reclaim, a busy `madvise`) would keep it handed off for good;
 //! - fewer than all but one of the runtime's workers are running guests already, so one worker
 //!   always stays free for the node's other connections, whatever a guest does.
 
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// The longest call that keeps its model's next calls on the worker. Well above a small
@@ -32,6 +36,19 @@ static ON_WORKERS: AtomicUsize = AtomicUsize::new(0);
 pub struct Pace {
     /// Calls left before this model's calls may run on the worker again.
     hand_off: AtomicU32,
+    /// Strikes so far, and the length of the last one's slow part in µs: what a test or an
+    /// operator reads to learn why a model runs handed off.
+    strikes: AtomicU64,
+    last_strike_us: AtomicU64,
+}
+
+/// Why a model was struck: which part of its work ran slow, and how long it took.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Slow {
+    /// The guest's call, longer than [`QUICK`].
+    Call(Duration),
+    /// The host's upkeep (making or dropping an instance), longer than [`SLOW_MAKING`].
+    Upkeep(Duration),
 }
 
 impl Pace {
@@ -40,14 +57,35 @@ impl Pace {
         self.hand_off.load(Ordering::Relaxed) == 0
     }
 
-    /// Hand the worker off for the next [`COOL_DOWN`] calls.
-    pub fn strike(&self) {
+    /// Hand the worker off for the next [`COOL_DOWN`] calls, because of `slow`.
+    pub fn strike(&self, slow: Slow) {
         self.hand_off.store(COOL_DOWN, Ordering::Relaxed);
+        let took = match slow {
+            Slow::Call(t) | Slow::Upkeep(t) => t,
+        };
+        self.strikes.fetch_add(1, Ordering::Relaxed);
+        self.last_strike_us
+            .store(took.as_micros() as u64, Ordering::Relaxed);
+        tracing::debug!(
+            ?slow,
+            "a slow model call: its next calls hand the worker off"
+        );
     }
 
-    fn observe(&self, took: Duration) {
-        if took > QUICK {
-            self.strike();
+    /// How many times the model was struck, and how long the last strike's slow part took.
+    pub fn strikes(&self) -> (u64, Duration) {
+        (
+            self.strikes.load(Ordering::Relaxed),
+            Duration::from_micros(self.last_strike_us.load(Ordering::Relaxed)),
+        )
+    }
+
+    /// Count one call whose guest part took `call` and the host's upkeep inside it `upkeep`.
+    fn observe(&self, call: Duration, upkeep: Duration) {
+        if call > QUICK {
+            self.strike(Slow::Call(call));
+        } else if upkeep > SLOW_MAKING {
+            self.strike(Slow::Upkeep(upkeep));
         } else {
             // A lost update between racing calls only shortens or lengthens the cool-down by one.
             let left = self.hand_off.load(Ordering::Relaxed);
@@ -77,8 +115,9 @@ pub fn after_answer(pace: std::sync::Arc<Pace>, upkeep: impl FnOnce() + Send + '
         };
         let started = Instant::now();
         upkeep();
-        if started.elapsed() > SLOW_MAKING {
-            pace.strike();
+        let took = started.elapsed();
+        if took > SLOW_MAKING {
+            pace.strike(Slow::Upkeep(took));
         }
     });
 }
@@ -105,8 +144,10 @@ pub enum Ran {
 }
 
 /// Run a guest call `call` for a model with pace `pace`, on the worker or handing it off;
-/// `alone` says whether it is the node's only request in flight.
-pub fn run<T>(pace: &Pace, alone: bool, call: impl FnOnce() -> T) -> (T, Ran) {
+/// `alone` says whether it is the node's only request in flight. `call` adds to the duration it
+/// is handed the time it spent on the host's upkeep (making and dropping its instance), which
+/// is judged against [`SLOW_MAKING`] and the rest of the call against [`QUICK`].
+pub fn run<T>(pace: &Pace, alone: bool, call: impl FnOnce(&mut Duration) -> T) -> (T, Ran) {
     // `block_in_place` is refused on a current-thread runtime, and outside any runtime there
     // is nothing to hand off.
     let Some(workers) = workers() else {
@@ -124,10 +165,13 @@ pub fn run<T>(pace: &Pace, alone: bool, call: impl FnOnce() -> T) -> (T, Ran) {
     )
 }
 
-fn timed<T>(pace: &Pace, call: impl FnOnce() -> T) -> T {
+fn timed<T>(pace: &Pace, call: impl FnOnce(&mut Duration) -> T) -> T {
     let started = Instant::now();
-    let out = call();
-    pace.observe(started.elapsed());
+    let mut upkeep = Duration::ZERO;
+    let out = call(&mut upkeep);
+    let took = started.elapsed();
+    let upkeep = upkeep.min(took);
+    pace.observe(took - upkeep, upkeep);
     out
 }
 
@@ -161,14 +205,47 @@ mod tests {
     fn a_slow_call_hands_off_the_next_ones_until_the_cool_down_ends() {
         let pace = Pace::default();
         assert!(pace.quick());
-        pace.observe(QUICK * 2);
+        pace.observe(QUICK * 2, Duration::ZERO);
         assert!(!pace.quick());
+        assert_eq!(pace.strikes(), (1, QUICK * 2));
         for _ in 0..COOL_DOWN - 1 {
-            pace.observe(Duration::from_micros(1));
+            pace.observe(Duration::from_micros(1), Duration::ZERO);
             assert!(!pace.quick());
         }
-        pace.observe(Duration::from_micros(1));
+        pace.observe(Duration::from_micros(1), Duration::ZERO);
         assert!(pace.quick());
+    }
+
+    #[test]
+    fn upkeep_inside_a_call_is_judged_apart_from_the_call() {
+        let pace = Pace::default();
+        // Making an instance inside the call (no spare was ready) may take longer than a quick
+        // call: a model handed off makes its instances there, and must be able to come back.
+        pace.observe(Duration::from_micros(10), QUICK * 3);
+        assert!(
+            pace.quick(),
+            "upkeep under SLOW_MAKING keeps the model quick"
+        );
+        pace.observe(Duration::from_micros(10), SLOW_MAKING * 2);
+        assert!(!pace.quick(), "upkeep over SLOW_MAKING strikes");
+        assert_eq!(pace.strikes(), (1, SLOW_MAKING * 2));
+        let pace = Pace::default();
+        let (_, ran) = run(&pace, true, |upkeep| {
+            std::thread::sleep(QUICK * 2);
+            *upkeep += QUICK * 2;
+        });
+        assert_eq!(ran, Ran::Outside);
+        assert!(pace.quick(), "a call that was all upkeep is quick");
+        run(&pace, true, |upkeep| {
+            std::thread::sleep(QUICK * 2);
+            *upkeep += QUICK * 10;
+        });
+        assert!(
+            pace.quick(),
+            "upkeep reported past the call's length counts as the whole call"
+        );
+        run(&pace, true, |_| std::thread::sleep(QUICK * 2));
+        assert!(!pace.quick(), "a slow guest call strikes");
     }
 
     #[test]
@@ -196,12 +273,12 @@ mod tests {
     fn calls_run_where_their_pace_and_the_runtime_allow() {
         let _guard = SERIAL.lock().expect("serial");
         let pace = Pace::default();
-        assert_eq!(run(&pace, true, || 1).1, Ran::Outside);
+        assert_eq!(run(&pace, true, |_| 1).1, Ran::Outside);
         let current = tokio::runtime::Builder::new_current_thread()
             .build()
             .expect("runtime");
         assert_eq!(
-            current.block_on(async { run(&pace, true, || 1).1 }),
+            current.block_on(async { run(&pace, true, |_| 1).1 }),
             Ran::Outside
         );
         let multi = tokio::runtime::Builder::new_multi_thread()
@@ -211,9 +288,9 @@ mod tests {
         multi.block_on(async {
             let pace = Pace::default();
             let (crowded, first, second) = tokio::spawn(async move {
-                let crowded = run(&pace, false, || ()).1;
-                let (_, first) = run(&pace, true, || std::thread::sleep(QUICK * 2));
-                (crowded, first, run(&pace, true, || ()).1)
+                let crowded = run(&pace, false, |_| ()).1;
+                let (_, first) = run(&pace, true, |_| std::thread::sleep(QUICK * 2));
+                (crowded, first, run(&pace, true, |_| ()).1)
             })
             .await
             .expect("task");

@@ -903,11 +903,18 @@ pub(crate) async fn execute(
             // move them to, so they stay in the call, which hands the worker off.
             let alone = all_inflight.get() <= 1 && model.model.wasi_free();
             let defer = alone && model.pace.quick();
-            let (answered, _) = crate::handoff::run(&model.pace, alone, || {
+            let (answered, _) = crate::handoff::run(&model.pace, alone, |upkeep| {
                 crate::backend::catch_panic("the model call", || {
                     let (result, spent) = model.model.answer(inputs);
+                    *upkeep += spent.made();
+                    if defer {
+                        return (result, Some(spent));
+                    }
                     // Not deferred: the instance is dropped here, inside the call.
-                    (result, defer.then_some(spent))
+                    let dropping = Instant::now();
+                    drop(spent);
+                    *upkeep += dropping.elapsed();
+                    (result, None)
                 })
             });
             let result = match answered {

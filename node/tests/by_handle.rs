@@ -320,14 +320,17 @@ async fn lone_requests_run_in_instances_made_ahead_and_bad_ones_leave_them_clean
         ahead += usize::from(had);
         was_quick = quick;
     }
+    let (strikes, last) = model.pace.strikes();
     if ahead < 3 {
         eprintln!(
-            "{ahead} instances made ahead in {chances} chances: the machine kept the model slow"
+            "{ahead} instances made ahead in {chances} chances: the machine kept the model slow \
+             ({strikes} strikes, the last {last:?})"
         );
     }
     assert!(
         ahead == 3 || chances < 20,
-        "lone requests ran in instances made ahead of them: {ahead} of 3 in {chances} chances"
+        "lone requests ran in instances made ahead of them: {ahead} of 3 in {chances} chances \
+         ({strikes} strikes, the last {last:?})"
     );
 }
 

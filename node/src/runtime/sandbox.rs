@@ -383,6 +383,15 @@ pub struct CallTimes {
 /// to the pool, its dirty pages are reset). It holds nothing of the call's account.
 pub struct Spent {
     _store: Store<Sandbox>,
+    made: Duration,
+}
+
+impl Spent {
+    /// How long the call spent getting its instance: taking the one made ahead, or making one
+    /// (the component's start function included). Host upkeep, not the request's own work.
+    pub fn made(&self) -> Duration {
+        self.made
+    }
 }
 
 /// Drop a spent instance now, and count the time it took as the call's teardown.
@@ -657,13 +666,20 @@ impl Model {
         let started = Instant::now();
         crate::backend::take_last_error();
         let (mut store, instance) = self.instance(spare);
+        let made = started.elapsed();
         let result = match instance {
             Ok(instance) => self.run(&mut store, &instance, inputs, by_handle, started),
             Err(e) => Err(self.classify(e, &store)),
         };
         // The call is over: whatever the store still holds is dropped outside its account.
         store.data_mut().limiter.memory.detach();
-        (result, Spent { _store: store })
+        (
+            result,
+            Spent {
+                _store: store,
+                made,
+            },
+        )
     }
 
     fn run(
