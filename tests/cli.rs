@@ -141,3 +141,32 @@ encoding = "onnx"
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("not a valid bundle"), "{err}");
 }
+
+#[test]
+fn serving_limits_of_zero_are_refused_with_a_clear_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join("home");
+    for (flag, value, says) in [
+        ("--max-connections", "0", "must be above zero"),
+        ("--concurrency", "0", "must be above zero"),
+        ("--workers", "0", "must be above zero"),
+        ("--max-body-bytes", "0", "must be above zero"),
+        ("--max-inflight-bytes", "0", "must be above zero"),
+        ("--model-memory", "0", "must be above zero"),
+        ("--workers", "two", "is not a whole number"),
+        ("--header-timeout", "0s", "above zero"),
+        ("--body-timeout", "0", "above zero"),
+    ] {
+        // Refused while parsing the arguments: nothing is bound, so the ports do not matter.
+        let out = sophon(
+            &home,
+            &["dev", "--no-coordinator", "--grpc", "off", flag, value],
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}: {stderr}");
+        assert!(
+            stderr.contains(flag) && stderr.contains(says),
+            "{flag} {value}: {stderr}"
+        );
+    }
+}

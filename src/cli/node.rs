@@ -21,16 +21,16 @@ use super::coordinator::parse_duration;
 #[derive(clap::Args, Debug, Clone)]
 pub struct ServeArgs {
     /// Requests of one model running at once (default: the number of cores).
-    #[arg(long)]
+    #[arg(long, value_parser = above_zero::<usize>)]
     pub concurrency: Option<usize>,
     /// Requests of one model that may wait before new ones get 429.
     #[arg(long, default_value_t = 256)]
     pub max_queue: usize,
     /// Largest request body, in bytes.
-    #[arg(long, default_value_t = 64 << 20)]
+    #[arg(long, default_value_t = 64 << 20, value_parser = above_zero::<usize>)]
     pub max_body_bytes: usize,
     /// Bytes of request bodies the node holds at once before it sheds with 503.
-    #[arg(long, default_value_t = 1 << 30)]
+    #[arg(long, default_value_t = 1 << 30, value_parser = above_zero::<usize>)]
     pub max_inflight_bytes: usize,
     /// How long a request's body may take to arrive after its head (408 past it), and how long
     /// a response may wait on a client that reads none of it (the connection is closed).
@@ -42,7 +42,7 @@ pub struct ServeArgs {
     pub header_timeout: std::time::Duration,
     /// Connections served at once, HTTP and gRPC together; further ones wait until one closes
     /// (default: half the process's limit on open files, at most 10,000).
-    #[arg(long)]
+    #[arg(long, value_parser = above_zero::<usize>)]
     pub max_connections: Option<usize>,
     /// Seconds a shutdown waits for requests in flight before it cancels them.
     #[arg(long, default_value_t = 30)]
@@ -53,7 +53,7 @@ pub struct ServeArgs {
     /// Threads that serve HTTP and the mesh (default: the number of cores). Model calls move
     /// off them while they run. Fewer threads mean fewer hand-offs per request; on a machine
     /// shared with other processes, fewer than the cores can lower latency.
-    #[arg(long)]
+    #[arg(long, value_parser = above_zero::<usize>)]
     pub workers: Option<usize>,
     /// Address of the V2 gRPC API (`inference.GRPCInferenceService`, and `grpc.health.v1`);
     /// `off` for none. Default 127.0.0.1:8001, skipped with a warning when that port is taken.
@@ -67,8 +67,18 @@ pub struct ServeArgs {
     /// MiB the models placed here may take (weights and the backends' copies); past it the
     /// least recently used are evicted, and loaded again from disk on their next request.
     /// Default: 75 % of the RAM.
-    #[arg(long, value_name = "MIB")]
+    #[arg(long, value_name = "MIB", value_parser = above_zero::<u64>)]
     pub model_memory: Option<u64>,
+}
+
+/// A count or size above zero: zero connections, workers, model slots or body bytes would make a
+/// node that serves nothing, so it is refused rather than quietly raised.
+fn above_zero<T: std::str::FromStr + Default + PartialEq>(text: &str) -> Result<T, String> {
+    match text.trim().parse::<T>() {
+        Ok(n) if n != T::default() => Ok(n),
+        Ok(_) => Err("must be above zero: a node with none serves nothing".into()),
+        Err(_) => Err(format!("`{text}` is not a whole number")),
+    }
 }
 
 impl ServeArgs {
