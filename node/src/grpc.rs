@@ -61,12 +61,13 @@ pub async fn serve(
     // open HTTP/2 within the header timeout is closed. `Slots::accept` sets TCP_NODELAY: without
     // it a unary call's response waited on the peer's delayed ACK (perf_analyzer saw 115
     // infer/s).
-    let (slots, deadline) = (state.connections.clone(), state.config.header_timeout);
+    let slots = state.connections.clone();
+    let (opening, sending) = (state.config.header_timeout, state.config.body_timeout);
     let incoming =
         futures_util::stream::unfold((listener, slots), move |(listener, slots)| async move {
             let (tcp, slot) = slots.accept(&listener).await;
-            let held = crate::serve::Held::new(tcp, slot, deadline);
-            Some((Ok::<_, std::io::Error>(held), (listener, slots)))
+            let conn = crate::serve::Conn::new(tcp, slot, sending).opening_http2(opening);
+            Some((Ok::<_, std::io::Error>(conn), (listener, slots)))
         });
     tonic::transport::Server::builder()
         // An open channel that stops answering pings (a client that stopped reading, or is
@@ -104,7 +105,7 @@ fn bad(message: impl Into<String>) -> Outcome {
     )
 }
 
-impl tonic::transport::server::Connected for crate::serve::Held {
+impl tonic::transport::server::Connected for crate::serve::Conn {
     type ConnectInfo = tonic::transport::server::TcpConnectInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {

@@ -227,11 +227,10 @@ pub async fn serve(
         let stop = stop.clone();
         let alive = alive.clone();
         tokio::spawn(PollAgain::new(async move {
-            let _slot = slot;
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(header_timeout)
-                .serve_connection(TokioIo::new(Sending::new(tcp, send_timeout)), service);
+                .serve_connection(TokioIo::new(Conn::new(tcp, slot, send_timeout)), service);
             tokio::pin!(conn);
             let served = tokio::select! {
                 served = conn.as_mut() => served,
@@ -254,30 +253,69 @@ pub async fn serve(
     live.closed().await;
 }
 
-/// An HTTP connection that is closed when a write waits longer than its deadline: a client
-/// that asks for a response and never reads it would otherwise hold its slot, and the response,
-/// forever. Each write that goes through starts the wait afresh, so a slow client that keeps
-/// reading is served (as nginx's `send_timeout`).
-pub struct Sending {
+/// What an HTTP/2 client sends first: the 24-byte preface and the 9-byte head of its SETTINGS
+/// frame.
+const HTTP2_OPENING: usize = 24 + 9;
+
+/// One served connection, HTTP/1.1 or HTTP/2. It holds one of the node's [`Slots`] while it
+/// lives, and is closed:
+/// - when a write waits longer than its send timeout: a client that asks for a response and never
+///   reads it would otherwise hold its slot, and the response, forever. Each write that goes
+///   through starts the wait afresh, so a slow client that keeps reading is served (as nginx's
+///   `send_timeout`);
+/// - for HTTP/2, unless it opens HTTP/2 (its preface and the head of its SETTINGS frame) within a
+///   deadline: tonic's server waits for a client's preface forever, and a deadline that any first
+///   byte met let a client hold its slot by sending one byte. (HTTP/1.1 has hyper's header
+///   timeout for that.)
+pub struct Conn {
     tcp: tokio::net::TcpStream,
-    timeout: Duration,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+    send_timeout: Duration,
     /// Set while a write waits on a full socket buffer.
     stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Until an HTTP/2 client's opening is in: the bytes received so far, and the deadline.
+    opening: Option<(usize, Pin<Box<tokio::time::Sleep>>)>,
 }
 
-impl Sending {
-    /// `tcp`, whose writes may wait at most `timeout` each.
-    pub fn new(tcp: tokio::net::TcpStream, timeout: Duration) -> Sending {
-        Sending {
+impl Conn {
+    /// `tcp` holding `slot`, whose writes may wait at most `send_timeout` each.
+    pub fn new(
+        tcp: tokio::net::TcpStream,
+        slot: tokio::sync::OwnedSemaphorePermit,
+        send_timeout: Duration,
+    ) -> Conn {
+        Conn {
             tcp,
-            timeout,
+            _slot: slot,
+            send_timeout,
             stalled: None,
+            opening: None,
         }
     }
 
-    /// After a write polled `Pending`: an error once it has waited past the deadline.
-    fn waited<T>(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<T>> {
-        let timeout = self.timeout;
+    /// The same connection, closed unless it opens HTTP/2 within `deadline`.
+    pub fn opening_http2(mut self, deadline: Duration) -> Conn {
+        self.opening = Some((0, Box::pin(tokio::time::sleep(deadline))));
+        self
+    }
+
+    /// The connection.
+    pub fn tcp(&self) -> &tokio::net::TcpStream {
+        &self.tcp
+    }
+
+    /// A write's outcome: once it went through the wait starts afresh; while it waits, an error
+    /// once it has waited past the send timeout.
+    fn wrote<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
+        if polled.is_ready() {
+            self.stalled = None;
+            return polled;
+        }
+        let timeout = self.send_timeout;
         let stalled = self
             .stalled
             .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
@@ -292,33 +330,35 @@ impl Sending {
         }
         Poll::Pending
     }
-
-    fn wrote<T>(
-        &mut self,
-        cx: &mut Context<'_>,
-        polled: Poll<std::io::Result<T>>,
-    ) -> Poll<std::io::Result<T>> {
-        match polled {
-            Poll::Ready(done) => {
-                self.stalled = None;
-                Poll::Ready(done)
-            }
-            Poll::Pending => self.waited(cx),
-        }
-    }
 }
 
-impl tokio::io::AsyncRead for Sending {
+impl tokio::io::AsyncRead for Conn {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.tcp).poll_read(cx, buf);
+        let Some((received, deadline)) = self.opening.as_mut() else {
+            return polled;
+        };
+        if polled.is_ready() {
+            *received += buf.filled().len() - before;
+            if *received >= HTTP2_OPENING {
+                self.opening = None;
+            }
+        } else if deadline.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client did not open HTTP/2 within the header timeout",
+            )));
+        }
+        polled
     }
 }
 
-impl tokio::io::AsyncWrite for Sending {
+impl tokio::io::AsyncWrite for Conn {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -344,107 +384,6 @@ impl tokio::io::AsyncWrite for Sending {
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         let polled = Pin::new(&mut self.tcp).poll_flush(cx);
         self.wrote(cx, polled)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_shutdown(cx)
-    }
-}
-
-/// What an HTTP/2 client sends first: the 24-byte preface and the 9-byte head of its SETTINGS
-/// frame.
-const HTTP2_OPENING: usize = 24 + 9;
-
-/// A connection that holds one of the node's [`Slots`] while it lives, and is closed unless it
-/// opens HTTP/2 (its preface and the head of its SETTINGS frame) within a deadline: tonic's
-/// HTTP/2 server waits for a client's preface forever, and a deadline that any first byte met
-/// let a client hold its slot by sending one byte.
-pub struct Held {
-    tcp: tokio::net::TcpStream,
-    _slot: tokio::sync::OwnedSemaphorePermit,
-    /// Bytes received so far, until the opening is in.
-    received: usize,
-    opening: Option<Pin<Box<tokio::time::Sleep>>>,
-}
-
-impl Held {
-    /// `tcp` holding `slot`, closed unless it opens HTTP/2 within `deadline`.
-    pub fn new(
-        tcp: tokio::net::TcpStream,
-        slot: tokio::sync::OwnedSemaphorePermit,
-        deadline: Duration,
-    ) -> Held {
-        Held {
-            tcp,
-            _slot: slot,
-            received: 0,
-            opening: Some(Box::pin(tokio::time::sleep(deadline))),
-        }
-    }
-
-    /// The connection.
-    pub fn tcp(&self) -> &tokio::net::TcpStream {
-        &self.tcp
-    }
-}
-
-impl tokio::io::AsyncRead for Held {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        match Pin::new(&mut self.tcp).poll_read(cx, buf) {
-            Poll::Ready(read) => {
-                if self.opening.is_some() {
-                    self.received += buf.filled().len() - before;
-                    if self.received >= HTTP2_OPENING {
-                        self.opening = None;
-                    }
-                }
-                Poll::Ready(read)
-            }
-            Poll::Pending => {
-                let late = self
-                    .opening
-                    .as_mut()
-                    .is_some_and(|deadline| deadline.as_mut().poll(cx).is_ready());
-                if late {
-                    return Poll::Ready(Err(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        "the client did not open HTTP/2 within the header timeout",
-                    )));
-                }
-                Poll::Pending
-            }
-        }
-    }
-}
-
-impl tokio::io::AsyncWrite for Held {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.tcp).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.tcp.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
