@@ -1,8 +1,8 @@
 //! Clients that are slow or hold back, over a real socket: a head that does not arrive, a body
 //! that does not arrive, a body announced but never sent, answers never read, more connections
-//! than the node serves at once, and a gRPC client that does not open HTTP/2 (the two ports
-//! share the connection limit). Each is bounded, and each time a good request is served
-//! afterwards.
+//! than the node serves at once, a gRPC client that does not open HTTP/2 (the two ports
+//! share the connection limit), and a gRPC client that reads none of its answer. Each is
+//! bounded, and each time a good request is served afterwards.
 
 mod common;
 
@@ -273,4 +273,145 @@ async fn grpc_shares_the_connection_limit_and_closes_a_client_that_does_not_open
         "{silent_closed_after:?}"
     );
     assert!(served.starts_with("HTTP/1.1 200 OK"), "{served}");
+}
+
+/// A client connection that stops reading once it has written `quiet_after` bytes (its request
+/// is out), and never reads again: the server's answer fills the socket buffers and waits.
+struct StopsReading {
+    tcp: tokio::net::TcpStream,
+    written: usize,
+    quiet_after: usize,
+}
+
+impl tokio::io::AsyncRead for StopsReading {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.written >= self.quiet_after {
+            return std::task::Poll::Pending;
+        }
+        std::pin::Pin::new(&mut self.tcp).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for StopsReading {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let polled = std::pin::Pin::new(&mut self.tcp).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = polled {
+            self.written += n;
+        }
+        polled
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_client_that_reads_none_of_its_answer_is_closed() {
+    use sophon_node::grpc::pb;
+    let config = HttpConfig {
+        max_connections: 1,
+        body_timeout: Duration::from_millis(300),
+        ..HttpConfig::default()
+    };
+    let n = node_with(sophon_node::ServingLimits::default(), config.clone());
+    // 8,192 floats out for each id in: a small request, a large answer.
+    load_onnx(
+        &n,
+        "embed",
+        sophon_sdk::examples::embedding_onnx(4, 8192, false),
+        |_| {},
+    );
+    n.repo
+        .add_bundle(&sophon_sdk::ready::mlp_bundle("mlp", &n.key).expect("pack"))
+        .expect("load");
+    let app = n.app.clone();
+    let server =
+        sophon_node::NodeServer::bind("127.0.0.1:0".parse().expect("addr"), n.repo, config)
+            .await
+            .expect("bind");
+    let addr = server.local_addr().expect("addr");
+    let grpc_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind gRPC");
+    let grpc = grpc_listener.local_addr().expect("addr");
+    tokio::spawn(sophon_node::grpc::serve(
+        server.state().clone(),
+        grpc_listener,
+        std::future::pending(),
+    ));
+    tokio::spawn(server.run(std::future::pending()));
+
+    // 8 KiB in and 32 MiB out: more than the socket buffers of both ends hold. The request fits
+    // in the node's HTTP/2 windows, so the client sends it all before it stops reading, and it
+    // grants the node windows as large as the answer, so that what stops the answer is the
+    // socket the client does not read, not flow control.
+    let ids = 1024;
+    let request = pb::ModelInferRequest {
+        model_name: "embed".into(),
+        inputs: vec![pb::model_infer_request::InferInputTensor {
+            name: "ids".into(),
+            datatype: "INT64".into(),
+            shape: vec![ids],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![(0..ids).flat_map(|i| (i % 4).to_le_bytes()).collect()],
+        ..Default::default()
+    };
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))
+        .expect("endpoint")
+        .initial_stream_window_size(1 << 30)
+        .initial_connection_window_size(1 << 30)
+        .connect_with_connector(tower::service_fn(move |_| async move {
+            let tcp = tokio::net::TcpStream::connect(grpc).await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(StopsReading {
+                tcp,
+                written: 0,
+                quiet_after: ids as usize * 8,
+            }))
+        }))
+        .await
+        .expect("connect gRPC");
+    let mut client = pb::grpc_inference_service_client::GrpcInferenceServiceClient::new(channel)
+        .max_encoding_message_size(usize::MAX);
+    let asking = tokio::spawn(async move { client.model_infer(request).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // The gRPC connection holds the node's only slot while its answer waits; the write deadline
+    // closes it, and an HTTP request is served.
+    let started = Instant::now();
+    let answer = blocking(move || good_request(addr)).await;
+    let served_after = started.elapsed();
+    if asking.is_finished() {
+        panic!(
+            "the gRPC call ended: {:?}",
+            asking.await.map(|r| r.map(|_| "answered"))
+        );
+    }
+    asking.abort();
+    assert_eq!(answer, "HTTP/1.1 200 OK", "the slot came free");
+    assert!(served_after < Duration::from_secs(10), "{served_after:?}");
+    let (_, stats) = get_json(&app, "/v2/models/embed/stats").await;
+    assert_eq!(
+        stats["model_stats"][0]["inference_stats"]["success"]["count"], 1,
+        "the gRPC request was answered (the answer is what waited): {stats}"
+    );
 }
