@@ -42,6 +42,39 @@ pub fn service(state: Arc<ApiState>) -> GrpcInferenceServiceServer<Grpc> {
         .max_encoding_message_size(usize::MAX)
 }
 
+/// How many of one stream's requests run at once (`ModelStreamInfer`); further ones are read
+/// as earlier ones are answered.
+pub const STREAM_WINDOW: usize = 32;
+
+/// One stream request's task: its answer when it ends, and aborted when dropped unanswered (the
+/// client went away).
+struct Running(tokio::task::JoinHandle<Result<pb::ModelStreamInferResponse, Status>>);
+
+impl std::future::Future for Running {
+    type Output = Result<pb::ModelStreamInferResponse, Status>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        // A request whose task failed is answered with its error, and the stream goes on.
+        std::pin::Pin::new(&mut self.0).poll(cx).map(|joined| {
+            joined.unwrap_or_else(|e| {
+                Ok(pb::ModelStreamInferResponse {
+                    error_message: format!("the request failed: {e}"),
+                    infer_response: None,
+                })
+            })
+        })
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// How long a gRPC connection may be silent before the node pings it.
 const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(60);
 /// How long the node waits for a ping's answer before it closes the connection.
@@ -689,24 +722,26 @@ impl GrpcInferenceService for Grpc {
     type ModelStreamInferStream = InferStream;
 
     /// Each request on the stream is answered on it, in order; a failed request is answered
-    /// with its error and the stream goes on.
+    /// with its error and the stream goes on. Up to [`STREAM_WINDOW`] of a stream's requests run
+    /// at once, as they would on as many unary calls: one stream of a model that takes a core
+    /// per request would otherwise get one core.
     async fn model_stream_infer(
         &self,
         request: Request<tonic::Streaming<pb::ModelInferRequest>>,
     ) -> Result<Response<InferStream>, Status> {
-        let mut incoming = request.into_inner();
-        let this = Grpc {
-            state: self.state.clone(),
-        };
-        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let incoming = request.into_inner();
+        let state = self.state.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(STREAM_WINDOW);
         tokio::spawn(async move {
-            while let Some(next) = incoming.next().await {
-                let answer = match next {
-                    Err(e) => {
-                        let _ = tx.send(Err(e)).await;
-                        break;
-                    }
-                    Ok(request) => match this.infer(request).await {
+            // Each request runs in its own task: a guest call runs inside its future's poll,
+            // so futures polled by one task would run one at a time.
+            let each = futures_util::StreamExt::map(incoming, move |next| {
+                let this = Grpc {
+                    state: state.clone(),
+                };
+                Running(tokio::spawn(async move {
+                    let request = next?;
+                    Ok(match this.infer(request).await {
                         Ok(response) => pb::ModelStreamInferResponse {
                             error_message: String::new(),
                             infer_response: Some(response),
@@ -715,10 +750,15 @@ impl GrpcInferenceService for Grpc {
                             error_message: e.message().to_string(),
                             infer_response: None,
                         },
-                    },
-                };
-                if tx.send(Ok(answer)).await.is_err() {
-                    break; // the client went away
+                    })
+                }))
+            });
+            let mut answers = futures_util::StreamExt::buffered(each, STREAM_WINDOW);
+            while let Some(answer) = answers.next().await {
+                let broken = answer.is_err();
+                // A send fails when the client went away; the requests still running are aborted.
+                if tx.send(answer).await.is_err() || broken {
+                    break;
                 }
             }
         });

@@ -1,0 +1,130 @@
+//! `ModelStreamInfer` over a real socket: the requests of one stream run at once (as many unary
+//! calls would), their answers come back in the order the requests were sent, and a bad request
+//! in the middle is answered with its error while the ones after it are served.
+
+mod common;
+
+use common::*;
+use sophon_node::grpc::pb;
+use sophon_node::http::HttpConfig;
+
+fn request(id: usize, rows: usize) -> pb::ModelInferRequest {
+    pb::ModelInferRequest {
+        model_name: "mlp".into(),
+        id: id.to_string(),
+        inputs: vec![pb::model_infer_request::InferInputTensor {
+            name: "input".into(),
+            datatype: "FP32".into(),
+            shape: vec![rows as i64, 784],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![
+            mlp_input(rows)
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+        ],
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_streams_requests_run_at_once_and_are_answered_in_order() {
+    let n = node_with(
+        sophon_node::ServingLimits {
+            default_concurrency: 2,
+            ..Default::default()
+        },
+        HttpConfig::default(),
+    );
+    n.repo
+        .add_bundle(&sophon_sdk::ready::mlp_bundle("mlp", &n.key).expect("pack"))
+        .expect("load");
+    let repo = n.repo.clone();
+    let server = sophon_node::NodeServer::bind(
+        "127.0.0.1:0".parse().expect("addr"),
+        n.repo,
+        HttpConfig::default(),
+    )
+    .await
+    .expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind gRPC");
+    let grpc = listener.local_addr().expect("addr");
+    tokio::spawn(sophon_node::grpc::serve(
+        server.state().clone(),
+        listener,
+        std::future::pending(),
+    ));
+    let mut client = pb::grpc_inference_service_client::GrpcInferenceServiceClient::connect(
+        format!("http://{grpc}"),
+    )
+    .await
+    .expect("connect");
+
+    // Large and small requests alternate, so that a small one finishes before the large one sent
+    // before it; request 7 names an input the model does not have.
+    let rows = |i: usize| if i.is_multiple_of(2) { 1024 } else { 1 };
+    let requests: Vec<_> = (0..16)
+        .map(|i| {
+            let mut r = request(i, rows(i));
+            if i == 7 {
+                r.inputs[0].name = "nope".into();
+            }
+            r
+        })
+        .collect();
+    let mut answers = client
+        .model_stream_infer(tokio_stream::iter(requests))
+        .await
+        .expect("stream")
+        .into_inner();
+
+    // Watch the node's requests in flight while the stream is answered, from a thread of its
+    // own (a timer's millisecond would miss requests that overlap for less).
+    let inflight = repo.metrics().inflight.clone();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watching = std::thread::spawn({
+        let done = done.clone();
+        move || {
+            let mut most = 0;
+            while most < 2 && !done.load(std::sync::atomic::Ordering::Relaxed) {
+                most = most.max(inflight.get());
+                std::thread::yield_now();
+            }
+            most
+        }
+    });
+    let mut got = Vec::new();
+    while let Some(answer) = tokio_stream::StreamExt::next(&mut answers).await {
+        got.push(answer.expect("a stream answer"));
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let most = watching.join().expect("watcher");
+    assert_eq!(got.len(), 16);
+    for (i, answer) in got.iter().enumerate() {
+        if i == 7 {
+            assert!(answer.infer_response.is_none());
+            assert!(
+                answer.error_message.contains("nope"),
+                "{}",
+                answer.error_message
+            );
+            continue;
+        }
+        assert_eq!(answer.error_message, "", "request {i}");
+        let response = answer.infer_response.as_ref().expect("a response");
+        assert_eq!(response.id, i.to_string(), "answers come in request order");
+        let values: Vec<f32> = response.raw_output_contents[0]
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        let want = sophon_sdk::ready::mlp().forward(&mlp_input(rows(i)));
+        assert_eq!(values.len(), want.len(), "request {i}");
+        for (g, w) in values.iter().zip(&want) {
+            assert!((g - w).abs() < 1e-5, "request {i}: {g} != {w}");
+        }
+    }
+    assert!(most > 1, "the stream's requests ran one at a time");
+}
