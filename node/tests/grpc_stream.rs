@@ -1,6 +1,7 @@
 //! `ModelStreamInfer` over a real socket: the requests of one stream run at once (as many unary
-//! calls would), their answers come back in the order the requests were sent, and a bad request
-//! in the middle is answered with its error while the ones after it are served.
+//! calls would), their answers come back in the order the requests were sent, a bad request in
+//! the middle is answered with its error while the ones after it are served, and a client that
+//! goes away mid-stream leaves nothing held.
 
 mod common;
 
@@ -28,8 +29,20 @@ fn request(id: usize, rows: usize) -> pb::ModelInferRequest {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_streams_requests_run_at_once_and_are_answered_in_order() {
+type Client =
+    pb::grpc_inference_service_client::GrpcInferenceServiceClient<tonic::transport::Channel>;
+
+async fn connect(grpc: std::net::SocketAddr) -> Client {
+    Client::connect(format!("http://{grpc}"))
+        .await
+        .expect("connect")
+}
+
+/// A node serving the MLP (two requests at once) over gRPC; its repository and gRPC address.
+async fn serve() -> (
+    std::sync::Arc<sophon_node::Repository>,
+    std::net::SocketAddr,
+) {
     let n = node_with(
         sophon_node::ServingLimits {
             default_concurrency: 2,
@@ -57,11 +70,13 @@ async fn one_streams_requests_run_at_once_and_are_answered_in_order() {
         listener,
         std::future::pending(),
     ));
-    let mut client = pb::grpc_inference_service_client::GrpcInferenceServiceClient::connect(
-        format!("http://{grpc}"),
-    )
-    .await
-    .expect("connect");
+    (repo, grpc)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_streams_requests_run_at_once_and_are_answered_in_order() {
+    let (repo, grpc) = serve().await;
+    let mut client = connect(grpc).await;
 
     // Large and small requests alternate, so that a small one finishes before the large one sent
     // before it; request 7 names an input the model does not have.
@@ -127,4 +142,50 @@ async fn one_streams_requests_run_at_once_and_are_answered_in_order() {
         }
     }
     assert!(most > 1, "the stream's requests ran one at a time");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_mid_stream_leaves_nothing_held() {
+    let (repo, grpc) = serve().await;
+    let mut client = connect(grpc).await;
+    let inflight = repo.metrics().inflight.clone();
+    // A stream whose sender stays open: 32 large requests, then the client goes away while
+    // they run.
+    let (send, asks) = tokio::sync::mpsc::channel(64);
+    for i in 0..32 {
+        send.send(request(i, 1024)).await.expect("queue a request");
+    }
+    let mut answers = client
+        .model_stream_infer(tokio_stream::wrappers::ReceiverStream::new(asks))
+        .await
+        .expect("stream")
+        .into_inner();
+    let first = tokio_stream::StreamExt::next(&mut answers).await;
+    assert!(matches!(first, Some(Ok(_))), "{first:?}");
+    drop((answers, send, client));
+    // What was running finishes or is aborted; nothing stays in flight.
+    let started = std::time::Instant::now();
+    while inflight.get() > 0 && started.elapsed() < std::time::Duration::from_secs(30) {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        inflight.get(),
+        0,
+        "requests still in flight after the client left"
+    );
+    // The model's slots all came back: a new stream of 4 is answered in full.
+    let mut client = connect(grpc).await;
+    let requests: Vec<_> = (0..4).map(|i| request(i, 1)).collect();
+    let mut answers = client
+        .model_stream_infer(tokio_stream::iter(requests))
+        .await
+        .expect("stream")
+        .into_inner();
+    let mut served = 0;
+    while let Some(answer) = tokio_stream::StreamExt::next(&mut answers).await {
+        let answer = answer.expect("an answer");
+        assert_eq!(answer.error_message, "");
+        served += 1;
+    }
+    assert_eq!(served, 4);
 }
