@@ -731,7 +731,10 @@ impl GrpcInferenceService for Grpc {
     ) -> Result<Response<InferStream>, Status> {
         let incoming = request.into_inner();
         let state = self.state.clone();
-        let (tx, rx) = tokio::sync::mpsc::channel(STREAM_WINDOW);
+        // Answers wait here for the client to take them. Few: the window already holds up to
+        // `STREAM_WINDOW` answers done ahead of an earlier one, and what a client that does not
+        // read makes the node hold should stay near that.
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
             // Each request runs in its own task: a guest call runs inside its future's poll,
             // so futures polled by one task would run one at a time.
