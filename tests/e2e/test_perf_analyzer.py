@@ -27,7 +27,9 @@ def _cudart_dir() -> str:
 
 
 @pytest.mark.parametrize(
-    "protocol_args", [[], ["--input-data", "zero"], ["-i", "grpc"]], ids=["random", "zero", "grpc"]
+    "protocol_args",
+    [[], ["--input-data", "zero"], ["-i", "grpc"], ["-i", "grpc", "--streaming"]],
+    ids=["random", "zero", "grpc", "grpc-stream"],
 )
 def test_perf_analyzer_measures_the_mlp(node, protocol_args):
     binary = _perf_analyzer()
