@@ -149,3 +149,17 @@ pub fn assert_mlp_answer(answer: &Value) {
         assert!((g - w).abs() < 1e-5, "mlp output {g} != reference {w}");
     }
 }
+
+/// Serve gRPC beside `server` (sharing its state, until the test ends) on a free port; its address.
+pub async fn serve_grpc(server: &sophon_node::NodeServer) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind gRPC");
+    let grpc = listener.local_addr().expect("addr");
+    tokio::spawn(sophon_node::grpc::serve(
+        server.state().clone(),
+        listener,
+        std::future::pending(),
+    ));
+    grpc
+}

@@ -61,16 +61,7 @@ async fn serve() -> (
     )
     .await
     .expect("bind");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind gRPC");
-    let grpc = listener.local_addr().expect("addr");
-    tokio::spawn(sophon_node::grpc::serve(
-        server.state().clone(),
-        listener,
-        std::future::pending(),
-    ));
-    (repo, grpc)
+    (repo, serve_grpc(&server).await)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

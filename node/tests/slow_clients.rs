@@ -230,15 +230,7 @@ async fn grpc_shares_the_connection_limit_and_closes_a_client_that_does_not_open
     })
     .await;
     let addr = server.local_addr().expect("addr");
-    let grpc_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind gRPC");
-    let grpc = grpc_listener.local_addr().expect("addr");
-    tokio::spawn(sophon_node::grpc::serve(
-        server.state().clone(),
-        grpc_listener,
-        std::future::pending(),
-    ));
+    let grpc = serve_grpc(&server).await;
     tokio::spawn(server.run(std::future::pending()));
 
     let (silent_closed_after, waiting, served) = blocking(move || {
@@ -349,15 +341,7 @@ async fn a_grpc_client_that_reads_none_of_its_answer_is_closed() {
             .await
             .expect("bind");
     let addr = server.local_addr().expect("addr");
-    let grpc_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind gRPC");
-    let grpc = grpc_listener.local_addr().expect("addr");
-    tokio::spawn(sophon_node::grpc::serve(
-        server.state().clone(),
-        grpc_listener,
-        std::future::pending(),
-    ));
+    let grpc = serve_grpc(&server).await;
     tokio::spawn(server.run(std::future::pending()));
 
     // 8 KiB in and 32 MiB out: more than the socket buffers of both ends hold. The request fits
