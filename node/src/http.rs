@@ -911,9 +911,7 @@ pub(crate) async fn execute(
                         return (result, Some(spent));
                     }
                     // Not deferred: the instance is dropped here, inside the call.
-                    let dropping = Instant::now();
-                    drop(spent);
-                    *upkeep += dropping.elapsed();
+                    *upkeep += spent.tear_down();
                     (result, None)
                 })
             });

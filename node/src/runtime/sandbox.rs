@@ -392,6 +392,13 @@ impl Spent {
     pub fn made(&self) -> Duration {
         self.made
     }
+
+    /// Tear the instance down now; how long that took.
+    pub fn tear_down(self) -> Duration {
+        let started = Instant::now();
+        drop(self);
+        started.elapsed()
+    }
 }
 
 /// Drop a spent instance now, and count the time it took as the call's teardown.
@@ -399,10 +406,9 @@ fn finish(
     result: Result<(Vec<GuestTensor>, CallTimes), InvokeError>,
     spent: Spent,
 ) -> Result<(Vec<GuestTensor>, CallTimes), InvokeError> {
-    let started = Instant::now();
-    drop(spent);
+    let teardown = spent.tear_down();
     result.map(|(outputs, mut times)| {
-        times.teardown = started.elapsed();
+        times.teardown = teardown;
         (outputs, times)
     })
 }
