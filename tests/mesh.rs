@@ -80,6 +80,54 @@ fn predict_binary(agent: &ureq::Agent, node: &str, x: &[f32]) -> Result<Vec<f32>
     first_output(resp)
 }
 
+/// The same request as `predict`, its body in gzip and its answer asked for in gzip. The row
+/// goes four times, so that the answer is long enough to be compressed; the first row's
+/// outputs come back.
+fn predict_gzip(agent: &ureq::Agent, node: &str, x: &[f32]) -> Result<Vec<f32>, String> {
+    use std::io::{Read, Write};
+    let rows: Vec<f32> = x.repeat(4);
+    let body =
+        json!({"inputs": [{"name": "input", "datatype": "FP32", "shape": [4, 784], "data": rows}]});
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(body.to_string().as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut resp = agent
+        .post(format!("{node}/v2/models/mlp/infer"))
+        .header("Content-Type", "application/json")
+        .header("Content-Encoding", "gzip")
+        .header("Accept-Encoding", "gzip")
+        .send(&gz.finish().map_err(|e| e.to_string())?[..])
+        .map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let coding = resp
+        .headers()
+        .get("content-encoding")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let raw = resp.body_mut().read_to_vec().map_err(|e| e.to_string())?;
+    if status != 200 {
+        return Err(format!("HTTP {status}: {}", String::from_utf8_lossy(&raw)));
+    }
+    if coding.as_deref() != Some("gzip") {
+        return Err(format!("answer not in gzip: {coding:?}"));
+    }
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(&raw[..])
+        .read_to_string(&mut text)
+        .map_err(|e| e.to_string())?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+    Ok(v["outputs"][0]["data"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .take(10)
+                .filter_map(Value::as_f64)
+                .map(|f| f as f32)
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
 /// The MLP's output for one row of `width` values, through the node's gRPC API.
 fn predict_grpc(
     node: std::net::SocketAddr,
@@ -349,6 +397,11 @@ fn three_coordinators_and_three_nodes_serve_route_and_survive_losses() {
         let got = predict_binary(&agent, &n.url(), &x).unwrap_or_else(|e| panic!("{}: {e}", n.id));
         assert!(close(&got, &want), "{} (binary): {got:?}", n.id);
     }
+    // A compressed request through the forwarding node is inflated once, there, and its answer
+    // comes back compressed as asked (tritonclient's compression options).
+    let x = input(4);
+    let got = predict_gzip(&agent, &nodes[spare].url(), &x).expect("gzip through the spare node");
+    assert!(close(&got, &mlp.forward(&x)), "gzip forwarded: {got:?}");
     // A bad request through the forwarding node gets the serving node's clear 400, and the
     // next good one is answered.
     let bad = agent

@@ -37,7 +37,11 @@ pub struct Grpc {
 /// The tonic service to serve, with the node's size limit on messages.
 pub fn service(state: Arc<ApiState>) -> GrpcInferenceServiceServer<Grpc> {
     let limit = state.config.max_body_bytes;
+    // Compressed requests are read (tritonclient's `compression_algorithm`), and count against
+    // the limit as they inflate; answers go uncompressed, as Triton's do by default.
     GrpcInferenceServiceServer::new(Grpc { state })
+        .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
+        .accept_compressed(tonic::codec::CompressionEncoding::Deflate)
         .max_decoding_message_size(limit)
         .max_encoding_message_size(usize::MAX)
 }

@@ -5,6 +5,7 @@
 //! 413 for a body over the cap, 429 when a model's queue is full, 503 when not ready, 504 when a
 //! model runs past its deadline, 500 only for a failure inside the model or the node.
 
+use crate::coding;
 use crate::convert;
 use crate::repository::{LoadedModel, RepoError, Repository};
 use crate::runtime::InvokeError;
@@ -173,10 +174,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
             post(repository_unload),
         )
         .route("/metrics", get(metrics))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            route_through_mesh,
-        ))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), edge))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -184,6 +182,54 @@ pub fn router(state: Arc<ApiState>) -> Router {
             )
         })
         .with_state(state)
+}
+
+/// What every request passes through: routing through the mesh, and the response compressed
+/// when the request's `Accept-Encoding` asks for it.
+async fn edge(
+    state: Shared,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let accept = coding::response_coding(request.headers().get(header::ACCEPT_ENCODING));
+    let response = route_through_mesh(state, request, next).await;
+    match accept {
+        Some(coding) => compressed(response, coding).await,
+        None => response,
+    }
+}
+
+/// Responses shorter than this go as they are: compressing them saves next to nothing.
+const COMPRESS_FROM: u64 = 256;
+
+/// `response`, its body compressed into `coding` (unless it is short, or already encoded).
+async fn compressed(response: Response, coding: coding::Coding) -> Response {
+    use axum::body::HttpBody as _;
+    let size = response.body().size_hint().exact();
+    if response.headers().contains_key(header::CONTENT_ENCODING)
+        || size.is_none_or(|n| n < COMPRESS_FROM)
+    {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    // The body is in memory already (its size is exact): collecting it does not wait.
+    let Ok(body) = axum::body::to_bytes(body, usize::MAX).await else {
+        return ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the response could not be compressed",
+        )
+        .into_response();
+    };
+    let body = coding::deflate(coding, &body).await;
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_ENCODING,
+        HeaderValue::from_static(coding.name()),
+    );
+    parts
+        .headers
+        .append(header::VARY, HeaderValue::from_static("accept-encoding"));
+    Response::from_parts(parts, Body::from(body))
 }
 
 /// On a mesh node, a request for a model with no ready replica here goes to a node that has
@@ -234,13 +280,16 @@ async fn route_through_mesh(
     if shadow.is_none() && (local || !router.knows(&model, version.as_deref())) {
         return next.run(request).await;
     }
-    let (parts, body) = request.into_parts();
+    let (mut parts, body) = request.into_parts();
     // A forwarded or mirrored body counts against this node's bytes in flight too, until it is
-    // answered.
-    let (bytes, _held) = match read_body(&state, body).await {
+    // answered. It is inflated here, once: what goes on carries no coding.
+    let (bytes, _held) = match read_body(&state, &parts.headers, body).await {
         Ok(read) => read,
         Err((e, _)) => return e.into_response(),
     };
+    if parts.headers.remove(header::CONTENT_ENCODING).is_some() {
+        parts.headers.remove(header::CONTENT_LENGTH);
+    }
     let path_to = |v: &str| {
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         path.replacen(
@@ -501,9 +550,15 @@ async fn all_stats(State(state): Shared) -> Json<Value> {
     Json(json!({"model_stats": stats}))
 }
 
-async fn repository_index(State(state): Shared, body: Body) -> ApiResult<Json<Value>> {
+async fn repository_index(
+    State(state): Shared,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Json<Value>> {
     // Through `read_body`, as every body: its deadline and the in-flight cap hold here too.
-    let (body, _held) = read_body(&state, body).await.map_err(|(e, _)| e)?;
+    let (body, _held) = read_body(&state, &headers, body)
+        .await
+        .map_err(|(e, _)| e)?;
     let ready_only = if body.is_empty() {
         false
     } else {
@@ -606,12 +661,22 @@ pub(crate) type Outcome = (ApiError, &'static str);
 /// request lives: a node under a flood of large bodies sheds with 503 instead of running out of
 /// memory. The cap is taken chunk by chunk, so a body costs what it has sent, whatever it
 /// announced; a body that does not arrive within `body_timeout` gets 408.
-async fn read_body(
-    state: &ApiState,
+///
+/// A body sent with a `Content-Encoding` (gzip, deflate) is inflated here, and what it
+/// inflates to counts against the same limit and cap (see [`crate::coding`]).
+async fn read_body<'a>(
+    state: &'a ApiState,
+    headers: &HeaderMap,
     body: Body,
-) -> Result<(bytes::Bytes, tokio::sync::SemaphorePermit<'_>), Outcome> {
+) -> Result<(bytes::Bytes, tokio::sync::SemaphorePermit<'a>), Outcome> {
     use axum::body::HttpBody as _;
     use http_body_util::BodyExt;
+    let coding = coding::request_coding(headers.get(header::CONTENT_ENCODING)).map_err(|e| {
+        (
+            ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, e.to_string()),
+            "bad_request",
+        )
+    })?;
     let limit = state.config.max_body_bytes;
     let too_large = || {
         (
@@ -708,7 +773,32 @@ async fn read_body(
         (None, Some(whole)) => whole,
         (None, None) => bytes::Bytes::new(),
     };
-    Ok((bytes, held))
+    let Some(coding) = coding else {
+        return Ok((bytes, held));
+    };
+    // The compressed bytes stay counted until the request ends, beside what they inflate to.
+    let mut inflated_held = 0usize;
+    let inflated = coding::inflate(coding, &bytes, limit, |n| match take(n) {
+        Ok(more) => {
+            held.merge(more);
+            inflated_held += n;
+            true
+        }
+        Err(_) => false,
+    })
+    .await
+    .map_err(|e| match e {
+        coding::InflateError::NoRoom => shed(size + inflated_held),
+        coding::InflateError::TooLarge { .. } => (
+            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, e.to_string()),
+            "bad_request",
+        ),
+        _ => (
+            ApiError::new(StatusCode::BAD_REQUEST, e.to_string()),
+            "bad_request",
+        ),
+    })?;
+    Ok((inflated, held))
 }
 
 fn bad(e: impl Into<ApiError>) -> Outcome {
@@ -735,7 +825,7 @@ async fn run_infer(
                 })?,
         ),
     };
-    let (bytes, _held) = read_body(state, body).await?;
+    let (bytes, _held) = read_body(state, headers, body).await?;
     let request = v2::decode_request(&bytes, header_len).map_err(bad)?;
     drop(bytes);
     let answer = execute(state, model, request).await?;

@@ -12,6 +12,7 @@
 
 pub mod backend;
 pub mod batcher;
+pub mod coding;
 pub mod convert;
 pub mod grpc;
 pub mod handoff;

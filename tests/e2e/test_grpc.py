@@ -91,6 +91,32 @@ def test_errors_have_triton_codes_and_leave_the_model_serving(gclient, node):
         assert_matches(result.as_numpy(output), ref, f"gen_mlp/{output} after errors")
 
 
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_compressed_requests(gclient, node, algorithm):
+    """tritonclient's `compression_algorithm`: the real SqueezeNet's request compressed on the
+    wire, unary and on a stream, answered as onnxruntime answers it."""
+    feeds = make_inputs(node, "squeezenet", batch=1, seed=5)
+    want = reference(node, "squeezenet", feeds)
+    result = gclient.infer("squeezenet", grpc_inputs(feeds), compression_algorithm=algorithm)
+    for output, ref in want.items():
+        assert_matches(result.as_numpy(output), ref, f"squeezenet/{output} over gRPC ({algorithm})")
+    answers: queue.Queue = queue.Queue()
+    gclient.start_stream(
+        callback=lambda result, error: answers.put((result, error)), compression_algorithm=algorithm
+    )
+    try:
+        for i in range(3):
+            gclient.async_stream_infer("squeezenet", grpc_inputs(feeds), request_id=str(i))
+        for i in range(3):
+            result, error = answers.get(timeout=60)
+            assert error is None, error
+            assert result.get_response().id == str(i)
+            for output, ref in want.items():
+                assert_matches(result.as_numpy(output), ref, f"squeezenet/{output} streamed ({algorithm})")
+    finally:
+        gclient.stop_stream()
+
+
 def test_statistics_count_grpc_requests(gclient, node):
     before = gclient.get_inference_statistics("gen_mlp", as_json=True)["model_stats"][0]
     feeds = make_inputs(node, "gen_mlp", batch=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 import threading
@@ -315,6 +316,57 @@ def test_infer_explicit_version(client, node):
     ref = reference(node, "gen_mlp", feeds)
     result = client.infer("gen_mlp", infer_inputs(feeds, True), model_version="1")
     assert_matches(result.as_numpy("logits"), ref["logits"], "gen_mlp/logits v1")
+
+
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_compressed_request_and_answer(client, node, algorithm):
+    """tritonclient's compression options: the real SqueezeNet's request sent compressed, its
+    answer asked for compressed, both as JSON and binary, and the outputs match onnxruntime."""
+    for binary in (False, True):
+        feeds = make_inputs(node, "squeezenet", batch=1, seed=7 + binary)
+        ref = reference(node, "squeezenet", feeds)
+        outputs = [httpclient.InferRequestedOutput(n, binary_data=binary) for n in ref]
+        result = client.infer(
+            "squeezenet",
+            infer_inputs(feeds, binary),
+            outputs=outputs,
+            request_compression_algorithm=algorithm,
+            response_compression_algorithm=algorithm,
+        )
+        for name, r in ref.items():
+            assert_matches(result.as_numpy(name), r, f"squeezenet/{name} ({algorithm}, binary={binary})")
+
+
+def test_compressed_bodies_on_the_wire(node):
+    """What the node says on the wire: the coding it answered in, and clear errors for a coding
+    it does not speak and for a body that is not what its coding says, each followed by a good
+    request that is served."""
+    body = json.dumps(
+        {"inputs": [{"name": "x", "shape": [2, 16], "datatype": "FP32", "data": [0.5] * 32}]}
+    ).encode()
+    url = f"{node.base}/v2/models/gen_mlp/infer"
+    raw = requests.post(
+        url,
+        data=gzip.compress(body),
+        headers={"Content-Encoding": "gzip", "Accept-Encoding": "gzip"},
+        stream=True,
+        timeout=30,
+    )
+    assert raw.status_code == 200, raw.text
+    assert raw.headers["Content-Encoding"] == "gzip"
+    plain = json.loads(gzip.decompress(raw.raw.read(decode_content=False)))
+    assert plain["outputs"], plain
+    for headers, data, status, needle in [
+        ({"Content-Encoding": "br"}, body, 415, "'br' is not supported"),
+        ({"Content-Encoding": "gzip"}, body, 400, "not valid gzip"),
+        ({"Content-Encoding": "deflate"}, gzip.compress(body)[:20], 400, "not valid deflate"),
+    ]:
+        r = requests.post(url, data=data, headers=headers, timeout=30)
+        assert r.status_code == status, r.text
+        assert needle in r.json()["error"], r.json()
+        good = requests.post(url, data=zlib.compress(body), headers={"Content-Encoding": "deflate"}, timeout=30)
+        assert good.status_code == 200, good.text
+        assert good.json()["outputs"][0]["data"] == plain["outputs"][0]["data"]
 
 
 # --- built-in examples -----------------------------------------------------------------------

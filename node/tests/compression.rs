@@ -1,0 +1,375 @@
+//! Compressed bodies, as tritonclient sends and asks for them: a request body in gzip or deflate
+//! is inflated (over HTTP and gRPC), an answer is compressed when `Accept-Encoding` asks, and a
+//! body that is not what its coding says, inflates past the limits or names a coding the node
+//! does not speak gets a clear error and leaves nothing held: the good request after it is
+//! served.
+
+mod common;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use common::*;
+use serde_json::Value;
+use sophon_node::grpc::pb;
+use sophon_node::http::{ApiState, HttpConfig, router};
+use std::io::{Read, Write};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(data).expect("gzip");
+    e.finish().expect("gzip")
+}
+
+fn zlib(data: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(data).expect("zlib");
+    e.finish().expect("zlib")
+}
+
+fn raw_deflate(data: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(data).expect("deflate");
+    e.finish().expect("deflate")
+}
+
+/// The MLP's node with `config`, and its shared state (to read what it holds).
+fn mlp_node(config: HttpConfig) -> (axum::Router, Arc<ApiState>) {
+    let n = node();
+    n.repo
+        .add_bundle(&sophon_sdk::ready::mlp_bundle("mlp", &n.key).expect("pack"))
+        .expect("load");
+    let state = ApiState::new(n.repo, config);
+    state.ready.store(true, Ordering::Release);
+    let state = Arc::new(state);
+    (router(state.clone()), state)
+}
+
+/// Post `body` to the MLP's infer route with `headers`; the status, body and headers.
+async fn post(
+    app: &axum::Router,
+    body: Vec<u8>,
+    headers: &[(&str, &str)],
+) -> (StatusCode, Vec<u8>, axum::http::HeaderMap) {
+    let mut req = Request::post("/v2/models/mlp/infer").header("content-type", "application/json");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    call(app, req.body(Body::from(body)).expect("request")).await
+}
+
+fn json_request(rows: usize) -> Vec<u8> {
+    serde_json::to_vec(&mlp_request(rows)).expect("json")
+}
+
+/// Check an answer to `mlp_request(rows)` against the reference forward pass.
+fn assert_answer(body: &[u8], rows: usize) {
+    let answer: Value = serde_json::from_slice(body).expect("a JSON answer");
+    let got = f32s(&answer["outputs"][0]["data"]);
+    let want = sophon_sdk::ready::mlp().forward(&mlp_input(rows));
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(&want) {
+        assert!((g - w).abs() < 1e-5, "mlp output {g} != reference {w}");
+    }
+}
+
+fn error_of(body: &[u8]) -> String {
+    let v: Value = serde_json::from_slice(body).expect("a JSON error");
+    v["error"].as_str().expect("error").to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gzip_and_deflate_request_bodies_are_inflated() {
+    let (app, state) = mlp_node(HttpConfig::default());
+    let plain = json_request(3);
+    for (coding, body) in [
+        ("gzip", gzip(&plain)),
+        ("x-gzip", gzip(&plain)),
+        ("deflate", zlib(&plain)),
+        // Raw deflate, which some clients send as `deflate` too.
+        ("deflate", raw_deflate(&plain)),
+        ("identity", plain.clone()),
+    ] {
+        let (status, body, _) = post(&app, body, &[("content-encoding", coding)]).await;
+        assert_eq!(status, StatusCode::OK, "{coding}: {}", error_of(&body));
+        assert_answer(&body, 3);
+    }
+
+    // Binary tensors: the JSON header's length is that of the inflated body, as in Triton.
+    let header = br#"{"inputs":[{"name":"input","datatype":"FP32","shape":[1,784],"parameters":{"binary_data_size":3136}}]}"#;
+    let mut binary = header.to_vec();
+    binary.extend(mlp_input(1).iter().flat_map(|v| v.to_le_bytes()));
+    let len = header.len().to_string();
+    let (status, body, _) = post(
+        &app,
+        gzip(&binary),
+        &[
+            ("content-encoding", "gzip"),
+            ("inference-header-content-length", &len),
+            ("content-type", "application/octet-stream"),
+        ],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{}", error_of(&body));
+    assert_answer(&body, 1);
+    assert_eq!(
+        state.inflight_bytes.available_permits(),
+        HttpConfig::default().max_inflight_bytes,
+        "every request's bytes are given back"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn answers_are_compressed_when_the_client_asks() {
+    let (app, _) = mlp_node(HttpConfig::default());
+    let inflate_gzip = |b: &[u8]| {
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(b)
+            .read_to_end(&mut out)
+            .expect("a gzip answer");
+        out
+    };
+    let inflate_zlib = |b: &[u8]| {
+        let mut out = Vec::new();
+        flate2::read::ZlibDecoder::new(b)
+            .read_to_end(&mut out)
+            .expect("a zlib answer");
+        out
+    };
+    // An answer of 8 rows is well over the size from which answers are compressed.
+    for (accept, want) in [
+        ("gzip", Some("gzip")),
+        ("deflate", Some("deflate")),
+        ("gzip;q=0, deflate", Some("deflate")),
+        ("deflate;q=0.5, gzip;q=0.8", Some("gzip")),
+        ("br, *", Some("gzip")),
+        ("identity", None),
+        ("gzip;q=0", None),
+    ] {
+        let (status, body, headers) =
+            post(&app, json_request(8), &[("accept-encoding", accept)]).await;
+        assert_eq!(status, StatusCode::OK, "{accept}");
+        let got = headers
+            .get("content-encoding")
+            .map(|v| v.to_str().expect("ascii"));
+        assert_eq!(got, want, "Accept-Encoding: {accept}");
+        let plain = match want {
+            Some("gzip") => inflate_gzip(&body),
+            Some(_) => inflate_zlib(&body),
+            None => body,
+        };
+        if want.is_some() {
+            assert_eq!(
+                headers.get("vary").map(|v| v.to_str().expect("ascii")),
+                Some("accept-encoding")
+            );
+        }
+        assert_answer(&plain, 8);
+    }
+
+    // A short answer goes as it is.
+    let req = Request::get("/v2/health/live")
+        .header("accept-encoding", "gzip")
+        .body(Body::empty())
+        .expect("request");
+    let (status, _, headers) = call(&app, req).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(headers.get("content-encoding").is_none());
+
+    // A request and its answer both compressed, as tritonclient sends them with both options.
+    let (status, body, headers) = post(
+        &app,
+        zlib(&json_request(8)),
+        &[("content-encoding", "deflate"), ("accept-encoding", "gzip")],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["content-encoding"], "gzip");
+    assert_answer(&inflate_gzip(&body), 8);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_codings_get_clear_errors_and_hold_nothing() {
+    let good = gzip(&json_request(2));
+    let plain = json_request(2);
+    let mut truncated = good.clone();
+    truncated.truncate(good.len() / 2);
+    let mut flipped = good.clone();
+    let middle = flipped.len() / 2;
+    flipped[middle] ^= 0xff;
+    // 16 MiB of zeros: 16 KiB on the wire, 16 times the body limit once inflated.
+    let bomb = gzip(&vec![0u8; 16 << 20]);
+    assert!(bomb.len() < 32 << 10, "{}", bomb.len());
+    // 200 KiB inflated: under the body limit, over the bytes in flight of a node with 64 KiB.
+    let wide = gzip(&vec![b' '; 200 << 10]);
+
+    let cases: Vec<(&str, Vec<u8>, &str, StatusCode, &str)> = vec![
+        (
+            "an unknown coding",
+            plain.clone(),
+            "br",
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "Content-Encoding 'br' is not supported",
+        ),
+        (
+            "two codings",
+            gzip(&good),
+            "gzip, gzip",
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "is not supported",
+        ),
+        (
+            "a plain body said to be gzip",
+            plain.clone(),
+            "gzip",
+            StatusCode::BAD_REQUEST,
+            "not valid gzip",
+        ),
+        (
+            "a truncated gzip body",
+            truncated,
+            "gzip",
+            StatusCode::BAD_REQUEST,
+            "not valid gzip",
+        ),
+        (
+            "a gzip body with a flipped byte",
+            flipped,
+            "gzip",
+            StatusCode::BAD_REQUEST,
+            "not valid gzip",
+        ),
+        (
+            "a body that is not deflate",
+            plain.clone(),
+            "deflate",
+            StatusCode::BAD_REQUEST,
+            "not valid deflate",
+        ),
+        (
+            "a gzip bomb",
+            bomb,
+            "gzip",
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "over the limit of 1048576 bytes once inflated from gzip",
+        ),
+    ];
+    let config = HttpConfig {
+        max_body_bytes: 1 << 20,
+        ..HttpConfig::default()
+    };
+    refused_then_served(config, &good, cases).await;
+    let narrow = HttpConfig {
+        max_body_bytes: 1 << 20,
+        max_inflight_bytes: 64 << 10,
+        ..HttpConfig::default()
+    };
+    let cases = vec![(
+        "a body that inflates past the bytes in flight",
+        wide,
+        "gzip",
+        StatusCode::SERVICE_UNAVAILABLE,
+        "retry later",
+    )];
+    refused_then_served(narrow, &good, cases).await;
+}
+
+/// Send each bad case to a node with `config`, then `good` (gzip), twice each; at the end the
+/// node holds no bytes.
+async fn refused_then_served(
+    config: HttpConfig,
+    good: &[u8],
+    cases: Vec<(&str, Vec<u8>, &str, StatusCode, &str)>,
+) {
+    let (app, state) = mlp_node(config.clone());
+    for (what, body, coding, status, says) in cases {
+        // Twice each: a request that leaked what it held would fail the good one after it.
+        for _ in 0..2 {
+            let (got, body, _) = post(&app, body.clone(), &[("content-encoding", coding)]).await;
+            let error = error_of(&body);
+            assert_eq!(got, status, "{what}: {error}");
+            assert!(error.contains(says), "{what}: {error:?} lacks {says:?}");
+            let (got, body, _) = post(&app, good.to_vec(), &[("content-encoding", "gzip")]).await;
+            assert_eq!(got, StatusCode::OK, "after {what}: {}", error_of(&body));
+            assert_answer(&body, 2);
+        }
+    }
+    assert_eq!(
+        state.inflight_bytes.available_permits(),
+        config.max_inflight_bytes,
+        "nothing stays held"
+    );
+}
+
+fn grpc_request(rows: usize) -> pb::ModelInferRequest {
+    pb::ModelInferRequest {
+        model_name: "mlp".into(),
+        inputs: vec![pb::model_infer_request::InferInputTensor {
+            name: "input".into(),
+            datatype: "FP32".into(),
+            shape: vec![rows as i64, 784],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![
+            mlp_input(rows)
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+        ],
+        ..Default::default()
+    }
+}
+
+fn assert_grpc_answer(answer: &pb::ModelInferResponse, rows: usize) {
+    let got: Vec<f32> = answer.raw_output_contents[0]
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
+        .collect();
+    let want = sophon_sdk::ready::mlp().forward(&mlp_input(rows));
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(&want) {
+        assert!((g - w).abs() < 1e-5, "mlp output {g} != reference {w}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn compressed_grpc_requests_are_read_within_the_limit() {
+    use tonic::codec::CompressionEncoding;
+    let server = mlp_server(HttpConfig {
+        max_body_bytes: 1 << 20,
+        ..HttpConfig::default()
+    })
+    .await;
+    let grpc = serve_grpc(&server).await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{grpc}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    type Client =
+        pb::grpc_inference_service_client::GrpcInferenceServiceClient<tonic::transport::Channel>;
+    for encoding in [CompressionEncoding::Gzip, CompressionEncoding::Deflate] {
+        let mut client = Client::new(channel.clone()).send_compressed(encoding);
+        let answer = client
+            .model_infer(grpc_request(4))
+            .await
+            .expect("a compressed request is served")
+            .into_inner();
+        assert_grpc_answer(&answer, 4);
+
+        // A request that inflates past the limit (400 rows: 1.25 MB of floats, compressed to
+        // far less) is refused as too large, and the next one is served.
+        let status = client
+            .model_infer(grpc_request(400))
+            .await
+            .expect_err("over the limit once inflated");
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+        let answer = client
+            .model_infer(grpc_request(1))
+            .await
+            .expect("served after a refusal")
+            .into_inner();
+        assert_grpc_answer(&answer, 1);
+    }
+}
