@@ -170,3 +170,58 @@ fn serving_limits_of_zero_are_refused_with_a_clear_error() {
         );
     }
 }
+
+#[test]
+fn pack_labels_an_output_for_classification() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join("home");
+    ok(&sophon(&home, &["keygen"]));
+    let onnx = dir.path().join("mlp.onnx");
+    std::fs::write(&onnx, sophon_sdk::examples::mlp_onnx(4, 8, 3, 1)).expect("write onnx");
+    let labels = dir.path().join("labels.txt");
+    std::fs::write(&labels, "cat\ndog\nmug\n").expect("write labels");
+    let bundle = dir.path().join("mlp.sbundle");
+    let pack = |label: &str| {
+        sophon(
+            &home,
+            &[
+                "pack",
+                "--onnx",
+                onnx.to_str().expect("utf-8"),
+                "--name",
+                "tiny",
+                "--labels",
+                label,
+                "-o",
+                bundle.to_str().expect("utf-8"),
+            ],
+        )
+    };
+    ok(&pack(&format!("output={}", labels.display())));
+    let shown = ok(&sophon(
+        &home,
+        &["inspect", bundle.to_str().expect("utf-8")],
+    ));
+    assert!(
+        shown.contains("labels     output: 3 classes (labels/output.txt)"),
+        "{shown}"
+    );
+
+    // A flag that is no OUTPUT=FILE, an output the model lacks, a file that is not there.
+    let refused = |out: Output, code: i32, says: &str| {
+        assert_eq!(out.status.code(), Some(code), "{out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{err:?} lacks {says:?}");
+    };
+    refused(pack("labels.txt"), 2, "write OUTPUT=FILE");
+    refused(
+        pack(&format!("ghost={}", labels.display())),
+        1,
+        "names output `ghost`, which the manifest does not declare",
+    );
+    refused(
+        pack("output=/no/such/labels.txt"),
+        1,
+        "reading the labels of `output`",
+    );
+}

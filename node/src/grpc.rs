@@ -420,20 +420,50 @@ fn decode(request: pb::ModelInferRequest) -> Result<v2::InferRequest, Outcome> {
         inputs.push(tensor);
     }
     let id = (!request.id.is_empty()).then_some(Value::String(request.id));
+    let outputs = request
+        .outputs
+        .into_iter()
+        .map(|o| {
+            let classification = classification(&o).map_err(bad)?;
+            Ok(v2::RequestedOutput {
+                name: o.name,
+                binary: true,
+                classification,
+            })
+        })
+        .collect::<Result<_, Outcome>>()?;
     Ok(v2::InferRequest {
         id,
         parameters: Default::default(),
         inputs,
-        outputs: request
-            .outputs
-            .into_iter()
-            .map(|o| v2::RequestedOutput {
-                name: o.name,
-                binary: true,
-            })
-            .collect(),
+        outputs,
         binary_data_output: true,
     })
+}
+
+/// A requested output's `classification` parameter (Triton's classification extension): a count
+/// of classes above zero, as an integer parameter of either sign.
+fn classification(
+    output: &pb::model_infer_request::InferRequestedOutputTensor,
+) -> Result<Option<u32>, String> {
+    use pb::infer_parameter::ParameterChoice;
+    let Some(p) = output.parameters.get("classification") else {
+        return Ok(None);
+    };
+    let k = match p.parameter_choice {
+        Some(ParameterChoice::Int64Param(k)) => u64::try_from(k).ok(),
+        Some(ParameterChoice::Uint64Param(k)) => Some(k),
+        _ => None,
+    };
+    k.filter(|k| *k > 0)
+        .and_then(|k| u32::try_from(k).ok())
+        .map(Some)
+        .ok_or_else(|| {
+            format!(
+                "output `{}`: parameters.classification must be a count of classes above zero",
+                output.name
+            )
+        })
 }
 
 /// The bytes of a tensor given in typed `contents`, in its datatype's little-endian layout.
@@ -613,10 +643,12 @@ fn config(json: &Value) -> pb::ModelConfig {
             .collect(),
         output: tensors(&json["output"])
             .into_iter()
-            .map(|(name, data_type, dims)| pb::ModelOutput {
+            .zip(json["output"].as_array().into_iter().flatten())
+            .map(|((name, data_type, dims), t)| pb::ModelOutput {
                 name,
                 data_type,
                 dims,
+                label_filename: t["label_filename"].as_str().unwrap_or_default().to_string(),
                 ..Default::default()
             })
             .collect(),

@@ -372,8 +372,9 @@ pub(crate) fn lookup(state: &ApiState, p: &HashMap<String, String>) -> ApiResult
 }
 
 /// The protocol extensions the node serves (`GET /v2`, gRPC `ServerMetadata`).
-pub(crate) const EXTENSIONS: [&str; 4] = [
+pub(crate) const EXTENSIONS: [&str; 5] = [
     "binary_tensor_data",
+    "classification",
     "model_configuration",
     "statistics",
     "model_repository",
@@ -471,7 +472,11 @@ pub(crate) fn config_json(m: &LoadedModel) -> Value {
                 } else {
                     &s.shape[..]
                 };
-                json!({"name": s.name, "data_type": s.datatype.triton_config_name(), "dims": dims})
+                let mut t = json!({"name": s.name, "data_type": s.datatype.triton_config_name(), "dims": dims});
+                if let Some(file) = m.manifest.labels.get(&s.name) {
+                    t["label_filename"] = json!(file);
+                }
+                t
             })
             .collect()
     };
@@ -952,6 +957,11 @@ pub(crate) async fn execute(
         .iter()
         .map(|o| o.name.clone())
         .collect::<Vec<_>>();
+    let classes: Vec<(String, u32)> = request
+        .outputs
+        .iter()
+        .filter_map(|o| Some((o.name.clone(), o.classification?)))
+        .collect();
     let binary_default = request.binary_data_output;
     let inputs: Vec<_> = request.inputs.into_iter().map(convert::to_guest).collect();
 
@@ -1052,6 +1062,11 @@ pub(crate) async fn execute(
         t.datatype = model
             .declared_output_type(&t.name, t.datatype)
             .map_err(|m| (ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, m), "error"))?;
+        if let Some((_, k)) = classes.iter().find(|(name, _)| *name == t.name) {
+            let batched = model.manifest.resources.max_batch_size > 0;
+            t = v2::classify::classify(&t, *k as usize, batched, model.labels(&t.name))
+                .map_err(bad)?;
+        }
         response_outputs.push(t);
     }
     Ok(Answer {

@@ -175,6 +175,8 @@ pub struct LoadedModel {
     pub gpu_memory: Vec<crate::hardware::GpuReservation>,
     /// Manifest outputs by name, to relabel carrier datatypes coming back from wasi-nn.
     outputs_by_name: HashMap<String, Datatype>,
+    /// Class names by output, from the bundle's `[labels]` files (classification extension).
+    labels: HashMap<String, Vec<String>>,
     /// When it was last looked up, in ms of the process's clock (for LRU eviction).
     pub last_used: std::sync::atomic::AtomicU64,
 }
@@ -231,6 +233,11 @@ impl LoadedModel {
     ///
     /// wasi-nn lacks some V2 types, so a passthrough guest returns e.g. BOOL as UINT8; the manifest
     /// (read from the ONNX graph at pack time) says what it really is.
+    /// The class names of output `name`, where the bundle gives them (`[labels]`).
+    pub fn labels(&self, name: &str) -> Option<&[String]> {
+        self.labels.get(name).map(Vec::as_slice)
+    }
+
     pub fn declared_output_type(&self, name: &str, returned: Datatype) -> Result<Datatype, String> {
         match self.outputs_by_name.get(name) {
             None => Ok(returned),
@@ -461,6 +468,22 @@ impl Repository {
                 how: loaded.how,
             });
         }
+        let mut labels = HashMap::new();
+        for (output, file) in &manifest.labels {
+            let text = bundle
+                .files
+                .get(file)
+                .ok_or_else(|| fail(format!("the labels file {file} is not in the bundle")))?;
+            let text = std::str::from_utf8(text).map_err(|_| {
+                fail(format!(
+                    "the labels file {file} of output `{output}` is not UTF-8 text"
+                ))
+            })?;
+            labels.insert(
+                output.clone(),
+                text.lines().map(|l| l.trim_end().to_string()).collect(),
+            );
+        }
         let resources = &manifest.resources;
         let limits = ModelLimits {
             memory_bytes: (resources.memory_mb as usize) << 20,
@@ -503,6 +526,7 @@ impl Repository {
                 .iter()
                 .map(|o| (o.name.clone(), o.datatype))
                 .collect(),
+            labels,
             name,
             version,
             digest: bundle.digest_hex(),

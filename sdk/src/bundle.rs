@@ -61,7 +61,8 @@ const TRAILER_LEN: usize = 32 + 64;
 pub struct Bundle {
     pub manifest: Manifest,
     pub component: Vec<u8>,
-    /// Model files by the `file` the manifest's graphs name (without the `models/` prefix).
+    /// Model files by the name the manifest gives them (its graphs' files and `[labels]`),
+    /// without the `models/` prefix.
     pub files: BTreeMap<String, Vec<u8>>,
     /// The signed bundle digest.
     pub digest: [u8; 32],
@@ -427,19 +428,15 @@ fn check_files<'a, V>(
     manifest: &Manifest,
     files: BTreeMap<&'a str, V>,
 ) -> Result<BTreeMap<&'a str, V>> {
-    for file in manifest.graphs.iter().flat_map(GraphSpec::files) {
+    let named = manifest.files();
+    for file in &named {
         if !files.contains_key(file) {
             return Err(Error::MissingPart {
                 name: format!("{MODELS_PREFIX}{file}"),
             });
         }
     }
-    if let Some(extra) = files.keys().find(|file| {
-        !manifest
-            .graphs
-            .iter()
-            .any(|g| g.files().any(|f| f == **file))
-    }) {
+    if let Some(extra) = files.keys().find(|file| !named.contains(file)) {
         return Err(Error::UnexpectedPart {
             name: format!("{MODELS_PREFIX}{extra}"),
         });

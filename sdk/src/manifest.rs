@@ -6,7 +6,7 @@
 //! names in it are plain relative paths, so they can never point outside the directory or bundle.
 
 use crate::error::{Error, Result};
-use crate::types::TensorSpec;
+use crate::types::{Datatype, TensorSpec};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -42,6 +42,11 @@ pub struct Manifest {
     /// Dynamic batching; absent: each request runs alone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batching: Option<Batching>,
+    /// `[labels]`: class names for Triton's classification extension, by output name: a text
+    /// file in the bundle with one name per line, line `i` naming class `i` (Triton's
+    /// `label_filename`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 /// `[model]`: the model's name and version, `[a-zA-Z0-9_.-]{1,64}` each.
@@ -296,12 +301,49 @@ impl Manifest {
     }
 
     /// Checks everything the node relies on; see the module page.
+    /// Every model file the bundle holds: the graphs' files, then the label files, each once.
+    pub fn files(&self) -> Vec<&str> {
+        let mut files: Vec<&str> = Vec::new();
+        let named = self
+            .graphs
+            .iter()
+            .flat_map(GraphSpec::files)
+            .chain(self.labels.values().map(String::as_str));
+        for file in named {
+            if !files.contains(&file) {
+                files.push(file);
+            }
+        }
+        files
+    }
+
     pub fn validate(&self) -> Result<()> {
         check_id("model name", &self.model.name)?;
         check_id("model version", &self.model.version)?;
         check_file("component file", &self.component.file)?;
         check_tensors("input", &self.inputs)?;
         check_tensors("output", &self.outputs)?;
+        for (output, file) in &self.labels {
+            let Some(spec) = self.outputs.iter().find(|o| &o.name == output) else {
+                return Err(invalid(format!(
+                    "[labels] names output `{output}`, which the manifest does not declare"
+                )));
+            };
+            if matches!(spec.datatype, Datatype::Bool | Datatype::Bytes) {
+                return Err(invalid(format!(
+                    "[labels] names output `{output}`, a {} output: labels name the classes of \
+                     a numeric output",
+                    spec.datatype
+                )));
+            }
+            check_file(&format!("output `{output}` labels"), file)?;
+            if self.graphs.iter().any(|g| g.files().any(|f| f == file)) {
+                return Err(invalid(format!(
+                    "output `{output}` labels {file:?} is also a graph's file: give the labels \
+                     a file of their own"
+                )));
+            }
+        }
         if self.graphs.len() > MAX_GRAPHS {
             return Err(invalid(format!(
                 "{} graphs declared, at most {MAX_GRAPHS} are allowed",

@@ -250,6 +250,22 @@ pub struct OnnxOptions {
     pub max_batch_size: Option<u32>,
     /// Dynamic batching to write into the manifest (`[batching]`).
     pub batching: Option<crate::manifest::Batching>,
+    /// Class names for outputs (Triton's classification extension), by output name: the
+    /// text of a labels file, one name per line. Packed as `labels/<output>.txt`.
+    pub labels: BTreeMap<String, Vec<u8>>,
+}
+
+/// Add `options.labels` to a manifest and its files, as `labels/<output>.txt`.
+pub fn add_labels(
+    manifest: &mut Manifest,
+    files: &mut Vec<(String, Vec<u8>)>,
+    options: &OnnxOptions,
+) {
+    for (output, text) in &options.labels {
+        let file = format!("labels/{output}.txt");
+        manifest.labels.insert(output.clone(), file.clone());
+        files.push((file, text.clone()));
+    }
 }
 
 /// The `max_batch_size` packing gives a model whose inputs and outputs all lead with a variable
@@ -405,8 +421,9 @@ pub fn pack_onnx_with(
     key: &SigningKey,
     options: &OnnxOptions,
 ) -> Result<Vec<u8>> {
-    let manifest = onnx_manifest_with(onnx_bytes, name, version, options)?;
-    let files = [(ONNX_GRAPH_FILE.to_string(), onnx_bytes.to_vec())];
+    let mut manifest = onnx_manifest_with(onnx_bytes, name, version, options)?;
+    let mut files = vec![(ONNX_GRAPH_FILE.to_string(), onnx_bytes.to_vec())];
+    add_labels(&mut manifest, &mut files, options);
     pack_parts(&manifest, passthrough_component, &files, key)
 }
 
@@ -426,12 +443,8 @@ pub fn pack_dir(dir: &Path, key: &SigningKey) -> Result<Vec<u8>> {
     };
     let component = read(&manifest.component.file)?;
     let mut files = BTreeMap::new();
-    for graph in &manifest.graphs {
-        for file in graph.files() {
-            if !files.contains_key(file) {
-                files.insert(file.to_string(), read(file)?);
-            }
-        }
+    for file in manifest.files() {
+        files.insert(file.to_string(), read(file)?);
     }
     let files: Vec<(String, Vec<u8>)> = files.into_iter().collect();
     pack_parts(&manifest, &component, &files, key)

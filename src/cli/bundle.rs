@@ -102,6 +102,11 @@ pub struct PackArgs {
         requires = "max_queue_delay_us"
     )]
     preferred_batch_sizes: Vec<u32>,
+    /// Class names of an output (with --onnx or --openvino), for Triton's classification
+    /// extension: OUTPUT=FILE, a text file with one name per line, line i naming class i (as
+    /// Triton's label_filename). Repeat for several outputs.
+    #[arg(long = "labels", value_name = "OUTPUT=FILE", value_parser = parse_labels)]
+    labels: Vec<(String, PathBuf)>,
     /// Output bundle file.
     #[arg(short, long)]
     out: Option<PathBuf>,
@@ -117,6 +122,31 @@ fn batching(args: &PackArgs) -> Option<sophon_sdk::Batching> {
         preferred_batch_sizes: args.preferred_batch_sizes.clone(),
         max_queue_delay_us: delay,
     })
+}
+
+/// `OUTPUT=FILE`.
+fn parse_labels(text: &str) -> Result<(String, PathBuf), String> {
+    match text.split_once('=') {
+        Some((output, file)) if !output.is_empty() && !file.is_empty() => {
+            Ok((output.to_string(), PathBuf::from(file)))
+        }
+        _ => Err(format!(
+            "`{text}`: write OUTPUT=FILE (for example softmax=labels.txt)"
+        )),
+    }
+}
+
+/// The text of each `--labels` file, by output.
+fn read_labels(args: &PackArgs) -> anyhow::Result<std::collections::BTreeMap<String, Vec<u8>>> {
+    let mut labels = std::collections::BTreeMap::new();
+    for (output, file) in &args.labels {
+        let text = std::fs::read(file)
+            .with_context(|| format!("reading the labels of `{output}` from {}", file.display()))?;
+        if labels.insert(output.clone(), text).is_some() {
+            bail!("--labels names output `{output}` twice");
+        }
+    }
+    Ok(labels)
 }
 
 /// `NAME:d,d,...` (the name may hold colons: the dims follow the last one).
@@ -281,11 +311,12 @@ pub fn pack(args: PackArgs) -> anyhow::Result<()> {
             || !args.shapes.is_empty()
             || !args.backends.is_empty()
             || args.max_batch_size.is_some()
-            || args.max_queue_delay_us.is_some())
+            || args.max_queue_delay_us.is_some()
+            || !args.labels.is_empty())
     {
         bail!(
-            "--name, --shape, --backend, --max-batch-size and --max-queue-delay-us go with --onnx \
-             or --openvino; a directory's sophon.toml says them"
+            "--name, --shape, --backend, --max-batch-size, --max-queue-delay-us and --labels go \
+             with --onnx or --openvino; a directory's sophon.toml says them"
         );
     }
     let (bytes, default_out) = match (&args.onnx, &args.dir) {
@@ -305,6 +336,7 @@ pub fn pack(args: PackArgs) -> anyhow::Result<()> {
             let model =
                 std::fs::read(onnx).with_context(|| format!("reading {}", onnx.display()))?;
             let batching = batching(&args);
+            let labels = read_labels(&args)?;
             let mut options = sophon_sdk::OnnxOptions {
                 pins: args.shapes.into_iter().collect(),
                 backends: args.backends,
@@ -314,6 +346,7 @@ pub fn pack(args: PackArgs) -> anyhow::Result<()> {
                 threads: args.threads,
                 max_batch_size: args.max_batch_size,
                 batching,
+                labels,
             };
             // The file must make a manifest (pins included) before the backends see it.
             sophon_sdk::onnx::onnx_manifest_with(&model, name, &args.version, &options)?;
@@ -387,6 +420,7 @@ fn pack_openvino(
         threads: args.threads,
         max_batch_size: args.max_batch_size,
         batching: batching(args),
+        labels: read_labels(args)?,
     };
     let graph = sophon_sdk::GraphSpec {
         name: sophon_sdk::onnx::ONNX_GRAPH_NAME.to_string(),
@@ -395,12 +429,13 @@ fn pack_openvino(
         shapes: Default::default(),
         weights: Some("model.bin".to_string()),
     };
-    let manifest =
+    let mut manifest =
         sophon_sdk::onnx::graph_manifest(inputs, outputs, graph, name, &args.version, &options)?;
-    let files = [
+    let mut files = vec![
         ("model.xml".to_string(), xml),
         ("model.bin".to_string(), weights),
     ];
+    sophon_sdk::onnx::add_labels(&mut manifest, &mut files, &options);
     Ok(sophon_sdk::pack_parts(
         &manifest,
         components::PASSTHROUGH,
@@ -489,6 +524,13 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
         for s in specs {
             println!("{role:<10} {} {} {:?}", s.name, s.datatype, s.shape);
         }
+    }
+    for (output, file) in &m.labels {
+        let count = bundle
+            .files
+            .get(file)
+            .map_or(0, |text| String::from_utf8_lossy(text).lines().count());
+        println!("labels     {output}: {count} classes ({file})");
     }
     let r = &m.resources;
     let threads = match r.threads {

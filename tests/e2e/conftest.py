@@ -94,6 +94,10 @@ def new_publisher(sophon_bin: str, work: Path) -> tuple[Path, Path]:
     return key, pub
 
 
+# The seeded SqueezeNet's class names: this and the class's index.
+SQUEEZENET_LABEL = "class #"
+
+
 def pack(sophon_bin: str, key: Path, onnx_path: Path, name: str, out: Path, *extra: str) -> Path:
     run_cli(sophon_bin, "pack", "--onnx", str(onnx_path), "--name", name, "-o", str(out), "--key", str(key), *extra)
     assert out.is_file(), f"pack did not write {out}"
@@ -182,7 +186,14 @@ def node(tmp_path_factory, sophon_bin) -> Node:
     work = tmp_path_factory.mktemp("sophon-e2e")
     key, pub = new_publisher(sophon_bin, work)
     models = gen_models.generate(work / "models")
-    bundles = {name: pack(sophon_bin, key, path, name, work / f"{name}.sbundle") for name, path in models.items()}
+    # The seeded SqueezeNet names its 1,000 classes, for the classification extension.
+    labels = work / "squeezenet_labels.txt"
+    labels.write_text("".join(f"{SQUEEZENET_LABEL}{i}\n" for i in range(1000)))
+    extra = {"squeezenet_rw": ("--labels", f"softmaxout_1={labels}")}
+    bundles = {
+        name: pack(sophon_bin, key, path, name, work / f"{name}.sbundle", *extra.get(name, ()))
+        for name, path in models.items()
+    }
     n = start_dev(sophon_bin, work, pub, models, bundles)
     yield n
     stop_dev(n)

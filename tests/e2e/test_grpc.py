@@ -12,7 +12,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from test_triton_client import ONNX_MODELS, assert_matches, make_inputs, reference
+from test_triton_client import ONNX_MODELS, assert_matches, check_classes, make_inputs, reference
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +89,28 @@ def test_errors_have_triton_codes_and_leave_the_model_serving(gclient, node):
     result = gclient.infer("gen_mlp", grpc_inputs(feeds))
     for output, ref in want.items():
         assert_matches(result.as_numpy(output), ref, f"gen_mlp/{output} after errors")
+
+
+def test_classification_extension(gclient, node):
+    """`class_count` over gRPC: the classes come back as BYTES, per row of a batched model."""
+    feeds = make_inputs(node, "gen_mlp", batch=3, seed=8)
+    ref = reference(node, "gen_mlp", feeds)["logits"]
+    result = gclient.infer(
+        "gen_mlp", grpc_inputs(feeds), outputs=[grpcclient.InferRequestedOutput("logits", class_count=4)]
+    )
+    out = result.get_response().outputs[0]
+    assert out.datatype == "BYTES" and list(out.shape) == [3, 4], out
+    check_classes(result.as_numpy("logits"), ref, 4, True, "gen_mlp over gRPC")
+    # A negative count is no count: INVALID_ARGUMENT, and the model serves on.
+    expect_grpc_error(
+        lambda: gclient.infer(
+            "gen_mlp", grpc_inputs(feeds), outputs=[grpcclient.InferRequestedOutput("logits", class_count=-1)]
+        ),
+        "INVALID_ARGUMENT",
+        "classification must be a count",
+    )
+    result = gclient.infer("gen_mlp", grpc_inputs(feeds))
+    assert_matches(result.as_numpy("logits"), ref, "gen_mlp after classification")
 
 
 @pytest.mark.parametrize("algorithm", ["gzip", "deflate"])

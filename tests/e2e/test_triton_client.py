@@ -17,7 +17,7 @@ import requests
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from conftest import run_cli
+from conftest import SQUEEZENET_LABEL, run_cli
 
 # Models packed from ONNX files by the suite (see gen_models.py).
 GENERATED = ["gen_mlp", "gen_multi", "gen_types", "gen_fp16", "squeezenet_rw"]
@@ -316,6 +316,67 @@ def test_infer_explicit_version(client, node):
     ref = reference(node, "gen_mlp", feeds)
     result = client.infer("gen_mlp", infer_inputs(feeds, True), model_version="1")
     assert_matches(result.as_numpy("logits"), ref["logits"], "gen_mlp/logits v1")
+
+
+def check_classes(got: np.ndarray, ref: np.ndarray, k: int, batched: bool, what: str, label: str | None = None):
+    """`got` (Triton's classification answer: "value:index" strings, "value:index:label" where
+    the model names its classes as `label` and the index) against onnxruntime's output: per
+    batch entry (or over the whole tensor), k entries, largest first, each value the
+    reference's at its index, the first the reference's largest and the last its k-th."""
+    rows = ref.reshape(ref.shape[0], -1) if batched else ref.reshape(1, -1)
+    got = np.asarray(got).reshape(rows.shape[0], -1)
+    assert got.shape[1] == min(k, rows.shape[1]), f"{what}: {got.shape}"
+    for row, answer in zip(rows, got):
+        parts = [(a.decode() if isinstance(a, bytes) else a).split(":", 2) for a in answer]
+        values = [float(p[0]) for p in parts]
+        indices = [int(p[1]) for p in parts]
+        if label is None:
+            assert all(len(p) == 2 for p in parts), f"{what}: {answer}"
+        else:
+            assert [p[2] for p in parts] == [f"{label}{i}" for i in indices], f"{what}: {answer}"
+        assert values == sorted(values, reverse=True), f"{what}: {values}"
+        np.testing.assert_allclose(values, row[indices], rtol=1e-3, atol=1e-5, err_msg=what)
+        top = np.sort(row)[::-1]
+        np.testing.assert_allclose(values[0], top[0], rtol=1e-3, atol=1e-5, err_msg=what)
+        np.testing.assert_allclose(values[-1], top[len(values) - 1], rtol=1e-3, atol=1e-5, err_msg=what)
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_classification_extension(client, node, binary):
+    """tritonclient's `class_count`, as Triton's image_client uses it: the seeded SqueezeNet (no
+    batch dimension: top classes over its whole output) and the generated MLP (a batch of 3: top
+    classes per row), checked against onnxruntime."""
+    assert "classification" in client.get_server_metadata()["extensions"]
+    config = client.get_model_config("squeezenet_rw")
+    assert config["output"][0]["label_filename"] == "labels/softmaxout_1.txt", config
+    for model, output, batch, k, batched, label in [
+        ("squeezenet_rw", "softmaxout_1", 1, 5, False, SQUEEZENET_LABEL),
+        ("gen_mlp", "logits", 3, 3, True, None),
+    ]:
+        feeds = make_inputs(node, model, batch=batch, seed=31)
+        ref = reference(node, model, feeds)[output]
+        result = client.infer(
+            model,
+            infer_inputs(feeds, binary),
+            outputs=[httpclient.InferRequestedOutput(output, binary_data=binary, class_count=k)],
+        )
+        out = result.get_output(output)
+        assert out["datatype"] == "BYTES", out
+        assert out["shape"] == ([batch, k] if batched else [k]), out
+        check_classes(result.as_numpy(output), ref, k, batched, f"{model} (binary={binary})", label)
+    # A count that is no count, or an output that holds no numbers, is refused; the next request
+    # is served.
+    feeds = make_inputs(node, "gen_mlp", batch=1)
+    body = {
+        "inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP32", "data": feeds["x"].ravel().tolist()}],
+        "outputs": [{"name": "logits", "parameters": {"classification": 0}}],
+    }
+    r = requests.post(f"{node.base}/v2/models/gen_mlp/infer", json=body, timeout=30)
+    assert r.status_code == 400 and "classification must be a count" in r.json()["error"], r.text
+    body["outputs"][0]["parameters"]["classification"] = 2
+    r = requests.post(f"{node.base}/v2/models/gen_mlp/infer", json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json()["outputs"][0]["shape"] == [1, 2], r.json()
 
 
 @pytest.mark.parametrize("algorithm", ["gzip", "deflate"])

@@ -29,7 +29,8 @@
 //!   An output holding either is refused with [`V2Error::NotJsonRepresentable`], whose message
 //!   tells the client to ask for that output in binary; nothing is silently replaced by `null`.
 //! - A request `id` of any JSON type is echoed back as given.
-//! - Triton's shared-memory and classification parameters are refused with a clear message.
+//! - Triton's shared-memory parameters are refused with a clear message. Its classification
+//!   parameter is read into [`RequestedOutput::classification`] and served by [`classify`].
 //!
 //! # Dependencies
 //! serde_json needs its `raw_value` feature (tensor `data` is borrowed as raw text, then parsed
@@ -37,6 +38,7 @@
 //! unit in the last place off; the round-trip tests catch that).
 
 mod body;
+pub mod classify;
 mod json;
 mod request;
 mod response;
@@ -180,6 +182,9 @@ pub struct RequestedOutput {
     /// Resolved: the output's own `binary_data` parameter, else the request's
     /// `binary_data_output`.
     pub binary: bool,
+    /// Triton's classification extension: answer with the output's top this-many classes
+    /// (see [`classify`]).
+    pub classification: Option<u32>,
 }
 
 /// A decoded inference request.

@@ -15,6 +15,8 @@ use std::collections::HashSet;
 const BINARY_DATA: &str = "binary_data";
 /// The request parameter asking for every output as binary tensor data.
 const BINARY_DATA_OUTPUT: &str = "binary_data_output";
+/// A requested output's parameter: answer with its top this-many classes.
+const CLASSIFICATION: &str = "classification";
 
 /// Decodes an inference request. `header_len` is the value of the `Inference-Header-Content-Length`
 /// header: the length of the JSON part, with binary tensor data after it; `None` means the whole
@@ -76,6 +78,7 @@ pub fn encode_request(
             name: &o.name,
             parameters: BinaryFlag {
                 binary_data: o.binary,
+                classification: o.classification,
             },
         })
         .collect();
@@ -120,11 +123,17 @@ fn read_requested_outputs(
             .ok_or_else(|| V2Error::Malformed(format!("requested output {index} has no `name`")))?;
         let parameters = w.parameters.unwrap_or_default();
         let err = |reason: &str| V2Error::tensor(Role::Output, &name, reason);
-        if parameters.contains_key("classification") {
-            return Err(err(
-                "the classification extension is not supported: request the raw output",
-            ));
-        }
+        let classification = match parameters.get(CLASSIFICATION) {
+            None => None,
+            Some(v) => Some(
+                v.as_u64()
+                    .filter(|k| *k > 0)
+                    .and_then(|k| u32::try_from(k).ok())
+                    .ok_or_else(|| {
+                        err("parameters.classification must be a count of classes above zero")
+                    })?,
+            ),
+        };
         if parameters.contains_key("shared_memory_region") {
             return Err(err(
                 "shared memory is not supported: leave the output in the body",
@@ -141,7 +150,11 @@ fn read_requested_outputs(
                 name,
             });
         }
-        outputs.push(RequestedOutput { name, binary });
+        outputs.push(RequestedOutput {
+            name,
+            binary,
+            classification,
+        });
     }
     Ok(outputs)
 }
@@ -166,6 +179,8 @@ struct WriteRequestedOutput<'a> {
 #[derive(Serialize)]
 struct BinaryFlag {
     binary_data: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    classification: Option<u32>,
 }
 
 #[cfg(test)]
@@ -216,11 +231,13 @@ mod tests {
             vec![
                 RequestedOutput {
                     name: "y".into(),
-                    binary: true
+                    binary: true,
+                    classification: None,
                 },
                 RequestedOutput {
                     name: "z".into(),
-                    binary: false
+                    binary: false,
+                    classification: None,
                 },
             ]
         );
@@ -348,12 +365,23 @@ mod tests {
 
     #[test]
     fn requested_output_errors() {
-        assert!(
-            refused(
-                r#"{"inputs": [], "outputs": [{"name": "y", "parameters": {"classification": 3}}]}"#
-            )
-            .contains("output 'y': the classification extension is not supported")
-        );
+        for bad in ["0", "-1", "2.5", "\"3\"", "4294967296"] {
+            let body = format!(
+                r#"{{"inputs": [], "outputs": [{{"name": "y", "parameters": {{"classification": {bad}}}}}]}}"#
+            );
+            assert!(
+                refused(&body).contains(
+                    "output 'y': parameters.classification must be a count of classes above zero"
+                ),
+                "{bad}: {}",
+                refused(&body)
+            );
+        }
+        let req = decode(
+            r#"{"inputs": [], "outputs": [{"name": "y", "parameters": {"classification": 3}}]}"#,
+        )
+        .expect("a classification request");
+        assert_eq!(req.outputs[0].classification, Some(3));
         assert_eq!(
             refused(r#"{"inputs": [], "outputs": [{"name": "y"}, {"name": "y"}]}"#),
             "output 'y' appears more than once: send each output once"

@@ -89,7 +89,8 @@ fn id() -> impl Strategy<Value = Option<Value>> {
 
 fn request(json_safe: bool) -> impl Strategy<Value = (InferRequest, Vec<bool>)> {
     let parameters = proptest::collection::btree_map("[a-z_]{1,8}", any::<i64>(), 0..3);
-    let outputs = proptest::collection::vec(any::<bool>(), 0..3);
+    let outputs =
+        proptest::collection::vec((any::<bool>(), proptest::option::of(1u32..2000)), 0..3);
     (
         tensors("input", json_safe),
         id(),
@@ -106,9 +107,10 @@ fn request(json_safe: bool) -> impl Strategy<Value = (InferRequest, Vec<bool>)> 
             let outputs = outputs
                 .into_iter()
                 .enumerate()
-                .map(|(i, binary)| RequestedOutput {
+                .map(|(i, (binary, classification))| RequestedOutput {
                     name: format!("output{i}"),
                     binary,
+                    classification,
                 })
                 .collect();
             let (inputs, flags) = inputs.into_iter().unzip();

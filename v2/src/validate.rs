@@ -74,11 +74,14 @@ pub fn validate_batch(inputs: &[Tensor], max_batch_size: u32) -> Result<()> {
 pub fn select_outputs(requested: &[RequestedOutput], specs: &[TensorSpec]) -> Result<()> {
     let mut seen = HashSet::with_capacity(requested.len());
     for output in requested {
-        if !specs.iter().any(|s| s.name == output.name) {
+        let Some(spec) = specs.iter().find(|s| s.name == output.name) else {
             return Err(V2Error::UnknownOutput {
                 name: output.name.clone(),
                 expected: names(specs),
             });
+        };
+        if output.classification.is_some() && !crate::classify::classifiable(spec.datatype) {
+            return Err(crate::classify::unclassifiable(&output.name, spec.datatype));
         }
         if !seen.insert(output.name.as_str()) {
             return Err(V2Error::Duplicate {
@@ -238,6 +241,7 @@ mod tests {
                 .map(|n| RequestedOutput {
                     name: n.to_string(),
                     binary: false,
+                    classification: None,
                 })
                 .collect()
         };

@@ -485,3 +485,55 @@ proptest! {
         let _ = stream(&bytes, chunk);
     }
 }
+
+#[test]
+fn label_files_travel_signed_and_are_checked() {
+    let mut m = manifest();
+    m.labels.insert("y".into(), "labels/y.txt".into());
+    let mut with_labels = files();
+    with_labels.push(("labels/y.txt".to_string(), b"cat\ndog\n".to_vec()));
+    let bytes = pack_parts(&m, b"\0asm wasm", &with_labels, &key(1)).expect("pack");
+    let bundle = Bundle::read(&bytes).expect("read");
+    assert_eq!(bundle.manifest.labels["y"], "labels/y.txt");
+    assert_eq!(bundle.files["labels/y.txt"], b"cat\ndog\n");
+
+    // The labels file must be there, and no file may be there that nothing names.
+    let missing = pack_parts(&m, b"\0asm wasm", &files(), &key(1)).expect_err("no labels file");
+    assert!(missing.to_string().contains("labels/y.txt"), "{missing}");
+    let stray = pack_parts(&manifest(), b"\0asm wasm", &with_labels, &key(1))
+        .expect_err("a file nothing names");
+    assert!(stray.to_string().contains("labels/y.txt"), "{stray}");
+
+    // Labels name a declared, numeric output, in a file of their own.
+    let refused = |edit: &dyn Fn(&mut Manifest), says: &str| {
+        let mut m = manifest();
+        edit(&mut m);
+        let e = m.validate().expect_err("invalid labels").to_string();
+        assert!(e.contains(says), "{e:?} lacks {says:?}");
+    };
+    refused(
+        &|m| {
+            m.labels.insert("nope".into(), "l.txt".into());
+        },
+        "names output `nope`, which the manifest does not declare",
+    );
+    refused(
+        &|m| {
+            m.outputs[0].datatype = Datatype::Bytes;
+            m.labels.insert("y".into(), "l.txt".into());
+        },
+        "a BYTES output",
+    );
+    refused(
+        &|m| {
+            m.labels.insert("y".into(), "m.onnx".into());
+        },
+        "is also a graph's file",
+    );
+    refused(
+        &|m| {
+            m.labels.insert("y".into(), "../l.txt".into());
+        },
+        "output `y` labels",
+    );
+}
