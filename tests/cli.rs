@@ -203,7 +203,7 @@ fn pack_labels_an_output_for_classification() {
         &["inspect", bundle.to_str().expect("utf-8")],
     ));
     assert!(
-        shown.contains("labels     output: 3 classes (labels/output.txt)"),
+        shown.contains("labels     output: 3 classes (labels/output0.txt)"),
         "{shown}"
     );
 
@@ -223,5 +223,12 @@ fn pack_labels_an_output_for_classification() {
         pack("output=/no/such/labels.txt"),
         1,
         "reading the labels of `output`",
+    );
+    let latin1 = dir.path().join("latin1.txt");
+    std::fs::write(&latin1, b"caf\xe9\n").expect("write");
+    refused(
+        pack(&format!("output={}", latin1.display())),
+        1,
+        "a labels file is not UTF-8 text",
     );
 }

@@ -117,16 +117,35 @@ pub async fn inflate(
     coding: Coding,
     body: &[u8],
     limit: usize,
+    room: impl FnMut(usize) -> bool,
+) -> Result<bytes::Bytes, InflateError> {
+    inflate_metered(coding, body, limit, room, INPUT_SLICE).await
+}
+
+/// [`inflate`], yielding after every `input_slice` bytes of the body read as well as after every
+/// [`SLICE`] bytes it inflated to: a body of empty blocks (or empty gzip members) inflates to
+/// nothing while the decoder works through all of it.
+async fn inflate_metered(
+    coding: Coding,
+    body: &[u8],
+    limit: usize,
     mut room: impl FnMut(usize) -> bool,
+    input_slice: usize,
 ) -> Result<bytes::Bytes, InflateError> {
     let corrupt = |e: std::io::Error| InflateError::Corrupt {
         coding: coding.name(),
         reason: e.to_string(),
     };
-    let mut reader: Box<dyn Read + Send + '_> = match coding {
-        Coding::Gzip => Box::new(flate2::read::MultiGzDecoder::new(body)),
-        Coding::Deflate if zlib_header(body) => Box::new(flate2::read::ZlibDecoder::new(body)),
-        Coding::Deflate => Box::new(flate2::read::DeflateDecoder::new(body)),
+    let input = Metered {
+        rest: body,
+        budget: input_slice,
+    };
+    let mut decoder = match coding {
+        Coding::Gzip => Decoder::Gzip(flate2::bufread::MultiGzDecoder::new(input)),
+        Coding::Deflate if zlib_header(body) => {
+            Decoder::Zlib(flate2::bufread::ZlibDecoder::new(input))
+        }
+        Coding::Deflate => Decoder::Raw(flate2::bufread::DeflateDecoder::new(input)),
     };
     // Room for twice the compressed size to start with (most bodies inflate to less than
     // that), never past the limit; it grows as the body inflates.
@@ -135,10 +154,17 @@ pub async fn inflate(
     let mut piece = vec![0u8; PIECE];
     let mut since_yield = 0usize;
     loop {
-        let n = match reader.read(&mut piece) {
+        let n = match decoder.read(&mut piece) {
             Ok(0) => return Ok(out.into()),
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            // The input's slice is read: let the worker's other tasks run, then go on.
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                decoder.input().budget = input_slice;
+                since_yield = 0;
+                tokio::task::yield_now().await;
+                continue;
+            }
             Err(e) => return Err(corrupt(e)),
         };
         if out.len() + n > limit {
@@ -154,6 +180,7 @@ pub async fn inflate(
         since_yield += n;
         if since_yield >= SLICE {
             since_yield = 0;
+            decoder.input().budget = input_slice;
             tokio::task::yield_now().await;
         }
     }
@@ -161,6 +188,69 @@ pub async fn inflate(
 
 /// How much is inflated at a time, before it is counted and kept.
 const PIECE: usize = 32 << 10;
+
+/// How much of a compressed body is read between two yields.
+const INPUT_SLICE: usize = 64 << 10;
+
+/// The body, handed to the decoder a budget at a time: past it, reading says `WouldBlock`
+/// (which flate2's decoders resume from) until the budget is renewed.
+struct Metered<'a> {
+    rest: &'a [u8],
+    budget: usize,
+}
+
+impl Read for Metered<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = {
+            let available = std::io::BufRead::fill_buf(self)?;
+            let n = available.len().min(buf.len());
+            buf[..n].copy_from_slice(&available[..n]);
+            n
+        };
+        std::io::BufRead::consume(self, n);
+        Ok(n)
+    }
+}
+
+impl std::io::BufRead for Metered<'_> {
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+        if self.budget == 0 && !self.rest.is_empty() {
+            return Err(std::io::ErrorKind::WouldBlock.into());
+        }
+        let n = self.rest.len().min(self.budget).min(PIECE);
+        Ok(&self.rest[..n])
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.rest = &self.rest[n..];
+        self.budget -= n;
+    }
+}
+
+/// One of the three decoders, over the metered body.
+enum Decoder<'a> {
+    Gzip(flate2::bufread::MultiGzDecoder<Metered<'a>>),
+    Zlib(flate2::bufread::ZlibDecoder<Metered<'a>>),
+    Raw(flate2::bufread::DeflateDecoder<Metered<'a>>),
+}
+
+impl<'a> Decoder<'a> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Decoder::Gzip(d) => d.read(buf),
+            Decoder::Zlib(d) => d.read(buf),
+            Decoder::Raw(d) => d.read(buf),
+        }
+    }
+
+    fn input(&mut self) -> &mut Metered<'a> {
+        match self {
+            Decoder::Gzip(d) => d.get_mut(),
+            Decoder::Zlib(d) => d.get_mut(),
+            Decoder::Raw(d) => d.get_mut(),
+        }
+    }
+}
 
 /// Whether `body` starts with a zlib header (RFC 1950: deflate method, a window of at most
 /// 32 KiB, and a check that makes the first two bytes a multiple of 31).
@@ -214,5 +304,82 @@ impl Encoder {
             Encoder::Zlib(e) => e.finish(),
         };
         finished.expect("deflating into memory does not fail")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn encode(coding: &str, data: &[u8]) -> Vec<u8> {
+        let level = flate2::Compression::default();
+        match coding {
+            "gzip" => {
+                let mut e = flate2::write::GzEncoder::new(Vec::new(), level);
+                e.write_all(data).expect("in memory");
+                e.finish().expect("in memory")
+            }
+            "zlib" => {
+                let mut e = flate2::write::ZlibEncoder::new(Vec::new(), level);
+                e.write_all(data).expect("in memory");
+                e.finish().expect("in memory")
+            }
+            _ => {
+                let mut e = flate2::write::DeflateEncoder::new(Vec::new(), level);
+                e.write_all(data).expect("in memory");
+                e.finish().expect("in memory")
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn inflating_resumes_after_every_slice_of_input() {
+        let data: Vec<u8> = (0..300_000u32)
+            .flat_map(|i| (i % 251).to_le_bytes())
+            .collect();
+        // Two gzip members, as `cat a.gz b.gz` makes.
+        let mut two = encode("gzip", &data[..1000]);
+        two.extend(encode("gzip", &data[1000..]));
+        for (coding, body, want) in [
+            (Coding::Gzip, encode("gzip", &data), &data[..]),
+            (Coding::Gzip, two, &data[..]),
+            (Coding::Deflate, encode("zlib", &data), &data[..]),
+            (Coding::Deflate, encode("raw", &data), &data[..]),
+        ] {
+            // A slice of a few bytes makes the decoders stop and resume everywhere, headers
+            // included.
+            for slice in [1, 7, 4096, INPUT_SLICE] {
+                let got = inflate_metered(coding, &body, 1 << 30, |_| true, slice)
+                    .await
+                    .expect("inflates");
+                assert!(got == want, "{coding:?}, input slices of {slice}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_of_empty_gzip_members_yields_as_it_is_read() {
+        // 4,000 empty members: nothing comes out, and the reading still stops every slice.
+        let empty = encode("gzip", b"");
+        let body: Vec<u8> = std::iter::repeat_n(empty, 4000).flatten().collect();
+        let yields = std::sync::atomic::AtomicUsize::new(0);
+        let counting = async {
+            loop {
+                yields.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tokio::task::yield_now().await;
+            }
+        };
+        let got = tokio::select! {
+            got = inflate_metered(Coding::Gzip, &body, 1 << 20, |_| true, 1024) => got,
+            _ = counting => unreachable!("the counter never ends"),
+        };
+        assert!(got.expect("valid").is_empty());
+        let yields = yields.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            yields >= body.len() / 1024 / 2,
+            "{yields} yields for {} bytes",
+            body.len()
+        );
     }
 }

@@ -132,6 +132,15 @@ fn workers() -> Option<usize> {
     }
 }
 
+/// Run `work`, a piece of the host's own work that may take long (milliseconds), handing the
+/// worker's other tasks to another thread first where the runtime allows it.
+pub fn long<T>(work: impl FnOnce() -> T) -> T {
+    match workers() {
+        Some(_) => tokio::task::block_in_place(work),
+        None => work(),
+    }
+}
+
 /// Where [`run`] ran a call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Ran {

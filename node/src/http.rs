@@ -878,6 +878,9 @@ async fn run_infer(
     Ok(response)
 }
 
+/// The largest output (bytes) classified on the worker; larger ones hand the worker off.
+const CLASSIFY_ON_WORKER: usize = 256 << 10;
+
 /// A request's answer, before it is encoded for its protocol.
 pub(crate) struct Answer {
     /// The outputs asked for, in the manifest's datatypes.
@@ -1064,8 +1067,15 @@ pub(crate) async fn execute(
             .map_err(|m| (ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, m), "error"))?;
         if let Some((_, k)) = classes.iter().find(|(name, _)| *name == t.name) {
             let batched = model.manifest.resources.max_batch_size > 0;
-            t = v2::classify::classify(&t, *k as usize, batched, model.labels(&t.name))
-                .map_err(bad)?;
+            let labels = model.labels(&t.name);
+            let classify = || v2::classify::classify(&t, *k as usize, batched, labels);
+            // Ranking a large output (a mask, a vocabulary's logits) takes milliseconds.
+            t = if t.data.len() > CLASSIFY_ON_WORKER {
+                crate::handoff::long(classify)
+            } else {
+                classify()
+            }
+            .map_err(bad)?;
         }
         response_outputs.push(t);
     }

@@ -474,15 +474,9 @@ impl Repository {
                 .files
                 .get(file)
                 .ok_or_else(|| fail(format!("the labels file {file} is not in the bundle")))?;
-            let text = std::str::from_utf8(text).map_err(|_| {
-                fail(format!(
-                    "the labels file {file} of output `{output}` is not UTF-8 text"
-                ))
-            })?;
-            labels.insert(
-                output.clone(),
-                text.lines().map(|l| l.trim_end().to_string()).collect(),
-            );
+            let names = sophon_sdk::manifest::parse_labels(text)
+                .map_err(|e| fail(format!("labels of output `{output}` ({file}): {e}")))?;
+            labels.insert(output.clone(), names);
         }
         let resources = &manifest.resources;
         let limits = ModelLimits {

@@ -222,3 +222,37 @@ async fn classification_over_grpc() {
     );
     client.model_infer(ask(1)).await.expect("served after");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_large_output_is_ranked_off_the_worker_and_bounded() {
+    let n = node();
+    // 8,192 floats out for each id in: 64 ids make a 2 MiB output, ranked with the worker
+    // handed off. Row i holds i in every column: equal values keep index order.
+    load_onnx(
+        &n,
+        "embed",
+        sophon_sdk::examples::embedding_onnx(4, 8192, false),
+        |_| {},
+    );
+    let ids: Vec<i64> = (0..64).map(|i| i % 4).collect();
+    for (k, per_row) in [(json!(3), 3), (json!(u32::MAX), 8192)] {
+        let ask = json!({
+            "inputs": [{"name": "ids", "datatype": "INT64", "shape": [64], "data": ids}],
+            "outputs": [{"name": "vectors", "parameters": {"classification": k}}]
+        });
+        let (status, body) = post_json(&n.app, "/v2/models/embed/infer", &ask).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let out = &body["outputs"][0];
+        assert_eq!(out["shape"], json!([64, per_row]));
+        let got = strings(&out["data"]);
+        assert_eq!(got.len(), 64 * per_row);
+        for (row, id) in ids.iter().enumerate() {
+            let first = &got[row * per_row..row * per_row + 3];
+            assert_eq!(
+                first,
+                [0, 1, 2].map(|i| format!("{id}.000000:{i}")),
+                "row {row}"
+            );
+        }
+    }
+}

@@ -21,6 +21,32 @@ pub const MAX_TENSORS: usize = 1024;
 /// Most dimensions of a shape a graph is analysed with.
 pub const MAX_RANK: usize = 16;
 
+/// The largest labels file (`[labels]`).
+pub const MAX_LABELS_BYTES: usize = 16 << 20;
+/// The most class names one labels file holds.
+pub const MAX_LABELS: usize = 1 << 20;
+
+/// The class names of a labels file: UTF-8 text, one name per line (trailing spaces and `\r`
+/// dropped), at most [`MAX_LABELS_BYTES`] and [`MAX_LABELS`] lines.
+pub fn parse_labels(text: &[u8]) -> Result<Vec<String>> {
+    if text.len() > MAX_LABELS_BYTES {
+        return Err(invalid(format!(
+            "a labels file of {} bytes is over the limit of {MAX_LABELS_BYTES}",
+            text.len()
+        )));
+    }
+    let text = std::str::from_utf8(text)
+        .map_err(|e| invalid(format!("a labels file is not UTF-8 text: {e}")))?;
+    let labels: Vec<String> = text.lines().map(|l| l.trim_end().to_string()).collect();
+    if labels.len() > MAX_LABELS {
+        return Err(invalid(format!(
+            "a labels file of {} lines is over the limit of {MAX_LABELS} classes",
+            labels.len()
+        )));
+    }
+    Ok(labels)
+}
+
 /// A model's manifest (`sophon.toml` / `manifest.toml`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

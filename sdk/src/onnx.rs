@@ -251,18 +251,27 @@ pub struct OnnxOptions {
     /// Dynamic batching to write into the manifest (`[batching]`).
     pub batching: Option<crate::manifest::Batching>,
     /// Class names for outputs (Triton's classification extension), by output name: the
-    /// text of a labels file, one name per line. Packed as `labels/<output>.txt`.
+    /// text of a labels file, one name per line. Packed as `labels/output<i>.txt`, `i` the
+    /// output's place among the model's outputs.
     pub labels: BTreeMap<String, Vec<u8>>,
 }
 
-/// Add `options.labels` to a manifest and its files, as `labels/<output>.txt`.
+/// Add `options.labels` to a manifest and its files, as `labels/output<i>.txt`.
 pub fn add_labels(
     manifest: &mut Manifest,
     files: &mut Vec<(String, Vec<u8>)>,
     options: &OnnxOptions,
 ) {
     for (output, text) in &options.labels {
-        let file = format!("labels/{output}.txt");
+        // By the output's place, not its name, which may hold characters a file name may not
+        // (`dense/Softmax:0`); an output the model lacks is refused when the manifest is checked.
+        let file = match manifest.outputs.iter().position(|o| &o.name == output) {
+            Some(i) => format!("labels/output{i}.txt"),
+            None => format!(
+                "labels/{}.txt",
+                output.replace(|c: char| !c.is_ascii_alphanumeric(), "_")
+            ),
+        };
         manifest.labels.insert(output.clone(), file.clone());
         files.push((file, text.clone()));
     }

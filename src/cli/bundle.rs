@@ -142,6 +142,8 @@ fn read_labels(args: &PackArgs) -> anyhow::Result<std::collections::BTreeMap<Str
     for (output, file) in &args.labels {
         let text = std::fs::read(file)
             .with_context(|| format!("reading the labels of `{output}` from {}", file.display()))?;
+        sophon_sdk::manifest::parse_labels(&text)
+            .with_context(|| format!("the labels of `{output}` in {}", file.display()))?;
         if labels.insert(output.clone(), text).is_some() {
             bail!("--labels names output `{output}` twice");
         }

@@ -348,7 +348,7 @@ def test_classification_extension(client, node, binary):
     classes per row), checked against onnxruntime."""
     assert "classification" in client.get_server_metadata()["extensions"]
     config = client.get_model_config("squeezenet_rw")
-    assert config["output"][0]["label_filename"] == "labels/softmaxout_1.txt", config
+    assert config["output"][0]["label_filename"] == "labels/output0.txt", config
     for model, output, batch, k, batched, label in [
         ("squeezenet_rw", "softmaxout_1", 1, 5, False, SQUEEZENET_LABEL),
         ("gen_mlp", "logits", 3, 3, True, None),

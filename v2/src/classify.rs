@@ -26,36 +26,47 @@ pub fn unclassifiable(name: &str, datatype: Datatype) -> V2Error {
     )
 }
 
+/// The most classes one request may ask of an output (per row): enough for any label set, and a
+/// bound on the answer a request can make the node write.
+pub const MAX_CLASSES: u32 = 65_536;
+
 /// `tensor`'s top `k` classes (see the module's docs), a `BYTES` tensor of the same name.
 /// `batched`: the model's first dimension is its batch; `labels`: the class names, by index.
+/// Memory beyond the answer is O(k): each row is scanned once, keeping the best k so far.
 pub fn classify(
     tensor: &Tensor,
     k: usize,
     batched: bool,
     labels: Option<&[String]>,
 ) -> Result<Tensor> {
-    let values = values(tensor)?;
+    let read = reader(tensor)?;
+    let size = tensor.datatype.element_size().unwrap_or(1);
+    let count = tensor.data.len() / size;
     let (batch, per) = match tensor.shape.first() {
         Some(&b) if batched => {
             let b = usize::try_from(b).unwrap_or(usize::MAX);
-            (b, values.len().checked_div(b).unwrap_or(0))
+            (b, count.checked_div(b).unwrap_or(0))
         }
-        _ => (1, values.len()),
+        _ => (1, count),
     };
-    let take = k.min(per);
-    let mut data = Vec::with_capacity(batch * take * 24);
-    let mut order: Vec<usize> = Vec::with_capacity(per);
-    for row in values.chunks(per.max(1)).take(batch) {
-        order.clear();
-        order.extend(0..row.len());
-        let rank = |a: &usize, b: &usize| rank(&row[*a], &row[*b]).then(a.cmp(b));
-        if take < order.len() && take > 0 {
-            order.select_nth_unstable_by(take - 1, rank);
-            order.truncate(take);
+    let take = k.min(per).min(MAX_CLASSES as usize);
+    let mut data = Vec::with_capacity(batch.min(count.max(1)) * take * 16);
+    let mut best: std::collections::BinaryHeap<Entry> = std::collections::BinaryHeap::new();
+    for row in tensor.data.chunks(per.max(1) * size).take(batch) {
+        best.clear();
+        if take > 0 {
+            for (i, bytes) in row.chunks_exact(size).enumerate() {
+                let entry = Entry(read(bytes), i);
+                if best.len() < take {
+                    best.push(entry);
+                } else if best.peek().is_some_and(|worst| entry < *worst) {
+                    best.pop();
+                    best.push(entry);
+                }
+            }
         }
-        order.sort_unstable_by(rank);
-        for &i in order.iter().take(take) {
-            let mut text = row[i].text();
+        for Entry(value, i) in std::mem::take(&mut best).into_sorted_vec() {
+            let mut text = value.text();
             text.push(':');
             text.push_str(&i.to_string());
             if let Some(label) = labels.and_then(|l| l.get(i)) {
@@ -77,6 +88,30 @@ pub fn classify(
         shape,
         data,
     ))
+}
+
+/// A class in the running: its value and index. Orders best first (larger value, then lower
+/// index), so that the heap's top is the worst of those kept.
+struct Entry(Value, usize);
+
+impl PartialEq for Entry {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+
+impl Eq for Entry {}
+
+impl PartialOrd for Entry {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Entry {
+    fn cmp(&self, other: &Self) -> Ordering {
+        rank(&self.0, &other.0).then(self.1.cmp(&other.1))
+    }
 }
 
 /// One element's value: ranked as a float, printed as its type prints.
@@ -119,28 +154,27 @@ fn rank(a: &Value, b: &Value) -> Ordering {
     }
 }
 
-/// The tensor's elements, from its little-endian layout.
-fn values(t: &Tensor) -> Result<Vec<Value>> {
-    fn each<const N: usize>(data: &[u8], f: impl Fn([u8; N]) -> Value) -> Vec<Value> {
-        data.chunks_exact(N)
-            .map(|c| f(c.try_into().expect("chunks of N bytes")))
-            .collect()
+/// How to read one element of the tensor's datatype from its little-endian bytes.
+fn reader(t: &Tensor) -> Result<fn(&[u8]) -> Value> {
+    fn le<const N: usize>(b: &[u8]) -> [u8; N] {
+        let mut a = [0u8; N];
+        a.copy_from_slice(&b[..N]);
+        a
     }
-    let d = &t.data;
     Ok(match t.datatype {
-        Datatype::Uint8 => each(d, |b: [u8; 1]| Value::Int(b[0].into())),
-        Datatype::Uint16 => each(d, |b| Value::Int(u16::from_le_bytes(b).into())),
-        Datatype::Uint32 => each(d, |b| Value::Int(u32::from_le_bytes(b).into())),
-        Datatype::Uint64 => each(d, |b| Value::Int(u64::from_le_bytes(b).into())),
-        Datatype::Int8 => each(d, |b| Value::Int(i8::from_le_bytes(b).into())),
-        Datatype::Int16 => each(d, |b| Value::Int(i16::from_le_bytes(b).into())),
-        Datatype::Int32 => each(d, |b| Value::Int(i32::from_le_bytes(b).into())),
-        Datatype::Int64 => each(d, |b| Value::Int(i64::from_le_bytes(b).into())),
-        Datatype::Fp16 => each(d, |b| Value::Float(half::f16::from_le_bytes(b).to_f64())),
-        Datatype::Bf16 => each(d, |b| Value::Float(half::bf16::from_le_bytes(b).to_f64())),
+        Datatype::Uint8 => |b| Value::Int(b[0].into()),
+        Datatype::Uint16 => |b| Value::Int(u16::from_le_bytes(le(b)).into()),
+        Datatype::Uint32 => |b| Value::Int(u32::from_le_bytes(le(b)).into()),
+        Datatype::Uint64 => |b| Value::Int(u64::from_le_bytes(le(b)).into()),
+        Datatype::Int8 => |b| Value::Int(i8::from_le_bytes(le(b)).into()),
+        Datatype::Int16 => |b| Value::Int(i16::from_le_bytes(le(b)).into()),
+        Datatype::Int32 => |b| Value::Int(i32::from_le_bytes(le(b)).into()),
+        Datatype::Int64 => |b| Value::Int(i64::from_le_bytes(le(b)).into()),
+        Datatype::Fp16 => |b| Value::Float(half::f16::from_le_bytes(le(b)).to_f64()),
+        Datatype::Bf16 => |b| Value::Float(half::bf16::from_le_bytes(le(b)).to_f64()),
         // Printed from the float itself, as C promotes a float to print it.
-        Datatype::Fp32 => each(d, |b| Value::Float(f32::from_le_bytes(b).into())),
-        Datatype::Fp64 => each(d, |b| Value::Float(f64::from_le_bytes(b))),
+        Datatype::Fp32 => |b| Value::Float(f32::from_le_bytes(le(b)).into()),
+        Datatype::Fp64 => |b| Value::Float(f64::from_le_bytes(le(b))),
         Datatype::Bool | Datatype::Bytes => return Err(unclassifiable(&t.name, t.datatype)),
     })
 }
@@ -215,6 +249,17 @@ mod tests {
             .to_string();
         assert!(e.contains("cannot be classified"), "{e}");
         assert!(!classifiable(Datatype::Bytes) && classifiable(Datatype::Fp16));
+    }
+
+    #[test]
+    fn a_count_past_the_cap_gives_the_cap() {
+        let values: Vec<f32> = (0..100_000).map(|i| i as f32).collect();
+        let t = fp32(&[100_000], &values);
+        let c = classify(&t, usize::MAX, false, None).expect("classified");
+        assert_eq!(c.shape, vec![u64::from(MAX_CLASSES)]);
+        let got = strings(&c);
+        assert_eq!(got[0], "99999.000000:99999");
+        assert_eq!(got.last().expect("some"), "34464.000000:34464");
     }
 
     #[test]
