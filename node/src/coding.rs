@@ -111,8 +111,9 @@ pub fn response_coding(value: Option<&axum::http::HeaderValue>) -> Option<Coding
 /// 100–300 µs of work.
 const SLICE: usize = 256 << 10;
 
-/// Inflate `body` from `coding`, at most `limit` bytes, calling `room(n)` before each piece of
-/// `n` more inflated bytes is kept (it takes them from the node's bytes in flight, or refuses).
+/// Inflate `body` from `coding`, at most `limit` bytes, calling `room(n)` before it holds `n`
+/// more bytes of memory for the inflated body (it takes them from the node's bytes in flight,
+/// or refuses).
 pub async fn inflate(
     coding: Coding,
     body: &[u8],
@@ -148,8 +149,14 @@ async fn inflate_metered(
         Coding::Deflate => Decoder::Raw(flate2::bufread::DeflateDecoder::new(input)),
     };
     // Room for twice the compressed size to start with (most bodies inflate to less than
-    // that), never past the limit; it grows as the body inflates.
-    let mut out: Vec<u8> = Vec::with_capacity(body.len().saturating_mul(2).min(limit));
+    // that), never past the limit; it grows as the body inflates. What is counted against the
+    // bytes in flight is the room held, not only the bytes in it.
+    let start = body.len().saturating_mul(2).min(limit);
+    if !room(start) {
+        return Err(InflateError::NoRoom);
+    }
+    let mut out: Vec<u8> = Vec::with_capacity(start);
+    let mut counted = start;
     // Inflated a piece at a time, each piece counted before it is kept.
     let mut piece = vec![0u8; PIECE];
     let mut since_yield = 0usize;
@@ -173,8 +180,14 @@ async fn inflate_metered(
                 limit,
             });
         }
-        if !room(n) {
-            return Err(InflateError::NoRoom);
+        if out.len() + n > out.capacity() {
+            out.reserve(n);
+        }
+        if out.capacity() > counted {
+            if !room(out.capacity() - counted) {
+                return Err(InflateError::NoRoom);
+            }
+            counted = out.capacity();
         }
         out.extend_from_slice(&piece[..n]);
         since_yield += n;

@@ -191,8 +191,23 @@ async fn edge(
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
+    use axum::body::HttpBody as _;
     let accept = coding::response_coding(request.headers().get(header::ACCEPT_ENCODING));
-    let response = route_through_mesh(state, request, next).await;
+    let mut response = route_through_mesh(state, request, next).await;
+    let compressible = !response.headers().contains_key(header::CONTENT_ENCODING)
+        && response
+            .body()
+            .size_hint()
+            .exact()
+            .is_some_and(|n| n >= COMPRESS_FROM);
+    if !compressible {
+        return response;
+    }
+    // Whether this answer comes compressed depends on the request's Accept-Encoding, so a cache
+    // must key on it, whichever way this one went.
+    response
+        .headers_mut()
+        .append(header::VARY, HeaderValue::from_static("accept-encoding"));
     match accept {
         Some(coding) => compressed(response, coding).await,
         None => response,
@@ -202,15 +217,9 @@ async fn edge(
 /// Responses shorter than this go as they are: compressing them saves next to nothing.
 const COMPRESS_FROM: u64 = 256;
 
-/// `response`, its body compressed into `coding` (unless it is short, or already encoded).
+/// `response` (whole in memory, at least [`COMPRESS_FROM`] bytes, not encoded yet), its body
+/// compressed into `coding`.
 async fn compressed(response: Response, coding: coding::Coding) -> Response {
-    use axum::body::HttpBody as _;
-    let size = response.body().size_hint().exact();
-    if response.headers().contains_key(header::CONTENT_ENCODING)
-        || size.is_none_or(|n| n < COMPRESS_FROM)
-    {
-        return response;
-    }
     let (mut parts, body) = response.into_parts();
     // The body is in memory already (its size is exact): collecting it does not wait.
     let Ok(body) = axum::body::to_bytes(body, usize::MAX).await else {
@@ -226,9 +235,6 @@ async fn compressed(response: Response, coding: coding::Coding) -> Response {
         header::CONTENT_ENCODING,
         HeaderValue::from_static(coding.name()),
     );
-    parts
-        .headers
-        .append(header::VARY, HeaderValue::from_static("accept-encoding"));
     Response::from_parts(parts, Body::from(body))
 }
 
