@@ -455,15 +455,9 @@ fn classification(
         Some(ParameterChoice::Uint64Param(k)) => Some(k),
         _ => None,
     };
-    k.filter(|k| *k > 0)
-        .and_then(|k| u32::try_from(k).ok())
+    v2::classify::count(k, &output.name)
         .map(Some)
-        .ok_or_else(|| {
-            format!(
-                "output `{}`: parameters.classification must be a count of classes above zero",
-                output.name
-            )
-        })
+        .map_err(|e| e.to_string())
 }
 
 /// The bytes of a tensor given in typed `contents`, in its datatype's little-endian layout.

@@ -105,13 +105,7 @@ async fn top_classes_per_row_or_over_the_whole_output() {
         .expect("ascii")
         .parse()
         .expect("length");
-    let mut rest = &raw[header..];
-    let mut got = Vec::new();
-    while !rest.is_empty() {
-        let len = u32::from_le_bytes(rest[..4].try_into().expect("4 bytes")) as usize;
-        got.push(String::from_utf8(rest[4..4 + len].to_vec()).expect("utf-8"));
-        rest = &rest[4 + len..];
-    }
+    let got = bytes_strings(&raw[header..]);
     let reference = sophon_sdk::ready::mlp().forward(&mlp_input(2));
     check(&got[..2], &want(&reference[..10], 2));
     check(&got[2..], &want(&reference[10..], 2));
@@ -168,20 +162,8 @@ async fn classification_over_grpc() {
     .await
     .expect("bind");
     let grpc = serve_grpc(&server).await;
-    let mut client = pb::grpc_inference_service_client::GrpcInferenceServiceClient::connect(
-        format!("http://{grpc}"),
-    )
-    .await
-    .expect("connect");
+    let mut client = grpc_client(grpc).await;
     let ask = |k: i64| pb::ModelInferRequest {
-        model_name: "mlpb".into(),
-        inputs: vec![pb::model_infer_request::InferInputTensor {
-            name: "input".into(),
-            datatype: "FP32".into(),
-            shape: vec![2, 784],
-            ..Default::default()
-        }],
-        raw_input_contents: vec![mlp_input(2).iter().flat_map(|v| v.to_le_bytes()).collect()],
         outputs: vec![pb::model_infer_request::InferRequestedOutputTensor {
             name: "output".into(),
             parameters: [(
@@ -192,7 +174,7 @@ async fn classification_over_grpc() {
             )]
             .into(),
         }],
-        ..Default::default()
+        ..mlp_grpc_request("mlpb", 2)
     };
     let answer = client
         .model_infer(ask(3))
@@ -201,13 +183,7 @@ async fn classification_over_grpc() {
         .into_inner();
     assert_eq!(answer.outputs[0].datatype, "BYTES");
     assert_eq!(answer.outputs[0].shape, vec![2, 3]);
-    let mut rest = &answer.raw_output_contents[0][..];
-    let mut got = Vec::new();
-    while !rest.is_empty() {
-        let len = u32::from_le_bytes(rest[..4].try_into().expect("4 bytes")) as usize;
-        got.push(String::from_utf8(rest[4..4 + len].to_vec()).expect("utf-8"));
-        rest = &rest[4 + len..];
-    }
+    let got = bytes_strings(&answer.raw_output_contents[0]);
     let reference = sophon_sdk::ready::mlp().forward(&mlp_input(2));
     check(&got[..3], &want(&reference[..10], 3));
     check(&got[3..], &want(&reference[10..], 3));

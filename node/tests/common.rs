@@ -163,3 +163,47 @@ pub async fn serve_grpc(server: &sophon_node::NodeServer) -> std::net::SocketAdd
     ));
     grpc
 }
+
+/// A client of the node's V2 gRPC service.
+pub type GrpcClient =
+    sophon_node::grpc::pb::grpc_inference_service_client::GrpcInferenceServiceClient<
+        tonic::transport::Channel,
+    >;
+
+/// A gRPC client connected to `addr`.
+pub async fn grpc_client(addr: std::net::SocketAddr) -> GrpcClient {
+    GrpcClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect")
+}
+
+/// A gRPC request to `model` (an MLP) of `rows` rows of `mlp_input`, as raw contents.
+pub fn mlp_grpc_request(model: &str, rows: usize) -> sophon_node::grpc::pb::ModelInferRequest {
+    use sophon_node::grpc::pb;
+    pb::ModelInferRequest {
+        model_name: model.into(),
+        inputs: vec![pb::model_infer_request::InferInputTensor {
+            name: "input".into(),
+            datatype: "FP32".into(),
+            shape: vec![rows as i64, 784],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![
+            mlp_input(rows)
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+        ],
+        ..Default::default()
+    }
+}
+
+/// The elements of a `BYTES` tensor's raw data (each after its 4-byte length), as UTF-8 text.
+pub fn bytes_strings(data: &[u8]) -> Vec<String> {
+    sophon_node::v2::Tensor::new("bytes", sophon_sdk::Datatype::Bytes, vec![], data.to_vec())
+        .bytes_elements()
+        .expect("BYTES framing")
+        .into_iter()
+        .map(|e| String::from_utf8(e.to_vec()).expect("utf-8"))
+        .collect()
+}

@@ -12,26 +12,36 @@ use common::*;
 use serde_json::Value;
 use sophon_node::grpc::pb;
 use sophon_node::http::{ApiState, HttpConfig, router};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+/// Everything `r` reads: an encoder or decoder over a slice, run to its end.
+fn read_all(mut r: impl Read) -> Vec<u8> {
+    let mut out = Vec::new();
+    r.read_to_end(&mut out).expect("a valid stream");
+    out
+}
+
 fn gzip(data: &[u8]) -> Vec<u8> {
-    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    e.write_all(data).expect("gzip");
-    e.finish().expect("gzip")
+    read_all(flate2::read::GzEncoder::new(
+        data,
+        flate2::Compression::default(),
+    ))
 }
 
 fn zlib(data: &[u8]) -> Vec<u8> {
-    let mut e = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
-    e.write_all(data).expect("zlib");
-    e.finish().expect("zlib")
+    read_all(flate2::read::ZlibEncoder::new(
+        data,
+        flate2::Compression::default(),
+    ))
 }
 
 fn raw_deflate(data: &[u8]) -> Vec<u8> {
-    let mut e = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
-    e.write_all(data).expect("deflate");
-    e.finish().expect("deflate")
+    read_all(flate2::read::DeflateEncoder::new(
+        data,
+        flate2::Compression::default(),
+    ))
 }
 
 /// The MLP's node with `config`, and its shared state (to read what it holds).
@@ -123,20 +133,8 @@ async fn gzip_and_deflate_request_bodies_are_inflated() {
 #[tokio::test(flavor = "multi_thread")]
 async fn answers_are_compressed_when_the_client_asks() {
     let (app, _) = mlp_node(HttpConfig::default());
-    let inflate_gzip = |b: &[u8]| {
-        let mut out = Vec::new();
-        flate2::read::GzDecoder::new(b)
-            .read_to_end(&mut out)
-            .expect("a gzip answer");
-        out
-    };
-    let inflate_zlib = |b: &[u8]| {
-        let mut out = Vec::new();
-        flate2::read::ZlibDecoder::new(b)
-            .read_to_end(&mut out)
-            .expect("a zlib answer");
-        out
-    };
+    let inflate_gzip = |b: &[u8]| read_all(flate2::read::GzDecoder::new(b));
+    let inflate_zlib = |b: &[u8]| read_all(flate2::read::ZlibDecoder::new(b));
     // An answer of 8 rows is well over the size from which answers are compressed.
     for (accept, want) in [
         ("gzip", Some("gzip")),
@@ -302,25 +300,6 @@ async fn refused_then_served(
     );
 }
 
-fn grpc_request(rows: usize) -> pb::ModelInferRequest {
-    pb::ModelInferRequest {
-        model_name: "mlp".into(),
-        inputs: vec![pb::model_infer_request::InferInputTensor {
-            name: "input".into(),
-            datatype: "FP32".into(),
-            shape: vec![rows as i64, 784],
-            ..Default::default()
-        }],
-        raw_input_contents: vec![
-            mlp_input(rows)
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect(),
-        ],
-        ..Default::default()
-    }
-}
-
 fn assert_grpc_answer(answer: &pb::ModelInferResponse, rows: usize) {
     let got: Vec<f32> = answer.raw_output_contents[0]
         .chunks_exact(4)
@@ -347,12 +326,10 @@ async fn compressed_grpc_requests_are_read_within_the_limit() {
         .connect()
         .await
         .expect("connect");
-    type Client =
-        pb::grpc_inference_service_client::GrpcInferenceServiceClient<tonic::transport::Channel>;
     for encoding in [CompressionEncoding::Gzip, CompressionEncoding::Deflate] {
-        let mut client = Client::new(channel.clone()).send_compressed(encoding);
+        let mut client = GrpcClient::new(channel.clone()).send_compressed(encoding);
         let answer = client
-            .model_infer(grpc_request(4))
+            .model_infer(mlp_grpc_request("mlp", 4))
             .await
             .expect("a compressed request is served")
             .into_inner();
@@ -361,12 +338,12 @@ async fn compressed_grpc_requests_are_read_within_the_limit() {
         // A request that inflates past the limit (400 rows: 1.25 MB of floats, compressed to
         // far less) is refused as too large, and the next one is served.
         let status = client
-            .model_infer(grpc_request(400))
+            .model_infer(mlp_grpc_request("mlp", 400))
             .await
             .expect_err("over the limit once inflated");
         assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
         let answer = client
-            .model_infer(grpc_request(1))
+            .model_infer(mlp_grpc_request("mlp", 1))
             .await
             .expect("served after a refusal")
             .into_inner();

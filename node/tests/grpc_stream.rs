@@ -11,31 +11,9 @@ use sophon_node::http::HttpConfig;
 
 fn request(id: usize, rows: usize) -> pb::ModelInferRequest {
     pb::ModelInferRequest {
-        model_name: "mlp".into(),
         id: id.to_string(),
-        inputs: vec![pb::model_infer_request::InferInputTensor {
-            name: "input".into(),
-            datatype: "FP32".into(),
-            shape: vec![rows as i64, 784],
-            ..Default::default()
-        }],
-        raw_input_contents: vec![
-            mlp_input(rows)
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect(),
-        ],
-        ..Default::default()
+        ..mlp_grpc_request("mlp", rows)
     }
-}
-
-type Client =
-    pb::grpc_inference_service_client::GrpcInferenceServiceClient<tonic::transport::Channel>;
-
-async fn connect(grpc: std::net::SocketAddr) -> Client {
-    Client::connect(format!("http://{grpc}"))
-        .await
-        .expect("connect")
 }
 
 /// A node serving the MLP (two requests at once) over gRPC; its repository and gRPC address.
@@ -67,7 +45,7 @@ async fn serve() -> (
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_streams_requests_run_at_once_and_are_answered_in_order() {
     let (repo, grpc) = serve().await;
-    let mut client = connect(grpc).await;
+    let mut client = grpc_client(grpc).await;
 
     // Large and small requests alternate, so that a small one finishes before the large one sent
     // before it; request 7 names an input the model does not have.
@@ -138,7 +116,7 @@ async fn one_streams_requests_run_at_once_and_are_answered_in_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_leaves_mid_stream_leaves_nothing_held() {
     let (repo, grpc) = serve().await;
-    let mut client = connect(grpc).await;
+    let mut client = grpc_client(grpc).await;
     let inflight = repo.metrics().inflight.clone();
     // A stream whose sender stays open: 32 large requests, then the client goes away while
     // they run.
@@ -165,7 +143,7 @@ async fn a_client_that_leaves_mid_stream_leaves_nothing_held() {
         "requests still in flight after the client left"
     );
     // The model's slots all came back: a new stream of 4 is answered in full.
-    let mut client = connect(grpc).await;
+    let mut client = grpc_client(grpc).await;
     let requests: Vec<_> = (0..4).map(|i| request(i, 1)).collect();
     let mut answers = client
         .model_stream_infer(tokio_stream::iter(requests))

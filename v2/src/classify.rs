@@ -17,6 +17,20 @@ pub fn classifiable(datatype: Datatype) -> bool {
     !matches!(datatype, Datatype::Bool | Datatype::Bytes)
 }
 
+/// The class count a request gives output `name`, read by the protocol's decoder: a whole
+/// number above zero that fits 32 bits, else an error that says so.
+pub fn count(k: Option<u64>, name: &str) -> Result<u32> {
+    k.filter(|k| *k > 0)
+        .and_then(|k| u32::try_from(k).ok())
+        .ok_or_else(|| {
+            V2Error::tensor(
+                crate::Role::Output,
+                name,
+                "parameters.classification must be a count of classes above zero",
+            )
+        })
+}
+
 /// The error for asking to classify output `name` of a type that holds no numbers.
 pub fn unclassifiable(name: &str, datatype: Datatype) -> V2Error {
     V2Error::tensor(
@@ -184,14 +198,11 @@ mod tests {
     use super::*;
 
     fn strings(t: &Tensor) -> Vec<String> {
-        let mut out = Vec::new();
-        let mut rest = &t.data[..];
-        while !rest.is_empty() {
-            let n = u32::from_le_bytes(rest[..4].try_into().expect("4 bytes")) as usize;
-            out.push(String::from_utf8(rest[4..4 + n].to_vec()).expect("utf-8"));
-            rest = &rest[4 + n..];
-        }
-        out
+        t.bytes_elements()
+            .expect("BYTES framing")
+            .into_iter()
+            .map(|e| String::from_utf8(e.to_vec()).expect("utf-8"))
+            .collect()
     }
 
     fn fp32(shape: &[u64], v: &[f32]) -> Tensor {

@@ -125,14 +125,7 @@ fn read_requested_outputs(
         let err = |reason: &str| V2Error::tensor(Role::Output, &name, reason);
         let classification = match parameters.get(CLASSIFICATION) {
             None => None,
-            Some(v) => Some(
-                v.as_u64()
-                    .filter(|k| *k > 0)
-                    .and_then(|k| u32::try_from(k).ok())
-                    .ok_or_else(|| {
-                        err("parameters.classification must be a count of classes above zero")
-                    })?,
-            ),
+            Some(v) => Some(crate::classify::count(v.as_u64(), &name)?),
         };
         if parameters.contains_key("shared_memory_region") {
             return Err(err(
