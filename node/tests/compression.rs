@@ -350,3 +350,286 @@ async fn compressed_grpc_requests_are_read_within_the_limit() {
         assert_grpc_answer(&answer, 1);
     }
 }
+
+/// `rows` rows of MLP input that do not compress much (an LCG's floats), so that a compressed
+/// message spans many HTTP/2 frames.
+fn noisy_input(rows: usize) -> Vec<f32> {
+    let mut x = 0x2545_f491u32;
+    (0..rows * 784)
+        .map(|_| {
+            x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (x >> 8) as f32 / (1 << 24) as f32
+        })
+        .collect()
+}
+
+fn grpc_request_of(input: &[f32]) -> pb::ModelInferRequest {
+    let mut request = mlp_grpc_request("mlp", input.len() / 784);
+    request.raw_input_contents = vec![input.iter().flat_map(|v| v.to_le_bytes()).collect()];
+    request
+}
+
+fn assert_grpc_answer_of(answer: &pb::ModelInferResponse, input: &[f32]) {
+    let got: Vec<f32> = answer.raw_output_contents[0]
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
+        .collect();
+    let want = sophon_sdk::ready::mlp().forward(input);
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(&want) {
+        assert!((g - w).abs() < 1e-5, "mlp output {g} != reference {w}");
+    }
+}
+
+/// Wait (a second at most) until every byte in flight of `state` is given back.
+async fn all_given_back(state: &ApiState, what: &str) {
+    for _ in 0..100 {
+        if state.inflight_bytes.available_permits() == state.config.max_inflight_bytes {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!(
+        "{what}: {} of {} bytes in flight still held",
+        state.config.max_inflight_bytes - state.inflight_bytes.available_permits(),
+        state.config.max_inflight_bytes
+    );
+}
+
+/// Call `ModelInfer` with a body made by hand (`grpc-encoding: coding`); its gRPC status.
+async fn raw_model_infer(
+    channel: &tonic::transport::Channel,
+    coding: &str,
+    body: Vec<u8>,
+) -> tonic::Status {
+    use http_body_util::BodyExt as _;
+    use tower::ServiceExt as _;
+    let request = axum::http::Request::post(format!(
+        "http://{}/inference.GRPCInferenceService/ModelInfer",
+        "127.0.0.1"
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .header("grpc-encoding", coding)
+    .body(tonic::body::Body::new(http_body_util::Full::new(
+        bytes::Bytes::from(body),
+    )))
+    .expect("request");
+    let response = channel.clone().oneshot(request).await.expect("an answer");
+    let (parts, body) = response.into_parts();
+    if let Some(status) = tonic::Status::from_header_map(&parts.headers) {
+        return status;
+    }
+    let collected = body.collect().await.expect("the body");
+    let trailers = collected.trailers().cloned().unwrap_or_default();
+    tonic::Status::from_header_map(&trailers).expect("a grpc-status")
+}
+
+/// A gRPC message: the compressed flag, the length, the bytes.
+fn grpc_message(compressed: bool, payload: &[u8]) -> Vec<u8> {
+    let mut out = vec![u8::from(compressed)];
+    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn compressed_grpc_messages_are_counted_as_they_inflate() {
+    use prost::Message as _;
+    use tonic::codec::CompressionEncoding;
+    // Room for requests of a few rows only: 64 KiB in flight, 1 MiB per message.
+    let server = mlp_server(HttpConfig {
+        max_body_bytes: 1 << 20,
+        max_inflight_bytes: 64 << 10,
+        ..HttpConfig::default()
+    })
+    .await;
+    let state = server.state().clone();
+    let grpc = serve_grpc(&server).await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{grpc}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let good = grpc_request_of(&noisy_input(2));
+    // 100 rows of zeros: 313 KB once inflated, a few hundred bytes on the wire.
+    let zeros = grpc_request_of(&vec![0.0; 100 * 784]);
+    for encoding in [CompressionEncoding::Gzip, CompressionEncoding::Deflate] {
+        let mut client = GrpcClient::new(channel.clone()).send_compressed(encoding);
+        for _ in 0..2 {
+            let status = client
+                .model_infer(zeros.clone())
+                .await
+                .expect_err("no room once inflated");
+            assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+            assert!(
+                status.message().contains("bytes of requests in flight"),
+                "{status:?}"
+            );
+            all_given_back(&state, "after a message that inflates past the room").await;
+            let answer = client
+                .model_infer(good.clone())
+                .await
+                .expect("served after a refusal")
+                .into_inner();
+            assert_grpc_answer_of(&answer, &noisy_input(2));
+            all_given_back(&state, "after a good message").await;
+        }
+    }
+
+    // Bodies made by hand: a compressed message that is not gzip, a compressed length over the
+    // limit, and a gzip stream cut short; each refused with its reason, then a good one.
+    let encoded = good.encode_to_vec();
+    let mut cut = gzip(&encoded);
+    cut.truncate(cut.len() / 2);
+    let cases: [(&str, Vec<u8>, tonic::Code, &str); 4] = [
+        (
+            "gzip",
+            grpc_message(true, b"this is not gzip at all"),
+            tonic::Code::InvalidArgument,
+            "not valid gzip",
+        ),
+        (
+            "deflate",
+            grpc_message(true, &[0xff; 64]),
+            tonic::Code::InvalidArgument,
+            "not valid deflate",
+        ),
+        (
+            "gzip",
+            grpc_message(true, &cut),
+            tonic::Code::InvalidArgument,
+            "not valid gzip",
+        ),
+        (
+            "gzip",
+            {
+                let mut m = vec![1];
+                m.extend_from_slice(&(2u32 << 20).to_be_bytes());
+                m.extend_from_slice(&[0; 64]);
+                m
+            },
+            tonic::Code::ResourceExhausted,
+            "over the limit",
+        ),
+    ];
+    for (coding, body, code, says) in cases {
+        let status = raw_model_infer(&channel, coding, body).await;
+        assert_eq!(status.code(), code, "{says}: {status:?}");
+        assert!(status.message().contains(says), "{says}: {status:?}");
+        all_given_back(&state, says).await;
+        // The same request, whole and compressed by hand, is served.
+        let status = raw_model_infer(&channel, "gzip", grpc_message(true, &gzip(&encoded))).await;
+        assert_eq!(status.code(), tonic::Code::Ok, "after {says}: {status:?}");
+        all_given_back(&state, "after a good message").await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn large_and_streamed_compressed_grpc_messages_are_served() {
+    use tonic::codec::CompressionEncoding;
+    let server = mlp_server(HttpConfig {
+        max_body_bytes: 4 << 20,
+        ..HttpConfig::default()
+    })
+    .await;
+    let state = server.state().clone();
+    let grpc = serve_grpc(&server).await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{grpc}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    for encoding in [CompressionEncoding::Gzip, CompressionEncoding::Deflate] {
+        let mut client = GrpcClient::new(channel.clone()).send_compressed(encoding);
+        // 1,000 rows of noise: 3 MB, still megabytes compressed, so many HTTP/2 frames.
+        let input = noisy_input(1000);
+        let answer = client
+            .model_infer(grpc_request_of(&input))
+            .await
+            .expect("a large compressed message is served")
+            .into_inner();
+        assert_grpc_answer_of(&answer, &input);
+
+        // A stream of messages of different sizes, each answered (by its id: a stream's
+        // requests run side by side).
+        let sizes = [1usize, 40, 3, 200, 7];
+        let requests: Vec<_> = sizes
+            .iter()
+            .map(|&rows| pb::ModelInferRequest {
+                id: rows.to_string(),
+                ..grpc_request_of(&noisy_input(rows))
+            })
+            .collect();
+        let mut answers = client
+            .model_stream_infer(tokio_stream::iter(requests))
+            .await
+            .expect("a stream")
+            .into_inner();
+        let mut seen = Vec::new();
+        while let Some(answer) = answers.message().await.expect("an answer") {
+            assert!(answer.error_message.is_empty(), "{}", answer.error_message);
+            let response = answer.infer_response.expect("a response");
+            let rows: usize = response.id.parse().expect("the request's id");
+            assert_grpc_answer_of(&response, &noisy_input(rows));
+            seen.push(rows);
+        }
+        seen.sort_unstable();
+        let mut want = sizes.to_vec();
+        want.sort_unstable();
+        assert_eq!(seen, want, "every request answered once");
+        all_given_back(&state, "after the stream").await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_compressed_grpc_message_is_counted_while_it_is_decoded() {
+    use http_body_util::BodyExt as _;
+    use tower::ServiceExt as _;
+    // The layer in front of tonic, over a service that reads the body as tonic's decoder does
+    // and watches the node's bytes in flight as it goes.
+    let server = mlp_server(HttpConfig {
+        max_body_bytes: 4 << 20,
+        ..HttpConfig::default()
+    })
+    .await;
+    let state = server.state().clone();
+    let max = state.config.max_inflight_bytes;
+    let watched = state.clone();
+    let reader = tower::service_fn(move |request: axum::http::Request<tonic::body::Body>| {
+        let state = watched.clone();
+        async move {
+            let mut body = request.into_body();
+            let (mut bytes, mut least) = (Vec::new(), usize::MAX);
+            while let Some(frame) = body.frame().await {
+                if let Ok(data) = frame.expect("a frame").into_data() {
+                    bytes.extend_from_slice(&data);
+                }
+                least = least.min(state.inflight_bytes.available_permits());
+            }
+            Ok::<_, std::convert::Infallible>((bytes, least))
+        }
+    });
+    let inflating = sophon_node::grpc::inflate::Inflating::new(reader, state.clone());
+    // A compressed message of 2 MiB of zeros, then a plain one, in one body (as on a stream).
+    let zeros = vec![0u8; 2 << 20];
+    let plain = b"a plain message".to_vec();
+    let mut body = grpc_message(true, &gzip(&zeros));
+    body.extend(grpc_message(false, &plain));
+    let request = axum::http::Request::post("/inference.GRPCInferenceService/ModelInfer")
+        .header("grpc-encoding", "gzip")
+        .body(tonic::body::Body::new(http_body_util::Full::new(
+            bytes::Bytes::from(body),
+        )))
+        .expect("request");
+    let (read, least) = inflating.oneshot(request).await.expect("read");
+    let mut want = grpc_message(false, &zeros);
+    want.extend(grpc_message(false, &plain));
+    assert!(read == want, "the messages arrive inflated, flags cleared");
+    assert!(
+        max - least >= zeros.len(),
+        "the inflated message was held uncounted: at most {} bytes counted",
+        max - least
+    );
+    all_given_back(&state, "after the body is read").await;
+}

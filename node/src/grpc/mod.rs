@@ -21,6 +21,8 @@ use crate::http::{ApiError, ApiState, Outcome};
 use crate::repository::LoadedModel;
 use crate::v2;
 
+pub mod inflate;
+
 /// The code generated from `node/proto/inference.proto`.
 #[allow(clippy::all, clippy::pedantic, missing_docs, unreachable_pub)]
 pub mod pb {
@@ -37,8 +39,10 @@ pub struct Grpc {
 /// The tonic service to serve, with the node's size limit on messages.
 pub fn service(state: Arc<ApiState>) -> GrpcInferenceServiceServer<Grpc> {
     let limit = state.config.max_body_bytes;
-    // Compressed requests are read (tritonclient's `compression_algorithm`), and count against
-    // the limit as they inflate; answers go uncompressed, as Triton's do by default.
+    // Compressed requests are read (tritonclient's `compression_algorithm`); answers go
+    // uncompressed, as Triton's do by default. `serve` inflates gzip and deflate messages itself
+    // before tonic sees them ([`inflate`]), counted against the bytes in flight; tonic's own
+    // decompression stays on for a service served without that layer.
     GrpcInferenceServiceServer::new(Grpc { state })
         .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
         .accept_compressed(tonic::codec::CompressionEncoding::Deflate)
@@ -106,7 +110,12 @@ pub async fn serve(
             let conn = crate::serve::Conn::new(tcp, slot, sending).opening_http2(opening);
             Some((Ok::<_, std::io::Error>(conn), (listener, slots)))
         });
+    let counted = state.clone();
     tonic::transport::Server::builder()
+        // Compressed messages are inflated against the node's bytes in flight.
+        .layer(tower::layer::layer_fn(move |inner| {
+            inflate::Inflating::new(inner, counted.clone())
+        }))
         // An open channel that stops answering pings (a client that stopped reading, or is
         // gone) is closed, and its slot freed.
         .http2_keepalive_interval(Some(KEEPALIVE))
@@ -220,12 +229,9 @@ impl Grpc {
         };
         let state = &self.state;
         let run = async {
-            // The request's bytes count against the node's in-flight cap while it runs.
-            let size = request
-                .raw_input_contents
-                .iter()
-                .map(Vec::len)
-                .sum::<usize>();
+            // The request's bytes count against the node's in-flight cap while it runs: the
+            // whole message, typed `contents` as well as raw ones.
+            let size = prost::Message::encoded_len(&request);
             let _held = u32::try_from(size)
                 .ok()
                 .and_then(|n| state.inflight_bytes.try_acquire_many(n).ok())
