@@ -148,6 +148,7 @@ fn serving_limits_of_zero_are_refused_with_a_clear_error() {
     let home = dir.path().join("home");
     for (flag, value, says) in [
         ("--max-connections", "0", "must be above zero"),
+        ("--max-connections-per-client", "0", "must be above zero"),
         ("--concurrency", "0", "must be above zero"),
         ("--workers", "0", "must be above zero"),
         ("--max-body-bytes", "0", "must be above zero"),

@@ -40,6 +40,9 @@ pub struct HttpConfig {
     /// Connections served at once; past it, new ones wait in the listen backlog until one
     /// closes, so that slow or idle clients cannot take all of the process's file descriptors.
     pub max_connections: usize,
+    /// Connections one client (an IPv4 address, an IPv6 /64) may hold at once; past it, its new
+    /// ones are refused with the reason (no cap of its own at or above `max_connections`).
+    pub max_connections_per_client: usize,
 }
 
 impl Default for HttpConfig {
@@ -50,6 +53,9 @@ impl Default for HttpConfig {
             body_timeout: std::time::Duration::from_secs(60),
             header_timeout: std::time::Duration::from_secs(30),
             max_connections: crate::serve::default_max_connections(),
+            max_connections_per_client: crate::serve::default_max_connections_per_client(
+                crate::serve::default_max_connections(),
+            ),
         }
     }
 }
@@ -74,7 +80,13 @@ impl ApiState {
         let permits = config
             .max_inflight_bytes
             .min(tokio::sync::Semaphore::MAX_PERMITS);
-        let connections = crate::serve::Slots::new(config.max_connections);
+        let metrics = repo.metrics();
+        let connections =
+            crate::serve::Slots::new(config.max_connections, config.max_connections_per_client)
+                .reporting(
+                    metrics.connections_open.clone(),
+                    metrics.connections_refused.clone(),
+                );
         ApiState {
             repo,
             config,

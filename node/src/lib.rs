@@ -21,6 +21,7 @@ pub mod heap;
 pub mod http;
 pub mod mesh;
 pub mod perf;
+pub mod refuse;
 pub mod repository;
 pub mod runtime;
 pub mod serve;

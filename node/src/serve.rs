@@ -140,47 +140,187 @@ fn open_files_limit() -> Option<usize> {
         .ok()
 }
 
+/// The protocol a listener speaks, for the words of a refusal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    /// HTTP/1.1: refused with a 503 response.
+    Http1,
+    /// HTTP/2 (gRPC): refused with a GOAWAY frame that carries the reason.
+    Http2,
+}
+
+/// The default cap on one client's connections for a node serving `max` at once: a quarter of
+/// them, so that no one client (one IPv4 address, one IPv6 /64) can take every slot; none (the
+/// cap is `max`) below 64 connections, where a quarter would turn clients away that a small
+/// node's backlog should hold.
+pub fn default_max_connections_per_client(max: usize) -> usize {
+    if max >= 64 { max / 4 } else { max }
+}
+
 /// The node's connection slots, shared by its HTTP and gRPC listeners: open connections are
-/// open files, and the process's other files (models, the cache, the mesh) need some too.
+/// open files, and the process's other files (models, the cache, the mesh) need some too. One
+/// client may hold at most `per_client` of them: past it, its new connections are refused with a
+/// clear reason, while other clients' connections are served.
 #[derive(Clone, Debug)]
 pub struct Slots {
     free: Arc<tokio::sync::Semaphore>,
     max: usize,
+    per_client: usize,
+    /// How many connections each client holds now (clients holding none are not kept).
+    clients: Arc<parking_lot::Mutex<std::collections::HashMap<Client, usize>>>,
+    /// Connections open now, and refused so far (Prometheus).
+    open: prometheus::IntGauge,
+    refused: prometheus::IntCounter,
+}
+
+/// Who a connection comes from, for the per-client cap: an IPv4 address, or an IPv6 /64 (one
+/// host is given a whole /64, and could take a new address for every connection).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Client(std::net::IpAddr);
+
+impl Client {
+    /// The client of a connection from `addr`.
+    pub fn of(addr: std::net::IpAddr) -> Client {
+        match addr {
+            std::net::IpAddr::V4(v4) => Client(v4.into()),
+            std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => Client(v4.into()),
+                None => {
+                    let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+                    Client(std::net::Ipv6Addr::from(prefix).into())
+                }
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            std::net::IpAddr::V4(v4) => write!(f, "{v4}"),
+            std::net::IpAddr::V6(v6) => write!(f, "{v6}/64"),
+        }
+    }
+}
+
+/// One connection's hold on the node's [`Slots`]: its slot, and its place in its client's
+/// count, both given back when it is dropped.
+#[derive(Debug)]
+pub struct Slot {
+    _free: tokio::sync::OwnedSemaphorePermit,
+    _client: Option<Counted>,
+    open: prometheus::IntGauge,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.open.dec();
+    }
+}
+
+/// A connection counted against its client's cap until dropped.
+#[derive(Debug)]
+struct Counted {
+    client: Client,
+    clients: Arc<parking_lot::Mutex<std::collections::HashMap<Client, usize>>>,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        let mut clients = self.clients.lock();
+        if let Some(n) = clients.get_mut(&self.client) {
+            *n -= 1;
+            if *n == 0 {
+                clients.remove(&self.client);
+            }
+        }
+    }
 }
 
 impl Slots {
-    /// Room for `max` connections at once.
-    pub fn new(max: usize) -> Slots {
+    /// Room for `max` connections at once, at most `per_client` of them from one client (no
+    /// cap of its own when `per_client` is at least `max`).
+    pub fn new(max: usize, per_client: usize) -> Slots {
         let max = max.clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
         Slots {
             free: Arc::new(tokio::sync::Semaphore::new(max)),
             max,
+            per_client: per_client.max(1),
+            clients: Arc::default(),
+            open: prometheus::IntGauge::new("connections_open", "unregistered").expect("a name"),
+            refused: prometheus::IntCounter::new("connections_refused", "unregistered")
+                .expect("a name"),
         }
+    }
+
+    /// The same slots, counting open and refused connections in `open` and `refused`.
+    pub fn reporting(
+        mut self,
+        open: prometheus::IntGauge,
+        refused: prometheus::IntCounter,
+    ) -> Slots {
+        self.open = open;
+        self.refused = refused;
+        self
+    }
+
+    /// How many connections `client` holds now.
+    pub fn held_by(&self, client: Client) -> usize {
+        self.clients.lock().get(&client).copied().unwrap_or(0)
+    }
+
+    /// Count a connection from `client` against its cap; `None` when it holds its cap already.
+    fn count(&self, client: Client) -> Option<Option<Counted>> {
+        if self.per_client >= self.max {
+            return Some(None);
+        }
+        let mut clients = self.clients.lock();
+        let held = clients.entry(client).or_insert(0);
+        if *held >= self.per_client {
+            return None;
+        }
+        *held += 1;
+        Some(Some(Counted {
+            client,
+            clients: self.clients.clone(),
+        }))
     }
 
     /// The next connection on `listener` (with `TCP_NODELAY`) and the slot it holds. While every
     /// slot is taken, the connection just accepted waits for one and no other is accepted, so
     /// further connections wait in the listen backlog. The slot is taken after the accept, so that
     /// a listener with nobody connecting holds none. Dropping the future while it waits for a
-    /// slot closes the connection it accepted.
+    /// slot closes the connection it accepted. A connection from a client that holds its cap
+    /// already is refused in `protocol`'s words, and closed.
     pub async fn accept(
         &self,
         listener: &tokio::net::TcpListener,
-    ) -> (tokio::net::TcpStream, tokio::sync::OwnedSemaphorePermit) {
+        protocol: Protocol,
+    ) -> (tokio::net::TcpStream, Slot) {
         loop {
-            let tcp = match listener.accept().await {
-                Ok((tcp, _)) => tcp,
+            let (tcp, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
                 Err(e) => {
                     accept_failed(e).await;
                     continue;
                 }
+            };
+            let client = Client::of(peer.ip());
+            let Some(counted) = self.count(client) else {
+                tracing::debug!(
+                    "refused a connection from {client}: it holds its limit of {} connections",
+                    self.per_client
+                );
+                self.refused.inc();
+                tokio::spawn(crate::refuse::refuse(tcp, protocol, self.refusal(client)));
+                continue;
             };
             // Responses go out as soon as they are written: no Nagle delay on small answers
             // (for gRPC, a unary call's answer waited on the peer's delayed ACK).
             if let Err(e) = tcp.set_nodelay(true) {
                 tracing::debug!("could not set TCP_NODELAY: {e}");
             }
-            let slot = match self.free.clone().try_acquire_owned() {
+            let free = match self.free.clone().try_acquire_owned() {
                 Ok(slot) => slot,
                 Err(_) => {
                     tracing::warn!(
@@ -194,8 +334,22 @@ impl Slots {
                     }
                 }
             };
+            self.open.inc();
+            let slot = Slot {
+                _free: free,
+                _client: counted,
+                open: self.open.clone(),
+            };
             return (tcp, slot);
         }
+    }
+
+    fn refusal(&self, client: Client) -> String {
+        format!(
+            "too many connections from {client}: each client may hold {} at once \
+             (--max-connections-per-client); close idle ones or reuse them",
+            self.per_client
+        )
     }
 }
 
@@ -220,7 +374,7 @@ pub async fn serve(
     tokio::pin!(shutdown);
     loop {
         let (tcp, slot) = tokio::select! {
-            accepted = slots.accept(&listener) => accepted,
+            accepted = slots.accept(&listener, Protocol::Http1) => accepted,
             () = &mut shutdown => break,
         };
         let service = TowerToHyperService::new(app.clone());
@@ -269,7 +423,7 @@ const HTTP2_OPENING: usize = 24 + 9;
 ///   timeout for that.)
 pub struct Conn {
     tcp: tokio::net::TcpStream,
-    _slot: tokio::sync::OwnedSemaphorePermit,
+    _slot: Slot,
     send_timeout: Duration,
     /// Set while a write waits on a full socket buffer.
     stalled: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -279,11 +433,7 @@ pub struct Conn {
 
 impl Conn {
     /// `tcp` holding `slot`, whose writes may wait at most `send_timeout` each.
-    pub fn new(
-        tcp: tokio::net::TcpStream,
-        slot: tokio::sync::OwnedSemaphorePermit,
-        send_timeout: Duration,
-    ) -> Conn {
+    pub fn new(tcp: tokio::net::TcpStream, slot: Slot, send_timeout: Duration) -> Conn {
         Conn {
             tcp,
             _slot: slot,
@@ -408,6 +558,26 @@ async fn accept_failed(e: std::io::Error) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_client_is_an_ipv4_address_or_an_ipv6_64() {
+        let of = |a: &str| Client::of(a.parse().expect("address")).to_string();
+        assert_eq!(of("10.1.2.3"), "10.1.2.3");
+        // An IPv4 client over an IPv6 socket is the same client.
+        assert_eq!(of("::ffff:10.1.2.3"), "10.1.2.3");
+        // Every address of one /64 is one client; the next /64 is another.
+        assert_eq!(of("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::/64");
+        assert_eq!(of("2001:db8:1:2:ffff:ffff:ffff:ffff"), "2001:db8:1:2::/64");
+        assert_eq!(of("2001:db8:1:3::1"), "2001:db8:1:3::/64");
+    }
+
+    #[test]
+    fn the_default_cap_per_client_is_a_quarter_from_64_connections() {
+        assert_eq!(default_max_connections_per_client(10_000), 2_500);
+        assert_eq!(default_max_connections_per_client(64), 16);
+        // Below, a client may take every slot, and waits in the backlog past them as before.
+        assert_eq!(default_max_connections_per_client(8), 8);
+    }
     use std::sync::atomic::AtomicUsize;
 
     /// Counts the wakes that reach the task.

@@ -134,6 +134,10 @@ pub struct Metrics {
     pub inflight: IntGauge,
     /// Models loaded and serving.
     pub models_loaded: IntGauge,
+    /// HTTP and gRPC connections open now.
+    pub connections_open: IntGauge,
+    /// Connections refused because their client held its cap (`--max-connections-per-client`).
+    pub connections_refused: IntCounter,
 }
 
 impl Metrics {
@@ -173,6 +177,14 @@ impl Metrics {
         )?;
         let inflight = IntGauge::new("sophon_inflight_requests", "Requests in flight, all models")?;
         let models_loaded = IntGauge::new("sophon_models_loaded", "Model versions serving")?;
+        let connections_open = IntGauge::new(
+            "sophon_connections_open",
+            "HTTP and gRPC connections open now",
+        )?;
+        let connections_refused = IntCounter::new(
+            "sophon_connections_refused_total",
+            "Connections refused because their client held its limit of connections",
+        )?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(queue.clone()))?;
         registry.register(Box::new(compute.clone()))?;
@@ -180,6 +192,8 @@ impl Metrics {
         registry.register(Box::new(inflight_model.clone()))?;
         registry.register(Box::new(inflight.clone()))?;
         registry.register(Box::new(models_loaded.clone()))?;
+        registry.register(Box::new(connections_open.clone()))?;
+        registry.register(Box::new(connections_refused.clone()))?;
         register_hardware(&registry)?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(
@@ -194,6 +208,8 @@ impl Metrics {
             inflight_model,
             inflight,
             models_loaded,
+            connections_open,
+            connections_refused,
         })
     }
 

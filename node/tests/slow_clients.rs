@@ -399,3 +399,128 @@ async fn a_grpc_client_that_reads_none_of_its_answer_is_closed() {
         "the gRPC request was answered (the answer is what waited): {stats}"
     );
 }
+
+/// A connection to `addr` from the local address `from` (any of 127.0.0.0/8 on Linux).
+async fn connect_from(from: &str, addr: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(format!("{from}:0").parse().expect("address"))
+        .expect("bind");
+    let tcp = socket.connect(addr).await.expect("connect");
+    let tcp = tcp.into_std().expect("std");
+    tcp.set_nonblocking(false).expect("blocking");
+    tcp
+}
+
+/// A good MLP request on `s`; what the node answered.
+fn request_on(mut s: TcpStream) -> String {
+    let body = mlp_request(1).to_string();
+    write!(
+        s,
+        "POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send");
+    read_all(&mut s, Duration::from_secs(20))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_holds_at_most_its_share_of_connections() {
+    let server = mlp_server(HttpConfig {
+        max_connections: 8,
+        max_connections_per_client: 2,
+        ..HttpConfig::default()
+    })
+    .await;
+    let state = server.state().clone();
+    let addr = server.local_addr().expect("addr");
+    let grpc = serve_grpc(&server).await;
+    tokio::spawn(server.run(std::future::pending()));
+    let client = sophon_node::serve::Client::of("127.0.0.1".parse().expect("ip"));
+
+    // A client holds its two connections, idle.
+    let mut idle = Vec::new();
+    for _ in 0..2 {
+        idle.push(connect_from("127.0.0.1", addr).await);
+    }
+    let started = Instant::now();
+    while state.connections.held_by(client) < 2 && started.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(state.connections.held_by(client), 2);
+
+    // Its third is refused with the reason, twice, on HTTP and on gRPC...
+    for _ in 0..2 {
+        let third = connect_from("127.0.0.1", addr).await;
+        let answer = blocking(move || request_on(third)).await;
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+        assert!(
+            answer.contains("too many connections from 127.0.0.1")
+                && answer.contains("each client may hold 2 at once"),
+            "{answer}"
+        );
+    }
+    let status = grpc_client_from(grpc).await;
+    // The call is answered RESOURCE_EXHAUSTED with the reason, then the connection goes away.
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("too many connections from 127.0.0.1"),
+        "{status:?}"
+    );
+    // ...while another client is served on both.
+    let other = connect_from("127.0.0.2", addr).await;
+    let answer = blocking(move || request_on(other)).await;
+    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+    assert_eq!(
+        state.connections.held_by(client),
+        2,
+        "refusals hold nothing"
+    );
+    let refused = state.repo.metrics().connections_refused.get();
+    assert!(refused >= 3, "the refusals are counted: {refused}");
+
+    // Once it closes one, its next connection is served.
+    drop(idle.pop());
+    let started = Instant::now();
+    while state.connections.held_by(client) > 1 && started.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let again = connect_from("127.0.0.1", addr).await;
+    let answer = blocking(move || request_on(again)).await;
+    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+    drop(idle);
+    let started = Instant::now();
+    while state.connections.held_by(client) > 0 && started.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        state.connections.held_by(client),
+        0,
+        "every count given back"
+    );
+    let mut grpc = grpc_client(grpc).await;
+    grpc.model_infer(mlp_grpc_request("mlp", 1))
+        .await
+        .expect("gRPC served once the client is under its cap");
+}
+
+/// A gRPC call from 127.0.0.1 to `addr` on a fresh channel; its status.
+async fn grpc_client_from(addr: SocketAddr) -> tonic::Status {
+    let channel = match tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect()
+        .await
+    {
+        Ok(channel) => channel,
+        Err(e) => return tonic::Status::unavailable(format!("{e:?}")),
+    };
+    match GrpcClient::new(channel)
+        .model_infer(mlp_grpc_request("mlp", 1))
+        .await
+    {
+        Ok(_) => tonic::Status::ok("served"),
+        Err(status) => status,
+    }
+}

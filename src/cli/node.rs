@@ -44,6 +44,12 @@ pub struct ServeArgs {
     /// (default: half the process's limit on open files, at most 10,000).
     #[arg(long, value_parser = above_zero::<usize>)]
     pub max_connections: Option<usize>,
+    /// Connections one client (an IPv4 address, an IPv6 /64) may hold at once; past it, its new
+    /// ones are refused with the reason (HTTP 503, gRPC GOAWAY). Default: a quarter of
+    /// `--max-connections` from 64 connections up, no cap of its own below. Behind a proxy that
+    /// opens many connections, raise it to `--max-connections` (no cap).
+    #[arg(long, value_parser = above_zero::<usize>)]
+    pub max_connections_per_client: Option<usize>,
     /// Seconds a shutdown waits for requests in flight before it cancels them.
     #[arg(long, default_value_t = 30)]
     pub drain_secs: u64,
@@ -163,14 +169,18 @@ impl ServeArgs {
 
     /// HTTP settings of the node's V2 API.
     pub fn http(&self) -> HttpConfig {
+        let max_connections = self
+            .max_connections
+            .unwrap_or_else(sophon_node::serve::default_max_connections);
         HttpConfig {
             max_body_bytes: self.max_body_bytes,
             max_inflight_bytes: self.max_inflight_bytes,
             body_timeout: self.body_timeout,
             header_timeout: self.header_timeout,
-            max_connections: self
-                .max_connections
-                .unwrap_or_else(sophon_node::serve::default_max_connections),
+            max_connections,
+            max_connections_per_client: self.max_connections_per_client.unwrap_or_else(|| {
+                sophon_node::serve::default_max_connections_per_client(max_connections)
+            }),
         }
     }
 }

@@ -106,7 +106,7 @@ pub async fn serve(
     let (opening, sending) = (state.config.header_timeout, state.config.body_timeout);
     let incoming =
         futures_util::stream::unfold((listener, slots), move |(listener, slots)| async move {
-            let (tcp, slot) = slots.accept(&listener).await;
+            let (tcp, slot) = slots.accept(&listener, crate::serve::Protocol::Http2).await;
             let conn = crate::serve::Conn::new(tcp, slot, sending).opening_http2(opening);
             Some((Ok::<_, std::io::Error>(conn), (listener, slots)))
         });
