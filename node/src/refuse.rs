@@ -148,34 +148,56 @@ fn percent_encode(s: &str) -> String {
     out
 }
 
-/// Read an HTTP/2 client's preface and frames, acknowledging its SETTINGS, until its first
-/// HEADERS frame: that request's stream, or `None` if the client closed or sent too much first.
+/// Read an HTTP/2 client's preface and frames, acknowledging its first SETTINGS, until its
+/// first HEADERS frame: that request's stream, or `None` if the client closed, or sent more than
+/// a client's opening frames (16 KiB) first. Only frame heads are kept, not their payloads.
 async fn first_request(tcp: &mut tokio::net::TcpStream) -> std::io::Result<Option<u32>> {
-    let mut buf = Vec::new();
-    let mut at = PREFACE;
-    loop {
-        while buf.len() >= at + HEAD {
-            let head = &buf[at..at + HEAD];
-            let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
-            let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
-            match (head[3], head[4] & ACK) {
-                (HEADERS, _) => return Ok(Some(stream)),
-                (SETTINGS, 0) => tcp.write_all(&frame(SETTINGS, ACK, 0, &[])).await?,
-                _ => {}
-            }
-            at += HEAD + len;
-        }
-        // A client's opening frames are a few dozen bytes; one that sends more is not waited for.
-        if buf.len() > 64 << 10 {
-            return Ok(None);
-        }
-        let mut chunk = [0u8; 4096];
+    /// How much of a client's opening is read at most (its preface, SETTINGS and WINDOW_UPDATE
+    /// are a few dozen bytes).
+    const MOST: usize = 16 << 10;
+    let mut read = 0usize;
+    // Bytes still to skip: the preface, then each frame's payload.
+    let mut skip = PREFACE;
+    let mut head = [0u8; HEAD];
+    let mut head_len = 0;
+    let mut acked = false;
+    let mut chunk = [0u8; 4096];
+    while read < MOST {
         let n = tcp.read(&mut chunk).await?;
         if n == 0 {
             return Ok(None);
         }
-        buf.extend_from_slice(&chunk[..n]);
+        read += n;
+        let mut rest = &chunk[..n];
+        while !rest.is_empty() {
+            if skip > 0 {
+                let k = skip.min(rest.len());
+                skip -= k;
+                rest = &rest[k..];
+                continue;
+            }
+            let k = (HEAD - head_len).min(rest.len());
+            head[head_len..head_len + k].copy_from_slice(&rest[..k]);
+            head_len += k;
+            rest = &rest[k..];
+            if head_len < HEAD {
+                break;
+            }
+            head_len = 0;
+            let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+            let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+            match (head[3], head[4] & ACK) {
+                (HEADERS, _) => return Ok(Some(stream)),
+                (SETTINGS, 0) if !acked => {
+                    acked = true;
+                    tcp.write_all(&frame(SETTINGS, ACK, 0, &[])).await?;
+                }
+                _ => {}
+            }
+            skip = len;
+        }
     }
+    Ok(None)
 }
 
 #[cfg(test)]

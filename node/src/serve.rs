@@ -150,12 +150,17 @@ pub enum Protocol {
 }
 
 /// The default cap on one client's connections for a node serving `max` at once: a quarter of
-/// them, so that no one client (one IPv4 address, one IPv6 /64) can take every slot; none (the
-/// cap is `max`) below 64 connections, where a quarter would turn clients away that a small
-/// node's backlog should hold.
+/// them, so that no one client (one IPv4 address, one IPv6 /64) can take every slot, but at
+/// least 256 (a proxy or a sidecar on the node's host, or a benchmark, may hold that many for
+/// all its clients); no cap of its own (`max`) when that would leave the others less than a
+/// quarter.
 pub fn default_max_connections_per_client(max: usize) -> usize {
-    if max >= 64 { max / 4 } else { max }
+    let cap = (max / 4).max(256);
+    if cap > max * 3 / 4 { max } else { cap }
 }
+
+/// Refusals told their reason at once; past them, a refused connection is closed at once.
+const REFUSING: usize = 64;
 
 /// The node's connection slots, shared by its HTTP and gRPC listeners: open connections are
 /// open files, and the process's other files (models, the cache, the mesh) need some too. One
@@ -171,6 +176,11 @@ pub struct Slots {
     /// Connections open now, and refused so far (Prometheus).
     open: prometheus::IntGauge,
     refused: prometheus::IntCounter,
+    /// Refusals being told their reason now: a connection refused past these is closed at once.
+    refusing: Arc<tokio::sync::Semaphore>,
+    /// When a refusal was last logged at warn level (seconds since `Slots::new`, plus one).
+    warned: Arc<std::sync::atomic::AtomicU64>,
+    started: std::time::Instant,
 }
 
 /// Who a connection comes from, for the per-client cap: an IPv4 address, or an IPv6 /64 (one
@@ -250,6 +260,9 @@ impl Slots {
             open: prometheus::IntGauge::new("connections_open", "unregistered").expect("a name"),
             refused: prometheus::IntCounter::new("connections_refused", "unregistered")
                 .expect("a name"),
+            refusing: Arc::new(tokio::sync::Semaphore::new(REFUSING)),
+            warned: Arc::default(),
+            started: std::time::Instant::now(),
         }
     }
 
@@ -307,12 +320,7 @@ impl Slots {
             };
             let client = Client::of(peer.ip());
             let Some(counted) = self.count(client) else {
-                tracing::debug!(
-                    "refused a connection from {client}: it holds its limit of {} connections",
-                    self.per_client
-                );
-                self.refused.inc();
-                tokio::spawn(crate::refuse::refuse(tcp, protocol, self.refusal(client)));
+                self.refuse(tcp, protocol, client);
                 continue;
             };
             // Responses go out as soon as they are written: no Nagle delay on small answers
@@ -341,6 +349,42 @@ impl Slots {
                 open: self.open.clone(),
             };
             return (tcp, slot);
+        }
+    }
+
+    /// Refuse `tcp`, from `client` over its cap: told why while fewer than [`REFUSING`]
+    /// refusals are under way, closed at once past them (each refusal holds its socket for up
+    /// to two seconds, and nothing else bounds how fast a client can connect).
+    fn refuse(&self, tcp: tokio::net::TcpStream, protocol: Protocol, client: Client) {
+        self.refused.inc();
+        // Logged at warn level once a minute at most (an attacker would fill the log), at debug
+        // level otherwise.
+        let now = self.started.elapsed().as_secs() + 1;
+        let last = self.warned.load(Ordering::Relaxed);
+        if (last == 0 || now >= last + 60)
+            && self
+                .warned
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                "refusing connections from {client}: it holds its limit of {} \
+                 (--max-connections-per-client); more refusals are counted in \
+                 sophon_connections_refused_total",
+                self.per_client
+            );
+        } else {
+            tracing::debug!("refused a connection from {client}");
+        }
+        match self.refusing.clone().try_acquire_owned() {
+            Ok(permit) => {
+                let reason = self.refusal(client);
+                tokio::spawn(async move {
+                    crate::refuse::refuse(tcp, protocol, reason).await;
+                    drop(permit);
+                });
+            }
+            Err(_) => drop(tcp),
         }
     }
 
@@ -572,10 +616,12 @@ mod tests {
     }
 
     #[test]
-    fn the_default_cap_per_client_is_a_quarter_from_64_connections() {
+    fn the_default_cap_per_client_is_a_quarter_and_at_least_256() {
         assert_eq!(default_max_connections_per_client(10_000), 2_500);
-        assert_eq!(default_max_connections_per_client(64), 16);
-        // Below, a client may take every slot, and waits in the backlog past them as before.
+        assert_eq!(default_max_connections_per_client(512), 256);
+        // Where 256 would leave the others less than a quarter, no cap of its own: a client
+        // may take every slot, and waits in the backlog past them as before.
+        assert_eq!(default_max_connections_per_client(300), 300);
         assert_eq!(default_max_connections_per_client(8), 8);
     }
     use std::sync::atomic::AtomicUsize;

@@ -633,3 +633,109 @@ async fn a_compressed_grpc_message_is_counted_while_it_is_decoded() {
     );
     all_given_back(&state, "after the body is read").await;
 }
+
+/// A body that sends `data` as one frame, then neither more nor its end until `open` is dropped.
+fn held_open_body(data: Vec<u8>) -> (tonic::body::Body, tokio::sync::mpsc::Sender<()>) {
+    let (open, closed) = tokio::sync::mpsc::channel::<()>(1);
+    let first = futures_util::stream::once(async move {
+        Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(bytes::Bytes::from(data)))
+    });
+    let rest = futures_util::stream::unfold(closed, |mut closed| async move {
+        closed.recv().await;
+        None::<(
+            Result<hyper::body::Frame<bytes::Bytes>, std::convert::Infallible>,
+            _,
+        )>
+    });
+    let stream = futures_util::StreamExt::chain(first, rest);
+    (
+        tonic::body::Body::new(http_body_util::StreamBody::new(stream)),
+        open,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_inflated_message_stays_counted_until_the_client_sends_more_or_ends() {
+    use http_body_util::BodyExt as _;
+    use tower::ServiceExt as _;
+    let server = mlp_server(HttpConfig {
+        max_body_bytes: 4 << 20,
+        ..HttpConfig::default()
+    })
+    .await;
+    let state = server.state().clone();
+    let max = state.config.max_inflight_bytes;
+    let zeros = vec![0u8; 2 << 20];
+    let (body, open) = held_open_body(grpc_message(true, &gzip(&zeros)));
+    let watched = state.clone();
+    // Reads the inflated message, then waits for more (as a unary call waits for the end of
+    // the body before its handler runs), watching what is counted meanwhile.
+    let reader = tower::service_fn(move |request: axum::http::Request<tonic::body::Body>| {
+        let state = watched.clone();
+        async move {
+            let mut body = request.into_body();
+            let mut got = 0;
+            // The message and its 5-byte prefix.
+            while got < 5 + (2 << 20) {
+                let frame = body.frame().await.expect("a frame").expect("data");
+                got += frame.into_data().map_or(0, |d| d.len());
+            }
+            let waiting =
+                tokio::time::timeout(std::time::Duration::from_millis(200), body.frame()).await;
+            assert!(waiting.is_err(), "the client sent nothing more");
+            Ok::<_, std::convert::Infallible>(max - state.inflight_bytes.available_permits())
+        }
+    });
+    let request = axum::http::Request::post("/inference.GRPCInferenceService/ModelInfer")
+        .header("grpc-encoding", "gzip")
+        .body(body)
+        .expect("request");
+    let counted = sophon_node::grpc::inflate::Inflating::new(reader, state.clone())
+        .oneshot(request)
+        .await
+        .expect("read");
+    assert!(
+        counted >= zeros.len(),
+        "while the body stays open, the inflated message stays counted: {counted} bytes"
+    );
+    drop(open);
+    all_given_back(&state, "once the body is dropped").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_call_dropped_while_its_message_inflates_gives_everything_back() {
+    use http_body_util::BodyExt as _;
+    use tower::ServiceExt as _;
+    let server = mlp_server(HttpConfig {
+        max_body_bytes: 64 << 20,
+        ..HttpConfig::default()
+    })
+    .await;
+    let state = server.state().clone();
+    // 60 MiB of zeros: about 60 KB compressed, and many slices of inflating, each followed by a
+    // yield where the call can be dropped (a client's deadline, a reset stream).
+    let bomb = gzip(&vec![0u8; 60 << 20]);
+    for after_ms in [0u64, 1, 3, 10, 30] {
+        let reader = tower::service_fn(
+            move |request: axum::http::Request<tonic::body::Body>| async move {
+                let mut body = request.into_body();
+                let _ = tokio::time::timeout(std::time::Duration::from_millis(after_ms), async {
+                    while body.frame().await.is_some() {}
+                })
+                .await;
+                Ok::<_, std::convert::Infallible>(())
+            },
+        );
+        let request = axum::http::Request::post("/inference.GRPCInferenceService/ModelInfer")
+            .header("grpc-encoding", "gzip")
+            .body(tonic::body::Body::new(http_body_util::Full::new(
+                bytes::Bytes::from(grpc_message(true, &bomb)),
+            )))
+            .expect("request");
+        sophon_node::grpc::inflate::Inflating::new(reader, state.clone())
+            .oneshot(request)
+            .await
+            .expect("read");
+        all_given_back(&state, &format!("a call dropped after {after_ms} ms")).await;
+    }
+}

@@ -400,6 +400,9 @@ async fn a_grpc_client_that_reads_none_of_its_answer_is_closed() {
     );
 }
 
+/// What a client over its cap of two is told.
+const SAYS: &str = "too many connections from 127.0.0.1: each client may hold 2 at once";
+
 /// A connection to `addr` from the local address `from` (any of 127.0.0.0/8 on Linux).
 async fn connect_from(from: &str, addr: SocketAddr) -> TcpStream {
     let socket = tokio::net::TcpSocket::new_v4().expect("socket");
@@ -469,6 +472,24 @@ async fn one_client_holds_at_most_its_share_of_connections() {
             .contains("too many connections from 127.0.0.1"),
         "{status:?}"
     );
+    // A burst of connections past the cap: each is told why or, past the refusals the node
+    // tells at once, closed; none waits.
+    let burst = blocking(move || {
+        let conns: Vec<TcpStream> = (0..150)
+            .map(|_| TcpStream::connect(addr).expect("connect"))
+            .collect();
+        conns
+            .into_iter()
+            .map(|mut c| read_all(&mut c, Duration::from_secs(5)))
+            .collect::<Vec<_>>()
+    })
+    .await;
+    let told = burst.iter().filter(|a| a.contains(SAYS)).count();
+    assert!(
+        burst.iter().all(|a| a.is_empty() || a.contains(SAYS)),
+        "each refused, or closed"
+    );
+    assert!(told > 0, "some are told why");
     // ...while another client is served on both.
     let other = connect_from("127.0.0.2", addr).await;
     let answer = blocking(move || request_on(other)).await;

@@ -45,9 +45,10 @@ pub struct ServeArgs {
     #[arg(long, value_parser = above_zero::<usize>)]
     pub max_connections: Option<usize>,
     /// Connections one client (an IPv4 address, an IPv6 /64) may hold at once; past it, its new
-    /// ones are refused with the reason (HTTP 503, gRPC GOAWAY). Default: a quarter of
-    /// `--max-connections` from 64 connections up, no cap of its own below. Behind a proxy that
-    /// opens many connections, raise it to `--max-connections` (no cap).
+    /// ones are refused with the reason (HTTP 503; gRPC RESOURCE_EXHAUSTED, then GOAWAY).
+    /// Default: a quarter of `--max-connections`, at least 256 (no cap of its own where that
+    /// leaves the others less than a quarter). Behind a proxy that opens many connections,
+    /// raise it to `--max-connections` (no cap).
     #[arg(long, value_parser = above_zero::<usize>)]
     pub max_connections_per_client: Option<usize>,
     /// Seconds a shutdown waits for requests in flight before it cancels them.

@@ -19,7 +19,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use axum::http;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http_body_util::BodyExt as _;
 use hyper::body::Frame;
 use tonic::Status;
@@ -71,10 +71,14 @@ where
         let messages = Messages {
             body,
             coding,
+            limit: self.state.config.max_body_bytes.min(u32::MAX as usize),
             state: self.state.clone(),
-            buf: BytesMut::new(),
+            prefix: [0; PREFIX],
+            prefix_len: 0,
             current: Current::Between,
+            pending: Vec::new(),
             out: VecDeque::new(),
+            trailers: None,
             held: 0,
             handed: 0,
             ended: false,
@@ -91,7 +95,7 @@ where
 /// Where the body's reading stands in its messages.
 #[derive(Clone, Copy)]
 enum Current {
-    /// Before a message's prefix.
+    /// Before a message, or inside its prefix.
     Between,
     /// In an uncompressed message, this many bytes of it still to pass.
     Passing(usize),
@@ -100,18 +104,32 @@ enum Current {
 }
 
 /// The request body, rewritten message by message.
+///
+/// Every byte it holds is counted in `held`: the chunks read (by their length, as they arrive),
+/// the buffer of a compressed message (by its capacity), and an inflated message (by what the
+/// inflater took). A frame queued for tonic carries its count; once tonic has taken the frame
+/// the count moves to `handed`, and is given back when the client's next frame arrives (or the
+/// body ends, or is dropped): tonic holds a message it has read until it has decoded it, and a
+/// unary call waits for the end of the body before its handler runs.
 struct Messages {
     body: tonic::body::Body,
     coding: Coding,
+    /// The largest message, before or after inflating.
+    limit: usize,
     state: Arc<ApiState>,
-    /// Read from the body and not yet handed on.
-    buf: BytesMut,
+    /// The current message's prefix, as far as it has arrived.
+    prefix: [u8; PREFIX],
+    prefix_len: usize,
     current: Current,
-    /// Frames ready for tonic.
-    out: VecDeque<Frame<Bytes>>,
+    /// A compressed message, as far as it has arrived.
+    pending: Vec<u8>,
+    /// Frames ready for tonic, each with the permits it carries.
+    out: VecDeque<(Frame<Bytes>, usize)>,
+    /// The body's trailers, handed on after every message.
+    trailers: Option<Frame<Bytes>>,
     /// Permits of the bytes in flight this body holds now.
     held: usize,
-    /// Of those, the ones for bytes already handed to tonic: returned when it asks for more.
+    /// Of those, the ones for frames tonic has taken.
     handed: usize,
     ended: bool,
 }
@@ -125,117 +143,156 @@ impl Drop for Messages {
 impl Messages {
     /// The next frame for tonic.
     async fn next(&mut self) -> Option<Result<Frame<Bytes>, Status>> {
-        // Tonic asks for more once it has taken what it was given.
-        self.give_back(self.handed);
-        self.handed = 0;
         loop {
-            if let Some(frame) = self.out.pop_front() {
+            if let Some((frame, permits)) = self.out.pop_front() {
+                self.handed += permits;
                 return Some(Ok(frame));
             }
-            if let Err(status) = self.step().await {
-                // The call ends here; nothing it took stays held.
-                self.give_back(self.held);
+            if self.ended {
+                if matches!(self.current, Current::Compressed(_)) || self.prefix_len > 0 {
+                    return Some(Err(
+                        self.fail(Status::internal("the request ended inside a message"))
+                    ));
+                }
+                self.give_back(self.handed);
                 self.handed = 0;
-                self.buf.clear();
-                self.ended = true;
-                return Some(Err(status));
+                return self.trailers.take().map(Ok);
             }
-            if self.ended && self.out.is_empty() && self.buf.is_empty() {
-                return None;
+            let read = self.body.frame().await;
+            // What tonic took before has been decoded by now: it asked for more, and the
+            // client sent more (or ended).
+            self.give_back(self.handed);
+            self.handed = 0;
+            let step = match read {
+                None => {
+                    self.ended = true;
+                    Ok(())
+                }
+                Some(Err(status)) => Err(status),
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => self.read(data).await,
+                    // Trailers end the body; they go on after every message.
+                    Err(trailers) => {
+                        self.trailers = Some(trailers);
+                        self.ended = true;
+                        Ok(())
+                    }
+                },
+            };
+            if let Err(status) = step {
+                return Some(Err(self.fail(status)));
             }
         }
     }
 
-    /// Move what `buf` holds on to `out` as far as it goes, or read more of the body.
-    async fn step(&mut self) -> Result<(), Status> {
-        match self.current {
-            Current::Passing(rest) if rest > 0 && !self.buf.is_empty() => {
-                let n = rest.min(self.buf.len());
-                let bytes = self.buf.split_to(n).freeze();
-                self.hand(bytes);
-                self.current = Current::Passing(rest - n);
-                return Ok(());
-            }
-            Current::Passing(0) => {
-                self.current = Current::Between;
-                return Ok(());
-            }
-            Current::Between if self.buf.len() >= PREFIX => {
-                let flag = self.buf[0];
-                let len = u32::from_be_bytes(self.buf[1..PREFIX].try_into().expect("4 bytes"));
-                let len = len as usize;
-                let limit = self.state.config.max_body_bytes;
-                if len > limit {
-                    return Err(Status::resource_exhausted(format!(
-                        "the request message of {len} bytes is over the limit of {limit} bytes"
-                    )));
+    /// End the call with `status`: nothing it took stays held, nothing more is read.
+    fn fail(&mut self, status: Status) -> Status {
+        self.give_back(self.held);
+        self.handed = 0;
+        self.out.clear();
+        self.pending = Vec::new();
+        self.prefix_len = 0;
+        self.current = Current::Between;
+        self.trailers = None;
+        self.ended = true;
+        status
+    }
+
+    /// Take in one chunk of the body: counted as it arrives, then passed on, or buffered and
+    /// inflated as messages complete.
+    async fn read(&mut self, mut data: Bytes) -> Result<(), Status> {
+        self.take(data.len())?;
+        while !data.is_empty() {
+            match self.current {
+                Current::Between => {
+                    let n = (PREFIX - self.prefix_len).min(data.len());
+                    self.prefix[self.prefix_len..self.prefix_len + n]
+                        .copy_from_slice(&data.split_to(n));
+                    self.prefix_len += n;
+                    if self.prefix_len < PREFIX {
+                        continue;
+                    }
+                    self.prefix_len = 0;
+                    let len = u32::from_be_bytes(self.prefix[1..].try_into().expect("4 bytes"));
+                    let len = len as usize;
+                    if len > self.limit {
+                        return Err(Status::resource_exhausted(format!(
+                            "the request message of {len} bytes is over the limit of {} bytes",
+                            self.limit
+                        )));
+                    }
+                    if self.prefix[0] == 1 {
+                        // Read and done with: the prefix's bytes go back.
+                        self.give_back(PREFIX);
+                        self.current = Current::Compressed(len);
+                        if len == 0 {
+                            self.inflate().await?;
+                        }
+                    } else {
+                        // Uncompressed (or a flag tonic refuses): passed on as it arrives.
+                        let prefix = Bytes::copy_from_slice(&self.prefix);
+                        self.out.push_back((Frame::data(prefix), PREFIX));
+                        self.current = if len == 0 {
+                            Current::Between
+                        } else {
+                            Current::Passing(len)
+                        };
+                    }
                 }
-                if flag == 1 {
-                    self.current = Current::Compressed(len);
-                } else {
-                    // Uncompressed (or a flag tonic refuses): passed on as it arrives.
-                    let prefix = self.buf.split_to(PREFIX).freeze();
-                    self.hand(prefix);
-                    self.current = Current::Passing(len);
+                Current::Passing(rest) => {
+                    let n = rest.min(data.len());
+                    self.out.push_back((Frame::data(data.split_to(n)), n));
+                    self.current = if rest == n {
+                        Current::Between
+                    } else {
+                        Current::Passing(rest - n)
+                    };
                 }
-                return Ok(());
-            }
-            Current::Compressed(len) if self.buf.len() >= PREFIX + len => {
-                let compressed = self.buf.split_to(PREFIX + len);
-                return self.inflate(&compressed[PREFIX..]).await;
-            }
-            _ => {}
-        }
-        if self.ended {
-            // The body ended inside a message: tonic says so when it sees the rest.
-            if !self.buf.is_empty() {
-                let rest = self.buf.split().freeze();
-                self.hand(rest);
-            }
-            return Ok(());
-        }
-        match self.body.frame().await {
-            None => self.ended = true,
-            Some(Err(status)) => return Err(status),
-            Some(Ok(frame)) => match frame.into_data() {
-                Ok(data) => {
-                    self.take(data.len())?;
-                    self.buf.extend_from_slice(&data);
+                Current::Compressed(len) => {
+                    let n = (len - self.pending.len()).min(data.len());
+                    // The buffer is counted by its capacity as it grows (never by the length
+                    // the client announced); the chunk's bytes, copied, go back.
+                    let before = self.pending.capacity();
+                    self.pending.reserve(n);
+                    let grown = self.pending.capacity() - before;
+                    self.take(grown)?;
+                    self.pending.extend_from_slice(&data.split_to(n));
+                    self.give_back(n);
+                    if self.pending.len() == len {
+                        self.inflate().await?;
+                    }
                 }
-                // Trailers end the body.
-                Err(frame) => {
-                    self.out.push_back(frame);
-                    self.ended = true;
-                }
-            },
+            }
         }
         Ok(())
     }
 
-    /// Inflate one whole message (its bytes are held) and queue it uncompressed.
-    async fn inflate(&mut self, compressed: &[u8]) -> Result<(), Status> {
-        let limit = self.state.config.max_body_bytes;
+    /// Inflate the whole compressed message in `pending` and queue it uncompressed.
+    async fn inflate(&mut self) -> Result<(), Status> {
+        let (coding, limit) = (self.coding, self.limit);
         let state = self.state.clone();
-        let mut taken = 0usize;
-        let inflated = coding::inflate(self.coding, compressed, limit, |n| {
+        let compressed = std::mem::take(&mut self.pending);
+        let before = self.held;
+        // Counted into `held` as it is taken, so that a call dropped while it inflates (the
+        // client's deadline, a reset stream) gives it back.
+        let held = &mut self.held;
+        let inflated = coding::inflate(coding, &compressed, limit, |n| {
             let ok = u32::try_from(n)
                 .ok()
                 .and_then(|n| state.inflight_bytes.try_acquire_many(n).ok())
                 .map(tokio::sync::SemaphorePermit::forget)
                 .is_some();
             if ok {
-                taken += n;
+                *held += n;
             }
             ok
         })
         .await;
-        // What inflated is held as handed (tonic copies it into its buffer); the compressed
-        // bytes, read and done with, go back now.
-        self.held += taken;
-        self.handed += taken;
-        self.give_back(compressed.len() + PREFIX);
+        let taken = self.held - before;
+        self.give_back(compressed.capacity());
+        drop(compressed);
         self.current = Current::Between;
-        let coding = self.coding.name();
+        let coding = coding.name();
         let inflated = inflated.map_err(|e| match e {
             InflateError::TooLarge { .. } => Status::resource_exhausted(format!(
                 "the request message is over the limit of {limit} bytes once inflated from \
@@ -247,24 +304,16 @@ impl Messages {
             InflateError::NoRoom => self.overloaded(),
             InflateError::Unsupported(_) => Status::unimplemented(e.to_string()),
         })?;
-        let len = u32::try_from(inflated.len()).expect("within the body limit");
+        let len = u32::try_from(inflated.len()).expect("within the limit, itself within u32");
         let mut prefix = Vec::with_capacity(PREFIX);
         prefix.push(0);
         prefix.extend_from_slice(&len.to_be_bytes());
-        self.out.push_back(Frame::data(Bytes::from(prefix)));
-        if !inflated.is_empty() {
-            self.out.push_back(Frame::data(inflated));
-        }
+        self.out.push_back((Frame::data(Bytes::from(prefix)), 0));
+        self.out.push_back((Frame::data(inflated), taken));
         Ok(())
     }
 
-    /// Queue `bytes` (held while in `buf`) for tonic.
-    fn hand(&mut self, bytes: Bytes) {
-        self.handed += bytes.len();
-        self.out.push_back(Frame::data(bytes));
-    }
-
-    /// Take `n` bytes of the node's bytes in flight for what was read.
+    /// Take `n` bytes of the node's bytes in flight.
     fn take(&mut self, n: usize) -> Result<(), Status> {
         let n32 = u32::try_from(n).map_err(|_| self.overloaded())?;
         match self.state.inflight_bytes.try_acquire_many(n32) {
