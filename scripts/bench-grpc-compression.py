@@ -3,7 +3,8 @@
 `ModelInfer` sent plain and with `compression_algorithm="gzip"` (tritonclient's grpc client, one
 channel per server), rounds alternating servers and ways. For each it prints the median latency
 (which includes the client's own compression, the same for every server) and the server's CPU
-time per request (every thread's run time from /proc/PID/task/*/schedstat, in nanoseconds).
+time per request (each thread's run time from /proc/PID/task/*/schedstat, in nanoseconds; a thread that ends
+during a round is left out).
 
 Usage: .venv/bin/python scripts/bench-grpc-compression.py HOST:GRPC_PORT@PID[,...] [ROUNDS] [PER_ROUND]
 against `sophon dev --no-coordinator` (the built-in `mlp`) on each port (see docs/BENCHMARKS.md).
@@ -19,15 +20,21 @@ import tritonclient.grpc as grpcclient
 
 
 def cpu_ns(pid):
-    """The process's CPU time so far: the sum of its threads' run times."""
-    total = 0
+    """Each thread's CPU time so far, by thread id (from its schedstat, in nanoseconds)."""
+    times = {}
     for task in os.listdir(f"/proc/{pid}/task"):
         try:
             with open(f"/proc/{pid}/task/{task}/schedstat") as f:
-                total += int(f.read().split()[0])
+                times[task] = int(f.read().split()[0])
         except FileNotFoundError:
             pass  # a thread that ended meanwhile
-    return total
+    return times
+
+
+def spent(before, after):
+    """CPU time spent between two readings: threads that ended meanwhile are left out (their
+    last moments uncounted) rather than subtracted."""
+    return sum(t - before.get(task, 0) for task, t in after.items())
 
 
 def main():
@@ -52,7 +59,7 @@ def main():
                     start = time.perf_counter()
                     client.infer("mlp", [x], compression_algorithm=algorithm)
                     times[(server, way)].append(time.perf_counter() - start)
-                cpu[(server, way)] += cpu_ns(pid) - before
+                cpu[(server, way)] += spent(before, cpu_ns(pid))
     for server in servers:
         plain = statistics.median(times[(server, "plain")]) * 1e3
         packed = statistics.median(times[(server, "gzip")]) * 1e3

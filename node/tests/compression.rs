@@ -655,7 +655,7 @@ fn held_open_body(data: Vec<u8>) -> (tonic::body::Body, tokio::sync::mpsc::Sende
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn an_inflated_message_stays_counted_until_the_client_sends_more_or_ends() {
+async fn a_message_stays_counted_until_the_client_sends_more_or_ends() {
     use http_body_util::BodyExt as _;
     use tower::ServiceExt as _;
     let server = mlp_server(HttpConfig {
@@ -666,40 +666,47 @@ async fn an_inflated_message_stays_counted_until_the_client_sends_more_or_ends()
     let state = server.state().clone();
     let max = state.config.max_inflight_bytes;
     let zeros = vec![0u8; 2 << 20];
-    let (body, open) = held_open_body(grpc_message(true, &gzip(&zeros)));
-    let watched = state.clone();
-    // Reads the inflated message, then waits for more (as a unary call waits for the end of
-    // the body before its handler runs), watching what is counted meanwhile.
-    let reader = tower::service_fn(move |request: axum::http::Request<tonic::body::Body>| {
-        let state = watched.clone();
-        async move {
-            let mut body = request.into_body();
-            let mut got = 0;
-            // The message and its 5-byte prefix.
-            while got < 5 + (2 << 20) {
-                let frame = body.frame().await.expect("a frame").expect("data");
-                got += frame.into_data().map_or(0, |d| d.len());
+    // Compressed (inflated by the node) and plain (passed on as it arrives): both counted.
+    for (coding, message) in [
+        (Some("gzip"), grpc_message(true, &gzip(&zeros))),
+        (None, grpc_message(false, &zeros)),
+    ] {
+        let (body, open) = held_open_body(message);
+        let watched = state.clone();
+        // Reads the message, then waits for more (as a unary call waits for the end of the
+        // body before its handler runs), watching what is counted meanwhile.
+        let reader = tower::service_fn(move |request: axum::http::Request<tonic::body::Body>| {
+            let state = watched.clone();
+            async move {
+                let mut body = request.into_body();
+                let mut got = 0;
+                // The message and its 5-byte prefix.
+                while got < 5 + (2 << 20) {
+                    let frame = body.frame().await.expect("a frame").expect("data");
+                    got += frame.into_data().map_or(0, |d| d.len());
+                }
+                let waiting =
+                    tokio::time::timeout(std::time::Duration::from_millis(200), body.frame()).await;
+                assert!(waiting.is_err(), "the client sent nothing more");
+                Ok::<_, std::convert::Infallible>(max - state.inflight_bytes.available_permits())
             }
-            let waiting =
-                tokio::time::timeout(std::time::Duration::from_millis(200), body.frame()).await;
-            assert!(waiting.is_err(), "the client sent nothing more");
-            Ok::<_, std::convert::Infallible>(max - state.inflight_bytes.available_permits())
+        });
+        let mut request = axum::http::Request::post("/inference.GRPCInferenceService/ModelInfer");
+        if let Some(coding) = coding {
+            request = request.header("grpc-encoding", coding);
         }
-    });
-    let request = axum::http::Request::post("/inference.GRPCInferenceService/ModelInfer")
-        .header("grpc-encoding", "gzip")
-        .body(body)
-        .expect("request");
-    let counted = sophon_node::grpc::inflate::Inflating::new(reader, state.clone())
-        .oneshot(request)
-        .await
-        .expect("read");
-    assert!(
-        counted >= zeros.len(),
-        "while the body stays open, the inflated message stays counted: {counted} bytes"
-    );
-    drop(open);
-    all_given_back(&state, "once the body is dropped").await;
+        let request = request.body(body).expect("request");
+        let counted = sophon_node::grpc::inflate::Inflating::new(reader, state.clone())
+            .oneshot(request)
+            .await
+            .expect("read");
+        assert!(
+            counted >= zeros.len(),
+            "{coding:?}: while the body stays open, the message stays counted: {counted} bytes"
+        );
+        drop(open);
+        all_given_back(&state, "once the body is dropped").await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

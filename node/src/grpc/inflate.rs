@@ -1,19 +1,22 @@
-//! Compressed gRPC request messages, inflated by the node instead of by tonic, so that what a
-//! message inflates to counts against the node's bytes in flight while it is inflated.
+//! gRPC request messages counted against the node's bytes in flight from the moment they
+//! arrive, and compressed ones inflated by the node instead of by tonic.
 //!
-//! tonic inflates a message with its `grpc-encoding` into a buffer of its own before the
-//! handler sees it, bounded only by the message size limit: sixty-four 64 KiB messages that
-//! each inflate to `--max-body-bytes` would make the node hold gigabytes that nothing counted.
-//! [`Inflating`] sits in front of tonic's decoder on requests sent with `grpc-encoding: gzip` or
-//! `deflate`. It reads the body's length-prefixed messages, and hands each compressed one to
-//! tonic inflated, with its compressed flag cleared, through the same metered inflater that HTTP
-//! bodies go through ([`crate::coding::inflate`]): the bytes it buffers and inflates take
-//! permits of the node's bytes in flight as they arrive, and give them back once tonic has taken
-//! the message. Uncompressed messages in the same stream pass through as they arrive.
+//! tonic reads a request's messages into a buffer of its own and decodes them before the
+//! handler sees them, bounded only by the message size limit: a client could open streams that
+//! each send a message of `--max-body-bytes` and never end, and the node held all of it
+//! uncounted, where HTTP counts a body as it arrives. With `grpc-encoding: gzip` or `deflate`
+//! it was worse: tonic inflated a 64 KiB message to the limit. [`Inflating`] sits in front of
+//! tonic's decoder on every request. It reads the body's length-prefixed messages; each chunk
+//! takes permits of the node's bytes in flight as it arrives, and uncompressed messages pass on
+//! as they arrive. A compressed message is buffered whole and handed to tonic inflated, with its
+//! compressed flag cleared, through the same metered inflater that HTTP bodies go through
+//! ([`crate::coding::inflate`]), counted as it inflates. What tonic has taken stays counted
+//! until the client's next frame arrives or the body ends (see [`Messages`]).
 //!
-//! A message that inflates past the limit is `RESOURCE_EXHAUSTED`, one that is not valid in its
-//! coding `INVALID_ARGUMENT`, and one that finds no room in the bytes in flight `UNAVAILABLE`;
-//! each ends its call only (a stream's earlier answers stand), and its permits are returned.
+//! A message over the limit, or that inflates past it, is `RESOURCE_EXHAUSTED`, one that is not
+//! valid in its coding `INVALID_ARGUMENT`, and one that finds no room in the bytes in flight
+//! `UNAVAILABLE`; each ends its call only (a stream's earlier answers stand), and its permits are
+//! returned.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -30,8 +33,8 @@ use crate::http::ApiState;
 /// The length prefix of a gRPC message: a compressed flag and a big-endian length.
 const PREFIX: usize = 5;
 
-/// A tower layer's service: requests with a compressed `grpc-encoding` get a body whose
-/// messages are inflated and counted (see the module's documentation); others pass as they are.
+/// A tower layer's service: every request gets a body whose messages are counted, and inflated
+/// when its `grpc-encoding` is gzip or deflate (see the module's documentation).
 #[derive(Clone)]
 pub struct Inflating<S> {
     inner: S,
@@ -62,10 +65,11 @@ where
 
     fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
         let coding = match request.headers().get("grpc-encoding").map(|v| v.as_bytes()) {
-            Some(b"gzip") => Coding::Gzip,
-            Some(b"deflate") => Coding::Deflate,
-            // Identity, or a coding tonic refuses with UNIMPLEMENTED.
-            _ => return self.inner.call(request),
+            None | Some(b"identity") => None,
+            Some(b"gzip") => Some(Coding::Gzip),
+            Some(b"deflate") => Some(Coding::Deflate),
+            // A coding tonic refuses with UNIMPLEMENTED before it reads the body.
+            Some(_) => return self.inner.call(request),
         };
         let (parts, body) = request.into_parts();
         let messages = Messages {
@@ -113,7 +117,9 @@ enum Current {
 /// unary call waits for the end of the body before its handler runs.
 struct Messages {
     body: tonic::body::Body,
-    coding: Coding,
+    /// How compressed messages are coded: none for a request without `grpc-encoding`, whose
+    /// messages tonic refuses if they say they are compressed.
+    coding: Option<Coding>,
     /// The largest message, before or after inflating.
     limit: usize,
     state: Arc<ApiState>,
@@ -221,7 +227,7 @@ impl Messages {
                             self.limit
                         )));
                     }
-                    if self.prefix[0] == 1 {
+                    if let (1, Some(_)) = (self.prefix[0], self.coding) {
                         // Read and done with: the prefix's bytes go back.
                         self.give_back(PREFIX);
                         self.current = Current::Compressed(len);
@@ -229,7 +235,7 @@ impl Messages {
                             self.inflate().await?;
                         }
                     } else {
-                        // Uncompressed (or a flag tonic refuses): passed on as it arrives.
+                        // Uncompressed, or a flag tonic refuses: passed on as it arrives.
                         let prefix = Bytes::copy_from_slice(&self.prefix);
                         self.out.push_back((Frame::data(prefix), PREFIX));
                         self.current = if len == 0 {
@@ -269,7 +275,9 @@ impl Messages {
 
     /// Inflate the whole compressed message in `pending` and queue it uncompressed.
     async fn inflate(&mut self) -> Result<(), Status> {
-        let (coding, limit) = (self.coding, self.limit);
+        let (Some(coding), limit) = (self.coding, self.limit) else {
+            unreachable!("a compressed message is buffered only with a coding");
+        };
         let state = self.state.clone();
         let compressed = std::mem::take(&mut self.pending);
         let before = self.held;

@@ -112,7 +112,8 @@ pub async fn serve(
         });
     let counted = state.clone();
     tonic::transport::Server::builder()
-        // Compressed messages are inflated against the node's bytes in flight.
+        // Request messages count against the node's bytes in flight as they arrive, and
+        // compressed ones are inflated by the node, counted too.
         .layer(tower::layer::layer_fn(move |inner| {
             inflate::Inflating::new(inner, counted.clone())
         }))
