@@ -974,8 +974,10 @@ mod tests {
             .await;
         let took = started.elapsed();
         assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+        // Tokio's timer counts whole milliseconds from its own clock, so the deadline may fire
+        // a hair before 400 ms read from `Instant` (399.97 ms was seen in CI).
         assert!(
-            took >= Duration::from_millis(400) && took < Duration::from_secs(3),
+            took >= Duration::from_millis(395) && took < Duration::from_secs(3),
             "{took:?}"
         );
         assert_eq!(router.attempts.load(Ordering::Relaxed), 1);
