@@ -86,7 +86,8 @@ impl ApiState {
                 .reporting(
                     metrics.connections_open.clone(),
                     metrics.connections_refused.clone(),
-                );
+                )
+                .opening(config.header_timeout);
         ApiState {
             repo,
             config,

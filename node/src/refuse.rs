@@ -20,18 +20,26 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use crate::serve::Protocol;
 
-/// How long a refused connection is kept at most.
+/// How long a refused connection is kept, once told, to read what its client still sends.
 const LINGER: Duration = Duration::from_secs(2);
 
-/// Tell `tcp`'s client `reason` in `protocol`'s words, then close it.
-pub async fn refuse(mut tcp: tokio::net::TcpStream, protocol: Protocol, reason: String) {
-    let _ = tokio::time::timeout(LINGER, async {
+/// Tell `tcp`'s client `reason` in `protocol`'s words, then close it. An HTTP/2 client's first
+/// request is waited for at most `opening` (the node's header timeout).
+pub async fn refuse(
+    mut tcp: tokio::net::TcpStream,
+    protocol: Protocol,
+    reason: String,
+    opening: Duration,
+) {
+    let _ = tokio::time::timeout(opening + LINGER, async {
         match protocol {
             Protocol::Http1 => tcp.write_all(&http1_refusal(&reason)).await?,
             Protocol::Http2 => {
                 tcp.write_all(&frame(SETTINGS, 0, 0, &[])).await?;
-                // Answer the client's first request (a moment at most), then go away.
-                let first = tokio::time::timeout(LINGER / 2, first_request(&mut tcp)).await;
+                // Answer the client's first request (within the header timeout), then go away:
+                // a channel connected ahead of its first call (tonic's `connect`, grpcio's
+                // `channel_ready_future`) is told too.
+                let first = tokio::time::timeout(opening, first_request(&mut tcp)).await;
                 let mut out = Vec::new();
                 let last = match first {
                     Ok(Ok(Some(stream))) => {

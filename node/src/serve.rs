@@ -181,6 +181,8 @@ pub struct Slots {
     /// When a refusal was last logged at warn level (seconds since `Slots::new`, plus one).
     warned: Arc<std::sync::atomic::AtomicU64>,
     started: std::time::Instant,
+    /// How long a refused HTTP/2 client's first request is waited for.
+    opening: Duration,
 }
 
 /// Who a connection comes from, for the per-client cap: an IPv4 address, or an IPv6 /64 (one
@@ -263,7 +265,15 @@ impl Slots {
             refusing: Arc::new(tokio::sync::Semaphore::new(REFUSING)),
             warned: Arc::default(),
             started: std::time::Instant::now(),
+            opening: Duration::from_secs(1),
         }
+    }
+
+    /// The same slots, waiting at most `opening` (the header timeout) for a refused HTTP/2
+    /// client's first request, to answer it with the reason.
+    pub fn opening(mut self, opening: Duration) -> Slots {
+        self.opening = opening;
+        self
     }
 
     /// The same slots, counting open and refused connections in `open` and `refused`.
@@ -378,9 +388,9 @@ impl Slots {
         }
         match self.refusing.clone().try_acquire_owned() {
             Ok(permit) => {
-                let reason = self.refusal(client);
+                let (reason, opening) = (self.refusal(client), self.opening);
                 tokio::spawn(async move {
-                    crate::refuse::refuse(tcp, protocol, reason).await;
+                    crate::refuse::refuse(tcp, protocol, reason, opening).await;
                     drop(permit);
                 });
             }

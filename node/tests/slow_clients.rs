@@ -463,7 +463,17 @@ async fn one_client_holds_at_most_its_share_of_connections() {
             "{answer}"
         );
     }
-    let status = grpc_client_from(grpc).await;
+    let status = grpc_client_from(grpc, Duration::ZERO).await;
+    // The call is answered RESOURCE_EXHAUSTED with the reason, then the connection goes away.
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("too many connections from 127.0.0.1"),
+        "{status:?}"
+    );
+    // A channel connected well before its first call is told too.
+    let status = grpc_client_from(grpc, Duration::from_millis(1500)).await;
     // The call is answered RESOURCE_EXHAUSTED with the reason, then the connection goes away.
     assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
     assert!(
@@ -527,8 +537,8 @@ async fn one_client_holds_at_most_its_share_of_connections() {
         .expect("gRPC served once the client is under its cap");
 }
 
-/// A gRPC call from 127.0.0.1 to `addr` on a fresh channel; its status.
-async fn grpc_client_from(addr: SocketAddr) -> tonic::Status {
+/// A gRPC call from 127.0.0.1 to `addr` on a fresh channel, `after` it connected; its status.
+async fn grpc_client_from(addr: SocketAddr, after: Duration) -> tonic::Status {
     let channel = match tonic::transport::Channel::from_shared(format!("http://{addr}"))
         .expect("uri")
         .connect()
@@ -537,6 +547,7 @@ async fn grpc_client_from(addr: SocketAddr) -> tonic::Status {
         Ok(channel) => channel,
         Err(e) => return tonic::Status::unavailable(format!("{e:?}")),
     };
+    tokio::time::sleep(after).await;
     match GrpcClient::new(channel)
         .model_infer(mlp_grpc_request("mlp", 1))
         .await
