@@ -411,9 +411,7 @@ async fn raw_model_infer(
     .header("content-type", "application/grpc")
     .header("te", "trailers")
     .header("grpc-encoding", coding)
-    .body(tonic::body::Body::new(http_body_util::Full::new(
-        bytes::Bytes::from(body),
-    )))
+    .body(full_body(body))
     .expect("request");
     let response = channel.clone().oneshot(request).await.expect("an answer");
     let (parts, body) = response.into_parts();
@@ -582,18 +580,53 @@ async fn large_and_streamed_compressed_grpc_messages_are_served() {
     }
 }
 
+/// The shared state of a node serving the MLP with `max_body_bytes`, for the gRPC layer alone.
+async fn layer_state(max_body_bytes: usize) -> Arc<ApiState> {
+    mlp_server(HttpConfig {
+        max_body_bytes,
+        ..HttpConfig::default()
+    })
+    .await
+    .state()
+    .clone()
+}
+
+/// Send `body` (sent with `grpc-encoding: coding`, if any) to `ModelInfer` through the node's
+/// gRPC layer in front of `reader`, a service that reads it as tonic's decoder would; what
+/// `reader` answers.
+async fn through_layer<T>(
+    state: &Arc<ApiState>,
+    reader: impl tower::Service<
+        axum::http::Request<tonic::body::Body>,
+        Response = T,
+        Error = std::convert::Infallible,
+    >,
+    coding: Option<&str>,
+    body: tonic::body::Body,
+) -> T {
+    use tower::ServiceExt as _;
+    let mut request = axum::http::Request::post("/inference.GRPCInferenceService/ModelInfer");
+    if let Some(coding) = coding {
+        request = request.header("grpc-encoding", coding);
+    }
+    let request = request.body(body).expect("request");
+    sophon_node::grpc::inflate::Inflating::new(reader, state.clone())
+        .oneshot(request)
+        .await
+        .expect("read")
+}
+
+/// A whole body of `bytes`.
+fn full_body(bytes: Vec<u8>) -> tonic::body::Body {
+    tonic::body::Body::new(http_body_util::Full::new(bytes::Bytes::from(bytes)))
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_compressed_grpc_message_is_counted_while_it_is_decoded() {
     use http_body_util::BodyExt as _;
-    use tower::ServiceExt as _;
     // The layer in front of tonic, over a service that reads the body as tonic's decoder does
     // and watches the node's bytes in flight as it goes.
-    let server = mlp_server(HttpConfig {
-        max_body_bytes: 4 << 20,
-        ..HttpConfig::default()
-    })
-    .await;
-    let state = server.state().clone();
+    let state = layer_state(4 << 20).await;
     let max = state.config.max_inflight_bytes;
     let watched = state.clone();
     let reader = tower::service_fn(move |request: axum::http::Request<tonic::body::Body>| {
@@ -610,19 +643,12 @@ async fn a_compressed_grpc_message_is_counted_while_it_is_decoded() {
             Ok::<_, std::convert::Infallible>((bytes, least))
         }
     });
-    let inflating = sophon_node::grpc::inflate::Inflating::new(reader, state.clone());
     // A compressed message of 2 MiB of zeros, then a plain one, in one body (as on a stream).
     let zeros = vec![0u8; 2 << 20];
     let plain = b"a plain message".to_vec();
     let mut body = grpc_message(true, &gzip(&zeros));
     body.extend(grpc_message(false, &plain));
-    let request = axum::http::Request::post("/inference.GRPCInferenceService/ModelInfer")
-        .header("grpc-encoding", "gzip")
-        .body(tonic::body::Body::new(http_body_util::Full::new(
-            bytes::Bytes::from(body),
-        )))
-        .expect("request");
-    let (read, least) = inflating.oneshot(request).await.expect("read");
+    let (read, least) = through_layer(&state, reader, Some("gzip"), full_body(body)).await;
     let mut want = grpc_message(false, &zeros);
     want.extend(grpc_message(false, &plain));
     assert!(read == want, "the messages arrive inflated, flags cleared");
@@ -657,13 +683,7 @@ fn held_open_body(data: Vec<u8>) -> (tonic::body::Body, tokio::sync::mpsc::Sende
 #[tokio::test(flavor = "multi_thread")]
 async fn a_message_stays_counted_until_the_client_sends_more_or_ends() {
     use http_body_util::BodyExt as _;
-    use tower::ServiceExt as _;
-    let server = mlp_server(HttpConfig {
-        max_body_bytes: 4 << 20,
-        ..HttpConfig::default()
-    })
-    .await;
-    let state = server.state().clone();
+    let state = layer_state(4 << 20).await;
     let max = state.config.max_inflight_bytes;
     let zeros = vec![0u8; 2 << 20];
     // Compressed (inflated by the node) and plain (passed on as it arrives): both counted.
@@ -691,15 +711,7 @@ async fn a_message_stays_counted_until_the_client_sends_more_or_ends() {
                 Ok::<_, std::convert::Infallible>(max - state.inflight_bytes.available_permits())
             }
         });
-        let mut request = axum::http::Request::post("/inference.GRPCInferenceService/ModelInfer");
-        if let Some(coding) = coding {
-            request = request.header("grpc-encoding", coding);
-        }
-        let request = request.body(body).expect("request");
-        let counted = sophon_node::grpc::inflate::Inflating::new(reader, state.clone())
-            .oneshot(request)
-            .await
-            .expect("read");
+        let counted = through_layer(&state, reader, coding, body).await;
         assert!(
             counted >= zeros.len(),
             "{coding:?}: while the body stays open, the message stays counted: {counted} bytes"
@@ -712,13 +724,7 @@ async fn a_message_stays_counted_until_the_client_sends_more_or_ends() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_call_dropped_while_its_message_inflates_gives_everything_back() {
     use http_body_util::BodyExt as _;
-    use tower::ServiceExt as _;
-    let server = mlp_server(HttpConfig {
-        max_body_bytes: 64 << 20,
-        ..HttpConfig::default()
-    })
-    .await;
-    let state = server.state().clone();
+    let state = layer_state(64 << 20).await;
     // 60 MiB of zeros: about 60 KB compressed, and many slices of inflating, each followed by a
     // yield where the call can be dropped (a client's deadline, a reset stream).
     let bomb = gzip(&vec![0u8; 60 << 20]);
@@ -733,16 +739,13 @@ async fn a_call_dropped_while_its_message_inflates_gives_everything_back() {
                 Ok::<_, std::convert::Infallible>(())
             },
         );
-        let request = axum::http::Request::post("/inference.GRPCInferenceService/ModelInfer")
-            .header("grpc-encoding", "gzip")
-            .body(tonic::body::Body::new(http_body_util::Full::new(
-                bytes::Bytes::from(grpc_message(true, &bomb)),
-            )))
-            .expect("request");
-        sophon_node::grpc::inflate::Inflating::new(reader, state.clone())
-            .oneshot(request)
-            .await
-            .expect("read");
+        through_layer(
+            &state,
+            reader,
+            Some("gzip"),
+            full_body(grpc_message(true, &bomb)),
+        )
+        .await;
         all_given_back(&state, &format!("a call dropped after {after_ms} ms")).await;
     }
 }

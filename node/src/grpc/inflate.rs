@@ -285,11 +285,7 @@ impl Messages {
         // client's deadline, a reset stream) gives it back.
         let held = &mut self.held;
         let inflated = coding::inflate(coding, &compressed, limit, |n| {
-            let ok = u32::try_from(n)
-                .ok()
-                .and_then(|n| state.inflight_bytes.try_acquire_many(n).ok())
-                .map(tokio::sync::SemaphorePermit::forget)
-                .is_some();
+            let ok = acquire(&state, n);
             if ok {
                 *held += n;
             }
@@ -323,15 +319,11 @@ impl Messages {
 
     /// Take `n` bytes of the node's bytes in flight.
     fn take(&mut self, n: usize) -> Result<(), Status> {
-        let n32 = u32::try_from(n).map_err(|_| self.overloaded())?;
-        match self.state.inflight_bytes.try_acquire_many(n32) {
-            Ok(permit) => {
-                permit.forget();
-                self.held += n;
-                Ok(())
-            }
-            Err(_) => Err(self.overloaded()),
+        if !acquire(&self.state, n) {
+            return Err(self.overloaded());
         }
+        self.held += n;
+        Ok(())
     }
 
     fn give_back(&mut self, n: usize) {
@@ -341,9 +333,16 @@ impl Messages {
     }
 
     fn overloaded(&self) -> Status {
-        Status::unavailable(format!(
-            "the node is holding its limit of {} bytes of requests in flight; retry later",
-            self.state.config.max_inflight_bytes
-        ))
+        Status::unavailable(super::no_room(&self.state))
     }
+}
+
+/// Take `n` permits of `state`'s bytes in flight, to be given back by count (`add_permits`);
+/// false if there is no room.
+fn acquire(state: &ApiState, n: usize) -> bool {
+    u32::try_from(n)
+        .ok()
+        .and_then(|n| state.inflight_bytes.try_acquire_many(n).ok())
+        .map(tokio::sync::SemaphorePermit::forget)
+        .is_some()
 }

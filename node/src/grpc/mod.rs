@@ -128,6 +128,14 @@ pub async fn serve(
     Ok(())
 }
 
+/// What a request that finds no room in the node's bytes in flight is told.
+fn no_room(state: &ApiState) -> String {
+    format!(
+        "the node is holding its limit of {} bytes of requests in flight; retry later",
+        state.config.max_inflight_bytes
+    )
+}
+
 fn status(e: &ApiError) -> Status {
     let message = e.message.clone();
     match e.status {
@@ -240,11 +248,7 @@ impl Grpc {
                     (
                         ApiError {
                             status: StatusCode::SERVICE_UNAVAILABLE,
-                            message: format!(
-                                "the node is holding its limit of {} bytes of requests in \
-                                 flight; retry later",
-                                state.config.max_inflight_bytes
-                            ),
+                            message: no_room(state),
                         },
                         "overloaded",
                     )
@@ -321,12 +325,7 @@ impl Grpc {
         let _held = u32::try_from(encoded.body.len())
             .ok()
             .and_then(|n| self.state.inflight_bytes.try_acquire_many(n).ok())
-            .ok_or_else(|| {
-                Status::unavailable(format!(
-                    "the node is holding its limit of {} bytes of requests in flight; retry later",
-                    self.state.config.max_inflight_bytes
-                ))
-            })?;
+            .ok_or_else(|| Status::unavailable(no_room(&self.state)))?;
         let headers = binary_headers(encoded.header_len);
         let path = match &version {
             Some(v) => format!("/v2/models/{name}/versions/{v}/infer"),
