@@ -5,8 +5,13 @@
 //! - A model batches when its manifest has `[batching]` (or the node overrides it, `--dynamic-
 //!   batching`) and `resources.max_batch_size` > 0.
 //! - One task per model forms batches. It waits for a free instance slot first (requests keep
-//!   arriving meanwhile, so a busy model forms bigger batches), then at most
-//!   `max_queue_delay_us` from the oldest request's arrival, or until the batch is full.
+//!   arriving meanwhile, so a busy model forms bigger batches), then, when that slot was the
+//!   last free one, at most `max_queue_delay_us` from the oldest request's arrival, or until
+//!   the batch is full. While another slot is free it does not wait: a batch that waits then
+//!   leaves a core idle (on 16 cores, SqueezeNet batched with a 1 ms delay served 0.12× the
+//!   requests of the same model unbatched at concurrency 16).
+//! - A model that batches on a GPU gets [`crate::repository::GPU_BATCHING_SLOTS`] slots unless
+//!   its manifest says, so that requests queue for the batcher rather than for the GPU.
 //! - Requests join when every input has the same datatype and the same dims after dim 0 as the
 //!   oldest's, and all of a request's inputs agree on dim 0. Others wait for a later batch; a
 //!   request that cannot batch at all (a scalar input, inputs disagreeing on dim 0) does not come
@@ -187,7 +192,12 @@ async fn form_batches(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Job>) {
                 .filter(|j| same_kind(&j.inputs, &oldest.inputs))
                 .map(|j| j.rows)
                 .sum();
-            if rows >= full.min(settings.limit) || Instant::now() >= deadline {
+            // Waiting while another slot is free would leave it idle: the batch goes now,
+            // with whatever has piled up. The delay is spent only on the last free slot.
+            if rows >= full.min(settings.limit)
+                || Instant::now() >= deadline
+                || inner.slots.available_permits() > 0
+            {
                 break;
             }
             tokio::select! {
@@ -205,8 +215,11 @@ async fn form_batches(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Job>) {
         inner.queued.fetch_sub(batch.len(), Ordering::AcqRel);
         let run = inner.clone();
         tokio::task::spawn_blocking(move || {
-            run.run(batch);
+            let answers = run.run(batch);
             drop(permit);
+            for (reply, done) in answers {
+                let _ = reply.send(done);
+            }
         });
     }
 }
@@ -242,20 +255,26 @@ fn take_batch(waiting: &mut VecDeque<Job>, settings: &BatchSettings) -> Vec<Job>
 }
 
 impl Inner {
-    /// Run one batch on this (blocking) thread and answer each of its requests.
-    fn run(&self, jobs: Vec<Job>) {
+    /// Run one batch on this (blocking) thread: each of its requests' answer, to send once
+    /// the batch's slot is given back (a client that sends its next request at once then finds
+    /// the slot free).
+    fn run(&self, jobs: Vec<Job>) -> Vec<(oneshot::Sender<Done>, Done)> {
+        let mut answers = Vec::with_capacity(jobs.len());
         let started = Instant::now();
         let total: u64 = jobs.iter().map(|j| j.rows).sum();
         if jobs.len() == 1 {
             let job = jobs.into_iter().next().expect("one job");
             let enqueued = job.enqueued;
             let result = self.predict(job.inputs);
-            let _ = job.reply.send(Done {
-                result,
-                queue: started - enqueued,
-                executed: Some(total),
-            });
-            return;
+            answers.push((
+                job.reply,
+                Done {
+                    result,
+                    queue: started - enqueued,
+                    executed: Some(total),
+                },
+            ));
+            return answers;
         }
         let inputs = concat(&jobs, total);
         let result = self.predict(inputs);
@@ -265,24 +284,30 @@ impl Inner {
             // gets that error (running each again would take as long again).
             Err(e @ (InvokeError::Timeout { .. } | InvokeError::Busy { .. })) => {
                 for job in jobs {
-                    let _ = job.reply.send(Done {
-                        result: Err(e.clone()),
-                        queue: started - job.enqueued,
-                        executed: None,
-                    });
+                    answers.push((
+                        job.reply,
+                        Done {
+                            result: Err(e.clone()),
+                            queue: started - job.enqueued,
+                            executed: None,
+                        },
+                    ));
                 }
-                return;
+                return answers;
             }
             Err(e) => Err(e.to_string()),
         };
         match parts {
             Ok((parts, times)) => {
                 for (i, (job, outputs)) in jobs.into_iter().zip(parts).enumerate() {
-                    let _ = job.reply.send(Done {
-                        result: Ok((outputs, times)),
-                        queue: started - job.enqueued,
-                        executed: (i == 0).then_some(total),
-                    });
+                    answers.push((
+                        job.reply,
+                        Done {
+                            result: Ok((outputs, times)),
+                            queue: started - job.enqueued,
+                            executed: (i == 0).then_some(total),
+                        },
+                    ));
                 }
             }
             Err(why) => {
@@ -295,14 +320,18 @@ impl Inner {
                 for job in jobs {
                     let (enqueued, rows) = (job.enqueued, job.rows);
                     let result = self.predict(job.inputs);
-                    let _ = job.reply.send(Done {
-                        result,
-                        queue: started - enqueued,
-                        executed: Some(rows),
-                    });
+                    answers.push((
+                        job.reply,
+                        Done {
+                            result,
+                            queue: started - enqueued,
+                            executed: Some(rows),
+                        },
+                    ));
                 }
             }
         }
+        answers
     }
 
     fn predict(

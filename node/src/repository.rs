@@ -48,6 +48,9 @@ pub enum RepoError {
     },
 }
 
+/// Instance slots of a model that batches on a GPU, where its manifest does not say.
+pub const GPU_BATCHING_SLOTS: usize = 2;
+
 /// Node-wide limits applied to every model.
 #[derive(Clone, Debug)]
 pub struct ServingLimits {
@@ -494,7 +497,15 @@ impl Repository {
             .map_err(|e| fail(format!("{e:#}")))?;
         let metadata = model.metadata().map_err(|e| fail(e.to_string()))?;
         check_metadata(manifest, &metadata).map_err(fail)?;
+        let device = device_of(&how);
+        let batching = self.batching_of(&name, manifest);
         let concurrency = match resources.max_concurrency {
+            // A GPU runs one call at a time: more slots would only hide the queue from the
+            // batcher (Triton makes one instance per GPU). Two let one call's host work
+            // (instance, copies) overlap the other's compute.
+            0 if batching.is_some() && device == sophon_sdk::Device::Gpu => {
+                GPU_BATCHING_SLOTS.min(self.limits.default_concurrency)
+            }
             0 => self.limits.default_concurrency,
             n => n as usize,
         };
@@ -503,10 +514,9 @@ impl Repository {
             model = %name, version = %version, digest = %bundle.digest_hex(),
             aot = ?model.origin(), "model loaded"
         );
-        let device = device_of(&how);
         let model = Arc::new(model);
         let admission = Admission::new(concurrency, self.limits.max_queue);
-        let batcher = self.batching_of(&name, manifest).map(|settings| {
+        let batcher = batching.map(|settings| {
             tracing::info!(model = %name, ?settings, "dynamic batching");
             crate::batcher::Batcher::new(settings, model.clone(), admission.slots())
         });

@@ -291,3 +291,36 @@ async fn with_no_delay_a_busy_model_still_batches() {
     }
     panic!("24 requests at once on one slot never batched in 5 tries");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_delay_is_not_waited_while_another_slot_is_free() {
+    // Two slots and the longest delay (a second): a lone request finds the other slot free, so
+    // it runs at once instead of waiting for company while a slot stays idle. One that waited
+    // would spend at least the delay in the queue.
+    let n = node_with(
+        ServingLimits {
+            default_concurrency: 2,
+            ..ServingLimits::default()
+        },
+        HttpConfig::default(),
+    );
+    load(
+        &n,
+        "mlp",
+        sophon_sdk::ready::mlp().to_onnx(),
+        Some(batching(1_000_000, 0)),
+    );
+    for seed in 0..3 {
+        let (status, body) = infer(&n, "mlp", &mlp_body(1, seed)).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    assert_eq!(counts(&n, "mlp").await, (3, 3));
+    let (_, stats) = get_json(&n.app, "/v2/models/mlp/stats").await;
+    let queue = &stats["model_stats"][0]["inference_stats"]["queue"];
+    assert_eq!(queue["count"], 3, "{stats}");
+    let waited = queue["ns"].as_u64().expect("ns");
+    assert!(
+        waited < 1_000_000_000,
+        "the requests waited {waited} ns in the queue: at least one waited out the delay"
+    );
+}

@@ -59,6 +59,9 @@ pub struct BenchArgs {
     /// The --onnx model's input, NAME:d,d,... (the first dimension is the batch).
     #[arg(long)]
     shape: Option<String>,
+    /// Measure only these backends (repeat; default: every backend this node has).
+    #[arg(long = "backend")]
+    backends: Vec<sophon_sdk::Backend>,
     /// Batch sizes for the sandbox measurement, for example `--batch 1` to profile one alone.
     #[arg(long, value_delimiter = ',', default_values_t = [1usize, 32])]
     batch: Vec<usize>,
@@ -111,7 +114,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         super::bench_mesh::mesh(args.iters, args.node_workers)?;
     }
     if all || args.what == Which::Backends {
-        super::bench_backends::backends(args.iters, args.onnx.as_deref(), args.shape.as_deref())?;
+        super::bench_backends::backends(
+            args.iters,
+            args.onnx.as_deref(),
+            args.shape.as_deref(),
+            &args.backends,
+        )?;
     }
     // Not part of `all`: a server for scripts/bench-mlserver, which runs until it is killed.
     if args.what == Which::JsonFloor {

@@ -19,6 +19,7 @@ pub fn backends(
     iters: usize,
     onnx: Option<&std::path::Path>,
     shape: Option<&str>,
+    only: &[Backend],
 ) -> anyhow::Result<()> {
     let (bytes, input, dims, label) = match onnx {
         None => (
@@ -47,6 +48,7 @@ pub fn backends(
     };
     let present: Vec<Backend> = sophon_node::backend::inventory()
         .into_iter()
+        .filter(|(b, _)| only.is_empty() || only.contains(b))
         .filter_map(|(b, here)| match here {
             Ok(_) => Some(b),
             Err(why) => {

@@ -122,7 +122,22 @@ fn pick(
                 refused.push(absent(*backend));
                 continue;
             }
-            for device in devices.iter().filter(|d| has.contains(d)) {
+            // The preferred devices it has, in order; where it has none of them, its own (a
+            // manifest that names tract-cuda and prefers no GPU still means the GPU).
+            let mut order: Vec<Device> = devices
+                .iter()
+                .copied()
+                .filter(|d| has.contains(d))
+                .collect();
+            if order.is_empty() {
+                order = has;
+            }
+            order.retain(|d| *d != Device::Gpu || gpu_refused.is_none());
+            if order.is_empty() {
+                let why = gpu_refused.unwrap_or("it runs on no device of this node");
+                refused.push(format!("{}: {why}", backend.as_str()));
+            }
+            for device in &order {
                 match load_on(*backend, *device, file) {
                     Ok((graph, how)) => {
                         return Ok(Loaded {

@@ -101,9 +101,12 @@ impl Plan {
         let plan: Box<dyn Runnable> = match device {
             Device::Cpu => Box::new(model.into_optimized()?.into_runnable()?),
             // The CUDA runtime translates decluttered (not CPU-optimised) operators.
-            Device::Cuda => cuda()
-                .map_err(|e| anyhow::anyhow!(e))?
-                .prepare(model.into_typed()?.into_decluttered()?)?,
+            Device::Cuda => {
+                let runtime = cuda().map_err(|e| anyhow::anyhow!(e))?;
+                let mut typed = model.into_typed()?.into_decluttered()?;
+                single_axis_softmax(&mut typed)?;
+                runtime.prepare(typed)?
+            }
         };
         Ok(Arc::new(Plan {
             plan,
@@ -125,6 +128,40 @@ impl Plan {
             pool.push(state);
         }
     }
+}
+
+/// tract's CUDA runtime takes a softmax over one axis only. An ONNX Softmax before opset 13
+/// normalises over every axis from its `axis` on, so a classifier's `[N, 1000, 1, 1]` output
+/// (SqueezeNet's, say) becomes a softmax over axes 1, 2 and 3. Axes of size 1 change nothing,
+/// so they are dropped where that leaves one.
+fn single_axis_softmax(model: &mut TypedModel) -> TractResult<()> {
+    use tract_onnx::tract_core::ops::nn::Softmax;
+    for id in 0..model.nodes.len() {
+        let Some(softmax) = model.nodes[id].op_as::<Softmax>() else {
+            continue;
+        };
+        if softmax.axes.len() < 2 {
+            continue;
+        }
+        let shape = model.outlet_fact(model.nodes[id].inputs[0])?.shape.clone();
+        let wide: TVec<usize> = softmax
+            .axes
+            .iter()
+            .copied()
+            .filter(|a| shape[*a] != 1.to_dim())
+            .collect();
+        let axes = match wide.len() {
+            0 => tvec![softmax.axes[0]],
+            1 => wide,
+            _ => continue,
+        };
+        let single = Softmax {
+            axes,
+            ..softmax.clone()
+        };
+        model.nodes[id].op = Box::new(single);
+    }
+    Ok(())
 }
 
 /// The shapes of a request's inputs, in input order: what a per-shape plan is made for.
@@ -661,6 +698,44 @@ mod tests {
 
     fn nn(ty: TensorType, dims: &[u32], data: Vec<u8>) -> NnTensor {
         NnTensor::new(dims.to_vec(), ty, data)
+    }
+
+    #[test]
+    fn a_softmax_over_axes_of_size_one_becomes_a_softmax_over_one_axis() {
+        use tract_onnx::tract_core::ops::nn::Softmax;
+        let x: Tensor = tract_ndarray::Array4::from_shape_fn((2, 5, 1, 1), |(n, c, _, _)| {
+            (n * 5 + c) as f32 * 0.37 - 1.0
+        })
+        .into();
+        // ONNX's Softmax before opset 13 on [N, C, 1, 1]: over axes 1, 2 and 3.
+        let make = |axes: TVec<usize>| -> TractResult<TypedModel> {
+            let mut model = TypedModel::default();
+            let source = model.add_source("x", f32::fact([2, 5, 1, 1]))?;
+            let op = Softmax {
+                axes,
+                ..Softmax::default()
+            };
+            let out = model.wire_node("softmax", op, &[source])?;
+            model.select_output_outlets(&out)?;
+            Ok(model)
+        };
+        let run = |model: TypedModel| -> TractResult<Tensor> {
+            let mut outputs = model.into_runnable()?.run(tvec![x.clone().into()])?;
+            Ok(outputs.remove(0).into_tensor())
+        };
+        let mut model = make(tvec![1, 2, 3]).expect("model");
+        let before = run(model.clone()).expect("run");
+        single_axis_softmax(&mut model).expect("rewrite");
+        let softmax = model.nodes[1].op_as::<Softmax>().expect("still a softmax");
+        assert_eq!(softmax.axes.as_slice(), &[1]);
+        let after = run(model).expect("run");
+        before.close_enough(&after, true).expect("same values");
+
+        // Over two axes longer than one, nothing changes (the CUDA runtime then says so).
+        let mut model = make(tvec![0, 1]).expect("model");
+        single_axis_softmax(&mut model).expect("rewrite");
+        let softmax = model.nodes[1].op_as::<Softmax>().expect("still a softmax");
+        assert_eq!(softmax.axes.as_slice(), &[0, 1]);
     }
 
     #[test]
