@@ -991,12 +991,14 @@ pub(crate) async fn execute(
         .batcher
         .as_ref()
         .and_then(|b| crate::batcher::joinable(&inputs, b.settings().limit).map(|rows| (b, rows)));
-    // With no delay to wait out, nothing queued to join and a slot free, a batching model's
-    // request has no batch-mates to wait for: it runs at once, as a lone batch would.
+    // With nothing queued to join and a slot free, a batching model's request has no
+    // batch-mates to wait for when there is no delay, or when another slot is free beside its
+    // own (the batcher would not wait then either): it runs at once, as a lone batch would.
     let free_now = match &batching {
-        Some((b, _)) if b.settings().delay.is_zero() && b.queued() == 0 => {
-            model.admission.try_enter()
-        }
+        Some((b, _)) if b.queued() == 0 => model
+            .admission
+            .try_enter()
+            .filter(|_| b.settings().delay.is_zero() || model.admission.free() > 0),
         _ => None,
     };
     let (result, queue, execution) = match (batching, free_now) {

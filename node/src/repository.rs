@@ -133,6 +133,11 @@ impl Admission {
         self.slots.clone()
     }
 
+    /// Slots free right now.
+    pub fn free(&self) -> usize {
+        self.slots.available_permits()
+    }
+
     /// Requests holding a slot right now.
     pub fn running(&self) -> usize {
         self.concurrency
