@@ -323,4 +323,22 @@ async fn the_delay_is_not_waited_while_another_slot_is_free() {
         waited < 1_000_000_000,
         "the requests waited {waited} ns in the queue: at least one waited out the delay"
     );
+
+    // The HTTP path skips the batcher for such a lone request; the batcher itself, given one
+    // with a slot free beside its own, does not wait either.
+    let model = n.repo.lookup("mlp", None).expect("loaded");
+    let batcher = model.batcher.as_ref().expect("batching");
+    let input = sophon_node::runtime::GuestTensor {
+        name: "input".into(),
+        datatype: sophon_node::runtime::GuestDatatype::Fp32,
+        shape: vec![1, 784],
+        data: vec![0; 784 * 4],
+    };
+    let done = batcher.submit(vec![input], 1).await;
+    assert!(done.result.is_ok(), "{:?}", done.result.err());
+    assert!(
+        done.queue < std::time::Duration::from_secs(1),
+        "the batcher waited {:?} with a slot free",
+        done.queue
+    );
 }
