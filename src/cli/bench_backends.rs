@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use sophon_node::runtime::{GuestDatatype, GuestTensor};
-use sophon_sdk::{Backend, keys, ready};
+use sophon_sdk::{Backend, Device, keys, ready};
 use wasmtime_wasi_nn::backend::{BackendGraph, NamedTensor};
 use wasmtime_wasi_nn::wit::TensorType;
 
@@ -70,16 +70,38 @@ pub fn backends(
     println!("| backend | batch | native p50 | wasm p50 | wasm / native | native p99 | wasm p99 |");
     println!("|---|---|---|---|---|---|---|");
     let key = keys::generate();
-    for backend in present {
+    // Each backend on each device it has here (ONNX Runtime on the CPU and, with its CUDA
+    // provider, on the GPU).
+    let runs: Vec<(Backend, Device)> = present
+        .into_iter()
+        .flat_map(|b| {
+            sophon_node::backend::devices_of(b)
+                .into_iter()
+                .map(move |d| (b, d))
+        })
+        .collect();
+    for (backend, device) in runs {
         let no_shapes = Default::default();
-        let graph = sophon_node::backend::load_graph_on(
+        let loaded = sophon_node::backend::load_graph(
             &sophon_node::backend::GraphFile::onnx(&bytes, &no_shapes),
-            backend,
+            &sophon_node::backend::Choice {
+                backends: &[backend],
+                preferred: &[device],
+                ..Default::default()
+            },
         )
-        .map_err(|e| anyhow::anyhow!("{e}"))?
-        .graph;
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let label = format!("{} ({})", backend.as_str(), device.as_str());
+        if loaded.device != device {
+            println!(
+                "| {label} | | not run: it loaded on {} |",
+                loaded.device.as_str()
+            );
+            continue;
+        }
+        let graph = loaded.graph;
         let repo = super::bench::repository_trusting(&key)?;
-        let name = format!("bench_{}", backend.as_str());
+        let name = format!("bench_{}_{}", backend.as_str(), device.as_str());
         let bundle = sophon_sdk::pack_onnx_with(
             &bytes,
             &name,
@@ -88,6 +110,7 @@ pub fn backends(
             &key,
             &sophon_sdk::OnnxOptions {
                 backends: vec![backend],
+                preferred: vec![device],
                 ..Default::default()
             },
         )?;
@@ -129,7 +152,7 @@ pub fn backends(
             };
             // A model with a fixed batch size runs at that size only.
             if let Err(e) = native() {
-                println!("| {} | {batch} | not run: {e:#} |", backend.as_str());
+                println!("| {label} | {batch} | not run: {e:#} |");
                 continue;
             }
             for _ in 0..(runs / 10).max(5) {
@@ -149,8 +172,7 @@ pub fn backends(
             let (n50, n99) = percentiles(&mut n);
             let (w50, w99) = percentiles(&mut w);
             println!(
-                "| {} | {batch} | {} | {} | {:.2}× | {} | {} |",
-                backend.as_str(),
+                "| {label} | {batch} | {} | {} | {:.2}× | {} | {} |",
                 us(n50),
                 us(w50),
                 ratio(w50, n50),

@@ -81,7 +81,14 @@ pub fn inventory() -> Vec<(Backend, Result<String, String>)> {
 fn describe(backend: Backend) -> Result<String, String> {
     match backend {
         Backend::Tract => Ok(format!("tract {TRACT_VERSION} (CPU)")),
-        Backend::Ort => ort_available().map(|path| format!("onnxruntime ({}) (CPU)", path)),
+        // Not `devices_of`: it asks `hardware()`, whose probe calls this (a re-entrant
+        // `OnceLock` initialisation hangs the process).
+        Backend::Ort => ort_available().map(|path| {
+            let cuda =
+                ort_providers().is_ok_and(|p| p.iter().any(|p| p == "CUDAExecutionProvider"));
+            let on = if cuda { "CPU; CUDA provider" } else { "CPU" };
+            format!("onnxruntime ({path}) ({on})")
+        }),
         Backend::Openvino => openvino_available().map(|(path, version, devices)| {
             format!("openvino {version} ({path}) ({})", devices.join(", "))
         }),
