@@ -42,9 +42,30 @@ pub struct Hardware {
 
 static HARDWARE: OnceLock<Hardware> = OnceLock::new();
 
+thread_local! {
+    /// Set while this thread runs the probe.
+    static PROBING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// This machine's hardware (probed on first use).
+///
+/// Nothing the probe calls may call this: a re-entrant `OnceLock` initialisation hangs the
+/// process (it did, through ONNX Runtime's line of the backend inventory, on a machine whose
+/// library has the CUDA provider). Such a call panics here instead, naming the mistake.
 pub fn hardware() -> &'static Hardware {
-    HARDWARE.get_or_init(probe)
+    if let Some(done) = HARDWARE.get() {
+        return done;
+    }
+    assert!(
+        !PROBING.get(),
+        "hardware() was called from inside its own probe; pass what is needed instead"
+    );
+    HARDWARE.get_or_init(|| {
+        PROBING.set(true);
+        let probed = probe();
+        PROBING.set(false);
+        probed
+    })
 }
 
 /// Start probing on a thread of its own, so a serving process's start-up does not wait for the

@@ -189,6 +189,32 @@ impl BackendGraph for OrtGraph {
 }
 
 /// The wasi-nn carrier of an ONNX Runtime element type (same width), and the width.
+/// A tensor on ONNX Runtime's CPU allocator (which recycles its memory, so a large input does
+/// not fault in fresh pages for every request), left as allocated: `DynTensor::new` zeroes it
+/// first, a pass over every input that staging overwrites at once (7 % of a node's time serving
+/// 600 KB images, in a profile).
+#[allow(unsafe_code)]
+fn unfilled(ty: TensorElementType, shape: &[i64]) -> Result<DynTensor, String> {
+    use ort::AsPointer as _;
+    let allocator = Allocator::default();
+    let mut value: *mut ort::sys::OrtValue = std::ptr::null_mut();
+    // SAFETY: the allocator and the shape outlive the call, and `value` receives an owned
+    // OrtValue (or stays null on an error status), which `from_ptr` takes over with the
+    // allocator that made it.
+    unsafe {
+        let status = (ort::api().CreateTensorAsOrtValue)(
+            allocator.ptr().cast_mut(),
+            shape.as_ptr(),
+            shape.len(),
+            ty.into(),
+            &mut value,
+        );
+        ort::Error::result_from_status(status).map_err(|e| e.to_string())?;
+        let value = std::ptr::NonNull::new(value).ok_or("onnxruntime made no tensor")?;
+        Ok(DynTensor::from_ptr(value, Some(&allocator)))
+    }
+}
+
 fn carrier_of(ty: TensorElementType) -> Option<(TensorType, usize)> {
     use TensorElementType as T;
     Some(match ty {
@@ -213,8 +239,12 @@ impl NativeGraph for OrtGraph {
     #[allow(unsafe_code)]
     fn stage(&self, ix: usize, shape: &[u32], data: &[u8]) -> Result<DynTensor, String> {
         let shape: Vec<i64> = shape.iter().map(|d| i64::from(*d)).collect();
-        let mut value = DynTensor::new(&Allocator::default(), self.0.types[ix], shape)
-            .map_err(|e| e.to_string())?;
+        let mut value = if data.is_empty() {
+            DynTensor::new(&Allocator::default(), self.0.types[ix], shape)
+                .map_err(|e| e.to_string())?
+        } else {
+            unfilled(self.0.types[ix], &shape)?
+        };
         if !data.is_empty() {
             // SAFETY: the tensor was made on the CPU allocator for the checked element count
             // and width, exactly `data.len()` bytes; every byte pattern is a valid value of the
