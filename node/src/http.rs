@@ -688,79 +688,76 @@ pub(crate) type Outcome = (ApiError, &'static str);
 ///
 /// A body sent with a `Content-Encoding` (gzip, deflate) is inflated here, and what it
 /// inflates to counts against the same limit and cap (see [`crate::coding`]).
-async fn read_body<'a>(
+fn too_large(state: &ApiState) -> Outcome {
+    (
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "request body is over the limit of {} bytes",
+                state.config.max_body_bytes
+            ),
+        ),
+        "bad_request",
+    )
+}
+
+fn shed(state: &ApiState, held: usize) -> Outcome {
+    (
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "the node is holding its limit of {} bytes of requests in flight \
+                 (this one needs over {held}); retry later",
+                state.config.max_inflight_bytes
+            ),
+        ),
+        "overloaded",
+    )
+}
+
+/// `n` more bytes of the node's bytes in flight, or the answer that sheds the request.
+fn take_inflight(state: &ApiState, n: usize) -> Result<tokio::sync::SemaphorePermit<'_>, Outcome> {
+    let n32 = u32::try_from(n).map_err(|_| too_large(state))?;
+    state
+        .inflight_bytes
+        .try_acquire_many(n32)
+        .map_err(|_| shed(state, n))
+}
+
+/// Reads a request body frame by frame into `put`, within the body limit, the node's bytes in
+/// flight (held by the permit returned, with the body's size) and the body's deadline.
+async fn read_frames<'a>(
     state: &'a ApiState,
-    headers: &HeaderMap,
-    body: Body,
-) -> Result<(bytes::Bytes, tokio::sync::SemaphorePermit<'a>), Outcome> {
+    mut body: Body,
+    mut put: impl FnMut(bytes::Bytes),
+) -> Result<(usize, tokio::sync::SemaphorePermit<'a>), Outcome> {
     use axum::body::HttpBody as _;
     use http_body_util::BodyExt;
-    let coding = coding::request_coding(headers.get(header::CONTENT_ENCODING)).map_err(|e| {
-        (
-            ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, e.to_string()),
-            "bad_request",
-        )
-    })?;
     let limit = state.config.max_body_bytes;
-    let too_large = || {
-        (
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("request body is over the limit of {limit} bytes"),
-            ),
-            "bad_request",
-        )
-    };
-    let shed = |held: usize| {
-        (
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!(
-                    "the node is holding its limit of {} bytes of requests in flight \
-                     (this one needs over {held}); retry later",
-                    state.config.max_inflight_bytes
-                ),
-            ),
-            "overloaded",
-        )
-    };
-    let take = |n: usize| -> Result<tokio::sync::SemaphorePermit<'_>, Outcome> {
-        let n32 = u32::try_from(n).map_err(|_| too_large())?;
-        state
-            .inflight_bytes
-            .try_acquire_many(n32)
-            .map_err(|_| shed(n))
-    };
-    let timed_out = || {
-        (
-            ApiError::new(
-                StatusCode::REQUEST_TIMEOUT,
-                format!(
-                    "the request body did not arrive within {} s",
-                    state.config.body_timeout.as_secs_f64()
-                ),
-            ),
-            "bad_request",
-        )
-    };
-    let mut body = body;
-    let announced = body.size_hint().exact().map(|n| n as usize);
-    if announced.is_some_and(|n| n > limit) {
-        return Err(too_large());
+    if body.size_hint().exact().is_some_and(|n| n as usize > limit) {
+        return Err(too_large(state));
     }
     // The cap is taken as the bytes arrive, not as announced: a client that announces a large
     // body and sends nothing holds nothing, and the whole body has a deadline.
-    let mut held = take(0)?;
+    let mut held = take_inflight(state, 0)?;
     let deadline = tokio::time::Instant::now() + state.config.body_timeout;
-    // A body that arrives in one chunk is kept as it came, without a copy.
-    let mut whole: Option<bytes::Bytes> = None;
-    let mut parts: Option<bytes::BytesMut> = None;
     let mut size = 0usize;
     loop {
         let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
             Ok(Some(frame)) => frame,
             Ok(None) => break,
-            Err(_) => return Err(timed_out()),
+            Err(_) => {
+                return Err((
+                    ApiError::new(
+                        StatusCode::REQUEST_TIMEOUT,
+                        format!(
+                            "the request body did not arrive within {} s",
+                            state.config.body_timeout.as_secs_f64()
+                        ),
+                    ),
+                    "bad_request",
+                ));
+            }
         };
         let frame = frame.map_err(|e| {
             (
@@ -776,9 +773,83 @@ async fn read_body<'a>(
         };
         size += data.len();
         if size > limit {
-            return Err(too_large());
+            return Err(too_large(state));
         }
-        held.merge(take(data.len())?);
+        held.merge(take_inflight(state, data.len())?);
+        put(data);
+    }
+    Ok((size, held))
+}
+
+/// Room in `buf` for `incoming` more bytes of `expected`: up to what was announced, but never
+/// more than 1 MiB, or than has arrived, ahead of the bytes (an announcement holds nothing).
+fn make_room(buf: &mut Vec<u8>, expected: usize, incoming: usize) {
+    let need = buf.len() + incoming;
+    if need > buf.capacity() {
+        let target = expected.max(need).min(need + need.max(1 << 20));
+        buf.reserve_exact(target - buf.len());
+    }
+}
+
+/// A binary request's body (`Inference-Header-Content-Length: header_len`, no content coding)
+/// read straight into its JSON part and its binary part, each a buffer of its own: one copy of
+/// each byte, where joining the chunks and then copying each tensor out of the joined body made
+/// two (a tensor that is all of the binary part takes that buffer; see
+/// `v2::decode_request_split`).
+async fn read_split<'a>(
+    state: &'a ApiState,
+    body: Body,
+    header_len: usize,
+) -> Result<(Vec<u8>, Vec<u8>, tokio::sync::SemaphorePermit<'a>), Outcome> {
+    use axum::body::HttpBody as _;
+    let announced = body.size_hint().exact().map_or(0, |n| n as usize);
+    let mut json = Vec::new();
+    let mut binary = Vec::new();
+    let (size, held) = read_frames(state, body, |data| {
+        let head = header_len.saturating_sub(json.len()).min(data.len());
+        make_room(&mut json, header_len, head);
+        json.extend_from_slice(&data[..head]);
+        if head < data.len() {
+            let rest = &data[head..];
+            make_room(
+                &mut binary,
+                announced.saturating_sub(header_len),
+                rest.len(),
+            );
+            binary.extend_from_slice(rest);
+        }
+    })
+    .await?;
+    if size < header_len {
+        return Err(bad(v2::V2Error::BinaryData(format!(
+            "{} is {header_len} but the body has only {size} bytes: send the length of the \
+             JSON part",
+            v2::HEADER_CONTENT_LENGTH
+        ))));
+    }
+    Ok((json, binary, held))
+}
+
+async fn read_body<'a>(
+    state: &'a ApiState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(bytes::Bytes, tokio::sync::SemaphorePermit<'a>), Outcome> {
+    use axum::body::HttpBody as _;
+    let coding = coding::request_coding(headers.get(header::CONTENT_ENCODING)).map_err(|e| {
+        (
+            ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, e.to_string()),
+            "bad_request",
+        )
+    })?;
+    let limit = state.config.max_body_bytes;
+    let announced = body.size_hint().exact().map(|n| n as usize);
+    // A body that arrives in one chunk is kept as it came, without a copy.
+    let mut whole: Option<bytes::Bytes> = None;
+    let mut parts: Option<bytes::BytesMut> = None;
+    let mut size = 0usize;
+    let (_, mut held) = read_frames(state, body, |data| {
+        size += data.len();
         if let Some(parts) = parts.as_mut() {
             parts.extend_from_slice(&data);
         } else if let Some(first) = whole.take() {
@@ -791,7 +862,8 @@ async fn read_body<'a>(
         } else {
             whole = Some(data);
         }
-    }
+    })
+    .await?;
     let bytes = match (parts, whole) {
         (Some(parts), _) => parts.freeze(),
         (None, Some(whole)) => whole,
@@ -802,7 +874,7 @@ async fn read_body<'a>(
     };
     // The compressed bytes stay counted until the request ends, beside what they inflate to.
     let mut inflated_held = 0usize;
-    let inflated = coding::inflate(coding, &bytes, limit, |n| match take(n) {
+    let inflated = coding::inflate(coding, &bytes, limit, |n| match take_inflight(state, n) {
         Ok(more) => {
             held.merge(more);
             inflated_held += n;
@@ -812,7 +884,7 @@ async fn read_body<'a>(
     })
     .await
     .map_err(|e| match e {
-        coding::InflateError::NoRoom => shed(size + inflated_held),
+        coding::InflateError::NoRoom => shed(state, size + inflated_held),
         coding::InflateError::TooLarge { .. } => (
             ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, e.to_string()),
             "bad_request",
@@ -849,9 +921,18 @@ async fn run_infer(
                 })?,
         ),
     };
-    let (bytes, _held) = read_body(state, headers, body).await?;
-    let request = v2::decode_request(&bytes, header_len).map_err(bad)?;
-    drop(bytes);
+    // The body's bytes stay counted in flight until the answer, held by `_held`.
+    let (request, _held) = match header_len {
+        // Binary tensor data, as it came: read into its parts, decoded without a second copy.
+        Some(n) if !headers.contains_key(header::CONTENT_ENCODING) => {
+            let (json, binary, held) = read_split(state, body, n).await?;
+            (v2::decode_request_split(&json, binary).map_err(bad)?, held)
+        }
+        _ => {
+            let (bytes, held) = read_body(state, headers, body).await?;
+            (v2::decode_request(&bytes, header_len).map_err(bad)?, held)
+        }
+    };
     let answer = execute(state, model, request).await?;
     let binary = |name: &str| {
         answer

@@ -35,6 +35,61 @@ async fn mlp_answers_like_the_reference_and_echoes_the_id() {
     assert_eq!(body["outputs"][0]["datatype"], "FP32");
 }
 
+/// A binary request is read straight into its JSON part and its tensor data: the header
+/// arriving in pieces, and header lengths that are wrong, each answered, and the node still
+/// serves the next request.
+#[tokio::test(flavor = "multi_thread")]
+async fn binary_bodies_in_pieces_and_wrong_header_lengths() {
+    let n = with_examples();
+    let data = mlp_input(1);
+    let raw: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let header = json!({
+        "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 784], "parameters": {"binary_data_size": raw.len()}}],
+        "outputs": [{"name": "output", "parameters": {"binary_data": false}}],
+    });
+    let mut whole = serde_json::to_vec(&header).expect("json");
+    let header_len = whole.len();
+    whole.extend_from_slice(&raw);
+    let want = ready::mlp().forward(&data);
+    let send = |header_len: usize, pieces: usize| {
+        let chunks: Vec<Result<bytes::Bytes, std::io::Error>> = whole
+            .chunks(pieces)
+            .map(|c| Ok(bytes::Bytes::copy_from_slice(c)))
+            .collect();
+        Request::post("/v2/models/mlp/infer")
+            .header("Inference-Header-Content-Length", header_len.to_string())
+            .body(Body::from_stream(futures_util::stream::iter(chunks)))
+            .expect("request")
+    };
+    let good = |status: StatusCode, body: &[u8]| {
+        assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(body));
+        let got: Value = serde_json::from_slice(body).expect("json");
+        let got = got["outputs"][0]["data"].as_array().expect("data").clone();
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g.as_f64().expect("number") as f32 - w).abs() < 1e-5);
+        }
+    };
+    // In pieces of 7 bytes (the JSON header split across many), and of 1000.
+    for pieces in [7, 1000, whole.len()] {
+        let (status, body, _) = call(&n.app, send(header_len, pieces)).await;
+        good(status, &body);
+    }
+    // A header length past the body, one byte short of the JSON, and one byte long.
+    for (wrong, says) in [
+        (whole.len() + 10, "Inference-Header-Content-Length"),
+        (header_len - 1, "not valid V2 JSON"),
+        (header_len + 1, "not valid V2 JSON"),
+    ] {
+        let (status, body, _) = call(&n.app, send(wrong, 100)).await;
+        let text = String::from_utf8_lossy(&body);
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{wrong}: {text}");
+        assert!(text.contains(says), "{wrong}: {text}");
+    }
+    let (status, body, _) = call(&n.app, send(header_len, 64)).await;
+    good(status, &body);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn binary_input_and_output() {
     let n = with_examples();

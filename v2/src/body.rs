@@ -64,21 +64,48 @@ pub(super) fn parse<'a, T: Deserialize<'a>>(
 
 /// The binary tensor data after the JSON header, consumed in tensor order.
 pub(super) struct BinarySection<'a> {
-    rest: &'a [u8],
-    has_header: bool,
+    source: Source<'a>,
+    /// The section's length (an owned buffer is taken whole by a tensor that is all of it).
+    len: usize,
+    /// How far the tensors have consumed it.
     used: usize,
+    has_header: bool,
+}
+
+enum Source<'a> {
+    Borrowed(&'a [u8]),
+    /// A buffer of the caller's: a tensor that is all of it takes it without a copy (an image
+    /// request's one input, often hundreds of kilobytes).
+    Owned(Vec<u8>),
 }
 
 impl<'a> BinarySection<'a> {
     pub(super) fn new(rest: &'a [u8], has_header: bool) -> Self {
         BinarySection {
-            rest,
-            has_header,
+            len: rest.len(),
+            source: Source::Borrowed(rest),
             used: 0,
+            has_header,
         }
     }
 
-    pub(super) fn take(&mut self, size: u64, role: Role, name: &str) -> Result<&'a [u8]> {
+    pub(super) fn owned(binary: Vec<u8>) -> BinarySection<'static> {
+        BinarySection {
+            len: binary.len(),
+            source: Source::Owned(binary),
+            used: 0,
+            has_header: true,
+        }
+    }
+
+    /// The next `size` bytes, once `check` accepts them.
+    pub(super) fn take(
+        &mut self,
+        size: u64,
+        role: Role,
+        name: &str,
+        check: impl FnOnce(&[u8]) -> Result<()>,
+    ) -> Result<Vec<u8>> {
         if !self.has_header {
             return Err(V2Error::tensor(
                 role,
@@ -89,32 +116,47 @@ impl<'a> BinarySection<'a> {
                 ),
             ));
         }
-        let split = usize::try_from(size)
-            .ok()
-            .and_then(|n| self.rest.split_at_checked(n));
-        let Some((taken, rest)) = split else {
+        let left = self.len - self.used;
+        let Some(n) = usize::try_from(size).ok().filter(|n| *n <= left) else {
             return Err(V2Error::BinaryData(format!(
-                "{role} '{name}' needs {size} bytes but only {} remain after the first {} bytes \
+                "{role} '{name}' needs {size} bytes but only {left} remain after the first {} bytes \
                  of binary data: check each {BINARY_DATA_SIZE} and {HEADER_CONTENT_LENGTH}",
-                self.rest.len(),
                 self.used
             )));
         };
-        self.rest = rest;
-        self.used += taken.len();
-        Ok(taken)
+        let start = self.used;
+        check(bytes_at(&self.source, start, n))?;
+        self.used += n;
+        if let Source::Owned(all) = &mut self.source
+            && n > 0
+            && n == all.len()
+        {
+            return Ok(std::mem::take(all));
+        }
+        Ok(bytes_at(&self.source, start, n).to_vec())
     }
 
     pub(super) fn finish(self) -> Result<()> {
-        if self.rest.is_empty() {
+        let left = self.len - self.used;
+        if left == 0 {
             return Ok(());
         }
         Err(V2Error::BinaryData(format!(
-            "{} bytes are left over after the {} bytes the tensors' {BINARY_DATA_SIZE} account for: \
+            "{left} bytes are left over after the {} bytes the tensors' {BINARY_DATA_SIZE} account for: \
              check each {BINARY_DATA_SIZE} and {HEADER_CONTENT_LENGTH}",
-            self.rest.len(),
             self.used
         )))
+    }
+}
+
+/// `n` bytes from `start` (none, once an owned buffer has been taken whole).
+fn bytes_at<'s>(source: &'s Source<'_>, start: usize, n: usize) -> &'s [u8] {
+    if n == 0 {
+        return &[];
+    }
+    match source {
+        Source::Borrowed(all) => &all[start..start + n],
+        Source::Owned(all) => &all[start..start + n],
     }
 }
 
@@ -189,8 +231,7 @@ fn read_tensor(
             )));
         }
         (Some(raw), None) => decode_data(raw.get(), datatype, &shape, role, &name)?,
-        (None, Some(size)) => {
-            let bytes = section.take(size, role, &name)?;
+        (None, Some(size)) => section.take(size, role, &name, |bytes| {
             check_data(datatype, &shape, bytes, role, &name)?;
             if datatype == Datatype::Bool
                 && let Some((index, byte)) = bytes.iter().enumerate().find(|(_, b)| **b > 1)
@@ -199,8 +240,8 @@ fn read_tensor(
                     "BOOL element {index} is the byte {byte}: BOOL bytes must be 0 or 1"
                 )));
             }
-            bytes.to_vec()
-        }
+            Ok(())
+        })?,
     };
     Ok(Tensor::new(name, datatype, shape, data))
 }

@@ -47,7 +47,7 @@ mod roundtrip_tests;
 mod tensor;
 mod validate;
 
-pub use request::{decode_request, encode_request};
+pub use request::{decode_request, decode_request_split, encode_request};
 pub use response::{decode_response, encode_response};
 pub use tensor::{Tensor, element_count};
 pub use validate::{select_outputs, validate_batch, validate_inputs};

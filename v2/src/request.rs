@@ -23,6 +23,25 @@ const CLASSIFICATION: &str = "classification";
 /// body is JSON.
 pub fn decode_request(body: &[u8], header_len: Option<usize>) -> Result<InferRequest> {
     let (json, binary) = split_body(body, header_len)?;
+    decode_parts(
+        json,
+        header_len,
+        BinarySection::new(binary, header_len.is_some()),
+    )
+}
+
+/// Decodes a request whose JSON part and binary tensor data were read into buffers of their
+/// own (`Inference-Header-Content-Length` said where the first ends). A binary input that is
+/// all of `binary` takes it without a copy.
+pub fn decode_request_split(json: &[u8], binary: Vec<u8>) -> Result<InferRequest> {
+    decode_parts(json, Some(json.len()), BinarySection::owned(binary))
+}
+
+fn decode_parts(
+    json: &[u8],
+    header_len: Option<usize>,
+    mut section: BinarySection<'_>,
+) -> Result<InferRequest> {
     let wire: WireRequest<'_> = parse(json, header_len, "request")?;
     let mut parameters = wire.parameters.unwrap_or_default();
     let binary_data_output = match parameters.remove(BINARY_DATA_OUTPUT) {
@@ -41,7 +60,6 @@ pub fn decode_request(body: &[u8], header_len: Option<usize>) -> Result<InferReq
                 .into(),
         ));
     };
-    let mut section = BinarySection::new(binary, header_len.is_some());
     let inputs = read_tensors(wire_inputs, Role::Input, &mut section)?;
     section.finish()?;
     let outputs = read_requested_outputs(wire.outputs.unwrap_or_default(), binary_data_output)?;
@@ -194,6 +212,60 @@ mod tests {
         let mut body = json.as_bytes().to_vec();
         body.extend_from_slice(binary);
         (body, Some(json.len()))
+    }
+
+    /// Decodes a body both ways: whole, and split into its JSON part and an owned binary part.
+    fn both_ways(json: &str, binary: &[u8]) -> (Result<InferRequest>, Result<InferRequest>) {
+        let (body, header_len) = with_binary(json, binary);
+        (
+            decode_request(&body, header_len),
+            decode_request_split(json.as_bytes(), binary.to_vec()),
+        )
+    }
+
+    #[test]
+    fn a_split_body_decodes_as_the_whole_body_does() {
+        let one = r#"{"inputs": [{"name": "x", "shape": [2], "datatype": "FP32",
+                        "parameters": {"binary_data_size": 8}}]}"#;
+        let two = r#"{"inputs": [
+                        {"name": "a", "shape": [1], "datatype": "INT32", "parameters": {"binary_data_size": 4}},
+                        {"name": "j", "shape": [1], "datatype": "INT32", "data": [7]},
+                        {"name": "b", "shape": [2], "datatype": "BOOL", "parameters": {"binary_data_size": 2}}]}"#;
+        let empty = r#"{"inputs": [{"name": "e", "shape": [0], "datatype": "FP32",
+                          "parameters": {"binary_data_size": 0}},
+                        {"name": "x", "shape": [1], "datatype": "FP32", "parameters": {"binary_data_size": 4}}]}"#;
+        let floats: Vec<u8> = [1.5f32, -2.0]
+            .iter()
+            .flat_map(|f| f.to_le_bytes())
+            .collect();
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            (one, floats.clone()),
+            (two, [5i32.to_le_bytes().as_slice(), &[1, 0]].concat()),
+            (empty, 3f32.to_le_bytes().to_vec()),
+            // Refused both ways, with the same words: too few bytes, bytes left over, a BOOL
+            // byte that is not 0 or 1, a size that does not fit the shape.
+            (one, floats[..6].to_vec()),
+            (one, [floats.as_slice(), &[0]].concat()),
+            (two, [5i32.to_le_bytes().as_slice(), &[1, 2]].concat()),
+            (
+                r#"{"inputs": [{"name": "x", "shape": [3], "datatype": "FP32",
+                     "parameters": {"binary_data_size": 8}}]}"#,
+                floats.clone(),
+            ),
+        ];
+        for (json, binary) in cases {
+            let (whole, split) = both_ways(json, &binary);
+            match (whole, split) {
+                (Ok(w), Ok(s)) => assert_eq!(w.inputs, s.inputs),
+                (Err(w), Err(s)) => assert_eq!(w.to_string(), s.to_string()),
+                (w, s) => panic!("{json}: whole {w:?}, split {s:?}"),
+            }
+        }
+        let (_, split) = both_ways(one, &floats);
+        assert_eq!(
+            split.expect("valid").inputs[0],
+            Tensor::from_f32("x", vec![2], &[1.5, -2.0])
+        );
     }
 
     #[test]
