@@ -681,13 +681,6 @@ pub(crate) async fn observed<T>(
 /// A failed request: the error, and its outcome label for the metrics.
 pub(crate) type Outcome = (ApiError, &'static str);
 
-/// Read a request body, holding its bytes against the node-wide in-flight cap while the
-/// request lives: a node under a flood of large bodies sheds with 503 instead of running out of
-/// memory. The cap is taken chunk by chunk, so a body costs what it has sent, whatever it
-/// announced; a body that does not arrive within `body_timeout` gets 408.
-///
-/// A body sent with a `Content-Encoding` (gzip, deflate) is inflated here, and what it
-/// inflates to counts against the same limit and cap (see [`crate::coding`]).
 fn too_large(state: &ApiState) -> Outcome {
     (
         ApiError::new(
@@ -830,6 +823,13 @@ async fn read_split<'a>(
     Ok((json, binary, held))
 }
 
+/// Read a request body, holding its bytes against the node-wide in-flight cap while the
+/// request lives: a node under a flood of large bodies sheds with 503 instead of running out of
+/// memory. The cap is taken chunk by chunk, so a body costs what it has sent, whatever it
+/// announced; a body that does not arrive within `body_timeout` gets 408.
+///
+/// A body sent with a `Content-Encoding` (gzip, deflate) is inflated here, and what it
+/// inflates to counts against the same limit and cap (see [`crate::coding`]).
 async fn read_body<'a>(
     state: &'a ApiState,
     headers: &HeaderMap,
