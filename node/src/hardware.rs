@@ -53,18 +53,34 @@ thread_local! {
 /// process (it did, through ONNX Runtime's line of the backend inventory, on a machine whose
 /// library has the CUDA provider). Such a call panics here instead, naming the mistake.
 pub fn hardware() -> &'static Hardware {
-    if let Some(done) = HARDWARE.get() {
+    once_guarded(&HARDWARE, &PROBING, probe)
+}
+
+/// `cell`'s value, made by `init` on first use. A call from inside `init` on the same thread
+/// (flagged by `busy`) panics instead of hanging.
+fn once_guarded<T>(
+    cell: &'static OnceLock<T>,
+    busy: &'static std::thread::LocalKey<std::cell::Cell<bool>>,
+    init: impl FnOnce() -> T,
+) -> &'static T {
+    if let Some(done) = cell.get() {
         return done;
     }
     assert!(
-        !PROBING.get(),
+        !busy.get(),
         "hardware() was called from inside its own probe; pass what is needed instead"
     );
-    HARDWARE.get_or_init(|| {
-        PROBING.set(true);
-        let probed = probe();
-        PROBING.set(false);
-        probed
+    /// Clears the flag however `init` ends (a panic included).
+    struct Busy(&'static std::thread::LocalKey<std::cell::Cell<bool>>);
+    impl Drop for Busy {
+        fn drop(&mut self) {
+            self.0.set(false);
+        }
+    }
+    cell.get_or_init(|| {
+        busy.set(true);
+        let _busy = Busy(busy);
+        init()
     })
 }
 
@@ -352,6 +368,33 @@ impl GpuReservation {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_probe_that_asks_for_its_own_answer_panics_instead_of_hanging() {
+        use std::cell::Cell;
+        use std::sync::OnceLock;
+        static CELL: OnceLock<u32> = OnceLock::new();
+        thread_local! {
+            static BUSY: Cell<bool> = const { Cell::new(false) };
+        }
+        fn reentrant() -> u32 {
+            *super::once_guarded(&CELL, &BUSY, reentrant) + 1
+        }
+        // On a thread of its own, so that a hang fails the test by its timeout rather than
+        // hanging the suite; the panic comes back as the thread's result.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let outcome = std::panic::catch_unwind(|| super::once_guarded(&CELL, &BUSY, reentrant));
+            let _ = tx.send(outcome.is_err());
+        });
+        let panicked = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("a re-entrant probe hung instead of panicking");
+        assert!(panicked, "a re-entrant probe must panic");
+        // The flag was cleared by the panic: a later, well-behaved first use still works.
+        static OTHER: OnceLock<u32> = OnceLock::new();
+        assert_eq!(*super::once_guarded(&OTHER, &BUSY, || 7), 7);
+    }
+
     use super::*;
 
     fn gpu(index: u32, memory_mb: u64) -> Gpu {
