@@ -48,6 +48,81 @@ fn runtime() -> Result<&'static (Environment, PathBuf), String> {
         .map_err(Clone::clone)
 }
 
+/// NVIDIA's Python wheels (`pip install onnxruntime-gpu[cuda,cudnn]`) put the CUDA libraries the
+/// CUDA provider links (cudart, cuBLAS, cuRAND, cuFFT, NVRTC, cuDNN) in
+/// `site-packages/nvidia/*/lib`, where the dynamic loader does not look; Python's onnxruntime
+/// loads them first (`preload_dlls`), and so does the node, from beside the library it found,
+/// before the first CUDA session. Where they are absent (a system CUDA, as on most GPU
+/// machines), nothing is loaded and the loader's own search applies.
+#[allow(unsafe_code)]
+fn preload_cuda_wheels() {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let Ok((_, library)) = runtime() else {
+            return;
+        };
+        // site-packages/onnxruntime/capi/libonnxruntime.so.N → site-packages/nvidia
+        let Some(nvidia) = library
+            .parent()
+            .and_then(|capi| capi.parent())
+            .and_then(|package| package.parent())
+            .map(|site| site.join("nvidia"))
+        else {
+            return;
+        };
+        // CUDA 13's wheels share `nvidia/cu13/lib`; CUDA 12's and cuDNN's have a folder each.
+        let Ok(packages) = std::fs::read_dir(&nvidia) else {
+            return;
+        };
+        let mut files: Vec<PathBuf> = packages
+            .filter_map(|p| std::fs::read_dir(p.ok()?.path().join("lib")).ok())
+            .flatten()
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.contains(".so."))
+            })
+            .collect();
+        // In the order they link one another; libcudnn.so.9 before the parts it opens by name.
+        let order = [
+            "libcudart.so",
+            "libnvrtc",
+            "libcublasLt.so",
+            "libcublas.so",
+            "libcurand.so",
+            "libcufft.so",
+            "libcudnn.so",
+            "libcudnn_",
+        ];
+        let rank = |p: &PathBuf| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            order.iter().position(|prefix| name.starts_with(prefix))
+        };
+        files.retain(|p| rank(p).is_some());
+        files.sort_by_key(|p| (rank(p), p.clone()));
+        for file in files {
+            // SAFETY: loading a shared library runs its initialisers; these are NVIDIA's
+            // runtime libraries from the same installation as the ONNX Runtime the node
+            // already loaded, opened as the CUDA provider would open them.
+            let opened = unsafe {
+                libloading::os::unix::Library::open(
+                    Some(&file),
+                    libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_GLOBAL,
+                )
+            };
+            match opened {
+                // Kept loaded for the life of the process, as the provider needs them.
+                Ok(lib) => {
+                    tracing::debug!(library = %file.display(), "CUDA library preloaded");
+                    std::mem::forget(lib);
+                }
+                Err(e) => tracing::debug!(library = %file.display(), "not preloaded: {e}"),
+            }
+        }
+    });
+}
+
 /// Whether this node can run graphs on ONNX Runtime: the library's path, or why not.
 pub fn available() -> Result<PathBuf, String> {
     runtime().map(|(_, path)| path.clone())
@@ -88,6 +163,7 @@ fn new_session(bytes: &[u8], gpu: bool, threads: u32) -> ort::Result<Session> {
         .with_intra_threads(threads.max(1) as usize)?
         .with_inter_threads(1)?;
     if gpu {
+        preload_cuda_wheels();
         // TensorRT first where the library has it, then CUDA; failing to register either is
         // an error here, not a quiet fall back to the CPU.
         use ort::ep::ExecutionProvider as _;
