@@ -62,7 +62,8 @@ pub struct BenchArgs {
     /// Measure only these backends (repeat; default: every backend this node has).
     #[arg(long = "backend")]
     backends: Vec<sophon_sdk::Backend>,
-    /// Batch sizes for the sandbox measurement, for example `--batch 1` to profile one alone.
+    /// Batch sizes for the sandbox and backends measurements, for example `--batch 1` to
+    /// profile one alone, or `--batch 1,8,32` to see how a backend's cost grows with the batch.
     #[arg(long, value_delimiter = ',', default_values_t = [1usize, 32])]
     batch: Vec<usize>,
     /// Where `json-floor` listens.
@@ -119,6 +120,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             args.onnx.as_deref(),
             args.shape.as_deref(),
             &args.backends,
+            &args.batch,
         )?;
     }
     // Not part of `all`: a server for scripts/bench-mlserver, which runs until it is killed.

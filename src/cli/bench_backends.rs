@@ -1,8 +1,8 @@
 //! `sophon bench backends [--onnx FILE --shape NAME:d,d,...]`: each wasi-nn backend this node
 //! has, run on its own (a backend execution context, no Wasm) and through the Wasm sandbox (a
-//! bundle packed for that backend, a fresh instance per request), at batch 1 and 32. The model
-//! is the example MLP, or an FP32 ONNX file whose one input has the given shape (its first
-//! dimension is the batch).
+//! bundle packed for that backend, a fresh instance per request), at batch 1 and 32 (`--batch`
+//! chooses). The model is the example MLP, or an FP32 ONNX file whose one input has the given
+//! shape (its first dimension is the batch).
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -20,6 +20,7 @@ pub fn backends(
     onnx: Option<&std::path::Path>,
     shape: Option<&str>,
     only: &[Backend],
+    batches: &[usize],
 ) -> anyhow::Result<()> {
     let (bytes, input, dims, label) = match onnx {
         None => (
@@ -116,7 +117,7 @@ pub fn backends(
         )?;
         repo.add_bundle(&bundle)?;
         let model = repo.lookup(&name, None)?;
-        for batch in [1usize, 32] {
+        for &batch in batches {
             let mut shape = dims.clone();
             shape[0] = batch;
             let count: usize = shape.iter().product();
