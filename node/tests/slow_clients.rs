@@ -1,8 +1,8 @@
 //! Clients that are slow or hold back, over a real socket: a head that does not arrive, a body
-//! that does not arrive, a body announced but never sent, answers never read, more connections
-//! than the node serves at once, a gRPC client that does not open HTTP/2 (the two ports
-//! share the connection limit), and a gRPC client that reads none of its answer. Each is
-//! bounded, and each time a good request is served afterwards.
+//! that does not arrive, a body announced but never sent, room reserved ahead of a body's
+//! bytes, answers never read, more connections than the node serves at once, a gRPC client that
+//! does not open HTTP/2 (the two ports share the connection limit), and a gRPC client that reads
+//! none of its answer. Each is bounded, and each time a good request is served afterwards.
 
 mod common;
 
@@ -149,6 +149,34 @@ async fn a_body_announced_but_not_sent_holds_none_of_the_bytes_in_flight() {
         answer
     })
     .await;
+    assert_eq!(answer, "HTTP/1.1 200 OK");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn room_reserved_ahead_of_a_body_counts_in_flight() {
+    // A binary body's first bytes reserve room for what it announced (up to 1 MiB ahead), and
+    // that room counts against the bytes in flight as the bytes will: a client that announces
+    // 512 KiB and sends 11 bytes is shed at once, where it held half a MiB uncounted until its
+    // body deadline before.
+    let (addr, _stop) = serve(HttpConfig {
+        max_body_bytes: 1 << 20,
+        max_inflight_bytes: 64 << 10,
+        ..HttpConfig::default()
+    })
+    .await;
+    let (said, answer) = blocking(move || {
+        let mut s = TcpStream::connect(addr).expect("connect");
+        s.write_all(
+            b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 524288\r\n\
+              Inference-Header-Content-Length: 10\r\n\r\n{\"inputs\":x",
+        )
+        .expect("a head and 11 bytes");
+        let said = read_all(&mut s, Duration::from_secs(5));
+        (said, good_request(addr))
+    })
+    .await;
+    assert!(said.starts_with("HTTP/1.1 503"), "{said}");
+    assert!(said.contains("in flight"), "{said}");
     assert_eq!(answer, "HTTP/1.1 200 OK");
 }
 

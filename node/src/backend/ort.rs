@@ -61,10 +61,14 @@ fn preload_cuda_wheels() {
         let Ok((_, library)) = runtime() else {
             return;
         };
-        // site-packages/onnxruntime/capi/libonnxruntime.so.N → site-packages/nvidia
+        // site-packages/onnxruntime/capi/libonnxruntime.so.N → site-packages/nvidia; only in
+        // that layout (a library the operator put elsewhere brings no wheels beside it).
+        let named = |p: &std::path::Path, name: &str| p.file_name().is_some_and(|n| n == name);
         let Some(nvidia) = library
             .parent()
+            .filter(|capi| named(capi, "capi"))
             .and_then(|capi| capi.parent())
+            .filter(|package| named(package, "onnxruntime"))
             .and_then(|package| package.parent())
             .map(|site| site.join("nvidia"))
         else {
