@@ -168,21 +168,22 @@ async fn form_batches(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Job>) {
                 None => return,
             }
         }
-        // A free slot first: while every instance is busy, requests pile up and join.
-        let Ok(permit) = inner.slots.clone().acquire_owned().await else {
+        // A free slot first: while every instance is busy, requests pile up and join. Requests
+        // whose clients leave meanwhile are let go (their inputs with them: the bytes in flight
+        // that counted them were given back when their handlers ended).
+        let Some(permit) = wait_for_slot(&inner, &mut rx, &mut waiting).await else {
             return;
         };
+        if waiting.is_empty() {
+            continue;
+        }
         let settings = &inner.settings;
         let full = settings.preferred.last().copied().unwrap_or(settings.limit);
         loop {
             while let Ok(job) = rx.try_recv() {
                 waiting.push_back(job);
             }
-            let before = waiting.len();
-            waiting.retain(|j| !j.reply.is_closed());
-            inner
-                .queued
-                .fetch_sub(before - waiting.len(), Ordering::AcqRel);
+            sweep(&inner, &mut waiting);
             let Some(oldest) = waiting.front() else {
                 break;
             };
@@ -221,6 +222,47 @@ async fn form_batches(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Job>) {
                 let _ = reply.send(done);
             }
         });
+    }
+}
+
+/// How often a batcher waiting for a slot lets go of requests whose clients left.
+const SWEEP: Duration = Duration::from_millis(10);
+
+/// Requests whose clients left, out of the queue.
+fn sweep(inner: &Inner, waiting: &mut VecDeque<Job>) {
+    let before = waiting.len();
+    waiting.retain(|j| !j.reply.is_closed());
+    inner
+        .queued
+        .fetch_sub(before - waiting.len(), Ordering::AcqRel);
+}
+
+/// A slot for the next batch, taking in arrivals and letting go of departed requests while
+/// every slot is busy; `None` when the model is gone.
+async fn wait_for_slot(
+    inner: &Inner,
+    rx: &mut mpsc::UnboundedReceiver<Job>,
+    waiting: &mut VecDeque<Job>,
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    if let Ok(permit) = inner.slots.clone().try_acquire_owned() {
+        return Some(permit);
+    }
+    let acquire = inner.slots.clone().acquire_owned();
+    tokio::pin!(acquire);
+    let mut tick = tokio::time::interval(SWEEP);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            permit = &mut acquire => return permit.ok(),
+            job = rx.recv() => match job {
+                Some(job) => waiting.push_back(job),
+                // The model is gone; its queued requests are answered as lost when dropped.
+                None if waiting.is_empty() => return None,
+                None => return acquire.await.ok(),
+            },
+            _ = tick.tick() => sweep(inner, waiting),
+        }
     }
 }
 
@@ -264,6 +306,10 @@ impl Inner {
         let total: u64 = jobs.iter().map(|j| j.rows).sum();
         if jobs.len() == 1 {
             let job = jobs.into_iter().next().expect("one job");
+            if job.reply.is_closed() {
+                // Its client left after the batch formed: nobody waits for the answer.
+                return answers;
+            }
             let enqueued = job.enqueued;
             let result = self.predict(job.inputs);
             answers.push((
@@ -318,6 +364,9 @@ impl Inner {
                     "a batch failed ({why}); running its requests one by one"
                 );
                 for job in jobs {
+                    if job.reply.is_closed() {
+                        continue;
+                    }
                     let (enqueued, rows) = (job.enqueued, job.rows);
                     let result = self.predict(job.inputs);
                     answers.push((
@@ -407,7 +456,11 @@ fn split(outputs: Vec<GuestTensor>, jobs: &[Job]) -> Result<Vec<Vec<GuestTensor>
 
 /// Byte offsets where each of `rows` rows of `t` starts, and its end.
 fn row_bounds(t: &GuestTensor, rows: u64) -> Result<Vec<usize>, String> {
-    let per_row: u64 = t.shape[1..].iter().product();
+    // The model's outputs are the guest's to shape: a product past u64 is refused, not wrapped.
+    let per_row = t.shape[1..]
+        .iter()
+        .try_fold(1u64, |n, d| n.checked_mul(*d))
+        .ok_or_else(|| format!("output `{}` has shape {:?}, too large", t.name, t.shape))?;
     if t.datatype == GuestDatatype::Bytes {
         // Length-prefixed elements (u32 little-endian, then the bytes), walked to each row's
         // first element.
@@ -519,6 +572,10 @@ mod tests {
         // An output that does not lead with the batch cannot be split.
         let e = split(vec![t("y", &[2], vec![0; 8])], &jobs).expect_err("not batched");
         assert!(e.contains("does not lead with the batch's 6 rows"), "{e}");
+        // Nor one whose shape's product passes u64 (a guest shapes its outputs).
+        let e =
+            split(vec![t("y", &[6, 1 << 32, 1 << 32], vec![0; 48])], &jobs).expect_err("too large");
+        assert!(e.contains("too large"), "{e}");
     }
 
     #[test]

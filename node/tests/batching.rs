@@ -342,3 +342,58 @@ async fn the_delay_is_not_waited_while_another_slot_is_free() {
         done.queue
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_whose_clients_leave_are_let_go_while_every_slot_is_busy() {
+    // One slot, held here: the batcher waits for it. Requests whose clients leave meanwhile
+    // leave the queue (and their inputs are freed) at once, not when the slot frees: their
+    // bytes in flight were given back when their handlers ended, and the queue counted them
+    // against the model's limit (429 for real clients).
+    let n = one_slot(ServingLimits::default());
+    load(
+        &n,
+        "mlp",
+        sophon_sdk::ready::mlp().to_onnx(),
+        Some(batching(0, 0)),
+    );
+    let model = n.repo.lookup("mlp", None).expect("loaded");
+    let batcher = model.batcher.as_ref().expect("batching");
+    let busy = model.admission.try_enter().expect("the one slot");
+    let input = || sophon_node::runtime::GuestTensor {
+        name: "input".into(),
+        datatype: sophon_node::runtime::GuestDatatype::Fp32,
+        shape: vec![1, 784],
+        data: vec![0; 784 * 4],
+    };
+    let leaving: Vec<_> = (0..3)
+        .map(|_| {
+            let model = model.clone();
+            let input = input();
+            tokio::spawn(async move {
+                let batcher = model.batcher.as_ref().expect("batching");
+                batcher.submit(vec![input], 1).await.result.is_ok()
+            })
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    while batcher.queued() < 3 {
+        assert!(started.elapsed().as_secs() < 10, "never queued");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    for task in &leaving {
+        task.abort();
+    }
+    let started = std::time::Instant::now();
+    while batcher.queued() > 0 {
+        assert!(
+            started.elapsed().as_secs() < 10,
+            "{} requests whose clients left stayed queued while the slot was busy",
+            batcher.queued()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    // The slot frees: the next request is served.
+    drop(busy);
+    let (status, body) = infer(&n, "mlp", &mlp_body(1, 3)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}

@@ -662,10 +662,15 @@ async fn a_compressed_grpc_message_is_counted_while_it_is_decoded() {
 
 /// A body that sends `data` as one frame, then neither more nor its end until `open` is dropped.
 fn held_open_body(data: Vec<u8>) -> (tonic::body::Body, tokio::sync::mpsc::Sender<()>) {
+    held_open_frames(vec![data])
+}
+
+/// A body that sends each of `frames`, then neither more nor its end until `open` is dropped.
+fn held_open_frames(frames: Vec<Vec<u8>>) -> (tonic::body::Body, tokio::sync::mpsc::Sender<()>) {
     let (open, closed) = tokio::sync::mpsc::channel::<()>(1);
-    let first = futures_util::stream::once(async move {
+    let first = futures_util::stream::iter(frames.into_iter().map(|data| {
         Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(bytes::Bytes::from(data)))
-    });
+    }));
     let rest = futures_util::stream::unfold(closed, |mut closed| async move {
         closed.recv().await;
         None::<(
@@ -678,6 +683,46 @@ fn held_open_body(data: Vec<u8>) -> (tonic::body::Body, tokio::sync::mpsc::Sende
         tonic::body::Body::new(http_body_util::StreamBody::new(stream)),
         open,
     )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_sent_in_pieces_stays_counted_until_it_is_whole() {
+    use http_body_util::BodyExt as _;
+    let state = layer_state(4 << 20).await;
+    let max = state.config.max_inflight_bytes;
+    // A 2 MiB message announced, 1.5 MiB of it sent in two frames, then nothing: tonic holds
+    // both pieces until the message is whole. The first piece's bytes were given back when the
+    // second arrived, so that a client could hold a message of the body limit per stream with
+    // one frame of it counted.
+    let message = grpc_message(false, &vec![7u8; 2 << 20]);
+    let (first, second) = (
+        message[..5 + (1 << 20)].to_vec(),
+        message[5 + (1 << 20)..5 + (3 << 19)].to_vec(),
+    );
+    let (body, open) = held_open_frames(vec![first, second]);
+    let watched = state.clone();
+    let reader = tower::service_fn(move |request: axum::http::Request<tonic::body::Body>| {
+        let state = watched.clone();
+        async move {
+            let mut body = request.into_body();
+            let mut got = 0;
+            while got < 5 + (3 << 19) {
+                let frame = body.frame().await.expect("a frame").expect("data");
+                got += frame.into_data().map_or(0, |d| d.len());
+            }
+            let waiting =
+                tokio::time::timeout(std::time::Duration::from_millis(200), body.frame()).await;
+            assert!(waiting.is_err(), "the client sent nothing more");
+            Ok::<_, std::convert::Infallible>(max - state.inflight_bytes.available_permits())
+        }
+    });
+    let counted = through_layer(&state, reader, None, body).await;
+    assert!(
+        counted >= 3 << 19,
+        "both pieces of the unfinished message stay counted: {counted} bytes"
+    );
+    drop(open);
+    all_given_back(&state, "once the body is dropped").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -91,6 +91,29 @@ def test_errors_have_triton_codes_and_leave_the_model_serving(gclient, node):
         assert_matches(result.as_numpy(output), ref, f"gen_mlp/{output} after errors")
 
 
+def test_bool_bytes_and_doubled_contents_are_refused(gclient, node):
+    # A BOOL byte other than 0 or 1, as HTTP's binary data refuses it.
+    feeds = make_inputs(node, "gen_multi", batch=1)
+    inputs = grpc_inputs(feeds)
+    mask = feeds["c"].astype(np.uint8)
+    mask[0, 1] = 2
+    c = next(i for i in inputs if i.name() == "c")
+    c.set_data_from_numpy(mask.view(np.bool_))
+    expect_grpc_error(lambda: gclient.infer("gen_multi", inputs), "INVALID_ARGUMENT", "0 or 1")
+    # Raw contents and typed contents for one input: which would count is anyone's guess.
+    feeds = make_inputs(node, "gen_mlp", batch=2)
+    both = grpc_inputs(feeds)
+    both[0]._get_tensor().contents.fp32_contents.extend([1.0, 2.0])
+    expect_grpc_error(lambda: gclient.infer("gen_mlp", both), "INVALID_ARGUMENT", "both")
+    # Nothing left behind: the next requests are answered, and right.
+    for model in ("gen_multi", "gen_mlp"):
+        feeds = make_inputs(node, model, batch=2)
+        want = reference(node, model, feeds)
+        result = gclient.infer(model, grpc_inputs(feeds))
+        for output, ref in want.items():
+            assert_matches(result.as_numpy(output), ref, f"{model}/{output} after errors")
+
+
 def test_classification_extension(gclient, node):
     """`class_count` over gRPC: the classes come back as BYTES, per row of a batched model."""
     feeds = make_inputs(node, "gen_mlp", batch=3, seed=8)

@@ -10,8 +10,9 @@
 //! takes permits of the node's bytes in flight as it arrives, and uncompressed messages pass on
 //! as they arrive. A compressed message is buffered whole and handed to tonic inflated, with its
 //! compressed flag cleared, through the same metered inflater that HTTP bodies go through
-//! ([`crate::coding::inflate`]), counted as it inflates. What tonic has taken stays counted
-//! until the client's next frame arrives or the body ends (see [`Messages`]).
+//! ([`crate::coding::inflate`]), counted as it inflates. What tonic has taken of a whole message
+//! stays counted until the client's next frame arrives or the body ends, and what it has taken
+//! of a message still arriving until that message is whole (see [`Messages`]).
 //!
 //! A message over the limit, or that inflates past it, is `RESOURCE_EXHAUSTED`, one that is not
 //! valid in its coding `INVALID_ARGUMENT`, and one that finds no room in the bytes in flight
@@ -85,6 +86,7 @@ where
             trailers: None,
             held: 0,
             handed: 0,
+            partial: 0,
             ended: false,
         };
         let frames = futures_util::stream::unfold(messages, |mut m| async move {
@@ -129,14 +131,19 @@ struct Messages {
     current: Current,
     /// A compressed message, as far as it has arrived.
     pending: Vec<u8>,
-    /// Frames ready for tonic, each with the permits it carries.
-    out: VecDeque<(Frame<Bytes>, usize)>,
+    /// Frames ready for tonic, each with the permits it carries and whether it ends its
+    /// message.
+    out: VecDeque<(Frame<Bytes>, usize, bool)>,
     /// The body's trailers, handed on after every message.
     trailers: Option<Frame<Bytes>>,
     /// Permits of the bytes in flight this body holds now.
     held: usize,
-    /// Of those, the ones for frames tonic has taken.
+    /// Of those, the ones for frames of whole messages tonic has taken.
     handed: usize,
+    /// Of those, the ones for frames tonic has taken of the message still arriving: tonic
+    /// holds every frame of a message until the last, so they stay counted until that one is
+    /// taken (a message sent in pieces that never ends held only its latest piece counted).
+    partial: usize,
     ended: bool,
 }
 
@@ -150,8 +157,12 @@ impl Messages {
     /// The next frame for tonic.
     async fn next(&mut self) -> Option<Result<Frame<Bytes>, Status>> {
         loop {
-            if let Some((frame, permits)) = self.out.pop_front() {
-                self.handed += permits;
+            if let Some((frame, permits, ends)) = self.out.pop_front() {
+                if ends {
+                    self.handed += std::mem::take(&mut self.partial) + permits;
+                } else {
+                    self.partial += permits;
+                }
                 return Some(Ok(frame));
             }
             if self.ended {
@@ -195,6 +206,7 @@ impl Messages {
     fn fail(&mut self, status: Status) -> Status {
         self.give_back(self.held);
         self.handed = 0;
+        self.partial = 0;
         self.out.clear();
         self.pending = Vec::new();
         self.prefix_len = 0;
@@ -237,7 +249,7 @@ impl Messages {
                     } else {
                         // Uncompressed, or a flag tonic refuses: passed on as it arrives.
                         let prefix = Bytes::copy_from_slice(&self.prefix);
-                        self.out.push_back((Frame::data(prefix), PREFIX));
+                        self.out.push_back((Frame::data(prefix), PREFIX, len == 0));
                         self.current = if len == 0 {
                             Current::Between
                         } else {
@@ -247,7 +259,8 @@ impl Messages {
                 }
                 Current::Passing(rest) => {
                     let n = rest.min(data.len());
-                    self.out.push_back((Frame::data(data.split_to(n)), n));
+                    self.out
+                        .push_back((Frame::data(data.split_to(n)), n, rest == n));
                     self.current = if rest == n {
                         Current::Between
                     } else {
@@ -312,8 +325,9 @@ impl Messages {
         let mut prefix = Vec::with_capacity(PREFIX);
         prefix.push(0);
         prefix.extend_from_slice(&len.to_be_bytes());
-        self.out.push_back((Frame::data(Bytes::from(prefix)), 0));
-        self.out.push_back((Frame::data(inflated), taken));
+        self.out
+            .push_back((Frame::data(Bytes::from(prefix)), 0, false));
+        self.out.push_back((Frame::data(inflated), taken, true));
         Ok(())
     }
 

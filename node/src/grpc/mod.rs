@@ -88,6 +88,9 @@ const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(60);
 /// How long the node waits for a ping's answer before it closes the connection.
 const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
+/// Streams one gRPC connection may have open at once (hyper's own default, which tonic lifts).
+const MAX_STREAMS: u32 = 200;
+
 /// Serve gRPC (and `grpc.health.v1`) on `listener` until `shutdown` resolves.
 pub async fn serve(
     state: Arc<ApiState>,
@@ -120,6 +123,9 @@ pub async fn serve(
         // An open channel that stops answering pings (a client that stopped reading, or is
         // gone) is closed, and its slot freed.
         .http2_keepalive_interval(Some(KEEPALIVE))
+        // tonic lifts hyper's cap on a connection's concurrent streams unless it is set: each
+        // stream may hold a message and its answer.
+        .max_concurrent_streams(Some(MAX_STREAMS))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .add_service(health)
         .add_service(service(state))
@@ -415,10 +421,25 @@ fn decode(request: pb::ModelInferRequest) -> Result<v2::InferRequest, Outcome> {
             .map(|d| u64::try_from(*d))
             .collect::<Result<Vec<u64>, _>>()
             .map_err(|_| bad(format!("input `{}` has a negative dimension", input.name)))?;
-        let data = match raw.next() {
-            Some(bytes) => bytes,
-            None => typed(&input.name, datatype, input.contents.unwrap_or_default())?,
+        let data = match (raw.next(), input.contents) {
+            // As HTTP refuses `data` beside binary data (and Triton refuses both here).
+            (Some(_), Some(c)) if c != pb::InferTensorContents::default() => {
+                return Err(bad(format!(
+                    "input `{}` has both raw_input_contents and typed contents: send one of them",
+                    input.name
+                )));
+            }
+            (Some(bytes), _) => bytes,
+            (None, contents) => typed(&input.name, datatype, contents.unwrap_or_default())?,
         };
+        if datatype == Datatype::Bool
+            && let Some((index, byte)) = data.iter().enumerate().find(|(_, b)| **b > 1)
+        {
+            return Err(bad(format!(
+                "input `{}`: BOOL element {index} is the byte {byte}: BOOL bytes must be 0 or 1",
+                input.name
+            )));
+        }
         let tensor = v2::Tensor::new(input.name, datatype, shape, data);
         tensor
             .check_data(v2::Role::Input)
