@@ -498,10 +498,15 @@ fn typed(name: &str, datatype: Datatype, c: pb::InferTensorContents) -> Result<V
     fn le<T: Copy, const N: usize>(v: &[T], f: impl Fn(T) -> [u8; N]) -> Vec<u8> {
         v.iter().flat_map(|x| f(*x)).collect()
     }
-    let narrow = |v: &[i64], min: i64, max: i64, width: usize| -> Result<Vec<u8>, Outcome> {
+    // Each value checked and narrowed as it is read: no widened copy of the whole field.
+    let narrow = |v: &mut dyn ExactSizeIterator<Item = i64>,
+                  min: i64,
+                  max: i64,
+                  width: usize|
+     -> Result<Vec<u8>, Outcome> {
         let mut out = Vec::with_capacity(v.len() * width);
         for x in v {
-            if *x < min || *x > max {
+            if x < min || x > max {
                 return Err(bad(format!(
                     "input `{name}` holds {x}, outside the range of {datatype}"
                 )));
@@ -510,19 +515,37 @@ fn typed(name: &str, datatype: Datatype, c: pb::InferTensorContents) -> Result<V
         }
         Ok(out)
     };
-    let ints: Vec<i64> = c.int_contents.iter().map(|x| i64::from(*x)).collect();
-    let uints: Vec<i64> = c.uint_contents.iter().map(|x| i64::from(*x)).collect();
+    // Values in a field of another type beside the tensor's own are a mistake, not padding.
+    let fields = [
+        !c.bool_contents.is_empty(),
+        !c.int_contents.is_empty(),
+        !c.int64_contents.is_empty(),
+        !c.uint_contents.is_empty(),
+        !c.uint64_contents.is_empty(),
+        !c.fp32_contents.is_empty(),
+        !c.fp64_contents.is_empty(),
+        !c.bytes_contents.is_empty(),
+    ];
+    if fields.iter().filter(|f| **f).count() > 1 {
+        return Err(bad(format!(
+            "input `{name}` has contents in more than one typed field: send its values in the \
+             field of its type ({datatype}) only"
+        )));
+    }
+    let ints = || c.int_contents.iter().map(|x| i64::from(*x));
+    let uints = || c.uint_contents.iter().map(|x| i64::from(*x));
+    let (has_ints, has_uints) = (!c.int_contents.is_empty(), !c.uint_contents.is_empty());
     Ok(match datatype {
         Datatype::Bool if !c.bool_contents.is_empty() => {
             c.bool_contents.iter().map(|b| u8::from(*b)).collect()
         }
-        Datatype::Int8 if !ints.is_empty() => narrow(&ints, i8::MIN.into(), i8::MAX.into(), 1)?,
-        Datatype::Int16 if !ints.is_empty() => narrow(&ints, i16::MIN.into(), i16::MAX.into(), 2)?,
-        Datatype::Int32 if !ints.is_empty() => le(&c.int_contents, i32::to_le_bytes),
+        Datatype::Int8 if has_ints => narrow(&mut ints(), i8::MIN.into(), i8::MAX.into(), 1)?,
+        Datatype::Int16 if has_ints => narrow(&mut ints(), i16::MIN.into(), i16::MAX.into(), 2)?,
+        Datatype::Int32 if has_ints => le(&c.int_contents, i32::to_le_bytes),
         Datatype::Int64 if !c.int64_contents.is_empty() => le(&c.int64_contents, i64::to_le_bytes),
-        Datatype::Uint8 if !uints.is_empty() => narrow(&uints, 0, u8::MAX.into(), 1)?,
-        Datatype::Uint16 if !uints.is_empty() => narrow(&uints, 0, u16::MAX.into(), 2)?,
-        Datatype::Uint32 if !uints.is_empty() => le(&c.uint_contents, u32::to_le_bytes),
+        Datatype::Uint8 if has_uints => narrow(&mut uints(), 0, u8::MAX.into(), 1)?,
+        Datatype::Uint16 if has_uints => narrow(&mut uints(), 0, u16::MAX.into(), 2)?,
+        Datatype::Uint32 if has_uints => le(&c.uint_contents, u32::to_le_bytes),
         Datatype::Uint64 if !c.uint64_contents.is_empty() => {
             le(&c.uint64_contents, u64::to_le_bytes)
         }
@@ -912,5 +935,133 @@ impl GrpcInferenceService for Grpc {
             .unload(&name)
             .map_err(|e| status(&ApiError::from(e)))?;
         Ok(Response::new(pb::RepositoryModelUnloadResponse {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pb::InferTensorContents as C;
+    use pb::model_infer_request::InferInputTensor;
+
+    fn input(datatype: &str, shape: &[i64], contents: Option<C>) -> InferInputTensor {
+        InferInputTensor {
+            name: "x".into(),
+            datatype: datatype.into(),
+            shape: shape.to_vec(),
+            contents,
+            ..Default::default()
+        }
+    }
+
+    fn decoded(inputs: Vec<InferInputTensor>, raw: Vec<Vec<u8>>) -> Result<Vec<u8>, String> {
+        let request = pb::ModelInferRequest {
+            inputs,
+            raw_input_contents: raw,
+            ..Default::default()
+        };
+        decode(request)
+            .map(|r| r.inputs[0].data.clone())
+            .map_err(|(e, _)| e.message)
+    }
+
+    #[test]
+    fn typed_contents_become_each_datatypes_bytes() {
+        let typed = |datatype: &str, c: C| decoded(vec![input(datatype, &[2], Some(c))], vec![]);
+        let ints = C {
+            int_contents: vec![-3, 7],
+            ..Default::default()
+        };
+        let uints = C {
+            uint_contents: vec![3, 250],
+            ..Default::default()
+        };
+        assert_eq!(typed("INT8", ints.clone()).expect("decoded"), [253, 7]);
+        assert_eq!(
+            typed("INT16", ints.clone()).expect("decoded"),
+            [253, 255, 7, 0]
+        );
+        assert_eq!(
+            typed("INT32", ints).expect("decoded"),
+            [253, 255, 255, 255, 7, 0, 0, 0]
+        );
+        assert_eq!(typed("UINT8", uints.clone()).expect("decoded"), [3, 250]);
+        assert_eq!(typed("UINT16", uints).expect("decoded"), [3, 0, 250, 0]);
+        let fp32 = C {
+            fp32_contents: vec![1.5, -2.0],
+            ..Default::default()
+        };
+        let want: Vec<u8> = [1.5f32, -2.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        assert_eq!(typed("FP32", fp32).expect("decoded"), want);
+        let bools = C {
+            bool_contents: vec![true, false],
+            ..Default::default()
+        };
+        assert_eq!(typed("BOOL", bools).expect("decoded"), [1, 0]);
+        let strings = C {
+            bytes_contents: vec![b"ab".to_vec(), vec![]],
+            ..Default::default()
+        };
+        assert_eq!(
+            typed("BYTES", strings).expect("decoded"),
+            [2, 0, 0, 0, b'a', b'b', 0, 0, 0, 0]
+        );
+    }
+
+    #[test]
+    fn typed_contents_that_do_not_fit_are_clear_errors() {
+        let typed = |datatype: &str, c: C| decoded(vec![input(datatype, &[2], Some(c))], vec![]);
+        let wide = C {
+            int_contents: vec![1, 300],
+            ..Default::default()
+        };
+        let e = typed("INT8", wide).expect_err("refused");
+        assert!(e.contains("holds 300, outside the range of INT8"), "{e}");
+        let elsewhere = C {
+            int_contents: vec![1, 2],
+            ..Default::default()
+        };
+        let e = typed("FP32", elsewhere).expect_err("refused");
+        assert!(e.contains("in another field"), "{e}");
+        let junk = C {
+            fp32_contents: vec![1.0, 2.0],
+            int_contents: vec![0; 1000],
+            ..Default::default()
+        };
+        let e = typed("FP32", junk).expect_err("refused");
+        assert!(e.contains("more than one typed field"), "{e}");
+        let short = C {
+            fp32_contents: vec![1.0],
+            ..Default::default()
+        };
+        assert!(
+            typed("FP32", short).is_err(),
+            "one value for a shape of two"
+        );
+    }
+
+    #[test]
+    fn raw_contents_are_checked_as_http_checks_binary_data() {
+        let e = decoded(vec![input("BOOL", &[3], None)], vec![vec![1, 2, 0]]).expect_err("refused");
+        assert!(e.contains("BOOL element 1 is the byte 2"), "{e}");
+        let both = C {
+            bool_contents: vec![true, false, true],
+            ..Default::default()
+        };
+        let e = decoded(vec![input("BOOL", &[3], Some(both))], vec![vec![1, 0, 1]])
+            .expect_err("refused");
+        assert!(
+            e.contains("both raw_input_contents and typed contents"),
+            "{e}"
+        );
+        // Raw contents with an empty typed message beside them are what clients send.
+        let answer = decoded(
+            vec![input("BOOL", &[3], Some(C::default()))],
+            vec![vec![1, 0, 1]],
+        );
+        assert_eq!(answer.expect("decoded"), [1, 0, 1]);
     }
 }
