@@ -345,13 +345,16 @@ impl Inner {
         };
         match parts {
             Ok((parts, times)) => {
+                // One request reports the call's execution: one whose client is still there,
+                // so that the statistics do not lose the batch with a client that left.
+                let carrier = jobs.iter().position(|j| !j.reply.is_closed()).unwrap_or(0);
                 for (i, (job, outputs)) in jobs.into_iter().zip(parts).enumerate() {
                     answers.push((
                         job.reply,
                         Done {
                             result: Ok((outputs, times)),
                             queue: started - job.enqueued,
-                            executed: (i == 0).then_some(total),
+                            executed: (i == carrier).then_some(total),
                         },
                     ));
                 }
