@@ -577,3 +577,76 @@ async fn grpc_client_from(addr: SocketAddr, after: Duration) -> tonic::Status {
         Err(status) => status,
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_stream_whose_answers_are_not_taken_is_ended_and_holds_nothing() {
+    use sophon_node::grpc::pb;
+    let config = HttpConfig {
+        body_timeout: Duration::from_millis(500),
+        ..HttpConfig::default()
+    };
+    let n = node_with(sophon_node::ServingLimits::default(), config.clone());
+    // 8,192 floats out for each id in: 128 KiB answers to 32-byte requests.
+    load_onnx(
+        &n,
+        "embed",
+        sophon_sdk::examples::embedding_onnx(4, 8192, false),
+        |_| {},
+    );
+    let server =
+        sophon_node::NodeServer::bind("127.0.0.1:0".parse().expect("addr"), n.repo, config)
+            .await
+            .expect("bind");
+    let state = server.state().clone();
+    let grpc = serve_grpc(&server).await;
+    tokio::spawn(server.run(std::future::pending()));
+    let request = || pb::ModelInferRequest {
+        model_name: "embed".into(),
+        inputs: vec![pb::model_infer_request::InferInputTensor {
+            name: "ids".into(),
+            datatype: "INT64".into(),
+            shape: vec![4],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![(0..4i64).flat_map(|i| i.to_le_bytes()).collect()],
+        ..Default::default()
+    };
+    // A client that grants no HTTP/2 window: the node can send it none of an answer, and never
+    // blocks on its socket, so no write deadline fires.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))
+        .expect("endpoint")
+        .initial_stream_window_size(0)
+        .connect()
+        .await
+        .expect("connect gRPC");
+    let mut client = pb::grpc_inference_service_client::GrpcInferenceServiceClient::new(channel);
+    let requests = tokio_stream::iter((0..40).map(move |_| request()));
+    let call = tokio::spawn(async move { client.model_stream_infer(requests).await });
+
+    let max = state.config.max_inflight_bytes;
+    let held = || max - state.inflight_bytes.available_permits();
+    let started = Instant::now();
+    let mut most = 0;
+    while most < 1 << 20 && started.elapsed() < Duration::from_secs(10) {
+        most = most.max(held());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        most >= 1 << 20,
+        "the answers waiting for the client were not counted in flight: at most {most} bytes"
+    );
+    // Past the deadline the stream is ended and its answers dropped, the client still there.
+    let started = Instant::now();
+    while held() > 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{} bytes still held for a client that takes no answers",
+            held()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        !call.is_finished() || call.await.is_ok(),
+        "the call itself stands"
+    );
+}

@@ -54,24 +54,93 @@ pub fn service(state: Arc<ApiState>) -> GrpcInferenceServiceServer<Grpc> {
 /// as earlier ones are answered.
 pub const STREAM_WINDOW: usize = 32;
 
+/// A stream's answer on its way to the client, shared with the stream's task so that a
+/// client that takes none in time has them dropped.
+type Slot = Arc<std::sync::Mutex<Option<Waiting>>>;
+
+/// A stream's answer waiting for the client, its bytes counted in the node's bytes in flight
+/// until it is taken or dropped.
+struct Waiting {
+    answer: Option<Result<pb::ModelStreamInferResponse, Status>>,
+    state: Arc<ApiState>,
+    held: usize,
+}
+
+impl Waiting {
+    /// `answer`, counted; when the bytes in flight have no room for it, the request's answer
+    /// is that error instead (as a new request would be refused).
+    fn count(state: &Arc<ApiState>, answer: pb::ModelStreamInferResponse) -> Waiting {
+        use prost::Message as _;
+        let n = answer.encoded_len();
+        let room = u32::try_from(n)
+            .ok()
+            .and_then(|n| state.inflight_bytes.try_acquire_many(n).ok())
+            .map(tokio::sync::SemaphorePermit::forget)
+            .is_some();
+        if room {
+            return Waiting {
+                answer: Some(Ok(answer)),
+                state: state.clone(),
+                held: n,
+            };
+        }
+        let refused = pb::ModelStreamInferResponse {
+            error_message: no_room(state),
+            infer_response: None,
+        };
+        Waiting {
+            answer: Some(Ok(refused)),
+            state: state.clone(),
+            held: 0,
+        }
+    }
+
+    /// An answer not counted: an error, small.
+    fn uncounted(
+        state: &Arc<ApiState>,
+        answer: Result<pb::ModelStreamInferResponse, Status>,
+    ) -> Waiting {
+        Waiting {
+            answer: Some(answer),
+            state: state.clone(),
+            held: 0,
+        }
+    }
+
+    fn into_answer(mut self) -> Result<pb::ModelStreamInferResponse, Status> {
+        self.answer.take().expect("taken once")
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.state.inflight_bytes.add_permits(self.held);
+    }
+}
+
 /// One stream request's task: its answer when it ends, and aborted when dropped unanswered (the
 /// client went away).
-struct Running(tokio::task::JoinHandle<Result<pb::ModelStreamInferResponse, Status>>);
+struct Running(
+    tokio::task::JoinHandle<Result<Waiting, Status>>,
+    Arc<ApiState>,
+);
 
 impl std::future::Future for Running {
-    type Output = Result<pb::ModelStreamInferResponse, Status>;
+    type Output = Result<Waiting, Status>;
 
     fn poll(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Self::Output> {
         // A request whose task failed is answered with its error, and the stream goes on.
+        let state = self.1.clone();
         std::pin::Pin::new(&mut self.0).poll(cx).map(|joined| {
             joined.unwrap_or_else(|e| {
-                Ok(pb::ModelStreamInferResponse {
+                let failed = pb::ModelStreamInferResponse {
                     error_message: format!("the request failed: {e}"),
                     infer_response: None,
-                })
+                };
+                Ok(Waiting::uncounted(&state, Ok(failed)))
             })
         })
     }
@@ -811,43 +880,80 @@ impl GrpcInferenceService for Grpc {
     ) -> Result<Response<InferStream>, Status> {
         let incoming = request.into_inner();
         let state = self.state.clone();
+        let patience = state.config.body_timeout;
         // Answers wait here for the client to take them. Few: the window already holds up to
         // `STREAM_WINDOW` answers done ahead of an earlier one, and what a client that does not
-        // read makes the node hold should stay near that.
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        // read makes the node hold should stay near that. Each waiting answer counts against
+        // the node's bytes in flight until the client's side takes it; a client that takes
+        // none within `body_timeout` (one that grants no HTTP/2 window never blocks the node
+        // on its socket, so the connection's send deadline never fires) has the stream ended,
+        // and its answers are dropped.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Slot>(4);
         tokio::spawn(async move {
             // Each request runs in its own task: a guest call runs inside its future's poll,
             // so futures polled by one task would run one at a time.
+            let counted = state.clone();
             let each = futures_util::StreamExt::map(incoming, move |next| {
                 let this = Grpc {
                     state: state.clone(),
                 };
-                Running(tokio::spawn(async move {
-                    let request = next?;
-                    Ok(match this.infer(request).await {
-                        Ok(response) => pb::ModelStreamInferResponse {
-                            error_message: String::new(),
-                            infer_response: Some(response),
-                        },
-                        Err(e) => pb::ModelStreamInferResponse {
-                            error_message: e.message().to_string(),
-                            infer_response: None,
-                        },
-                    })
-                }))
+                let running = this.state.clone();
+                Running(
+                    tokio::spawn(async move {
+                        let request = next?;
+                        let answer = match this.infer(request).await {
+                            Ok(response) => pb::ModelStreamInferResponse {
+                                error_message: String::new(),
+                                infer_response: Some(response),
+                            },
+                            Err(e) => pb::ModelStreamInferResponse {
+                                error_message: e.message().to_string(),
+                                infer_response: None,
+                            },
+                        };
+                        Ok(Waiting::count(&this.state, answer))
+                    }),
+                    running,
+                )
             });
             let mut answers = futures_util::StreamExt::buffered(each, STREAM_WINDOW);
+            let mut sent: Vec<std::sync::Weak<std::sync::Mutex<Option<Waiting>>>> = Vec::new();
             while let Some(answer) = answers.next().await {
                 let broken = answer.is_err();
-                // A send fails when the client went away; the requests still running are aborted.
-                if tx.send(answer).await.is_err() || broken {
-                    break;
+                let waiting = match answer {
+                    Ok(waiting) => waiting,
+                    Err(status) => Waiting::uncounted(&counted, Err(status)),
+                };
+                let slot = Arc::new(std::sync::Mutex::new(Some(waiting)));
+                sent.retain(|s| s.strong_count() > 0);
+                sent.push(Arc::downgrade(&slot));
+                match tokio::time::timeout(patience, tx.send(slot)).await {
+                    Ok(Ok(())) if !broken => {}
+                    // The client went away (the requests still running are aborted), or the
+                    // stream broke.
+                    Ok(_) => break,
+                    Err(_) => {
+                        // The client took none of its answers in time: those waiting are
+                        // dropped, and the stream ends when it next asks for one.
+                        for slot in sent.iter().filter_map(std::sync::Weak::upgrade) {
+                            slot.lock().map(|mut s| s.take()).ok();
+                        }
+                        break;
+                    }
                 }
             }
         });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx).map(move |slot| {
+            let taken = slot.lock().ok().and_then(|mut s| s.take());
+            match taken {
+                Some(waiting) => waiting.into_answer(),
+                None => Err(Status::deadline_exceeded(format!(
+                    "the client took none of its answers within {} s; the stream was ended",
+                    patience.as_secs_f64()
+                ))),
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn model_config(
