@@ -685,11 +685,40 @@ fn held_open_frames(frames: Vec<Vec<u8>>) -> (tonic::body::Body, tokio::sync::mp
     )
 }
 
+/// A service in front of which the layer runs: it reads `bytes` of the body, then waits for
+/// more (as a unary call waits for the end of the body before its handler runs; the client
+/// sends nothing more), and answers with what the node's bytes in flight count meanwhile.
+fn reads_then_waits(
+    state: &Arc<ApiState>,
+    bytes: usize,
+) -> impl tower::Service<
+    axum::http::Request<tonic::body::Body>,
+    Response = usize,
+    Error = std::convert::Infallible,
+> {
+    use http_body_util::BodyExt as _;
+    let max = state.config.max_inflight_bytes;
+    let watched = state.clone();
+    tower::service_fn(move |request: axum::http::Request<tonic::body::Body>| {
+        let state = watched.clone();
+        async move {
+            let mut body = request.into_body();
+            let mut got = 0;
+            while got < bytes {
+                let frame = body.frame().await.expect("a frame").expect("data");
+                got += frame.into_data().map_or(0, |d| d.len());
+            }
+            let waiting =
+                tokio::time::timeout(std::time::Duration::from_millis(200), body.frame()).await;
+            assert!(waiting.is_err(), "the client sent nothing more");
+            Ok::<_, std::convert::Infallible>(max - state.inflight_bytes.available_permits())
+        }
+    })
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_message_sent_in_pieces_stays_counted_until_it_is_whole() {
-    use http_body_util::BodyExt as _;
     let state = layer_state(4 << 20).await;
-    let max = state.config.max_inflight_bytes;
     // A 2 MiB message announced, 1.5 MiB of it sent in two frames, then nothing: tonic holds
     // both pieces until the message is whole. The first piece's bytes were given back when the
     // second arrived, so that a client could hold a message of the body limit per stream with
@@ -700,23 +729,7 @@ async fn a_message_sent_in_pieces_stays_counted_until_it_is_whole() {
         message[5 + (1 << 20)..5 + (3 << 19)].to_vec(),
     );
     let (body, open) = held_open_frames(vec![first, second]);
-    let watched = state.clone();
-    let reader = tower::service_fn(move |request: axum::http::Request<tonic::body::Body>| {
-        let state = watched.clone();
-        async move {
-            let mut body = request.into_body();
-            let mut got = 0;
-            while got < 5 + (3 << 19) {
-                let frame = body.frame().await.expect("a frame").expect("data");
-                got += frame.into_data().map_or(0, |d| d.len());
-            }
-            let waiting =
-                tokio::time::timeout(std::time::Duration::from_millis(200), body.frame()).await;
-            assert!(waiting.is_err(), "the client sent nothing more");
-            Ok::<_, std::convert::Infallible>(max - state.inflight_bytes.available_permits())
-        }
-    });
-    let counted = through_layer(&state, reader, None, body).await;
+    let counted = through_layer(&state, reads_then_waits(&state, 5 + (3 << 19)), None, body).await;
     assert!(
         counted >= 3 << 19,
         "both pieces of the unfinished message stay counted: {counted} bytes"
@@ -727,9 +740,7 @@ async fn a_message_sent_in_pieces_stays_counted_until_it_is_whole() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_message_stays_counted_until_the_client_sends_more_or_ends() {
-    use http_body_util::BodyExt as _;
     let state = layer_state(4 << 20).await;
-    let max = state.config.max_inflight_bytes;
     let zeros = vec![0u8; 2 << 20];
     // Compressed (inflated by the node) and plain (passed on as it arrives): both counted.
     for (coding, message) in [
@@ -737,25 +748,8 @@ async fn a_message_stays_counted_until_the_client_sends_more_or_ends() {
         (None, grpc_message(false, &zeros)),
     ] {
         let (body, open) = held_open_body(message);
-        let watched = state.clone();
-        // Reads the message, then waits for more (as a unary call waits for the end of the
-        // body before its handler runs), watching what is counted meanwhile.
-        let reader = tower::service_fn(move |request: axum::http::Request<tonic::body::Body>| {
-            let state = watched.clone();
-            async move {
-                let mut body = request.into_body();
-                let mut got = 0;
-                // The message and its 5-byte prefix.
-                while got < 5 + (2 << 20) {
-                    let frame = body.frame().await.expect("a frame").expect("data");
-                    got += frame.into_data().map_or(0, |d| d.len());
-                }
-                let waiting =
-                    tokio::time::timeout(std::time::Duration::from_millis(200), body.frame()).await;
-                assert!(waiting.is_err(), "the client sent nothing more");
-                Ok::<_, std::convert::Infallible>(max - state.inflight_bytes.available_permits())
-            }
-        });
+        // The message and its 5-byte prefix.
+        let reader = reads_then_waits(&state, 5 + (2 << 20));
         let counted = through_layer(&state, reader, coding, body).await;
         assert!(
             counted >= zeros.len(),

@@ -72,12 +72,7 @@ impl Waiting {
     fn count(state: &Arc<ApiState>, answer: pb::ModelStreamInferResponse) -> Waiting {
         use prost::Message as _;
         let n = answer.encoded_len();
-        let room = u32::try_from(n)
-            .ok()
-            .and_then(|n| state.inflight_bytes.try_acquire_many(n).ok())
-            .map(tokio::sync::SemaphorePermit::forget)
-            .is_some();
-        if room {
+        if inflate::acquire(state, n) {
             return Waiting {
                 answer: Some(Ok(answer)),
                 state: state.clone(),
