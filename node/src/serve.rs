@@ -483,6 +483,8 @@ pub struct Conn {
     stalled: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Until an HTTP/2 client's opening is in: the bytes received so far, and the deadline.
     opening: Option<(usize, Pin<Box<tokio::time::Sleep>>)>,
+    /// A gRPC connection's answers waiting on the client; closed when one waits too long.
+    watch: Option<std::sync::Arc<crate::grpc::answers::Watch>>,
 }
 
 impl Conn {
@@ -494,7 +496,20 @@ impl Conn {
             send_timeout,
             stalled: None,
             opening: None,
+            watch: None,
         }
+    }
+
+    /// The same connection, closed when `watch` says (a gRPC answer waited on the client too
+    /// long).
+    pub fn watched(mut self, watch: std::sync::Arc<crate::grpc::answers::Watch>) -> Conn {
+        self.watch = Some(watch);
+        self
+    }
+
+    /// The connection's watch, if it has one.
+    pub fn watch(&self) -> Option<&std::sync::Arc<crate::grpc::answers::Watch>> {
+        self.watch.as_ref()
     }
 
     /// The same connection, closed unless it opens HTTP/2 within `deadline`.
@@ -542,6 +557,14 @@ impl tokio::io::AsyncRead for Conn {
         cx: &mut Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        if let Some(watch) = &self.watch
+            && watch.closed(cx)
+        {
+            return Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client took none of an answer within the body timeout",
+            )));
+        }
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.tcp).poll_read(cx, buf);
         let Some((received, deadline)) = self.opening.as_mut() else {

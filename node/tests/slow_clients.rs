@@ -1,8 +1,9 @@
 //! Clients that are slow or hold back, over a real socket: a head that does not arrive, a body
 //! that does not arrive, a body announced but never sent, room reserved ahead of a body's
 //! bytes, answers never read, more connections than the node serves at once, a gRPC client that
-//! does not open HTTP/2 (the two ports share the connection limit), and a gRPC client that reads
-//! none of its answer. Each is bounded, and each time a good request is served afterwards.
+//! does not open HTTP/2 (the two ports share the connection limit), a gRPC client that reads
+//! none of its answer, and gRPC clients that grant no window for their answers (a stream's and
+//! unary ones). Each is bounded, and each time a good request is served afterwards.
 
 mod common;
 
@@ -649,4 +650,156 @@ async fn a_grpc_stream_whose_answers_are_not_taken_is_ended_and_holds_nothing() 
         !call.is_finished() || call.await.is_ok(),
         "the call itself stands"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unary_grpc_answers_not_taken_count_in_flight_until_their_connection_is_closed() {
+    use sophon_node::grpc::pb;
+    let config = HttpConfig {
+        body_timeout: Duration::from_millis(500),
+        ..HttpConfig::default()
+    };
+    let n = node_with(sophon_node::ServingLimits::default(), config.clone());
+    // 8,192 floats out for each id in: 128 KiB answers (two pieces each) to 32-byte requests.
+    load_onnx(
+        &n,
+        "embed",
+        sophon_sdk::examples::embedding_onnx(4, 8192, false),
+        |_| {},
+    );
+    let server =
+        sophon_node::NodeServer::bind("127.0.0.1:0".parse().expect("addr"), n.repo, config)
+            .await
+            .expect("bind");
+    let state = server.state().clone();
+    let grpc = serve_grpc(&server).await;
+    tokio::spawn(server.run(std::future::pending()));
+    let request = || pb::ModelInferRequest {
+        model_name: "embed".into(),
+        inputs: vec![pb::model_infer_request::InferInputTensor {
+            name: "ids".into(),
+            datatype: "INT64".into(),
+            shape: vec![4],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![(0..4i64).flat_map(|i| i.to_le_bytes()).collect()],
+        ..Default::default()
+    };
+    // A client that grants no HTTP/2 window: each handler returns, and its answer waits in the
+    // node for a window that never comes, while the client answers the node's pings.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))
+        .expect("endpoint")
+        .initial_stream_window_size(0)
+        .connect()
+        .await
+        .expect("connect gRPC");
+    let calls: Vec<_> = (0..16)
+        .map(|_| {
+            let mut client =
+                pb::grpc_inference_service_client::GrpcInferenceServiceClient::new(channel.clone());
+            let request = request();
+            tokio::spawn(async move { client.model_infer(request).await })
+        })
+        .collect();
+
+    let max = state.config.max_inflight_bytes;
+    let held = || max - state.inflight_bytes.available_permits();
+    let started = Instant::now();
+    let mut most = 0;
+    while most < 1 << 20 && started.elapsed() < Duration::from_secs(10) {
+        most = most.max(held());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        most >= 1 << 20,
+        "the answers waiting for the client were not counted in flight: at most {most} bytes"
+    );
+    // Past the body timeout the connection is closed: the calls fail and nothing stays held.
+    let started = Instant::now();
+    while held() > 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{} bytes still held for a client that takes no answers",
+            held()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for call in calls {
+        let answered = tokio::time::timeout(Duration::from_secs(10), call)
+            .await
+            .expect("the call ends")
+            .expect("task");
+        assert!(answered.is_err(), "an answer arrived with no window");
+    }
+    // A client that takes its answer gets all of it, and the count goes back to nothing.
+    let mut client = grpc_client(grpc).await;
+    let answer = client
+        .model_infer(request())
+        .await
+        .expect("a good client is served")
+        .into_inner();
+    assert_eq!(answer.raw_output_contents[0].len(), 4 * 8192 * 4);
+    let started = Instant::now();
+    while held() > 0 && started.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(held(), 0, "the taken answer is no longer counted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_answer_with_no_room_in_flight_is_refused_and_the_next_one_served() {
+    use sophon_node::grpc::pb;
+    // Room for 64 KiB in flight: a request of 4 ids (a 128 KiB answer) fits, its answer does not.
+    let config = HttpConfig {
+        max_inflight_bytes: 64 << 10,
+        ..HttpConfig::default()
+    };
+    let n = node_with(sophon_node::ServingLimits::default(), config.clone());
+    load_onnx(
+        &n,
+        "embed",
+        sophon_sdk::examples::embedding_onnx(4, 8192, false),
+        |_| {},
+    );
+    let server =
+        sophon_node::NodeServer::bind("127.0.0.1:0".parse().expect("addr"), n.repo, config)
+            .await
+            .expect("bind");
+    let state = server.state().clone();
+    let grpc = serve_grpc(&server).await;
+    tokio::spawn(server.run(std::future::pending()));
+    let request = |ids: i64| pb::ModelInferRequest {
+        model_name: "embed".into(),
+        inputs: vec![pb::model_infer_request::InferInputTensor {
+            name: "ids".into(),
+            datatype: "INT64".into(),
+            shape: vec![ids],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![(0..ids).flat_map(|i| i.to_le_bytes()).collect()],
+        ..Default::default()
+    };
+    let mut client = grpc_client(grpc).await;
+    let refused = client
+        .model_infer(request(4))
+        .await
+        .expect_err("a 128 KiB answer against 64 KiB of room");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(
+        refused.message().contains("bytes of requests in flight"),
+        "{refused:?}"
+    );
+    // One id: a 32 KiB answer fits, on the same connection.
+    let answer = client
+        .model_infer(request(1))
+        .await
+        .expect("the answer that fits is served")
+        .into_inner();
+    assert_eq!(answer.raw_output_contents[0].len(), 8192 * 4);
+    let available = || state.inflight_bytes.available_permits();
+    let started = Instant::now();
+    while available() < 64 << 10 && started.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(available(), 64 << 10, "every count given back");
 }

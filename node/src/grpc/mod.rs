@@ -21,6 +21,7 @@ use crate::http::{ApiError, ApiState, Outcome};
 use crate::repository::LoadedModel;
 use crate::v2;
 
+pub mod answers;
 pub mod inflate;
 
 /// The code generated from `node/proto/inference.proto`.
@@ -171,18 +172,34 @@ pub async fn serve(
     // infer/s).
     let slots = state.connections.clone();
     let (opening, sending) = (state.config.header_timeout, state.config.body_timeout);
-    let incoming =
-        futures_util::stream::unfold((listener, slots), move |(listener, slots)| async move {
+    // Each connection's answers waiting on the client, swept for one that waits too long.
+    let watches = Arc::new(answers::Watches::default());
+    tokio::spawn(answers::Watches::sweep_every(
+        Arc::downgrade(&watches),
+        sending,
+    ));
+    let incoming = futures_util::stream::unfold(
+        (listener, slots, watches),
+        move |(listener, slots, watches)| async move {
             let (tcp, slot) = slots.accept(&listener, crate::serve::Protocol::Http2).await;
-            let conn = crate::serve::Conn::new(tcp, slot, sending).opening_http2(opening);
-            Some((Ok::<_, std::io::Error>(conn), (listener, slots)))
-        });
+            let conn = crate::serve::Conn::new(tcp, slot, sending)
+                .opening_http2(opening)
+                .watched(watches.watch());
+            Some((Ok::<_, std::io::Error>(conn), (listener, slots, watches)))
+        },
+    );
     let counted = state.clone();
+    let answered = state.clone();
     tonic::transport::Server::builder()
         // Request messages count against the node's bytes in flight as they arrive, and
         // compressed ones are inflated by the node, counted too.
         .layer(tower::layer::layer_fn(move |inner| {
             inflate::Inflating::new(inner, counted.clone())
+        }))
+        // Answers count against the bytes in flight until the client takes them, and a
+        // connection whose client takes none of one within the body timeout is closed.
+        .layer(tower::layer::layer_fn(move |inner| {
+            answers::Answering::new(inner, answered.clone())
         }))
         // An open channel that stops answering pings (a client that stopped reading, or is
         // gone) is closed, and its slot freed.
@@ -231,10 +248,13 @@ fn bad(message: impl Into<String>) -> Outcome {
 }
 
 impl tonic::transport::server::Connected for crate::serve::Conn {
-    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+    type ConnectInfo = answers::ConnInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.tcp().connect_info()
+        answers::ConnInfo {
+            tcp: self.tcp().connect_info(),
+            watch: self.watch().cloned(),
+        }
     }
 }
 
