@@ -803,3 +803,70 @@ async fn a_grpc_answer_with_no_room_in_flight_is_refused_and_the_next_one_served
     }
     assert_eq!(available(), 64 << 10, "every count given back");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_answer_of_several_pieces_arrives_whole() {
+    use sophon_node::grpc::pb;
+    let n = node_with(sophon_node::ServingLimits::default(), HttpConfig::default());
+    load_onnx(
+        &n,
+        "embed",
+        sophon_sdk::examples::embedding_onnx(4, 8192, false),
+        |_| {},
+    );
+    let server = sophon_node::NodeServer::bind(
+        "127.0.0.1:0".parse().expect("addr"),
+        n.repo,
+        HttpConfig::default(),
+    )
+    .await
+    .expect("bind");
+    let state = server.state().clone();
+    let grpc = serve_grpc(&server).await;
+    tokio::spawn(server.run(std::future::pending()));
+    let request = |ids: i64| pb::ModelInferRequest {
+        model_name: "embed".into(),
+        inputs: vec![pb::model_infer_request::InferInputTensor {
+            name: "ids".into(),
+            datatype: "INT64".into(),
+            shape: vec![ids],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![(0..ids).flat_map(|i| (i % 4).to_le_bytes()).collect()],
+        ..Default::default()
+    };
+    let mut client = grpc_client(grpc).await.max_decoding_message_size(64 << 20);
+    let rows = client
+        .model_infer(request(4))
+        .await
+        .expect("4 rows")
+        .into_inner()
+        .raw_output_contents
+        .remove(0);
+    // 300 rows of 32 KiB: a 9.4 MiB answer, handed to the connection in three pieces and its
+    // last byte.
+    let big = client
+        .model_infer(request(300))
+        .await
+        .expect("300 rows")
+        .into_inner()
+        .raw_output_contents
+        .remove(0);
+    assert_eq!(big.len(), 300 * 8192 * 4);
+    let row = 8192 * 4;
+    for (i, got) in big.chunks(row).enumerate() {
+        assert_eq!(got, &rows[(i % 4) * row..(i % 4 + 1) * row], "row {i}");
+    }
+    let max = state.config.max_inflight_bytes;
+    let started = Instant::now();
+    while state.inflight_bytes.available_permits() < max
+        && started.elapsed() < Duration::from_secs(5)
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        state.inflight_bytes.available_permits(),
+        max,
+        "nothing held"
+    );
+}

@@ -9,21 +9,30 @@
 //! it kept its connection open (it only has to answer pings). [`Answering`] wraps every gRPC
 //! response body:
 //! - each data frame takes permits of the node's bytes in flight for its length when tonic
-//!   yields it, and keeps them until the client has taken it: the frame goes to hyper as all of
-//!   it but its last byte, then that byte (views of the same buffer, no copy). hyper hands a
+//!   yields it, and keeps them until the client has taken it. The frame goes to hyper in views
+//!   of the same buffer (no copy): [`PIECE`]s of 4 MiB, then its last byte alone. hyper hands a
 //!   piece to h2 only once the client's window has room beyond what h2 already holds, and asks
-//!   for the next piece right after, so when it asks past the last byte the rest has gone or is
-//!   going, and the permits go back (or when the stream ends). A frame that finds no room ends
-//!   the call with `UNAVAILABLE`, as a request that finds none is refused;
-//! - while its last byte waits for the client's window, the answer is on its connection's
-//!   [`Watch`]; a sweep closes a connection with an answer that has waited longer than the body
-//!   timeout (a client must take an answer within the body timeout, as it must send a request's
-//!   body within it; one that stops reading its socket is closed too), which ends its streams
-//!   and frees what they hold.
+//!   for the next piece right after; so when it asks past the last byte, the rest has gone or
+//!   h2 holds less than its send buffer (400 KiB) of it, with window to send it, and the
+//!   permits go back (or when the stream ends). A frame that finds no room is refused as a
+//!   request that finds none is: `UNAVAILABLE` for a unary call; on a stream, an error answer in
+//!   its place, and the stream goes on (as `Waiting::count` answers);
+//! - while a piece waits for the client's window, the answer is on its connection's [`Watch`];
+//!   a sweep (every quarter of the body timeout, at most every second) closes a connection with
+//!   an answer whose piece has waited longer than the body timeout, which ends its streams and
+//!   frees what they hold. A client must take each 4 MiB of an answer within the body timeout,
+//!   as each write to an HTTP/1.1 client must go through within it. HTTP/2 leaves the node no
+//!   smaller lever: a body cannot end its own stream while hyper waits on the window instead of
+//!   asking it for more, so closing the connection ends every call on it.
 //!
-//! Smaller pieces (a watch on each 64 KiB or 1 MiB that the client takes) cost a wait of the
-//! stream's task per piece: 4 MiB answers took 40–60 % more of the node's CPU per call. One
-//! split costs about 10 % there, and nothing for an answer the window takes at once.
+//! Smaller pieces (64 KiB or 1 MiB, each watched) cost a wait of the stream's task per piece:
+//! 4 MiB answers took 40–60 % more of the node's CPU per call. A 4 MiB answer in one piece and
+//! its last byte costs about 11 %, and an answer the window takes at once nothing measurable
+//! (`docs/BENCHMARKS.md`).
+//!
+//! Left: a client that grants window but reads its socket a trickle at a time (each write goes
+//! through, so the write deadline does not fire) can leave up to h2's send buffer (400 KiB) of
+//! each answer uncounted, up to 200 streams per connection.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -38,6 +47,10 @@ use hyper::body::{Body, Frame, SizeHint};
 use tokio::time::Instant;
 
 use crate::http::ApiState;
+
+/// How much of an answer goes to h2 at a time: the client must take each piece within the body
+/// timeout.
+pub const PIECE: usize = 4 << 20;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -190,21 +203,24 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
-        let watch = request
-            .extensions()
-            .get::<ConnInfo>()
-            .and_then(|info| info.watch.clone());
+    fn call(&mut self, mut request: http::Request<tonic::body::Body>) -> Self::Future {
+        let info = request.extensions().get::<ConnInfo>().cloned();
+        let watch = info.as_ref().and_then(|info| info.watch.clone());
+        // tonic's `Request::remote_addr` looks for its own connection info.
+        if let Some(info) = info {
+            request.extensions_mut().insert(info.tcp);
+        }
+        let stream = request.uri().path().ends_with("/ModelStreamInfer");
         let state = self.state.clone();
         let called = self.inner.call(request);
         Box::pin(async move {
             let response = called.await?;
             Ok(response.map(|inner| Answer {
-                inner: Some(inner),
-                next: None,
+                inner,
                 state,
                 watch,
                 slot: None,
+                stream,
                 rest: Bytes::new(),
                 held: 0,
                 ended: false,
@@ -216,14 +232,13 @@ where
 /// A response body whose data is counted until the client takes it (see the module's
 /// documentation).
 pub struct Answer<B> {
-    /// tonic's body, until it has yielded its last frame.
-    inner: Option<B>,
-    /// Its frame after the current one, when it was ready early.
-    next: Option<Result<Frame<Bytes>, BoxError>>,
+    inner: B,
     state: Arc<ApiState>,
     watch: Option<Arc<Watch>>,
     /// This answer's slot in the watch, once it has handed a piece.
     slot: Option<usize>,
+    /// Whether this is `ModelStreamInfer`'s body, whose frames are answers on a stream.
+    stream: bool,
     /// What is left of the current frame.
     rest: Bytes,
     /// Permits of the bytes in flight held for the current frame.
@@ -238,24 +253,53 @@ impl<B> Answer<B> {
             .add_permits(std::mem::take(&mut self.held));
     }
 
-    /// Hand the next piece of the current frame: all of it but its last byte, then that byte.
-    /// hyper asks for a piece right after handing h2 the one before, but hands it over (and asks
-    /// for the next) only once the client's window has room beyond what h2 holds: so when hyper
-    /// asks past the last byte, everything before it has gone or is going, and until then the
-    /// answer waits on the client.
+    /// Hand the next piece of the current frame: [`PIECE`] bytes at a time (the last of them
+    /// up to a quarter more), then its last byte alone. hyper asks for a piece right after
+    /// handing h2 the one before, but hands it to h2 (and asks for the next) only once the
+    /// client's window has room beyond what h2 holds: so each piece waits on the client while
+    /// it takes the one before, and when hyper asks past the last byte the rest has gone, or
+    /// h2 holds less than its send buffer (400 KiB) of it with window to send it.
     fn piece(&mut self) -> Frame<Bytes> {
-        let n = self
-            .rest
-            .len()
-            .saturating_sub(1)
-            .max(1)
-            .min(self.rest.len());
+        let len = self.rest.len();
+        let n = match len.saturating_sub(1) {
+            0 => len,
+            before_last if before_last <= PIECE + PIECE / 4 => before_last,
+            _ => PIECE,
+        };
         let piece = self.rest.split_to(n);
         if let Some(watch) = &self.watch {
             let slot = *self.slot.get_or_insert_with(|| watch.take_slot());
             watch.set(slot, Some(Instant::now()));
         }
         Frame::data(piece)
+    }
+
+    /// What goes in place of a frame that found no room in the bytes in flight: on a stream, an
+    /// error answer for each answer in it (as `Waiting::count` answers), and the stream goes
+    /// on; otherwise `UNAVAILABLE`, which ends the call, as a request that finds no room is
+    /// refused.
+    fn refused(&mut self, data: &Bytes) -> Frame<Bytes> {
+        let message = super::no_room(&self.state);
+        if self.stream {
+            use prost::Message as _;
+            let answer = super::pb::ModelStreamInferResponse {
+                error_message: message,
+                infer_response: None,
+            }
+            .encode_to_vec();
+            let mut out = Vec::new();
+            for _ in 0..messages_in(data) {
+                out.push(0);
+                out.extend_from_slice(&(answer.len() as u32).to_be_bytes());
+                out.extend_from_slice(&answer);
+            }
+            return Frame::data(Bytes::from(out));
+        }
+        self.ended = true;
+        let mut trailers = http::HeaderMap::new();
+        // The message is plain ASCII, which a header value takes.
+        let _ = tonic::Status::unavailable(message).add_header(&mut trailers);
+        Frame::trailers(trailers)
     }
 }
 
@@ -266,6 +310,17 @@ impl<B> Drop for Answer<B> {
             watch.give_back(slot);
         }
     }
+}
+
+/// How many whole gRPC messages (a flag byte and a big-endian length before each) `data` holds.
+fn messages_in(data: &[u8]) -> usize {
+    let (mut at, mut n) = (0, 0);
+    while let Some(prefix) = data.get(at..).and_then(|rest| rest.get(..5)) {
+        let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
+        at = at.saturating_add(5).saturating_add(len);
+        n += 1;
+    }
+    n.max(1)
 }
 
 impl<B> Body for Answer<B>
@@ -292,85 +347,64 @@ where
         if this.ended {
             return Poll::Ready(None);
         }
-        let frame = match this.next.take() {
-            Some(frame) => frame,
-            None => {
-                let Some(inner) = this.inner.as_mut() else {
-                    return Poll::Ready(None);
-                };
-                match Pin::new(inner).poll_frame(cx) {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(None) => {
-                        this.inner = None;
-                        return Poll::Ready(None);
-                    }
-                    Poll::Ready(Some(frame)) => frame.map_err(Into::into),
-                }
-            }
+        let frame = match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(Some(Ok(frame))) => frame,
         };
-        let data = match frame.map(Frame::into_data) {
-            Ok(Ok(data)) => data,
-            Ok(Err(other)) => return Poll::Ready(Some(Ok(other))),
-            Err(e) => return Poll::Ready(Some(Err(e))),
+        let data = match frame.into_data() {
+            Ok(data) => data,
+            Err(other) => return Poll::Ready(Some(Ok(other))),
         };
         if data.is_empty() {
             return Poll::Ready(Some(Ok(Frame::data(data))));
         }
         if !super::inflate::acquire(&this.state, data.len()) {
-            // The answer is dropped, and the call ends with the error a request finding no room
-            // gets.
-            this.ended = true;
-            let mut trailers = http::HeaderMap::new();
-            let status = tonic::Status::unavailable(super::no_room(&this.state));
-            if status.add_header(&mut trailers).is_err() {
-                return Poll::Ready(Some(Err("no room for the answer".into())));
-            }
-            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+            return Poll::Ready(Some(Ok(this.refused(&data))));
         }
         this.held = data.len();
         this.rest = data;
-        // A unary answer's trailers are ready with its data: take them now, so that tonic's
-        // body (and its encoding buffer) goes while the answer waits on the client.
-        if let Some(inner) = this.inner.as_mut() {
-            match Pin::new(inner).poll_frame(cx) {
-                Poll::Pending => {}
-                Poll::Ready(None) => this.inner = None,
-                Poll::Ready(Some(frame)) => {
-                    let last = frame.as_ref().map_or(true, Frame::is_trailers);
-                    this.next = Some(frame.map_err(Into::into));
-                    if last {
-                        this.inner = None;
-                    }
-                }
-            }
-        }
         Poll::Ready(Some(Ok(this.piece())))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.ended
-            || (self.rest.is_empty()
-                && self.next.is_none()
-                && self.inner.as_ref().is_none_or(Body::is_end_stream))
+        self.ended || (self.rest.is_empty() && self.inner.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
         if self.ended {
             return SizeHint::with_exact(0);
         }
-        let mut hint = self
-            .inner
-            .as_ref()
-            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint);
-        let next = match &self.next {
-            Some(Ok(frame)) => frame.data_ref().map_or(0, Bytes::len),
-            _ => 0,
-        };
-        let more = (self.rest.len() + next) as u64;
-        hint.set_lower(hint.lower().saturating_add(more));
-        if let Some(upper) = hint.upper() {
-            hint.set_upper(upper.saturating_add(more));
+        let inner = self.inner.size_hint();
+        let rest = self.rest.len() as u64;
+        let mut hint = SizeHint::new();
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper.saturating_add(rest));
         }
+        hint.set_lower(inner.lower().saturating_add(rest));
         hint
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::messages_in;
+
+    fn message(len: usize) -> Vec<u8> {
+        let mut m = vec![0];
+        m.extend_from_slice(&(len as u32).to_be_bytes());
+        m.extend(std::iter::repeat_n(7, len));
+        m
+    }
+
+    #[test]
+    fn a_frame_is_counted_in_whole_messages() {
+        assert_eq!(messages_in(&message(10)), 1);
+        let three = [message(0), message(40_000), message(3)].concat();
+        assert_eq!(messages_in(&three), 3);
+        // A frame that is not whole messages (it cannot come from tonic) is at least one.
+        assert_eq!(messages_in(&[1, 2]), 1);
+        assert_eq!(messages_in(&[0, 0xff, 0xff, 0xff, 0xff, 1]), 1);
     }
 }
