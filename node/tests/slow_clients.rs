@@ -636,7 +636,9 @@ async fn a_grpc_stream_whose_answers_are_not_taken_is_ended_and_holds_nothing() 
         most >= 1 << 20,
         "the answers waiting for the client were not counted in flight: at most {most} bytes"
     );
-    // Past the deadline the stream is ended and its answers dropped, the client still there.
+    // Past the deadline the stream is ended and its answers dropped (the stream's own deadline),
+    // or its connection closed (the watch on the answer waiting in h2): either way nothing
+    // stays held.
     let started = Instant::now();
     while held() > 0 {
         assert!(
@@ -869,4 +871,117 @@ async fn a_grpc_answer_of_several_pieces_arrives_whole() {
         max,
         "nothing held"
     );
+}
+
+/// A node serving the embedding model (8,192 floats out per id in) with `config`: its state, and
+/// its HTTP address.
+async fn embed_server(
+    config: HttpConfig,
+) -> (std::sync::Arc<sophon_node::http::ApiState>, SocketAddr) {
+    let n = node_with(sophon_node::ServingLimits::default(), config.clone());
+    load_onnx(
+        &n,
+        "embed",
+        sophon_sdk::examples::embedding_onnx(4, 8192, false),
+        |_| {},
+    );
+    let server =
+        sophon_node::NodeServer::bind("127.0.0.1:0".parse().expect("addr"), n.repo, config)
+            .await
+            .expect("bind");
+    let state = server.state().clone();
+    let addr = server.local_addr().expect("addr");
+    tokio::spawn(server.run(std::future::pending()));
+    (state, addr)
+}
+
+/// An HTTP request for `ids` embedding rows, the answer's tensor in binary.
+fn embed_request(ids: usize) -> Vec<u8> {
+    let body = serde_json::json!({
+        "inputs": [{"name": "ids", "datatype": "INT64", "shape": [ids],
+                    "data": (0..ids).map(|i| i % 4).collect::<Vec<_>>()}],
+        "parameters": {"binary_data_output": true},
+    })
+    .to_string();
+    format!(
+        "POST /v2/models/embed/infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_answer_not_read_counts_in_flight_until_its_connection_is_closed() {
+    let (state, addr) = embed_server(HttpConfig {
+        body_timeout: Duration::from_millis(500),
+        ..HttpConfig::default()
+    })
+    .await;
+    let max = state.config.max_inflight_bytes;
+    let held = || max - state.inflight_bytes.available_permits();
+    // A 32 MiB answer to a client that reads none of it: more than the sockets' buffers take.
+    let mut greedy = TcpStream::connect(addr).expect("connect");
+    greedy.write_all(&embed_request(1024)).expect("send");
+    let started = Instant::now();
+    let mut most = 0;
+    while most < 8 << 20 && started.elapsed() < Duration::from_secs(10) {
+        most = most.max(held());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        most >= 8 << 20,
+        "the answer waiting for the client was not counted in flight: at most {most} bytes"
+    );
+    // Past the write deadline the connection is closed, and nothing stays held.
+    let started = Instant::now();
+    while held() > 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{} bytes still held for a client that reads nothing",
+            held()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(greedy);
+    assert_eq!(
+        blocking(move || {
+            let mut s = TcpStream::connect(addr).expect("connect");
+            s.write_all(&embed_request(4)).expect("send");
+            read_all(&mut s, Duration::from_secs(2))
+        })
+        .await
+        .lines()
+        .next()
+        .unwrap_or_default(),
+        "HTTP/1.1 200 OK"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_answer_with_no_room_in_flight_is_a_503_and_the_next_one_served() {
+    // Room for 64 KiB in flight: a request of 4 ids fits, its 128 KiB answer does not.
+    let (state, addr) = embed_server(HttpConfig {
+        max_inflight_bytes: 64 << 10,
+        ..HttpConfig::default()
+    })
+    .await;
+    let (refused, served) = blocking(move || {
+        let ask = |ids| {
+            let mut s = TcpStream::connect(addr).expect("connect");
+            s.write_all(&embed_request(ids)).expect("send");
+            read_all(&mut s, Duration::from_secs(2))
+        };
+        (ask(4), ask(1))
+    })
+    .await;
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    assert!(refused.contains("bytes of requests in flight"), "{refused}");
+    assert!(served.starts_with("HTTP/1.1 200 OK"), "{served}");
+    let started = Instant::now();
+    while state.inflight_bytes.available_permits() < 64 << 10
+        && started.elapsed() < Duration::from_secs(5)
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(state.inflight_bytes.available_permits(), 64 << 10);
 }

@@ -1,13 +1,13 @@
-//! gRPC answers counted against the node's bytes in flight until the client takes them, and a
-//! connection closed when one of its answers waits on the client for longer than the body
-//! timeout.
+//! Answers counted against the node's bytes in flight until the client takes them, and a gRPC
+//! connection closed when its client takes nothing of the answers waiting on it for longer than
+//! the body timeout.
 //!
 //! Once a handler has returned, tonic encodes its answer into one frame and hyper hands it to
 //! h2, which holds it until the client's HTTP/2 flow-control window lets it go. A client that
 //! grants no window never blocks the node on its socket, so no write deadline fires: it could
 //! leave an answer of up to `max_output_bytes` on each of its streams, uncounted, for as long as
 //! it kept its connection open (it only has to answer pings). [`Answering`] wraps every gRPC
-//! response body:
+//! response body in an [`Answer`]:
 //! - each data frame takes permits of the node's bytes in flight for its length when tonic
 //!   yields it, and keeps them until the client has taken it. The frame goes to hyper in views
 //!   of the same buffer (no copy): [`PIECE`]s of 4 MiB, then its last byte alone. hyper hands a
@@ -15,15 +15,22 @@
 //!   for the next piece right after; so when it asks past the last byte, the rest has gone or
 //!   h2 holds less than its send buffer (400 KiB) of it, with window to send it, and the
 //!   permits go back (or when the stream ends). A frame that finds no room is refused as a
-//!   request that finds none is: `UNAVAILABLE` for a unary call; on a stream, an error answer in
-//!   its place, and the stream goes on (as `Waiting::count` answers);
+//!   request that finds none is: `UNAVAILABLE` for a unary call; on `ModelStreamInfer`, an error
+//!   answer in its place, and the stream goes on (as `Waiting::count` answers). A frame under
+//!   [`SMALL`] (64 KiB) with no room goes uncounted instead, so health checks keep working on a
+//!   node at its limit;
 //! - while a piece waits for the client's window, the answer is on its connection's [`Watch`];
-//!   a sweep (every quarter of the body timeout, at most every second) closes a connection with
-//!   an answer whose piece has waited longer than the body timeout, which ends its streams and
-//!   frees what they hold. A client must take each 4 MiB of an answer within the body timeout,
-//!   as each write to an HTTP/1.1 client must go through within it. HTTP/2 leaves the node no
-//!   smaller lever: a body cannot end its own stream while hyper waits on the window instead of
-//!   asking it for more, so closing the connection ends every call on it.
+//!   a sweep (every quarter of the body timeout, and at least every second) closes a connection
+//!   with an answer whose piece has waited longer than the body timeout while the client took no
+//!   piece of any answer on it, which ends its streams and frees what they hold. (Progress on
+//!   any answer counts: a slow link multiplexing many answers drains them one after another.)
+//!   HTTP/2 leaves the node no smaller lever: a body cannot end its own stream while hyper waits
+//!   on the window instead of asking it for more, so closing the connection ends every call on
+//!   it.
+//!
+//! HTTP/1.1 answers of 64 KiB or more go through [`Answer::http`], counted the same way: hyper
+//! asks for more of a body only once its write buffer has room, and the connection's write
+//! deadline closes a client that stops reading.
 //!
 //! Smaller pieces (64 KiB or 1 MiB, each watched) cost a wait of the stream's task per piece:
 //! 4 MiB answers took 40–60 % more of the node's CPU per call. A 4 MiB answer in one piece and
@@ -32,7 +39,9 @@
 //!
 //! Left: a client that grants window but reads its socket a trickle at a time (each write goes
 //! through, so the write deadline does not fire) can leave up to h2's send buffer (400 KiB) of
-//! each answer uncounted, up to 200 streams per connection.
+//! each answer uncounted, up to 200 streams per connection; and one that keeps taking one
+//! stream's answers while it takes none on its other streams keeps those answers (counted, or
+//! uncounted under 64 KiB when the node is at its limit) until the stream ends.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -48,6 +57,10 @@ use tokio::time::Instant;
 
 use crate::http::ApiState;
 
+/// A frame smaller than this that finds no room in the bytes in flight goes uncounted instead of
+/// refused: health checks and readiness answers keep working on a node at its limit.
+pub const SMALL: usize = 64 << 10;
+
 /// How much of an answer goes to h2 at a time: the client must take each piece within the body
 /// timeout.
 pub const PIECE: usize = 4 << 20;
@@ -55,7 +68,6 @@ pub const PIECE: usize = 4 << 20;
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// One gRPC connection's answers waiting on the client, and the switch that closes it.
-#[derive(Default)]
 pub struct Watch {
     /// Since when each waiting answer has waited (`None`: a slot not waiting now), and the
     /// free slots.
@@ -64,10 +76,25 @@ pub struct Watch {
     reader: AtomicWaker,
 }
 
-#[derive(Default)]
 struct Slots {
     since: Vec<Option<Instant>>,
     free: Vec<usize>,
+    /// When the client last took a piece of any answer on this connection.
+    progress: Instant,
+}
+
+impl Default for Watch {
+    fn default() -> Watch {
+        Watch {
+            waiting: Mutex::new(Slots {
+                since: Vec::new(),
+                free: Vec::new(),
+                progress: Instant::now(),
+            }),
+            closed: AtomicBool::new(false),
+            reader: AtomicWaker::new(),
+        }
+    }
 }
 
 impl Watch {
@@ -88,8 +115,17 @@ impl Watch {
         }
     }
 
-    fn set(&self, slot: usize, since: Option<Instant>) {
-        self.waiting.lock().expect("watch").since[slot] = since;
+    /// A piece handed: the answer waits on the client from now.
+    fn waits(&self, slot: usize) {
+        self.waiting.lock().expect("watch").since[slot] = Some(Instant::now());
+    }
+
+    /// Asked again: the piece the answer waited with has room in the client's window.
+    fn taken(&self, slot: usize) {
+        let mut slots = self.waiting.lock().expect("watch");
+        if slots.since[slot].take().is_some() {
+            slots.progress = Instant::now();
+        }
     }
 
     fn give_back(&self, slot: usize) {
@@ -98,16 +134,16 @@ impl Watch {
         slots.free.push(slot);
     }
 
-    /// The longest wait of an answer on this connection now.
-    fn longest(&self, now: Instant) -> Duration {
+    /// Whether an answer on this connection has waited on the client longer than `patience`
+    /// while the client took no piece of any answer on it.
+    fn stuck(&self, now: Instant, patience: Duration) -> bool {
         let slots = self.waiting.lock().expect("watch");
-        slots
-            .since
-            .iter()
-            .flatten()
-            .map(|since| now.saturating_duration_since(*since))
-            .max()
-            .unwrap_or_default()
+        now.saturating_duration_since(slots.progress) > patience
+            && slots
+                .since
+                .iter()
+                .flatten()
+                .any(|since| now.saturating_duration_since(*since) > patience)
     }
 
     fn close(&self) {
@@ -128,8 +164,8 @@ impl Watches {
         watch
     }
 
-    /// Close the connections with an answer that has waited longer than `patience`; forget
-    /// the ones that ended.
+    /// Close the connections with an answer that has waited longer than `patience` while their
+    /// client took nothing; forget the ones that ended.
     fn sweep(&self, patience: Duration) {
         let now = Instant::now();
         let mut watches = self.0.lock().expect("watches");
@@ -137,9 +173,9 @@ impl Watches {
             let Some(watch) = w.upgrade() else {
                 return false;
             };
-            if watch.longest(now) > patience {
+            if !watch.closed.load(Ordering::Acquire) && watch.stuck(now, patience) {
                 tracing::debug!(
-                    "closing a gRPC connection whose client took none of an answer for {} s",
+                    "closing a gRPC connection whose client took nothing of its answers for {} s",
                     patience.as_secs_f64()
                 );
                 watch.close();
@@ -148,7 +184,8 @@ impl Watches {
         });
     }
 
-    /// Sweep every quarter of `patience` (10 ms to 1 s) until `watches` is dropped.
+    /// Sweep every quarter of `patience` (and at least every second, at most every 10 ms) until
+    /// `watches` is dropped.
     pub async fn sweep_every(watches: Weak<Watches>, patience: Duration) {
         let tick = (patience / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
         let mut interval = tokio::time::interval(tick);
@@ -210,7 +247,11 @@ where
         if let Some(info) = info {
             request.extensions_mut().insert(info.tcp);
         }
-        let stream = request.uri().path().ends_with("/ModelStreamInfer");
+        let refusal = if request.uri().path().ends_with("/ModelStreamInfer") {
+            Refusal::Stream
+        } else {
+            Refusal::Status
+        };
         let state = self.state.clone();
         let called = self.inner.call(request);
         Box::pin(async move {
@@ -220,7 +261,8 @@ where
                 state,
                 watch,
                 slot: None,
-                stream,
+                refusal,
+                prepaid: 0,
                 rest: Bytes::new(),
                 held: 0,
                 ended: false,
@@ -237,8 +279,10 @@ pub struct Answer<B> {
     watch: Option<Arc<Watch>>,
     /// This answer's slot in the watch, once it has handed a piece.
     slot: Option<usize>,
-    /// Whether this is `ModelStreamInfer`'s body, whose frames are answers on a stream.
-    stream: bool,
+    /// What a frame that finds no room becomes.
+    refusal: Refusal,
+    /// Permits taken for this body before it was polled (an HTTP answer of known size).
+    prepaid: usize,
     /// What is left of the current frame.
     rest: Bytes,
     /// Permits of the bytes in flight held for the current frame.
@@ -246,7 +290,36 @@ pub struct Answer<B> {
     ended: bool,
 }
 
+/// What a frame that finds no room in the bytes in flight becomes.
+#[derive(Clone, Copy)]
+enum Refusal {
+    /// `UNAVAILABLE`, which ends the call.
+    Status,
+    /// On `ModelStreamInfer`, an error answer for each answer in the frame; the stream goes on.
+    Stream,
+    /// An error, which cuts the answer off (an HTTP answer whose headers have gone).
+    Cut,
+}
+
 impl<B> Answer<B> {
+    /// An HTTP/1.1 answer's body, counted until hyper has handed all of it but less than its
+    /// write buffer (about 400 KiB) to the socket: `prepaid` permits were taken for it already
+    /// (its size, when known); the rest is taken as it comes, and a part with no room cuts the
+    /// answer off. The connection's write deadline closes a client that stops reading.
+    pub fn http(state: Arc<ApiState>, inner: B, prepaid: usize) -> Answer<B> {
+        Answer {
+            inner,
+            state,
+            watch: None,
+            slot: None,
+            refusal: Refusal::Cut,
+            prepaid,
+            rest: Bytes::new(),
+            held: 0,
+            ended: false,
+        }
+    }
+
     fn release(&mut self) {
         self.state
             .inflight_bytes
@@ -269,50 +342,60 @@ impl<B> Answer<B> {
         let piece = self.rest.split_to(n);
         if let Some(watch) = &self.watch {
             let slot = *self.slot.get_or_insert_with(|| watch.take_slot());
-            watch.set(slot, Some(Instant::now()));
+            watch.waits(slot);
         }
         Frame::data(piece)
     }
 
-    /// What goes in place of a frame that found no room in the bytes in flight: on a stream, an
-    /// error answer for each answer in it (as `Waiting::count` answers), and the stream goes
-    /// on; otherwise `UNAVAILABLE`, which ends the call, as a request that finds no room is
-    /// refused.
-    fn refused(&mut self, data: &Bytes) -> Frame<Bytes> {
+    /// What goes in place of a frame that found no room in the bytes in flight (see
+    /// [`Refusal`]): on `ModelStreamInfer` an error answer for each answer in it, as
+    /// `Waiting::count` answers; otherwise `UNAVAILABLE`, as a request that finds no room is
+    /// refused, or for HTTP an error.
+    fn refused(&mut self, data: &Bytes) -> Result<Frame<Bytes>, BoxError> {
         let message = super::no_room(&self.state);
-        if self.stream {
-            use prost::Message as _;
-            let answer = super::pb::ModelStreamInferResponse {
-                error_message: message,
-                infer_response: None,
+        match self.refusal {
+            Refusal::Stream => {
+                use prost::Message as _;
+                let answer = super::pb::ModelStreamInferResponse {
+                    error_message: message,
+                    infer_response: None,
+                }
+                .encode_to_vec();
+                let mut out = Vec::new();
+                for _ in 0..messages_in(data) {
+                    out.push(0);
+                    out.extend_from_slice(&(answer.len() as u32).to_be_bytes());
+                    out.extend_from_slice(&answer);
+                }
+                Ok(Frame::data(Bytes::from(out)))
             }
-            .encode_to_vec();
-            let mut out = Vec::new();
-            for _ in 0..messages_in(data) {
-                out.push(0);
-                out.extend_from_slice(&(answer.len() as u32).to_be_bytes());
-                out.extend_from_slice(&answer);
+            Refusal::Status => {
+                self.ended = true;
+                let mut trailers = http::HeaderMap::new();
+                // The message is plain ASCII, which a header value takes.
+                let _ = tonic::Status::unavailable(message).add_header(&mut trailers);
+                Ok(Frame::trailers(trailers))
             }
-            return Frame::data(Bytes::from(out));
+            Refusal::Cut => {
+                self.ended = true;
+                Err(message.into())
+            }
         }
-        self.ended = true;
-        let mut trailers = http::HeaderMap::new();
-        // The message is plain ASCII, which a header value takes.
-        let _ = tonic::Status::unavailable(message).add_header(&mut trailers);
-        Frame::trailers(trailers)
     }
 }
 
 impl<B> Drop for Answer<B> {
     fn drop(&mut self) {
         self.release();
+        self.state.inflight_bytes.add_permits(self.prepaid);
         if let (Some(watch), Some(slot)) = (&self.watch, self.slot) {
             watch.give_back(slot);
         }
     }
 }
 
-/// How many whole gRPC messages (a flag byte and a big-endian length before each) `data` holds.
+/// How many gRPC messages (a flag byte and a big-endian length before each) `data` holds, or
+/// begins: tonic yields whole ones.
 fn messages_in(data: &[u8]) -> usize {
     let (mut at, mut n) = (0, 0);
     while let Some(prefix) = data.get(at..).and_then(|rest| rest.get(..5)) {
@@ -338,7 +421,7 @@ where
         let this = &mut *self;
         // Asked again: the piece handed before has room in the client's window.
         if let (Some(watch), Some(slot)) = (&this.watch, this.slot) {
-            watch.set(slot, None);
+            watch.taken(slot);
         }
         if !this.rest.is_empty() {
             return Poll::Ready(Some(Ok(this.piece())));
@@ -360,10 +443,19 @@ where
         if data.is_empty() {
             return Poll::Ready(Some(Ok(Frame::data(data))));
         }
-        if !super::inflate::acquire(&this.state, data.len()) {
-            return Poll::Ready(Some(Ok(this.refused(&data))));
-        }
-        this.held = data.len();
+        let n = data.len();
+        let prepaid = n.min(this.prepaid);
+        this.prepaid -= prepaid;
+        this.held = if prepaid == n || super::inflate::acquire(&this.state, n - prepaid) {
+            n
+        } else {
+            this.state.inflight_bytes.add_permits(prepaid);
+            if n >= SMALL {
+                return Poll::Ready(Some(this.refused(&data)));
+            }
+            // A small answer (a health check's, say) goes uncounted rather than refused.
+            0
+        };
         this.rest = data;
         Poll::Ready(Some(Ok(this.piece())))
     }

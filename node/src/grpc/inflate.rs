@@ -353,7 +353,7 @@ impl Messages {
 
 /// Take `n` permits of `state`'s bytes in flight, to be given back by count (`add_permits`);
 /// false if there is no room.
-pub(super) fn acquire(state: &ApiState, n: usize) -> bool {
+pub(crate) fn acquire(state: &ApiState, n: usize) -> bool {
     u32::try_from(n)
         .ok()
         .and_then(|n| state.inflight_bytes.try_acquire_many(n).ok())

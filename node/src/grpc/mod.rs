@@ -72,7 +72,8 @@ impl Waiting {
     /// is that error instead (as a new request would be refused).
     fn count(state: &Arc<ApiState>, answer: pb::ModelStreamInferResponse) -> Waiting {
         use prost::Message as _;
-        let n = answer.encoded_len();
+        // As tonic frames it: the body's count takes over from this one (`answers`).
+        let n = answer.encoded_len() + 5;
         if inflate::acquire(state, n) {
             return Waiting {
                 answer: Some(Ok(answer)),

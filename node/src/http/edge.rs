@@ -1,5 +1,6 @@
 //! What every HTTP request passes through: on a mesh node, routing to a node with a ready
-//! replica (and mirroring to a canary), and the response compressed when asked.
+//! replica (and mirroring to a canary), the response compressed when asked, and a large one
+//! counted in the node's bytes in flight until the client has taken it.
 
 use super::body::read_body;
 use super::infer::run_infer;
@@ -20,6 +21,7 @@ pub(super) async fn edge(
 ) -> Response {
     use axum::body::HttpBody as _;
     let accept = coding::response_coding(request.headers().get(header::ACCEPT_ENCODING));
+    let counting = state.0.clone();
     let mut response = route_through_mesh(state, request, next).await;
     let compressible = !response.headers().contains_key(header::CONTENT_ENCODING)
         && response
@@ -28,17 +30,48 @@ pub(super) async fn edge(
             .exact()
             .is_some_and(|n| n >= COMPRESS_FROM);
     if !compressible {
-        return response;
+        return counted(&counting, response);
     }
     // Whether this answer comes compressed depends on the request's Accept-Encoding, so a cache
     // must key on it, whichever way this one went.
     response
         .headers_mut()
         .append(header::VARY, HeaderValue::from_static("accept-encoding"));
-    match accept {
+    let response = match accept {
         Some(coding) => compressed(response, coding).await,
         None => response,
-    }
+    };
+    counted(&counting, response)
+}
+
+/// Answers this large count in the node's bytes in flight until the client has taken them; a
+/// smaller one fits in the socket's buffers.
+const COUNT_FROM: u64 = crate::grpc::answers::SMALL as u64;
+
+/// `response`, its body counted in the node's bytes in flight until the client has taken it
+/// (see [`crate::grpc::answers`]): a client that reads none of its answer holds it in the node
+/// until the write deadline closes its connection, and without the count a client on many
+/// connections could hold many large answers at once. A body of known size is counted whole
+/// now, and one with no room is a 503 instead, as a request with none is; one of unknown size
+/// (a forwarded answer) is counted as it comes, and one with no room for its next part is cut
+/// off.
+fn counted(state: &Arc<ApiState>, response: Response) -> Response {
+    use axum::body::HttpBody as _;
+    let prepaid = match response.body().size_hint().exact() {
+        Some(n) if n < COUNT_FROM => return response,
+        Some(n) => match usize::try_from(n) {
+            Ok(n) if crate::grpc::inflate::acquire(state, n) => n,
+            _ => return super::body::shed(state, n as usize).0.into_response(),
+        },
+        None => 0,
+    };
+    response.map(|body| {
+        Body::new(crate::grpc::answers::Answer::http(
+            state.clone(),
+            body,
+            prepaid,
+        ))
+    })
 }
 
 /// Responses shorter than this go as they are: compressing them saves next to nothing.
