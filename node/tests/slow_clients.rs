@@ -985,3 +985,105 @@ async fn an_http_answer_with_no_room_in_flight_is_a_503_and_the_next_one_served(
     }
     assert_eq!(state.inflight_bytes.available_permits(), 64 << 10);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_client_granting_one_byte_of_window_per_stream_is_closed_all_the_same() {
+    use prost::Message as _;
+    use sophon_node::grpc::pb;
+    let config = HttpConfig {
+        body_timeout: Duration::from_millis(500),
+        ..HttpConfig::default()
+    };
+    let n = node_with(sophon_node::ServingLimits::default(), config.clone());
+    load_onnx(
+        &n,
+        "embed",
+        sophon_sdk::examples::embedding_onnx(4, 8192, false),
+        |_| {},
+    );
+    let server =
+        sophon_node::NodeServer::bind("127.0.0.1:0".parse().expect("addr"), n.repo, config)
+            .await
+            .expect("bind");
+    let state = server.state().clone();
+    let grpc = serve_grpc(&server).await;
+    tokio::spawn(server.run(std::future::pending()));
+    // A raw HTTP/2 client with one byte of window per stream that never gives any back: each
+    // answer's first piece goes to h2 at once, and nothing after it ever does.
+    let tcp = tokio::net::TcpStream::connect(grpc).await.expect("connect");
+    let (client, connection) = h2::client::Builder::new()
+        .initial_window_size(1)
+        .handshake::<_, bytes::Bytes>(tcp)
+        .await
+        .expect("HTTP/2");
+    tokio::spawn(connection);
+    let call = move |method: &str, message: Vec<u8>| {
+        let client = client.clone();
+        let request = axum::http::Request::post(format!(
+            "http://{grpc}/inference.GRPCInferenceService/{method}"
+        ))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .expect("request");
+        async move {
+            let mut body = vec![0];
+            body.extend_from_slice(&(message.len() as u32).to_be_bytes());
+            body.extend_from_slice(&message);
+            let mut client = client.ready().await.ok()?;
+            let (response, mut send) = client.send_request(request, false).ok()?;
+            send.send_data(body.into(), true).ok()?;
+            // Holds the answer's stream without reading it: no window goes back.
+            let response = response.await.ok()?;
+            Some(response)
+        }
+    };
+    let infer = pb::ModelInferRequest {
+        model_name: "embed".into(),
+        inputs: vec![pb::model_infer_request::InferInputTensor {
+            name: "ids".into(),
+            datatype: "INT64".into(),
+            shape: vec![4],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![(0..4i64).flat_map(|i| i.to_le_bytes()).collect()],
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let mut kept = Vec::new();
+    for _ in 0..8 {
+        kept.push(tokio::spawn(call("ModelInfer", infer.clone())));
+    }
+    // And a cheap call every 100 ms on the same connection, whose first pieces go out too.
+    let cheap = tokio::spawn(async move {
+        let mut answers = Vec::new();
+        loop {
+            answers.push(call("ServerLive", Vec::new()).await);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        #[allow(unreachable_code)]
+        answers
+    });
+    let max = state.config.max_inflight_bytes;
+    let held = || max - state.inflight_bytes.available_permits();
+    let started = Instant::now();
+    while held() < 512 << 10 && started.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        held() >= 512 << 10,
+        "the answers were not counted: {}",
+        held()
+    );
+    let started = Instant::now();
+    while held() > 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{} bytes still held for a client that takes one byte of each answer",
+            held()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    cheap.abort();
+    drop(kept);
+}

@@ -9,39 +9,39 @@
 //! it kept its connection open (it only has to answer pings). [`Answering`] wraps every gRPC
 //! response body in an [`Answer`]:
 //! - each data frame takes permits of the node's bytes in flight for its length when tonic
-//!   yields it, and keeps them until the client has taken it. The frame goes to hyper in views
-//!   of the same buffer (no copy): [`PIECE`]s of 4 MiB, then its last byte alone. hyper hands a
-//!   piece to h2 only once the client's window has room beyond what h2 already holds, and asks
-//!   for the next piece right after; so when it asks past the last byte, the rest has gone or
-//!   h2 holds less than its send buffer (400 KiB) of it, with window to send it, and the
-//!   permits go back (or when the stream ends). A frame that finds no room is refused as a
-//!   request that finds none is: `UNAVAILABLE` for a unary call; on `ModelStreamInfer`, an error
-//!   answer in its place, and the stream goes on (as `Waiting::count` answers). A frame under
-//!   [`SMALL`] (64 KiB) with no room goes uncounted instead, so health checks keep working on a
-//!   node at its limit;
-//! - while a piece waits for the client's window, the answer is on its connection's [`Watch`];
-//!   a sweep (every quarter of the body timeout, and at least every second) closes a connection
-//!   with an answer whose piece has waited longer than the body timeout while the client took no
-//!   piece of any answer on it, which ends its streams and frees what they hold. (Progress on
-//!   any answer counts: a slow link multiplexing many answers drains them one after another.)
-//!   HTTP/2 leaves the node no smaller lever: a body cannot end its own stream while hyper waits
-//!   on the window instead of asking it for more, so closing the connection ends every call on
-//!   it.
+//!   yields it, and holds them in the frame's buffer itself ([`Bytes::from_owner`]): they go
+//!   back when the last view of it is dropped, that is when hyper and h2 have written all of it
+//!   or the stream ended. A frame that finds no room is refused as a request that finds none
+//!   is: `UNAVAILABLE` for a unary call; on `ModelStreamInfer`, an error answer in its place, and
+//!   the stream goes on (as `Waiting::count` answers). A frame under [`SMALL`] (64 KiB) with no
+//!   room goes uncounted instead, so health checks keep working on a node at its limit;
+//! - the frame goes to hyper in views of the same buffer: [`PIECE`]s of 4 MiB, then its last
+//!   byte alone. hyper hands a piece to h2 only once the client's window has room beyond what
+//!   h2 already holds, and asks for the next right after; so each piece after the first waits
+//!   on the client while it takes the one before. While a piece waits, the answer is on its
+//!   connection's [`Watch`]. A sweep (every quarter of the body timeout, and at least every
+//!   second) closes a connection with a piece that has waited longer than the body timeout
+//!   while the client took no piece of any answer on it (a frame's first piece needs one byte
+//!   of window only, so taking it is not progress), or longer than [`HARD_LIMIT`] body timeouts
+//!   whatever it took; that ends its streams and frees what they hold. Progress on any answer
+//!   counts, so a slow link that multiplexes many answers (h2 serves them one after another) is
+//!   not closed. HTTP/2 leaves the node no smaller lever: a body cannot end its own stream
+//!   while hyper waits on the window instead of asking it for more, so closing the connection
+//!   ends every call on it.
 //!
-//! HTTP/1.1 answers of 64 KiB or more go through [`Answer::http`], counted the same way: hyper
-//! asks for more of a body only once its write buffer has room, and the connection's write
-//! deadline closes a client that stops reading.
+//! HTTP/1.1 inference answers of 64 KiB or more go through [`Answer::http`], counted the same
+//! way (their permits taken before the headers go); the connection's write deadline closes a
+//! client that stops reading.
 //!
 //! Smaller pieces (64 KiB or 1 MiB, each watched) cost a wait of the stream's task per piece:
 //! 4 MiB answers took 40–60 % more of the node's CPU per call. A 4 MiB answer in one piece and
 //! its last byte costs about 11 %, and an answer the window takes at once nothing measurable
 //! (`docs/BENCHMARKS.md`).
 //!
-//! Left: a client that grants window but reads its socket a trickle at a time (each write goes
-//! through, so the write deadline does not fire) can leave up to h2's send buffer (400 KiB) of
-//! each answer uncounted, up to 200 streams per connection; and one that keeps taking one
-//! stream's answers while it takes none on its other streams keeps those answers (counted, or
-//! uncounted under 64 KiB when the node is at its limit) until the stream ends.
+//! Left: a client that keeps taking pieces of one stream's answers while it takes none on its
+//! other streams keeps those answers (counted) for up to [`HARD_LIMIT`] body timeouts; and a
+//! stream's answer is uncounted for the moment between its `Waiting` count and this one (while
+//! tonic encodes it), so at the limit an answer already made can become an error answer.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -60,6 +60,10 @@ use crate::http::ApiState;
 /// A frame smaller than this that finds no room in the bytes in flight goes uncounted instead of
 /// refused: health checks and readiness answers keep working on a node at its limit.
 pub const SMALL: usize = 64 << 10;
+
+/// However the client takes its other answers, one piece may wait at most this many body
+/// timeouts.
+pub const HARD_LIMIT: u32 = 4;
 
 /// How much of an answer goes to h2 at a time: the client must take each piece within the body
 /// timeout.
@@ -120,10 +124,11 @@ impl Watch {
         self.waiting.lock().expect("watch").since[slot] = Some(Instant::now());
     }
 
-    /// Asked again: the piece the answer waited with has room in the client's window.
-    fn taken(&self, slot: usize) {
+    /// Asked again: the piece the answer waited with has room in the client's window, and
+    /// when `progress`, the client took a piece of the answer.
+    fn taken(&self, slot: usize, progress: bool) {
         let mut slots = self.waiting.lock().expect("watch");
-        if slots.since[slot].take().is_some() {
+        if slots.since[slot].take().is_some() && progress {
             slots.progress = Instant::now();
         }
     }
@@ -135,15 +140,19 @@ impl Watch {
     }
 
     /// Whether an answer on this connection has waited on the client longer than `patience`
-    /// while the client took no piece of any answer on it.
+    /// while the client took no piece of any answer on it, or longer than [`HARD_LIMIT`] times
+    /// `patience` whatever it took.
     fn stuck(&self, now: Instant, patience: Duration) -> bool {
         let slots = self.waiting.lock().expect("watch");
-        now.saturating_duration_since(slots.progress) > patience
-            && slots
-                .since
-                .iter()
-                .flatten()
-                .any(|since| now.saturating_duration_since(*since) > patience)
+        let longest = slots
+            .since
+            .iter()
+            .flatten()
+            .map(|since| now.saturating_duration_since(*since))
+            .max()
+            .unwrap_or_default();
+        longest > patience.saturating_mul(HARD_LIMIT)
+            || (longest > patience && now.saturating_duration_since(slots.progress) > patience)
     }
 
     fn close(&self) {
@@ -264,7 +273,7 @@ where
                 refusal,
                 prepaid: 0,
                 rest: Bytes::new(),
-                held: 0,
+                handed: 0,
                 ended: false,
             }))
         })
@@ -285,9 +294,29 @@ pub struct Answer<B> {
     prepaid: usize,
     /// What is left of the current frame.
     rest: Bytes,
-    /// Permits of the bytes in flight held for the current frame.
-    held: usize,
+    /// How many pieces of the current frame have gone to hyper.
+    handed: u32,
     ended: bool,
+}
+
+/// A frame's bytes and the permits of the bytes in flight they hold, given back when the last
+/// view of them (a piece hyper or h2 still holds) is dropped.
+struct Counted {
+    data: Bytes,
+    state: Arc<ApiState>,
+    permits: usize,
+}
+
+impl AsRef<[u8]> for Counted {
+    fn as_ref(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.state.inflight_bytes.add_permits(self.permits);
+    }
 }
 
 /// What a frame that finds no room in the bytes in flight becomes.
@@ -315,15 +344,9 @@ impl<B> Answer<B> {
             refusal: Refusal::Cut,
             prepaid,
             rest: Bytes::new(),
-            held: 0,
+            handed: 0,
             ended: false,
         }
-    }
-
-    fn release(&mut self) {
-        self.state
-            .inflight_bytes
-            .add_permits(std::mem::take(&mut self.held));
     }
 
     /// Hand the next piece of the current frame: [`PIECE`] bytes at a time (the last of them
@@ -340,6 +363,7 @@ impl<B> Answer<B> {
             _ => PIECE,
         };
         let piece = self.rest.split_to(n);
+        self.handed += 1;
         if let Some(watch) = &self.watch {
             let slot = *self.slot.get_or_insert_with(|| watch.take_slot());
             watch.waits(slot);
@@ -386,7 +410,6 @@ impl<B> Answer<B> {
 
 impl<B> Drop for Answer<B> {
     fn drop(&mut self) {
-        self.release();
         self.state.inflight_bytes.add_permits(self.prepaid);
         if let (Some(watch), Some(slot)) = (&self.watch, self.slot) {
             watch.give_back(slot);
@@ -419,14 +442,15 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
-        // Asked again: the piece handed before has room in the client's window.
+        // Asked again: the piece handed before has room in the client's window. Past a frame's
+        // first piece that means the client took the piece before it (the first needs one
+        // byte of window only).
         if let (Some(watch), Some(slot)) = (&this.watch, this.slot) {
-            watch.taken(slot);
+            watch.taken(slot, this.handed > 1);
         }
         if !this.rest.is_empty() {
             return Poll::Ready(Some(Ok(this.piece())));
         }
-        this.release();
         if this.ended {
             return Poll::Ready(None);
         }
@@ -446,17 +470,26 @@ where
         let n = data.len();
         let prepaid = n.min(this.prepaid);
         this.prepaid -= prepaid;
-        this.held = if prepaid == n || super::inflate::acquire(&this.state, n - prepaid) {
-            n
-        } else {
+        let counted = prepaid == n || super::inflate::acquire(&this.state, n - prepaid);
+        if !counted {
             this.state.inflight_bytes.add_permits(prepaid);
             if n >= SMALL {
                 return Poll::Ready(Some(this.refused(&data)));
             }
-            // A small answer (a health check's, say) goes uncounted rather than refused.
-            0
+        }
+        // The permits go back when the last view of the frame is dropped: when hyper and h2
+        // have written all of it, or the stream ended. A small frame with no room goes
+        // uncounted (a health check's answer, say) rather than refused.
+        this.rest = if counted {
+            Bytes::from_owner(Counted {
+                data,
+                state: this.state.clone(),
+                permits: n,
+            })
+        } else {
+            data
         };
-        this.rest = data;
+        this.handed = 0;
         Poll::Ready(Some(Ok(this.piece())))
     }
 

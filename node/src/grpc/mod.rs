@@ -198,7 +198,8 @@ pub async fn serve(
             inflate::Inflating::new(inner, counted.clone())
         }))
         // Answers count against the bytes in flight until the client takes them, and a
-        // connection whose client takes none of one within the body timeout is closed.
+        // connection whose client takes nothing of its answers within the body timeout is
+        // closed.
         .layer(tower::layer::layer_fn(move |inner| {
             answers::Answering::new(inner, answered.clone())
         }))

@@ -21,7 +21,13 @@ pub(super) async fn edge(
 ) -> Response {
     use axum::body::HttpBody as _;
     let accept = coding::response_coding(request.headers().get(header::ACCEPT_ENCODING));
-    let counting = state.0.clone();
+    // Inference answers count in flight; the node's own (metrics, statistics) stay answerable on
+    // a node at its limit.
+    let counting = request
+        .uri()
+        .path()
+        .ends_with("/infer")
+        .then(|| state.0.clone());
     let mut response = route_through_mesh(state, request, next).await;
     let compressible = !response.headers().contains_key(header::CONTENT_ENCODING)
         && response
@@ -30,7 +36,7 @@ pub(super) async fn edge(
             .exact()
             .is_some_and(|n| n >= COMPRESS_FROM);
     if !compressible {
-        return counted(&counting, response);
+        return counted(counting.as_ref(), response);
     }
     // Whether this answer comes compressed depends on the request's Accept-Encoding, so a cache
     // must key on it, whichever way this one went.
@@ -41,22 +47,25 @@ pub(super) async fn edge(
         Some(coding) => compressed(response, coding).await,
         None => response,
     };
-    counted(&counting, response)
+    counted(counting.as_ref(), response)
 }
 
 /// Answers this large count in the node's bytes in flight until the client has taken them; a
 /// smaller one fits in the socket's buffers.
 const COUNT_FROM: u64 = crate::grpc::answers::SMALL as u64;
 
-/// `response`, its body counted in the node's bytes in flight until the client has taken it
-/// (see [`crate::grpc::answers`]): a client that reads none of its answer holds it in the node
-/// until the write deadline closes its connection, and without the count a client on many
-/// connections could hold many large answers at once. A body of known size is counted whole
-/// now, and one with no room is a 503 instead, as a request with none is; one of unknown size
-/// (a forwarded answer) is counted as it comes, and one with no room for its next part is cut
-/// off.
-fn counted(state: &Arc<ApiState>, response: Response) -> Response {
+/// An inference answer, its body counted in the node's bytes in flight until the client has
+/// taken it (see [`crate::grpc::answers`]): a client that reads none of its answer holds it in
+/// the node until the write deadline closes its connection, and without the count a client on
+/// many connections could hold many large answers at once. A body of known size (every answer
+/// here, forwarded ones too) is counted whole now, and one with no room is a 503 instead, as a
+/// request with none is; one of unknown size would be counted as it comes, and cut off when a
+/// part of 64 KiB or more finds no room.
+fn counted(state: Option<&Arc<ApiState>>, response: Response) -> Response {
     use axum::body::HttpBody as _;
+    let Some(state) = state else {
+        return response;
+    };
     let prepaid = match response.body().size_hint().exact() {
         Some(n) if n < COUNT_FROM => return response,
         Some(n) => match usize::try_from(n) {

@@ -40,8 +40,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 pub struct HttpConfig {
     /// Largest request body accepted.
     pub max_body_bytes: usize,
-    /// Bytes of request bodies the whole node holds at once; past it, new requests get 503
-    /// instead of the node running out of memory.
+    /// Bytes of request bodies and of answers waiting for their clients the whole node holds at
+    /// once; past it, new requests get 503 (and answers with no room are refused) instead of the
+    /// node running out of memory.
     pub max_inflight_bytes: usize,
     /// How long a request's whole body may take to arrive after its head (408 past it); also
     /// how long a response may wait on a client that takes none of it (the connection is
@@ -79,7 +80,7 @@ pub struct ApiState {
     pub config: HttpConfig,
     /// False before start-up finished and once shutdown began.
     pub ready: AtomicBool,
-    /// Bytes of request bodies held now, counted against `config.max_inflight_bytes`.
+    /// Bytes of request bodies and answers held now, counted against `config.max_inflight_bytes`.
     pub inflight_bytes: tokio::sync::Semaphore,
     /// A mesh node's router: requests for models without a ready replica here go elsewhere.
     pub mesh: std::sync::OnceLock<Arc<crate::mesh::router::Router>>,
