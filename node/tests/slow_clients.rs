@@ -579,15 +579,16 @@ async fn grpc_client_from(addr: SocketAddr, after: Duration) -> tonic::Status {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_grpc_stream_whose_answers_are_not_taken_is_ended_and_holds_nothing() {
-    use sophon_node::grpc::pb;
-    let config = HttpConfig {
-        body_timeout: Duration::from_millis(500),
-        ..HttpConfig::default()
-    };
+/// A node serving the embedding model (8,192 floats out per id in: 128 KiB answers to 32-byte
+/// requests of 4 ids) with `config`: its state, and its HTTP and gRPC addresses.
+async fn embed_server(
+    config: HttpConfig,
+) -> (
+    std::sync::Arc<sophon_node::http::ApiState>,
+    SocketAddr,
+    SocketAddr,
+) {
     let n = node_with(sophon_node::ServingLimits::default(), config.clone());
-    // 8,192 floats out for each id in: 128 KiB answers to 32-byte requests.
     load_onnx(
         &n,
         "embed",
@@ -599,19 +600,37 @@ async fn a_grpc_stream_whose_answers_are_not_taken_is_ended_and_holds_nothing() 
             .await
             .expect("bind");
     let state = server.state().clone();
+    let addr = server.local_addr().expect("addr");
     let grpc = serve_grpc(&server).await;
     tokio::spawn(server.run(std::future::pending()));
-    let request = || pb::ModelInferRequest {
+    (state, addr, grpc)
+}
+
+/// A gRPC request for `ids` embedding rows (ids 0, 1, 2, 3, 0, ...).
+fn embed_grpc_request(ids: i64) -> sophon_node::grpc::pb::ModelInferRequest {
+    use sophon_node::grpc::pb;
+    pb::ModelInferRequest {
         model_name: "embed".into(),
         inputs: vec![pb::model_infer_request::InferInputTensor {
             name: "ids".into(),
             datatype: "INT64".into(),
-            shape: vec![4],
+            shape: vec![ids],
             ..Default::default()
         }],
-        raw_input_contents: vec![(0..4i64).flat_map(|i| i.to_le_bytes()).collect()],
+        raw_input_contents: vec![(0..ids).flat_map(|i| (i % 4).to_le_bytes()).collect()],
         ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_stream_whose_answers_are_not_taken_is_ended_and_holds_nothing() {
+    use sophon_node::grpc::pb;
+    let config = HttpConfig {
+        body_timeout: Duration::from_millis(500),
+        ..HttpConfig::default()
     };
+    let (state, _, grpc) = embed_server(config).await;
+    let request = || embed_grpc_request(4);
     // A client that grants no HTTP/2 window: the node can send it none of an answer, and never
     // blocks on its socket, so no write deadline fires.
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))
@@ -661,32 +680,8 @@ async fn unary_grpc_answers_not_taken_count_in_flight_until_their_connection_is_
         body_timeout: Duration::from_millis(500),
         ..HttpConfig::default()
     };
-    let n = node_with(sophon_node::ServingLimits::default(), config.clone());
-    // 8,192 floats out for each id in: 128 KiB answers (two pieces each) to 32-byte requests.
-    load_onnx(
-        &n,
-        "embed",
-        sophon_sdk::examples::embedding_onnx(4, 8192, false),
-        |_| {},
-    );
-    let server =
-        sophon_node::NodeServer::bind("127.0.0.1:0".parse().expect("addr"), n.repo, config)
-            .await
-            .expect("bind");
-    let state = server.state().clone();
-    let grpc = serve_grpc(&server).await;
-    tokio::spawn(server.run(std::future::pending()));
-    let request = || pb::ModelInferRequest {
-        model_name: "embed".into(),
-        inputs: vec![pb::model_infer_request::InferInputTensor {
-            name: "ids".into(),
-            datatype: "INT64".into(),
-            shape: vec![4],
-            ..Default::default()
-        }],
-        raw_input_contents: vec![(0..4i64).flat_map(|i| i.to_le_bytes()).collect()],
-        ..Default::default()
-    };
+    let (state, _, grpc) = embed_server(config).await;
+    let request = || embed_grpc_request(4);
     // A client that grants no HTTP/2 window: each handler returns, and its answer waits in the
     // node for a window that never comes, while the client answers the node's pings.
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))
@@ -750,37 +745,13 @@ async fn unary_grpc_answers_not_taken_count_in_flight_until_their_connection_is_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grpc_answer_with_no_room_in_flight_is_refused_and_the_next_one_served() {
-    use sophon_node::grpc::pb;
     // Room for 64 KiB in flight: a request of 4 ids (a 128 KiB answer) fits, its answer does not.
     let config = HttpConfig {
         max_inflight_bytes: 64 << 10,
         ..HttpConfig::default()
     };
-    let n = node_with(sophon_node::ServingLimits::default(), config.clone());
-    load_onnx(
-        &n,
-        "embed",
-        sophon_sdk::examples::embedding_onnx(4, 8192, false),
-        |_| {},
-    );
-    let server =
-        sophon_node::NodeServer::bind("127.0.0.1:0".parse().expect("addr"), n.repo, config)
-            .await
-            .expect("bind");
-    let state = server.state().clone();
-    let grpc = serve_grpc(&server).await;
-    tokio::spawn(server.run(std::future::pending()));
-    let request = |ids: i64| pb::ModelInferRequest {
-        model_name: "embed".into(),
-        inputs: vec![pb::model_infer_request::InferInputTensor {
-            name: "ids".into(),
-            datatype: "INT64".into(),
-            shape: vec![ids],
-            ..Default::default()
-        }],
-        raw_input_contents: vec![(0..ids).flat_map(|i| i.to_le_bytes()).collect()],
-        ..Default::default()
-    };
+    let (state, _, grpc) = embed_server(config).await;
+    let request = embed_grpc_request;
     let mut client = grpc_client(grpc).await;
     let refused = client
         .model_infer(request(4))
@@ -808,35 +779,8 @@ async fn a_grpc_answer_with_no_room_in_flight_is_refused_and_the_next_one_served
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grpc_answer_of_several_pieces_arrives_whole() {
-    use sophon_node::grpc::pb;
-    let n = node_with(sophon_node::ServingLimits::default(), HttpConfig::default());
-    load_onnx(
-        &n,
-        "embed",
-        sophon_sdk::examples::embedding_onnx(4, 8192, false),
-        |_| {},
-    );
-    let server = sophon_node::NodeServer::bind(
-        "127.0.0.1:0".parse().expect("addr"),
-        n.repo,
-        HttpConfig::default(),
-    )
-    .await
-    .expect("bind");
-    let state = server.state().clone();
-    let grpc = serve_grpc(&server).await;
-    tokio::spawn(server.run(std::future::pending()));
-    let request = |ids: i64| pb::ModelInferRequest {
-        model_name: "embed".into(),
-        inputs: vec![pb::model_infer_request::InferInputTensor {
-            name: "ids".into(),
-            datatype: "INT64".into(),
-            shape: vec![ids],
-            ..Default::default()
-        }],
-        raw_input_contents: vec![(0..ids).flat_map(|i| (i % 4).to_le_bytes()).collect()],
-        ..Default::default()
-    };
+    let (state, _, grpc) = embed_server(HttpConfig::default()).await;
+    let request = embed_grpc_request;
     let mut client = grpc_client(grpc).await.max_decoding_message_size(64 << 20);
     let rows = client
         .model_infer(request(4))
@@ -873,28 +817,6 @@ async fn a_grpc_answer_of_several_pieces_arrives_whole() {
     );
 }
 
-/// A node serving the embedding model (8,192 floats out per id in) with `config`: its state, and
-/// its HTTP address.
-async fn embed_server(
-    config: HttpConfig,
-) -> (std::sync::Arc<sophon_node::http::ApiState>, SocketAddr) {
-    let n = node_with(sophon_node::ServingLimits::default(), config.clone());
-    load_onnx(
-        &n,
-        "embed",
-        sophon_sdk::examples::embedding_onnx(4, 8192, false),
-        |_| {},
-    );
-    let server =
-        sophon_node::NodeServer::bind("127.0.0.1:0".parse().expect("addr"), n.repo, config)
-            .await
-            .expect("bind");
-    let state = server.state().clone();
-    let addr = server.local_addr().expect("addr");
-    tokio::spawn(server.run(std::future::pending()));
-    (state, addr)
-}
-
 /// An HTTP request for `ids` embedding rows, the answer's tensor in binary.
 fn embed_request(ids: usize) -> Vec<u8> {
     let body = serde_json::json!({
@@ -912,7 +834,7 @@ fn embed_request(ids: usize) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http_answer_not_read_counts_in_flight_until_its_connection_is_closed() {
-    let (state, addr) = embed_server(HttpConfig {
+    let (state, addr, _) = embed_server(HttpConfig {
         body_timeout: Duration::from_millis(500),
         ..HttpConfig::default()
     })
@@ -960,7 +882,7 @@ async fn an_http_answer_not_read_counts_in_flight_until_its_connection_is_closed
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http_answer_with_no_room_in_flight_is_a_503_and_the_next_one_served() {
     // Room for 64 KiB in flight: a request of 4 ids fits, its 128 KiB answer does not.
-    let (state, addr) = embed_server(HttpConfig {
+    let (state, addr, _) = embed_server(HttpConfig {
         max_inflight_bytes: 64 << 10,
         ..HttpConfig::default()
     })
@@ -989,25 +911,11 @@ async fn an_http_answer_with_no_room_in_flight_is_a_503_and_the_next_one_served(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grpc_client_granting_one_byte_of_window_per_stream_is_closed_all_the_same() {
     use prost::Message as _;
-    use sophon_node::grpc::pb;
     let config = HttpConfig {
         body_timeout: Duration::from_millis(500),
         ..HttpConfig::default()
     };
-    let n = node_with(sophon_node::ServingLimits::default(), config.clone());
-    load_onnx(
-        &n,
-        "embed",
-        sophon_sdk::examples::embedding_onnx(4, 8192, false),
-        |_| {},
-    );
-    let server =
-        sophon_node::NodeServer::bind("127.0.0.1:0".parse().expect("addr"), n.repo, config)
-            .await
-            .expect("bind");
-    let state = server.state().clone();
-    let grpc = serve_grpc(&server).await;
-    tokio::spawn(server.run(std::future::pending()));
+    let (state, _, grpc) = embed_server(config).await;
     // A raw HTTP/2 client with one byte of window per stream that never gives any back: each
     // answer's first piece goes to h2 at once, and nothing after it ever does.
     let tcp = tokio::net::TcpStream::connect(grpc).await.expect("connect");
@@ -1038,18 +946,7 @@ async fn a_grpc_client_granting_one_byte_of_window_per_stream_is_closed_all_the_
             Some(response)
         }
     };
-    let infer = pb::ModelInferRequest {
-        model_name: "embed".into(),
-        inputs: vec![pb::model_infer_request::InferInputTensor {
-            name: "ids".into(),
-            datatype: "INT64".into(),
-            shape: vec![4],
-            ..Default::default()
-        }],
-        raw_input_contents: vec![(0..4i64).flat_map(|i| i.to_le_bytes()).collect()],
-        ..Default::default()
-    }
-    .encode_to_vec();
+    let infer = embed_grpc_request(4).encode_to_vec();
     let mut kept = Vec::new();
     for _ in 0..8 {
         kept.push(tokio::spawn(call("ModelInfer", infer.clone())));
