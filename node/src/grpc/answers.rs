@@ -265,17 +265,7 @@ where
         let called = self.inner.call(request);
         Box::pin(async move {
             let response = called.await?;
-            Ok(response.map(|inner| Answer {
-                inner,
-                state,
-                watch,
-                slot: None,
-                refusal,
-                prepaid: 0,
-                rest: Bytes::new(),
-                handed: 0,
-                ended: false,
-            }))
+            Ok(response.map(|inner| Answer::new(inner, state, watch, refusal, 0)))
         })
     }
 }
@@ -336,12 +326,22 @@ impl<B> Answer<B> {
     /// (its size, when known); the rest is taken as it comes, and a part with no room cuts the
     /// answer off. The connection's write deadline closes a client that stops reading.
     pub fn http(state: Arc<ApiState>, inner: B, prepaid: usize) -> Answer<B> {
+        Answer::new(inner, state, None, Refusal::Cut, prepaid)
+    }
+
+    fn new(
+        inner: B,
+        state: Arc<ApiState>,
+        watch: Option<Arc<Watch>>,
+        refusal: Refusal,
+        prepaid: usize,
+    ) -> Answer<B> {
         Answer {
             inner,
             state,
-            watch: None,
+            watch,
             slot: None,
-            refusal: Refusal::Cut,
+            refusal,
             prepaid,
             rest: Bytes::new(),
             handed: 0,
