@@ -483,6 +483,14 @@ fn row_bounds(t: &GuestTensor, rows: u64) -> Result<Vec<usize>, String> {
                     .ok_or_else(|| format!("output `{}` is shorter than its shape", t.name))?;
             }
         }
+        if at != t.data.len() {
+            // Alone, such an output is refused on its way to the client; split, the bytes past
+            // its last element would vanish.
+            return Err(format!(
+                "output `{}` holds bytes past its last element",
+                t.name
+            ));
+        }
         bounds.push(at);
         return Ok(bounds);
     }
@@ -572,6 +580,11 @@ mod tests {
         let joined: Vec<u8> = parts.iter().flat_map(|p| p[0].data.clone()).collect();
         assert_eq!(joined, bytes);
         assert_eq!(parts[0][0].data, [0, 0, 0, 0, 1, 0, 0, 0, b'x']);
+        // Nor one with bytes past its last element.
+        let mut trailing = t("s", &[6, 2], [bytes.clone(), vec![0]].concat());
+        trailing.datatype = GuestDatatype::Bytes;
+        let e = split(vec![trailing], &jobs).expect_err("trailing bytes");
+        assert!(e.contains("past its last element"), "{e}");
         // An output that does not lead with the batch cannot be split.
         let e = split(vec![t("y", &[2], vec![0; 8])], &jobs).expect_err("not batched");
         assert!(e.contains("does not lead with the batch's 6 rows"), "{e}");

@@ -568,7 +568,9 @@ impl Repository {
                 _ => manifest.batching.as_ref(),
             },
         }?;
-        if let Err(e) = sophon_sdk::manifest::check_batching(batching, model_max) {
+        if let Err(e) = sophon_sdk::manifest::check_batching(batching, model_max)
+            .and_then(|()| manifest.check_batch_dims())
+        {
             tracing::warn!(model = %name, "dynamic batching stays off: {e}");
             return None;
         }

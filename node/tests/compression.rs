@@ -616,6 +616,14 @@ async fn through_layer<T>(
         .expect("read")
 }
 
+/// An inference request of `n` zeros as raw contents, encoded.
+fn raw_zeros(n: usize) -> Vec<u8> {
+    prost::Message::encode_to_vec(&sophon_node::grpc::pb::ModelInferRequest {
+        raw_input_contents: vec![vec![0; n]],
+        ..Default::default()
+    })
+}
+
 /// A whole body of `bytes`.
 fn full_body(bytes: Vec<u8>) -> tonic::body::Body {
     tonic::body::Body::new(http_body_util::Full::new(bytes::Bytes::from(bytes)))
@@ -643,9 +651,12 @@ async fn a_compressed_grpc_message_is_counted_while_it_is_decoded() {
             Ok::<_, std::convert::Infallible>((bytes, least))
         }
     });
-    // A compressed message of 2 MiB of zeros, then a plain one, in one body (as on a stream).
-    let zeros = vec![0u8; 2 << 20];
-    let plain = b"a plain message".to_vec();
+    // A compressed request of 2 MiB of zeros, then a plain one, in one body (as on a stream).
+    let zeros = raw_zeros(2 << 20);
+    let plain = prost::Message::encode_to_vec(&sophon_node::grpc::pb::ModelInferRequest {
+        model_name: "a plain message".into(),
+        ..Default::default()
+    });
     let mut body = grpc_message(true, &gzip(&zeros));
     body.extend(grpc_message(false, &plain));
     let (read, least) = through_layer(&state, reader, Some("gzip"), full_body(body)).await;
@@ -741,7 +752,7 @@ async fn a_message_sent_in_pieces_stays_counted_until_it_is_whole() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_message_stays_counted_until_the_client_sends_more_or_ends() {
     let state = layer_state(4 << 20).await;
-    let zeros = vec![0u8; 2 << 20];
+    let zeros = raw_zeros(2 << 20);
     // Compressed (inflated by the node) and plain (passed on as it arrives): both counted.
     for (coding, message) in [
         (Some("gzip"), grpc_message(true, &gzip(&zeros))),
@@ -749,7 +760,7 @@ async fn a_message_stays_counted_until_the_client_sends_more_or_ends() {
     ] {
         let (body, open) = held_open_body(message);
         // The message and its 5-byte prefix.
-        let reader = reads_then_waits(&state, 5 + (2 << 20));
+        let reader = reads_then_waits(&state, 5 + zeros.len());
         let counted = through_layer(&state, reader, coding, body).await;
         assert!(
             counted >= zeros.len(),

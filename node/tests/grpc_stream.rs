@@ -89,7 +89,13 @@ async fn one_streams_requests_run_at_once_and_are_answered_in_order() {
     assert_eq!(got.len(), 16);
     for (i, answer) in got.iter().enumerate() {
         if i == 7 {
-            assert!(answer.infer_response.is_none());
+            // The error answer names its request, as Triton's do.
+            let named = answer
+                .infer_response
+                .as_ref()
+                .expect("the failed request named");
+            assert_eq!(named.id, "7");
+            assert!(named.outputs.is_empty() && named.raw_output_contents.is_empty());
             assert!(
                 answer.error_message.contains("nope"),
                 "{}",

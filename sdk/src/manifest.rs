@@ -438,6 +438,7 @@ impl Manifest {
         }
         if let Some(b) = &self.batching {
             check_batching(b, r.max_batch_size)?;
+            self.check_batch_dims()?;
         }
         if self.hardware.preferred.is_empty() {
             return Err(invalid(
@@ -454,6 +455,26 @@ impl Manifest {
             if value.contains('\0') {
                 return Err(invalid(format!(
                     "capabilities.env.{key} contains a NUL byte: remove it"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Manifest {
+    /// Whether every input and output leads with a variable dimension, the batch: a batch joins
+    /// its requests' inputs along dim 0 and splits each output along it, so an output that does
+    /// not scale with the batch (a pair of statistics, say) would be cut into wrong pieces
+    /// whenever its size happened to equal the batch's rows.
+    pub fn check_batch_dims(&self) -> Result<()> {
+        for (kind, tensors) in [("input", &self.inputs), ("output", &self.outputs)] {
+            if let Some(t) = tensors.iter().find(|t| t.shape.first() != Some(&-1)) {
+                return Err(invalid(format!(
+                    "dynamic batching joins and splits every input and output along dim 0, \
+                     the batch: {kind} `{}` has shape {:?}; declare its first dimension -1, or \
+                     leave [batching] out",
+                    t.name, t.shape
                 )));
             }
         }
@@ -645,6 +666,25 @@ env = { LABELS = "a,b,c" }
         assert_eq!(m.resources.max_concurrency, 0);
         assert_eq!(m.hardware.preferred, vec![Device::Gpu, Device::Cpu]);
         assert_eq!(m.capabilities.env["LABELS"], "a,b,c");
+    }
+
+    #[test]
+    fn batching_needs_every_tensor_to_lead_with_the_batch() {
+        let mut m = example();
+        m.resources.max_batch_size = 8;
+        m.batching = Some(Batching {
+            max_batch_size: 0,
+            preferred_batch_sizes: Vec::new(),
+            max_queue_delay_us: 100,
+        });
+        m.validate().expect("both lead with -1");
+        // An output that does not scale with the batch.
+        m.outputs[0].shape = vec![2];
+        let e = err(&m);
+        assert!(e.contains("output `output` has shape [2]"), "{e}");
+        // Without [batching] it is the model's own business.
+        m.batching = None;
+        m.validate().expect("no batching");
     }
 
     #[test]

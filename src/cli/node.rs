@@ -29,8 +29,8 @@ pub struct ServeArgs {
     /// Largest request body, in bytes.
     #[arg(long, default_value_t = 64 << 20, value_parser = above_zero::<usize>)]
     pub max_body_bytes: usize,
-    /// Bytes of request bodies, and of answers waiting for their clients, the node holds at once
-    /// before it sheds with 503.
+    /// Bytes of requests (as received, or as decoded where that is more) and of answers waiting
+    /// for their clients, the node holds at once before it sheds with 503.
     #[arg(long, default_value_t = 1 << 30, value_parser = above_zero::<usize>)]
     pub max_inflight_bytes: usize,
     /// How long a request's body may take to arrive after its head (408 past it), and how long

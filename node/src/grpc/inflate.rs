@@ -10,13 +10,17 @@
 //! takes permits of the node's bytes in flight as it arrives, and uncompressed messages pass on
 //! as they arrive. A compressed message is buffered whole and handed to tonic inflated, with its
 //! compressed flag cleared, through the same metered inflater that HTTP bodies go through
-//! ([`crate::coding::inflate`]), counted as it inflates. What tonic has taken of a whole message
-//! stays counted until the client's next frame arrives or the body ends, and what it has taken
-//! of a message still arriving until that message is whole (see [`Messages`]).
+//! ([`crate::coding::inflate`]), counted as it inflates. An inference message, once whole, also
+//! takes what decoding it will allocate ([`super::weigh`]). What tonic has taken of a whole
+//! message stays counted until the client's next frame arrives or the body ends (on a stream,
+//! until tonic asks for more), and what it has taken of a message still arriving until that
+//! message is whole (see [`Messages`]). Messages of calls other than inference have a limit of
+//! 1 MiB.
 //!
-//! A message over the limit, or that inflates past it, is `RESOURCE_EXHAUSTED`, one that is not
-//! valid in its coding `INVALID_ARGUMENT`, and one that finds no room in the bytes in flight
-//! `UNAVAILABLE`; each ends its call only (a stream's earlier answers stand), and its permits are
+//! A message over the limit, that inflates past it, or that would decode to more than the bytes
+//! in flight allow at all, is `RESOURCE_EXHAUSTED`; one that is not valid in its coding, or not a
+//! valid inference request, `INVALID_ARGUMENT`; and one that finds no room in the bytes in flight
+//! `UNAVAILABLE`. Each ends its call only (a stream's earlier answers stand), and its permits are
 //! returned.
 
 use std::collections::VecDeque;
@@ -33,6 +37,12 @@ use crate::http::ApiState;
 
 /// The length prefix of a gRPC message: a compressed flag and a big-endian length.
 const PREFIX: usize = 5;
+
+/// The largest message of a call other than an inference: metadata, configuration, statistics
+/// and repository requests carry names and versions. Decoding is not weighed for them, and a
+/// message of many empty map entries or repeated fields takes tens of times its size in memory,
+/// so their limit keeps that small.
+const OTHER_LIMIT: usize = 1 << 20;
 
 /// A tower layer's service: every request gets a body whose messages are counted, and inflated
 /// when its `grpc-encoding` is gzip or deflate (see the module's documentation).
@@ -73,10 +83,25 @@ where
             Some(_) => return self.inner.call(request),
         };
         let (parts, body) = request.into_parts();
+        // Inference requests are weighed as prost will decode them (`weigh`); every other
+        // call's messages are names and versions, and have a small limit instead.
+        let inference = matches!(
+            parts.uri.path(),
+            "/inference.GRPCInferenceService/ModelInfer"
+                | "/inference.GRPCInferenceService/ModelStreamInfer"
+        );
+        let limit = if inference {
+            self.state.config.max_body_bytes
+        } else {
+            self.state.config.max_body_bytes.min(OTHER_LIMIT)
+        };
         let messages = Messages {
             body,
             coding,
-            limit: self.state.config.max_body_bytes.min(u32::MAX as usize),
+            limit: limit.min(u32::MAX as usize),
+            weighed: inference,
+            streaming: parts.uri.path() == "/inference.GRPCInferenceService/ModelStreamInfer",
+            chunks: Vec::new(),
             state: self.state.clone(),
             prefix: [0; PREFIX],
             prefix_len: 0,
@@ -113,10 +138,13 @@ enum Current {
 ///
 /// Every byte it holds is counted in `held`: the chunks read (by their length, as they arrive),
 /// the buffer of a compressed message (by its capacity), and an inflated message (by what the
-/// inflater took). A frame queued for tonic carries its count; once tonic has taken the frame
-/// the count moves to `handed`, and is given back when the client's next frame arrives (or the
-/// body ends, or is dropped): tonic holds a message it has read until it has decoded it, and a
-/// unary call waits for the end of the body before its handler runs.
+/// inflater took), and, with an inference message's last frame, what decoding the message will
+/// allocate. A frame queued for tonic carries its count; once tonic has taken the frame the
+/// count moves to `handed`. It is given back when the client's next frame arrives or the body
+/// ends (or is dropped): tonic holds a message it has read until it has decoded it, and a unary
+/// call waits for the end of the body before its handler runs (which then counts the decoded
+/// request itself). On a stream it goes back as soon as tonic asks for a frame again: tonic asks
+/// only when it holds no whole message, and has handed the decoded ones to their handlers.
 struct Messages {
     body: tonic::body::Body,
     /// How compressed messages are coded: none for a request without `grpc-encoding`, whose
@@ -124,6 +152,12 @@ struct Messages {
     coding: Option<Coding>,
     /// The largest message, before or after inflating.
     limit: usize,
+    /// Whether messages are inference requests, weighed before tonic decodes them.
+    weighed: bool,
+    /// Whether the call is a stream, whose handler takes each message as it is decoded.
+    streaming: bool,
+    /// The current uncompressed message's pieces so far, when it is to be weighed.
+    chunks: Vec<Bytes>,
     state: Arc<ApiState>,
     /// The current message's prefix, as far as it has arrived.
     prefix: [u8; PREFIX],
@@ -156,6 +190,15 @@ impl Drop for Messages {
 impl Messages {
     /// The next frame for tonic.
     async fn next(&mut self) -> Option<Result<Frame<Bytes>, Status>> {
+        // On a stream, tonic asks for more only once it has decoded every whole message it
+        // holds and handed it on (to the request's handler, which counts it): what it took goes
+        // back now, not when the client next sends, or a stream left idle after a message would
+        // keep it, and what decoding it took, counted for as long as it idles. A unary call
+        // keeps its message until the body ends, so its count waits for that.
+        if self.streaming {
+            self.give_back(self.handed);
+            self.handed = 0;
+        }
         loop {
             if let Some((frame, permits, ends)) = self.out.pop_front() {
                 if ends {
@@ -209,6 +252,7 @@ impl Messages {
         self.partial = 0;
         self.out.clear();
         self.pending = Vec::new();
+        self.chunks = Vec::new();
         self.prefix_len = 0;
         self.current = Current::Between;
         self.trailers = None;
@@ -259,8 +303,16 @@ impl Messages {
                 }
                 Current::Passing(rest) => {
                     let n = rest.min(data.len());
-                    self.out
-                        .push_back((Frame::data(data.split_to(n)), n, rest == n));
+                    let piece = data.split_to(n);
+                    let mut permits = n;
+                    if self.weighed {
+                        self.chunks.push(piece.clone());
+                        if rest == n {
+                            let chunks = std::mem::take(&mut self.chunks);
+                            permits += self.weigh(&chunks)?;
+                        }
+                    }
+                    self.out.push_back((Frame::data(piece), permits, rest == n));
                     self.current = if rest == n {
                         Current::Between
                     } else {
@@ -321,6 +373,7 @@ impl Messages {
             InflateError::NoRoom => self.overloaded(),
             InflateError::Unsupported(_) => Status::unimplemented(e.to_string()),
         })?;
+        let taken = taken + self.weigh(std::slice::from_ref(&inflated))?;
         let len = u32::try_from(inflated.len()).expect("within the limit, itself within u32");
         let mut prefix = Vec::with_capacity(PREFIX);
         prefix.push(0);
@@ -329,6 +382,29 @@ impl Messages {
             .push_back((Frame::data(Bytes::from(prefix)), 0, false));
         self.out.push_back((Frame::data(inflated), taken, true));
         Ok(())
+    }
+
+    /// Count what decoding a whole inference message of these pieces will allocate (see
+    /// [`super::weigh`]), held with its last frame until tonic has decoded it; 0 for a message
+    /// of another call.
+    fn weigh(&mut self, message: &[Bytes]) -> Result<usize, Status> {
+        if !self.weighed {
+            return Ok(0);
+        }
+        let Some(n) = super::weigh::weigh(message) else {
+            return Err(Status::invalid_argument(
+                "the request message is not a valid ModelInferRequest",
+            ));
+        };
+        let most = self.state.config.max_inflight_bytes;
+        if n > most {
+            return Err(Status::resource_exhausted(format!(
+                "the request message would take {n} bytes of memory decoded, over the node's \
+                 limit of {most} bytes in flight: send fewer or larger elements, or raw contents"
+            )));
+        }
+        self.take(n)?;
+        Ok(n)
     }
 
     /// Take `n` bytes of the node's bytes in flight.

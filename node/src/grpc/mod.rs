@@ -23,6 +23,7 @@ use crate::v2;
 
 pub mod answers;
 pub mod inflate;
+mod weigh;
 
 /// The code generated from `node/proto/inference.proto`.
 #[allow(clippy::all, clippy::pedantic, missing_docs, unreachable_pub)]
@@ -83,7 +84,15 @@ impl Waiting {
         }
         let refused = pb::ModelStreamInferResponse {
             error_message: no_room(state),
-            infer_response: None,
+            infer_response: answer
+                .infer_response
+                .as_ref()
+                .map(|r| pb::ModelInferResponse {
+                    model_name: r.model_name.clone(),
+                    model_version: r.model_version.clone(),
+                    id: r.id.clone(),
+                    ..Default::default()
+                }),
         };
         Waiting {
             answer: Some(Ok(refused)),
@@ -120,6 +129,8 @@ impl Drop for Waiting {
 struct Running(
     tokio::task::JoinHandle<Result<Waiting, Status>>,
     Arc<ApiState>,
+    /// The answer to name in an error answer.
+    Option<pb::ModelInferResponse>,
 );
 
 impl std::future::Future for Running {
@@ -131,15 +142,26 @@ impl std::future::Future for Running {
     ) -> std::task::Poll<Self::Output> {
         // A request whose task failed is answered with its error, and the stream goes on.
         let state = self.1.clone();
+        let named = self.2.clone();
         std::pin::Pin::new(&mut self.0).poll(cx).map(|joined| {
             joined.unwrap_or_else(|e| {
                 let failed = pb::ModelStreamInferResponse {
                     error_message: format!("the request failed: {e}"),
-                    infer_response: None,
+                    infer_response: named,
                 };
                 Ok(Waiting::uncounted(&state, Ok(failed)))
             })
         })
+    }
+}
+
+/// An empty answer naming `request` (its model, version and id), for a stream's error answer.
+fn named_after(request: &pb::ModelInferRequest) -> pb::ModelInferResponse {
+    pb::ModelInferResponse {
+        model_name: request.model_name.clone(),
+        model_version: request.model_version.clone(),
+        id: request.id.clone(),
+        ..Default::default()
     }
 }
 
@@ -226,7 +248,7 @@ fn no_room(state: &ApiState) -> String {
 }
 
 fn status(e: &ApiError) -> Status {
-    let message = e.message.clone();
+    let message = crate::http::clipped(e.message.clone());
     match e.status {
         StatusCode::BAD_REQUEST => Status::invalid_argument(message),
         StatusCode::NOT_FOUND => Status::not_found(message),
@@ -273,6 +295,27 @@ impl Grpc {
         &self,
         mut request: pb::ModelInferRequest,
     ) -> Result<pb::ModelInferResponse, Status> {
+        // The request counts against the node's bytes in flight from here until it is answered
+        // (here or forwarded), at what it takes in memory, not on the wire (`held_bytes`).
+        let held = u32::try_from(held_bytes(&request))
+            .ok()
+            .and_then(|n| self.state.inflight_bytes.try_acquire_many(n).ok());
+        let Some(_held) = held else {
+            // Refused as HTTP refuses a body with no room: in the model's figures too.
+            if let Ok(model) = self.model(&request.model_name, &request.model_version) {
+                let refused = async {
+                    Err::<(), _>((
+                        ApiError {
+                            status: StatusCode::SERVICE_UNAVAILABLE,
+                            message: no_room(&self.state),
+                        },
+                        "overloaded",
+                    ))
+                };
+                let _ = crate::http::observed(&model, refused).await;
+            }
+            return Err(Status::unavailable(no_room(&self.state)));
+        };
         // An autoscaled deployment with no ready replica is activated first (as for HTTP).
         if let Some(router) = self.state.mesh.get() {
             let version = (!request.model_version.is_empty()).then_some(&request.model_version);
@@ -330,21 +373,6 @@ impl Grpc {
         };
         let state = &self.state;
         let run = async {
-            // The request's bytes count against the node's in-flight cap while it runs: the
-            // whole message, typed `contents` as well as raw ones.
-            let size = prost::Message::encoded_len(&request);
-            let _held = u32::try_from(size)
-                .ok()
-                .and_then(|n| state.inflight_bytes.try_acquire_many(n).ok())
-                .ok_or_else(|| {
-                    (
-                        ApiError {
-                            status: StatusCode::SERVICE_UNAVAILABLE,
-                            message: no_room(state),
-                        },
-                        "overloaded",
-                    )
-                })?;
             let decoded = decode(request)?;
             let answer = crate::http::execute(state, &model, decoded).await?;
             let response = encode(&model, &answer);
@@ -413,11 +441,8 @@ impl Grpc {
         let encoded = v2::encode_request(&decoded, |_| true)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         drop(decoded);
-        // The request's bytes count against this node's in-flight cap until it is answered.
-        let _held = u32::try_from(encoded.body.len())
-            .ok()
-            .and_then(|n| self.state.inflight_bytes.try_acquire_many(n).ok())
-            .ok_or_else(|| Status::unavailable(no_room(&self.state)))?;
+        // The request stays counted in flight by its caller (`infer`) until it is answered: its
+        // count covers this encoding (raw bytes of at most what the typed contents took).
         let headers = binary_headers(encoded.header_len);
         let path = match &version {
             Some(v) => format!("/v2/models/{name}/versions/{v}/infer"),
@@ -483,6 +508,40 @@ impl Grpc {
 
 /// A gRPC infer request as the protocol-neutral request: tensors from `raw_input_contents`
 /// (the V2 binary layout, BYTES elements with 4-byte length prefixes) or from typed `contents`.
+/// What `request` takes in memory, counted in flight while it is served: its encoded size, plus
+/// what prost made of it beyond that. Packed varints expand (a one-byte INT64 element is eight
+/// bytes in memory, a one-byte INT32 four), and each input, output and BYTES element is a
+/// struct or buffer of its own (two bytes on the wire, a header of 24 bytes or more in memory).
+/// `weigh` bounds the same before the message is decoded.
+fn held_bytes(request: &pb::ModelInferRequest) -> usize {
+    fn of<T>(v: &[T]) -> usize {
+        std::mem::size_of_val(v)
+    }
+    let structs = of(&request.inputs)
+        + of(&request.outputs)
+        + of(&request.raw_input_contents)
+        + request.inputs.iter().map(|i| of(&i.shape)).sum::<usize>();
+    let typed: usize = request
+        .inputs
+        .iter()
+        .filter_map(|input| input.contents.as_ref())
+        .map(|c| {
+            of(&c.bool_contents)
+                + of(&c.int_contents)
+                + of(&c.int64_contents)
+                + of(&c.uint_contents)
+                + of(&c.uint64_contents)
+                + of(&c.fp32_contents)
+                + of(&c.fp64_contents)
+                + of(&c.bytes_contents)
+                + c.bytes_contents.iter().map(|b| b.len()).sum::<usize>()
+        })
+        .sum();
+    prost::Message::encoded_len(request)
+        .saturating_add(structs)
+        .saturating_add(typed)
+}
+
 fn decode(request: pb::ModelInferRequest) -> Result<v2::InferRequest, Outcome> {
     let raw = request.raw_input_contents;
     if !raw.is_empty() && raw.len() != request.inputs.len() {
@@ -915,27 +974,39 @@ impl GrpcInferenceService for Grpc {
                     state: state.clone(),
                 };
                 let running = this.state.clone();
+                // An error answer names its request, as Triton's do, so that a client matching
+                // answers by id knows which one failed.
+                let named = next.as_ref().ok().map(named_after);
                 Running(
                     tokio::spawn(async move {
                         let request = next?;
+                        let named = named_after(&request);
                         let answer = match this.infer(request).await {
                             Ok(response) => pb::ModelStreamInferResponse {
                                 error_message: String::new(),
                                 infer_response: Some(response),
                             },
                             Err(e) => pb::ModelStreamInferResponse {
-                                error_message: e.message().to_string(),
-                                infer_response: None,
+                                error_message: crate::http::clipped(e.message().to_string()),
+                                infer_response: Some(named),
                             },
                         };
                         Ok(Waiting::count(&this.state, answer))
                     }),
                     running,
+                    named,
                 )
             });
             let mut answers = futures_util::StreamExt::buffered(each, STREAM_WINDOW);
             let mut sent: Vec<std::sync::Weak<std::sync::Mutex<Option<Waiting>>>> = Vec::new();
-            while let Some(answer) = answers.next().await {
+            loop {
+                // A client that cancels the stream has its requests still running aborted now,
+                // not when the first of them in order is done.
+                let answer = tokio::select! {
+                    answer = answers.next() => answer,
+                    () = tx.closed() => None,
+                };
+                let Some(answer) = answer else { break };
                 let broken = answer.is_err();
                 let waiting = match answer {
                     Ok(waiting) => waiting,

@@ -42,6 +42,22 @@ fn take_inflight(state: &ApiState, n: usize) -> Result<tokio::sync::SemaphorePer
         .map_err(|_| shed(state, n))
 }
 
+/// Count a decoded request at what its tensors take, when that is more than its body held: a
+/// JSON number of two bytes (`0,`) is an INT64 element of eight, so a body of the limit could
+/// hold four times its count. The body's own buffer is gone by now.
+pub(super) fn hold_decoded<'a>(
+    state: &'a ApiState,
+    held: &mut tokio::sync::SemaphorePermit<'a>,
+    request: &v2::InferRequest,
+) -> Result<(), Outcome> {
+    let decoded: usize = request
+        .inputs
+        .iter()
+        .map(|t| t.data.len() + t.name.len() + std::mem::size_of_val(&t.shape[..]))
+        .sum();
+    hold_ahead(state, held, decoded.max(held.num_permits()))
+}
+
 /// Room a body's buffers hold ahead of its bytes (`room`), counted in flight as the bytes are,
 /// by `ahead`: an announced length reserves up to 1 MiB before the bytes come, and connections
 /// that each announce much and send a byte would otherwise hold that memory uncounted.

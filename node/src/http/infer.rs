@@ -88,8 +88,9 @@ pub(super) async fn run_infer(
                 })?,
         ),
     };
-    // The body's bytes stay counted in flight until the answer, held by `_held`.
-    let (request, _held) = match header_len {
+    // The body's bytes stay counted in flight until the answer, held by `held`, and then its
+    // tensors' where they take more.
+    let (request, mut held) = match header_len {
         // Binary tensor data, as it came: read into its parts, decoded without a second copy.
         Some(n) if !headers.contains_key(header::CONTENT_ENCODING) => {
             let (json, binary, held) = read_split(state, body, n).await?;
@@ -100,6 +101,7 @@ pub(super) async fn run_infer(
             (v2::decode_request(&bytes, header_len).map_err(bad)?, held)
         }
     };
+    super::body::hold_decoded(state, &mut held, &request)?;
     let answer = execute(state, model, request).await?;
     let binary = |name: &str| {
         answer

@@ -131,8 +131,35 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(json!({"error": self.message}))).into_response()
+        (self.status, Json(json!({"error": clipped(self.message)}))).into_response()
     }
+}
+
+/// The most bytes of an error message sent back: messages name what the client sent (a model, a
+/// tensor, a shape), and a client that sends a 2 MiB name must not get it back, nor break its own
+/// gRPC client's header limit with it (gRPC sends the message as a header).
+pub(crate) const MESSAGE_LIMIT: usize = 1024;
+
+/// An error message cut to [`MESSAGE_LIMIT`] bytes: its start and its end (where the advice
+/// is), and how much was left out between them.
+pub(crate) fn clipped(message: String) -> String {
+    if message.len() <= MESSAGE_LIMIT {
+        return message;
+    }
+    let floor = |mut i: usize| {
+        while !message.is_char_boundary(i) {
+            i -= 1;
+        }
+        i
+    };
+    let head = floor(MESSAGE_LIMIT * 3 / 4);
+    let tail = floor(message.len() - MESSAGE_LIMIT / 5);
+    format!(
+        "{} … ({} bytes left out) … {}",
+        &message[..head],
+        tail - head,
+        &message[tail..]
+    )
 }
 
 impl From<RepoError> for ApiError {
@@ -458,4 +485,27 @@ async fn metrics(State(state): Shared) -> Response {
         state.repo.metrics().render(),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_messages_keep_their_start_and_end() {
+        assert_eq!(clipped("short".into()), "short");
+        let name = "é".repeat(1 << 20);
+        let message = format!("unknown model `{name}`: see the index");
+        let cut = clipped(message.clone());
+        assert!(cut.len() <= MESSAGE_LIMIT + 64, "{}", cut.len());
+        assert!(cut.starts_with("unknown model `éé"), "{cut}");
+        assert!(cut.ends_with("éé`: see the index"), "{cut}");
+        let kept = cut.len() - " … ( bytes left out) … ".len();
+        let digits = (message.len() - kept).to_string().len();
+        let left_out = message.len() - (kept - digits);
+        assert!(
+            cut.contains(&format!("({left_out} bytes left out)")),
+            "{cut}"
+        );
+    }
 }
