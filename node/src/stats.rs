@@ -72,18 +72,37 @@ impl ModelStats {
         self.compute_output.record(output);
         self.inference_count.fetch_add(rows, Ordering::Relaxed);
         if let Some(batch) = execution {
-            self.execution_count.fetch_add(1, Ordering::Relaxed);
-            let mut batches = self.batches.lock();
-            let phases = batches.entry(batch).or_default();
-            phases[0].record(input);
-            phases[1].record(infer);
-            phases[2].record(output);
+            self.executed(batch, input, infer, output);
         }
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
         self.last_inference_ms.store(now, Ordering::Relaxed);
+    }
+
+    /// Record one call of the model that computed `batch` rows, with its phases.
+    fn executed(&self, batch: u64, input: Duration, infer: Duration, output: Duration) {
+        self.execution_count.fetch_add(1, Ordering::Relaxed);
+        let mut batches = self.batches.lock();
+        let phases = batches.entry(batch).or_default();
+        phases[0].record(input);
+        phases[1].record(infer);
+        phases[2].record(output);
+    }
+
+    /// Record the call that a request carried when the request itself failed after it (its
+    /// outputs could not be answered): the call ran, and its batch-mates were answered from it,
+    /// so the execution counts though the request does not.
+    pub fn executed_for_failed(
+        &self,
+        batch: u64,
+        input: Duration,
+        infer: Duration,
+        output: Duration,
+    ) {
+        let _one_at_a_time = self.consistent.lock();
+        self.executed(batch, input, infer, output);
     }
 
     /// The `model_stats` entry for this version, in Triton's shape.

@@ -397,3 +397,32 @@ async fn requests_whose_clients_leave_are_let_go_while_every_slot_is_busy() {
     let (status, body) = infer(&n, "mlp", &mlp_body(1, 3)).await;
     assert_eq!(status, StatusCode::OK, "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_request_that_fails_after_its_call_still_counts_the_call() {
+    // Inputs near FP32's largest make the MLP's outputs NaN, which JSON cannot carry: the
+    // request fails after the model computed it. The call still ran (and in a batch, its
+    // batch-mates were answered from it), so the execution counts and the request does not
+    // (the execution was lost with the request that carried it).
+    let n = models();
+    let huge = json!({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 784],
+                                  "data": vec![3.0e38f32; 784]}]});
+    for model in ["mlp", "mlp_batched"] {
+        let (status, refused) = infer(&n, model, &huge).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{refused}");
+        assert!(
+            refused["error"]
+                .as_str()
+                .unwrap_or("")
+                .contains("cannot be sent as JSON"),
+            "{refused}"
+        );
+        assert_eq!(counts(&n, model).await, (0, 1), "{model}");
+        let (status, answer) = infer(&n, model, &mlp_body(2, 1)).await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+        assert_eq!(counts(&n, model).await, (2, 2), "{model}");
+        let (_, stats) = get_json(&n.app, &format!("/v2/models/{model}/stats")).await;
+        let batches = stats["model_stats"][0]["batch_stats"].to_string();
+        assert!(batches.contains("\"batch_size\":1"), "{batches}");
+    }
+}

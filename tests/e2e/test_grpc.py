@@ -48,10 +48,14 @@ def test_server_live_ready_metadata(gclient):
 
 
 @pytest.mark.parametrize("model", ONNX_MODELS)
-def test_metadata_config_and_infer_match_onnxruntime(gclient, node, model):
+def test_metadata_config_and_infer_match_onnxruntime(gclient, client, node, model):
     assert gclient.is_model_ready(model)
     meta = gclient.get_model_metadata(model, as_json=True)
     assert meta["name"] == model and meta["inputs"], meta
+    # Both protocols tell the same: every version served, and the platform of the config.
+    http_meta = client.get_model_metadata(model)
+    assert meta["versions"] == http_meta["versions"], (meta, http_meta)
+    assert meta["platform"] == http_meta["platform"] == client.get_model_config(model)["platform"]
     config = gclient.get_model_config(model, as_json=True)["config"]
     assert config["name"] == model and config["instance_group"][0]["kind"] == "KIND_CPU", config
     for batch in [1, 3]:
@@ -75,6 +79,10 @@ def test_requested_outputs(gclient, node):
 
 def test_errors_have_triton_codes_and_leave_the_model_serving(gclient, node):
     expect_grpc_error(lambda: gclient.get_model_metadata("no_such_model"), "NOT_FOUND", "no_such_model")
+    # A load with a configuration of its own would serve what nobody signed.
+    expect_grpc_error(lambda: gclient.load_model("gen_mlp", config='{"max_batch_size": 2}'),
+                      "INVALID_ARGUMENT", "config", "signed")
+    assert gclient.is_model_ready("gen_mlp")
     feeds = make_inputs(node, "gen_mlp", batch=2)
     name = next(iter(feeds))
     wrong_type = grpcclient.InferInput(name, list(feeds[name].shape), "INT32")

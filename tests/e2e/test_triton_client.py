@@ -603,6 +603,10 @@ def test_unload_then_load(client, node):
     finally:
         client.load_model(model)
     assert client.is_model_ready(model)
+    # A load that would change the model's configuration is refused, not silently ignored, and
+    # the model keeps serving as published.
+    expect_error(lambda: client.load_model(model, config='{"max_batch_size": 2}'), "400", "signed")
+    assert client.get_model_config(model)["max_batch_size"] != 2
     result = client.infer(model, infer_inputs(feeds, True))
     for name in ref:
         assert_matches(result.as_numpy(name), ref[name], f"{model}/{name} after reload")

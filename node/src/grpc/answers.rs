@@ -380,13 +380,15 @@ impl<B> Answer<B> {
         match self.refusal {
             Refusal::Stream => {
                 use prost::Message as _;
-                let answer = super::pb::ModelStreamInferResponse {
-                    error_message: message,
-                    infer_response: None,
-                }
-                .encode_to_vec();
                 let mut out = Vec::new();
-                for _ in 0..messages_in(data) {
+                for answer in messages_in(data) {
+                    // Named as the answer it replaces, so that the client knows which of its
+                    // requests failed.
+                    let answer = super::pb::ModelStreamInferResponse {
+                        error_message: message.clone(),
+                        infer_response: named_in(answer),
+                    }
+                    .encode_to_vec();
                     out.push(0);
                     out.extend_from_slice(&(answer.len() as u32).to_be_bytes());
                     out.extend_from_slice(&answer);
@@ -417,16 +419,59 @@ impl<B> Drop for Answer<B> {
     }
 }
 
-/// How many gRPC messages (a flag byte and a big-endian length before each) `data` holds, or
-/// begins: tonic yields whole ones.
-fn messages_in(data: &[u8]) -> usize {
-    let (mut at, mut n) = (0, 0);
+/// The gRPC messages (a flag byte and a big-endian length before each) that `data` holds, each
+/// without its prefix: at least one (a frame that is not whole messages cannot come from tonic;
+/// its last is cut to what there is).
+fn messages_in(data: &[u8]) -> Vec<&[u8]> {
+    let (mut at, mut out) = (0, Vec::new());
     while let Some(prefix) = data.get(at..).and_then(|rest| rest.get(..5)) {
         let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
-        at = at.saturating_add(5).saturating_add(len);
-        n += 1;
+        let start = at + 5;
+        let end = start.saturating_add(len).min(data.len());
+        out.push(&data[start..end]);
+        at = start.saturating_add(len);
     }
-    n.max(1)
+    if out.is_empty() {
+        out.push(&[][..]);
+    }
+    out
+}
+
+/// The model, version and id of the request a stream's answer answers, read from the encoded
+/// answer without decoding it (there is no room to): fields 1 to 3 of its `infer_response`,
+/// which prost writes first. `None` when it has none (an error answer).
+fn named_in(answer: &[u8]) -> Option<super::pb::ModelInferResponse> {
+    use prost::encoding::{WireType, decode_key, decode_varint};
+    fn delimited<'a>(buf: &mut &'a [u8]) -> Option<&'a [u8]> {
+        let len = usize::try_from(decode_varint(buf).ok()?).ok()?;
+        let (body, rest) = (buf.get(..len)?, buf.get(len..)?);
+        *buf = rest;
+        Some(body)
+    }
+    // `ModelStreamInferResponse`: error_message = 1, infer_response = 2.
+    let mut buf = answer;
+    let mut response = None;
+    while !buf.is_empty() && response.is_none() {
+        match decode_key(&mut buf).ok()? {
+            (2, WireType::LengthDelimited) => response = Some(delimited(&mut buf)?),
+            (_, WireType::LengthDelimited) => _ = delimited(&mut buf)?,
+            _ => return None,
+        }
+    }
+    let mut buf = response?;
+    let mut named = super::pb::ModelInferResponse::default();
+    while !buf.is_empty() {
+        let (field @ 1..=3, WireType::LengthDelimited) = decode_key(&mut buf).ok()? else {
+            break;
+        };
+        let text = String::from_utf8_lossy(delimited(&mut buf)?).into_owned();
+        match field {
+            1 => named.model_name = text,
+            2 => named.model_version = text,
+            _ => named.id = text,
+        }
+    }
+    Some(named)
 }
 
 impl<B> Body for Answer<B>
@@ -514,7 +559,8 @@ where
 
 #[cfg(test)]
 mod tests {
-    use super::messages_in;
+    use super::{messages_in, named_in};
+    use prost::Message as _;
 
     fn message(len: usize) -> Vec<u8> {
         let mut m = vec![0];
@@ -525,11 +571,44 @@ mod tests {
 
     #[test]
     fn a_frame_is_counted_in_whole_messages() {
-        assert_eq!(messages_in(&message(10)), 1);
+        assert_eq!(messages_in(&message(10)), [&[7; 10][..]]);
         let three = [message(0), message(40_000), message(3)].concat();
-        assert_eq!(messages_in(&three), 3);
+        let lens: Vec<usize> = messages_in(&three).iter().map(|m| m.len()).collect();
+        assert_eq!(lens, [0, 40_000, 3]);
         // A frame that is not whole messages (it cannot come from tonic) is at least one.
-        assert_eq!(messages_in(&[1, 2]), 1);
-        assert_eq!(messages_in(&[0, 0xff, 0xff, 0xff, 0xff, 1]), 1);
+        assert_eq!(messages_in(&[1, 2]).len(), 1);
+        assert_eq!(messages_in(&[0, 0xff, 0xff, 0xff, 0xff, 1]), [&[1u8][..]]);
+    }
+
+    #[test]
+    fn a_refused_answer_is_named_as_its_request() {
+        use super::super::pb;
+        let answer = pb::ModelStreamInferResponse {
+            error_message: String::new(),
+            infer_response: Some(pb::ModelInferResponse {
+                model_name: "mlp".into(),
+                model_version: "2".into(),
+                id: "req-7".into(),
+                raw_output_contents: vec![vec![1; 1000]],
+                ..Default::default()
+            }),
+        }
+        .encode_to_vec();
+        let named = named_in(&answer).expect("named");
+        assert_eq!(
+            (named.model_name.as_str(), named.model_version.as_str()),
+            ("mlp", "2")
+        );
+        assert_eq!(named.id, "req-7");
+        assert!(named.raw_output_contents.is_empty() && named.outputs.is_empty());
+        // An answer without a response (an error answer) names nothing; a broken one neither.
+        let error = pb::ModelStreamInferResponse {
+            error_message: "failed".into(),
+            infer_response: None,
+        }
+        .encode_to_vec();
+        assert_eq!(named_in(&error), None);
+        assert_eq!(named_in(&answer[..answer.len() / 2]), None);
+        assert_eq!(named_in(&[0xff]), None);
     }
 }

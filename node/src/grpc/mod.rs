@@ -930,7 +930,7 @@ impl GrpcInferenceService for Grpc {
         let m = self.model(&r.name, &r.version)?;
         Ok(Response::new(pb::ModelMetadataResponse {
             name: m.name.clone(),
-            versions: vec![m.version.clone()],
+            versions: self.state.repo.versions(&m.name),
             platform: crate::http::triton_platform(&m).0.to_string(),
             inputs: tensor_metadata(m.inputs()),
             outputs: tensor_metadata(m.outputs()),
@@ -1110,7 +1110,13 @@ impl GrpcInferenceService for Grpc {
         &self,
         request: Request<pb::RepositoryModelLoadRequest>,
     ) -> Result<Response<pb::RepositoryModelLoadResponse>, Status> {
-        let name = request.into_inner().model_name;
+        let request = request.into_inner();
+        if let Some(refused) =
+            crate::http::no_load_overrides(request.parameters.keys().map(String::as_str))
+        {
+            return Err(Status::invalid_argument(refused));
+        }
+        let name = request.model_name;
         let repo = self.state.repo.clone();
         tokio::task::spawn_blocking(move || repo.load(&name))
             .await

@@ -118,6 +118,7 @@ pub(super) async fn run_infer(
         binary,
     )
     .map_err(|e| {
+        answer.failed(model);
         let outcome = if e.status() == 400 {
             "bad_request"
         } else {
@@ -178,6 +179,19 @@ impl Answer {
             self.rows,
             self.execution,
         );
+    }
+
+    /// Record the model call this request carries, when its answer could not be made: the
+    /// call's execution is counted once whether its carrier is answered or not.
+    pub(crate) fn failed(&self, model: &LoadedModel) {
+        if let Some(batch) = self.execution {
+            model.stats.executed_for_failed(
+                batch,
+                self.times.instantiate,
+                self.times.call,
+                self.output_started.elapsed(),
+            );
+        }
     }
 }
 
@@ -327,31 +341,8 @@ pub(crate) async fn execute(
         .observe((times.instantiate + times.call).as_secs_f64());
 
     let output_started = Instant::now();
-    let mut response_outputs = Vec::with_capacity(outputs.len());
-    for t in outputs {
-        let mut t = convert::from_guest(t);
-        if !selected.is_empty() && !selected.contains(&t.name) {
-            continue;
-        }
-        t.datatype = model
-            .declared_output_type(&t.name, t.datatype)
-            .map_err(|m| (ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, m), "error"))?;
-        if let Some((_, k)) = classes.iter().find(|(name, _)| *name == t.name) {
-            let batched = model.manifest.resources.max_batch_size > 0;
-            let labels = model.labels(&t.name);
-            let classify = || v2::classify::classify(&t, *k as usize, batched, labels);
-            // Ranking a large output (a mask, a vocabulary's logits) takes milliseconds.
-            t = if t.data.len() > CLASSIFY_ON_WORKER {
-                crate::handoff::long(classify)
-            } else {
-                classify()
-            }
-            .map_err(bad)?;
-        }
-        response_outputs.push(t);
-    }
-    Ok(Answer {
-        outputs: response_outputs,
+    let mut answer = Answer {
+        outputs: Vec::with_capacity(outputs.len()),
         id,
         wants,
         binary_default,
@@ -359,5 +350,37 @@ pub(crate) async fn execute(
         output_started,
         rows,
         execution,
-    })
+    };
+    let prepared = || -> Result<(), Outcome> {
+        for t in outputs {
+            let mut t = convert::from_guest(t);
+            if !selected.is_empty() && !selected.contains(&t.name) {
+                continue;
+            }
+            t.datatype = model
+                .declared_output_type(&t.name, t.datatype)
+                .map_err(|m| (ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, m), "error"))?;
+            if let Some((_, k)) = classes.iter().find(|(name, _)| *name == t.name) {
+                let batched = model.manifest.resources.max_batch_size > 0;
+                let labels = model.labels(&t.name);
+                let classify = || v2::classify::classify(&t, *k as usize, batched, labels);
+                // Ranking a large output (a mask, a vocabulary's logits) takes milliseconds.
+                t = if t.data.len() > CLASSIFY_ON_WORKER {
+                    crate::handoff::long(classify)
+                } else {
+                    classify()
+                }
+                .map_err(bad)?;
+            }
+            answer.outputs.push(t);
+        }
+        Ok(())
+    };
+    match prepared() {
+        Ok(()) => Ok(answer),
+        Err(failed) => {
+            answer.failed(model);
+            Err(failed)
+        }
+    }
 }

@@ -307,7 +307,7 @@ async fn model_metadata(
     Ok(Json(json!({
         "name": m.name,
         "versions": state.repo.versions(&m.name),
-        "platform": "sophon_wasm",
+        "platform": triton_platform(&m).0,
         "inputs": spec_json(m.inputs()),
         "outputs": spec_json(m.outputs()),
     })))
@@ -461,7 +461,41 @@ async fn repository_index(
     Ok(Json(json!(entries)))
 }
 
-async fn repository_load(State(state): Shared, Path(model): Path<String>) -> ApiResult<Response> {
+/// What a load that asks for a changed configuration or other files is told: Triton's load takes
+/// a `config` to use instead of the model's and `file:` contents to load instead of its files,
+/// and a node loads a bundle only as its publisher signed it.
+pub(crate) fn no_load_overrides<'a>(keys: impl IntoIterator<Item = &'a str>) -> Option<String> {
+    let keys: Vec<&str> = keys.into_iter().collect();
+    (!keys.is_empty()).then(|| {
+        format!(
+            "load parameters {keys:?} are not taken: a node loads a model's bundle as its \
+             publisher signed it; to change its configuration or files, pack and publish a new \
+             version"
+        )
+    })
+}
+
+async fn repository_load(
+    State(state): Shared,
+    Path(model): Path<String>,
+    body: axum::body::Bytes,
+) -> ApiResult<Response> {
+    if !body.iter().all(u8::is_ascii_whitespace) {
+        let request: Value = serde_json::from_slice(&body).map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("malformed body: {e}; send {{}} or no body"),
+            )
+        })?;
+        let keys = request
+            .get("parameters")
+            .and_then(Value::as_object)
+            .map(|p| p.keys().map(String::as_str).collect::<Vec<_>>())
+            .unwrap_or_default();
+        if let Some(refused) = no_load_overrides(keys) {
+            return Err(ApiError::new(StatusCode::BAD_REQUEST, refused));
+        }
+    }
     let repo = state.repo.clone();
     tokio::task::spawn_blocking(move || repo.load(&model))
         .await
