@@ -729,18 +729,35 @@ fn reads_then_waits(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_message_sent_in_pieces_stays_counted_until_it_is_whole() {
+    use http_body_util::BodyExt as _;
     let state = layer_state(4 << 20).await;
-    // A 2 MiB message announced, 1.5 MiB of it sent in two frames, then nothing: tonic holds
-    // both pieces until the message is whole. The first piece's bytes were given back when the
-    // second arrived, so that a client could hold a message of the body limit per stream with
-    // one frame of it counted.
+    // A 2 MiB message announced, 1.5 MiB of it sent in two frames, then nothing: the layer
+    // holds both pieces until the message is whole (once, tonic held them; the first piece's
+    // bytes were given back when the second arrived, so that a client could hold a message of
+    // the body limit per stream with one frame of it counted). An inference message reaches
+    // tonic only whole, so tonic sees nothing of it yet.
     let message = grpc_message(false, &vec![7u8; 2 << 20]);
     let (first, second) = (
         message[..5 + (1 << 20)].to_vec(),
         message[5 + (1 << 20)..5 + (3 << 19)].to_vec(),
     );
     let (body, open) = held_open_frames(vec![first, second]);
-    let counted = through_layer(&state, reads_then_waits(&state, 5 + (3 << 19)), None, body).await;
+    let max = state.config.max_inflight_bytes;
+    let watched = state.clone();
+    let reader = tower::service_fn(move |request: axum::http::Request<tonic::body::Body>| {
+        let state = watched.clone();
+        async move {
+            let mut body = request.into_body();
+            let waiting =
+                tokio::time::timeout(std::time::Duration::from_millis(300), body.frame()).await;
+            assert!(
+                waiting.is_err(),
+                "nothing of an unfinished message is handed on"
+            );
+            Ok::<_, std::convert::Infallible>(max - state.inflight_bytes.available_permits())
+        }
+    });
+    let counted = through_layer(&state, reader, None, body).await;
     assert!(
         counted >= 3 << 19,
         "both pieces of the unfinished message stay counted: {counted} bytes"

@@ -214,10 +214,10 @@ async fn json_numbers_count_at_their_decoded_size() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stream_left_idle_after_a_request_holds_nothing() {
-    // One request on a stream that then stays open and sends nothing: once it is answered,
-    // neither its bytes nor what decoding it took stay counted (they stayed until the client's
-    // next frame).
+async fn a_stream_left_idle_after_a_request_holds_only_tonics_buffer() {
+    // One request on a stream that then stays open and sends nothing: once it is answered, what
+    // decoding it took is no longer counted (it stayed until the client's next frame), and the
+    // message's own size is, for as long as the stream lasts: tonic's buffer keeps it.
     let (state, _, grpc) = ident_server(16 << 20).await;
     let mut client = grpc_client(grpc).await;
     let (tx, rx) = tokio::sync::mpsc::channel(1);
@@ -232,7 +232,18 @@ async fn a_stream_left_idle_after_a_request_holds_nothing() {
         .expect("an answer")
         .expect("a stream answer");
     assert_eq!(answer.error_message, "");
-    all_given_back(&state).await;
+    // tonic keeps its buffer of the message's size for the stream's life, and that stays
+    // counted; the request's weight decoded (twenty times more) does not.
+    let message = prost::Message::encoded_len(&typed_zeros(20_000));
+    let max = state.config.max_inflight_bytes;
+    let started = Instant::now();
+    while max - state.inflight_bytes.available_permits() > message
+        && started.elapsed() < Duration::from_secs(5)
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let held = max - state.inflight_bytes.available_permits();
+    assert!(held <= message, "{held} bytes held by an idle stream");
     // The stream still serves.
     tx.send(typed_zeros(3)).await.expect("send");
     let answer = tokio_stream::StreamExt::next(&mut answers)
@@ -242,6 +253,8 @@ async fn a_stream_left_idle_after_a_request_holds_nothing() {
     let response = answer.infer_response.expect("a response");
     assert_eq!(response.raw_output_contents[0], vec![0u8; 24]);
     drop(tx);
+    drop(answers);
+    all_given_back(&state).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

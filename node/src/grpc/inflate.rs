@@ -7,15 +7,16 @@
 //! uncounted, where HTTP counts a body as it arrives. With `grpc-encoding: gzip` or `deflate`
 //! it was worse: tonic inflated a 64 KiB message to the limit. [`Inflating`] sits in front of
 //! tonic's decoder on every request. It reads the body's length-prefixed messages; each chunk
-//! takes permits of the node's bytes in flight as it arrives, and uncompressed messages pass on
-//! as they arrive. A compressed message is buffered whole and handed to tonic inflated, with its
-//! compressed flag cleared, through the same metered inflater that HTTP bodies go through
-//! ([`crate::coding::inflate`]), counted as it inflates. An inference message, once whole, also
-//! takes what decoding it will allocate ([`super::weigh`]). What tonic has taken of a whole
-//! message stays counted until the client's next frame arrives or the body ends (on a stream,
-//! until tonic asks for more), and what it has taken of a message still arriving until that
-//! message is whole (see [`Messages`]). Messages of calls other than inference have a limit of
-//! 1 MiB.
+//! takes permits of the node's bytes in flight as it arrives. An inference message is copied
+//! into one buffer, counted by its capacity, and handed to tonic whole, prefix and all, with
+//! what decoding it will allocate ([`super::weigh`]) counted beside it; a compressed one is
+//! first inflated, with its compressed flag cleared, through the same metered inflater that
+//! HTTP bodies go through ([`crate::coding::inflate`]), counted as it inflates. The messages of
+//! other calls (1 MiB at most) pass on as they arrive. What tonic has taken of a whole message
+//! stays counted until the client's next frame arrives or the body ends (on a stream, until
+//! tonic asks for more, but for the largest message, whose buffer tonic keeps until the stream
+//! ends), and what it has taken of a message still arriving until that message is whole (see
+//! [`Messages`]).
 //!
 //! A message over the limit, that inflates past it, or that would decode to more than the bytes
 //! in flight allow at all, is `RESOURCE_EXHAUSTED`; one that is not valid in its coding, or not a
@@ -101,7 +102,8 @@ where
             limit: limit.min(u32::MAX as usize),
             weighed: inference,
             streaming: parts.uri.path() == "/inference.GRPCInferenceService/ModelStreamInfer",
-            chunks: Vec::new(),
+            largest: 0,
+            kept: 0,
             state: self.state.clone(),
             prefix: [0; PREFIX],
             prefix_len: 0,
@@ -130,21 +132,22 @@ enum Current {
     Between,
     /// In an uncompressed message, this many bytes of it still to pass.
     Passing(usize),
-    /// In a compressed message of this many bytes, buffered until it is whole.
-    Compressed(usize),
+    /// In a message of this many bytes buffered until it is whole: a compressed one, to be
+    /// inflated, or an inference request, to be weighed.
+    Buffered { len: usize, compressed: bool },
 }
 
 /// The request body, rewritten message by message.
 ///
 /// Every byte it holds is counted in `held`: the chunks read (by their length, as they arrive),
-/// the buffer of a compressed message (by its capacity), and an inflated message (by what the
-/// inflater took), and, with an inference message's last frame, what decoding the message will
-/// allocate. A frame queued for tonic carries its count; once tonic has taken the frame the
+/// the buffer of a buffered message (by its capacity), an inflated message (by what the
+/// inflater took), and, with an inference message, what decoding it will allocate. A frame queued for tonic carries its count; once tonic has taken the frame the
 /// count moves to `handed`. It is given back when the client's next frame arrives or the body
 /// ends (or is dropped): tonic holds a message it has read until it has decoded it, and a unary
 /// call waits for the end of the body before its handler runs (which then counts the decoded
 /// request itself). On a stream it goes back as soon as tonic asks for a frame again: tonic asks
-/// only when it holds no whole message, and has handed the decoded ones to their handlers.
+/// only when it holds no whole message, and has handed the decoded ones to their handlers
+/// (all but `kept`, the largest message's size, for tonic's buffer).
 struct Messages {
     body: tonic::body::Body,
     /// How compressed messages are coded: none for a request without `grpc-encoding`, whose
@@ -156,14 +159,17 @@ struct Messages {
     weighed: bool,
     /// Whether the call is a stream, whose handler takes each message as it is decoded.
     streaming: bool,
-    /// The current uncompressed message's pieces so far, when it is to be weighed.
-    chunks: Vec<Bytes>,
+    /// The most bytes tonic's buffer has held for one message of this stream: tonic keeps
+    /// that buffer, its capacity unchanged, for as long as the stream lasts.
+    largest: usize,
+    /// Of `held`, the permits that count tonic's buffer on a stream (up to `largest`).
+    kept: usize,
     state: Arc<ApiState>,
     /// The current message's prefix, as far as it has arrived.
     prefix: [u8; PREFIX],
     prefix_len: usize,
     current: Current,
-    /// A compressed message, as far as it has arrived.
+    /// A buffered message (see [`Current::Buffered`]), as far as it has arrived.
     pending: Vec<u8>,
     /// Frames ready for tonic, each with the permits it carries and whether it ends its
     /// message.
@@ -196,8 +202,12 @@ impl Messages {
         // keep it, and what decoding it took, counted for as long as it idles. A unary call
         // keeps its message until the body ends, so its count waits for that.
         if self.streaming {
-            self.give_back(self.handed);
-            self.handed = 0;
+            // tonic's buffer keeps the capacity of the largest message it has read: that much
+            // stays counted until the stream ends.
+            let handed = std::mem::take(&mut self.handed);
+            let kept = self.largest.saturating_sub(self.kept).min(handed);
+            self.kept += kept;
+            self.give_back(handed - kept);
         }
         loop {
             if let Some((frame, permits, ends)) = self.out.pop_front() {
@@ -209,7 +219,7 @@ impl Messages {
                 return Some(Ok(frame));
             }
             if self.ended {
-                if matches!(self.current, Current::Compressed(_)) || self.prefix_len > 0 {
+                if matches!(self.current, Current::Buffered { .. }) || self.prefix_len > 0 {
                     return Some(Err(
                         self.fail(Status::internal("the request ended inside a message"))
                     ));
@@ -250,9 +260,9 @@ impl Messages {
         self.give_back(self.held);
         self.handed = 0;
         self.partial = 0;
+        self.kept = 0;
         self.out.clear();
         self.pending = Vec::new();
-        self.chunks = Vec::new();
         self.prefix_len = 0;
         self.current = Current::Between;
         self.trailers = None;
@@ -283,12 +293,17 @@ impl Messages {
                             self.limit
                         )));
                     }
-                    if let (1, Some(_)) = (self.prefix[0], self.coding) {
-                        // Read and done with: the prefix's bytes go back.
+                    let compressed = self.prefix[0] == 1 && self.coding.is_some();
+                    if compressed || (self.weighed && self.prefix[0] == 0) {
+                        // Buffered whole, and handed to tonic with its prefix only then: tonic
+                        // reserves a prefix's length at once, and the pieces of a message
+                        // passed on as they arrive stay in memory as views of the connection's
+                        // buffers (each piece, however small, keeping its frame's) while the
+                        // walk waits for the last. The prefix's bytes, read, go back.
                         self.give_back(PREFIX);
-                        self.current = Current::Compressed(len);
+                        self.current = Current::Buffered { len, compressed };
                         if len == 0 {
-                            self.inflate().await?;
+                            self.complete().await?;
                         }
                     } else {
                         // Uncompressed, or a flag tonic refuses: passed on as it arrives.
@@ -304,22 +319,14 @@ impl Messages {
                 Current::Passing(rest) => {
                     let n = rest.min(data.len());
                     let piece = data.split_to(n);
-                    let mut permits = n;
-                    if self.weighed {
-                        self.chunks.push(piece.clone());
-                        if rest == n {
-                            let chunks = std::mem::take(&mut self.chunks);
-                            permits += self.weigh(&chunks)?;
-                        }
-                    }
-                    self.out.push_back((Frame::data(piece), permits, rest == n));
+                    self.out.push_back((Frame::data(piece), n, rest == n));
                     self.current = if rest == n {
                         Current::Between
                     } else {
                         Current::Passing(rest - n)
                     };
                 }
-                Current::Compressed(len) => {
+                Current::Buffered { len, .. } => {
                     let n = (len - self.pending.len()).min(data.len());
                     // The buffer is counted by its capacity as it grows (never by the length
                     // the client announced); the chunk's bytes, copied, go back.
@@ -330,12 +337,44 @@ impl Messages {
                     self.pending.extend_from_slice(&data.split_to(n));
                     self.give_back(n);
                     if self.pending.len() == len {
-                        self.inflate().await?;
+                        self.complete().await?;
                     }
                 }
             }
         }
         Ok(())
+    }
+
+    /// Queue the whole message in `pending` for tonic: inflated if it is compressed, weighed
+    /// if it is an inference request, its prefix with it.
+    async fn complete(&mut self) -> Result<(), Status> {
+        let Current::Buffered { compressed, .. } = self.current else {
+            unreachable!("only a buffered message completes");
+        };
+        if compressed {
+            return self.inflate().await;
+        }
+        self.current = Current::Between;
+        // Counted by the buffer's capacity as it grew (in `held`); the count goes with the
+        // message, and covers tonic's copy of it once this one is dropped.
+        let capacity = self.pending.capacity();
+        let message = Bytes::from(std::mem::take(&mut self.pending));
+        let weight = self.weigh(std::slice::from_ref(&message))?;
+        self.queue(message, capacity + weight);
+        Ok(())
+    }
+
+    /// Queue a whole uncompressed message for tonic: its prefix, then the message, which
+    /// carries `permits`.
+    fn queue(&mut self, message: Bytes, permits: usize) {
+        let len = u32::try_from(message.len()).expect("within the limit, itself within u32");
+        let mut prefix = Vec::with_capacity(PREFIX);
+        prefix.push(0);
+        prefix.extend_from_slice(&len.to_be_bytes());
+        self.largest = self.largest.max(message.len());
+        self.out
+            .push_back((Frame::data(Bytes::from(prefix)), 0, false));
+        self.out.push_back((Frame::data(message), permits, true));
     }
 
     /// Inflate the whole compressed message in `pending` and queue it uncompressed.
@@ -374,13 +413,7 @@ impl Messages {
             InflateError::Unsupported(_) => Status::unimplemented(e.to_string()),
         })?;
         let taken = taken + self.weigh(std::slice::from_ref(&inflated))?;
-        let len = u32::try_from(inflated.len()).expect("within the limit, itself within u32");
-        let mut prefix = Vec::with_capacity(PREFIX);
-        prefix.push(0);
-        prefix.extend_from_slice(&len.to_be_bytes());
-        self.out
-            .push_back((Frame::data(Bytes::from(prefix)), 0, false));
-        self.out.push_back((Frame::data(inflated), taken, true));
+        self.queue(inflated, taken);
         Ok(())
     }
 
@@ -396,8 +429,9 @@ impl Messages {
                 "the request message is not a valid ModelInferRequest",
             ));
         };
+        // What this body holds already counts against the same limit.
         let most = self.state.config.max_inflight_bytes;
-        if n > most {
+        if n.saturating_add(self.held) > most || u32::try_from(n).is_err() {
             return Err(Status::resource_exhausted(format!(
                 "the request message would take {n} bytes of memory decoded, over the node's \
                  limit of {most} bytes in flight: send fewer or larger elements, or raw contents"

@@ -157,10 +157,19 @@ impl std::future::Future for Running {
 
 /// An empty answer naming `request` (its model, version and id), for a stream's error answer.
 fn named_after(request: &pb::ModelInferRequest) -> pb::ModelInferResponse {
+    // A copy held while the request runs, uncounted: names of a sane length only (an id of
+    // megabytes is cut, as an error message naming it would be).
+    let short = |s: &String| {
+        let mut end = s.len().min(crate::http::MESSAGE_LIMIT);
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s[..end].to_string()
+    };
     pb::ModelInferResponse {
-        model_name: request.model_name.clone(),
-        model_version: request.model_version.clone(),
-        id: request.id.clone(),
+        model_name: short(&request.model_name),
+        model_version: short(&request.model_version),
+        id: short(&request.id),
         ..Default::default()
     }
 }
@@ -439,7 +448,7 @@ impl Grpc {
         let version = (!request.model_version.is_empty()).then(|| request.model_version.clone());
         let decoded = decode(request).map_err(|(e, _)| status(&e))?;
         let encoded = v2::encode_request(&decoded, |_| true)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            .map_err(|e| Status::invalid_argument(crate::http::clipped(e.to_string())))?;
         drop(decoded);
         // The request stays counted in flight by its caller (`infer`) until it is answered: its
         // count covers this encoding (raw bytes of at most what the typed contents took).
@@ -514,32 +523,46 @@ impl Grpc {
 /// struct or buffer of its own (two bytes on the wire, a header of 24 bytes or more in memory).
 /// `weigh` bounds the same before the message is decoded.
 fn held_bytes(request: &pb::ModelInferRequest) -> usize {
-    fn of<T>(v: &[T]) -> usize {
-        std::mem::size_of_val(v)
+    // Vectors by their capacity (prost grows them by doubling), maps by their tables.
+    fn vec<T>(v: &Vec<T>) -> usize {
+        v.capacity() * std::mem::size_of::<T>()
     }
-    let structs = of(&request.inputs)
-        + of(&request.outputs)
-        + of(&request.raw_input_contents)
-        + request.inputs.iter().map(|i| of(&i.shape)).sum::<usize>();
-    let typed: usize = request
+    fn map(m: &HashMap<String, pb::InferParameter>) -> usize {
+        let buckets = (m.capacity() * 8 / 7).next_power_of_two();
+        if m.capacity() == 0 {
+            0
+        } else {
+            buckets * (std::mem::size_of::<(String, pb::InferParameter)>() + 1)
+        }
+    }
+    let inputs: usize = request
         .inputs
         .iter()
-        .filter_map(|input| input.contents.as_ref())
-        .map(|c| {
-            of(&c.bool_contents)
-                + of(&c.int_contents)
-                + of(&c.int64_contents)
-                + of(&c.uint_contents)
-                + of(&c.uint64_contents)
-                + of(&c.fp32_contents)
-                + of(&c.fp64_contents)
-                + of(&c.bytes_contents)
-                + c.bytes_contents.iter().map(|b| b.len()).sum::<usize>()
+        .map(|input| {
+            vec(&input.shape)
+                + map(&input.parameters)
+                + input.contents.as_ref().map_or(0, |c| {
+                    vec(&c.bool_contents)
+                        + vec(&c.int_contents)
+                        + vec(&c.int64_contents)
+                        + vec(&c.uint_contents)
+                        + vec(&c.uint64_contents)
+                        + vec(&c.fp32_contents)
+                        + vec(&c.fp64_contents)
+                        + vec(&c.bytes_contents)
+                        + c.bytes_contents.iter().map(Vec::capacity).sum::<usize>()
+                })
         })
         .sum();
+    let outputs: usize = request.outputs.iter().map(|o| map(&o.parameters)).sum();
+    let structs = vec(&request.inputs)
+        + vec(&request.outputs)
+        + vec(&request.raw_input_contents)
+        + map(&request.parameters);
     prost::Message::encoded_len(request)
         .saturating_add(structs)
-        .saturating_add(typed)
+        .saturating_add(inputs)
+        .saturating_add(outputs)
 }
 
 fn decode(request: pb::ModelInferRequest) -> Result<v2::InferRequest, Outcome> {
@@ -1114,7 +1137,7 @@ impl GrpcInferenceService for Grpc {
         if let Some(refused) =
             crate::http::no_load_overrides(request.parameters.keys().map(String::as_str))
         {
-            return Err(Status::invalid_argument(refused));
+            return Err(Status::invalid_argument(crate::http::clipped(refused)));
         }
         let name = request.model_name;
         let repo = self.state.repo.clone();
