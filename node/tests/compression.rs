@@ -816,3 +816,43 @@ async fn a_call_dropped_while_its_message_inflates_gives_everything_back() {
         all_given_back(&state, &format!("a call dropped after {after_ms} ms")).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_of_one_byte_frames_arrives_whole_and_gives_everything_back() {
+    use http_body_util::BodyExt as _;
+    // Two inference messages, each byte in a frame of its own, the second starting in the
+    // frame that ends the first: tonic gets each whole, prefix first, byte for byte, and every
+    // count goes back with the body.
+    let state = layer_state(4 << 20).await;
+    let (a, b) = (raw_zeros(3000), raw_zeros(17));
+    let wire = [grpc_message(false, &a), grpc_message(false, &b)].concat();
+    let mut frames: Vec<Vec<u8>> = wire.iter().map(|&byte| vec![byte]).collect();
+    // The first message's last byte and the second's first, in one frame.
+    let last = 5 + a.len() - 1;
+    let joined = [frames.remove(last), frames.remove(last)].concat();
+    frames.insert(last, joined);
+    let (body, open) = held_open_frames(frames);
+    let total = wire.len();
+    let reader = tower::service_fn(
+        move |request: axum::http::Request<tonic::body::Body>| async move {
+            let mut body = request.into_body();
+            let (mut frames, mut got) = (Vec::new(), Vec::new());
+            while got.len() < total {
+                let frame = body.frame().await.expect("a frame").expect("data");
+                let data = frame.into_data().expect("data");
+                frames.push(data.len());
+                got.extend_from_slice(&data);
+            }
+            Ok::<_, std::convert::Infallible>((frames, got))
+        },
+    );
+    let (frames, got) = through_layer(&state, reader, None, body).await;
+    assert_eq!(
+        frames,
+        [5, a.len(), 5, b.len()],
+        "each message whole, after its prefix"
+    );
+    assert!(got == wire, "byte for byte");
+    drop(open);
+    all_given_back(&state, "once the body is dropped").await;
+}
