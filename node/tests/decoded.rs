@@ -199,15 +199,22 @@ async fn json_numbers_count_at_their_decoded_size() {
     // body, they passed, and so did their 200 KB answer.
     let (_, app, _) = ident_server(512 << 10).await;
     let body = |n: usize| json!({"inputs": [{"name": "x", "datatype": "INT64", "shape": [n], "data": vec![0; n]}]});
+    // More than the node's whole room: told so (413), not told to retry.
     let (status, refused) = post_json(&app, "/v2/models/ident/infer", &body(100_000)).await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{refused}");
     assert!(
         refused["error"]
             .as_str()
             .unwrap_or("")
-            .contains("in flight"),
+            .contains("bytes of memory decoded, over the node's limit of 524288 bytes in flight"),
         "{refused}"
     );
+    // 100,000 zeros in the request's parameters: 200 KB of JSON, over 3 MB of JSON values (they
+    // were not counted at all).
+    let mut with_parameters = body(1000);
+    with_parameters["parameters"] = json!({"p": vec![0; 100_000]});
+    let (status, refused) = post_json(&app, "/v2/models/ident/infer", &with_parameters).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{refused}");
     let (status, answer) = post_json(&app, "/v2/models/ident/infer", &body(1000)).await;
     assert_eq!(status, StatusCode::OK, "{answer}");
     assert_eq!(answer["outputs"][0]["data"], json!(vec![0; 1000]));

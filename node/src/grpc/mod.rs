@@ -129,8 +129,8 @@ impl Drop for Waiting {
 struct Running(
     tokio::task::JoinHandle<Result<Waiting, Status>>,
     Arc<ApiState>,
-    /// The answer to name in an error answer.
-    Option<pb::ModelInferResponse>,
+    /// The answer to name in an error answer (shared with the task: one copy per request).
+    Option<Arc<pb::ModelInferResponse>>,
 );
 
 impl std::future::Future for Running {
@@ -141,15 +141,15 @@ impl std::future::Future for Running {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Self::Output> {
         // A request whose task failed is answered with its error, and the stream goes on.
-        let state = self.1.clone();
-        let named = self.2.clone();
-        std::pin::Pin::new(&mut self.0).poll(cx).map(|joined| {
+        let Running(task, state, named) = &mut *self;
+        std::pin::Pin::new(task).poll(cx).map(|joined| {
             joined.unwrap_or_else(|e| {
                 let failed = pb::ModelStreamInferResponse {
-                    error_message: format!("the request failed: {e}"),
-                    infer_response: named,
+                    // A panic's message is whatever the panic said.
+                    error_message: crate::http::clipped(format!("the request failed: {e}")),
+                    infer_response: named.take().map(Arc::unwrap_or_clone),
                 };
-                Ok(Waiting::uncounted(&state, Ok(failed)))
+                Ok(Waiting::uncounted(state, Ok(failed)))
             })
         })
     }
@@ -999,11 +999,11 @@ impl GrpcInferenceService for Grpc {
                 let running = this.state.clone();
                 // An error answer names its request, as Triton's do, so that a client matching
                 // answers by id knows which one failed.
-                let named = next.as_ref().ok().map(named_after);
+                let named = next.as_ref().ok().map(|r| Arc::new(named_after(r)));
+                let names = named.clone();
                 Running(
                     tokio::spawn(async move {
                         let request = next?;
-                        let named = named_after(&request);
                         let answer = match this.infer(request).await {
                             Ok(response) => pb::ModelStreamInferResponse {
                                 error_message: String::new(),
@@ -1011,7 +1011,7 @@ impl GrpcInferenceService for Grpc {
                             },
                             Err(e) => pb::ModelStreamInferResponse {
                                 error_message: crate::http::clipped(e.message().to_string()),
-                                infer_response: Some(named),
+                                infer_response: names.as_deref().cloned(),
                             },
                         };
                         Ok(Waiting::count(&this.state, answer))

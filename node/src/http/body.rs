@@ -42,20 +42,68 @@ fn take_inflight(state: &ApiState, n: usize) -> Result<tokio::sync::SemaphorePer
         .map_err(|_| shed(state, n))
 }
 
-/// Count a decoded request at what its tensors take, when that is more than its body held: a
-/// JSON number of two bytes (`0,`) is an INT64 element of eight, so a body of the limit could
-/// hold four times its count. The body's own buffer is gone by now.
+/// Count a decoded request at what it takes, when that is more than its body held: a JSON
+/// number of two bytes (`0,`) is an INT64 element of eight, or a JSON value of 32 bytes or more
+/// in a request's `parameters` or `id`, so a body of the limit could hold many times its count.
+/// The body's own buffer is gone by now. A request that could never fit is told so (413), not
+/// told to retry.
 pub(super) fn hold_decoded<'a>(
     state: &'a ApiState,
     held: &mut tokio::sync::SemaphorePermit<'a>,
     request: &v2::InferRequest,
 ) -> Result<(), Outcome> {
-    let decoded: usize = request
+    let tensors: usize = request
         .inputs
         .iter()
-        .map(|t| t.data.len() + t.name.len() + std::mem::size_of_val(&t.shape[..]))
+        .map(|t| {
+            std::mem::size_of::<v2::Tensor>()
+                + t.data.capacity()
+                + t.name.capacity()
+                + t.shape.capacity() * std::mem::size_of::<u64>()
+        })
         .sum();
+    let outputs: usize = request
+        .outputs
+        .iter()
+        .map(|o| std::mem::size_of::<v2::RequestedOutput>() + o.name.capacity())
+        .sum();
+    let json = request.id.as_ref().map_or(0, json_weight)
+        + request
+            .parameters
+            .iter()
+            .map(|(k, v)| k.capacity() + json_weight(v))
+            .sum::<usize>();
+    let decoded = tensors.saturating_add(outputs).saturating_add(json);
+    if decoded > state.config.max_inflight_bytes {
+        return Err((
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "the request takes {decoded} bytes of memory decoded, over the node's limit \
+                     of {} bytes in flight: send its tensors as binary tensor data, or split it",
+                    state.config.max_inflight_bytes
+                ),
+            ),
+            "bad_request",
+        ));
+    }
     hold_ahead(state, held, decoded.max(held.num_permits()))
+}
+
+/// About what a decoded JSON value takes: a `Value` per node (twice, for the growth of the
+/// vector or map holding it), and its strings and keys. serde_json nests at most 128 deep.
+fn json_weight(value: &serde_json::Value) -> usize {
+    use serde_json::Value;
+    let node = 2 * std::mem::size_of::<Value>();
+    node + match value {
+        Value::String(s) => s.capacity(),
+        Value::Array(items) => items.iter().map(json_weight).sum(),
+        Value::Object(map) => map
+            .iter()
+            .map(|(k, v)| std::mem::size_of::<String>() + k.capacity() + json_weight(v))
+            .sum(),
+        Value::Null | Value::Bool(_) | Value::Number(_) => 0,
+    }
 }
 
 /// Room a body's buffers hold ahead of its bytes (`room`), counted in flight as the bytes are,
