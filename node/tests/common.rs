@@ -207,3 +207,15 @@ pub fn bytes_strings(data: &[u8]) -> Vec<String> {
         .map(|e| String::from_utf8(e.to_vec()).expect("utf-8"))
         .collect()
 }
+
+/// The bytes `state` holds in flight once they have come down to `at_most`, or after five
+/// seconds of waiting for that.
+pub async fn held_once_at_most(state: &ApiState, at_most: usize) -> usize {
+    let max = state.config.max_inflight_bytes;
+    let held = || max - state.inflight_bytes.available_permits();
+    let started = std::time::Instant::now();
+    while held() > at_most && started.elapsed() < std::time::Duration::from_secs(5) {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    held()
+}

@@ -10,7 +10,6 @@ use common::*;
 use serde_json::json;
 use sophon_node::grpc::pb;
 use sophon_node::http::HttpConfig;
-use std::time::{Duration, Instant};
 
 /// INT64 `Identity`, as `ident`.
 const INT64: i32 = 7;
@@ -67,18 +66,28 @@ fn typed_zeros(n: usize) -> pb::ModelInferRequest {
 
 /// Wait until nothing is held in flight.
 async fn all_given_back(state: &sophon_node::http::ApiState) {
-    let max = state.config.max_inflight_bytes;
-    let started = Instant::now();
-    while state.inflight_bytes.available_permits() < max
-        && started.elapsed() < Duration::from_secs(5)
-    {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
     assert_eq!(
-        state.inflight_bytes.available_permits(),
-        max,
+        held_once_at_most(state, 0).await,
+        0,
         "every count given back"
     );
+}
+
+/// The status `request` is refused with, which must be `code` with `needle` in its message.
+async fn refused_with(
+    client: &mut GrpcClient,
+    request: pb::ModelInferRequest,
+    code: tonic::Code,
+    needle: &str,
+) -> tonic::Status {
+    let refused = client
+        .model_infer(request)
+        .await
+        .map(|_| ())
+        .expect_err("refused");
+    assert_eq!(refused.code(), code, "{refused:?}");
+    assert!(refused.message().contains(needle), "{refused:?}");
+    refused
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -92,13 +101,9 @@ async fn typed_grpc_contents_count_at_their_decoded_size() {
         .inflight_bytes
         .try_acquire_many(3 << 20)
         .expect("room for the others");
-    let refused = client
-        .model_infer(typed_zeros(100_000))
-        .await
-        .map(|_| ())
-        .expect_err("1.6 MB decoded against 1 MiB of room");
-    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
-    assert!(refused.message().contains("in flight"), "{refused:?}");
+    // 1.6 MB decoded against 1 MiB of room.
+    let request = typed_zeros(100_000);
+    refused_with(&mut client, request, tonic::Code::Unavailable, "in flight").await;
     drop(others);
     all_given_back(&state).await;
     // With the room back, the same request is served on the same connection, whole.
@@ -111,17 +116,15 @@ async fn typed_grpc_contents_count_at_their_decoded_size() {
     assert!(answer.raw_output_contents[0] == vec![0u8; 800_000]);
     all_given_back(&state).await;
     // One that could never fit is told so, not to retry.
-    let refused = client
-        .model_infer(typed_zeros(400_000))
-        .await
-        .map(|_| ())
-        .expect_err("6.4 MB decoded against 4 MiB in all");
-    assert_eq!(
-        refused.code(),
+    // 6.4 MB decoded against 4 MiB in all.
+    let request = typed_zeros(400_000);
+    refused_with(
+        &mut client,
+        request,
         tonic::Code::ResourceExhausted,
-        "{refused:?}"
-    );
-    assert!(refused.message().contains("decoded"), "{refused:?}");
+        "decoded",
+    )
+    .await;
     all_given_back(&state).await;
 }
 
@@ -139,17 +142,14 @@ async fn a_grpc_message_of_empty_inputs_is_refused_before_it_is_decoded() {
         ..Default::default()
     };
     assert_eq!(prost::Message::encoded_len(&hostile), 4 * n + 7);
-    let refused = client
-        .model_infer(hostile)
-        .await
-        .map(|_| ())
-        .expect_err("a message that decodes to hundreds of MiB against 16 MiB");
-    assert_eq!(
-        refused.code(),
+    // A message that decodes to hundreds of MiB against 16 MiB.
+    refused_with(
+        &mut client,
+        hostile,
         tonic::Code::ResourceExhausted,
-        "{refused:?}"
-    );
-    assert!(refused.message().contains("decoded"), "{refused:?}");
+        "decoded",
+    )
+    .await;
     all_given_back(&state).await;
     let answer = client
         .model_infer(typed_zeros(3))
@@ -242,14 +242,7 @@ async fn a_stream_left_idle_after_a_request_holds_only_tonics_buffer() {
     // tonic keeps its buffer of the message's size for the stream's life, and that stays
     // counted; the request's weight decoded (twenty times more) does not.
     let message = prost::Message::encoded_len(&typed_zeros(20_000));
-    let max = state.config.max_inflight_bytes;
-    let started = Instant::now();
-    while max - state.inflight_bytes.available_permits() > message
-        && started.elapsed() < Duration::from_secs(5)
-    {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let held = max - state.inflight_bytes.available_permits();
+    let held = held_once_at_most(&state, message).await;
     assert!(held <= message, "{held} bytes held by an idle stream");
     // The stream still serves.
     tx.send(typed_zeros(3)).await.expect("send");
@@ -273,12 +266,7 @@ async fn errors_do_not_echo_a_huge_name() {
     let huge = "m".repeat(512 << 10);
     let mut request = typed_zeros(3);
     request.model_name = huge.clone();
-    let refused = client
-        .model_infer(request)
-        .await
-        .map(|_| ())
-        .expect_err("no such model");
-    assert_eq!(refused.code(), tonic::Code::NotFound, "{refused:?}");
+    let refused = refused_with(&mut client, request, tonic::Code::NotFound, "unknown model").await;
     assert!(
         refused.message().len() <= 1100,
         "{}",

@@ -359,7 +359,7 @@ impl Messages {
         // message, and covers tonic's copy of it once this one is dropped.
         let capacity = self.pending.capacity();
         let message = Bytes::from(std::mem::take(&mut self.pending));
-        let weight = self.weigh(std::slice::from_ref(&message))?;
+        let weight = self.weigh(&message)?;
         self.queue(message, capacity + weight);
         Ok(())
     }
@@ -412,15 +412,15 @@ impl Messages {
             InflateError::NoRoom => self.overloaded(),
             InflateError::Unsupported(_) => Status::unimplemented(e.to_string()),
         })?;
-        let taken = taken + self.weigh(std::slice::from_ref(&inflated))?;
+        let taken = taken + self.weigh(&inflated)?;
         self.queue(inflated, taken);
         Ok(())
     }
 
-    /// Count what decoding a whole inference message of these pieces will allocate (see
+    /// Count what decoding this whole inference message will allocate (see
     /// [`super::weigh`]), held with its last frame until tonic has decoded it; 0 for a message
     /// of another call.
-    fn weigh(&mut self, message: &[Bytes]) -> Result<usize, Status> {
+    fn weigh(&mut self, message: &[u8]) -> Result<usize, Status> {
         if !self.weighed {
             return Ok(0);
         }

@@ -87,12 +87,7 @@ impl Waiting {
             infer_response: answer
                 .infer_response
                 .as_ref()
-                .map(|r| pb::ModelInferResponse {
-                    model_name: r.model_name.clone(),
-                    model_version: r.model_version.clone(),
-                    id: r.id.clone(),
-                    ..Default::default()
-                }),
+                .map(|r| named(&r.model_name, &r.model_version, &r.id)),
         };
         Waiting {
             answer: Some(Ok(refused)),
@@ -157,19 +152,18 @@ impl std::future::Future for Running {
 
 /// An empty answer naming `request` (its model, version and id), for a stream's error answer.
 fn named_after(request: &pb::ModelInferRequest) -> pb::ModelInferResponse {
-    // A copy held while the request runs, uncounted: names of a sane length only (an id of
-    // megabytes is cut, as an error message naming it would be).
-    let short = |s: &String| {
-        let mut end = s.len().min(crate::http::MESSAGE_LIMIT);
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
-        s[..end].to_string()
-    };
+    named(&request.model_name, &request.model_version, &request.id)
+}
+
+/// An empty answer with these names, each cut to [`crate::http::MESSAGE_LIMIT`] bytes: it is
+/// held uncounted while its request runs, and an id of megabytes is cut as an error message
+/// naming it would be.
+fn named(model_name: &str, model_version: &str, id: &str) -> pb::ModelInferResponse {
+    let short = |s: &str| s[..s.floor_char_boundary(crate::http::MESSAGE_LIMIT)].to_string();
     pb::ModelInferResponse {
-        model_name: short(&request.model_name),
-        model_version: short(&request.model_version),
-        id: short(&request.id),
+        model_name: short(model_name),
+        model_version: short(model_version),
+        id: short(id),
         ..Default::default()
     }
 }

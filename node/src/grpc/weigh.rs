@@ -11,7 +11,6 @@
 //! (`inflate`) counts that in the node's bytes in flight, beside the message's own bytes, until
 //! tonic has decoded it, and refuses the message when there is no room.
 
-use bytes::Bytes;
 use std::mem::size_of;
 
 use super::pb;
@@ -49,41 +48,29 @@ const INPUT_SLACK: usize = 1024;
 const OUTPUT_SLACK: usize = 256;
 const REQUEST_SLACK: usize = 1024;
 
-/// The bytes decoding a `ModelInferRequest` of these wire bytes (`chunks`, in order) allocates
+/// The bytes decoding a `ModelInferRequest` of these wire bytes allocates
 /// at most; `None` if they are not a well-formed message. prost would refuse such a message too,
 /// but only once it has decoded what comes before the fault, so it is refused before that.
-pub fn weigh(chunks: &[Bytes]) -> Option<usize> {
+pub fn weigh(message: &[u8]) -> Option<usize> {
     let mut c = Cursor {
-        chunks,
-        chunk: 0,
-        offset: 0,
+        bytes: message,
         pos: 0,
     };
-    let end = chunks.iter().map(Bytes::len).sum();
-    request(&mut c, end).map(|weight| weight + REQUEST_SLACK)
+    request(&mut c, message.len()).map(|weight| weight + REQUEST_SLACK)
 }
 
-/// Reads a message spread over several chunks.
+/// Reads a message.
 struct Cursor<'a> {
-    chunks: &'a [Bytes],
-    chunk: usize,
-    offset: usize,
+    bytes: &'a [u8],
     /// Bytes read since the start of the message.
     pos: usize,
 }
 
 impl Cursor<'_> {
     fn byte(&mut self) -> Option<u8> {
-        loop {
-            let chunk = self.chunks.get(self.chunk)?;
-            if let Some(&b) = chunk.get(self.offset) {
-                self.offset += 1;
-                self.pos += 1;
-                return Some(b);
-            }
-            self.chunk += 1;
-            self.offset = 0;
-        }
+        let b = *self.bytes.get(self.pos)?;
+        self.pos += 1;
+        Some(b)
     }
 
     fn varint(&mut self) -> Option<u64> {
@@ -98,20 +85,9 @@ impl Cursor<'_> {
         None
     }
 
-    fn skip(&mut self, mut n: usize) -> Option<()> {
-        while n > 0 {
-            let chunk = self.chunks.get(self.chunk)?;
-            let here = (chunk.len() - self.offset).min(n);
-            if here == 0 {
-                self.chunk += 1;
-                self.offset = 0;
-                continue;
-            }
-            self.offset += here;
-            self.pos += here;
-            n -= here;
-        }
-        Some(())
+    fn skip(&mut self, n: usize) -> Option<()> {
+        let to = self.pos.checked_add(n)?;
+        (to <= self.bytes.len()).then(|| self.pos = to)
     }
 
     /// The values of a packed varint field of `len` bytes: one per byte that ends a varint.
@@ -290,15 +266,7 @@ mod tests {
     use prost::Message as _;
 
     fn weighed(request: &pb::ModelInferRequest) -> usize {
-        let bytes = Bytes::from(request.encode_to_vec());
-        // Split into uneven chunks, as a body arrives.
-        let chunks: Vec<Bytes> = (0..bytes.len())
-            .step_by(7)
-            .map(|i| bytes.slice(i..(i + 7).min(bytes.len())))
-            .collect();
-        let whole = weigh(std::slice::from_ref(&bytes)).expect("well formed");
-        assert_eq!(weigh(&chunks), Some(whole), "chunked and whole weigh alike");
-        whole
+        weigh(&request.encode_to_vec()).expect("well formed")
     }
 
     fn input(contents: Option<C>, shape: Vec<i64>) -> InferInputTensor {
@@ -417,7 +385,7 @@ mod tests {
             &[0x0c],
             &[0x2a, 0x00, 0x07],
         ] {
-            assert_eq!(weigh(&[Bytes::copy_from_slice(bytes)]), None, "{bytes:?}");
+            assert_eq!(weigh(bytes), None, "{bytes:?}");
         }
         assert_eq!(weigh(&[]), Some(REQUEST_SLACK));
     }
@@ -429,7 +397,7 @@ mod tests {
         bytes.extend_from_slice(&[0xa3, 0x06, 0x08, 0x01, 0x13, 0x14, 0xa4, 0x06]);
         let decoded = pb::ModelInferRequest::decode(&bytes[..]).expect("prost takes it");
         assert_eq!(decoded.inputs.len(), 1000);
-        let w = weigh(&[Bytes::from(bytes)]).expect("well formed");
+        let w = weigh(&bytes).expect("well formed");
         assert!(w >= 1000 * size_of::<InferInputTensor>(), "{w}");
     }
 }

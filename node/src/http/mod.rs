@@ -146,14 +146,8 @@ pub(crate) fn clipped(message: String) -> String {
     if message.len() <= MESSAGE_LIMIT {
         return message;
     }
-    let floor = |mut i: usize| {
-        while !message.is_char_boundary(i) {
-            i -= 1;
-        }
-        i
-    };
-    let head = floor(MESSAGE_LIMIT * 3 / 4);
-    let tail = floor(message.len() - MESSAGE_LIMIT / 5);
+    let head = message.floor_char_boundary(MESSAGE_LIMIT * 3 / 4);
+    let tail = message.floor_char_boundary(message.len() - MESSAGE_LIMIT / 5);
     format!(
         "{} … ({} bytes left out) … {}",
         &message[..head],
